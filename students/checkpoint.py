@@ -1,0 +1,129 @@
+"""Reading weights and architectures from checkpoints written by this project, or plain state_dicts.
+
+All checkpoint-key prefix handling lives in :func:`extract_state_dict`.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from students.registry import create_student
+
+__all__ = ["STUDENT_PREFIX", "describe_spec", "extract_state_dict", "load_student", "load_weights", "read_checkpoint"]
+
+#: Key prefix of the student's weights inside a ``DistillModule`` checkpoint.
+STUDENT_PREFIX = "student."
+#: Containers that wrap a state_dict in common checkpoint formats (Lightning, timm/DeiT, ...).
+_CONTAINER_KEYS = ("state_dict", "model", "module")
+#: Prefixes added by wrappers: DDP/DataParallel, torch.compile, and this project's FrozenTeacher.
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a checkpoint file safely (``weights_only=True``) onto the CPU, with clear errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Checkpoint {str(path)!r} does not exist. Train one first or fix the path.")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "Unsupported global" in str(err):
+            raise ValueError(
+                f"Checkpoint {str(path)!r} holds more than tensors and plain Python values, so it is not loaded "
+                f"(weights_only=True). Save a state_dict instead: torch.save(model.state_dict(), path)."
+            ) from None
+        raise ValueError(f"Checkpoint {str(path)!r} is not a readable torch file (truncated or corrupt?)") from None
+    except (RuntimeError, EOFError) as err:
+        raise ValueError(
+            f"Checkpoint {str(path)!r} is not a readable torch file (truncated or corrupt?): {err}"
+        ) from None
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"Checkpoint {str(path)!r} holds a {type(obj).__name__}, not a state_dict or a dict of them.")
+    return dict(obj)
+
+
+def extract_state_dict(checkpoint: Mapping[str, Any], prefix: str = STUDENT_PREFIX) -> dict[str, torch.Tensor]:
+    """The model's weights from any supported checkpoint layout, with wrapper prefixes removed.
+
+    Handles a ``DistillModule`` checkpoint (``state_dict`` with ``student.`` keys; the teacher is never
+    saved there), a plain state_dict, ``{"model": ...}`` / ``{"module": ...}`` containers, and the
+    ``module.`` (DDP), ``_orig_mod.`` (torch.compile) and ``model.`` (FrozenTeacher) prefixes.
+    """
+    state = checkpoint
+    for key in _CONTAINER_KEYS:
+        if isinstance(state.get(key), Mapping):
+            state = state[key]
+            break
+    state = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if any(k.startswith(prefix) for k in state):
+        state = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    stripped = True
+    while stripped and state:
+        stripped = False
+        for wrapper in _WRAPPER_PREFIXES:
+            if all(k.startswith(wrapper) for k in state):
+                state = {k[len(wrapper) :]: v for k, v in state.items()}
+                stripped = True
+    return state
+
+
+def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str, arch: str) -> nn.Module:
+    """``model.load_state_dict`` that fails with the missing, unexpected and mis-shaped keys named.
+
+    Args:
+        model: the freshly built architecture.
+        state_dict: weights, already through :func:`extract_state_dict`.
+        source: where the weights come from (for the message).
+        arch: the architecture that was expected (for the message).
+    """
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    mis_shaped = [
+        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in own
+        if k in state_dict and state_dict[k].shape != own[k].shape
+    ]
+    if missing or unexpected or mis_shaped:
+
+        def show(keys: list[str]) -> str:
+            return ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "") or "none"
+
+        raise ValueError(
+            f"The weights in {source} do not fit the architecture {arch}.\n"
+            f"  missing keys: {show(missing)}\n  unexpected keys: {show(unexpected)}\n"
+            f"  shape mismatches: {show(mis_shaped)}\n"
+            f"Build the same architecture that was trained (name, num_classes, in_chans, small_input, ...)."
+        )
+    model.load_state_dict(state_dict)
+    return model
+
+
+def load_student(path: str | Path) -> nn.Module:
+    """Rebuild a student from a checkpoint written by this project and load its weights.
+
+    The architecture (including a pruned channel layout) comes from the checkpoint's ``student_spec``;
+    no callback, teacher or config is needed. The model is returned in eval mode on the CPU.
+    """
+    checkpoint = read_checkpoint(path)
+    spec = checkpoint.get("hyper_parameters", {}).get("student_spec")
+    if spec is None:
+        raise ValueError(
+            f"Checkpoint {str(path)!r} records no student_spec, so the architecture is unknown. It was not "
+            f"written by distill's DistillModule; build the model yourself and use load_weights()."
+        )
+    model = create_student(spec["name"], **spec["kwargs"])
+    load_weights(model, extract_state_dict(checkpoint), repr(str(path)), describe_spec(spec))
+    return model.eval()
+
+
+def describe_spec(spec: Mapping[str, Any]) -> str:
+    """``name(arg=value, ...)`` for messages."""
+    args = ", ".join(f"{k}={v!r}" for k, v in spec["kwargs"].items())
+    return f"{spec['name']}({args})"

@@ -1,0 +1,96 @@
+"""StudentNet (seed 004), the student registry and timm students."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from students import StudentNet, create_student, list_students, model_spec, studentnet_channels
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_defaults_are_the_seed_architecture():
+    model = StudentNet()
+    assert n_params(model) == 256_779
+    assert model.channels == [16, 32, 64, 128, 256, 256, 256, 256]
+    # The seed's module names, so its state_dicts load.
+    keys = set(model.state_dict())
+    assert {"cnn.0.0.weight", "cnn.1.0.weight", "cnn.1.3.weight", "cnn.7.3.bias", "fc.0.weight"} <= keys
+    assert model.cnn[1][0].groups == 16  # depthwise
+    assert model.cnn[1][3].kernel_size == (1, 1)  # pointwise
+
+
+def test_width_mult_scales_layers_3_to_6_only():
+    model = StudentNet(width_mult=0.5)
+    assert n_params(model) == 91_211
+    assert model.channels == [16, 32, 64, 64, 128, 128, 128, 256]
+    assert studentnet_channels(16, 0.5) == model.channels
+
+
+def test_rebuilds_from_channels_alone():
+    widths = [8, 12, 20, 33, 40, 41, 42, 50]
+    model = StudentNet(channels=widths, num_classes=10, in_chans=1)
+    assert model.channels == widths
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    rebuilt = create_student(model.model_spec["name"], **model.model_spec["kwargs"])
+    rebuilt.load_state_dict(model.state_dict())
+    assert rebuilt.channels == widths
+
+
+@pytest.mark.parametrize(("num_pools", "side"), [(4, 1), (3, 3), (2, 7), (0, 28)])
+def test_num_pools_keeps_resolution(num_pools: int, side: int):
+    model = StudentNet(num_classes=10, in_chans=1, num_pools=num_pools)
+    features = model.forward_features(torch.randn(2, 1, 28, 28))
+    assert features.shape == (2, 256, side, side)
+    assert model.forward_head(features, pre_logits=True).shape == (2, 256)
+    assert model.forward_head(features).shape == (2, 10)
+    assert n_params(model) == n_params(StudentNet(num_classes=10, in_chans=1))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"channels": [8, 8]}, "8 positive widths"),
+        ({"channels": [8, 8, 8, 8, 0, 8, 8, 8]}, "8 positive widths"),
+        ({"width_mult": 0.0}, "width_mult"),
+        ({"num_pools": 5}, "num_pools"),
+        ({"num_classes": 0}, "num_classes"),
+    ],
+)
+def test_bad_arguments_are_clear_errors(kwargs: dict, match: str):
+    with pytest.raises(ValueError, match=match):
+        StudentNet(**kwargs)
+
+
+def test_registry_names_and_widths():
+    assert {"studentnet", "studentnet_075", "studentnet_050", "studentnet_025", "test_studentnet"} <= set(
+        list_students()
+    )
+    assert n_params(create_student("studentnet")) == 256_779
+    assert n_params(create_student("studentnet_050")) == 91_211
+    assert n_params(create_student("test_studentnet", num_classes=10, in_chans=1)) < 10_000
+    assert create_student("studentnet", width_mult=0.5).channels == StudentNet(width_mult=0.5).channels
+
+
+def test_unknown_student_lists_the_valid_names():
+    with pytest.raises(ValueError, match=r"Unknown student 'studentnet_05'.*Did you mean.*studentnet_050.*timm/"):
+        create_student("studentnet_05")
+
+
+def test_any_timm_model_is_a_student():
+    model = create_student("timm/test_efficientnet", num_classes=10, in_chans=1)
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    assert model_spec(model) == {
+        "name": "timm/test_efficientnet",
+        "kwargs": {"num_classes": 10, "in_chans": 1, "small_input": False, "model_kwargs": {}},
+    }
+    with pytest.raises(ValueError, match="not a timm model"):
+        create_student("timm/no_such_net")
+
+
+def test_model_spec_of_a_foreign_module_is_a_clear_error():
+    with pytest.raises(ValueError, match="no model_spec"):
+        model_spec(torch.nn.Linear(2, 2))
