@@ -1,0 +1,7 @@
+"""Frozen teachers: any timm model loaded from a checkpoint, and ensembles of them."""
+
+from teachers.ensemble import TeacherEnsemble
+from teachers.frozen import FrozenModule, FrozenTeacher
+from teachers.loading import load_teacher
+
+__all__ = ["FrozenModule", "FrozenTeacher", "TeacherEnsemble", "load_teacher"]
