@@ -1,0 +1,25 @@
+"""Datamodules: Fashion-MNIST (the embedded default), CIFAR-10/100 and image folders.
+
+Every datamodule exposes ``num_classes``, ``in_chans`` and ``input_size`` before ``setup``, so the
+CLI can link them into the student.
+"""
+
+from distill.data.cifar import CIFAR10DataModule, CIFAR100DataModule
+from distill.data.fashion_mnist import FashionMNISTDataModule, read_idx
+from distill.data.folder import ImageFolderDataModule
+from distill.data.locate import locate_dataset
+from distill.data.memory import BatchTransform, InMemoryDataModule, TensorImageDataset, random_crop, random_hflip
+
+__all__ = [
+    "BatchTransform",
+    "CIFAR10DataModule",
+    "CIFAR100DataModule",
+    "FashionMNISTDataModule",
+    "ImageFolderDataModule",
+    "InMemoryDataModule",
+    "TensorImageDataset",
+    "locate_dataset",
+    "random_crop",
+    "random_hflip",
+    "read_idx",
+]

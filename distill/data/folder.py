@@ -1,0 +1,145 @@
+"""Image folders (one sub-folder per class), e.g. Food-11, decoded with PIL by DataLoader workers."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from pytorch_lightning import LightningDataModule
+from torch.utils.data import DataLoader, Dataset, Subset
+
+__all__ = ["ImageFolderDataModule"]
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class ImageFolderDataModule(LightningDataModule):
+    """A dataset of image files in ``<root>/<split>/<class>/<image>`` (torchvision's ImageFolder layout).
+
+    For Food-11 (seed 004) use ``train_dir: training``, ``val_dir: validation``, ``test_dir: evaluation``.
+
+    Args:
+        root: dataset folder.
+        train_dir: training split folder under ``root``.
+        val_dir: validation split folder; ``None`` takes ``val_size`` images out of the training split.
+        test_dir: test split folder; ``None`` if there is none.
+        image_size: side of the square crops the model sees.
+        batch_size: training batch size.
+        eval_batch_size: validation/test batch size (default: ``batch_size``).
+        val_size: with ``val_dir=None``: validation images out of the training split (count or fraction).
+        augment: random-resized crop and horizontal flip on the training split (else resize + center crop).
+        mean: per-channel normalisation mean.
+        std: per-channel normalisation standard deviation.
+        num_workers: DataLoader worker processes (image decoding is the bottleneck here).
+        split_seed: seed of the train/validation split.
+    """
+
+    in_chans = 3
+
+    def __init__(
+        self,
+        root: str,
+        train_dir: str = "train",
+        val_dir: str | None = None,
+        test_dir: str | None = "test",
+        image_size: int = 224,
+        batch_size: int = 64,
+        eval_batch_size: int | None = None,
+        val_size: int | float = 0.1,
+        augment: bool = True,
+        mean: Sequence[float] = IMAGENET_MEAN,
+        std: Sequence[float] = IMAGENET_STD,
+        num_workers: int = 4,
+        split_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        from torchvision.datasets.folder import find_classes
+
+        self.root = Path(root).expanduser()
+        train_path = self.root / train_dir
+        if not train_path.is_dir():
+            raise FileNotFoundError(
+                f"ImageFolderDataModule: training folder {train_path} does not exist. Expected "
+                f"<root>/<train_dir>/<class>/<image files>; set root and train_dir."
+            )
+        self.classes, _ = find_classes(str(train_path))
+        self.num_classes = len(self.classes)
+        self.train_dir, self.val_dir, self.test_dir = train_dir, val_dir, test_dir
+        self.image_size = image_size
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.val_size = val_size
+        self.augment = augment
+        self.mean, self.std = tuple(mean), tuple(std)
+        self.num_workers = num_workers
+        self.split_seed = split_seed
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self.image_size, self.image_size
+
+    def _transform(self, train: bool):
+        from torchvision import transforms as T
+
+        size = self.image_size
+        steps = (
+            [T.RandomResizedCrop(size, scale=(0.35, 1.0)), T.RandomHorizontalFlip()]
+            if train and self.augment
+            else [T.Resize(round(size / 0.875)), T.CenterCrop(size)]
+        )
+        return T.Compose([*steps, T.ToTensor(), T.Normalize(self.mean, self.std)])
+
+    def _folder(self, split_dir: str, train: bool) -> Dataset:
+        from torchvision.datasets import ImageFolder
+
+        path = self.root / split_dir
+        if not path.is_dir():
+            raise FileNotFoundError(f"ImageFolderDataModule: split folder {path} does not exist.")
+        dataset = ImageFolder(str(path), transform=self._transform(train))
+        if dataset.classes != self.classes:
+            raise ValueError(f"{path} has classes {dataset.classes}, but {self.train_dir} has {self.classes}")
+        return dataset
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit", "validate") and self.train_set is None:
+            if self.val_dir is not None:
+                self.train_set = self._folder(self.train_dir, train=True)
+                self.val_set = self._folder(self.val_dir, train=False)
+            else:
+                train_view = self._folder(self.train_dir, train=True)
+                eval_view = self._folder(self.train_dir, train=False)
+                n = len(train_view)
+                n_val = round(self.val_size * n) if isinstance(self.val_size, float) else int(self.val_size)
+                if not 0 < n_val < n:
+                    raise ValueError(f"val_size={self.val_size} leaves no training or no validation images of {n}")
+                perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.split_seed)).tolist()
+                self.train_set = Subset(train_view, sorted(perm[n_val:]))
+                self.val_set = Subset(eval_view, sorted(perm[:n_val]))
+        if stage in (None, "test", "predict") and self.test_set is None and self.test_dir is not None:
+            self.test_set = self._folder(self.test_dir, train=False)
+
+    def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError("this split is not set up (or has no folder: set test_dir)")
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, train=False)

@@ -1,0 +1,227 @@
+"""Datasets held in memory as one uint8 tensor, transformed a whole batch at a time.
+
+Small datasets (Fashion-MNIST, CIFAR) fit in memory many times over. Gathering a batch by indexing
+one tensor, then cropping, flipping and normalising it with tensor ops, avoids per-sample Python
+and PIL; the same code runs on the GPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from pytorch_lightning import LightningDataModule
+from torch.utils.data import DataLoader, Dataset
+
+__all__ = ["BatchTransform", "InMemoryDataModule", "TensorImageDataset", "random_crop", "random_hflip"]
+
+
+def random_crop(images: torch.Tensor, padding: int) -> torch.Tensor:
+    """Per-sample random crop of a zero-padded (N, C, H, W) batch back to (H, W)."""
+    n, _, h, w = images.shape
+    padded = F.pad(images, (padding, padding, padding, padding))
+    off_y = torch.randint(0, 2 * padding + 1, (n, 1), device=images.device)
+    off_x = torch.randint(0, 2 * padding + 1, (n, 1), device=images.device)
+    rows = (off_y + torch.arange(h, device=images.device))[:, :, None]  # (N, H, 1)
+    cols = (off_x + torch.arange(w, device=images.device))[:, None, :]  # (N, 1, W)
+    batch = torch.arange(n, device=images.device)[:, None, None]
+    return padded[batch, :, rows, cols].permute(0, 3, 1, 2).contiguous()  # (N, H, W, C) -> (N, C, H, W)
+
+
+def random_hflip(images: torch.Tensor) -> torch.Tensor:
+    """Flip each image of a (N, C, H, W) batch left-right with probability 1/2."""
+    flip = torch.rand(images.shape[0], device=images.device) < 0.5
+    return torch.where(flip[:, None, None, None], images.flip(-1), images)
+
+
+class BatchTransform:
+    """uint8 (N, C, H, W) batch -> normalised float batch, optionally augmented and resized.
+
+    Args:
+        mean: per-channel mean of the [0, 1] pixels.
+        std: per-channel standard deviation.
+        augment: random crop with ``padding`` and (if ``flip``) a random horizontal flip.
+        padding: zero padding of the random crop.
+        flip: allow horizontal flips (off for data where left/right matters).
+        resize: resize to ``resize`` x ``resize`` (bilinear) after augmentation.
+    """
+
+    def __init__(
+        self,
+        mean: Sequence[float],
+        std: Sequence[float],
+        augment: bool = False,
+        padding: int = 4,
+        flip: bool = True,
+        resize: int | None = None,
+    ) -> None:
+        self.mean = torch.tensor(mean).view(1, -1, 1, 1)
+        self.std = torch.tensor(std).view(1, -1, 1, 1)
+        self.augment = augment
+        self.padding = padding
+        self.flip = flip
+        self.resize = resize
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if self.augment:
+            if self.padding > 0:
+                images = random_crop(images, self.padding)
+            if self.flip:
+                images = random_hflip(images)
+        x = images.float().div_(255.0)
+        x = (x - self.mean.to(x.device)) / self.std.to(x.device)
+        if self.resize is not None and x.shape[-2:] != (self.resize, self.resize):
+            x = F.interpolate(x, size=(self.resize, self.resize), mode="bilinear", align_corners=False)
+        return x
+
+
+class TensorImageDataset(Dataset):
+    """Images as one uint8 (N, C, H, W) tensor and labels as one int64 tensor.
+
+    ``__getitems__`` serves a whole batch with one indexing op; use :func:`collate_batch` as the
+    DataLoader's ``collate_fn``.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: BatchTransform) -> None:
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(f"images must be a uint8 (N, C, H, W) tensor, got {images.dtype} {tuple(images.shape)}")
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images = images
+        self.labels = labels.long()
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        return self.transform(self.images[index]), self.labels[index]
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.__getitems__([index])
+        return x[0], y[0]
+
+
+def collate_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The batch from :meth:`TensorImageDataset.__getitems__` is already collated."""
+    return batch
+
+
+class InMemoryDataModule(LightningDataModule):
+    """Base for datamodules whose splits load into memory as uint8 tensors.
+
+    Subclasses set ``num_classes``, ``in_chans``, ``native_size``, ``mean``, ``std``, ``crop_padding``,
+    ``hflip`` and implement :meth:`load_split`. A validation split of ``val_size`` images comes out of
+    the training set, with a fixed seed so that every run and every sweep trial sees the same split;
+    the test set is only for final numbers.
+
+    Args:
+        batch_size: training batch size.
+        eval_batch_size: validation/test batch size (default: ``batch_size``).
+        val_size: validation images taken from the training set: a count, or a fraction in (0, 1).
+        augment: random crop (with padding) and horizontal flip on the training split.
+        resize: resize images to ``resize`` x ``resize`` (e.g. 224 for ImageNet-sized teachers).
+        num_workers: DataLoader worker processes (batches are built with tensor ops; 0 is usually fastest).
+        split_seed: seed of the train/validation split.
+    """
+
+    num_classes: int
+    in_chans: int
+    native_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    crop_padding: int = 4
+    hflip: bool = True
+
+    def __init__(
+        self,
+        batch_size: int = 256,
+        eval_batch_size: int | None = None,
+        val_size: int | float = 5000,
+        augment: bool = False,
+        resize: int | None = None,
+        num_workers: int = 0,
+        split_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
+            raise ValueError(f"batch sizes must be >= 1, got {batch_size} and {eval_batch_size}")
+        if not val_size > 0:
+            raise ValueError(f"val_size must be a positive count or a fraction in (0, 1), got {val_size}")
+        if resize is not None and resize < 1:
+            raise ValueError(f"resize must be a positive size in pixels, got {resize}")
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.val_size = val_size
+        self.augment = augment
+        self.resize = resize
+        self.num_workers = num_workers
+        self.split_seed = split_seed
+        self.train_set: TensorImageDataset | None = None
+        self.val_set: TensorImageDataset | None = None
+        self.test_set: TensorImageDataset | None = None
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(H, W) of the images the model sees."""
+        size = self.resize or self.native_size
+        return size, size
+
+    def load_split(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 images (N, C, H, W) and int64 labels (N,) of the training or the test split."""
+        raise NotImplementedError
+
+    def transform(self, train: bool) -> BatchTransform:
+        return BatchTransform(
+            self.mean,
+            self.std,
+            augment=train and self.augment,
+            padding=self.crop_padding,
+            flip=self.hflip,
+            resize=self.resize,
+        )
+
+    def split_indices(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Train and validation indices of an ``n``-image training set (fixed by ``split_seed``)."""
+        n_val = (
+            round(self.val_size * n) if isinstance(self.val_size, float) and self.val_size < 1 else int(self.val_size)
+        )
+        if not 0 < n_val < n:
+            raise ValueError(f"val_size={self.val_size} leaves no training or no validation images out of {n}")
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.split_seed))
+        return perm[n_val:].sort().values, perm[:n_val].sort().values
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit", "validate") and self.train_set is None:
+            images, labels = self.load_split(train=True)
+            train_idx, val_idx = self.split_indices(len(labels))
+            self.train_set = TensorImageDataset(images[train_idx], labels[train_idx], self.transform(train=True))
+            self.val_set = TensorImageDataset(images[val_idx], labels[val_idx], self.transform(train=False))
+        if stage in (None, "test", "predict") and self.test_set is None:
+            self.test_set = TensorImageDataset(*self.load_split(train=False), self.transform(train=False))
+
+    def _loader(self, dataset: TensorImageDataset | None, train: bool) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError(f"{type(self).__name__}.setup() has not been called for this split")
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=collate_batch,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, train=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, train=False)

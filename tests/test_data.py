@@ -1,0 +1,165 @@
+"""Datamodules on the real Fashion-MNIST files; file search, damaged files, CIFAR and image folders."""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import fmnist
+
+from distill.data import (
+    BatchTransform,
+    CIFAR10DataModule,
+    FashionMNISTDataModule,
+    ImageFolderDataModule,
+    random_crop,
+)
+from distill.data.fashion_mnist import FASHION_MNIST_FILES
+
+
+@pytest.fixture(scope="module")
+def fmnist_files() -> Path:
+    """The folder the default search finds (Debian's package, a cache, or a download)."""
+    return FashionMNISTDataModule().locate()
+
+
+def test_fashion_mnist_splits_and_batches():
+    dm = fmnist(val_size=5000)
+    assert (dm.num_classes, dm.in_chans, dm.input_size) == (10, 1, (28, 28))
+    dm.setup("fit")
+    dm.setup("test")
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (55_000, 5_000, 10_000)
+    x, y = next(iter(dm.train_dataloader()))
+    assert x.shape == (32, 1, 28, 28) and x.dtype == torch.float32
+    assert y.shape == (32,) and y.dtype == torch.int64 and y.min() >= 0 and y.max() < 10
+    # Normalised with the dataset statistics: roughly zero mean, unit variance over a big batch.
+    big = dm.train_set.__getitems__(list(range(5000)))[0]
+    assert abs(big.mean().item()) < 0.05 and abs(big.std().item() - 1) < 0.05
+
+
+def test_validation_split_is_fixed_and_disjoint():
+    a, b = fmnist(val_size=1000), fmnist(val_size=1000)
+    train_idx, val_idx = a.split_indices(60_000)
+    assert torch.equal(val_idx, b.split_indices(60_000)[1])
+    assert len(set(train_idx.tolist()) & set(val_idx.tolist())) == 0
+    assert len(train_idx) + len(val_idx) == 60_000
+    assert not torch.equal(val_idx, fmnist(val_size=1000, split_seed=1).split_indices(60_000)[1])
+    assert len(fmnist(val_size=0.1).split_indices(60_000)[1]) == 6_000
+
+
+def test_given_root_comes_first(tmp_path: Path, fmnist_files: Path):
+    for name in FASHION_MNIST_FILES:
+        shutil.copy(fmnist_files / name, tmp_path / name)
+    assert FashionMNISTDataModule(root=str(tmp_path)).locate() == tmp_path
+    nested = tmp_path / "tv" / "FashionMNIST" / "raw"  # torchvision's layout
+    shutil.copytree(tmp_path, nested, ignore=shutil.ignore_patterns("tv"))
+    assert FashionMNISTDataModule(root=str(tmp_path / "tv")).locate() == nested
+
+
+def test_missing_everywhere_names_every_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    import distill.data.fashion_mnist as fm
+
+    monkeypatch.setattr(fm, "SYSTEM_DIR", tmp_path / "system")
+    monkeypatch.setattr(fm, "CACHE_DIR", tmp_path / "cache")
+    dm = FashionMNISTDataModule(root=str(tmp_path / "mine"), download=False)
+    with pytest.raises(FileNotFoundError) as err:
+        dm.setup("fit")
+    message = str(err.value)
+    for place in ("mine", "system", "cache", "download (disabled"):
+        assert place in message
+    assert "apt-get install dataset-fashion-mnist" in message
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "wrong_header"])
+def test_damaged_files_are_clear_errors(tmp_path: Path, fmnist_files: Path, damage: str):
+    for name in FASHION_MNIST_FILES:
+        shutil.copy(fmnist_files / name, tmp_path / name)
+    target = tmp_path / "train-images-idx3-ubyte.gz"
+    if damage == "truncate":
+        target.write_bytes(target.read_bytes()[:100_000])
+        match = "corrupt or truncated"
+    elif damage == "garbage":
+        target.write_bytes(b"\x00" * 1000)
+        match = "corrupt or truncated"
+    else:
+        with gzip.open(target, "wb") as f:
+            f.write(b"\x00\x00\x08\x01" + (16).to_bytes(4, "big") + b"\x00" * 16)
+        match = "not an IDX file of unsigned bytes with 3 dimensions"
+    with pytest.raises(ValueError, match=match):
+        FashionMNISTDataModule(root=str(tmp_path)).setup("fit")
+
+
+def test_random_crop_shifts_content_and_keeps_shape():
+    images = torch.arange(2 * 1 * 5 * 5, dtype=torch.uint8).view(2, 1, 5, 5)
+    assert torch.equal(random_crop(images, 0), images)
+    cropped = random_crop(images, 2)
+    assert cropped.shape == images.shape
+    for i in range(2):  # each crop is a window of the zero-padded image
+        padded = torch.nn.functional.pad(images[i], (2, 2, 2, 2))
+        windows = [padded[:, r : r + 5, c : c + 5] for r in range(5) for c in range(5)]
+        assert any(torch.equal(cropped[i], w) for w in windows)
+
+
+def test_augmentation_only_on_the_training_split():
+    dm = fmnist(augment=True)
+    assert dm.transform(train=True).augment and not dm.transform(train=False).augment
+    images = torch.randint(0, 255, (8, 1, 28, 28), dtype=torch.uint8)
+    plain = BatchTransform(dm.mean, dm.std)
+    assert torch.equal(dm.transform(train=False)(images), plain(images))
+    torch.manual_seed(0)
+    assert not torch.equal(dm.transform(train=True)(images), plain(images))
+
+
+def test_resize():
+    dm = fmnist(resize=32)
+    assert dm.input_size == (32, 32)
+    dm.setup("fit")
+    assert next(iter(dm.val_dataloader()))[0].shape[-2:] == (32, 32)
+
+
+def _fake_cifar(root: Path, n: int = 20) -> None:
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        entry = {"data": rng.integers(0, 255, (n, 3072), dtype=np.uint8), "labels": rng.integers(0, 10, n).tolist()}
+        with open(folder / name, "wb") as f:
+            pickle.dump(entry, f)
+
+
+def test_cifar_pickles_load_and_are_checksummed(tmp_path: Path):
+    _fake_cifar(tmp_path)
+    dm = CIFAR10DataModule(root=str(tmp_path), download=False, verify_checksums=False, val_size=10, batch_size=4)
+    assert (dm.num_classes, dm.in_chans, dm.input_size) == (10, 3, (32, 32))
+    dm.setup("fit")
+    assert (len(dm.train_set), len(dm.val_set)) == (90, 10)
+    assert next(iter(dm.train_dataloader()))[0].shape == (4, 3, 32, 32)
+    checked = CIFAR10DataModule(root=str(tmp_path), download=False)
+    with pytest.raises(ValueError, match="does not match its MD5 checksum"):
+        checked.setup("fit")
+
+
+def test_image_folder(tmp_path: Path):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for cls in ("apple", "bread", "cheese"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            for i in range(4):
+                pixels = rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(tmp_path / split / cls / f"{i}.png")
+    dm = ImageFolderDataModule(str(tmp_path), image_size=32, batch_size=4, val_size=3, num_workers=0)
+    assert (dm.num_classes, dm.in_chans, dm.input_size) == (3, 3, (32, 32))
+    dm.setup("fit")
+    dm.setup("test")
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (9, 3, 12)
+    x, y = next(iter(dm.val_dataloader()))
+    assert x.shape == (3, 3, 32, 32) and y.max() < 3
+    with pytest.raises(FileNotFoundError, match="training folder"):
+        ImageFolderDataModule(str(tmp_path / "nowhere"))
