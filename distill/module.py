@@ -1,0 +1,250 @@
+"""DistillModule: a student trained from a frozen teacher (or from labels alone) in Lightning.
+
+Knowledge distillation after Hinton, Vinyals, Dean 2015. With no teacher it is plain supervised
+training, which is how this project trains teachers.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Literal
+
+import torch
+from pytorch_lightning import LightningModule
+from torch import nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from distill.losses import KDLoss
+from distill.optim import OPTIMIZERS, SCHEDULES, build_optimizer, lr_factor, param_groups
+from students import create_student
+from teachers import TeacherEnsemble, load_teacher
+
+__all__ = ["DistillModule"]
+
+
+class DistillModule(LightningModule):
+    """Train ``student`` on labels and, when a teacher is given, on the teacher's soft labels.
+
+    Only the student's parameters reach the optimizer. The teacher is frozen (eval mode, no
+    gradients) and is held, not owned: it is not a registered submodule, so it is never written into
+    checkpoints, never handed to an optimizer or DDP, yet it moves with the module (``.to()``,
+    precision casts). Its checkpoint path is recorded in the hyperparameters (``teacher_checkpoint``),
+    and the student's architecture, including a pruned channel layout, in ``student_spec``, so
+    ``DistillModule.load_from_checkpoint(path)`` and ``students.load_student(path)`` rebuild the
+    student from the file alone.
+
+    Args:
+        student: the network to train (e.g. ``students.StudentNet`` or ``students.create_timm_model``).
+        teacher: a frozen teacher (``teachers.load_teacher``, ``teachers.TeacherEnsemble``); ``None`` trains
+            on labels only, or loads the teacher from ``teacher_checkpoint`` at setup.
+        loss: the training loss; default ``KDLoss(temperature=4.0, alpha=0.9)`` (cross-entropy alone
+            when there is no teacher).
+        optimizer: ``sgd`` (Nesterov momentum), ``adamw`` or ``adam``.
+        lr: peak learning rate.
+        weight_decay: weight decay of conv and linear weights (none on biases and BatchNorm).
+        momentum: SGD momentum.
+        scheduler: ``cosine`` (decay to ``min_lr_ratio * lr`` over the run, stepped every batch) or ``constant``.
+        warmup_epochs: linear warmup length, in epochs (fractions allowed).
+        min_lr_ratio: final learning rate of the cosine schedule, relative to ``lr``.
+        student_spec: rebuild the student from this ``{"name", "kwargs"}`` spec when ``student`` is not given
+            (checkpoints record it; you rarely set it by hand).
+        teacher_checkpoint: the teacher's checkpoint file(s). Recorded automatically from ``teacher``; when
+            ``teacher`` is not given, the teacher is loaded from here at setup (a list gives an ensemble).
+    """
+
+    def __init__(
+        self,
+        student: nn.Module | None = None,
+        teacher: nn.Module | None = None,
+        loss: nn.Module | None = None,
+        optimizer: Literal["sgd", "adamw", "adam"] = "adamw",
+        lr: float = 2e-3,
+        weight_decay: float = 0.05,
+        momentum: float = 0.9,
+        scheduler: Literal["cosine", "constant"] = "cosine",
+        warmup_epochs: float = 0.0,
+        min_lr_ratio: float = 0.0,
+        student_spec: dict[str, Any] | None = None,
+        teacher_checkpoint: str | list[str] | None = None,
+    ) -> None:
+        super().__init__()
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
+        if scheduler not in SCHEDULES:
+            raise ValueError(f"scheduler must be one of {', '.join(SCHEDULES)}, got {scheduler!r}")
+        if lr <= 0 or weight_decay < 0 or warmup_epochs < 0 or not 0 <= min_lr_ratio <= 1:
+            raise ValueError(
+                f"need lr > 0, weight_decay >= 0, warmup_epochs >= 0 and 0 <= min_lr_ratio <= 1; got lr={lr}, "
+                f"weight_decay={weight_decay}, warmup_epochs={warmup_epochs}, min_lr_ratio={min_lr_ratio}"
+            )
+        if student is None:
+            if student_spec is None:
+                raise ValueError("DistillModule needs a student (a module) or a student_spec to build one from")
+            student = create_student(student_spec["name"], **student_spec["kwargs"])
+        if teacher is not None:
+            teacher_checkpoint = _recorded_checkpoints(teacher) or teacher_checkpoint
+        # Hyperparameters are plain values only, so checkpoints load with weights_only=True and
+        # `load_from_checkpoint(path)` rebuilds the student from `student_spec`.
+        self.save_hyperparameters(
+            {
+                "optimizer": optimizer,
+                "lr": lr,
+                "weight_decay": weight_decay,
+                "momentum": momentum,
+                "scheduler": scheduler,
+                "warmup_epochs": warmup_epochs,
+                "min_lr_ratio": min_lr_ratio,
+                "student_spec": getattr(student, "model_spec", student_spec),
+                "teacher_checkpoint": teacher_checkpoint,
+            }
+        )
+        self.student = student
+        self._set_teacher(teacher)
+        self.loss = loss if loss is not None else KDLoss()
+        self.metrics = nn.ModuleDict()
+
+    # ---------------------------------------------------------------- teacher
+    @property
+    def teacher(self) -> nn.Module | None:
+        """The frozen teacher, or ``None``."""
+        return self.__dict__.get("_teacher")
+
+    def _set_teacher(self, teacher: nn.Module | None) -> None:
+        object.__setattr__(self, "_teacher", teacher)  # bypass nn.Module registration on purpose
+
+    def _apply(self, fn: Any, recurse: bool = True) -> DistillModule:
+        """Move and cast the held teacher together with the module (``.to(device)``, ``.half()``, ...)."""
+        if self.teacher is not None:
+            self.teacher._apply(fn, recurse)
+        return super()._apply(fn, recurse)
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, stage: str) -> None:
+        if self.teacher is None and self.hparams.teacher_checkpoint:
+            paths = self.hparams.teacher_checkpoint
+            if isinstance(paths, str):
+                self._set_teacher(load_teacher(checkpoint=paths).to(self.device))
+            else:
+                self._set_teacher(TeacherEnsemble([load_teacher(checkpoint=p) for p in paths]).to(self.device))
+        if isinstance(self.teacher, TeacherEnsemble) and self.teacher.temperature is None:
+            self.teacher.temperature = getattr(self.loss, "temperature", None)
+        num_classes = self._check_models()
+        if not self.metrics:
+            self.metrics = nn.ModuleDict(
+                {f"student_{s}": _accuracy(num_classes, f"{s}/") for s in ("train", "val", "test")}
+            )
+            for s in ("val", "test"):
+                self.metrics[f"teacher_{s}"] = _accuracy(num_classes, f"{s}/teacher_")
+
+    def _check_models(self) -> int:
+        """Run student and teacher on one dummy batch shaped like the data; fail early and clearly."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        student_classes = getattr(self.student, "num_classes", None)
+        if datamodule is None or not hasattr(datamodule, "input_size"):
+            if student_classes is None:
+                raise ValueError("Cannot tell the number of classes: use a datamodule with num_classes")
+            return student_classes
+        shape = (2, datamodule.in_chans, *datamodule.input_size)
+        data_desc = f"{type(datamodule).__name__} ({datamodule.num_classes} classes, {datamodule.in_chans} channels)"
+        for role, model in (("student", self.student), ("teacher", self.teacher)):
+            if model is None:
+                continue
+            was_training = model.training
+            model.eval()
+            try:
+                with torch.no_grad():
+                    out = model(torch.zeros(shape, device=self.device))
+            except RuntimeError as err:
+                raise ValueError(
+                    f"The {role} cannot process a {tuple(shape)} batch from {data_desc}: {err}. "
+                    f"Build the {role} with in_chans={datamodule.in_chans}."
+                ) from None
+            finally:
+                model.train(was_training)
+            if out.shape[-1] != datamodule.num_classes:
+                fix = (
+                    "Use a teacher trained on this dataset."
+                    if role == "teacher"
+                    else f"Build the student with num_classes={datamodule.num_classes}."
+                )
+                raise ValueError(
+                    f"The {role} predicts {out.shape[-1]} classes but {data_desc} has {datamodule.num_classes}. {fix}"
+                )
+        return datamodule.num_classes
+
+    # --------------------------------------------------------------- training
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.student(x)
+
+    def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
+        x, y = batch
+        teacher_logits = self.teacher(x) if self.teacher is not None else None
+        logits = self.student(x)
+        terms = self.loss(logits, teacher_logits, y)
+        n, on_step = len(y), stage == "train"
+        self.log(
+            f"{stage}/loss", terms["loss"].detach(), on_step=on_step, on_epoch=True, prog_bar=on_step, batch_size=n
+        )
+        parts = {f"{stage}/{k}": v.detach() for k, v in terms.items() if k != "loss"}
+        self.log_dict(parts, on_step=on_step, on_epoch=True, batch_size=n)
+        self.metrics[f"student_{stage}"].update(logits.detach(), y)
+        self.log_dict(
+            self.metrics[f"student_{stage}"], on_step=False, on_epoch=True, prog_bar=stage == "val", batch_size=n
+        )
+        if teacher_logits is not None and stage != "train":
+            self.metrics[f"teacher_{stage}"].update(teacher_logits, y)
+            self.log_dict(self.metrics[f"teacher_{stage}"], on_step=False, on_epoch=True, batch_size=n)
+        return terms["loss"]
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self._shared_step(batch, "test")
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        optimizer = build_optimizer(param_groups(self.student, hp.weight_decay), hp.optimizer, hp.lr, hp.momentum)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
+        per_epoch = total / max(1, self.trainer.max_epochs or 1)
+        schedule = partial(
+            lr_factor,
+            total_steps=total,
+            warmup_steps=int(hp.warmup_epochs * per_epoch),
+            schedule=hp.scheduler,
+            min_ratio=hp.min_lr_ratio,
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------ checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record the student's current architecture (it changes when the student is pruned)."""
+        spec = getattr(self.student, "model_spec", None)
+        if spec is not None:
+            checkpoint["hyper_parameters"]["student_spec"] = spec
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Rebuild the student if the checkpoint records another architecture (e.g. a pruned layout)."""
+        spec = checkpoint.get("hyper_parameters", {}).get("student_spec")
+        if spec is not None and spec != getattr(self.student, "model_spec", None):
+            self.student = create_student(spec["name"], **spec["kwargs"]).to(self.device)
+
+
+def _accuracy(num_classes: int, prefix: str) -> MetricCollection:
+    """Top-1 accuracy, and top-5 where there are at least 5 classes."""
+    metrics = {"acc": MulticlassAccuracy(num_classes, top_k=1, average="micro")}
+    if num_classes >= 5:
+        metrics["acc5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+    return MetricCollection(metrics, prefix=prefix)
+
+
+def _recorded_checkpoints(teacher: nn.Module) -> str | list[str] | None:
+    paths = list(getattr(teacher, "checkpoints", []))
+    if not paths:
+        return None
+    return paths[0] if len(paths) == 1 and not isinstance(teacher, TeacherEnsemble) else paths

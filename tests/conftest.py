@@ -1,0 +1,27 @@
+"""Shared fixtures: real Fashion-MNIST, a cut-down Trainer and a tiny trained teacher checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import fmnist, tiny_trainer
+
+from distill import DistillModule
+from students import create_student
+
+
+@pytest.fixture(scope="session")
+def teacher_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A timm test_resnet (small-image stem) trained for a few batches, saved by Lightning."""
+    out = tmp_path_factory.mktemp("teacher")
+    torch.manual_seed(0)
+    model = DistillModule(
+        student=create_student("timm/test_resnet", num_classes=10, in_chans=1, small_input=True), lr=0.01
+    )
+    trainer = tiny_trainer(out, limit_train_batches=4, limit_val_batches=1)
+    trainer.fit(model, datamodule=fmnist())
+    path = out / "teacher.ckpt"
+    trainer.save_checkpoint(path)
+    return path

@@ -1,0 +1,163 @@
+"""DistillModule: what reaches the optimizer, the frozen teacher, checkpoints, early errors."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import fmnist, tiny_trainer
+
+from distill import DistillModule, KDLoss
+from distill.optim import lr_factor
+from students import create_student, load_student
+from teachers import TeacherEnsemble, load_teacher
+
+X = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+
+
+def student(**kwargs) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return create_student("test_studentnet", num_classes=10, in_chans=1, num_pools=3, **kwargs)
+
+
+def test_kd_trains_the_student_and_never_the_teacher(tmp_path: Path, teacher_checkpoint: Path):
+    teacher = load_teacher(checkpoint=teacher_checkpoint)
+    teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}  # BN statistics included
+    model = DistillModule(student(), teacher, loss=KDLoss(temperature=4.0, alpha=0.9), lr=0.01)
+    student_before = {k: v.clone() for k, v in model.student.state_dict().items()}
+    trainer = tiny_trainer(tmp_path)
+    trainer.fit(model, datamodule=fmnist())
+
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, teacher_before[k]), f"teacher {k} changed"
+    assert not torch.equal(model.student.state_dict()["cnn.0.0.weight"], student_before["cnn.0.0.weight"])
+    optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    assert optimized == {id(p) for p in model.student.parameters()}
+    logged = set(trainer.callback_metrics)
+    assert {"train/loss", "train/kd", "train/ce", "train/acc", "train/acc5", "val/acc", "val/acc5"} <= logged
+    assert {"val/teacher_acc", "val/kd"} <= logged
+
+
+def test_without_teacher_it_is_supervised_training(tmp_path: Path):
+    model = DistillModule(student(), lr=0.01)
+    trainer = tiny_trainer(tmp_path)
+    trainer.fit(model, datamodule=fmnist())
+    assert "train/kd" not in trainer.callback_metrics
+    assert trainer.callback_metrics["train/loss"] == pytest.approx(trainer.callback_metrics["train/ce"].item())
+
+
+def test_checkpoint_holds_the_student_only_and_reloads_in_a_fresh_process(tmp_path: Path, teacher_checkpoint: Path):
+    model = DistillModule(student(), load_teacher(checkpoint=teacher_checkpoint), lr=0.01)
+    trainer = tiny_trainer(tmp_path)
+    trainer.fit(model, datamodule=fmnist())
+    path = tmp_path / "kd.ckpt"
+    trainer.save_checkpoint(path)
+
+    checkpoint = torch.load(path, weights_only=True)
+    assert not [k for k in checkpoint["state_dict"] if k.startswith("teacher.")]
+    hparams = checkpoint["hyper_parameters"]
+    assert hparams["teacher_checkpoint"] == str(teacher_checkpoint)
+    assert hparams["student_spec"] == model.student.model_spec
+
+    expected = model.student.eval()(X)
+    torch.save(X, tmp_path / "x.pt")
+    code = (
+        "import sys, torch; from students import load_student; from distill import DistillModule\n"
+        "x = torch.load(sys.argv[2]); a = load_student(sys.argv[1])(x)\n"
+        "b = DistillModule.load_from_checkpoint(sys.argv[1]).eval()(x)\n"
+        "torch.save(torch.stack([a, b]), sys.argv[3])"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code, str(path), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
+        check=True,
+        cwd=Path(__file__).parents[1],
+    )
+    outputs = torch.load(tmp_path / "y.pt")
+    torch.testing.assert_close(outputs[0], expected, rtol=0, atol=0)
+    torch.testing.assert_close(outputs[1], expected, rtol=0, atol=0)
+
+
+def test_training_resumes_from_a_checkpoint_without_teacher_weights(tmp_path: Path, teacher_checkpoint: Path):
+    def make() -> DistillModule:
+        return DistillModule(student(), load_teacher(checkpoint=teacher_checkpoint), lr=0.01)
+
+    first = tiny_trainer(tmp_path, max_epochs=1)
+    first.fit(make(), datamodule=fmnist())
+    first.save_checkpoint(tmp_path / "epoch1.ckpt")
+    second = tiny_trainer(tmp_path, max_epochs=2)
+    second.fit(make(), datamodule=fmnist(), ckpt_path=tmp_path / "epoch1.ckpt")
+    assert second.global_step == 2 * first.global_step
+
+
+def test_teacher_loads_from_teacher_checkpoint_at_setup(tmp_path: Path, teacher_checkpoint: Path):
+    model = DistillModule(student(), teacher_checkpoint=str(teacher_checkpoint), lr=0.01)
+    assert model.teacher is None
+    tiny_trainer(tmp_path).fit(model, datamodule=fmnist())
+    assert model.teacher is not None and model.teacher.checkpoint == str(teacher_checkpoint)
+
+
+def test_ensemble_takes_the_loss_temperature(tmp_path: Path, teacher_checkpoint: Path):
+    ensemble = TeacherEnsemble([load_teacher(checkpoint=teacher_checkpoint)] * 2, reduction="probs")
+    model = DistillModule(student(), ensemble, loss=KDLoss(temperature=7.0), lr=0.01)
+    tiny_trainer(tmp_path).fit(model, datamodule=fmnist())
+    assert ensemble.temperature == 7.0
+    assert model.hparams.teacher_checkpoint == [str(teacher_checkpoint)] * 2
+
+
+def test_teacher_with_other_classes_fails_at_setup(tmp_path: Path):
+    teacher = load_teacher("test_resnet", num_classes=11, in_chans=1)
+    model = DistillModule(student(), teacher)
+    with pytest.raises(ValueError, match=r"teacher predicts 11 classes but FashionMNISTDataModule .* has 10"):
+        tiny_trainer(tmp_path).fit(model, datamodule=fmnist())
+
+
+def test_student_with_other_input_channels_fails_at_setup(tmp_path: Path):
+    torch.manual_seed(0)
+    model = DistillModule(create_student("test_studentnet", num_classes=10, in_chans=3))
+    with pytest.raises(ValueError, match=r"student cannot process a \(2, 1, 28, 28\) batch.*in_chans=1"):
+        tiny_trainer(tmp_path).fit(model, datamodule=fmnist())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"optimizer": "lion"}, "optimizer must be one of"),
+        ({"scheduler": "step"}, "scheduler must be one of"),
+        ({"lr": 0.0}, "lr > 0"),
+        ({"min_lr_ratio": 2.0}, "min_lr_ratio"),
+    ],
+)
+def test_bad_settings(kwargs: dict, match: str):
+    with pytest.raises(ValueError, match=match):
+        DistillModule(student(), **kwargs)
+    with pytest.raises(ValueError, match="needs a student"):
+        DistillModule()
+
+
+def test_lr_schedule_is_a_pure_function_of_the_step():
+    assert lr_factor(0, 100, warmup_steps=10) == pytest.approx(0.1)
+    assert lr_factor(9, 100, warmup_steps=10) == pytest.approx(1.0)
+    assert lr_factor(10, 100, warmup_steps=10) == pytest.approx(1.0)
+    assert lr_factor(55, 100, warmup_steps=10) == pytest.approx(0.5)
+    assert lr_factor(100, 100, warmup_steps=10, min_ratio=0.1) == pytest.approx(0.1)
+    assert lr_factor(70, 100, schedule="constant") == 1.0
+    assert lr_factor(30, 100) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.3)))
+
+
+def test_load_student_needs_a_project_checkpoint(tmp_path: Path):
+    torch.save(student().state_dict(), tmp_path / "plain.pt")
+    with pytest.raises(ValueError, match="records no student_spec"):
+        load_student(tmp_path / "plain.pt")
+
+
+def test_held_teacher_moves_and_casts_with_the_module(teacher_checkpoint: Path):
+    model = DistillModule(student(), load_teacher(checkpoint=teacher_checkpoint))
+    assert "teacher" not in dict(model.named_children())  # held, not owned
+    assert not any(k.startswith("teacher") for k in model.state_dict())
+    model.double()
+    assert next(model.teacher.parameters()).dtype == torch.float64
+    assert next(model.student.parameters()).dtype == torch.float64
