@@ -124,9 +124,10 @@ class DistillModule(LightningModule):
         if self.teacher is None and self.hparams.teacher_checkpoint:
             paths = self.hparams.teacher_checkpoint
             if isinstance(paths, str):
-                self._set_teacher(load_teacher(checkpoint=paths).to(self.device))
+                teacher = load_teacher(checkpoint=paths)
             else:
-                self._set_teacher(TeacherEnsemble([load_teacher(checkpoint=p) for p in paths]).to(self.device))
+                teacher = TeacherEnsemble([load_teacher(checkpoint=p) for p in paths])
+            self._set_teacher(teacher.to(_device_of(self.student)))
         if isinstance(self.teacher, TeacherEnsemble) and self.teacher.temperature is None:
             self.teacher.temperature = getattr(self.loss, "temperature", None)
         num_classes = self._check_models()
@@ -154,7 +155,7 @@ class DistillModule(LightningModule):
             model.eval()
             try:
                 with torch.no_grad():
-                    out = model(torch.zeros(shape, device=self.device))
+                    out = model(torch.zeros(shape, device=_device_of(model)))
             except RuntimeError as err:
                 raise ValueError(
                     f"The {role} cannot process a {tuple(shape)} batch from {data_desc}: {err}. "
@@ -232,7 +233,12 @@ class DistillModule(LightningModule):
         """Rebuild the student if the checkpoint records another architecture (e.g. a pruned layout)."""
         spec = checkpoint.get("hyper_parameters", {}).get("student_spec")
         if spec is not None and spec != getattr(self.student, "model_spec", None):
-            self.student = create_student(spec["name"], **spec["kwargs"]).to(self.device)
+            self.student = create_student(spec["name"], **spec["kwargs"]).to(_device_of(self.student))
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    """Where the model's parameters are (in ``setup`` they may not have moved to ``self.device`` yet)."""
+    return next(model.parameters(), torch.empty(0)).device
 
 
 def _accuracy(num_classes: int, prefix: str) -> MetricCollection:

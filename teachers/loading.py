@@ -78,9 +78,10 @@ def _check_against_spec(spec: dict[str, Any], checkpoint: Any, **requested: Any)
         if value is None:
             continue
         have = recorded.get(key)
+        same = value == have
         if key == "name":  # "resnet18" and "timm/resnet18" are the same model
-            value, have = value.removeprefix("timm/"), str(have).removeprefix("timm/")
-        if value != have:
+            same = value.removeprefix("timm/") == str(have).removeprefix("timm/")
+        if not same:
             conflicts.append(f"{key}={value!r} (checkpoint: {have!r})")
     if conflicts:
         raise ValueError(
