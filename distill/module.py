@@ -17,7 +17,8 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from distill.losses import KDLoss
 from distill.optim import OPTIMIZERS, SCHEDULES, build_optimizer, lr_factor, param_groups
-from students import create_student
+from distill.profile import eval_mode
+from students import build_student, extract_state_dict
 from teachers import TeacherEnsemble, load_teacher
 
 __all__ = ["DistillModule"]
@@ -81,7 +82,7 @@ class DistillModule(LightningModule):
         if student is None:
             if student_spec is None:
                 raise ValueError("DistillModule needs a student (a module) or a student_spec to build one from")
-            student = create_student(student_spec["name"], **student_spec["kwargs"])
+            student = build_student(student_spec)
         if teacher is not None:
             teacher_checkpoint = _recorded_checkpoints(teacher) or teacher_checkpoint
         # Hyperparameters are plain values only, so checkpoints load with weights_only=True and
@@ -151,18 +152,14 @@ class DistillModule(LightningModule):
         for role, model in (("student", self.student), ("teacher", self.teacher)):
             if model is None:
                 continue
-            was_training = model.training
-            model.eval()
             try:
-                with torch.no_grad():
+                with torch.no_grad(), eval_mode(model):
                     out = model(torch.zeros(shape, device=_device_of(model)))
             except RuntimeError as err:
                 raise ValueError(
                     f"The {role} cannot process a {tuple(shape)} batch from {data_desc}: {err}. "
                     f"Build the {role} with in_chans={datamodule.in_chans}."
                 ) from None
-            finally:
-                model.train(was_training)
             if out.shape[-1] != datamodule.num_classes:
                 fix = (
                     "Use a teacher trained on this dataset."
@@ -219,7 +216,11 @@ class DistillModule(LightningModule):
             schedule=hp.scheduler,
             min_ratio=hp.min_lr_ratio,
         )
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        # Built again mid-run when pruning replaces the parameters: continue at the current step.
+        step = self.trainer.global_step
+        for group in optimizer.param_groups:
+            group["initial_lr"] = group["lr"]
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule, last_epoch=step - 1)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------ checkpoints
@@ -232,8 +233,9 @@ class DistillModule(LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Rebuild the student if the checkpoint records another architecture (e.g. a pruned layout)."""
         spec = checkpoint.get("hyper_parameters", {}).get("student_spec")
-        if spec is not None and spec != getattr(self.student, "model_spec", None):
-            self.student = create_student(spec["name"], **spec["kwargs"]).to(_device_of(self.student))
+        if spec is not None and (spec.get("pruned") or spec != getattr(self.student, "model_spec", None)):
+            student = build_student(spec, extract_state_dict(checkpoint))
+            self.student = student.to(_device_of(self.student))
 
 
 def _device_of(model: nn.Module) -> torch.device:

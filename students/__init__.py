@@ -1,6 +1,14 @@
 """Student architectures: StudentNet (seed 004), its width variants, and any timm model by name."""
 
-from students.checkpoint import extract_state_dict, load_student, load_weights, read_checkpoint
+from students.checkpoint import (
+    build_student,
+    extract_state_dict,
+    load_student,
+    load_weights,
+    mark_pruned,
+    read_checkpoint,
+    resize_to_state_dict,
+)
 from students.registry import create_student, list_students, model_spec, register_student
 from students.studentnet import StudentNet, studentnet_channels
 from students.timm_models import adapt_resnet_to_small_input, create_timm_model
@@ -8,14 +16,17 @@ from students.timm_models import adapt_resnet_to_small_input, create_timm_model
 __all__ = [
     "StudentNet",
     "adapt_resnet_to_small_input",
+    "build_student",
     "create_student",
     "create_timm_model",
     "extract_state_dict",
     "list_students",
     "load_student",
     "load_weights",
+    "mark_pruned",
     "model_spec",
     "read_checkpoint",
     "register_student",
+    "resize_to_state_dict",
     "studentnet_channels",
 ]

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from students.registry import create_student
+from students.studentnet import StudentNet
 
 __all__ = ["STUDENT_PREFIX", "describe_spec", "extract_state_dict", "load_student", "load_weights", "read_checkpoint"]
 
@@ -105,6 +106,74 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], sourc
     return model
 
 
+def mark_pruned(model: nn.Module) -> None:
+    """Record in ``model.model_spec`` that its layer widths now come from its weights, not its arguments.
+
+    A StudentNet needs no mark: its spec lists its widths. Any other model (timm) is rebuilt from
+    its spec and then resized to the checkpoint's tensor shapes (:func:`resize_to_state_dict`).
+    """
+    spec = getattr(model, "model_spec", None)
+    if spec is not None and not isinstance(model, StudentNet):
+        spec["pruned"] = True
+
+
+def resize_to_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
+    """Give every conv, linear and norm layer the shapes of its tensors in ``state_dict`` (a pruned layout).
+
+    Only shapes change (the values are left for ``load_state_dict``): ``out_channels``/``in_channels``
+    and depthwise ``groups`` of convs, ``in/out_features`` of linears, ``num_features`` of norms.
+    """
+    for name, module in model.named_modules():
+        prefix = f"{name}." if name else ""
+        changed = False
+        for attr, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+            new = state_dict.get(prefix + attr)
+            if new is None or new.shape == tensor.shape:
+                continue
+            empty = torch.empty(new.shape, dtype=tensor.dtype, device=tensor.device)
+            if isinstance(tensor, nn.Parameter):
+                setattr(module, attr, nn.Parameter(empty, requires_grad=tensor.requires_grad))
+            else:
+                module._buffers[attr] = empty
+            changed = True
+        if changed:
+            _sync_shape_attributes(module, prefix)
+    return model
+
+
+def _sync_shape_attributes(module: nn.Module, prefix: str) -> None:
+    weight = getattr(module, "weight", None)
+    if isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
+        depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
+        module.out_channels = weight.shape[0]
+        if depthwise:
+            module.groups = module.out_channels
+        module.in_channels = weight.shape[1] * module.groups
+    elif isinstance(module, nn.Linear):
+        module.out_features, module.in_features = weight.shape
+    elif isinstance(module, nn.modules.batchnorm._NormBase):
+        module.num_features = (weight if weight is not None else module.running_mean).shape[0]
+    elif isinstance(module, nn.GroupNorm):
+        module.num_channels = weight.shape[0]
+    elif isinstance(module, nn.LayerNorm):
+        module.normalized_shape = tuple(weight.shape)
+    else:
+        raise ValueError(f"cannot resize layer {prefix.rstrip('.')} ({type(module).__name__}) to a pruned layout")
+
+
+def build_student(spec: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
+    """Build the architecture a ``{"name", "kwargs"[, "pruned"]}`` spec describes.
+
+    A pruned non-StudentNet model is resized to the shapes in ``state_dict`` when one is given.
+    """
+    model = create_student(spec["name"], **spec["kwargs"])
+    if spec.get("pruned"):
+        mark_pruned(model)
+        if state_dict is not None:
+            resize_to_state_dict(model, state_dict)
+    return model
+
+
 def load_student(path: str | Path) -> nn.Module:
     """Rebuild a student from a checkpoint written by this project and load its weights.
 
@@ -118,8 +187,9 @@ def load_student(path: str | Path) -> nn.Module:
             f"Checkpoint {str(path)!r} records no student_spec, so the architecture is unknown. It was not "
             f"written by distill's DistillModule; build the model yourself and use load_weights()."
         )
-    model = create_student(spec["name"], **spec["kwargs"])
-    load_weights(model, extract_state_dict(checkpoint), repr(str(path)), describe_spec(spec))
+    state_dict = extract_state_dict(checkpoint)
+    model = build_student(spec, state_dict)
+    load_weights(model, state_dict, repr(str(path)), describe_spec(spec))
     return model.eval()
 
 

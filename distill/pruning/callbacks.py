@@ -1,0 +1,302 @@
+"""Lightning callbacks that shrink the student between epochs. The teacher is never touched.
+
+- :class:`NetworkSlimming`: L1 sparsity on BatchNorm scales (Liu et al. 2017).
+- :class:`GroupLasso`: structured sparsity on whole filters and input channels (Wen et al. 2016, SSL).
+- :class:`ChannelPruning`: removes channels physically at scheduled epoch ends, then training goes on
+  with the smaller network.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning import Callback
+from pytorch_lightning.strategies import DDPStrategy
+from pytorch_lightning.utilities import rank_zero_info
+from torch import nn
+
+from distill.profile import count_macs, count_params
+from distill.pruning.importance import CRITERIA, Importance, resolve_importance
+from distill.pruning.schedule import PruningSchedule, PruningStep, ScheduleFn
+from distill.pruning.surgery import PruneReport, channel_groups, prune_student, select_channels
+
+__all__ = ["ChannelPruning", "GroupLasso", "NetworkSlimming"]
+
+
+def _student(pl_module: pl.LightningModule) -> nn.Module:
+    student = getattr(pl_module, "student", None)
+    if not isinstance(student, nn.Module):
+        raise ValueError(f"pruning callbacks act on a DistillModule's student; {type(pl_module).__name__} has none")
+    return student
+
+
+def _active(epoch: int, start_epoch: int, end_epoch: int | None) -> bool:
+    return epoch >= start_epoch and (end_epoch is None or epoch < end_epoch)
+
+
+def _check_window(start_epoch: int, end_epoch: int | None) -> None:
+    if start_epoch < 0 or (end_epoch is not None and end_epoch <= start_epoch):
+        raise ValueError(f"need 0 <= start_epoch < end_epoch, got start_epoch={start_epoch}, end_epoch={end_epoch}")
+
+
+class NetworkSlimming(Callback):
+    """Sparsity on the student's BatchNorm scaling factors (Liu et al. 2017, network slimming).
+
+    Training minimises ``loss + lambda_ * sum |gamma|`` over every BatchNorm of the student: the
+    subgradient ``lambda_ * sign(gamma)`` is added to the gammas' gradients in
+    ``on_before_optimizer_step``, where mixed-precision gradients are already unscaled. Channels
+    whose gamma reaches zero can then be removed with ``ChannelPruning(importance="bn_scale")``.
+
+    Logged each epoch: ``slimming/gamma_l1`` (sum |gamma|) and ``slimming/near_zero`` (the fraction
+    of gammas below ``threshold``).
+
+    Args:
+        lambda_: strength of the L1 penalty (Liu et al.: 1e-4 to 1e-5).
+        threshold: |gamma| under which a channel counts as near zero in the logs.
+        start_epoch: first epoch with the penalty.
+        end_epoch: first epoch without it again (``None``: until the end).
+    """
+
+    def __init__(
+        self, lambda_: float = 1e-4, threshold: float = 1e-2, start_epoch: int = 0, end_epoch: int | None = None
+    ) -> None:
+        if lambda_ < 0 or threshold < 0:
+            raise ValueError(f"lambda_ and threshold must be >= 0, got {lambda_} and {threshold}")
+        _check_window(start_epoch, end_epoch)
+        self.lambda_ = lambda_
+        self.threshold = threshold
+        self.start_epoch = start_epoch
+        self.end_epoch = end_epoch
+
+    @staticmethod
+    def gammas(student: nn.Module) -> list[nn.Parameter]:
+        return [
+            m.weight
+            for m in student.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None
+        ]
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        if not _active(trainer.current_epoch, self.start_epoch, self.end_epoch):
+            return
+        for gamma in self.gammas(_student(pl_module)):
+            if gamma.grad is not None:
+                gamma.grad.add_(torch.sign(gamma.detach()), alpha=self.lambda_)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        gammas = torch.cat([g.detach().abs().flatten() for g in self.gammas(_student(pl_module))])
+        pl_module.log("slimming/gamma_l1", gammas.sum(), sync_dist=False)
+        pl_module.log("slimming/near_zero", (gammas < self.threshold).float().mean(), sync_dist=False)
+
+
+class GroupLasso(Callback):
+    """Structured sparsity learning (Wen et al. 2016, SSL) on the student's convolutions.
+
+    Adds ``lambda_filter * sum_n ||W[n, :, :, :]||_2`` (filter-wise groups) and
+    ``lambda_channel * sum_c ||W[:, c, :, :]||_2`` (channel-wise groups) to the loss, as its gradient
+    ``lambda * W / ||group||`` in ``on_before_optimizer_step``. Whole filters and input channels are
+    driven to zero, ready to be removed. Channel-wise groups skip depthwise convs (a filter is a
+    channel there) and the first conv (its input channels are the image's).
+
+    Logged each epoch: ``group_lasso/filter_norm`` (the sum of filter norms) and
+    ``group_lasso/near_zero`` (the fraction of filters with a norm below ``threshold``).
+
+    Args:
+        lambda_filter: strength of the filter-wise groups.
+        lambda_channel: strength of the channel-wise groups.
+        threshold: filter norm under which a filter counts as near zero in the logs.
+        start_epoch: first epoch with the penalty.
+        end_epoch: first epoch without it again (``None``: until the end).
+    """
+
+    def __init__(
+        self,
+        lambda_filter: float = 1e-4,
+        lambda_channel: float = 0.0,
+        threshold: float = 1e-3,
+        start_epoch: int = 0,
+        end_epoch: int | None = None,
+    ) -> None:
+        if lambda_filter < 0 or lambda_channel < 0 or lambda_filter + lambda_channel == 0:
+            raise ValueError(
+                f"need lambda_filter, lambda_channel >= 0 and one of them > 0; got {lambda_filter}, {lambda_channel}"
+            )
+        _check_window(start_epoch, end_epoch)
+        self.lambda_filter = lambda_filter
+        self.lambda_channel = lambda_channel
+        self.threshold = threshold
+        self.start_epoch = start_epoch
+        self.end_epoch = end_epoch
+
+    @staticmethod
+    def convs(student: nn.Module) -> list[nn.Conv2d]:
+        return [m for m in student.modules() if isinstance(m, nn.Conv2d)]
+
+    @torch.no_grad()
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        if not _active(trainer.current_epoch, self.start_epoch, self.end_epoch):
+            return
+        convs = self.convs(_student(pl_module))
+        for i, conv in enumerate(convs):
+            w, grad = conv.weight, conv.weight.grad
+            if grad is None:
+                continue
+            if self.lambda_filter:
+                norms = w.flatten(1).norm(dim=1).clamp_min(1e-12)
+                grad.add_(w / norms.view(-1, 1, 1, 1), alpha=self.lambda_filter)
+            if self.lambda_channel and conv.groups == 1 and i > 0:
+                norms = w.transpose(0, 1).flatten(1).norm(dim=1).clamp_min(1e-12)
+                grad.add_(w / norms.view(1, -1, 1, 1), alpha=self.lambda_channel)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        norms = torch.cat([c.weight.detach().flatten(1).norm(dim=1) for c in self.convs(_student(pl_module))])
+        pl_module.log("group_lasso/filter_norm", norms.sum(), sync_dist=False)
+        pl_module.log("group_lasso/near_zero", (norms < self.threshold).float().mean(), sync_dist=False)
+
+
+class ChannelPruning(Callback):
+    """Remove student channels physically at scheduled epoch ends; training continues on the smaller net.
+
+    At the end of each scheduled epoch the student is pruned with :func:`~distill.pruning.prune_student`
+    (torch-pruning's dependency graph removes coupled channels together). Then the optimizers and LR
+    schedulers are rebuilt for the new parameters through ``configure_optimizers``, at the schedule's
+    current step, so the learning rate continues where it was. **Optimizer state (momentum, Adam
+    moments) starts afresh** for the pruned parameters: it belonged to tensors that no longer exist.
+    Under DDP the model is re-wrapped, and rank 0 decides the channels and broadcasts them, so every
+    rank removes the same ones. The new layout reaches checkpoints through the student's spec, so a
+    checkpoint reloads without this callback. Logged: ``prune/params``, ``prune/macs``.
+
+    Args:
+        importance: criterion name (``l1``, ``l2``, ``bn_scale``, ``taylor``, ``hrank``, ``random``) or a
+            callable ``group -> scores``.
+        schedule: a :class:`PruningSchedule`, or a function ``epoch -> ratio | PruningStep | None``.
+        global_ranking: rank channels across layers instead of pruning each layer by the same ratio.
+        min_channels: every layer keeps at least this many channels.
+        min_fraction: every layer keeps at least this fraction of its channels at the start of training.
+        round_to: kept channel counts are rounded up to a multiple of this.
+        ignored_layers: student layer names whose output channels must not change.
+        num_batches: training batches the data-driven criteria (``taylor``, ``hrank``) look at.
+    """
+
+    def __init__(
+        self,
+        importance: str | Importance = "l1",
+        schedule: PruningSchedule | ScheduleFn | None = None,
+        global_ranking: bool = False,
+        min_channels: int = 1,
+        min_fraction: float = 0.0,
+        round_to: int = 1,
+        ignored_layers: Sequence[str] = (),
+        num_batches: int = 4,
+    ) -> None:
+        if isinstance(importance, str) and importance not in CRITERIA:
+            raise ValueError(f"Unknown importance criterion {importance!r}; choose one of {', '.join(CRITERIA)}")
+        if schedule is None:
+            raise ValueError("ChannelPruning needs a schedule, e.g. PruningSchedule(ratio=0.05, steps=10)")
+        if min_channels < 1 or not 0.0 <= min_fraction < 1.0 or round_to < 1 or num_batches < 1:
+            raise ValueError(
+                "need min_channels >= 1, 0 <= min_fraction < 1, round_to >= 1 and num_batches >= 1; got "
+                f"{min_channels}, {min_fraction}, {round_to}, {num_batches}"
+            )
+        self.importance = importance
+        self.schedule = schedule
+        self.global_ranking = global_ranking
+        self.min_channels = min_channels
+        self.min_fraction = min_fraction
+        self.round_to = round_to
+        self.ignored_layers = list(ignored_layers)
+        self.num_batches = num_batches
+        self.initial: dict[str, Any] = {}
+        self.reports: list[PruneReport] = []
+
+    # -------------------------------------------------------------- helpers
+    @staticmethod
+    def _example_input(trainer: pl.Trainer, student: nn.Module) -> torch.Tensor:
+        device = next(student.parameters()).device
+        data = trainer.datamodule
+        if data is not None and hasattr(data, "input_size") and hasattr(data, "in_chans"):
+            return torch.zeros(1, data.in_chans, *data.input_size, device=device)
+        x, _ = next(iter(trainer.train_dataloader))
+        return torch.zeros_like(x[:1], device=device)
+
+    def _batches(self, trainer: pl.Trainer, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for i, (x, y) in enumerate(trainer.train_dataloader):
+            if i == self.num_batches:
+                return
+            yield x.to(device), y.to(device)
+
+    def _step(self, epoch: int) -> PruningStep | None:
+        if isinstance(self.schedule, PruningSchedule):
+            return self.schedule.step_at(epoch, self.initial["params"], self.initial["macs"])
+        step = self.schedule(epoch)
+        return PruningStep(ratio=float(step)) if isinstance(step, (int, float)) and step > 0 else step or None
+
+    # ---------------------------------------------------------------- hooks
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.initial:  # restored from a checkpoint: keep the sizes from before the first step
+            return
+        student = _student(pl_module)
+        x = self._example_input(trainer, student)
+        groups = channel_groups(student, x, self.ignored_layers)
+        self.initial = {
+            "params": count_params(student),
+            "macs": count_macs(student, x),
+            "channels": {name: len(group[0][1]) for name, group in groups.items()},
+        }
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        step = self._step(trainer.current_epoch)
+        if step is None:
+            return
+        student = _student(pl_module)
+        x = self._example_input(trainer, student)
+        if step.target_params is not None and count_params(student) <= step.target_params:
+            return
+        if step.target_macs is not None and count_macs(student, x) <= step.target_macs:
+            return
+        plan = None
+        if trainer.is_global_zero:
+            floors = {
+                name: max(self.min_channels, math.ceil(self.min_fraction * n))
+                for name, n in self.initial["channels"].items()
+            }
+            criterion = resolve_importance(self.importance)
+            plan = select_channels(
+                student,
+                x,
+                criterion,
+                ratio=step.ratio,
+                target_params=step.target_params,
+                target_macs=step.target_macs,
+                global_ranking=self.global_ranking,
+                min_channels=floors,
+                round_to=self.round_to,
+                ignored_layers=self.ignored_layers,
+                data=self._batches(trainer, x.device),
+            )
+        plan = trainer.strategy.broadcast(plan, src=0)
+        report = prune_student(student, x, plan=plan, ignored_layers=self.ignored_layers)
+        self.reports.append(report)
+        self._rebuild_training_state(trainer)
+        pl_module.log("prune/params", float(report.params_after), sync_dist=False)
+        pl_module.log("prune/macs", float(report.macs_after), sync_dist=False)
+        rank_zero_info(f"ChannelPruning at the end of epoch {trainer.current_epoch}: {report}")
+
+    @staticmethod
+    def _rebuild_training_state(trainer: pl.Trainer) -> None:
+        """New parameters need a new optimizer (and, under DDP, a new DDP wrapper)."""
+        strategy = trainer.strategy
+        if isinstance(strategy, DDPStrategy):
+            strategy.model = strategy.lightning_module
+            strategy.configure_ddp()
+        strategy.setup_optimizers(trainer)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"initial": self.initial}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.initial = state_dict.get("initial", {})

@@ -1,0 +1,322 @@
+"""Physical channel pruning of a student: choose channels by importance, remove them with torch-pruning.
+
+torch-pruning's dependency graph (Fang et al. 2023, "DepGraph") finds the coupled layers that must
+lose the same channels: a producer conv, its BatchNorm, a depthwise conv, the consumer's input
+channels, and the partners of residual additions. This module decides *which* channels go (per-layer
+or global ranking, floors, ``round_to``, a ratio or a parameter/MAC target) and reports the result.
+The stem's input (the image channels) and the classifier's outputs (the classes) are never pruned.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from distill.profile import count_macs, count_params, eval_mode
+from distill.pruning.importance import DataDrivenImportance, Importance, producer, resolve_importance
+from students import mark_pruned
+
+__all__ = ["PruneReport", "apply_plan", "channel_groups", "plan_pruning", "prune_student", "select_channels"]
+
+#: Channels to remove, by the name of the layer that produces each group's channels.
+Plan = dict[str, list[int]]
+
+
+@dataclass
+class PruneReport:
+    """What one pruning step did."""
+
+    params_before: int
+    params_after: int
+    macs_before: int
+    macs_after: int
+    channels_before: dict[str, int] = field(default_factory=dict)
+    channels_after: dict[str, int] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        lines = [
+            f"params {self.params_before:,} -> {self.params_after:,} ({self.params_after / self.params_before:.1%}), "
+            f"MACs {self.macs_before:,} -> {self.macs_after:,} ({self.macs_after / max(1, self.macs_before):.1%})",
+            "| layer | channels before | after |",
+            "|---|---:|---:|",
+        ]
+        lines += [f"| {n} | {c} | {self.channels_after[n]} |" for n, c in self.channels_before.items()]
+        return "\n".join(lines)
+
+
+def _classifier(model: nn.Module) -> nn.Module | None:
+    if hasattr(model, "get_classifier"):
+        head = model.get_classifier()
+        if isinstance(head, nn.Module) and any(True for _ in head.parameters()):
+            return head
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    return linears[-1] if linears else None
+
+
+def channel_groups(model: nn.Module, example_input: torch.Tensor, ignored_layers: Sequence[str] = ()) -> dict[str, Any]:
+    """The prunable groups of ``model``, by the name of the layer that produces their channels.
+
+    A group is left out when it would change the output channels of the classifier or of a layer
+    named in ``ignored_layers``.
+    """
+    names = {m: n for n, m in model.named_modules()}
+    missing = [n for n in ignored_layers if n not in names.values()]
+    if missing:
+        some = ", ".join(n for n in list(names.values())[1:12])
+        raise ValueError(f"ignored_layers names no layer of the student: {missing}. Its layers: {some}, ...")
+    frozen = {model.get_submodule(n) for n in ignored_layers}
+    head = _classifier(model)
+    if head is not None:
+        frozen.add(head)
+    frozen = {sub for m in frozen for sub in m.modules()}
+    # torch-pruning traces the graph through autograd, in eval mode
+    with torch.enable_grad(), eval_mode(model):
+        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+    groups = {}
+    for group in graph.get_all_groups(ignored_layers=list(frozen), root_module_types=[nn.Conv2d, nn.Linear]):
+        if any(dep.target.module in frozen and graph.is_out_channel_pruning_fn(dep.handler) for dep, _ in group):
+            continue
+        groups[_group_name(group, names)] = group
+    return groups
+
+
+def _group_name(group: Any, names: Mapping[nn.Module, str]) -> str:
+    """Name a group after the layer that produces its channels (not a depthwise conv that passes them on)."""
+    found = producer(group)
+    return names[found[0] if found is not None else group[0].dep.target.module]
+
+
+def _keep_count(n: int, ratio: float, floor: int, round_to: int) -> int:
+    keep = math.ceil(n * (1.0 - ratio) - 1e-9)
+    keep = math.ceil(keep / round_to) * round_to
+    return min(n, max(floor, keep))
+
+
+def plan_pruning(
+    scores: Mapping[str, torch.Tensor],
+    ratio: float,
+    floors: Mapping[str, int],
+    global_ranking: bool = False,
+    round_to: int = 1,
+) -> Plan:
+    """Which channels to remove from each group at ``ratio``.
+
+    Per-layer ranking removes ``ratio`` of every group's channels; global ranking removes the
+    ``ratio`` of all channels with the lowest scores, wherever they are. Either way each group keeps
+    at least its floor, and a kept count is rounded up to a multiple of ``round_to``.
+    """
+    keep: dict[str, int] = {}
+    if global_ranking:
+        flat = torch.cat([s.float() for s in scores.values()])
+        owners = [name for name, s in scores.items() for _ in range(len(s))]
+        budget = math.floor(ratio * len(flat) + 1e-9)
+        left = {name: len(s) for name, s in scores.items()}
+        for i in torch.argsort(flat, stable=True).tolist():
+            if budget == 0:
+                break
+            name = owners[i]
+            if left[name] > floors[name]:
+                left[name] -= 1
+                budget -= 1
+        keep = {
+            name: _keep_count(len(scores[name]), 1 - left[name] / len(scores[name]), floors[name], round_to)
+            for name in scores
+        }
+    else:
+        keep = {name: _keep_count(len(s), ratio, floors[name], round_to) for name, s in scores.items()}
+    return {
+        name: sorted(torch.argsort(s.float(), stable=True)[: len(s) - keep[name]].tolist())
+        for name, s in scores.items()
+        if keep[name] < len(s)
+    }
+
+
+def apply_plan(model: nn.Module, example_input: torch.Tensor, plan: Plan, ignored_layers: Sequence[str] = ()) -> None:
+    """Remove the planned channels from ``model`` in place."""
+    groups = channel_groups(model, example_input, ignored_layers)
+    for name, idxs in plan.items():
+        if idxs:
+            groups[name].prune(idxs)
+
+
+def _score(importance: Importance, groups: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    scores = {}
+    for name, group in groups.items():
+        s = importance(group)
+        if s is not None:
+            scores[name] = s.detach().float().cpu()
+    return scores
+
+
+def select_channels(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    importance: str | Importance = "l1",
+    ratio: float | None = None,
+    target_params: int | None = None,
+    target_macs: int | None = None,
+    global_ranking: bool = False,
+    min_channels: int | Mapping[str, int] = 1,
+    min_fraction: float = 0.0,
+    round_to: int = 1,
+    ignored_layers: Sequence[str] = (),
+    data: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
+) -> Plan:
+    """Decide which channels to remove, without touching ``model`` (see :func:`prune_student`)."""
+    if sum(v is not None for v in (ratio, target_params, target_macs)) != 1:
+        raise ValueError("give exactly one of ratio, target_params or target_macs")
+    if ratio is not None and not 0.0 <= ratio < 1.0:
+        raise ValueError(f"ratio must be in [0, 1) (the fraction of channels to remove), got {ratio}")
+    if round_to < 1 or not 0.0 <= min_fraction < 1.0:
+        raise ValueError(f"need round_to >= 1 and 0 <= min_fraction < 1, got {round_to} and {min_fraction}")
+    if isinstance(min_channels, int) and min_channels < 1:
+        raise ValueError(f"min_channels must be >= 1 (a layer cannot be emptied), got {min_channels}")
+    for name, target, cost in (
+        ("target_params", target_params, count_params),
+        ("target_macs", target_macs, count_macs),
+    ):
+        if target is not None:
+            have = cost(model) if cost is count_params else cost(model, example_input)
+            if not 0 < target < have:
+                raise ValueError(f"{name}={target:,} must be positive and below the student's current {have:,}")
+
+    criterion = resolve_importance(importance)
+    if isinstance(criterion, DataDrivenImportance):
+        if data is None:
+            label = importance if isinstance(importance, str) else type(criterion).__name__
+            raise ValueError(f"the {label!r} criterion is data-driven: pass data=batches of (x, y)")
+        criterion.collect(model, data)
+    groups = channel_groups(model, example_input, ignored_layers)
+    scores = _score(criterion, groups)
+    if not scores:
+        raise ValueError("the criterion scored no layer (e.g. bn_scale on a model without BatchNorm)")
+    floors = {
+        name: max(
+            min_channels.get(name, 1) if isinstance(min_channels, Mapping) else min_channels,
+            math.ceil(min_fraction * len(s)),
+        )
+        for name, s in scores.items()
+    }
+    return _select(
+        model,
+        example_input,
+        scores,
+        floors,
+        ratio,
+        target_params,
+        target_macs,
+        global_ranking,
+        round_to,
+        ignored_layers,
+    )
+
+
+def prune_student(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    importance: str | Importance = "l1",
+    ratio: float | None = None,
+    target_params: int | None = None,
+    target_macs: int | None = None,
+    global_ranking: bool = False,
+    min_channels: int | Mapping[str, int] = 1,
+    min_fraction: float = 0.0,
+    round_to: int = 1,
+    ignored_layers: Sequence[str] = (),
+    data: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    plan: Plan | None = None,
+) -> PruneReport:
+    """Remove channels from ``model`` in place and report the cost before and after.
+
+    Give exactly one of ``ratio``, ``target_params`` or ``target_macs``. A target is met by bisecting
+    the ratio on copies of the model: the result is the least-pruned model at or under the target.
+
+    Args:
+        model: the student (a StudentNet or any timm model).
+        example_input: a batch shaped like the data (e.g. ``torch.zeros(1, 1, 28, 28)``); MACs are per
+            forward of this batch.
+        importance: a criterion name (see :mod:`distill.pruning.importance`) or a callable.
+        ratio: fraction of channels to remove, in [0, 1): of each layer (per-layer ranking) or of all
+            prunable channels (global ranking).
+        target_params: prune until the student has at most this many parameters.
+        target_macs: prune until one forward of ``example_input`` costs at most this many MACs.
+        global_ranking: one ranking over all layers (better, but can empty a layer without a floor)
+            instead of the same ratio in every layer.
+        min_channels: every layer keeps at least this many channels (an int, or per root layer name).
+        min_fraction: every layer keeps at least this fraction of its current channels.
+        round_to: kept channel counts are rounded up to a multiple of this (hardware-friendly widths).
+        ignored_layers: names of layers whose output channels must not change.
+        data: batches ``(x, y)`` for data-driven criteria (``taylor``, ``hrank``).
+        plan: channels to remove, as decided by :func:`select_channels` elsewhere (e.g. on rank 0
+            under DDP); the selection arguments are then ignored.
+    """
+    if plan is None:
+        plan = select_channels(
+            model, example_input, importance, ratio, target_params, target_macs, global_ranking,
+            min_channels, min_fraction, round_to, ignored_layers, data,
+        )  # fmt: skip
+    groups = channel_groups(model, example_input, ignored_layers)
+    before_channels = {name: len(group[0][1]) for name, group in groups.items()}
+    params_before, macs_before = count_params(model), count_macs(model, example_input)
+    apply_plan(model, example_input, plan, ignored_layers)
+    mark_pruned(model)
+    return PruneReport(
+        params_before=params_before,
+        params_after=count_params(model),
+        macs_before=macs_before,
+        macs_after=count_macs(model, example_input),
+        channels_before=before_channels,
+        channels_after={name: before_channels[name] - len(plan.get(name, [])) for name in before_channels},
+    )
+
+
+def _select(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    scores: Mapping[str, torch.Tensor],
+    floors: Mapping[str, int],
+    ratio: float | None,
+    target_params: int | None,
+    target_macs: int | None,
+    global_ranking: bool,
+    round_to: int,
+    ignored_layers: Sequence[str],
+) -> Plan:
+    def make(r: float) -> Plan:
+        return plan_pruning(scores, r, floors, global_ranking, round_to)
+
+    if ratio is not None:
+        return make(ratio)
+
+    target = target_params if target_params is not None else target_macs
+
+    def cost(r: float) -> int:
+        trial = copy.deepcopy(model)
+        apply_plan(trial, example_input, make(r), ignored_layers)
+        return count_params(trial) if target_params is not None else count_macs(trial, example_input)
+
+    smallest = cost(1.0 - 1e-9)  # every scored layer at its floor
+    if smallest > target:
+        unit = "parameters" if target_params is not None else "MACs"
+        raise ValueError(
+            f"target {target:,} {unit} cannot be met without emptying a layer: with every prunable layer at its "
+            f"floor the student still has {smallest:,}. Lower min_channels/min_fraction, prune more layers, "
+            f"or raise the target."
+        )
+    lo, hi = 0.0, 1.0 - 1e-9  # cost(lo) > target >= cost(hi)
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        if cost(mid) <= target:
+            hi = mid
+        else:
+            lo = mid
+        if hi - lo < 1e-4:
+            break
+    return make(hi)
