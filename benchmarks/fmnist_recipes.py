@@ -62,7 +62,7 @@ def evaluate(recipe: str, args: argparse.Namespace) -> dict:
     cli = DistillCLI(args=cli_args)
     metrics = {k: float(v) for k, v in cli.trainer.callback_metrics.items()}
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    best_val = next(v["best_model_score"] for k, v in state["callbacks"].items() if k.startswith("ModelCheckpoint"))
+    best_val = next(v["best_model_score"] for k, v in state["callbacks"].items() if "'monitor': 'val/acc'" in k)
     return {
         "params": sum(p.numel() for p in cli.model.student.parameters()),
         "epochs": state["epoch"] + 1,  # the epoch (1-based) of the best checkpoint
