@@ -6,7 +6,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from students import create_student, create_timm_model
+from students import build_student, create_timm_model
 from students.checkpoint import describe_spec, extract_state_dict, load_weights, read_checkpoint
 from teachers.frozen import FrozenTeacher
 
@@ -42,7 +42,7 @@ def load_teacher(
     spec = (state or {}).get("hyper_parameters", {}).get("student_spec")
     if spec is not None:
         _check_against_spec(spec, checkpoint, name=name, num_classes=num_classes, in_chans=in_chans)
-        model = create_student(spec["name"], **spec["kwargs"])
+        model = build_student(spec, extract_state_dict(state))
         arch = describe_spec(spec)
     elif name is None:
         raise ValueError(
