@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import subprocess
 import sys
@@ -303,34 +304,40 @@ def test_resume_after_pruning_continues_the_pruned_run(tmp_path: Path, teacher_c
     assert resumed.global_step == 12 and not pruner.reports
 
 
-def _one_sgd_step(tmp_path: Path, callbacks: list) -> nn.Module:
+def _one_sgd_step(tmp_path: Path, callbacks: list, start: nn.Module | None = None) -> tuple[nn.Module, dict]:
+    """One plain SGD step (no momentum, no weight decay) from the same weights on the same batch."""
+    student = copy.deepcopy(start if start is not None else build("studentnet")).train()
+    model = DistillModule(student, optimizer="sgd", lr=0.1, momentum=0.0, weight_decay=0.0)
     torch.manual_seed(0)
-    model = DistillModule(build("studentnet").train(), optimizer="sgd", lr=0.1, momentum=0.0, weight_decay=0.0)
-    torch.manual_seed(0)
-    tiny_trainer(tmp_path, limit_train_batches=1, limit_val_batches=0, callbacks=callbacks).fit(
-        model, datamodule=fmnist()
-    )
-    return model.student
+    trainer = tiny_trainer(tmp_path, limit_train_batches=1, limit_val_batches=0, callbacks=callbacks)
+    trainer.fit(model, datamodule=fmnist())
+    return model.student, trainer.callback_metrics
 
 
 def test_network_slimming_adds_the_l1_subgradient(tmp_path: Path):
     start = build("studentnet")
-    plain = _one_sgd_step(tmp_path, [])
-    slim = _one_sgd_step(tmp_path, [NetworkSlimming(lambda_=1e-2)])
-    for g0, gp, gs in zip(
-        NetworkSlimming.gammas(start), NetworkSlimming.gammas(plain), NetworkSlimming.gammas(slim), strict=True
-    ):
+    with torch.no_grad():
+        start.cnn[2][1].weight[:5] = 0.0  # sign(0) = 0: these get no push
+    plain, _ = _one_sgd_step(tmp_path, [], start)
+    slim, logged = _one_sgd_step(tmp_path, [NetworkSlimming(lambda_=1e-2, threshold=0.5)], start)
+    gammas = [NetworkSlimming.gammas(m) for m in (start, plain, slim)]
+    for g0, gp, gs in zip(*gammas, strict=True):
         torch.testing.assert_close(gs - gp, -0.1 * 1e-2 * torch.sign(g0), atol=1e-6, rtol=0)
+    final = torch.cat([g.detach().abs() for g in gammas[2]])
+    assert logged["slimming/near_zero"] == (final < 0.5).sum() and logged["slimming/gamma_l1"] == pytest.approx(
+        final.sum().item(), rel=1e-5
+    )
 
 
 def test_group_lasso_adds_the_filter_norm_gradient(tmp_path: Path):
     start = build("studentnet")
-    plain = _one_sgd_step(tmp_path, [])
-    lasso = _one_sgd_step(tmp_path, [GroupLasso(lambda_filter=1e-2)])
+    plain, _ = _one_sgd_step(tmp_path, [], start)
+    lasso, logged = _one_sgd_step(tmp_path, [GroupLasso(lambda_filter=1e-2)], start)
     for c0, cp, cl in zip(GroupLasso.convs(start), GroupLasso.convs(plain), GroupLasso.convs(lasso), strict=True):
         w = c0.weight
         expected = -0.1 * 1e-2 * w / w.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
         torch.testing.assert_close(cl.weight - cp.weight, expected, atol=1e-6, rtol=0)
+    assert "group_lasso/filter_norm" in logged
 
 
 def test_regularizer_arguments_are_checked():

@@ -51,8 +51,8 @@ class NetworkSlimming(Callback):
     ``on_before_optimizer_step``, where mixed-precision gradients are already unscaled. Channels
     whose gamma reaches zero can then be removed with ``ChannelPruning(importance="bn_scale")``.
 
-    Logged each epoch: ``slimming/gamma_l1`` (sum |gamma|) and ``slimming/near_zero`` (the fraction
-    of gammas below ``threshold``).
+    Logged each epoch: ``slimming/gamma_l1`` (sum |gamma|) and ``slimming/near_zero`` (how many gammas
+    are below ``threshold``).
 
     Args:
         lambda_: strength of the L1 penalty (Liu et al.: 1e-4 to 1e-5).
@@ -90,7 +90,7 @@ class NetworkSlimming(Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         gammas = torch.cat([g.detach().abs().flatten() for g in self.gammas(_student(pl_module))])
         pl_module.log("slimming/gamma_l1", gammas.sum(), sync_dist=False)
-        pl_module.log("slimming/near_zero", (gammas < self.threshold).float().mean(), sync_dist=False)
+        pl_module.log("slimming/near_zero", (gammas < self.threshold).sum().float(), sync_dist=False)
 
 
 class GroupLasso(Callback):
@@ -103,7 +103,7 @@ class GroupLasso(Callback):
     channel there) and the first conv (its input channels are the image's).
 
     Logged each epoch: ``group_lasso/filter_norm`` (the sum of filter norms) and
-    ``group_lasso/near_zero`` (the fraction of filters with a norm below ``threshold``).
+    ``group_lasso/near_zero`` (how many filters have a norm below ``threshold``).
 
     Args:
         lambda_filter: strength of the filter-wise groups.
@@ -155,7 +155,7 @@ class GroupLasso(Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         norms = torch.cat([c.weight.detach().flatten(1).norm(dim=1) for c in self.convs(_student(pl_module))])
         pl_module.log("group_lasso/filter_norm", norms.sum(), sync_dist=False)
-        pl_module.log("group_lasso/near_zero", (norms < self.threshold).float().mean(), sync_dist=False)
+        pl_module.log("group_lasso/near_zero", (norms < self.threshold).sum().float(), sync_dist=False)
 
 
 class ChannelPruning(Callback):
