@@ -8,12 +8,11 @@ that ran are written into the run directory beside the checkpoints.
 
 from __future__ import annotations
 
-import copy
-import warnings
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import yaml
+from distill.recipes import fit_recipe, load_recipe, relocate
 
 __all__ = ["quickstart"]
 
@@ -55,8 +54,6 @@ def quickstart(
     Returns:
         ``{"teacher": {...}, "student": {...}}`` with model, params, val_acc, test_acc and checkpoint.
     """
-    from distill.cli import DistillCLI  # imported here: the CLI module imports this one lazily
-
     out = Path(run_dir)
     common = {
         "batch_size": batch_size,
@@ -66,18 +63,18 @@ def quickstart(
         "accelerator": accelerator,
         "data_root": data_root,
     }
-    teacher_cfg = _resize(_load(teacher_config), out / "teacher", epochs=teacher_epochs, **common)
+    teacher_cfg = _resize(load_recipe(teacher_config), out / "teacher", epochs=teacher_epochs, **common)
     teacher_cfg["model"]["student"]["init_args"].update(name=teacher_model, small_input=teacher_small_input)
-    teacher = _fit_and_test(DistillCLI, teacher_cfg, out / "teacher", role="teacher")
+    teacher = fit_recipe(teacher_cfg, out / "teacher.yaml")
 
-    student_cfg = _resize(_load(kd_config), out / "student", epochs=student_epochs, **common)
+    student_cfg = _resize(load_recipe(kd_config), out / "student", epochs=student_epochs, **common)
     student_cfg["model"]["teacher"] = {
         "class_path": "teachers.load_teacher",
-        "init_args": {"checkpoint": teacher["checkpoint"]},
+        "init_args": {"checkpoint": teacher.checkpoint},
     }
-    student = _fit_and_test(DistillCLI, student_cfg, out / "student", role="student")
+    student = fit_recipe(student_cfg, out / "student.yaml")
 
-    results = {"teacher": teacher, "student": student}
+    results = {"teacher": asdict(teacher), "student": asdict(student)}
     table = _table(results)
     summary = (
         "# distill quickstart\n\n"
@@ -89,16 +86,6 @@ def quickstart(
     (out / "summary.md").write_text(summary)
     print("\n" + table + f"\n\nWritten: {out / 'summary.md'}")
     return results
-
-
-def _load(path: str) -> dict[str, Any]:
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(
-            f"Recipe {path!r} not found. Run `distill quickstart` from the repository root, or pass "
-            f"--teacher_config/--kd_config."
-        )
-    return yaml.safe_load(file.read_text())
 
 
 def _resize(
@@ -113,20 +100,14 @@ def _resize(
     data_root: str | None,
 ) -> dict[str, Any]:
     """A copy of a recipe with this run's size and output folder."""
-    cfg = copy.deepcopy(cfg)
-    trainer = cfg["trainer"]
-    trainer.update(
+    cfg = relocate(cfg, out)
+    cfg["trainer"].update(
         max_epochs=epochs,
         accelerator=accelerator,
-        default_root_dir=str(out),
         limit_train_batches=limit_train_batches,
         limit_val_batches=limit_eval_batches,
         limit_test_batches=limit_eval_batches,
     )
-    trainer["logger"]["init_args"]["save_dir"] = str(out)
-    for callback in trainer["callbacks"]:
-        if callback["class_path"].endswith("ModelCheckpoint"):
-            callback["init_args"]["dirpath"] = str(out)
     cfg["model"]["warmup_epochs"] = min(cfg["model"].get("warmup_epochs", 0), epochs / 4)
     data = cfg["data"]["init_args"]
     data.update(batch_size=batch_size, augment=augment)
@@ -135,28 +116,9 @@ def _resize(
     return cfg
 
 
-def _fit_and_test(cli_class: type, cfg: dict[str, Any], out: Path, role: str) -> dict[str, Any]:
-    out.mkdir(parents=True, exist_ok=True)
-    config_path = out.parent / f"{role}.yaml"
-    config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    with warnings.catch_warnings():  # `distill quickstart ...` is in sys.argv; the args given here are the run's
-        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        cli = cli_class(args=["fit", "--config", str(config_path)])
-    checkpoint = cli.trainer.checkpoint_callback
-    test = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=checkpoint.best_model_path, verbose=False)
-    student = cli.model.student
-    return {
-        "model": getattr(student, "model_spec", {}).get("name", type(student).__name__).removeprefix("timm/"),
-        "params": sum(p.numel() for p in student.parameters()),
-        "val_acc": float(checkpoint.best_model_score),
-        "test_acc": float(test[0]["test/acc"]),
-        "checkpoint": checkpoint.best_model_path,
-    }
-
-
 def _table(results: dict[str, dict[str, Any]]) -> str:
     rows = ["| role | model | params | val acc | test acc | checkpoint |", "|---|---|---:|---:|---:|---|"]
     for role, r in results.items():
         accuracies = f"{r['val_acc']:.4f} | {r['test_acc']:.4f}"
-        rows.append(f"| {role} | {r['model']} | {r['params']:,} | {accuracies} | {r['checkpoint']} |")
+        rows.append(f"| {role} | {r['model_name']} | {r['params']:,} | {accuracies} | {r['checkpoint']} |")
     return "\n".join(rows)
