@@ -175,9 +175,9 @@ class DistillModule(LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.student(x)
 
-    def _shared_step(self, batch: tuple[torch.Tensor, torch.Tensor], stage: str) -> torch.Tensor:
-        x, y = batch
-        teacher_logits = self.teacher(x) if self.teacher is not None else None
+    def _shared_step(self, batch: tuple[torch.Tensor, ...], stage: str) -> torch.Tensor:
+        x, y, *cached = batch  # a third entry: teacher logits served by distill.cache.TeacherLogitCache
+        teacher_logits = cached[0] if cached else (self.teacher(x) if self.teacher is not None else None)
         logits = self.student(x)
         terms = self.loss(logits, teacher_logits, y)
         n, on_step = len(y), stage == "train"
@@ -195,13 +195,13 @@ class DistillModule(LightningModule):
             self.log_dict(self.metrics[f"teacher_{stage}"], on_step=False, on_epoch=True, batch_size=n)
         return terms["loss"]
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         return self._shared_step(batch, "train")
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
         self._shared_step(batch, "val")
 
-    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+    def test_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
         self._shared_step(batch, "test")
 
     def configure_optimizers(self) -> dict[str, Any]:

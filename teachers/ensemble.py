@@ -79,4 +79,5 @@ class TeacherEnsemble(FrozenModule):
             return t * torch.logsumexp(log_w + torch.log_softmax(logits / t, dim=-1), dim=0)
 
     def extra_repr(self) -> str:
-        return f"reduction={self.reduction!r}, weights={[round(w, 4) for w in self.weights.tolist()]}"
+        weights = [round(w, 4) for w in self.weights.tolist()]
+        return f"reduction={self.reduction!r}, weights={weights}, temperature={self.temperature}"

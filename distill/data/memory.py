@@ -80,7 +80,8 @@ class TensorImageDataset(Dataset):
     """Images as one uint8 (N, C, H, W) tensor and labels as one int64 tensor.
 
     ``__getitems__`` serves a whole batch with one indexing op; use :func:`collate_batch` as the
-    DataLoader's ``collate_fn``.
+    DataLoader's ``collate_fn``. When ``teacher_logits`` is set (by :class:`distill.cache.TeacherLogitCache`),
+    batches are ``(x, y, teacher_logits)``.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: BatchTransform) -> None:
@@ -91,20 +92,21 @@ class TensorImageDataset(Dataset):
         self.images = images
         self.labels = labels.long()
         self.transform = transform
+        self.teacher_logits: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, ...]:
         index = torch.as_tensor(indices, dtype=torch.long)
-        return self.transform(self.images[index]), self.labels[index]
+        batch = (self.transform(self.images[index]), self.labels[index])
+        return batch if self.teacher_logits is None else (*batch, self.teacher_logits[index])
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = self.__getitems__([index])
-        return x[0], y[0]
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
+        return tuple(t[0] for t in self.__getitems__([index]))
 
 
-def collate_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def collate_batch(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     """The batch from :meth:`TensorImageDataset.__getitems__` is already collated."""
     return batch
 

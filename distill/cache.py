@@ -1,0 +1,134 @@
+"""Teacher logits computed once and served with the batches, instead of a teacher forward per step.
+
+Every training step of KD pays for a teacher forward. When a split's inputs are deterministic (no
+random augmentation), the teacher's logits for it never change: compute them once, keep them beside
+the images, and hand them out with each batch. A sweep over temperatures reuses the same file for
+every trial and epoch. With augmentation on, the training split changes every epoch, so its logits
+are computed live; validation and test splits are cached all the same.
+
+The cache is keyed by a hash of the teacher (its weights and settings) and of the split (its
+images and transform): a different teacher checkpoint or data gives another key, so a stale cache
+is never used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning import Callback
+from pytorch_lightning.utilities import rank_zero_info
+from torch import nn
+
+from distill.data.memory import TensorImageDataset
+
+__all__ = ["TeacherLogitCache", "compute_logits", "split_fingerprint", "teacher_fingerprint"]
+
+_SPLITS = {"train": "train_set", "val": "val_set", "test": "test_set"}
+
+
+def teacher_fingerprint(teacher: nn.Module) -> str:
+    """SHA-256 of the teacher's weights, buffers and settings (``repr``, ensemble temperature)."""
+    digest = hashlib.sha256(repr(teacher).encode())
+    digest.update(repr(getattr(teacher, "temperature", None)).encode())
+    for name, tensor in sorted(teacher.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def split_fingerprint(dataset: TensorImageDataset) -> str:
+    """SHA-256 of a split's images and of its (deterministic) transform."""
+    t = dataset.transform
+    digest = hashlib.sha256(repr((t.mean.tolist(), t.std.tolist(), t.resize, tuple(dataset.images.shape))).encode())
+    digest.update(dataset.images.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+@torch.no_grad()
+def compute_logits(
+    teacher: nn.Module, dataset: TensorImageDataset, device: torch.device, batch_size: int = 1024, context=None
+) -> torch.Tensor:
+    """The teacher's logits for every image of ``dataset``, in order, as float32 on the CPU."""
+    outputs = []
+    for start in range(0, len(dataset), batch_size):
+        x = dataset.transform(dataset.images[start : start + batch_size]).to(device)
+        with context() if context is not None else contextlib.nullcontext():
+            outputs.append(teacher(x).float().cpu())
+    return torch.cat(outputs)
+
+
+class TeacherLogitCache(Callback):
+    """Serve cached teacher logits with the batches of the in-memory datamodules.
+
+    ``DistillModule`` uses the logits that come with a batch instead of running the teacher. Splits
+    with random augmentation (the training split of a datamodule with ``augment=True``) keep the live
+    teacher. Datasets that are not in memory (``ImageFolderDataModule``) are left alone.
+
+    Args:
+        cache_dir: folder for the cache files (``<key>.pt``), shared by runs, trials and processes;
+            ``None`` keeps the logits in memory for this run only.
+        batch_size: images per teacher forward while filling the cache.
+    """
+
+    def __init__(self, cache_dir: str | None = None, batch_size: int = 1024) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.cache_dir = None if cache_dir is None else Path(cache_dir)
+        self.batch_size = batch_size
+        self.hits: list[str] = []  # splits served from a cache file, for logs and tests
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._attach(trainer, pl_module, ("train", "val"))
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._attach(trainer, pl_module, ("val",))
+
+    def on_test_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._attach(trainer, pl_module, ("test",))
+
+    def _attach(self, trainer: pl.Trainer, pl_module: pl.LightningModule, splits: tuple[str, ...]) -> None:
+        teacher = getattr(pl_module, "teacher", None)
+        datamodule = trainer.datamodule
+        if teacher is None or datamodule is None:
+            return
+        teacher_key = None
+        for split in splits:
+            dataset = getattr(datamodule, _SPLITS[split], None)
+            if not isinstance(dataset, TensorImageDataset) or dataset.teacher_logits is not None:
+                continue
+            if dataset.transform.augment:
+                rank_zero_info(f"TeacherLogitCache: the {split} split is augmented, its teacher logits stay live")
+                continue
+            teacher_key = teacher_key or teacher_fingerprint(teacher)
+            key = hashlib.sha256((teacher_key + split_fingerprint(dataset)).encode()).hexdigest()[:32]
+            dataset.teacher_logits = self._load_or_compute(key, teacher, dataset, trainer, pl_module, split)
+
+    def _load_or_compute(
+        self,
+        key: str,
+        teacher: nn.Module,
+        dataset: TensorImageDataset,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        split: str,
+    ) -> torch.Tensor:
+        path = None if self.cache_dir is None else self.cache_dir / f"{key}.pt"
+        if path is not None and path.is_file():
+            cached = torch.load(path, map_location="cpu", weights_only=True)
+            if cached["key"] == key and len(cached["logits"]) == len(dataset):
+                self.hits.append(split)
+                return cached["logits"]
+        device = next(pl_module.student.parameters()).device
+        context = trainer.precision_plugin.forward_context
+        logits = compute_logits(teacher, dataset, device, self.batch_size, context)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            partial = path.with_suffix(f".{os.getpid()}.tmp")
+            torch.save({"key": key, "logits": logits}, partial)
+            os.replace(partial, path)  # atomic: parallel workers never read half a file
+        return logits
