@@ -3,7 +3,7 @@
 ``distill fit --config configs/fmnist/kd.yaml`` runs LightningCLI: the datamodule, the student, the
 teacher, the loss and the callbacks are built from typed signatures (``class_path``/``init_args``),
 and the data's ``num_classes`` and ``in_chans`` are linked into the student. Jobs that run several
-trainings (``quickstart``; later ``sweep``, ``prune-distill``) are further subcommands beside them.
+trainings (``quickstart``, ``sweep``; later ``prune-distill``) are further subcommands beside them.
 """
 
 from __future__ import annotations
@@ -58,9 +58,18 @@ def _quickstart(argv: Sequence[str]) -> Any:
     return CLI(quickstart, args=list(argv), prog="distill quickstart")
 
 
+def _sweep(argv: Sequence[str]) -> Any:
+    from jsonargparse import CLI
+
+    from distill.sweep import sweep
+
+    return CLI(sweep, args=list(argv), prog="distill sweep")
+
+
 #: Subcommands beside Lightning's, each a function of its command-line arguments.
 JOBS: dict[str, tuple[Callable[[Sequence[str]], Any], str]] = {
     "quickstart": (_quickstart, "train a teacher, distill a StudentNet from it, print a table"),
+    "sweep": (_sweep, "distill over a grid of temperatures (alphas, seeds); resumable, many workers"),
 }
 
 

@@ -14,23 +14,13 @@ from students import create_student
 from teachers import load_teacher
 
 
-def student(base: int = 2) -> torch.nn.Module:
+def student() -> torch.nn.Module:
     torch.manual_seed(0)
-    return create_student("test_studentnet", base=base, num_classes=10, in_chans=1, num_pools=3)
+    return create_student("test_studentnet", num_classes=10, in_chans=1, num_pools=3)
 
 
-@pytest.fixture(scope="module")
-def teacher_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A small teacher (StudentNet, base 4): filling the cache runs it over all 60k images."""
-    out = tmp_path_factory.mktemp("cache_teacher")
-    trainer = tiny_trainer(out, limit_train_batches=4, limit_val_batches=1)
-    trainer.fit(DistillModule(student(base=4), lr=0.01), datamodule=fmnist())
-    trainer.save_checkpoint(out / "teacher.ckpt")
-    return out / "teacher.ckpt"
-
-
-def run(tmp_path: Path, teacher_checkpoint: Path, callbacks: list, **data) -> tuple[DistillModule, dict]:
-    model = DistillModule(student(), load_teacher(checkpoint=teacher_checkpoint), loss=KDLoss(4.0, 0.7), lr=0.01)
+def run(tmp_path: Path, small_teacher_checkpoint: Path, callbacks: list, **data) -> tuple[DistillModule, dict]:
+    model = DistillModule(student(), load_teacher(checkpoint=small_teacher_checkpoint), loss=KDLoss(4.0, 0.7), lr=0.01)
     torch.manual_seed(0)
     trainer = tiny_trainer(tmp_path, max_epochs=2, callbacks=callbacks)
     datamodule = fmnist(**data)
@@ -42,10 +32,10 @@ def run(tmp_path: Path, teacher_checkpoint: Path, callbacks: list, **data) -> tu
     return model, metrics
 
 
-def test_cached_logits_train_exactly_like_the_live_teacher(tmp_path: Path, teacher_checkpoint: Path):
-    live_model, live = run(tmp_path / "live", teacher_checkpoint, [])
+def test_cached_logits_train_exactly_like_the_live_teacher(tmp_path: Path, small_teacher_checkpoint: Path):
+    live_model, live = run(tmp_path / "live", small_teacher_checkpoint, [])
     cache = TeacherLogitCache(cache_dir=str(tmp_path / "cache"))
-    cached_model, cached = run(tmp_path / "cached", teacher_checkpoint, [cache])
+    cached_model, cached = run(tmp_path / "cached", small_teacher_checkpoint, [cache])
     for key in ("train/loss", "train/kd", "val/loss", "val/kd", "val/teacher_acc", "test/kd", "test/acc"):
         assert cached[key] == pytest.approx(live[key], rel=1e-4, abs=1e-6), key
     for a, b in zip(live_model.student.parameters(), cached_model.student.parameters(), strict=True):
@@ -53,17 +43,17 @@ def test_cached_logits_train_exactly_like_the_live_teacher(tmp_path: Path, teach
     assert len(list((tmp_path / "cache").glob("*.pt"))) == 3  # train, val, test
 
 
-def test_cache_is_reused_and_keyed_by_teacher_and_data(tmp_path: Path, teacher_checkpoint: Path):
+def test_cache_is_reused_and_keyed_by_teacher_and_data(tmp_path: Path, small_teacher_checkpoint: Path):
     cache_dir = str(tmp_path / "cache")
-    run(tmp_path / "a", teacher_checkpoint, [TeacherLogitCache(cache_dir)])
+    run(tmp_path / "a", small_teacher_checkpoint, [TeacherLogitCache(cache_dir)])
     again = TeacherLogitCache(cache_dir)
-    run(tmp_path / "b", teacher_checkpoint, [again])
+    run(tmp_path / "b", small_teacher_checkpoint, [again])
     assert sorted(again.hits) == ["test", "train", "val"]
 
-    other = load_teacher(checkpoint=teacher_checkpoint)  # the same teacher, one weight changed
+    other = load_teacher(checkpoint=small_teacher_checkpoint)  # the same teacher, one weight changed
     with torch.no_grad():
         next(other.parameters()).view(-1)[0] += 1.0
-    assert teacher_fingerprint(other) != teacher_fingerprint(load_teacher(checkpoint=teacher_checkpoint))
+    assert teacher_fingerprint(other) != teacher_fingerprint(load_teacher(checkpoint=small_teacher_checkpoint))
     dm = fmnist()
     dm.setup("fit")
     resized = fmnist(resize=32)
@@ -72,13 +62,13 @@ def test_cache_is_reused_and_keyed_by_teacher_and_data(tmp_path: Path, teacher_c
     assert split_fingerprint(dm.val_set) != split_fingerprint(resized.val_set)
 
     fresh = TeacherLogitCache(cache_dir)
-    run(tmp_path / "c", teacher_checkpoint, [fresh], val_size=600)  # another split: nothing reused
+    run(tmp_path / "c", small_teacher_checkpoint, [fresh], val_size=600)  # another split: nothing reused
     assert fresh.hits == ["test"]
 
 
-def test_augmented_training_split_stays_live(tmp_path: Path, teacher_checkpoint: Path):
+def test_augmented_training_split_stays_live(tmp_path: Path, small_teacher_checkpoint: Path):
     cache = TeacherLogitCache(None)
-    model, _ = run(tmp_path, teacher_checkpoint, [cache], augment=True)
+    model, _ = run(tmp_path, small_teacher_checkpoint, [cache], augment=True)
     assert cache.hits == []
     assert model.datamodule.train_set.teacher_logits is None
     assert model.datamodule.val_set.teacher_logits is not None

@@ -15,7 +15,9 @@ from distill.cli import DistillCLI, main
 from teachers import FrozenTeacher, TeacherEnsemble
 
 ROOT = Path(__file__).parents[1]
-CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+ALL_CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+SWEEPS = [c for c in ALL_CONFIGS if "recipe" in yaml.safe_load(c.read_text())]  # distill sweep configs
+CONFIGS = [c for c in ALL_CONFIGS if c not in SWEEPS]  # distill fit recipes
 
 
 def _localise(config: Path, tmp_path: Path, teacher_checkpoint: Path) -> Path:
@@ -47,6 +49,20 @@ def test_every_config_instantiates(config: Path, tmp_path: Path, teacher_checkpo
         assert cli.model.hparams.teacher_checkpoint
 
 
+@pytest.mark.parametrize("config", SWEEPS, ids=[str(c.relative_to(ROOT)) for c in SWEEPS])
+def test_every_sweep_config_parses(config: Path):
+    out = subprocess.run(
+        [sys.executable, "-m", "distill.cli", "sweep", "--config", str(config), "--print_config"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=ROOT,
+    ).stdout
+    settings = yaml.safe_load(out)
+    assert (ROOT / settings["recipe"]).is_file()
+    assert settings["temperatures"] and settings["seeds"]
+
+
 def test_debug_recipe_runs(tmp_path: Path):
     main(["fit", "--config", str(ROOT / "configs" / "debug.yaml"), "--trainer.default_root_dir", str(tmp_path)])
 
@@ -55,7 +71,7 @@ def test_help_lists_lightning_commands_and_jobs():
     out = subprocess.run(
         [sys.executable, "-m", "distill.cli", "--help"], capture_output=True, text=True, check=True, cwd=ROOT
     ).stdout
-    for word in ("fit", "validate", "test", "quickstart"):
+    for word in ("fit", "validate", "test", "quickstart", "sweep"):
         assert word in out
 
 

@@ -1,0 +1,476 @@
+"""``distill sweep``: distill from one teacher over a grid of temperatures (and alphas, seeds).
+
+The best temperature depends on the student: Hinton et al. (2015) found small students prefer
+T of about 2.5 to 4, seed 002 reports 1 to 20. Every trial is a full Lightning run of the same recipe
+(same data split, same epochs) with another ``KDLoss(temperature, alpha)`` and seed; a CE-only student
+per seed is the baseline. The setting is chosen on the validation split; the test accuracy of the
+chosen setting is reported, and the test set never chooses anything.
+
+Trials live in an optuna study (``GridSampler``) in an RDB storage: an SQLite file in the run
+directory by default, or any SQLAlchemy URL (PostgreSQL, MySQL) that workers on several machines
+share. Any number of workers run the same command; each grid point is trained exactly once:
+
+- the first N trial numbers map one to one to the N grid points (optuna assigns numbers atomically);
+- a trial whose worker died stops sending heartbeats, is marked failed after a grace period and
+  re-queued with the same grid point (optuna's ``RetryHeartbeatStaleTrialCallback``);
+- a grid point whose trial failed is queued again when a worker starts;
+- before training, a trial that finds the same grid point completed, or running in a trial with a
+  lower number, steps aside (it is recorded as pruned).
+"""
+
+from __future__ import annotations
+
+import csv
+import itertools
+import json
+import os
+import random
+import statistics
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from distill.recipes import FitResult, fit_recipe, load_recipe, merge, relocate
+
+__all__ = ["SWEEP_FILES", "sweep"]
+
+SWEEP_FILES = ("sweep.csv", "sweep.png", "sweep.md", "sweep.yaml")
+_COLUMNS = ("kind", "temperature", "alpha", "seed", "val_acc", "test_acc", "epochs", "wall_s", "trial", "checkpoint")
+
+
+def sweep(
+    recipe: str = "configs/fmnist/kd.yaml",
+    temperatures: list[float] | None = None,
+    alphas: list[float] | None = None,
+    seeds: list[int] | None = None,
+    baseline: bool = True,
+    overrides: dict[str, Any] | None = None,
+    run_dir: str = "runs/sweep",
+    storage: str | None = None,
+    study_name: str = "sweep",
+    cache_teacher_logits: bool = True,
+    heartbeat_interval: int = 30,
+    max_trials: int | None = None,
+) -> list[dict[str, Any]]:
+    """Distill over a grid of temperatures, alphas and seeds; write sweep.csv, sweep.png, sweep.md.
+
+    Run it again to resume: finished trials are skipped, killed or crashed ones run again. Start the
+    same command on several GPUs or machines (with a shared ``storage``) to split the grid.
+
+    Args:
+        recipe: the KD recipe every trial runs (a ``distill fit`` config with a teacher).
+        temperatures: KD temperatures T > 0 (default: 1, 2, 4, 8, 16, 20).
+        alphas: weights of the soft term, in [0, 1] (default: the recipe's, or 0.9).
+        seeds: seeds; the mean and spread over them are reported (default: 0).
+        baseline: also train the CE-only student (no teacher) once per seed.
+        overrides: values merged into the recipe for every trial, e.g. ``{"trainer": {"max_epochs": 30}}``
+            or ``{"model": {"student": {"init_args": {"width_mult": 0.5}}}}``.
+        run_dir: folder for the trials, the study's SQLite file and the results.
+        storage: SQLAlchemy URL of the study storage (default: ``sqlite:///<run_dir>/sweep.db``). Use a
+            server database (``postgresql://user:pass@host/db``) for workers on several machines.
+        study_name: name of the study in the storage (the baseline is ``<study_name>-ce``).
+        cache_teacher_logits: compute the teacher's logits once per deterministic split and reuse them
+            across trials and epochs (``<run_dir>/cache``). Augmented training splits use the live teacher.
+        heartbeat_interval: seconds between a running trial's heartbeats; a trial silent for twice as
+            long is treated as killed and queued again.
+        max_trials: stop this worker after so many trials (default: until the grid is done).
+
+    Returns:
+        One row per finished trial (the contents of sweep.csv).
+    """
+    import optuna
+
+    space = _grid(temperatures, alphas, seeds, recipe, overrides)
+    out = Path(run_dir).resolve()
+    base = merge(load_recipe(recipe), overrides)
+    _check_teacher(base, recipe)
+    out.mkdir(parents=True, exist_ok=True)
+    url = storage or f"sqlite:///{out / 'sweep.db'}"
+    settings = {
+        "recipe": recipe,
+        "temperatures": space["temperature"],
+        "alphas": space["alpha"],
+        "seeds": space["seed"],
+        "baseline": baseline,
+        "overrides": overrides or {},
+    }
+    (out / "sweep.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
+    cache = str(out / "cache") if cache_teacher_logits else None
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    rdb = _storage(url, heartbeat_interval)
+    kd = _study(rdb, url, study_name, space, base)
+    _work(kd, space, lambda params: _run_kd(base, params, out, cache), max_trials)
+    if baseline:
+        ce_space = {"seed": space["seed"]}
+        ce = _study(rdb, url, f"{study_name}-ce", ce_space, base)
+        _work(ce, ce_space, lambda params: _run_ce(base, params, out), max_trials)
+    rows = _rows(kd, space, "kd") + (_rows(ce, ce_space, "ce") if baseline else [])
+    rows.sort(key=lambda r: (r["kind"] != "ce", r["temperature"] or 0, r["alpha"], r["seed"]))
+    _write_report(out, rows, settings)
+    return rows
+
+
+# ---------------------------------------------------------------------------- input checks
+def _grid(
+    temperatures: list[float] | None,
+    alphas: list[float] | None,
+    seeds: list[int] | None,
+    recipe: str,
+    overrides: dict[str, Any] | None,
+) -> dict[str, list]:
+    if temperatures is None:
+        temperatures = [1.0, 2.0, 4.0, 8.0, 16.0, 20.0]
+    if alphas is None:
+        loss = merge(load_recipe(recipe), overrides).get("model", {}).get("loss") or {}
+        alphas = [float(loss.get("init_args", {}).get("alpha", 0.9))]
+    seeds = [0] if seeds is None else seeds
+    for name, values in (("temperatures", temperatures), ("alphas", alphas), ("seeds", seeds)):
+        if len(values) == 0:
+            raise ValueError(f"The grid is empty: give at least one value in {name}.")
+    bad_t = [t for t in temperatures if not t > 0]
+    if bad_t:
+        raise ValueError(f"Temperatures must be > 0, got {bad_t} in {list(temperatures)}.")
+    bad_a = [a for a in alphas if not 0.0 <= a <= 1.0]
+    if bad_a:
+        raise ValueError(f"Alphas must be in [0, 1], got {bad_a} in {list(alphas)}.")
+    return {
+        "temperature": sorted({float(t) for t in temperatures}),
+        "alpha": sorted({float(a) for a in alphas}),
+        "seed": sorted({int(s) for s in seeds}),
+    }
+
+
+def _check_teacher(cfg: dict[str, Any], recipe: str) -> None:
+    teacher = cfg.get("model", {}).get("teacher")
+    if not teacher:
+        raise ValueError(f"The sweep distills from a teacher, but {recipe} sets no model.teacher.")
+    missing = [path for path in _checkpoints(teacher) if not Path(path).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"Teacher checkpoint {missing[0]!r} (from {recipe}) does not exist. Train the teacher first, "
+            f"e.g. `distill fit --config configs/fmnist/teacher.yaml`, or set its path with overrides."
+        )
+
+
+def _checkpoints(node: Any) -> Iterable[str]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "checkpoint" and isinstance(value, str):
+                yield value
+            else:
+                yield from _checkpoints(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _checkpoints(value)
+
+
+# ------------------------------------------------------------------------ the optuna study
+def _storage(url: str, heartbeat_interval: int) -> Any:
+    import optuna
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+    if heartbeat_interval < 1:
+        raise ValueError(f"heartbeat_interval must be >= 1 second, got {heartbeat_interval}")
+    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    for attempt in range(5):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            try:
+                return RDBStorage(
+                    url,
+                    engine_kwargs=engine_kwargs,
+                    heartbeat_interval=heartbeat_interval,
+                    grace_period=2 * heartbeat_interval,
+                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(),
+                )
+            except Exception as err:  # noqa: BLE001 - drivers raise many kinds; all mean "cannot open"
+                if "already exists" in str(err) and attempt < 4:  # workers started together race to create it
+                    time.sleep(0.5 + random.random())
+                    continue
+                raise ValueError(
+                    f"Cannot open the sweep storage {url!r}: {type(err).__name__}: {str(err).splitlines()[0]}. "
+                    f"Check the URL, the server and its driver (e.g. psycopg2 for PostgreSQL), or leave storage "
+                    f"unset for an SQLite file in the run directory."
+                ) from None
+    raise AssertionError("unreachable")
+
+
+def _study(rdb: Any, url: str, name: str, space: dict[str, list], cfg: dict[str, Any]) -> Any:
+    import optuna
+
+    study = optuna.create_study(
+        study_name=name,
+        storage=rdb,
+        sampler=optuna.samplers.GridSampler(space, seed=0),
+        direction="maximize",
+        load_if_exists=True,
+    )
+    fingerprint = {"grid": space, "recipe": json.dumps(cfg, sort_keys=True, default=str)}
+    for key, value in fingerprint.items():
+        stored = study.user_attrs.get(key)
+        if stored is None:
+            study.set_user_attr(key, value)
+        elif stored != value:
+            what = f"the grid {stored}" if key == "grid" else "another recipe (config or overrides)"
+            raise ValueError(
+                f"The study {name!r} in {url} was created for {what}; this run asks for "
+                f"{value if key == 'grid' else 'a different one'}. Finished trials would not match. "
+                f"Use a new run_dir (or study_name) for the new sweep, or rerun with the original settings."
+            )
+    return study
+
+
+def _key(params: dict[str, Any], space: dict[str, list]) -> tuple:
+    return tuple(params.get(name) for name in sorted(space))
+
+
+def _points(space: dict[str, list]) -> list[dict[str, Any]]:
+    names = sorted(space)
+    return [dict(zip(names, values, strict=True)) for values in itertools.product(*(space[n] for n in names))]
+
+
+def _work(
+    study: Any, space: dict[str, list], run: Callable[[dict[str, Any]], FitResult], max_trials: int | None
+) -> None:
+    """This worker's share of the grid: trains grid points until none is left to start."""
+    import optuna
+    from optuna.storages import fail_stale_trials
+    from optuna.trial import TrialState
+
+    def states(point: dict[str, Any]) -> set:
+        return {t.state for t in study.get_trials(deepcopy=False) if _key(t.params, space) == _key(point, space)}
+
+    with warnings.catch_warnings():  # a killed worker's trial: failed and queued again by the storage callback
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        fail_stale_trials(study)
+    for point in _points(space):  # a crashed trial: queue its grid point again
+        seen = states(point)
+        if TrialState.FAIL in seen and not seen & {TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING}:
+            study.enqueue_trial(point)
+
+    def left_to_start() -> bool:
+        return any(not states(p) & {TrialState.COMPLETE, TrialState.RUNNING} for p in _points(space))
+
+    def objective(trial: Any) -> float:
+        params = {name: trial.suggest_categorical(name, values) for name, values in space.items()}
+        for other in study.get_trials(deepcopy=False):
+            if other.number == trial.number or _key(other.params, space) != _key(params, space):
+                continue
+            if other.state == TrialState.COMPLETE or (
+                other.state == TrialState.RUNNING and other.number < trial.number
+            ):
+                trial.set_user_attr("duplicate_of", other.number)
+                raise optuna.TrialPruned(f"grid point {params} is taken by trial {other.number}")
+        result = run(params)
+        for key, value in asdict(result).items():
+            trial.set_user_attr(key, value)
+        return result.val_acc
+
+    def stop_when_done(study: Any, _trial: Any) -> None:
+        if not left_to_start():
+            study.stop()
+
+    if left_to_start():
+        study.optimize(objective, n_trials=max_trials, callbacks=[stop_when_done], gc_after_trial=True)
+
+
+# ------------------------------------------------------------------------------- one trial
+def _trial_dir(out: Path, kind: str, params: dict[str, Any]) -> Path:
+    if kind == "ce":
+        return out / "baseline" / f"seed{params['seed']}"
+    return out / "trials" / f"T{params['temperature']:g}_alpha{params['alpha']:g}_seed{params['seed']}"
+
+
+def _run_kd(base: dict[str, Any], params: dict[str, Any], out: Path, cache: str | None) -> FitResult:
+    trial_dir = _trial_dir(out, "kd", params)
+    cfg = relocate(base, trial_dir)
+    cfg["seed_everything"] = params["seed"]
+    loss = {"temperature": params["temperature"], "alpha": params["alpha"]}
+    cfg["model"]["loss"] = {"class_path": "distill.KDLoss", "init_args": loss}
+    if cache is not None:
+        callbacks = cfg["trainer"].setdefault("callbacks", []) or []
+        callbacks.append({"class_path": "distill.cache.TeacherLogitCache", "init_args": {"cache_dir": cache}})
+        cfg["trainer"]["callbacks"] = callbacks
+    return fit_recipe(cfg, trial_dir.with_suffix(".yaml"))
+
+
+def _run_ce(base: dict[str, Any], params: dict[str, Any], out: Path) -> FitResult:
+    trial_dir = _trial_dir(out, "ce", params)
+    cfg = relocate(base, trial_dir)
+    cfg["seed_everything"] = params["seed"]
+    cfg["model"].pop("teacher", None)
+    cfg["model"]["teacher_checkpoint"] = None
+    cfg["model"]["loss"] = {"class_path": "distill.KDLoss", "init_args": {"temperature": 1.0, "alpha": 0.0}}
+    return fit_recipe(cfg, trial_dir.with_suffix(".yaml"))
+
+
+# --------------------------------------------------------------------------------- results
+def _rows(study: Any, space: dict[str, list], kind: str) -> list[dict[str, Any]]:
+    from optuna.trial import TrialState
+
+    rows = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if _key(t.params, space) not in {_key(p, space) for p in _points(space)}:
+            continue
+        a = t.user_attrs
+        rows.append(
+            {
+                "kind": kind,
+                "temperature": t.params.get("temperature", ""),
+                "alpha": t.params.get("alpha", 0.0),
+                "seed": t.params["seed"],
+                "val_acc": a["val_acc"],
+                "test_acc": a["test_acc"],
+                "epochs": a["epochs"],
+                "wall_s": round(a["wall_s"], 1),
+                "trial": t.number,
+                "checkpoint": a["checkpoint"],
+            }
+        )
+    return rows
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _summarise(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict | None, dict | None]:
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["kind"] == "kd":
+            groups.setdefault((r["temperature"], r["alpha"]), []).append(r)
+    table = []
+    for (t, a), members in sorted(groups.items()):
+        val, val_sd = _mean_std([m["val_acc"] for m in members])
+        test, test_sd = _mean_std([m["test_acc"] for m in members])
+        table.append(
+            {
+                "temperature": t,
+                "alpha": a,
+                "n": len(members),
+                "val": val,
+                "val_sd": val_sd,
+                "test": test,
+                "test_sd": test_sd,
+            }
+        )
+    best = max(table, key=lambda r: (r["val"], -r["temperature"]), default=None)
+    ce_rows = [r for r in rows if r["kind"] == "ce"]
+    ce = None
+    if ce_rows:
+        val, val_sd = _mean_std([r["val_acc"] for r in ce_rows])
+        test, test_sd = _mean_std([r["test_acc"] for r in ce_rows])
+        ce = {"n": len(ce_rows), "val": val, "val_sd": val_sd, "test": test, "test_sd": test_sd}
+    return table, best, ce
+
+
+def _write_report(out: Path, rows: list[dict[str, Any]], settings: dict[str, Any]) -> None:
+    table, best, ce = _summarise(rows)
+    _atomic_write(out / "sweep.csv", lambda f: _write_csv(f, rows))
+    lines = [
+        "| T | alpha | seeds | val acc (mean ± std) | test acc (mean ± std) |",
+        "|---:|---:|---:|---:|---:|",
+        *(
+            f"| {r['temperature']:g} | {r['alpha']:g} | {r['n']} | {r['val']:.4f} ± {r['val_sd']:.4f} | "
+            f"{r['test']:.4f} ± {r['test_sd']:.4f} |"
+            for r in table
+        ),
+    ]
+    if ce:
+        accuracies = f"{ce['val']:.4f} ± {ce['val_sd']:.4f} | {ce['test']:.4f} ± {ce['test_sd']:.4f}"
+        lines.append(f"| CE only | - | {ce['n']} | {accuracies} |")
+    text = "\n".join(lines)
+    verdict = []
+    if best:
+        verdict.append(
+            f"Best on validation: T={best['temperature']:g}, alpha={best['alpha']:g} "
+            f"(val {best['val']:.4f}); its test accuracy: {best['test']:.4f} ± {best['test_sd']:.4f}."
+        )
+        if ce:
+            verdict.append(
+                f"Against the CE-only student: {100 * (best['test'] - ce['test']):+.2f} points of test accuracy."
+            )
+    md = (
+        "# Temperature sweep\n\n"
+        + text
+        + "\n\n"
+        + " ".join(verdict)
+        + "\n\nThe setting is chosen on the validation split; the test split only reports it.\n\n"
+        + "Reproduce (resumes if the run directory exists):\n\n```bash\ndistill sweep --config sweep.yaml\n```\n\n"
+        + "with `sweep.yaml`:\n\n```yaml\n"
+        + yaml.safe_dump(settings, sort_keys=False)
+        + "```\n"
+    )
+    _atomic_write(out / "sweep.md", lambda f: f.write(md))
+    _plot(out / "sweep.png", table, ce)
+    print("\n" + text + ("\n\n" + " ".join(verdict) if verdict else "") + f"\n\nWritten: {out}/sweep.{{csv,png,md}}")
+
+
+def _write_csv(f: Any, rows: list[dict[str, Any]]) -> None:
+    writer = csv.DictWriter(f, fieldnames=_COLUMNS)
+    writer.writeheader()
+    writer.writerows(rows)
+
+
+def _atomic_write(path: Path, write: Callable[[Any], Any]) -> None:
+    """Write next to ``path`` and rename: parallel workers never leave half a file."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    with open(partial, "w", newline="") as f:
+        write(f)
+    os.replace(partial, path)
+
+
+def _plot(path: Path, table: list[dict[str, Any]], ce: dict | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for alpha in sorted({r["alpha"] for r in table}):
+        rows = [r for r in table if r["alpha"] == alpha]
+        ts = [r["temperature"] for r in rows]
+        line = ax.errorbar(
+            ts,
+            [r["val"] for r in rows],
+            yerr=[r["val_sd"] for r in rows],
+            marker="o",
+            capsize=3,
+            label=f"KD val, alpha={alpha:g}",
+        )
+        ax.errorbar(
+            ts,
+            [r["test"] for r in rows],
+            yerr=[r["test_sd"] for r in rows],
+            marker="s",
+            capsize=3,
+            linestyle="--",
+            color=line[0].get_color(),
+            alpha=0.7,
+            label=f"KD test, alpha={alpha:g}",
+        )
+    if ce:
+        ax.axhline(ce["val"], color="gray", label=f"CE only val ({ce['n']} seeds)")
+        ax.axhline(ce["test"], color="gray", linestyle="--", label="CE only test")
+        ax.axhspan(ce["test"] - ce["test_sd"], ce["test"] + ce["test_sd"], color="gray", alpha=0.15)
+    temperatures = sorted({r["temperature"] for r in table})
+    if len(temperatures) > 1:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(temperatures, [f"{t:g}" for t in temperatures])
+        ax.minorticks_off()
+    ax.set_xlabel("temperature T")
+    ax.set_ylabel("accuracy (mean ± std over seeds)")
+    ax.set_title("Knowledge distillation: accuracy vs temperature")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    partial = path.with_name(f".{path.stem}.{os.getpid()}.png")
+    fig.savefig(partial, dpi=120)
+    plt.close(fig)
+    os.replace(partial, path)

@@ -1,0 +1,166 @@
+"""distill sweep on tiny data: results, resuming, killed trials, two workers, bad input."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from distill.sweep import sweep
+
+ROOT = Path(__file__).parents[1]
+
+
+def tiny_recipe(tmp_path: Path, teacher: Path, max_epochs: int = 1, limit_train_batches: int = 3) -> Path:
+    """kd.yaml shrunk: the tiny StudentNet, a few batches, the given teacher."""
+    cfg = yaml.safe_load((ROOT / "configs" / "fmnist" / "kd.yaml").read_text())
+    cfg["trainer"].update(
+        max_epochs=max_epochs,
+        limit_train_batches=limit_train_batches,
+        limit_val_batches=2,
+        limit_test_batches=2,
+        accelerator="cpu",
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    cfg["model"]["student"]["init_args"] = {"base": 2, "num_pools": 3}
+    cfg["model"]["teacher"]["init_args"]["checkpoint"] = str(teacher)
+    cfg["model"]["warmup_epochs"] = 0
+    cfg["data"]["init_args"].update(batch_size=32, val_size=500, augment=False)
+    path = tmp_path / "kd_tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def trials(run_dir: Path, name: str = "sweep") -> list:
+    return optuna.load_study(study_name=name, storage=f"sqlite:///{run_dir / 'sweep.db'}").trials
+
+
+def completed(run_dir: Path, name: str = "sweep") -> list[tuple]:
+    return sorted(tuple(sorted(t.params.items())) for t in trials(run_dir, name) if t.state.name == "COMPLETE")
+
+
+def test_grid_completes_and_a_rerun_trains_nothing(tmp_path: Path, small_teacher_checkpoint: Path):
+    recipe = tiny_recipe(tmp_path, small_teacher_checkpoint)
+    run_dir = tmp_path / "sweep"
+    rows = sweep(str(recipe), temperatures=[2.0, 4.0], seeds=[0], run_dir=str(run_dir))
+
+    assert [(r["kind"], r["temperature"], r["seed"]) for r in rows] == [("ce", "", 0), ("kd", 2.0, 0), ("kd", 4.0, 0)]
+    with open(run_dir / "sweep.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 3 and {r["kind"] for r in table} == {"kd", "ce"}
+    assert all(0.0 <= float(r["val_acc"]) <= 1.0 and 0.0 <= float(r["test_acc"]) <= 1.0 for r in table)
+    assert (run_dir / "sweep.png").read_bytes()[:4] == b"\x89PNG"
+    md = (run_dir / "sweep.md").read_text()
+    assert "| 2 | 0.9 | 1 |" in md and "| 4 | 0.9 | 1 |" in md and "| CE only |" in md
+    assert "Best on validation: T=" in md and "distill sweep --config sweep.yaml" in md
+    assert list((run_dir / "cache").glob("*.pt"))  # the teacher's logits were computed once and kept
+
+    before = len(trials(run_dir)), len(trials(run_dir, "sweep-ce"))
+    again = sweep(str(recipe), temperatures=[2.0, 4.0], seeds=[0], run_dir=str(run_dir))
+    assert (len(trials(run_dir)), len(trials(run_dir, "sweep-ce"))) == before
+    assert again == rows
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"temperatures": [2.0, 0.0]}, r"Temperatures must be > 0, got \[0.0\]"),
+        ({"temperatures": []}, "The grid is empty: give at least one value in temperatures"),
+        ({"seeds": []}, "The grid is empty"),
+        ({"alphas": [1.5]}, r"Alphas must be in \[0, 1\]"),
+        ({"storage": "postgresql://nobody@127.0.0.1:1/nothing"}, "Cannot open the sweep storage"),
+        ({"storage": "not a url"}, "Cannot open the sweep storage"),
+    ],
+)
+def test_bad_input(tmp_path: Path, small_teacher_checkpoint: Path, kwargs: dict, match: str):
+    recipe = tiny_recipe(tmp_path, small_teacher_checkpoint)
+    options = {"temperatures": [2.0], "run_dir": str(tmp_path / "sweep"), **kwargs}
+    with pytest.raises(ValueError, match=match):
+        sweep(str(recipe), **options)
+
+
+def test_missing_teacher_and_changed_grid(tmp_path: Path, small_teacher_checkpoint: Path):
+    missing = tiny_recipe(tmp_path, tmp_path / "no_teacher.ckpt")
+    with pytest.raises(FileNotFoundError, match=r"Teacher checkpoint .*no_teacher.ckpt.* does not exist\. Train"):
+        sweep(str(missing), temperatures=[2.0], run_dir=str(tmp_path / "a"))
+
+    recipe = tiny_recipe(tmp_path, small_teacher_checkpoint)
+    run_dir = str(tmp_path / "b")
+    sweep(str(recipe), temperatures=[2.0], baseline=False, run_dir=run_dir)
+    with pytest.raises(ValueError, match=r"created for the grid .*Use a new run_dir"):
+        sweep(str(recipe), temperatures=[2.0, 8.0], baseline=False, run_dir=run_dir)
+    with pytest.raises(ValueError, match="created for another recipe"):
+        sweep(
+            str(recipe), temperatures=[2.0], baseline=False, run_dir=run_dir, overrides={"trainer": {"max_epochs": 2}}
+        )
+
+
+def _worker(config: Path, log: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "distill.cli", "sweep", "--config", str(config)],
+        cwd=ROOT,
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},  # two workers on two cores: one thread each
+    )
+
+
+@pytest.mark.slow
+def test_two_workers_train_each_grid_point_once(tmp_path: Path, small_teacher_checkpoint: Path):
+    recipe = tiny_recipe(tmp_path, small_teacher_checkpoint)
+    run_dir = tmp_path / "sweep"
+    config = tmp_path / "sweep.yaml"
+    config.write_text(
+        yaml.safe_dump({"recipe": str(recipe), "temperatures": [1, 2, 4], "seeds": [0], "run_dir": str(run_dir)})
+    )
+    workers = [_worker(config, tmp_path / f"worker{i}.log") for i in range(2)]
+    for i, w in enumerate(workers):
+        assert w.wait(timeout=600) == 0, (tmp_path / f"worker{i}.log").read_text()[-3000:]
+
+    kd, ce = completed(run_dir), completed(run_dir, "sweep-ce")
+    assert len(kd) == len(set(kd)) == 3 and len(ce) == len(set(ce)) == 1  # every point exactly once
+    logs = [(tmp_path / f"worker{i}.log").read_text() for i in range(2)]
+    assert all("Written:" in log for log in logs)
+    with open(run_dir / "sweep.csv") as f:
+        assert len(list(csv.DictReader(f))) == 4
+
+
+@pytest.mark.slow
+def test_a_killed_trial_runs_again(tmp_path: Path, small_teacher_checkpoint: Path):
+    recipe = tiny_recipe(tmp_path, small_teacher_checkpoint, max_epochs=10, limit_train_batches=10)
+    run_dir = tmp_path / "sweep"
+    settings = {
+        "recipe": str(recipe),
+        "temperatures": [4],
+        "baseline": False,
+        "run_dir": str(run_dir),
+        "heartbeat_interval": 1,
+    }
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    worker = _worker(config, tmp_path / "killed.log")
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait until the trial is training
+        if (run_dir / "sweep.db").exists() and (run_dir / "trials" / "T4_alpha0.9_seed0" / "metrics.csv").exists():
+            break
+        time.sleep(0.2)
+    os.killpg(worker.pid, signal.SIGKILL)
+    worker.wait()
+    assert [t.state.name for t in trials(run_dir)] == ["RUNNING"]
+    time.sleep(3)  # the heartbeat grace period (2 s) passes: the trial is now stale
+
+    settings["overrides"] = {}
+    sweep(**{k: v for k, v in settings.items() if k != "overrides"})
+    states = [t.state.name for t in trials(run_dir)]
+    assert states.count("FAIL") == 1 and states.count("COMPLETE") == 1
+    assert completed(run_dir) == [(("alpha", 0.9), ("seed", 0), ("temperature", 4.0))]
