@@ -3,7 +3,7 @@
 ``distill fit --config configs/fmnist/kd.yaml`` runs LightningCLI: the datamodule, the student, the
 teacher, the loss and the callbacks are built from typed signatures (``class_path``/``init_args``),
 and the data's ``num_classes`` and ``in_chans`` are linked into the student. Jobs that run several
-trainings (``quickstart``, ``sweep``; later ``prune-distill``) are further subcommands beside them.
+trainings (``quickstart``, ``sweep``, ``prune-distill``) and ``export`` are further subcommands beside them.
 """
 
 from __future__ import annotations
@@ -66,10 +66,28 @@ def _sweep(argv: Sequence[str]) -> Any:
     return CLI(sweep, args=list(argv), prog="distill sweep")
 
 
+def _prune_distill(argv: Sequence[str]) -> Any:
+    from jsonargparse import CLI
+
+    from distill.pipeline import prune_distill
+
+    return CLI(prune_distill, args=list(argv), prog="distill prune-distill")
+
+
+def _export(argv: Sequence[str]) -> Any:
+    from jsonargparse import CLI
+
+    from distill.export import export
+
+    return CLI(export, args=list(argv), prog="distill export")
+
+
 #: Subcommands beside Lightning's, each a function of its command-line arguments.
 JOBS: dict[str, tuple[Callable[[Sequence[str]], Any], str]] = {
     "quickstart": (_quickstart, "train a teacher, distill a StudentNet from it, print a table"),
     "sweep": (_sweep, "distill over a grid of temperatures (alphas, seeds); resumable, many workers"),
+    "prune-distill": (_prune_distill, "prune and distill the student round by round down to a size target"),
+    "export": (_export, "export a (pruned) student checkpoint to ONNX / TorchScript, checked in ONNX Runtime"),
 }
 
 

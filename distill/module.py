@@ -104,6 +104,7 @@ class DistillModule(LightningModule):
         self._set_teacher(teacher)
         self.loss = loss if loss is not None else KDLoss()
         self.metrics = nn.ModuleDict()
+        self.input_shape: list[int] | None = None  # (C, H, W) of the data, known at setup
 
     # ---------------------------------------------------------------- teacher
     @property
@@ -147,7 +148,8 @@ class DistillModule(LightningModule):
             if student_classes is None:
                 raise ValueError("Cannot tell the number of classes: use a datamodule with num_classes")
             return student_classes
-        shape = (2, datamodule.in_chans, *datamodule.input_size)
+        self.input_shape = [datamodule.in_chans, *datamodule.input_size]  # recorded in checkpoints, for export
+        shape = (2, *self.input_shape)
         data_desc = f"{type(datamodule).__name__} ({datamodule.num_classes} classes, {datamodule.in_chans} channels)"
         for role, model in (("student", self.student), ("teacher", self.teacher)):
             if model is None:
@@ -225,10 +227,12 @@ class DistillModule(LightningModule):
 
     # ------------------------------------------------------------ checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Record the student's current architecture (it changes when the student is pruned)."""
+        """Record the student's current architecture (it changes when pruned) and the input shape."""
         spec = getattr(self.student, "model_spec", None)
         if spec is not None:
             checkpoint["hyper_parameters"]["student_spec"] = spec
+        if self.input_shape is not None:
+            checkpoint["input_shape"] = list(self.input_shape)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Rebuild the student if the checkpoint records another architecture (e.g. a pruned layout)."""

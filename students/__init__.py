@@ -8,6 +8,7 @@ from students.checkpoint import (
     mark_pruned,
     read_checkpoint,
     resize_to_state_dict,
+    save_student,
 )
 from students.registry import create_student, list_students, model_spec, register_student
 from students.studentnet import StudentNet, studentnet_channels
@@ -28,5 +29,6 @@ __all__ = [
     "read_checkpoint",
     "register_student",
     "resize_to_state_dict",
+    "save_student",
     "studentnet_channels",
 ]

@@ -174,11 +174,26 @@ def build_student(spec: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor
     return model
 
 
-def load_student(path: str | Path) -> nn.Module:
+def save_student(model: nn.Module, path: str | Path, **extra: Any) -> Path:
+    """Save a student alone, in the layout of a ``DistillModule`` checkpoint that :func:`load_student` reads.
+
+    ``extra`` entries (plain values, e.g. ``input_shape``) are stored beside it.
+    """
+    from students.registry import model_spec
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {STUDENT_PREFIX + k: v.detach().cpu() for k, v in model.state_dict().items()}
+    torch.save({"hyper_parameters": {"student_spec": model_spec(model)}, "state_dict": state, **extra}, path)
+    return path
+
+
+def load_student(path: str | Path, train: bool = False) -> nn.Module:
     """Rebuild a student from a checkpoint written by this project and load its weights.
 
     The architecture (including a pruned channel layout) comes from the checkpoint's ``student_spec``;
-    no callback, teacher or config is needed. The model is returned in eval mode on the CPU.
+    no callback, teacher or config is needed. The model comes back on the CPU, in eval mode, or in
+    train mode with ``train=True`` (to train it further, e.g. as ``model.student`` in a recipe).
     """
     checkpoint = read_checkpoint(path)
     spec = checkpoint.get("hyper_parameters", {}).get("student_spec")
@@ -190,7 +205,7 @@ def load_student(path: str | Path) -> nn.Module:
     state_dict = extract_state_dict(checkpoint)
     model = build_student(spec, state_dict)
     load_weights(model, state_dict, repr(str(path)), describe_spec(spec))
-    return model.eval()
+    return model.train(train)
 
 
 def describe_spec(spec: Mapping[str, Any]) -> str:

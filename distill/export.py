@@ -1,0 +1,127 @@
+"""Export a (pruned) student to ONNX and TorchScript, checked against a runtime that is not PyTorch.
+
+ONNX goes through ``torch.onnx.export`` (the ``torch.export``-based exporter) with a dynamic batch
+dimension, then runs in ONNX Runtime on the CPU: the export only counts if its outputs match
+PyTorch's within ``atol``. TorchScript (``torch.jit.trace``; deprecated in recent PyTorch, still the
+format LibTorch C++ loads) is reloaded and compared the same way. Needs the ``onnx`` extra
+(``pip install "distill[onnx]"``: onnx, onnxruntime, onnxscript).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from distill.profile import eval_mode
+
+__all__ = ["export", "export_onnx", "export_torchscript"]
+
+
+def _require_onnx() -> Any:
+    try:
+        import onnxruntime
+    except ImportError:
+        raise ImportError(
+            'ONNX export needs the onnx extra: pip install "distill[onnx]" (onnx, onnxruntime, onnxscript)'
+        ) from None
+    return onnxruntime
+
+
+@torch.no_grad()
+def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path, atol: float = 1e-4) -> float:
+    """Write ``model`` to ``path`` as ONNX (dynamic batch) and check it in ONNX Runtime.
+
+    Returns:
+        The largest absolute difference between ONNX Runtime's and PyTorch's logits, on a batch of
+        3 random inputs shaped like ``example_input``.
+
+    Raises:
+        ValueError: if that difference exceeds ``atol``.
+    """
+    ort = _require_onnx()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = model.cpu()
+    x = example_input.cpu()
+    with eval_mode(model):
+        torch.onnx.export(
+            model,
+            (x,),
+            str(path),
+            input_names=["images"],
+            output_names=["logits"],
+            dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+            dynamo=True,
+            external_data=False,  # one self-contained file (students are small)
+            verbose=False,
+        )
+        check = torch.randn(3, *x.shape[1:], generator=torch.Generator().manual_seed(0))
+        expected = model(check).numpy()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: check.numpy()})[0]
+    diff = float(abs(got - expected).max())
+    if diff > atol:
+        raise ValueError(f"ONNX Runtime's outputs differ from PyTorch's by {diff:.2e} > {atol:g} ({path})")
+    return diff
+
+
+@torch.no_grad()
+def export_torchscript(model: nn.Module, example_input: torch.Tensor, path: str | Path, atol: float = 1e-4) -> float:
+    """Trace ``model`` to TorchScript at ``path``, reload it, and return its largest difference from PyTorch."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = model.cpu()
+    x = example_input.cpu()
+    with eval_mode(model):
+        traced = torch.jit.trace(model, x)
+        traced.save(str(path))
+        check = torch.randn(3, *x.shape[1:], generator=torch.Generator().manual_seed(0))
+        diff = float((torch.jit.load(str(path))(check) - model(check)).abs().max())
+    if diff > atol:
+        raise ValueError(f"The TorchScript module's outputs differ from PyTorch's by {diff:.2e} > {atol:g} ({path})")
+    return diff
+
+
+def export(
+    checkpoint: str,
+    onnx: str | None = None,
+    torchscript: str | None = None,
+    input_size: int | None = None,
+    atol: float = 1e-4,
+) -> dict[str, float]:
+    """Export the student of a ``distill`` checkpoint (pruned or not) to ONNX and/or TorchScript.
+
+    Args:
+        checkpoint: a checkpoint written by ``distill fit`` / ``distill prune-distill``.
+        onnx: where to write the ONNX file.
+        torchscript: where to write the TorchScript file.
+        input_size: side of the square input images (default: the size recorded in the checkpoint).
+        atol: largest allowed difference between the exported model's logits and PyTorch's.
+
+    Returns:
+        The measured largest difference for each written format.
+    """
+    from students import load_student
+    from students.checkpoint import read_checkpoint
+
+    if onnx is None and torchscript is None:
+        raise ValueError("Nothing to export: give onnx=<file.onnx> and/or torchscript=<file.pt>")
+    model = load_student(checkpoint)
+    shape = read_checkpoint(checkpoint).get("input_shape")
+    in_chans = model.model_spec["kwargs"].get("in_chans", 3) if hasattr(model, "model_spec") else 3
+    if input_size is not None:
+        shape = [in_chans, input_size, input_size]
+    if shape is None:
+        raise ValueError(f"{checkpoint} records no input size: pass input_size (e.g. 28 for Fashion-MNIST)")
+    example = torch.zeros(1, *shape)
+    diffs = {}
+    if onnx is not None:
+        diffs["onnx"] = export_onnx(model, example, onnx, atol)
+    if torchscript is not None:
+        diffs["torchscript"] = export_torchscript(model, example, torchscript, atol)
+    for fmt, diff in diffs.items():
+        print(f"{fmt}: {onnx if fmt == 'onnx' else torchscript} (max |difference| from PyTorch: {diff:.2e})")
+    return diffs

@@ -1,0 +1,156 @@
+"""distill prune-distill and distill export on tiny data."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+import yaml
+
+from distill.export import export
+from distill.pipeline import prune_distill
+from students import load_student
+
+ROOT = Path(__file__).parents[1]
+TARGET = 3_000  # test_studentnet (base 2) has 5,774 parameters
+
+
+def tiny_recipe(tmp_path: Path, teacher: Path) -> Path:
+    cfg = yaml.safe_load((ROOT / "configs" / "fmnist" / "kd.yaml").read_text())
+    cfg["trainer"].update(
+        limit_train_batches=3,
+        limit_val_batches=2,
+        limit_test_batches=2,
+        accelerator="cpu",
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    cfg["model"]["student"]["init_args"] = {"base": 2, "num_pools": 3}
+    cfg["model"]["teacher"]["init_args"]["checkpoint"] = str(teacher)
+    cfg["data"]["init_args"].update(batch_size=32, val_size=500, augment=False)
+    path = tmp_path / "kd_tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def options(tmp_path: Path, teacher: Path, **kwargs) -> dict:
+    base = {
+        "recipe": str(tiny_recipe(tmp_path, teacher)),
+        "target_params": TARGET,
+        "initial_epochs": 1,
+        "epochs_per_round": 1,
+        "rounds": 2,
+        "final_epochs": 1,
+        "run_dir": str(tmp_path / "run"),
+    }
+    return {**base, **kwargs}
+
+
+def test_loop_stops_at_the_target_with_results_baseline_and_onnx(tmp_path: Path, small_teacher_checkpoint: Path):
+    teacher_bytes = hashlib.sha256(small_teacher_checkpoint.read_bytes()).hexdigest()
+    rows = prune_distill(**options(tmp_path, small_teacher_checkpoint))
+    run = tmp_path / "run"
+
+    phases = [(r["phase"], r["round"]) for r in rows]
+    assert phases == [("initial", 0), ("baseline", 0), ("round", 1), ("round", 2), ("final", 3)]
+    last_round = [r for r in rows if r["phase"] == "round"][-1]
+    assert last_round["params"] <= TARGET < rows[0]["params"]
+    thin = next(r for r in rows if r["phase"] == "baseline")
+    assert thin["params"] <= last_round["params"] and thin["epochs"] == 1 + 2 + 1  # same total epochs
+
+    with open(run / "rounds.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [t["phase"] for t in table] == ["initial", "round", "round", "final", "baseline"]
+    assert {"round", "params", "macs", "latency_ms", "val_acc", "test_acc"} <= set(table[0])
+    assert float(table[1]["latency_ms"]) > 0 and int(table[2]["macs"]) < int(table[0]["macs"])
+    assert (run / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    summary = (run / "summary.md").read_text()
+    assert "Best student under 3,000 parameters" in summary and "thin StudentNet" in summary
+
+    student = load_student(run / "best_student.ckpt")  # reloads without any callback or config
+    assert sum(p.numel() for p in student.parameters()) <= TARGET
+    session = ort.InferenceSession(str(run / "best_student.onnx"), providers=["CPUExecutionProvider"])
+    x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    onnx_out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    np.testing.assert_allclose(onnx_out, student(x).detach().numpy(), atol=1e-4, rtol=0)
+
+    assert hashlib.sha256(small_teacher_checkpoint.read_bytes()).hexdigest() == teacher_bytes  # teacher untouched
+    state = json.loads((run / "state.json").read_text())
+    again = prune_distill(**options(tmp_path, small_teacher_checkpoint))  # nothing left to do
+    assert again == rows and json.loads((run / "state.json").read_text())["phases"] == state["phases"]
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_at_its_last_round_with_the_same_result(tmp_path: Path, small_teacher_checkpoint: Path):
+    settings = options(tmp_path, small_teacher_checkpoint, rounds=3, final_epochs=0, baseline=False, export_onnx=False)
+    reference = prune_distill(**{**settings, "run_dir": str(tmp_path / "reference")})
+
+    config = tmp_path / "pd.yaml"
+    config.write_text(yaml.safe_dump(settings))
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "distill.cli", "prune-distill", "--config", str(config)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())},
+    )
+    state_file = tmp_path / "run" / "state.json"
+    deadline = time.time() + 180
+    while time.time() < deadline:  # kill it as soon as round 1 is recorded
+        if state_file.exists() and "round1" in json.loads(state_file.read_text())["phases"]:
+            break
+        time.sleep(0.1)
+    os.killpg(worker.pid, signal.SIGKILL)
+    worker.wait()
+    done = json.loads(state_file.read_text())["phases"]
+    assert "round1" in done and "round3" not in done
+
+    resumed = prune_distill(**settings)
+    assert [r["params"] for r in resumed] == [r["params"] for r in reference]
+    a = load_student(tmp_path / "run" / "best_student.ckpt").state_dict()
+    b = load_student(tmp_path / "reference" / "best_student.ckpt").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"target_params": 10**7}, ValueError, "is not below the student's 5,774"),
+        ({"target_params": 300, "min_fraction": 0.5}, ValueError, "cannot be met without emptying a layer"),
+        ({"schedule": "linear"}, ValueError, "Unknown schedule 'linear'; choose one of fixed, geometric"),
+        ({"importance": "weights"}, ValueError, "Unknown importance criterion 'weights'"),
+        ({"target_macs": 1000}, ValueError, "exactly one of target_params or target_macs"),
+        ({"student_checkpoint": "nowhere.ckpt"}, FileNotFoundError, "Student checkpoint 'nowhere.ckpt' does not exist"),
+    ],
+)
+def test_bad_input(tmp_path: Path, small_teacher_checkpoint: Path, kwargs: dict, error: type, match: str):
+    with pytest.raises(error, match=match):
+        prune_distill(**options(tmp_path, small_teacher_checkpoint, baseline=False, export_onnx=False, **kwargs))
+
+
+def test_missing_teacher_and_changed_settings(tmp_path: Path, small_teacher_checkpoint: Path):
+    with pytest.raises(FileNotFoundError, match=r"Teacher checkpoint .* does not exist"):
+        prune_distill(**options(tmp_path, tmp_path / "no_teacher.ckpt"))
+    settings = options(tmp_path, small_teacher_checkpoint, rounds=1, final_epochs=0, baseline=False, export_onnx=False)
+    prune_distill(**settings)
+    with pytest.raises(ValueError, match=r"other settings \(epochs_per_round changed\)"):
+        prune_distill(**{**settings, "epochs_per_round": 2})
+
+
+def test_export_command_checks_onnx_and_torchscript(tmp_path: Path, small_teacher_checkpoint: Path):
+    diffs = export(str(small_teacher_checkpoint), onnx=str(tmp_path / "t.onnx"), torchscript=str(tmp_path / "t.pt"))
+    assert set(diffs) == {"onnx", "torchscript"} and max(diffs.values()) < 1e-4
+    with pytest.raises(ValueError, match="Nothing to export"):
+        export(str(small_teacher_checkpoint))
