@@ -128,7 +128,8 @@ def prune_distill(
     # ---------------------------------------------------------------- the starting student
     recipe_epochs = int(base.get("trainer", {}).get("max_epochs") or 1)
     if student_checkpoint is not None:
-        current, spent = job.import_student(student_checkpoint), 0
+        current = job.import_student(student_checkpoint)
+        spent = job.state["phases"]["start"]["epochs"]  # what it was trained for, counted for the baseline
     else:
         epochs = initial_epochs or recipe_epochs
         current = job.phase("initial", round_=0, epochs=epochs, student=None).checkpoint
@@ -263,9 +264,13 @@ class _Job:
 
         key = "start"
         if key not in self.state["phases"]:
+            from students.checkpoint import read_checkpoint
+
             student = load_student(path)
-            copy_path = save_student(student, self.out / "start.ckpt", input_shape=list(self.example_input().shape[1:]))
-            self._record(key, 0, "start", 0, str(copy_path), student, val_acc=float("nan"), test_acc=float("nan"))
+            shape = list(self.example_input().shape[1:])
+            copy_path = save_student(student, self.out / "start.ckpt", input_shape=shape)
+            epochs = int(read_checkpoint(path).get("epoch", -1)) + 1  # Lightning records the 0-based epoch
+            self._record(key, 0, "start", epochs, str(copy_path), student, val_acc=float("nan"), test_acc=float("nan"))
         return self.state["phases"][key]["checkpoint"]
 
     def floors(self, student: torch.nn.Module, min_fraction: float) -> dict[str, int]:

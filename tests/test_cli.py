@@ -16,8 +16,12 @@ from teachers import FrozenTeacher, TeacherEnsemble
 
 ROOT = Path(__file__).parents[1]
 ALL_CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
-SWEEPS = [c for c in ALL_CONFIGS if "recipe" in yaml.safe_load(c.read_text())]  # distill sweep configs
-CONFIGS = [c for c in ALL_CONFIGS if c not in SWEEPS]  # distill fit recipes
+JOBS = {  # job configs (distill sweep / prune-distill) name their recipe; the rest are distill fit recipes
+    c: "sweep" if "temperatures" in yaml.safe_load(c.read_text()) else "prune-distill"
+    for c in ALL_CONFIGS
+    if "recipe" in yaml.safe_load(c.read_text())
+}
+CONFIGS = [c for c in ALL_CONFIGS if c not in JOBS]
 
 
 def _localise(config: Path, tmp_path: Path, teacher_checkpoint: Path) -> Path:
@@ -49,10 +53,10 @@ def test_every_config_instantiates(config: Path, tmp_path: Path, teacher_checkpo
         assert cli.model.hparams.teacher_checkpoint
 
 
-@pytest.mark.parametrize("config", SWEEPS, ids=[str(c.relative_to(ROOT)) for c in SWEEPS])
-def test_every_sweep_config_parses(config: Path):
+@pytest.mark.parametrize("config", list(JOBS), ids=[str(c.relative_to(ROOT)) for c in JOBS])
+def test_every_job_config_parses(config: Path):
     out = subprocess.run(
-        [sys.executable, "-m", "distill.cli", "sweep", "--config", str(config), "--print_config"],
+        [sys.executable, "-m", "distill.cli", JOBS[config], "--config", str(config), "--print_config"],
         capture_output=True,
         text=True,
         check=True,
@@ -60,7 +64,7 @@ def test_every_sweep_config_parses(config: Path):
     ).stdout
     settings = yaml.safe_load(out)
     assert (ROOT / settings["recipe"]).is_file()
-    assert settings["temperatures"] and settings["seeds"]
+    assert settings["temperatures"] and settings["seeds"] if JOBS[config] == "sweep" else settings["target_params"]
 
 
 def test_debug_recipe_runs(tmp_path: Path):
@@ -71,7 +75,7 @@ def test_help_lists_lightning_commands_and_jobs():
     out = subprocess.run(
         [sys.executable, "-m", "distill.cli", "--help"], capture_output=True, text=True, check=True, cwd=ROOT
     ).stdout
-    for word in ("fit", "validate", "test", "quickstart", "sweep"):
+    for word in ("fit", "validate", "test", "quickstart", "sweep", "prune-distill", "export"):
         assert word in out
 
 
@@ -97,14 +101,22 @@ def test_quickstart_end_to_end(tmp_path: Path):
         teacher_model="test_resnet",
         teacher_epochs=1,
         student_epochs=1,
+        target_params=150_000,
+        prune_rounds=1,
+        final_epochs=0,
         limit_train_batches=3,
         limit_eval_batches=2,
         accelerator="cpu",
     )
+    assert set(results) == {"teacher", "student", "pruned", "thin"}
     assert Path(results["teacher"]["checkpoint"]).is_file() and Path(results["student"]["checkpoint"]).is_file()
     student_ckpt = torch.load(results["student"]["checkpoint"], weights_only=True)
     assert student_ckpt["hyper_parameters"]["teacher_checkpoint"] == results["teacher"]["checkpoint"]
+    assert results["pruned"]["params"] <= 150_000 < results["student"]["params"]
+    assert results["thin"]["params"] <= results["pruned"]["params"]
     summary = (tmp_path / "qs" / "summary.md").read_text()
-    assert "| teacher | test_resnet |" in summary and "| student | studentnet |" in summary
+    for row in ("| teacher | test_resnet |", "| student | studentnet |", "| pruned |", "| thin |"):
+        assert row in summary
+    for name in ("pareto.png", "rounds.csv", "best_student.onnx", "best_student.ckpt"):
+        assert (tmp_path / "qs" / "prune_distill" / name).is_file()
     assert (tmp_path / "qs" / "student.yaml").is_file() and (tmp_path / "qs" / "student" / "config.yaml").is_file()
-    assert 0.0 <= results["student"]["test_acc"] <= 1.0
