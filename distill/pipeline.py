@@ -129,15 +129,12 @@ def prune_distill(
     recipe_epochs = int(base.get("trainer", {}).get("max_epochs") or 1)
     if student_checkpoint is not None:
         current = job.import_student(student_checkpoint)
-        spent = job.state["phases"]["start"]["epochs"]  # what it was trained for, counted for the baseline
     else:
         epochs = initial_epochs or recipe_epochs
         current = job.phase("initial", round_=0, epochs=epochs, student=None).checkpoint
-        spent = epochs
     if slimming_epochs > 0:
         slim = {"class_path": "distill.pruning.NetworkSlimming", "init_args": {"lambda_": slimming_lambda}}
         current = job.phase("slimming", 0, slimming_epochs, current, callbacks=[slim]).checkpoint
-        spent += slimming_epochs
 
     student = job.load(current)  # the student before the first round (also when resuming)
     x = job.example_input()
@@ -163,17 +160,16 @@ def prune_distill(
         pruned = job.prune(student, k, importance, step, global_ranking, floors, round_to)
         lr = None if lr_rewinding else (finetune_lr or float(base["model"].get("lr", 2e-3)) / 10)
         current = job.phase("round", k, epochs_per_round, pruned, lr=lr).checkpoint
-        spent += epochs_per_round
     if final_epochs > 0:
         current = job.phase("final", k + 1, final_epochs, current).checkpoint
-        spent += final_epochs
 
     # ------------------------------------------------------------------ best and baseline
     under = [r for r in job.rows if r["phase"] in ("round", "final") and r[_unit_key(target_params)] <= target]
     best = max(under, key=lambda r: (r["val_acc"], r["round"]))
     best_path = job.save_best(best["checkpoint"], export_onnx)
     thin = None
-    if baseline:
+    if baseline:  # the same epochs as everything the pruned student went through (its start included)
+        spent = sum(r["epochs"] for r in job.rows if r["phase"] != "baseline")
         thin = job.baseline(best["params"], spent)
     rows = job.rows
     job.write_report(best, best_path, thin, target, unit)
