@@ -40,7 +40,6 @@ class DistillCLI(LightningCLI):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("parser_class", _ArgumentParser)
         kwargs.setdefault("subclass_mode_data", True)
-        kwargs.setdefault("parser_kwargs", {"epilog": _jobs_epilog()})
         kwargs.setdefault("auto_configure_optimizers", False)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})  # re-running a recipe replaces its run
         super().__init__(DistillModule, LightningDataModule, *args, **kwargs)
@@ -84,15 +83,11 @@ def _export(argv: Sequence[str]) -> Any:
 
 #: Subcommands beside Lightning's, each a function of its command-line arguments.
 JOBS: dict[str, tuple[Callable[[Sequence[str]], Any], str]] = {
-    "quickstart": (_quickstart, "train a teacher, distill a StudentNet from it, print a table"),
+    "quickstart": (_quickstart, "the whole job on Fashion-MNIST: teacher, KD student, prune-distill to 100k, table"),
     "sweep": (_sweep, "distill over a grid of temperatures (alphas, seeds); resumable, many workers"),
     "prune-distill": (_prune_distill, "prune and distill the student round by round down to a size target"),
     "export": (_export, "export a (pruned) student checkpoint to ONNX / TorchScript, checked in ONNX Runtime"),
 }
-
-
-def _jobs_epilog() -> str:
-    return "other commands:\n" + "\n".join(f"  distill {name:<14s}{doc}" for name, (_, doc) in JOBS.items())
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -101,14 +96,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     Bad input (a missing file, a wrong class count, an invalid option) ends with one clear message
     and exit status 2; set ``DISTILL_DEBUG=1`` to see the traceback instead.
     """
-    argv = list(sys.argv[1:] if argv is None else argv)
+    args = list(sys.argv[1:] if argv is None else argv)
     # Lightning 2.6 on torch 2.14 warns about its own use of torch's pytree API at every run.
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     try:
-        if argv and argv[0] in JOBS:
-            JOBS[argv[0]][0](argv[1:])
+        if args and args[0] in JOBS:
+            JOBS[args[0]][0](args[1:])
+        elif not args or args[0] in ("-h", "--help"):
+            try:
+                DistillCLI(args=["--help"])
+            except SystemExit:
+                print("\nother commands:\n" + "\n".join(f"  {n:<15s}{doc}" for n, (_, doc) in JOBS.items()))
+                raise
         else:
-            DistillCLI(args=argv)
+            DistillCLI(args=None if argv is None else args)  # None: LightningCLI reads sys.argv itself
     except (ValueError, OSError) as err:
         if os.environ.get("DISTILL_DEBUG"):
             raise
