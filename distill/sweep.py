@@ -20,6 +20,7 @@ share. Any number of workers run the same command; each grid point is trained ex
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import itertools
 import json
@@ -28,12 +29,17 @@ import random
 import statistics
 import time
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import yaml
+
+try:
+    import fcntl
+except ImportError:  # Windows: no file locks; the retries below still cover most races
+    fcntl = None
 
 from distill.recipes import FitResult, fit_recipe, load_recipe, merge, relocate
 
@@ -178,27 +184,45 @@ def _storage(url: str, heartbeat_interval: int) -> Any:
     if heartbeat_interval < 1:
         raise ValueError(f"heartbeat_interval must be >= 1 second, got {heartbeat_interval}")
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
-    for attempt in range(5):
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            try:
-                return RDBStorage(
-                    url,
-                    engine_kwargs=engine_kwargs,
-                    heartbeat_interval=heartbeat_interval,
-                    grace_period=2 * heartbeat_interval,
-                    heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(),
-                )
-            except Exception as err:  # noqa: BLE001 - drivers raise many kinds; all mean "cannot open"
-                if "already exists" in str(err) and attempt < 4:  # workers started together race to create it
-                    time.sleep(0.5 + random.random())
-                    continue
-                raise ValueError(
-                    f"Cannot open the sweep storage {url!r}: {type(err).__name__}: {str(err).splitlines()[0]}. "
-                    f"Check the URL, the server and its driver (e.g. psycopg2 for PostgreSQL), or leave storage "
-                    f"unset for an SQLite file in the run directory."
-                ) from None
+    with _creation_lock(url):  # workers started together would race to create the tables
+        for attempt in range(5):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                try:
+                    return RDBStorage(
+                        url,
+                        engine_kwargs=engine_kwargs,
+                        heartbeat_interval=heartbeat_interval,
+                        grace_period=2 * heartbeat_interval,
+                        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(),
+                    )
+                except Exception as err:  # noqa: BLE001 - drivers raise many kinds; all mean "cannot open"
+                    message = str(err)
+                    racing = any(s in message for s in ("already exists", "UNIQUE constraint", "database is locked"))
+                    if racing and attempt < 4:  # another machine creating the same server database
+                        time.sleep(0.5 + random.random())
+                        continue
+                    raise ValueError(
+                        f"Cannot open the sweep storage {url!r}: {type(err).__name__}: {message.splitlines()[0]}. "
+                        f"Check the URL, the server and its driver (e.g. psycopg2 for PostgreSQL), or leave "
+                        f"storage unset for an SQLite file in the run directory."
+                    ) from None
     raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def _creation_lock(url: str) -> Iterator[None]:
+    """An exclusive file lock beside an SQLite storage file (workers on one machine); nothing otherwise."""
+    path = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else None
+    if path is None or fcntl is None or not Path(path).parent.is_dir():
+        yield
+        return
+    with open(f"{path}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _study(rdb: Any, url: str, name: str, space: dict[str, list], cfg: dict[str, Any]) -> Any:
