@@ -22,7 +22,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +29,8 @@ import torch
 import yaml
 
 from distill.profile import count_macs, count_params, measure_latency
-from distill.recipes import fit_recipe, load_recipe, merge, relocate
-from distill.sweep import _check_teacher
+from distill.recipes import check_teacher, fit_recipe, load_recipe, merge, relocate
+from distill.report import atomic_write, save_figure
 
 __all__ = ["SCHEDULES", "prune_distill"]
 
@@ -118,7 +117,7 @@ def prune_distill(
     if importance not in CRITERIA:
         raise ValueError(f"Unknown importance criterion {importance!r}; choose one of {', '.join(CRITERIA)}")
     base = merge(load_recipe(recipe), overrides)
-    _check_teacher(base, recipe)
+    check_teacher(base, recipe)
     if student_checkpoint is not None and not Path(student_checkpoint).is_file():
         raise FileNotFoundError(f"Student checkpoint {student_checkpoint!r} does not exist. Fix the path, or omit it.")
     out = Path(run_dir).resolve()
@@ -222,9 +221,7 @@ class _Job:
         self._save_state()
 
     def _save_state(self) -> None:
-        partial = self.state_path.with_suffix(f".{os.getpid()}.tmp")
-        partial.write_text(json.dumps(self.state, indent=1))
-        os.replace(partial, self.state_path)
+        atomic_write(self.state_path, lambda f: json.dump(self.state, f, indent=1))
 
     @property
     def rows(self) -> list[dict[str, Any]]:
@@ -412,13 +409,14 @@ class _Job:
 
     def write_report(self, best: dict[str, Any], best_path: Path, thin: dict | None, target: int, unit: str) -> None:
         rows = [r for r in self.rows if r["phase"] != "baseline"]
-        partial = self.out / f".rounds.csv.{os.getpid()}"
-        with open(partial, "w", newline="") as f:
+
+        def write_csv(f: Any) -> None:
             writer = csv.DictWriter(f, fieldnames=ROUND_COLUMNS)
             writer.writeheader()
             for r in [*rows, *([thin] if thin else [])]:
                 writer.writerow({c: r[c] for c in ROUND_COLUMNS})
-        os.replace(partial, self.out / "rounds.csv")
+
+        atomic_write(self.out / "rounds.csv", write_csv)
         _pareto(self.out / "pareto.png", rows, thin, best, target if unit == "parameters" else None)
 
         def acc(value: float) -> str:
@@ -514,8 +512,4 @@ def _pareto(
     ax.set_title("Accuracy vs size")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    partial = path.with_name(f".{path.stem}.{os.getpid()}.png")
-    fig.savefig(partial, dpi=120)
-    plt.close(fig)
-    os.replace(partial, path)
+    save_figure(fig, path)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import time
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,31 @@ def relocate(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
         if isinstance(callback, dict) and callback.get("class_path", "").endswith("ModelCheckpoint"):
             callback.setdefault("init_args", {})["dirpath"] = str(out)
     return cfg
+
+
+def check_teacher(cfg: dict[str, Any], recipe: str) -> None:
+    """Fail before any training if the recipe has no teacher or its checkpoint file is missing."""
+    teacher = cfg.get("model", {}).get("teacher")
+    if not teacher:
+        raise ValueError(f"The sweep distills from a teacher, but {recipe} sets no model.teacher.")
+    missing = [path for path in _checkpoints(teacher) if not Path(path).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"Teacher checkpoint {missing[0]!r} (from {recipe}) does not exist. Train the teacher first, "
+            f"e.g. `distill fit --config configs/fmnist/teacher.yaml`, or set its path with overrides."
+        )
+
+
+def _checkpoints(node: Any) -> Iterable[str]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "checkpoint" and isinstance(value, str):
+                yield value
+            else:
+                yield from _checkpoints(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _checkpoints(value)
 
 
 @dataclass

@@ -24,12 +24,11 @@ import contextlib
 import csv
 import itertools
 import json
-import os
 import random
 import statistics
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -41,7 +40,8 @@ try:
 except ImportError:  # Windows: no file locks; the retries below still cover most races
     fcntl = None
 
-from distill.recipes import FitResult, fit_recipe, load_recipe, merge, relocate
+from distill.recipes import FitResult, check_teacher, fit_recipe, load_recipe, merge, relocate
+from distill.report import atomic_write, save_figure
 
 __all__ = ["SWEEP_FILES", "sweep"]
 
@@ -94,7 +94,7 @@ def sweep(
     space = _grid(temperatures, alphas, seeds, recipe, overrides)
     out = Path(run_dir).resolve()
     base = merge(load_recipe(recipe), overrides)
-    _check_teacher(base, recipe)
+    check_teacher(base, recipe)
     out.mkdir(parents=True, exist_ok=True)
     url = storage or f"sqlite:///{out / 'sweep.db'}"
     settings = {
@@ -150,30 +150,6 @@ def _grid(
         "alpha": sorted({float(a) for a in alphas}),
         "seed": sorted({int(s) for s in seeds}),
     }
-
-
-def _check_teacher(cfg: dict[str, Any], recipe: str) -> None:
-    teacher = cfg.get("model", {}).get("teacher")
-    if not teacher:
-        raise ValueError(f"The sweep distills from a teacher, but {recipe} sets no model.teacher.")
-    missing = [path for path in _checkpoints(teacher) if not Path(path).is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f"Teacher checkpoint {missing[0]!r} (from {recipe}) does not exist. Train the teacher first, "
-            f"e.g. `distill fit --config configs/fmnist/teacher.yaml`, or set its path with overrides."
-        )
-
-
-def _checkpoints(node: Any) -> Iterable[str]:
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key == "checkpoint" and isinstance(value, str):
-                yield value
-            else:
-                yield from _checkpoints(value)
-    elif isinstance(node, list):
-        for value in node:
-            yield from _checkpoints(value)
 
 
 # ------------------------------------------------------------------------ the optuna study
@@ -396,7 +372,7 @@ def _summarise(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict |
 
 def _write_report(out: Path, rows: list[dict[str, Any]], settings: dict[str, Any]) -> None:
     table, best, ce = _summarise(rows)
-    _atomic_write(out / "sweep.csv", lambda f: _write_csv(f, rows))
+    atomic_write(out / "sweep.csv", lambda f: _write_csv(f, rows))
     lines = [
         "| T | alpha | seeds | val acc (mean ± std) | test acc (mean ± std) |",
         "|---:|---:|---:|---:|---:|",
@@ -431,7 +407,7 @@ def _write_report(out: Path, rows: list[dict[str, Any]], settings: dict[str, Any
         + yaml.safe_dump(settings, sort_keys=False)
         + "```\n"
     )
-    _atomic_write(out / "sweep.md", lambda f: f.write(md))
+    atomic_write(out / "sweep.md", lambda f: f.write(md))
     _plot(out / "sweep.png", table, ce)
     print("\n" + text + ("\n\n" + " ".join(verdict) if verdict else "") + f"\n\nWritten: {out}/sweep.{{csv,png,md}}")
 
@@ -440,14 +416,6 @@ def _write_csv(f: Any, rows: list[dict[str, Any]]) -> None:
     writer = csv.DictWriter(f, fieldnames=_COLUMNS)
     writer.writeheader()
     writer.writerows(rows)
-
-
-def _atomic_write(path: Path, write: Callable[[Any], Any]) -> None:
-    """Write next to ``path`` and rename: parallel workers never leave half a file."""
-    partial = path.with_name(f".{path.name}.{os.getpid()}")
-    with open(partial, "w", newline="") as f:
-        write(f)
-    os.replace(partial, path)
 
 
 def _plot(path: Path, table: list[dict[str, Any]], ce: dict | None) -> None:
@@ -493,8 +461,4 @@ def _plot(path: Path, table: list[dict[str, Any]], ce: dict | None) -> None:
     ax.set_title("Knowledge distillation: accuracy vs temperature")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    partial = path.with_name(f".{path.stem}.{os.getpid()}.png")
-    fig.savefig(partial, dpi=120)
-    plt.close(fig)
-    os.replace(partial, path)
+    save_figure(fig, path)

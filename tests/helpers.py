@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import yaml
 from pytorch_lightning import Trainer
 
 from distill import FashionMNISTDataModule
@@ -32,3 +33,19 @@ def fmnist(**kwargs) -> FashionMNISTDataModule:
     kwargs.setdefault("batch_size", 32)
     kwargs.setdefault("val_size", 500)
     return FashionMNISTDataModule(**kwargs)
+
+
+def tiny_kd_recipe(tmp_path: Path, teacher: Path, warmup_epochs: float | None = None, **trainer) -> Path:
+    """configs/fmnist/kd.yaml shrunk for tests: the tiny StudentNet, a few batches, the given teacher."""
+    cfg = yaml.safe_load((Path(__file__).parents[1] / "configs" / "fmnist" / "kd.yaml").read_text())
+    small = {"limit_train_batches": 3, "limit_val_batches": 2, "limit_test_batches": 2, "accelerator": "cpu"}
+    cfg["trainer"].update(small, enable_progress_bar=False, enable_model_summary=False)
+    cfg["trainer"].update(trainer)
+    cfg["model"]["student"]["init_args"] = {"base": 2, "num_pools": 3}
+    cfg["model"]["teacher"]["init_args"]["checkpoint"] = str(teacher)
+    if warmup_epochs is not None:
+        cfg["model"]["warmup_epochs"] = warmup_epochs
+    cfg["data"]["init_args"].update(batch_size=32, val_size=500, augment=False)
+    path = tmp_path / "kd_tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path

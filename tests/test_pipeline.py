@@ -17,6 +17,7 @@ import onnxruntime as ort
 import pytest
 import torch
 import yaml
+from helpers import tiny_kd_recipe
 
 from distill.export import export
 from distill.pipeline import prune_distill
@@ -27,21 +28,7 @@ TARGET = 3_000  # test_studentnet (base 2) has 5,774 parameters
 
 
 def tiny_recipe(tmp_path: Path, teacher: Path) -> Path:
-    cfg = yaml.safe_load((ROOT / "configs" / "fmnist" / "kd.yaml").read_text())
-    cfg["trainer"].update(
-        limit_train_batches=3,
-        limit_val_batches=2,
-        limit_test_batches=2,
-        accelerator="cpu",
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    cfg["model"]["student"]["init_args"] = {"base": 2, "num_pools": 3}
-    cfg["model"]["teacher"]["init_args"]["checkpoint"] = str(teacher)
-    cfg["data"]["init_args"].update(batch_size=32, val_size=500, augment=False)
-    path = tmp_path / "kd_tiny.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
+    return tiny_kd_recipe(tmp_path, teacher)
 
 
 def options(tmp_path: Path, teacher: Path, **kwargs) -> dict:

@@ -13,6 +13,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from helpers import tiny_kd_recipe
 
 from distill.sweep import sweep
 
@@ -20,24 +21,10 @@ ROOT = Path(__file__).parents[1]
 
 
 def tiny_recipe(tmp_path: Path, teacher: Path, max_epochs: int = 1, limit_train_batches: int = 3) -> Path:
-    """kd.yaml shrunk: the tiny StudentNet, a few batches, the given teacher."""
-    cfg = yaml.safe_load((ROOT / "configs" / "fmnist" / "kd.yaml").read_text())
-    cfg["trainer"].update(
-        max_epochs=max_epochs,
-        limit_train_batches=limit_train_batches,
-        limit_val_batches=2,
-        limit_test_batches=2,
-        accelerator="cpu",
-        enable_progress_bar=False,
-        enable_model_summary=False,
+    """kd.yaml shrunk: the tiny StudentNet, a few batches, the given teacher, no warmup."""
+    return tiny_kd_recipe(
+        tmp_path, teacher, warmup_epochs=0, max_epochs=max_epochs, limit_train_batches=limit_train_batches
     )
-    cfg["model"]["student"]["init_args"] = {"base": 2, "num_pools": 3}
-    cfg["model"]["teacher"]["init_args"]["checkpoint"] = str(teacher)
-    cfg["model"]["warmup_epochs"] = 0
-    cfg["data"]["init_args"].update(batch_size=32, val_size=500, augment=False)
-    path = tmp_path / "kd_tiny.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
 
 
 def trials(run_dir: Path, name: str = "sweep") -> list:
