@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from distill.cli import default_precision
+
 ROOT = Path(__file__).resolve().parents[1]
 TEACHERS = ("teacher", "teacher_seed1")
 STUDENTS = ("kd", "ensemble_kd", "student_ce")
@@ -76,7 +78,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher-epochs", type=int, default=30)
     parser.add_argument("--student-epochs", type=int, default=60)
-    parser.add_argument("--precision", default="32-true")
+    parser.add_argument("--precision", default=default_precision(), help="default: bf16-mixed on a GPU, else 32-true")
     parser.add_argument("--limit", type=float, default=1.0, help="fraction of training batches per epoch")
     parser.add_argument("--data-root", default=None)
     parser.add_argument("--teachers", nargs="*", default=list(TEACHERS), choices=TEACHERS, help="teachers to train")

@@ -45,7 +45,7 @@ def split_fingerprint(dataset: TensorImageDataset) -> str:
     """SHA-256 of a split's images and of its (deterministic) transform."""
     t = dataset.transform
     digest = hashlib.sha256(repr((t.mean.tolist(), t.std.tolist(), t.resize, tuple(dataset.images.shape))).encode())
-    digest.update(dataset.images.contiguous().numpy().tobytes())
+    digest.update(dataset.images.cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 
@@ -106,7 +106,8 @@ class TeacherLogitCache(Callback):
                 continue
             teacher_key = teacher_key or teacher_fingerprint(teacher)
             key = hashlib.sha256((teacher_key + split_fingerprint(dataset)).encode()).hexdigest()[:32]
-            dataset.teacher_logits = self._load_or_compute(key, teacher, dataset, trainer, pl_module, split)
+            logits = self._load_or_compute(key, teacher, dataset, trainer, pl_module, split)
+            dataset.teacher_logits = logits.to(dataset.device)  # on the GPU with the images, if they are there
 
     def _load_or_compute(
         self,

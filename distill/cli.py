@@ -19,7 +19,7 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 
 from distill.module import DistillModule
 
-__all__ = ["JOBS", "DistillCLI", "main"]
+__all__ = ["JOBS", "DistillCLI", "default_precision", "main"]
 
 
 class _ArgumentParser(LightningArgumentParser):
@@ -34,10 +34,21 @@ class _ArgumentParser(LightningArgumentParser):
         return super().add_function_arguments(function, *args, **kwargs)
 
 
+def default_precision() -> str:
+    """``bf16-mixed`` where a GPU with bfloat16 is present, else ``32-true`` (CPUs stay float32)."""
+    import torch
+
+    return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+
+
 class DistillCLI(LightningCLI):
-    """LightningCLI for :class:`DistillModule` with any datamodule, linking data shape into the student."""
+    """LightningCLI for :class:`DistillModule` with any datamodule, linking data shape into the student.
+
+    ``trainer.precision`` defaults to :func:`default_precision` (a config or ``--trainer.precision`` wins).
+    """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("trainer_defaults", {"precision": default_precision()})
         kwargs.setdefault("parser_class", _ArgumentParser)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("auto_configure_optimizers", False)

@@ -41,11 +41,16 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(groups: Iterable[dict], name: str, lr: float, momentum: float = 0.9) -> torch.optim.Optimizer:
-    """An optimizer by name: ``sgd`` (Nesterov momentum), ``adamw`` or ``adam``."""
+    """An optimizer by name: ``sgd`` (Nesterov momentum), ``adamw`` or ``adam``.
+
+    On CUDA the fused implementation is used (one kernel per step instead of one per tensor).
+    """
+    groups = list(groups)
+    fused = all(p.is_cuda for g in groups for p in g["params"]) and any(g["params"] for g in groups)
     if name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0)
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum, nesterov=momentum > 0, fused=fused or None)
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr)
+        return torch.optim.AdamW(groups, lr=lr, fused=fused or None)
     if name == "adam":
-        return torch.optim.Adam(groups, lr=lr)
+        return torch.optim.Adam(groups, lr=lr, fused=fused or None)
     raise ValueError(f"Unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")

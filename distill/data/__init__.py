@@ -8,12 +8,20 @@ from distill.data.cifar import CIFAR10DataModule, CIFAR100DataModule
 from distill.data.fashion_mnist import FashionMNISTDataModule, read_idx
 from distill.data.folder import ImageFolderDataModule
 from distill.data.locate import locate_dataset
-from distill.data.memory import BatchTransform, InMemoryDataModule, TensorImageDataset, random_crop, random_hflip
+from distill.data.memory import (
+    BatchTransform,
+    DeviceBatches,
+    InMemoryDataModule,
+    TensorImageDataset,
+    random_crop,
+    random_hflip,
+)
 
 __all__ = [
     "BatchTransform",
     "CIFAR10DataModule",
     "CIFAR100DataModule",
+    "DeviceBatches",
     "FashionMNISTDataModule",
     "ImageFolderDataModule",
     "InMemoryDataModule",

@@ -35,6 +35,8 @@ class _CIFARDataModule(InMemoryDataModule):
         resize: resize to ``resize`` x ``resize``.
         num_workers: DataLoader worker processes.
         split_seed: seed of the train/validation split.
+        on_device: keep the splits on the GPU and build batches there (``None``: when training on a GPU
+            and they fit in a quarter of its free memory; ``False``: CPU memory and DataLoaders).
     """
 
     in_chans = 3
@@ -59,8 +61,9 @@ class _CIFARDataModule(InMemoryDataModule):
         resize: int | None = None,
         num_workers: int = 0,
         split_seed: int = 0,
+        on_device: bool | None = None,
     ) -> None:
-        super().__init__(batch_size, eval_batch_size, val_size, augment, resize, num_workers, split_seed)
+        super().__init__(batch_size, eval_batch_size, val_size, augment, resize, num_workers, split_seed, on_device)
         self.root = root
         self.download = download
         self.verify_checksums = verify_checksums

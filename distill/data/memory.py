@@ -2,19 +2,27 @@
 
 Small datasets (Fashion-MNIST, CIFAR) fit in memory many times over. Gathering a batch by indexing
 one tensor, then cropping, flipping and normalising it with tensor ops, avoids per-sample Python
-and PIL; the same code runs on the GPU.
+and PIL. On a GPU the splits can live in device memory (:class:`DeviceBatches`): each batch is then
+one gather and a few elementwise kernels, with no host-to-device copy and no DataLoader.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from pytorch_lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
-__all__ = ["BatchTransform", "InMemoryDataModule", "TensorImageDataset", "random_crop", "random_hflip"]
+__all__ = [
+    "BatchTransform",
+    "DeviceBatches",
+    "InMemoryDataModule",
+    "TensorImageDataset",
+    "random_crop",
+    "random_hflip",
+]
 
 
 def random_crop(images: torch.Tensor, padding: int) -> torch.Tensor:
@@ -69,8 +77,10 @@ class BatchTransform:
                 images = random_crop(images, self.padding)
             if self.flip:
                 images = random_hflip(images)
+        if self.mean.device != images.device:  # moved once, not per batch
+            self.mean, self.std = self.mean.to(images.device), self.std.to(images.device)
         x = images.float().div_(255.0)
-        x = (x - self.mean.to(x.device)) / self.std.to(x.device)
+        x = (x - self.mean) / self.std
         if self.resize is not None and x.shape[-2:] != (self.resize, self.resize):
             x = F.interpolate(x, size=(self.resize, self.resize), mode="bilinear", align_corners=False)
         return x
@@ -97,8 +107,19 @@ class TensorImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, ...]:
-        index = torch.as_tensor(indices, dtype=torch.long)
+    @property
+    def device(self) -> torch.device:
+        return self.images.device
+
+    def to(self, device: torch.device | str) -> TensorImageDataset:
+        """Move the images, labels and any cached teacher logits to ``device`` (in place)."""
+        self.images, self.labels = self.images.to(device), self.labels.to(device)
+        if self.teacher_logits is not None:
+            self.teacher_logits = self.teacher_logits.to(device)
+        return self
+
+    def __getitems__(self, indices: Sequence[int] | torch.Tensor) -> tuple[torch.Tensor, ...]:
+        index = torch.as_tensor(indices, dtype=torch.long, device=self.images.device)
         batch = (self.transform(self.images[index]), self.labels[index])
         return batch if self.teacher_logits is None else (*batch, self.teacher_logits[index])
 
@@ -109,6 +130,51 @@ class TensorImageDataset(Dataset):
 def collate_batch(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     """The batch from :meth:`TensorImageDataset.__getitems__` is already collated."""
     return batch
+
+
+class DeviceBatches:
+    """Batches of a :class:`TensorImageDataset` that lives on the device: a drop-in for its DataLoader.
+
+    Each epoch draws from torch's global generator exactly as a DataLoader does (its workers' base
+    seed, then ``RandomSampler``'s seed for one ``randperm`` on the CPU), so with augmentation off it
+    yields the same batches in the same order as the DataLoader path and leaves the generator in the
+    same state. Each batch is one index op on the device
+    plus the batched transform. Under DDP each process takes every ``world_size``-th index of the
+    permutation (padded to equal length, as ``DistributedSampler`` does).
+    """
+
+    def __init__(
+        self, dataset: TensorImageDataset, batch_size: int, shuffle: bool, rank: int = 0, world_size: int = 1
+    ) -> None:
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.rank = rank
+        self.world_size = world_size
+
+    def _num_samples(self) -> int:
+        return -(-len(self.dataset) // self.world_size)
+
+    def __len__(self) -> int:
+        return -(-self._num_samples() // self.batch_size)
+
+    def _order(self) -> torch.Tensor:
+        n = len(self.dataset)
+        torch.empty((), dtype=torch.int64).random_()  # the DataLoader iterator's base seed, unused here
+        if self.shuffle:  # the same draws as torch.utils.data.RandomSampler
+            seed = int(torch.empty((), dtype=torch.int64).random_().item())
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        else:
+            order = torch.arange(n)
+        if self.world_size > 1:
+            total = self._num_samples() * self.world_size
+            order = torch.cat([order, order[: total - n]])[self.rank :: self.world_size]
+        return order.to(self.dataset.device)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+        order = self._order()
+        for start in range(0, len(order), self.batch_size):
+            yield self.dataset.__getitems__(order[start : start + self.batch_size])
 
 
 class InMemoryDataModule(LightningDataModule):
@@ -127,6 +193,10 @@ class InMemoryDataModule(LightningDataModule):
         resize: resize images to ``resize`` x ``resize`` (e.g. 224 for ImageNet-sized teachers).
         num_workers: DataLoader worker processes (batches are built with tensor ops; 0 is usually fastest).
         split_seed: seed of the train/validation split.
+        on_device: keep the splits in the training device's memory and build batches there
+            (:class:`DeviceBatches`, also on the CPU). ``None`` (default): yes when training on a GPU and
+            the splits take less than a quarter of its free memory, decided at setup; ``False``: CPU
+            memory and DataLoaders.
     """
 
     num_classes: int
@@ -146,6 +216,7 @@ class InMemoryDataModule(LightningDataModule):
         resize: int | None = None,
         num_workers: int = 0,
         split_seed: int = 0,
+        on_device: bool | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
@@ -161,6 +232,9 @@ class InMemoryDataModule(LightningDataModule):
         self.resize = resize
         self.num_workers = num_workers
         self.split_seed = split_seed
+        self.on_device = on_device
+        self.device = torch.device("cpu")  # where the splits are; set at setup
+        self.batches_on_device = False  # DeviceBatches rather than DataLoaders; set at setup
         self.train_set: TensorImageDataset | None = None
         self.val_set: TensorImageDataset | None = None
         self.test_set: TensorImageDataset | None = None
@@ -203,10 +277,32 @@ class InMemoryDataModule(LightningDataModule):
             self.val_set = TensorImageDataset(images[val_idx], labels[val_idx], self.transform(train=False))
         if stage in (None, "test", "predict") and self.test_set is None:
             self.test_set = TensorImageDataset(*self.load_split(train=False), self.transform(train=False))
+        self.device = self._target_device()
+        self.batches_on_device = self.device.type != "cpu" or bool(self.on_device)
+        for dataset in (self.train_set, self.val_set, self.test_set):
+            if dataset is not None:
+                dataset.to(self.device)
 
-    def _loader(self, dataset: TensorImageDataset | None, train: bool) -> DataLoader:
+    def _target_device(self) -> torch.device:
+        """Where the splits go: the trainer's device when ``on_device`` says so, else the CPU."""
+        trainer = self.trainer
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        on_device = self.on_device
+        if on_device is None:
+            on_device = False
+            if device.type == "cuda":
+                size = sum(d.images.nbytes for d in (self.train_set, self.val_set, self.test_set) if d is not None)
+                on_device = size < torch.cuda.mem_get_info(device)[0] / 4
+        return device if on_device else torch.device("cpu")
+
+    def _loader(self, dataset: TensorImageDataset | None, train: bool) -> DataLoader | DeviceBatches:
         if dataset is None:
             raise RuntimeError(f"{type(self).__name__}.setup() has not been called for this split")
+        if self.batches_on_device:
+            trainer = self.trainer
+            rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+            size = self.batch_size if train else self.eval_batch_size
+            return DeviceBatches(dataset, size, shuffle=train, rank=rank, world_size=world)
         return DataLoader(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
@@ -216,14 +312,14 @@ class InMemoryDataModule(LightningDataModule):
             collate_fn=collate_batch,
         )
 
-    def train_dataloader(self) -> DataLoader:
+    def train_dataloader(self) -> DataLoader | DeviceBatches:
         return self._loader(self.train_set, train=True)
 
-    def val_dataloader(self) -> DataLoader:
+    def val_dataloader(self) -> DataLoader | DeviceBatches:
         return self._loader(self.val_set, train=False)
 
-    def test_dataloader(self) -> DataLoader:
+    def test_dataloader(self) -> DataLoader | DeviceBatches:
         return self._loader(self.test_set, train=False)
 
-    def predict_dataloader(self) -> DataLoader:
+    def predict_dataloader(self) -> DataLoader | DeviceBatches:
         return self._loader(self.test_set, train=False)

@@ -220,11 +220,11 @@ class ChannelPruning(Callback):
         data = trainer.datamodule
         if data is not None and hasattr(data, "input_size") and hasattr(data, "in_chans"):
             return torch.zeros(1, data.in_chans, *data.input_size, device=device)
-        x, _ = next(iter(trainer.train_dataloader))
+        x = next(iter(trainer.train_dataloader))[0]
         return torch.zeros_like(x[:1], device=device)
 
     def _batches(self, trainer: pl.Trainer, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for i, (x, y) in enumerate(trainer.train_dataloader):
+        for i, (x, y, *_) in enumerate(trainer.train_dataloader):  # a third entry: cached teacher logits
             if i == self.num_batches:
                 return
             yield x.to(device), y.to(device)
@@ -281,6 +281,8 @@ class ChannelPruning(Callback):
         plan = trainer.strategy.broadcast(plan, src=0)
         report = prune_student(student, x, plan=plan, ignored_layers=self.ignored_layers)
         self.reports.append(report)
+        if callable(getattr(pl_module, "prepare_models", None)):
+            pl_module.prepare_models()  # new weight tensors: channels_last again
         self._rebuild_training_state(trainer)
         pl_module.log("prune/params", float(report.params_after), sync_dist=False)
         pl_module.log("prune/macs", float(report.macs_after), sync_dist=False)
