@@ -2,7 +2,7 @@
 # The GPU numbers of benchmarks/RESULTS.md (issues 4, 5 and 6), in stages, on one machine:
 #   bash benchmarks/gpu_numbers.sh speed    # throughput.py and latency.py
 #   bash benchmarks/gpu_numbers.sh train    # the teacher, then the KD student (configs/fmnist/{teacher,kd}.yaml)
-#   bash benchmarks/gpu_numbers.sh sweep    # both temperature sweeps, 4 workers each, beside ...
+#   bash benchmarks/gpu_numbers.sh sweep    # both temperature sweeps, 6 workers each, beside ...
 #                                           # ... prune-distill to 100k and to 50k (needs `train`)
 # Each stage skips what is already done (the sweeps and prune-distill resume). Logs go to runs/logs/;
 # when $OUT is set (the project's GPU tool), the tables and plots are copied there.
@@ -12,7 +12,9 @@ mkdir -p runs/logs
 # Every process is Python-bound on the CPU: a few threads each, or parallel runs stall one another.
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} PYTHONUNBUFFERED=1
 distill=(python -m distill.cli)
-collect() { [ -n "${OUT:-}" ] && cp "$@" "$OUT"/ 2>/dev/null || true; }
+collect() {  # into $OUT, named after their path: runs/fmnist/kd/x.csv -> kd_x.csv
+  if [ -n "${OUT:-}" ]; then for f in "$@"; do cp "$f" "$OUT/$(echo "${f#runs/fmnist/}" | tr / _)"; done; fi
+}
 
 for stage in "$@"; do
   case $stage in
@@ -26,32 +28,28 @@ for stage in "$@"; do
     [ -f runs/fmnist/kd/best.ckpt ] || python benchmarks/fmnist_recipes.py --teachers teacher --students kd 2>&1 | tee runs/logs/train.log
     ;;
   sweep)
-    pids=()
-    for config in sweep_temperature sweep_temperature_w050; do
-      for worker in 1 2 3 4; do
-        "${distill[@]}" sweep --config configs/fmnist/$config.yaml >runs/logs/$config.$worker.log 2>&1 &
-        pids+=($!)
-        sleep 2
-      done
+    # SWEEP_OVERRIDES / SWEEP_OVERRIDES_W050 replace the configs' overrides (e.g. fewer epochs), PRUNE_ARGS
+    # adds options to prune-distill; benchmarks/RESULTS.md gives the values of each recorded run.
+    opts=() opts05=()
+    [ -n "${SWEEP_OVERRIDES:-}" ] && opts=(--overrides "$SWEEP_OVERRIDES")
+    [ -n "${SWEEP_OVERRIDES_W050:-}" ] && opts05=(--overrides "$SWEEP_OVERRIDES_W050")
+    for worker in 1 2 3 4 5 6; do
+      "${distill[@]}" sweep --config configs/fmnist/sweep_temperature.yaml "${opts[@]}" >runs/logs/s10.$worker.log 2>&1 &
+      "${distill[@]}" sweep --config configs/fmnist/sweep_temperature_w050.yaml "${opts05[@]}" >runs/logs/s05.$worker.log 2>&1 &
+      sleep 1
     done
-    "${distill[@]}" prune-distill --config configs/fmnist/prune_distill.yaml >runs/logs/prune_100k.log 2>&1 &
-    pids+=($!)
-    "${distill[@]}" prune-distill --config configs/fmnist/prune_distill.yaml --target_params 50000 \
-      --run_dir runs/fmnist/prune_distill_50k >runs/logs/prune_50k.log 2>&1 &
-    pids+=($!)
-    status=0
-    for pid in "${pids[@]}"; do wait "$pid" || status=1; done
+    # shellcheck disable=SC2086
+    "${distill[@]}" prune-distill --config configs/fmnist/prune_distill.yaml ${PRUNE_ARGS:-} >runs/logs/p100.log 2>&1 &
+    # shellcheck disable=SC2086
+    "${distill[@]}" prune-distill --config configs/fmnist/prune_distill.yaml ${PRUNE_ARGS:-} --target_params 50000 \
+      --run_dir runs/fmnist/prune_distill_50k >runs/logs/p50.log 2>&1 &
+    wait || true
     for run in sweep_temperature sweep_temperature_w050; do
-      cat runs/fmnist/$run/sweep.md 2>/dev/null || tail -n 5 runs/logs/$run.1.log
-      for f in sweep.csv sweep.png; do [ -f runs/fmnist/$run/$f ] && cp runs/fmnist/$run/$f runs/logs/$run.$f; done
+      cat runs/fmnist/$run/sweep.md && collect runs/fmnist/$run/sweep.csv runs/fmnist/$run/sweep.png
     done
-    for run in prune_distill:100k prune_distill_50k:50k; do
-      log=runs/logs/prune_${run#*:}.log run=${run%:*}
-      cat runs/fmnist/$run/summary.md 2>/dev/null || tail -n 5 "$log"
-      for f in rounds.csv pareto.png; do [ -f runs/fmnist/$run/$f ] && cp runs/fmnist/$run/$f runs/logs/$run.$f; done
+    for run in prune_distill prune_distill_50k; do
+      cat runs/fmnist/$run/summary.md && collect runs/fmnist/$run/rounds.csv runs/fmnist/$run/pareto.png
     done
-    collect runs/logs/*.csv runs/logs/*.png
-    exit $status
     ;;
   *) echo "unknown stage $stage (speed, train, sweep)" >&2; exit 2 ;;
   esac
