@@ -210,14 +210,16 @@ class DistillModule(LightningModule):
         """One batch: the loss terms and accuracies are accumulated on the device, logged once per epoch.
 
         Each ``self.log`` call costs Lightning about half a millisecond of Python, more than a whole
-        StudentNet step on a GPU; only the training loss is logged per step (for the progress bar).
+        StudentNet step on a GPU; only the training loss is logged during the epoch, every
+        ``log_every_n_steps`` steps (when the loggers write too), for the progress bar.
         """
         x, y, *cached = batch  # a third entry: teacher logits served by distill.cache.TeacherLogitCache
         x = x.contiguous(memory_format=self.memory_format)
         teacher_logits = cached[0] if cached else (self.teacher(x) if self.teacher is not None else None)
         logits = self.student(x)
         terms = self.loss(logits, teacher_logits, y)
-        if stage == "train":
+        if stage == "train" and (self.global_step + 1) % self._log_every == 0:  # the steps the loggers write
+            # Shown by the progress bar, which reads it as a Python float: a GPU sync, so not at every step.
             self.log("train/loss_step", terms["loss"].detach(), prog_bar=True, on_step=True, on_epoch=False)
         sums = self._epoch_sums.setdefault(stage, {})
         for name, value in terms.items():
@@ -227,6 +229,10 @@ class DistillModule(LightningModule):
         if teacher_logits is not None and stage != "train":
             self.metrics[f"teacher_{stage}"].update(teacher_logits, y)
         return terms["loss"]
+
+    @property
+    def _log_every(self) -> int:
+        return max(1, self._trainer.log_every_n_steps) if self._trainer is not None else 1
 
     def _log_epoch(self, stage: str) -> None:
         """Log the epoch's mean loss terms and accuracies as ``{stage}/loss``, ``{stage}/acc``, ..."""

@@ -161,3 +161,34 @@ def test_held_teacher_moves_and_casts_with_the_module(teacher_checkpoint: Path):
     model.double()
     assert next(model.teacher.parameters()).dtype == torch.float64
     assert next(model.student.parameters()).dtype == torch.float64
+
+
+def test_step_loss_is_logged_at_the_loggers_steps_and_epoch_means_once(tmp_path: Path):
+    """Logging is per epoch (one log call per step costs ~0.5 ms); the step loss only where loggers write."""
+    import csv
+
+    import pytorch_lightning as pl
+    from pytorch_lightning.loggers import CSVLogger
+
+    class StepLosses(pl.Callback):
+        def __init__(self) -> None:
+            self.losses: list[float] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.losses.append(float(outputs["loss"]))
+
+    spy = StepLosses()
+    model = DistillModule(student(), lr=0.01)
+    logger = CSVLogger(tmp_path, name="", version="v")
+    trainer = tiny_trainer(
+        tmp_path, limit_train_batches=10, limit_val_batches=0, log_every_n_steps=3, logger=logger, callbacks=[spy]
+    )
+    trainer.fit(model, datamodule=fmnist())
+    rows = list(csv.DictReader((tmp_path / "v" / "metrics.csv").read_text().splitlines()))
+    step_rows = {int(r["step"]): float(r["train/loss_step"]) for r in rows if r["train/loss_step"]}
+    assert list(step_rows) == [2, 5, 8]
+    for step, value in step_rows.items():
+        assert value == pytest.approx(spy.losses[step], rel=1e-6)
+    epoch_rows = [r for r in rows if r["train/loss"]]
+    assert len(epoch_rows) == 1  # one row of epoch means
+    assert float(epoch_rows[0]["train/loss"]) == pytest.approx(sum(spy.losses) / 10, rel=1e-5)  # equal batches
