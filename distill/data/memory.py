@@ -138,9 +138,9 @@ class DeviceBatches:
     Each epoch draws from torch's global generator exactly as a DataLoader does (its workers' base
     seed, then ``RandomSampler``'s seed for one ``randperm`` on the CPU), so with augmentation off it
     yields the same batches in the same order as the DataLoader path and leaves the generator in the
-    same state. Each batch is one index op on the device
-    plus the batched transform. Under DDP each process takes every ``world_size``-th index of the
-    permutation (padded to equal length, as ``DistributedSampler`` does).
+    same state. Each batch is one index op on the device plus the batched transform. Under DDP each
+    process takes every ``world_size``-th index of the permutation (padded to equal length, as
+    ``DistributedSampler`` does).
     """
 
     def __init__(
