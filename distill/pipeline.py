@@ -52,6 +52,7 @@ def prune_distill(
     rounds: int = 5,
     max_rounds: int = 50,
     global_ranking: bool = False,
+    ignored_layers: list[str] | None = None,
     min_fraction: float = 0.1,
     round_to: int = 1,
     epochs_per_round: int = 3,
@@ -83,6 +84,8 @@ def prune_distill(
         rounds: rounds of the geometric schedule.
         max_rounds: give up (with an error) after so many rounds.
         global_ranking: rank channels across layers instead of the same ratio in every layer.
+        ignored_layers: student layers whose output channels are never pruned (e.g. StudentNet's
+            ``[cnn.0.0, cnn.1.3, cnn.2.3, cnn.7.3]``, the layers its ``width_mult`` leaves alone).
         min_fraction: every layer keeps at least this fraction of its channels before pruning started.
         round_to: kept channel counts are rounded up to a multiple of this.
         epochs_per_round: distillation epochs after each pruning step.
@@ -143,7 +146,8 @@ def prune_distill(
     start_size = size(student)
     if start_size <= target:
         raise ValueError(f"target {target:,} {unit} is not below the student's {start_size:,}: nothing to prune")
-    floors = job.floors(student, min_fraction)
+    ignored = list(ignored_layers or [])
+    floors = job.floors(student, min_fraction, ignored)
 
     # -------------------------------------------------------------------------- rounds
     done = job.rows_of("round")  # resuming: continue after the last finished round
@@ -156,7 +160,7 @@ def prune_distill(
             raise ValueError(f"the target was not met in max_rounds={max_rounds} rounds; raise it or the ratio")
         student = job.load(current)
         step = _round_step(schedule, size(student), start_size, target, k, rounds, ratio, target_params is not None)
-        pruned = job.prune(student, k, importance, step, global_ranking, floors, round_to)
+        pruned = job.prune(student, k, importance, step, global_ranking, floors, round_to, ignored)
         lr = None if lr_rewinding else (finetune_lr or float(base["model"].get("lr", 2e-3)) / 10)
         current = job.phase("round", k, epochs_per_round, pruned, lr=lr).checkpoint
     if final_epochs > 0:
@@ -209,8 +213,8 @@ class _Job:
     def remember_settings(self, settings: dict[str, Any]) -> None:
         settings = json.loads(json.dumps(settings, default=str))
         stored = self.state.get("settings")
-        if stored is not None and stored != settings:
-            changed = sorted(k for k in set(stored) | set(settings) if stored.get(k) != settings.get(k))
+        changed = sorted(k for k in set(stored or {}) | set(settings) if (stored or {}).get(k) != settings.get(k))
+        if stored is not None and changed:  # an option added since the run started reads as None there
             raise ValueError(
                 f"{self.out} holds a prune-distill run with other settings ({', '.join(changed)} changed). "
                 f"Use a new run_dir, or rerun with the original settings to resume it."
@@ -266,10 +270,10 @@ class _Job:
             self._record(key, 0, "start", epochs, str(copy_path), student, val_acc=float("nan"), test_acc=float("nan"))
         return self.state["phases"][key]["checkpoint"]
 
-    def floors(self, student: torch.nn.Module, min_fraction: float) -> dict[str, int]:
+    def floors(self, student: torch.nn.Module, min_fraction: float, ignored: list[str]) -> dict[str, int]:
         from distill.pruning import channel_groups
 
-        groups = channel_groups(student, self.example_input())
+        groups = channel_groups(student, self.example_input(), ignored)
         return {name: max(1, math.ceil(min_fraction * len(g[0][1]))) for name, g in groups.items()}
 
     def prune(
@@ -281,6 +285,7 @@ class _Job:
         global_ranking: bool,
         floors: dict[str, int],
         round_to: int,
+        ignored: list[str],
     ) -> str:
         from distill.pruning import prune_student
         from students import save_student
@@ -296,10 +301,11 @@ class _Job:
             global_ranking=global_ranking,
             min_channels=floors,
             round_to=round_to,
+            ignored_layers=ignored,
             data=batches,
             **step,
         )
-        return str(save_student(student, self.out / f"round{k}" / "pruned.ckpt"))
+        return str(save_student(student, self.out / f"round{k}_pruned.ckpt"))  # not in round{k}/, the phase's folder
 
     # ------------------------------------------------------------------------ phases
     def phase(

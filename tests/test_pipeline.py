@@ -120,6 +120,7 @@ def test_a_killed_run_resumes_at_its_last_round_with_the_same_result(tmp_path: P
         ({"importance": "weights"}, ValueError, "Unknown importance criterion 'weights'"),
         ({"target_macs": 1000}, ValueError, "exactly one of target_params or target_macs"),
         ({"student_checkpoint": "nowhere.ckpt"}, FileNotFoundError, "Student checkpoint 'nowhere.ckpt' does not exist"),
+        ({"ignored_layers": ["cnn.9"]}, ValueError, r"ignored_layers names no layer of the student: \['cnn.9'\]"),
     ],
 )
 def test_bad_input(tmp_path: Path, small_teacher_checkpoint: Path, kwargs: dict, error: type, match: str):
@@ -134,6 +135,22 @@ def test_missing_teacher_and_changed_settings(tmp_path: Path, small_teacher_chec
     prune_distill(**settings)
     with pytest.raises(ValueError, match=r"other settings \(epochs_per_round changed\)"):
         prune_distill(**{**settings, "epochs_per_round": 2})
+    state_file = tmp_path / "run" / "state.json"  # a run started before an option existed still resumes
+    state = json.loads(state_file.read_text())
+    del state["settings"]["ignored_layers"]
+    state_file.write_text(json.dumps(state))
+    assert prune_distill(**settings)[-1]["phase"] == "round"
+
+
+def test_ignored_layers_keep_their_channels(tmp_path: Path, small_teacher_checkpoint: Path):
+    kept = ["cnn.0.0", "cnn.1.3", "cnn.2.3", "cnn.7.3"]  # the layers StudentNet's width_mult leaves alone
+    settings = options(tmp_path, small_teacher_checkpoint, rounds=1, final_epochs=0, baseline=False, export_onnx=False)
+    rows = prune_distill(**settings, ignored_layers=kept)
+    start = load_student(rows[0]["checkpoint"]).channels
+    pruned = load_student(tmp_path / "run" / "best_student.ckpt").channels
+    assert rows[-1]["params"] <= TARGET
+    assert [pruned[i] for i in (0, 1, 2, 7)] == [start[i] for i in (0, 1, 2, 7)]
+    assert all(pruned[i] < start[i] for i in range(3, 7))
 
 
 def test_export_command_checks_onnx_and_torchscript(tmp_path: Path, small_teacher_checkpoint: Path):
