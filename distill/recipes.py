@@ -104,6 +104,8 @@ def fit_recipe(cfg: dict[str, Any], config_path: Path) -> FitResult:
     start = time.time()
     with warnings.catch_warnings():  # the job's own argv is in sys.argv; the args given here are the run's
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        # The folder is the job's own, and the CLI has just saved config.yaml in it: not a stale run
+        warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
         cli = DistillCLI(args=["fit", "--config", str(config_path)])
     wall = time.time() - start
     checkpoint = cli.trainer.checkpoint_callback

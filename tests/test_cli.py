@@ -12,6 +12,7 @@ import yaml
 
 from distill import DistillModule
 from distill.cli import DistillCLI, main
+from students import load_student
 from teachers import FrozenTeacher, TeacherEnsemble
 
 ROOT = Path(__file__).parents[1]
@@ -120,3 +121,14 @@ def test_quickstart_end_to_end(tmp_path: Path):
     for name in ("pareto.png", "rounds.csv", "best_student.onnx", "best_student.ckpt"):
         assert (tmp_path / "qs" / "prune_distill" / name).is_file()
     assert (tmp_path / "qs" / "student.yaml").is_file() and (tmp_path / "qs" / "student" / "config.yaml").is_file()
+
+    # benchmarks/prune_recovery.py runs on a quickstart's output (a smoke run: its numbers are in RESULTS.md)
+    args = ["--quickstart", str(tmp_path / "qs"), "--start-epochs", "1", "--extra-epochs", "2"]
+    args += ["--target-params", "150000", "--variants", "rounds_finetune", "oneshot_rewind_seed_layers"]
+    args += ["--out", str(tmp_path / "recovery")]
+    subprocess.run([sys.executable, "benchmarks/prune_recovery.py", *args], capture_output=True, check=True, cwd=ROOT)
+    table = (tmp_path / "recovery" / "table.md").read_text().splitlines()
+    rows = [line.split("|")[1].strip() for line in table if line.startswith("| ") and "variant" not in line]
+    assert rows == ["rounds_finetune", "oneshot_rewind_seed_layers", "thin StudentNet, KD from scratch, 3 epochs"]
+    kept = load_student(tmp_path / "recovery" / "oneshot_rewind_seed_layers" / "best_student.ckpt").channels
+    assert [kept[i] for i in (0, 1, 2, 7)] == [16, 32, 64, 256] and kept[3] < 128  # the thin net's layout

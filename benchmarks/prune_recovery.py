@@ -1,0 +1,136 @@
+"""How to recover after pruning: prune-distill schedules against the thin StudentNet, at equal epochs.
+
+Run after ``distill quickstart`` (it uses that run's teacher, student recipe and teacher-logit cache):
+
+    python benchmarks/prune_recovery.py                                     # the quickstart's 3-epoch student
+    python benchmarks/prune_recovery.py --start-epochs 15 --extra-epochs 10 # a longer regime
+    python benchmarks/prune_recovery.py --variants rounds_rewind taylor      # a subset
+
+Every variant starts from the same KD student (``--start-epochs`` of the quickstart's student recipe,
+seed 0) and spends ``--extra-epochs`` more epochs pruning to ``--target-params`` and distilling, with
+``distill prune-distill``. The thin StudentNet of the same size is prune-distill's own baseline: distilled
+from scratch for the start's epochs plus the extra ones. The table gives each variant's best student
+under the target (chosen on validation) and its test-accuracy gap to the thin net.
+
+The variants (``--extra-epochs E``, ``e = max(1, E // 5)``):
+
+- ``rounds_finetune``: 2 geometric rounds of ``e`` epochs at a tenth of the learning rate, then ``E - 2e``
+  final epochs with the recipe's schedule (the shape of ``configs/fmnist/prune_distill.yaml``);
+- ``rounds_rewind``: the same with learning-rate rewinding in the rounds (Renda et al. 2020);
+- ``oneshot_rewind``: one pruning step, then all ``E`` epochs in one phase with the recipe's schedule;
+- ``oneshot_rewind_seed_layers``: the same, pruning only the layers StudentNet's ``width_mult`` scales, so
+  the result has the thin net's layout (a test of inheriting weights alone);
+- ``taylor``, ``global_l1``: ``oneshot_rewind`` with the Taylor criterion, or with one l1 ranking across layers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from distill.pipeline import prune_distill
+from distill.recipes import fit_recipe, load_recipe, relocate
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SEED_LAYERS = ["cnn.0.0", "cnn.1.3", "cnn.2.3", "cnn.7.3"]  # what StudentNet's width_mult leaves alone
+VARIANTS = (
+    "rounds_finetune",
+    "rounds_rewind",
+    "oneshot_rewind",
+    "oneshot_rewind_seed_layers",
+    "taylor",
+    "global_l1",
+)
+DEFAULT_VARIANTS = VARIANTS[:4]
+
+
+def variant_options(name: str, extra: int) -> dict[str, Any]:
+    """The prune_distill arguments of a variant that spends ``extra`` epochs after the start."""
+    e = max(1, extra // 5)
+    oneshot = {"rounds": 1, "epochs_per_round": extra, "final_epochs": 0, "lr_rewinding": True}
+    return {
+        "rounds_finetune": {"rounds": 2, "epochs_per_round": e, "final_epochs": extra - 2 * e},
+        "rounds_rewind": {"rounds": 2, "epochs_per_round": e, "final_epochs": extra - 2 * e, "lr_rewinding": True},
+        "oneshot_rewind": oneshot,
+        "oneshot_rewind_seed_layers": {**oneshot, "ignored_layers": SEED_LAYERS},
+        "taylor": {**oneshot, "importance": "taylor"},
+        "global_l1": {**oneshot, "global_ranking": True},
+    }[name]
+
+
+def start_student(args: argparse.Namespace, out: Path) -> str:
+    """The KD student every variant starts from: the quickstart's, or the same recipe for more epochs."""
+    recipe = load_recipe(args.quickstart / "student.yaml")
+    if args.start_epochs == recipe["trainer"]["max_epochs"]:
+        return str(args.quickstart / "student" / "best.ckpt")
+    cfg = relocate(recipe, out / "start")
+    cfg["trainer"]["max_epochs"] = args.start_epochs
+    cfg["trainer"]["enable_progress_bar"] = False
+    done = out / "start" / "best.ckpt"
+    return str(done) if done.is_file() else fit_recipe(cfg, out / "start.yaml").checkpoint
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quickstart", type=Path, default=ROOT / "runs" / "quickstart", help="distill quickstart run")
+    parser.add_argument("--start-epochs", type=int, default=3, help="KD epochs of the starting student")
+    parser.add_argument("--extra-epochs", type=int, default=3, help="epochs each variant spends after the start")
+    parser.add_argument("--target-params", type=int, default=100_000)
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(DEFAULT_VARIANTS))
+    parser.add_argument("--out", type=Path, default=None, help="default: runs/prune_recovery/s{start}_e{extra}")
+    args = parser.parse_args()
+    if not (args.quickstart / "student.yaml").is_file():
+        parser.error(f"{args.quickstart}/student.yaml not found: run `distill quickstart` first, or pass --quickstart")
+    if args.extra_epochs < 2:
+        parser.error("--extra-epochs must be at least 2 (a round and a final epoch)")
+    out = (args.out or ROOT / "runs" / "prune_recovery" / f"s{args.start_epochs}_e{args.extra_epochs}").resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    args.quickstart = args.quickstart.resolve()
+    os.chdir(ROOT)  # the quickstart's recipe names its logit cache relative to the repository root
+    start = start_student(args, out)
+
+    results: dict[str, dict[str, Any]] = {}
+    thin = None
+    for i, name in enumerate(args.variants):
+        rows = prune_distill(
+            recipe=str(args.quickstart / "student.yaml"),  # its TeacherLogitCache serves every run
+            student_checkpoint=start,
+            target_params=args.target_params,
+            baseline=i == 0,
+            export_onnx=False,
+            cache_teacher_logits=False,
+            run_dir=str(out / name),
+            **variant_options(name, args.extra_epochs),
+        )
+        under = [r for r in rows if r["phase"] in ("round", "final") and r["params"] <= args.target_params]
+        results[name] = max(under, key=lambda r: (r["val_acc"], r["round"]))
+        thin = thin or next((r for r in rows if r["phase"] == "baseline"), None)
+        shutil.rmtree(out / name / "cache", ignore_errors=True)
+
+    start_row = rows[0]
+    lines = [
+        f"Start: StudentNet 1.0, {start_row['params']:,} parameters, {start_row['epochs']} KD epochs; "
+        f"each variant {args.extra_epochs} more. Target {args.target_params:,} parameters.",
+        "",
+        "| variant | params | val acc | test acc | test vs thin (points) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, r in results.items():
+        gap = "-" if thin is None else f"{100 * (r['test_acc'] - thin['test_acc']):+.2f}"
+        lines.append(f"| {name} | {r['params']:,} | {r['val_acc']:.4f} | {r['test_acc']:.4f} | {gap} |")
+    if thin is not None:
+        lines.append(
+            f"| thin StudentNet, KD from scratch, {thin['epochs']} epochs | {thin['params']:,} | "
+            f"{thin['val_acc']:.4f} | {thin['test_acc']:.4f} | 0 |"
+        )
+    table = "\n".join(lines)
+    (out / "table.md").write_text(table + "\n")
+    print("\n" + table + f"\n\nWritten: {out / 'table.md'}")
+
+
+if __name__ == "__main__":
+    main()
