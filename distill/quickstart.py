@@ -37,6 +37,8 @@ def quickstart(
     epochs_per_round: int = 1,
     final_epochs: int = 1,
     importance: str = "l1",
+    lr_rewinding: bool = False,
+    ignored_layers: list[str] | None = None,
     batch_size: int = 256,
     augment: bool = False,
     limit_train_batches: float = 1.0,
@@ -62,6 +64,8 @@ def quickstart(
         epochs_per_round: distillation epochs after each pruning step.
         final_epochs: distillation epochs after the last round.
         importance: pruning criterion.
+        lr_rewinding: train each round with the recipe's own schedule instead of fine-tuning at lr / 10.
+        ignored_layers: student layers never pruned (StudentNet names, e.g. ``cnn.0.0``).
         batch_size: batch size of every run.
         augment: random crop and flip (the full recipes use them; short runs do better without).
         limit_train_batches: fraction (or number) of training batches per epoch, for smoke runs.
@@ -98,6 +102,8 @@ def quickstart(
         student_checkpoint=student.checkpoint,
         target_params=target_params,
         importance=importance,
+        lr_rewinding=lr_rewinding,
+        ignored_layers=ignored_layers,
         schedule="geometric",
         rounds=prune_rounds,
         epochs_per_round=epochs_per_round,
