@@ -11,10 +11,11 @@ from students.checkpoint import (
     save_student,
 )
 from students.registry import create_student, list_students, model_spec, register_student
-from students.studentnet import StudentNet, studentnet_channels
+from students.studentnet import UNSCALED_LAYERS, StudentNet, studentnet_channels
 from students.timm_models import adapt_resnet_to_small_input, create_timm_model
 
 __all__ = [
+    "UNSCALED_LAYERS",
     "StudentNet",
     "adapt_resnet_to_small_input",
     "build_student",

@@ -14,13 +14,16 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["StudentNet", "studentnet_channels"]
+__all__ = ["UNSCALED_LAYERS", "StudentNet", "studentnet_channels"]
 
 #: Width multipliers of the eight layers relative to ``base`` (seed 004).
 _MULTIPLIERS = (1, 2, 4, 8, 16, 16, 16, 16)
 #: Layers that ``width_mult`` scales (seed 004 scales bandwidth[3..6] only).
 _SCALED_LAYERS = range(3, 7)
 _MAX_POOLS = 4
+#: Names of the layers whose output channels ``width_mult`` leaves alone (the stem, blocks 0, 1 and 6):
+#: pruning all other layers of a StudentNet gives the layout of a thinner ``width_mult``.
+UNSCALED_LAYERS = ("cnn.0.0", "cnn.1.3", "cnn.2.3", "cnn.7.3")
 
 
 def studentnet_channels(base: int = 16, width_mult: float = 1.0) -> list[int]:

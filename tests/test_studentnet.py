@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from students import StudentNet, create_student, list_students, model_spec, studentnet_channels
+from students import UNSCALED_LAYERS, StudentNet, create_student, list_students, model_spec, studentnet_channels
 
 
 def n_params(model: torch.nn.Module) -> int:
@@ -28,6 +28,11 @@ def test_width_mult_scales_layers_3_to_6_only():
     assert n_params(model) == 91_211
     assert model.channels == [16, 32, 64, 64, 128, 128, 128, 256]
     assert studentnet_channels(16, 0.5) == model.channels
+    # UNSCALED_LAYERS names exactly the layers whose output width_mult leaves alone
+    wide = StudentNet()
+    unchanged = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d) and m.groups == 1}
+    unchanged = {n for n in unchanged if wide.get_submodule(n).out_channels == model.get_submodule(n).out_channels}
+    assert unchanged == set(UNSCALED_LAYERS)
 
 
 def test_rebuilds_from_channels_alone():
