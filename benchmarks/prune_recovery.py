@@ -8,11 +8,11 @@ Run after ``distill quickstart`` (it uses that run's teacher, student recipe and
 
 Every variant starts from the same KD student (``--start-epochs`` of the quickstart's student recipe,
 seed 0) and spends ``--extra-epochs`` more epochs pruning to ``--target-params`` and distilling, with
-``distill prune-distill``. The thin StudentNet of the same size is prune-distill's own baseline: distilled
-from scratch for the start's epochs plus the extra ones. The table gives each variant's best student
-under the target (chosen on validation) and its test-accuracy gap to the thin net. A last row trains
-that thin net for the extra epochs only: what a user who already has the trained student could do
-instead of pruning it.
+``distill prune-distill``. The thin StudentNet of the same size is prune-distill's own baseline (sized
+by the first variant listed), distilled from scratch for the start's epochs plus the extra ones. The
+table gives each variant's best student under the target (chosen on validation) and its test-accuracy
+gap to the thin net. A last row trains that thin net for the extra epochs only: what a user who
+already has the trained student could do instead of pruning it.
 
 The variants (``--extra-epochs E``, ``e = max(1, E // 5)``):
 
@@ -60,7 +60,7 @@ def variant_options(name: str, extra: int) -> dict[str, Any]:
     oneshot = {"rounds": 1, "epochs_per_round": extra, "final_epochs": 0, "lr_rewinding": True}
     rounds = {"rounds": 2, "epochs_per_round": e, "final_epochs": extra - 2 * e}
     return {
-        "rounds_finetune": rounds,
+        "rounds_finetune": {**rounds, "lr_rewinding": False},
         "rounds_rewind": {**rounds, "lr_rewinding": True},
         "oneshot_rewind": oneshot,
         "oneshot_rewind_seed_layers": {**oneshot, "ignored_layers": SEED_LAYERS},
@@ -98,13 +98,17 @@ def main() -> None:
     parser.add_argument("--extra-epochs", type=int, default=3, help="epochs each variant spends after the start")
     parser.add_argument("--target-params", type=int, default=100_000)
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(DEFAULT_VARIANTS))
-    parser.add_argument("--out", type=Path, default=None, help="default: runs/prune_recovery/s{start}_e{extra}")
+    parser.add_argument("--seed", type=int, default=0, help="prune-distill's seed (the start student stays the same)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="default: runs/prune_recovery/s{start}_e{extra}[_seed{seed}]"
+    )
     args = parser.parse_args()
     if not (args.quickstart / "student.yaml").is_file():
         parser.error(f"{args.quickstart}/student.yaml not found: run `distill quickstart` first, or pass --quickstart")
     if args.extra_epochs < 2:
         parser.error("--extra-epochs must be at least 2 (a round and a final epoch)")
-    out = (args.out or ROOT / "runs" / "prune_recovery" / f"s{args.start_epochs}_e{args.extra_epochs}").resolve()
+    name = f"s{args.start_epochs}_e{args.extra_epochs}" + (f"_seed{args.seed}" if args.seed else "")
+    out = (args.out or ROOT / "runs" / "prune_recovery" / name).resolve()
     out.mkdir(parents=True, exist_ok=True)
     args.quickstart = args.quickstart.resolve()
     os.chdir(ROOT)  # the quickstart's recipe names its logit cache relative to the repository root
@@ -121,6 +125,7 @@ def main() -> None:
             export_onnx=False,
             cache_teacher_logits=False,
             run_dir=str(out / name),
+            seed=args.seed,
             **variant_options(name, args.extra_epochs),
         )
         under = [r for r in rows if r["phase"] in ("round", "final") and r["params"] <= args.target_params]

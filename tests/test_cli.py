@@ -136,5 +136,7 @@ def test_quickstart_end_to_end(tmp_path: Path):
         f"{thin}, 3 epochs",
         f"{thin}, 2 epochs (the variants' extra epochs only)",
     ]
+    settings = yaml.safe_load((tmp_path / "recovery" / "rounds_finetune" / "prune_distill.yaml").read_text())
+    assert settings["lr_rewinding"] is False and settings["rounds"] == 2  # the variant is what its name says
     kept = load_student(tmp_path / "recovery" / "oneshot_rewind_seed_layers" / "best_student.ckpt").channels
     assert [kept[i] for i in (0, 1, 2, 7)] == [16, 32, 64, 256] and kept[3] < 128  # the thin net's layout
