@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -131,7 +130,6 @@ def main() -> None:
         under = [r for r in rows if r["phase"] in ("round", "final") and r["params"] <= args.target_params]
         results[name] = max(under, key=lambda r: (r["val_acc"], r["round"]))
         thin = thin or next((r for r in rows if r["phase"] == "baseline"), None)
-        shutil.rmtree(out / name / "cache", ignore_errors=True)
 
     short = thin_for_extra_epochs(out / args.variants[0], out / "thin_extra", args.extra_epochs) if thin else None
     start_row = rows[0]
