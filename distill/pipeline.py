@@ -84,8 +84,8 @@ def prune_distill(
         rounds: rounds of the geometric schedule.
         max_rounds: give up (with an error) after so many rounds.
         global_ranking: rank channels across layers instead of the same ratio in every layer.
-        ignored_layers: student layers whose output channels are never pruned (e.g. StudentNet's
-            ``[cnn.0.0, cnn.1.3, cnn.2.3, cnn.7.3]``, the layers its ``width_mult`` leaves alone).
+        ignored_layers: student layers whose output channels are never pruned (e.g.
+            ``students.UNSCALED_LAYERS``, the StudentNet layers its ``width_mult`` leaves alone).
         min_fraction: every layer keeps at least this fraction of its channels before pruning started.
         round_to: kept channel counts are rounded up to a multiple of this.
         epochs_per_round: distillation epochs after each pruning step.

@@ -21,7 +21,7 @@ from helpers import tiny_kd_recipe
 
 from distill.export import export
 from distill.pipeline import prune_distill
-from students import load_student
+from students import UNSCALED_LAYERS, load_student
 
 ROOT = Path(__file__).parents[1]
 TARGET = 3_000  # test_studentnet (base 2) has 5,774 parameters
@@ -143,9 +143,8 @@ def test_missing_teacher_and_changed_settings(tmp_path: Path, small_teacher_chec
 
 
 def test_ignored_layers_keep_their_channels(tmp_path: Path, small_teacher_checkpoint: Path):
-    kept = ["cnn.0.0", "cnn.1.3", "cnn.2.3", "cnn.7.3"]  # the layers StudentNet's width_mult leaves alone
     settings = options(tmp_path, small_teacher_checkpoint, rounds=1, final_epochs=0, baseline=False, export_onnx=False)
-    rows = prune_distill(**settings, ignored_layers=kept)
+    rows = prune_distill(**settings, ignored_layers=list(UNSCALED_LAYERS))
     start = load_student(rows[0]["checkpoint"]).channels
     pruned = load_student(tmp_path / "run" / "best_student.ckpt").channels
     assert rows[-1]["params"] <= TARGET
