@@ -7,7 +7,8 @@ Run after ``distill quickstart`` (it uses that run's teacher, student recipe and
     python benchmarks/prune_recovery.py --variants rounds_rewind taylor      # a subset
 
 Every variant starts from the same KD student (``--start-epochs`` of the quickstart's student recipe,
-seed 0) and spends ``--extra-epochs`` more epochs pruning to ``--target-params`` and distilling, with
+seed 0, trained once into ``<quickstart>/student_<N>_epochs`` and shared by every ``--seed``) and
+spends ``--extra-epochs`` more epochs pruning to ``--target-params`` and distilling, with
 ``distill prune-distill``. The thin StudentNet of the same size is prune-distill's own baseline (sized
 by the first variant listed), distilled from scratch for the start's epochs plus the extra ones. The
 table gives each variant's best student under the target (chosen on validation) and its test-accuracy
@@ -36,10 +37,11 @@ from typing import Any
 
 from distill.pipeline import prune_distill
 from distill.recipes import fit_recipe, load_recipe, relocate
+from students import UNSCALED_LAYERS
 
 ROOT = Path(__file__).resolve().parents[1]
 
-SEED_LAYERS = ["cnn.0.0", "cnn.1.3", "cnn.2.3", "cnn.7.3"]  # what StudentNet's width_mult leaves alone
+SEED_LAYERS = list(UNSCALED_LAYERS)  # what StudentNet's width_mult leaves alone
 VARIANTS = (
     "rounds_finetune",
     "rounds_rewind",
@@ -70,16 +72,20 @@ def variant_options(name: str, extra: int) -> dict[str, Any]:
     }[name]
 
 
-def start_student(args: argparse.Namespace, out: Path) -> str:
-    """The KD student every variant starts from: the quickstart's, or the same recipe for more epochs."""
+def start_student(args: argparse.Namespace) -> str:
+    """The KD student every variant starts from: the quickstart's, or the same recipe for more epochs.
+
+    The longer one is trained once, in the quickstart's folder, and shared by every seed and ``--out``.
+    """
     recipe = load_recipe(args.quickstart / "student.yaml")
     if args.start_epochs == recipe["trainer"]["max_epochs"]:
         return str(args.quickstart / "student" / "best.ckpt")
-    cfg = relocate(recipe, out / "start")
+    out = args.quickstart / f"student_{args.start_epochs}_epochs"
+    cfg = relocate(recipe, out)
     cfg["trainer"]["max_epochs"] = args.start_epochs
     cfg["trainer"]["enable_progress_bar"] = False
-    done = out / "start" / "best.ckpt"
-    return str(done) if done.is_file() else fit_recipe(cfg, out / "start.yaml").checkpoint
+    done = out / "best.ckpt"
+    return str(done) if done.is_file() else fit_recipe(cfg, out.with_suffix(".yaml")).checkpoint
 
 
 def thin_for_extra_epochs(run: Path, out: Path, epochs: int) -> Any:
@@ -111,7 +117,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     args.quickstart = args.quickstart.resolve()
     os.chdir(ROOT)  # the quickstart's recipe names its logit cache relative to the repository root
-    start = start_student(args, out)
+    start = start_student(args)
 
     results: dict[str, dict[str, Any]] = {}
     thin = None
