@@ -5,6 +5,8 @@ Run after ``distill quickstart`` (it uses that run's teacher, student recipe and
     python benchmarks/prune_recovery.py                                     # the quickstart's 3-epoch student
     python benchmarks/prune_recovery.py --start-epochs 15 --extra-epochs 10 # a longer regime
     python benchmarks/prune_recovery.py --variants rounds_rewind taylor      # a subset
+    python benchmarks/prune_recovery.py --seed 1 --out runs/prune_recovery/seed1   # another seed, then:
+    python benchmarks/prune_recovery.py --seed-table runs/prune_recovery/s3_e3 runs/prune_recovery/seed1
 
 Every variant starts from the same KD student (``--start-epochs`` of the quickstart's student recipe,
 seed 0, trained once into ``<quickstart>/student_<N>_epochs`` and shared by every ``--seed``) and
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -96,6 +99,35 @@ def thin_for_extra_epochs(run: Path, out: Path, epochs: int) -> Any:
     return fit_recipe(cfg, out.with_suffix(".yaml"))
 
 
+def seed_table(runs: list[Path]) -> str:
+    """One table over several seeds' runs (their ``table.md``): per-seed test accuracies and gaps, and means."""
+    tables = []
+    for run in runs:
+        lines = (run / "table.md").read_text().splitlines()
+        cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines if line.startswith("| ")]
+        tables.append({c[0]: c[1:] for c in cells[1:]})  # after the header row
+    names = list(tables[0])
+    if any(list(t) != names for t in tables):
+        raise SystemExit(f"the runs {', '.join(map(str, runs))} do not have the same rows: compare like with like")
+    seeds = len(runs)
+    lines = [
+        f"| {seeds} seeds | params | val acc (mean) | test acc | test, mean ± std | test vs thin (points) | mean |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in names:
+        params = sorted({t[name][0] for t in tables})
+        val = statistics.mean(float(t[name][1]) for t in tables)
+        test = [float(t[name][2]) for t in tables]
+        gaps = [t[name][3] for t in tables]
+        gap = "-" if "-" in gaps else f"{statistics.mean(map(float, gaps)):+.2f}"
+        spread = statistics.stdev(test) if seeds > 1 else 0.0
+        lines.append(
+            f"| {name} | {' / '.join(params)} | {val:.4f} | {' / '.join(f'{x:.4f}' for x in test)} | "
+            f"{statistics.mean(test):.4f} ± {spread:.4f} | {' / '.join(gaps)} | {gap} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quickstart", type=Path, default=ROOT / "runs" / "quickstart", help="distill quickstart run")
@@ -107,7 +139,16 @@ def main() -> None:
     parser.add_argument(
         "--out", type=Path, default=None, help="default: runs/prune_recovery/s{start}_e{extra}[_seed{seed}]"
     )
+    parser.add_argument(
+        "--seed-table", type=Path, nargs="+", metavar="RUN", help="only print one table over these runs (e.g. seeds)"
+    )
     args = parser.parse_args()
+    if args.seed_table:
+        missing = [str(run) for run in args.seed_table if not (run / "table.md").is_file()]
+        if missing:
+            parser.error(f"no table.md in {', '.join(missing)}: run the benchmark there first (--out)")
+        print(seed_table(args.seed_table))
+        return
     if not (args.quickstart / "student.yaml").is_file():
         parser.error(f"{args.quickstart}/student.yaml not found: run `distill quickstart` first, or pass --quickstart")
     if args.extra_epochs < 2:

@@ -134,6 +134,12 @@ def test_quickstart_end_to_end(tmp_path: Path):
     assert rows[2] in (f"{thin}, 3 epochs", f"{thin}, 4 epochs")  # the start's best epoch, plus 2
     assert rows[3] == f"{thin}, 2 epochs (the variants' extra epochs only)"
     assert (tmp_path / "qs" / "student_2_epochs" / "best.ckpt").is_file()  # the longer start, shared by seeds
+    twice = [sys.executable, "benchmarks/prune_recovery.py", "--seed-table", *[str(tmp_path / "recovery")] * 2]
+    seeds = subprocess.run(twice, capture_output=True, text=True, check=True, cwd=ROOT).stdout.splitlines()
+    first = [c.strip() for c in seeds[2].strip("|").split("|")]
+    one = [c.strip() for c in table[4].strip("|").split("|")]  # the same variant's row in the one-run table
+    assert seeds[0].startswith("| 2 seeds |") and first[0] == "rounds_finetune"
+    assert first[3] == f"{one[3]} / {one[3]}" and first[4] == f"{one[3]} ± 0.0000" and first[6] == one[4]
     settings = yaml.safe_load((tmp_path / "recovery" / "rounds_finetune" / "prune_distill.yaml").read_text())
     assert settings["lr_rewinding"] is False and settings["rounds"] == 2  # the variant is what its name says
     kept = load_student(tmp_path / "recovery" / "oneshot_rewind_seed_layers" / "best_student.ckpt").channels
