@@ -2,8 +2,9 @@
 # The GPU numbers of benchmarks/RESULTS.md (issues 4, 5 and 6), in stages, on one machine:
 #   bash benchmarks/gpu_numbers.sh speed    # throughput.py and latency.py
 #   bash benchmarks/gpu_numbers.sh train    # the teacher, then the KD student (configs/fmnist/{teacher,kd}.yaml)
-#   bash benchmarks/gpu_numbers.sh sweep    # both temperature sweeps, 6 workers each, beside ...
-#                                           # ... prune-distill to 100k and to 50k (needs `train`)
+#   bash benchmarks/gpu_numbers.sh sweep    # both temperature sweeps, 6 workers each (needs `train`)
+#   bash benchmarks/gpu_numbers.sh prune    # prune-distill to 100k and to 50k, side by side (needs `train`)
+#   bash benchmarks/gpu_numbers.sh sweep prune   # the stages in turn
 # Each stage skips what is already done (the sweeps and prune-distill resume). Logs go to runs/logs/;
 # when $OUT is set (the project's GPU tool), the tables and plots are copied there.
 set -euo pipefail
@@ -28,8 +29,8 @@ for stage in "$@"; do
     [ -f runs/fmnist/kd/best.ckpt ] || python benchmarks/fmnist_recipes.py --teachers teacher --students kd 2>&1 | tee runs/logs/train.log
     ;;
   sweep)
-    # SWEEP_OVERRIDES / SWEEP_OVERRIDES_W050 replace the configs' overrides (e.g. fewer epochs), PRUNE_ARGS
-    # adds options to prune-distill; benchmarks/RESULTS.md gives the values of each recorded run.
+    # SWEEP_OVERRIDES / SWEEP_OVERRIDES_W050 replace the configs' overrides (e.g. fewer epochs);
+    # benchmarks/RESULTS.md gives the values of each recorded run.
     opts=() opts05=()
     [ -n "${SWEEP_OVERRIDES:-}" ] && opts=(--overrides "$SWEEP_OVERRIDES")
     [ -n "${SWEEP_OVERRIDES_W050:-}" ] && opts05=(--overrides "$SWEEP_OVERRIDES_W050")
@@ -38,19 +39,23 @@ for stage in "$@"; do
       "${distill[@]}" sweep --config configs/fmnist/sweep_temperature_w050.yaml "${opts05[@]}" >runs/logs/s05.$worker.log 2>&1 &
       sleep 1
     done
+    wait || true
+    for run in sweep_temperature sweep_temperature_w050; do
+      cat runs/fmnist/$run/sweep.md && collect runs/fmnist/$run/sweep.csv runs/fmnist/$run/sweep.png
+    done
+    ;;
+  prune)
+    # PRUNE_ARGS adds options to both runs (e.g. a shorter schedule); RESULTS.md gives the recorded values.
     # shellcheck disable=SC2086
     "${distill[@]}" prune-distill --config configs/fmnist/prune_distill.yaml ${PRUNE_ARGS:-} >runs/logs/p100.log 2>&1 &
     # shellcheck disable=SC2086
     "${distill[@]}" prune-distill --config configs/fmnist/prune_distill.yaml ${PRUNE_ARGS:-} --target_params 50000 \
       --run_dir runs/fmnist/prune_distill_50k >runs/logs/p50.log 2>&1 &
     wait || true
-    for run in sweep_temperature sweep_temperature_w050; do
-      cat runs/fmnist/$run/sweep.md && collect runs/fmnist/$run/sweep.csv runs/fmnist/$run/sweep.png
-    done
     for run in prune_distill prune_distill_50k; do
       cat runs/fmnist/$run/summary.md && collect runs/fmnist/$run/rounds.csv runs/fmnist/$run/pareto.png
     done
     ;;
-  *) echo "unknown stage $stage (speed, train, sweep)" >&2; exit 2 ;;
+  *) echo "unknown stage $stage (speed, train, sweep, prune)" >&2; exit 2 ;;
   esac
 done
