@@ -119,7 +119,7 @@ def seed_table(runs: list[Path]) -> str:
         val = statistics.mean(float(t[name][1]) for t in tables)
         test = [float(t[name][2]) for t in tables]
         gaps = [t[name][3] for t in tables]
-        gap = "-" if "-" in gaps else f"{statistics.mean(map(float, gaps)):+.2f}"
+        gap = "-" if "-" in gaps else "0" if set(gaps) == {"0"} else f"{statistics.mean(map(float, gaps)):+.2f}"
         spread = statistics.stdev(test) if seeds > 1 else 0.0
         lines.append(
             f"| {name} | {' / '.join(params)} | {val:.4f} | {' / '.join(f'{x:.4f}' for x in test)} | "
