@@ -5,8 +5,8 @@ Run after ``distill quickstart`` (it uses that run's teacher, student recipe and
     python benchmarks/prune_recovery.py                                     # the quickstart's 3-epoch student
     python benchmarks/prune_recovery.py --start-epochs 15 --extra-epochs 10 # a longer regime
     python benchmarks/prune_recovery.py --variants rounds_rewind taylor      # a subset
-    python benchmarks/prune_recovery.py --seed 1 --out runs/prune_recovery/seed1   # another seed, then:
-    python benchmarks/prune_recovery.py --seed-table runs/prune_recovery/s3_e3 runs/prune_recovery/seed1
+    python benchmarks/prune_recovery.py --seed 1                             # another seed, then:
+    python benchmarks/prune_recovery.py --seed-table runs/prune_recovery/s3_e3 runs/prune_recovery/s3_e3_seed1
 
 Every variant starts from the same KD student (``--start-epochs`` of the quickstart's student recipe,
 seed 0, trained once into ``<quickstart>/student_<N>_epochs`` and shared by every ``--seed``) and
