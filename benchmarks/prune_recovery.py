@@ -44,7 +44,6 @@ from students import UNSCALED_LAYERS
 
 ROOT = Path(__file__).resolve().parents[1]
 
-SEED_LAYERS = list(UNSCALED_LAYERS)  # what StudentNet's width_mult leaves alone
 VARIANTS = (
     "rounds_finetune",
     "rounds_rewind",
@@ -63,14 +62,15 @@ def variant_options(name: str, extra: int) -> dict[str, Any]:
     e = max(1, extra // 5)
     oneshot = {"rounds": 1, "epochs_per_round": extra, "final_epochs": 0, "lr_rewinding": True}
     rounds = {"rounds": 2, "epochs_per_round": e, "final_epochs": extra - 2 * e}
+    seed_layers = {"ignored_layers": list(UNSCALED_LAYERS)}  # prune only what StudentNet's width_mult scales
     return {
         "rounds_finetune": {**rounds, "lr_rewinding": False},
         "rounds_rewind": {**rounds, "lr_rewinding": True},
         "oneshot_rewind": oneshot,
-        "oneshot_rewind_seed_layers": {**oneshot, "ignored_layers": SEED_LAYERS},
+        "oneshot_rewind_seed_layers": {**oneshot, **seed_layers},
         "taylor": {**oneshot, "importance": "taylor"},
-        "taylor_seed_layers": {**oneshot, "importance": "taylor", "ignored_layers": SEED_LAYERS},
-        "rounds_rewind_seed_layers": {**rounds, "lr_rewinding": True, "ignored_layers": SEED_LAYERS},
+        "taylor_seed_layers": {**oneshot, "importance": "taylor", **seed_layers},
+        "rounds_rewind_seed_layers": {**rounds, "lr_rewinding": True, **seed_layers},
         "global_l1": {**oneshot, "global_ranking": True},
     }[name]
 

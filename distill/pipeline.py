@@ -213,9 +213,9 @@ class _Job:
     # ------------------------------------------------------------------ bookkeeping
     def remember_settings(self, settings: dict[str, Any]) -> None:
         settings = json.loads(json.dumps(settings, default=str))
-        stored = self.state.get("settings")
-        changed = sorted(k for k in set(stored or {}) | set(settings) if (stored or {}).get(k) != settings.get(k))
-        if stored is not None and changed:  # an option added since the run started reads as None there
+        stored = self.state.get("settings", settings)  # a new run: nothing to compare
+        changed = sorted(k for k in stored.keys() | settings.keys() if stored.get(k) != settings.get(k))
+        if changed:  # an option added since the run started reads as None there
             raise ValueError(
                 f"{self.out} holds a prune-distill run with other settings ({', '.join(changed)} changed). "
                 f"Use a new run_dir, or rerun with the original settings to resume it."
