@@ -21,10 +21,11 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning import Callback
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from distill.data.memory import TensorImageDataset
+from students.checkpoint import read_checkpoint
 
 __all__ = ["TeacherLogitCache", "compute_logits", "split_fingerprint", "teacher_fingerprint"]
 
@@ -120,10 +121,15 @@ class TeacherLogitCache(Callback):
     ) -> torch.Tensor:
         path = None if self.cache_dir is None else self.cache_dir / f"{key}.pt"
         if path is not None and path.is_file():
-            cached = torch.load(path, map_location="cpu", weights_only=True)
-            if cached["key"] == key and len(cached["logits"]) == len(dataset):
+            try:
+                cached = read_checkpoint(path)
+            except ValueError as err:
+                rank_zero_warn(f"TeacherLogitCache: {err} It is computed again.")
+                cached = {}
+            logits = cached.get("logits")
+            if cached.get("key") == key and isinstance(logits, torch.Tensor) and logits.shape[:1] == (len(dataset),):
                 self.hits.append(split)
-                return cached["logits"]
+                return logits
         device = next(pl_module.student.parameters()).device
         context = trainer.precision_plugin.forward_context
         logits = compute_logits(teacher, dataset, device, self.batch_size, context)

@@ -8,21 +8,38 @@ trainings (``quickstart``, ``sweep``, ``prune-distill``) and ``export`` are furt
 
 from __future__ import annotations
 
+import csv
 import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
-from typing import Any
+from pathlib import Path
+from typing import Any, NoReturn
 
+from jsonargparse import ArgumentParser, Namespace
 from pytorch_lightning import LightningDataModule
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from pytorch_lightning.loggers import CSVLogger
 
-from distill.module import DistillModule
+from distill.module import DistillModule, check_resume_settings
+from students.checkpoint import read_checkpoint
 
 __all__ = ["JOBS", "DistillCLI", "default_precision", "main"]
 
 
-class _ArgumentParser(LightningArgumentParser):
+class _OneLineErrors:
+    """An argument parser whose errors are one ``distill: error: ...`` line instead of the full usage."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error or os.environ.get("DISTILL_DEBUG"):
+            super().error(message, ex)
+        text = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+        command = self.prog.replace(" [options]", "")
+        print(f"distill: error: {text} (options: {command} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+class _ArgumentParser(_OneLineErrors, LightningArgumentParser):
     """Lets ``link_arguments`` target the parameters of a factory function used as ``class_path``.
 
     jsonargparse (4.53) passes its private ``linked_targets`` to ``add_function_arguments``, which does not
@@ -32,6 +49,10 @@ class _ArgumentParser(LightningArgumentParser):
 
     def add_function_arguments(self, function: Callable, *args: Any, linked_targets: Any = None, **kwargs: Any):
         return super().add_function_arguments(function, *args, **kwargs)
+
+
+class _JobParser(_OneLineErrors, ArgumentParser):
+    """The parser of the jobs (``distill sweep``, ``prune-distill``, ...)."""
 
 
 def default_precision() -> str:
@@ -56,8 +77,96 @@ class DistillCLI(LightningCLI):
         super().__init__(DistillModule, LightningDataModule, *args, **kwargs)
 
     def add_arguments_to_parser(self, parser: Any) -> None:
-        for attr in ("num_classes", "in_chans"):
+        for attr in _LINKED:
             parser.link_arguments(f"data.{attr}", f"model.student.init_args.{attr}", apply_on="instantiate")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse, then check what was asked before LightningCLI merges a checkpoint's hyperparameters in.
+
+        With ``--ckpt_path``, LightningCLI takes the model's settings from the checkpoint over the config's;
+        a config that asks for other optimizer settings is refused instead of being silently overridden.
+        """
+        super().parse_arguments(parser, args)
+        structured = isinstance(args, (dict, Namespace))
+        given = parser.parse_object(args, defaults=False) if structured else parser.parse_args(args, defaults=False)
+        subcommand = self.config.get("subcommand")
+        config, given = (self.config[subcommand], given[subcommand]) if subcommand else (self.config, given)
+        self._given_student = given.get("model", Namespace()).get("student")
+        self._checkpoint = None
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path is not None and str(ckpt_path) not in ("last", "best", "hpc", "registry"):
+            source = f"--ckpt_path {str(ckpt_path)!r}"
+            self._checkpoint = (source, read_checkpoint(ckpt_path))
+            if subcommand == "fit":
+                check_resume_settings(self._checkpoint[1], config.model, source)
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        """Check the run before the Trainer, its logger and its callbacks exist, then build them.
+
+        Bad input (data, teacher, ``--ckpt_path``) is refused here, before any file of an earlier run in
+        the same folder is touched. Only ``fit`` saves its config: evaluating a checkpoint must not
+        replace the config of the run that trained it.
+        """
+        self._check_links()
+        if self.datamodule is not None:
+            self.datamodule.prepare_data()
+            self.datamodule.setup(self.subcommand or "fit")
+        self.model.check_data(self.datamodule)
+        if self._checkpoint is not None:
+            self.model.check_checkpoint(self._checkpoint[1], self._checkpoint[0])
+        if self.subcommand not in (None, "fit"):
+            self.save_config_callback = None
+        return super().instantiate_trainer(**kwargs)
+
+    def _check_links(self) -> None:
+        """Refuse a student ``num_classes``/``in_chans`` given against the data: the link would override it."""
+        given = self._given_student.get("init_args") if isinstance(self._given_student, Namespace) else None
+        for attr in _LINKED if isinstance(given, Namespace) else ():
+            value, data_value = given.get(attr), getattr(self.datamodule, attr, None)
+            if value is not None and data_value is not None and value != data_value:
+                raise ValueError(
+                    f"model.student.init_args.{attr}={value} contradicts the data: {type(self.datamodule).__name__} "
+                    f"has {attr}={data_value}, and the CLI sets it in the student. Remove {attr} from the student."
+                )
+
+    def before_fit(self) -> None:
+        """A resumed fit keeps the metrics rows logged before its checkpoint; a new one starts afresh."""
+        ckpt_path = self.config[self.subcommand].get("ckpt_path")
+        if ckpt_path is None or not Path(ckpt_path).is_file():
+            return
+        steps = read_checkpoint(ckpt_path).get("global_step", 0)
+        keep_logged_rows(self.trainer, lambda row: int(float(row.get("step") or 0)) < steps)
+
+    def before_validate(self) -> None:
+        keep_logged_rows(self.trainer, lambda _row: True)  # evaluation rows go after the training's
+
+    before_test = before_validate
+    before_predict = before_validate
+
+
+#: Data attributes linked into the student's arguments.
+_LINKED = ("num_classes", "in_chans")
+
+
+def keep_logged_rows(trainer: Any, keep: Callable[[dict[str, str]], bool]) -> None:
+    """Keep the rows of each ``CSVLogger``'s ``metrics.csv`` that ``keep`` accepts.
+
+    Lightning's CSV writer deletes a ``metrics.csv`` it finds when it starts; a resumed run or an
+    evaluation in the training's folder would lose the training's rows. They are read first and
+    written back after it started.
+    """
+    for logger in trainer.loggers:
+        if not isinstance(logger, CSVLogger):
+            continue
+        path = Path(logger.log_dir) / "metrics.csv"
+        rows = []
+        if path.is_file():
+            with open(path, newline="") as f:
+                rows = [row for row in csv.DictReader(f) if keep(row)]
+        writer = logger.experiment  # starts a fresh metrics.csv
+        if rows:
+            writer.metrics = rows
+            writer.save()
 
 
 def _quickstart(argv: Sequence[str]) -> Any:
@@ -65,7 +174,7 @@ def _quickstart(argv: Sequence[str]) -> Any:
 
     from distill.quickstart import quickstart
 
-    return CLI(quickstart, args=list(argv), prog="distill quickstart")
+    return CLI(quickstart, args=list(argv), prog="distill quickstart", parser_class=_JobParser)
 
 
 def _sweep(argv: Sequence[str]) -> Any:
@@ -73,7 +182,7 @@ def _sweep(argv: Sequence[str]) -> Any:
 
     from distill.sweep import sweep
 
-    return CLI(sweep, args=list(argv), prog="distill sweep")
+    return CLI(sweep, args=list(argv), prog="distill sweep", parser_class=_JobParser)
 
 
 def _prune_distill(argv: Sequence[str]) -> Any:
@@ -81,7 +190,7 @@ def _prune_distill(argv: Sequence[str]) -> Any:
 
     from distill.pipeline import prune_distill
 
-    return CLI(prune_distill, args=list(argv), prog="distill prune-distill")
+    return CLI(prune_distill, args=list(argv), prog="distill prune-distill", parser_class=_JobParser)
 
 
 def _export(argv: Sequence[str]) -> Any:
@@ -89,7 +198,7 @@ def _export(argv: Sequence[str]) -> Any:
 
     from distill.export import export
 
-    return CLI(export, args=list(argv), prog="distill export")
+    return CLI(export, args=list(argv), prog="distill export", parser_class=_JobParser)
 
 
 #: Subcommands beside Lightning's, each a function of its command-line arguments.

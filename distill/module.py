@@ -6,11 +6,16 @@ training, which is how this project trains teachers.
 
 from __future__ import annotations
 
+import math
+import random
+from collections.abc import Mapping
 from functools import partial
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from pytorch_lightning import LightningModule
+from pytorch_lightning.trainer.states import TrainerFn
 from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
@@ -18,10 +23,10 @@ from torchmetrics.classification import MulticlassAccuracy
 from distill.losses import KDLoss
 from distill.optim import OPTIMIZERS, SCHEDULES, build_optimizer, lr_factor, param_groups
 from distill.profile import eval_mode
-from students import build_student, extract_state_dict
+from students import build_student, describe_spec, extract_state_dict, is_pruned_from
 from teachers import TeacherEnsemble, load_teacher
 
-__all__ = ["DistillModule"]
+__all__ = ["DistillModule", "check_resume_settings"]
 
 
 class DistillModule(LightningModule):
@@ -80,10 +85,14 @@ class DistillModule(LightningModule):
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
         if scheduler not in SCHEDULES:
             raise ValueError(f"scheduler must be one of {', '.join(SCHEDULES)}, got {scheduler!r}")
-        if lr <= 0 or weight_decay < 0 or warmup_epochs < 0 or not 0 <= min_lr_ratio <= 1:
+        numbers = {"lr": lr, "weight_decay": weight_decay, "momentum": momentum, "warmup_epochs": warmup_epochs}
+        if not all(math.isfinite(v) for v in numbers.values()) or not (
+            lr > 0 and weight_decay >= 0 and 0 <= momentum < 1 and warmup_epochs >= 0 and 0 <= min_lr_ratio <= 1
+        ):
             raise ValueError(
-                f"need lr > 0, weight_decay >= 0, warmup_epochs >= 0 and 0 <= min_lr_ratio <= 1; got lr={lr}, "
-                f"weight_decay={weight_decay}, warmup_epochs={warmup_epochs}, min_lr_ratio={min_lr_ratio}"
+                "need finite lr > 0, weight_decay >= 0, 0 <= momentum < 1, warmup_epochs >= 0 and "
+                f"0 <= min_lr_ratio <= 1; got {', '.join(f'{k}={v}' for k, v in numbers.items())}, "
+                f"min_lr_ratio={min_lr_ratio}"
             )
         if student is None:
             if student_spec is None:
@@ -133,16 +142,8 @@ class DistillModule(LightningModule):
 
     # ------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
-        if self.teacher is None and self.hparams.teacher_checkpoint:
-            paths = self.hparams.teacher_checkpoint
-            if isinstance(paths, str):
-                teacher = load_teacher(checkpoint=paths)
-            else:
-                teacher = TeacherEnsemble([load_teacher(checkpoint=p) for p in paths])
-            self._set_teacher(teacher.to(_device_of(self.student)))
-        if isinstance(self.teacher, TeacherEnsemble) and self.teacher.temperature is None:
-            self.teacher.temperature = getattr(self.loss, "temperature", None)
-        num_classes = self._check_models()
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        num_classes = self.check_data(datamodule)
         if not self.metrics:
             self.metrics = nn.ModuleDict(
                 {f"student_{s}": _accuracy(num_classes, f"{s}/") for s in ("train", "val", "test")}
@@ -169,9 +170,22 @@ class DistillModule(LightningModule):
             if self.hparams.get("compile") and getattr(model, "_compiled_call_impl", None) is None:
                 model.compile()
 
-    def _check_models(self) -> int:
-        """Run student and teacher on one dummy batch shaped like the data; fail early and clearly."""
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+    def check_data(self, datamodule: Any) -> int:
+        """Load the teacher if only its checkpoint is known; run student and teacher on a dummy batch shaped
+        like ``datamodule``'s and fail early and clearly on a mismatch. Returns the number of classes.
+
+        ``distill fit`` calls it before the Trainer exists, so that bad input changes nothing on disk;
+        ``setup`` calls it again for runs started from Python.
+        """
+        if self.teacher is None and self.hparams.teacher_checkpoint:
+            paths = self.hparams.teacher_checkpoint
+            if isinstance(paths, str):
+                teacher = load_teacher(checkpoint=paths)
+            else:
+                teacher = TeacherEnsemble([load_teacher(checkpoint=p) for p in paths])
+            self._set_teacher(teacher.to(_device_of(self.student)))
+        if isinstance(self.teacher, TeacherEnsemble) and self.teacher.temperature is None:
+            self.teacher.temperature = getattr(self.loss, "temperature", None)
         student_classes = getattr(self.student, "num_classes", None)
         if datamodule is None or not hasattr(datamodule, "input_size"):
             if student_classes is None:
@@ -258,6 +272,8 @@ class DistillModule(LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._epoch_sums.pop("train", None)
+        for logger in self.loggers:  # the last epoch's rows reach the disk before this epoch can be killed
+            logger.save()
 
     def on_train_epoch_end(self) -> None:
         self._log_epoch("train")
@@ -294,20 +310,90 @@ class DistillModule(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------ checkpoints
+    def check_checkpoint(self, checkpoint: Mapping[str, Any], source: str) -> None:
+        """Refuse a checkpoint whose student is neither this run's nor a pruned version of it.
+
+        Loading it would silently replace the student (``on_load_checkpoint`` rebuilds the recorded one).
+        """
+        spec = (checkpoint.get("hyper_parameters") or {}).get("student_spec")
+        own = getattr(self.student, "model_spec", None)
+        if spec is not None and own is not None and not is_pruned_from(spec, own):
+            raise ValueError(
+                f"{source} holds the student {describe_spec(spec)}, but this run builds {describe_spec(own)}. "
+                f"Resume with the config that wrote it (config.yaml in its folder); to start from its weights "
+                f"instead, set model.student to students.load_student with init_args {{path: ..., train: true}}."
+            )
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Record the student's current architecture (it changes when pruned) and the input shape."""
+        """Record the student's architecture (it changes when pruned), the input shape and the RNG states."""
         spec = getattr(self.student, "model_spec", None)
         if spec is not None:
             checkpoint["hyper_parameters"]["student_spec"] = spec
         if self.input_shape is not None:
             checkpoint["input_shape"] = list(self.input_shape)
+        checkpoint["rng_states"] = _rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Rebuild the student if the checkpoint records another architecture (e.g. a pruned layout)."""
+        """Rebuild the student if the checkpoint records a pruned layout; resuming, restore the RNG states.
+
+        With the random states of torch, numpy and Python restored, a resumed fit shuffles and augments
+        exactly as the uninterrupted run did, so it ends with the same weights.
+        """
+        fitting = self._trainer is not None and self.trainer.state.fn == TrainerFn.FITTING
+        if self._trainer is not None:
+            self.check_checkpoint(checkpoint, "The checkpoint")
+        if fitting:
+            check_resume_settings(checkpoint, self.hparams, "The checkpoint")
         spec = checkpoint.get("hyper_parameters", {}).get("student_spec")
         if spec is not None and (spec.get("pruned") or spec != getattr(self.student, "model_spec", None)):
             student = build_student(spec, extract_state_dict(checkpoint))
             self.student = student.to(_device_of(self.student))
+        if fitting and "rng_states" in checkpoint:
+            _set_rng_states(checkpoint["rng_states"])
+
+
+#: Hyperparameters whose values a resumed run takes from the checkpoint's optimizer state.
+_OPTIMIZER_SETTINGS = ("optimizer", "lr", "weight_decay", "momentum", "scheduler", "warmup_epochs", "min_lr_ratio")
+
+
+def check_resume_settings(checkpoint: Mapping[str, Any], settings: Mapping[str, Any], source: str) -> None:
+    """Refuse to resume ``checkpoint`` with other optimizer settings than it was trained with.
+
+    Resuming restores the checkpoint's optimizer state, so other settings would be ignored without a word.
+    """
+    recorded = checkpoint.get("hyper_parameters") or {}
+    changed = [k for k in _OPTIMIZER_SETTINGS if k in recorded and k in settings and recorded[k] != settings[k]]
+    if changed:
+        raise ValueError(
+            f"{source} was trained with {', '.join(f'{k}={recorded[k]!r}' for k in changed)}, but this run sets "
+            f"{', '.join(f'{k}={settings[k]!r}' for k in changed)}. Resuming restores the checkpoint's optimizer "
+            f"state, which would ignore them: resume with the original settings, or start a new run."
+        )
+
+
+def _rng_states() -> dict[str, Any]:
+    """The random states of torch (CPU and CUDA), numpy and Python, as tensors and plain values.
+
+    Plain values, so that checkpoints still load with ``weights_only=True``.
+    """
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, state, gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "python": [version, list(state), gauss],
+    }
+
+
+def _set_rng_states(states: Mapping[str, Any]) -> None:
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, state, gauss = states["python"]
+    random.setstate((version, tuple(state), gauss))
 
 
 def _device_of(model: nn.Module) -> torch.device:

@@ -24,6 +24,7 @@ import contextlib
 import csv
 import itertools
 import json
+import math
 import random
 import statistics
 import time
@@ -139,9 +140,9 @@ def _grid(
     for name, values in (("temperatures", temperatures), ("alphas", alphas), ("seeds", seeds)):
         if len(values) == 0:
             raise ValueError(f"The grid is empty: give at least one value in {name}.")
-    bad_t = [t for t in temperatures if not t > 0]
+    bad_t = [t for t in temperatures if not 0 < t < math.inf]
     if bad_t:
-        raise ValueError(f"Temperatures must be > 0, got {bad_t} in {list(temperatures)}.")
+        raise ValueError(f"Temperatures must be finite and > 0, got {bad_t} in {list(temperatures)}.")
     bad_a = [a for a in alphas if not 0.0 <= a <= 1.0]
     if bad_a:
         raise ValueError(f"Alphas must be in [0, 1], got {bad_a} in {list(alphas)}.")

@@ -2,7 +2,9 @@
 
 from students.checkpoint import (
     build_student,
+    describe_spec,
     extract_state_dict,
+    is_pruned_from,
     load_student,
     load_weights,
     mark_pruned,
@@ -21,7 +23,9 @@ __all__ = [
     "build_student",
     "create_student",
     "create_timm_model",
+    "describe_spec",
     "extract_state_dict",
+    "is_pruned_from",
     "list_students",
     "load_student",
     "load_weights",

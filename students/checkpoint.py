@@ -6,6 +6,7 @@ All checkpoint-key prefix handling lives in :func:`extract_state_dict`.
 from __future__ import annotations
 
 import pickle
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,15 @@ from torch import nn
 from students.registry import create_student
 from students.studentnet import StudentNet
 
-__all__ = ["STUDENT_PREFIX", "describe_spec", "extract_state_dict", "load_student", "load_weights", "read_checkpoint"]
+__all__ = [
+    "STUDENT_PREFIX",
+    "describe_spec",
+    "extract_state_dict",
+    "is_pruned_from",
+    "load_student",
+    "load_weights",
+    "read_checkpoint",
+]
 
 #: Key prefix of the student's weights inside a ``DistillModule`` checkpoint.
 STUDENT_PREFIX = "student."
@@ -27,26 +36,33 @@ _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint file safely (``weights_only=True``) onto the CPU, with clear errors."""
+    """Load a checkpoint file safely (``weights_only=True``) onto the CPU, with clear errors.
+
+    A file that would run or import code when unpickled is refused as unsafe, naming what it asks for;
+    anything else torch cannot read (a text file, random bytes, a truncated copy) is called unreadable.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint {str(path)!r} does not exist. Train one first or fix the path.")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        if "Unsupported global" in str(err):
+        wanted = re.search(r"GLOBAL (\S+)", str(err))
+        if wanted:
             raise ValueError(
-                f"Checkpoint {str(path)!r} holds more than tensors and plain Python values, so it is not loaded "
-                f"(weights_only=True). Save a state_dict instead: torch.save(model.state_dict(), path)."
+                f"Checkpoint {str(path)!r} was refused as unsafe: loading it would import {wanted[1]}, which is not "
+                f"a tensor or a plain Python value (a pickle can run code). Load only files you trust; for your own "
+                f"model save a state_dict instead: torch.save(model.state_dict(), path)."
             ) from None
-        raise ValueError(f"Checkpoint {str(path)!r} is not a readable torch file (truncated or corrupt?)") from None
-    except (RuntimeError, EOFError) as err:
-        raise ValueError(
-            f"Checkpoint {str(path)!r} is not a readable torch file (truncated or corrupt?): {err}"
-        ) from None
-    if not isinstance(obj, Mapping):
-        raise ValueError(f"Checkpoint {str(path)!r} holds a {type(obj).__name__}, not a state_dict or a dict of them.")
-    return dict(obj)
+    except Exception:  # noqa: BLE001 - torch.load fails on foreign files with any error (KeyError, IndexError, ...)
+        pass
+    else:
+        if not isinstance(obj, Mapping):
+            raise ValueError(
+                f"Checkpoint {str(path)!r} holds a {type(obj).__name__}, not a state_dict or a dict of them."
+            )
+        return dict(obj)
+    raise ValueError(f"Checkpoint {str(path)!r} is not a readable torch file (truncated, corrupt, or another format).")
 
 
 def extract_state_dict(checkpoint: Mapping[str, Any], prefix: str = STUDENT_PREFIX) -> dict[str, torch.Tensor]:
@@ -206,6 +222,24 @@ def load_student(path: str | Path, train: bool = False) -> nn.Module:
     model = build_student(spec, state_dict)
     load_weights(model, state_dict, repr(str(path)), describe_spec(spec))
     return model.train(train)
+
+
+def is_pruned_from(spec: Mapping[str, Any], base: Mapping[str, Any]) -> bool:
+    """Whether the architecture ``spec`` is ``base``, or ``base`` with channels removed by pruning.
+
+    A StudentNet's spec lists its widths, so each must be at most ``base``'s; any other model must be
+    marked pruned. Everything else (name, classes, input channels, ...) must be the same.
+    """
+    if dict(spec) == dict(base):
+        return True
+    if spec["name"] != base["name"]:
+        return False
+    kwargs, base_kwargs = dict(spec["kwargs"]), dict(base["kwargs"])
+    if "channels" in kwargs and "channels" in base_kwargs:
+        widths, base_widths = kwargs.pop("channels"), base_kwargs.pop("channels")
+        narrower = len(widths) == len(base_widths) and all(w <= b for w, b in zip(widths, base_widths, strict=True))
+        return narrower and kwargs == base_kwargs
+    return bool(spec.get("pruned")) and kwargs == base_kwargs
 
 
 def describe_spec(spec: Mapping[str, Any]) -> str:

@@ -6,6 +6,7 @@ ensemble are the (weighted) mean of its members' predictions.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Literal
 
@@ -42,11 +43,11 @@ class TeacherEnsemble(FrozenModule):
             raise ValueError("TeacherEnsemble needs at least one teacher")
         if reduction not in ("logits", "probs"):
             raise ValueError(f"reduction must be 'logits' or 'probs', got {reduction!r}")
-        if temperature is not None and temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if temperature is not None and not 0 < temperature < math.inf:
+            raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
         if weights is None:
             weights = [1.0] * len(teachers)
-        if len(weights) != len(teachers) or any(w < 0 for w in weights) or sum(weights) <= 0:
+        if len(weights) != len(teachers) or not all(0 <= w < math.inf for w in weights) or sum(weights) <= 0:
             raise ValueError(
                 f"weights must be {len(teachers)} non-negative numbers with a positive sum (one per teacher), "
                 f"got {list(weights)}"

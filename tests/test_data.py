@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import pickle
 import shutil
 from pathlib import Path
@@ -66,13 +67,25 @@ def test_missing_everywhere_names_every_place(tmp_path: Path, monkeypatch: pytes
 
     monkeypatch.setattr(fm, "SYSTEM_DIR", tmp_path / "system")
     monkeypatch.setattr(fm, "CACHE_DIR", tmp_path / "cache")
-    dm = FashionMNISTDataModule(root=str(tmp_path / "mine"), download=False)
     with pytest.raises(FileNotFoundError) as err:
-        dm.setup("fit")
+        FashionMNISTDataModule(download=False).setup("fit")
     message = str(err.value)
-    for place in ("mine", "system", "cache", "download (disabled"):
+    for place in ("system", "cache", "download (disabled"):
         assert place in message
     assert "apt-get install dataset-fashion-mnist" in message
+
+
+def test_a_given_root_is_the_only_place_looked(tmp_path: Path, fmnist_files: Path):
+    """A mistyped root must not silently train on another copy of the data (the system's here)."""
+    with pytest.raises(FileNotFoundError) as err:
+        FashionMNISTDataModule(root=str(tmp_path / "mine"), download=False).setup("fit")
+    assert "mine" in str(err.value) and str(fmnist_files) not in str(err.value).split("To get it")[0]
+
+
+@pytest.mark.parametrize("val_size", [1.5, 1.0, 0.0, -3, 60_000, True])
+def test_val_size_that_is_neither_a_count_nor_a_fraction_is_refused(val_size):
+    with pytest.raises(ValueError, match="val_size"):
+        fmnist(val_size=val_size).setup("fit")
 
 
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "wrong_header"])
@@ -132,16 +145,35 @@ def _fake_cifar(root: Path, n: int = 20) -> None:
             pickle.dump(entry, f)
 
 
-def test_cifar_pickles_load_and_are_checksummed(tmp_path: Path):
+def test_cifar_pickles_are_opened_only_with_their_official_checksums(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     _fake_cifar(tmp_path)
-    dm = CIFAR10DataModule(root=str(tmp_path), download=False, verify_checksums=False, val_size=10, batch_size=4)
+    folder = tmp_path / "cifar-10-batches-py"
+    ran = tmp_path / "code_ran"
+    with open(folder / "data_batch_1", "wb") as f:  # a pickle that would run code when loaded
+        pickle.dump(_RunsCode(str(ran)), f)
+    with pytest.raises(ValueError, match="does not match its official MD5 checksum"):
+        CIFAR10DataModule(root=str(tmp_path), download=False).setup("fit")
+    assert not ran.exists()
+
+    _fake_cifar(tmp_path / "clean")  # the same files load once their checksums are the ones expected
+    sums = {
+        split: {name: hashlib.md5((tmp_path / "clean" / folder.name / name).read_bytes()).hexdigest() for name in files}
+        for split, files in CIFAR10DataModule.files.items()
+    }
+    monkeypatch.setattr(CIFAR10DataModule, "files", sums)
+    dm = CIFAR10DataModule(root=str(tmp_path / "clean"), download=False, val_size=10, batch_size=4)
     assert (dm.num_classes, dm.in_chans, dm.input_size) == (10, 3, (32, 32))
     dm.setup("fit")
     assert (len(dm.train_set), len(dm.val_set)) == (90, 10)
     assert next(iter(dm.train_dataloader()))[0].shape == (4, 3, 32, 32)
-    checked = CIFAR10DataModule(root=str(tmp_path), download=False)
-    with pytest.raises(ValueError, match="does not match its MD5 checksum"):
-        checked.setup("fit")
+
+
+class _RunsCode:
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
 
 
 def test_image_folder(tmp_path: Path):

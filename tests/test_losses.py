@@ -77,10 +77,13 @@ def test_gradient_reaches_the_student_only():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"temperature": 0.0}, "temperature must be > 0"),
+        ({"temperature": 0.0}, "temperature must be a finite number > 0"),
         ({"temperature": -1.0}, "temperature"),
+        ({"temperature": float("inf")}, "temperature must be a finite number > 0"),
+        ({"temperature": float("nan")}, "temperature must be a finite number > 0"),
         ({"alpha": 1.5}, r"alpha must be in \[0, 1\]"),
         ({"alpha": -0.1}, "alpha"),
+        ({"alpha": float("nan")}, "alpha"),
     ],
 )
 def test_bad_arguments(kwargs: dict, match: str):

@@ -128,6 +128,10 @@ def test_student_with_other_input_channels_fails_at_setup(tmp_path: Path):
         ({"optimizer": "lion"}, "optimizer must be one of"),
         ({"scheduler": "step"}, "scheduler must be one of"),
         ({"lr": 0.0}, "lr > 0"),
+        ({"lr": float("nan")}, "need finite lr > 0.*lr=nan"),
+        ({"lr": float("inf")}, "need finite lr > 0.*lr=inf"),
+        ({"weight_decay": float("nan")}, "weight_decay=nan"),
+        ({"momentum": 1.5}, "momentum < 1"),
         ({"min_lr_ratio": 2.0}, "min_lr_ratio"),
     ],
 )

@@ -295,7 +295,7 @@ def test_resume_after_pruning_continues_the_pruned_run(tmp_path: Path, teacher_c
     model, _, trainer, _, _ = _fit_with_pruning(tmp_path, "test_studentnet", {"num_pools": 3}, teacher_checkpoint)
     trainer.save_checkpoint(tmp_path / "after.ckpt")
     fresh = DistillModule(
-        build("test_studentnet").train(), load_teacher(checkpoint=teacher_checkpoint), optimizer="sgd"
+        build("test_studentnet").train(), load_teacher(checkpoint=teacher_checkpoint), optimizer="sgd", lr=0.05
     )
     pruner = ChannelPruning(schedule=PruningSchedule(start_epoch=0, every=1, steps=2, final_ratio=0.5))
     resumed = tiny_trainer(tmp_path, max_epochs=4, callbacks=[pruner])

@@ -60,7 +60,7 @@ def test_grid_completes_and_a_rerun_trains_nothing(tmp_path: Path, small_teacher
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"temperatures": [2.0, 0.0]}, r"Temperatures must be > 0, got \[0.0\]"),
+        ({"temperatures": [2.0, 0.0]}, r"Temperatures must be finite and > 0, got \[0.0\]"),
         ({"temperatures": []}, "The grid is empty: give at least one value in temperatures"),
         ({"seeds": []}, "The grid is empty"),
         ({"alphas": [1.5]}, r"Alphas must be in \[0, 1\]"),

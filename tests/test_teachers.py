@@ -81,8 +81,11 @@ def test_unreadable_checkpoints_are_clear_errors(tmp_path: Path):
     with pytest.raises(ValueError, match="not a readable torch file"):
         load_teacher(checkpoint=tmp_path / "junk.ckpt")
     torch.save({"state_dict": {"w": torch.zeros(1)}, "obj": Path("x")}, tmp_path / "pickled.ckpt")
-    with pytest.raises(ValueError, match="weights_only=True"):
+    with pytest.raises(ValueError, match=r"refused as unsafe: loading it would import pathlib\.\w*Path"):
         load_teacher("resnet18", checkpoint=tmp_path / "pickled.ckpt")
+    (tmp_path / "text.ckpt").write_text("hello\n")  # torch.load raises KeyError on it
+    with pytest.raises(ValueError, match="not a readable torch file"):
+        load_teacher(checkpoint=tmp_path / "text.ckpt")
 
 
 def test_small_input_stem_keeps_resolution():
@@ -128,7 +131,9 @@ def test_ensemble_is_frozen():
         ({"weights": [1.0]}, "one per teacher"),
         ({"weights": [1.0, -1.0]}, "non-negative"),
         ({"reduction": "median"}, "reduction must be"),
-        ({"temperature": 0.0}, "temperature must be > 0"),
+        ({"weights": [1.0, float("inf")]}, "non-negative"),
+        ({"temperature": 0.0}, "temperature must be a finite number > 0"),
+        ({"temperature": float("inf")}, "temperature must be a finite number > 0"),
     ],
 )
 def test_ensemble_bad_arguments(kwargs: dict, match: str):

@@ -19,15 +19,16 @@ SYSTEM_DIR = Path("/usr/share/datasets")
 class _CIFARDataModule(InMemoryDataModule):
     """Shared loading for CIFAR-10/100.
 
-    The extracted folder (``cifar-10-batches-py`` / ``cifar-100-python``) is looked for under ``root``,
-    ``/usr/share/datasets`` and ``~/.cache/distill/cifar``; then the archive is downloaded from the
-    official URL and checked against its MD5. Every pickle file is checked against its MD5 before it is
-    unpickled (pickle can run code, so unknown files are refused unless ``verify_checksums=False``).
+    The extracted folder (``cifar-10-batches-py`` / ``cifar-100-python``) is looked for under ``root`` when
+    it is given, and only there; else under ``/usr/share/datasets`` and ``~/.cache/distill/cifar``. A
+    missing copy is downloaded from the official URL and checked against its MD5. Every pickle file is
+    checked against its official MD5 before it is unpickled, always: unpickling runs whatever code a
+    file asks for, so a file that is not the official one is never opened.
 
     Args:
-        root: folder holding the extracted dataset folder (also the download target when given).
+        root: folder holding the extracted dataset folder, the only place looked when given (and the
+            download target).
         download: allow the download when no copy is found.
-        verify_checksums: check each file's MD5 before unpickling it.
         batch_size: training batch size.
         eval_batch_size: validation/test batch size (default: ``batch_size``).
         val_size: validation images taken out of the 50,000 training images (count, or fraction).
@@ -53,7 +54,6 @@ class _CIFARDataModule(InMemoryDataModule):
         self,
         root: str | None = None,
         download: bool = True,
-        verify_checksums: bool = True,
         batch_size: int = 256,
         eval_batch_size: int | None = None,
         val_size: int | float = 5000,
@@ -66,7 +66,6 @@ class _CIFARDataModule(InMemoryDataModule):
         super().__init__(batch_size, eval_batch_size, val_size, augment, resize, num_workers, split_seed, on_device)
         self.root = root
         self.download = download
-        self.verify_checksums = verify_checksums
 
     def _download(self, folder: Path) -> None:
         from torchvision.datasets.utils import download_and_extract_archive
@@ -80,7 +79,7 @@ class _CIFARDataModule(InMemoryDataModule):
         parent = locate_dataset(
             self.name,
             required,
-            ([root] if root else []) + [SYSTEM_DIR, CACHE_DIR / "cifar"],
+            [root] if root else [SYSTEM_DIR, CACHE_DIR / "cifar"],
             self._download if self.download else None,
             root or CACHE_DIR / "cifar",
             f"download {self.url}, extract it into a folder and pass that folder as root (--data.root).",
@@ -97,10 +96,10 @@ class _CIFARDataModule(InMemoryDataModule):
         images, labels = [], []
         for name, md5 in self.files["train" if train else "test"].items():
             path = folder / name
-            if self.verify_checksums and not check_integrity(str(path), md5):
+            if not check_integrity(str(path), md5):
                 raise ValueError(
-                    f"{path} does not match its MD5 checksum (corrupt, truncated or not the official file). "
-                    f"Delete it and download again, or pass verify_checksums=False for a file you trust."
+                    f"{path} does not match its official MD5 checksum (corrupt, truncated or another file), so it "
+                    f"is not unpickled (unpickling can run code). Delete it and download the dataset again."
                 )
             try:
                 with open(path, "rb") as f:

@@ -65,12 +65,13 @@ def _download(folder: Path) -> None:
 class FashionMNISTDataModule(InMemoryDataModule):
     """Fashion-MNIST, the embedded default dataset (10 classes, 1 channel, 28x28).
 
-    The four IDX ``.gz`` files are looked for in this order: ``root`` (or ``root/FashionMNIST/raw``),
-    ``/usr/share/datasets/fashion-mnist`` (Debian's ``dataset-fashion-mnist``), ``~/.cache/distill/
-    fashion-mnist``; then they are downloaded from the official URLs and checked against their MD5s.
+    The four IDX ``.gz`` files are looked for in ``root`` (or ``root/FashionMNIST/raw``) when it is given,
+    and only there; else in ``/usr/share/datasets/fashion-mnist`` (Debian's ``dataset-fashion-mnist``),
+    then ``~/.cache/distill/fashion-mnist``. Missing files are downloaded from the official URLs (into
+    ``root``, or the cache) and checked against their MD5s.
 
     Args:
-        root: folder with the four files (also the download target when given).
+        root: folder with the four files, the only place looked when given (and the download target).
         download: allow the download when no copy is found.
         batch_size: training batch size.
         eval_batch_size: validation/test batch size (default: ``batch_size``).
@@ -111,7 +112,7 @@ class FashionMNISTDataModule(InMemoryDataModule):
     def locate(self) -> Path:
         """The folder holding the four files (downloading them if allowed and needed)."""
         root = Path(self.root).expanduser() if self.root else None
-        candidates = ([root, root / "FashionMNIST" / "raw"] if root else []) + [SYSTEM_DIR, CACHE_DIR / "fashion-mnist"]
+        candidates = [root, root / "FashionMNIST" / "raw"] if root else [SYSTEM_DIR, CACHE_DIR / "fashion-mnist"]
         return locate_dataset(
             "Fashion-MNIST",
             list(FASHION_MNIST_FILES),

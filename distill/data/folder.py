@@ -9,6 +9,8 @@ import torch
 from pytorch_lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from distill.data.split import check_val_size, split_indices
+
 __all__ = ["ImageFolderDataModule"]
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -57,6 +59,7 @@ class ImageFolderDataModule(LightningDataModule):
         super().__init__()
         from torchvision.datasets.folder import find_classes
 
+        check_val_size(val_size)
         self.root = Path(root).expanduser()
         train_path = self.root / train_dir
         if not train_path.is_dir():
@@ -113,13 +116,9 @@ class ImageFolderDataModule(LightningDataModule):
             else:
                 train_view = self._folder(self.train_dir, train=True)
                 eval_view = self._folder(self.train_dir, train=False)
-                n = len(train_view)
-                n_val = round(self.val_size * n) if isinstance(self.val_size, float) else int(self.val_size)
-                if not 0 < n_val < n:
-                    raise ValueError(f"val_size={self.val_size} leaves no training or no validation images of {n}")
-                perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.split_seed)).tolist()
-                self.train_set = Subset(train_view, sorted(perm[n_val:]))
-                self.val_set = Subset(eval_view, sorted(perm[:n_val]))
+                train_idx, val_idx = split_indices(len(train_view), self.val_size, self.split_seed)
+                self.train_set = Subset(train_view, train_idx.tolist())
+                self.val_set = Subset(eval_view, val_idx.tolist())
         if stage in (None, "test", "predict") and self.test_set is None and self.test_dir is not None:
             self.test_set = self._folder(self.test_dir, train=False)
 

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from pytorch_lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
+from distill.data.split import check_val_size, split_indices
+
 __all__ = [
     "BatchTransform",
     "DeviceBatches",
@@ -221,8 +223,7 @@ class InMemoryDataModule(LightningDataModule):
         super().__init__()
         if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
             raise ValueError(f"batch sizes must be >= 1, got {batch_size} and {eval_batch_size}")
-        if not val_size > 0:
-            raise ValueError(f"val_size must be a positive count or a fraction in (0, 1), got {val_size}")
+        check_val_size(val_size)
         if resize is not None and resize < 1:
             raise ValueError(f"resize must be a positive size in pixels, got {resize}")
         self.batch_size = batch_size
@@ -261,13 +262,7 @@ class InMemoryDataModule(LightningDataModule):
 
     def split_indices(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Train and validation indices of an ``n``-image training set (fixed by ``split_seed``)."""
-        n_val = (
-            round(self.val_size * n) if isinstance(self.val_size, float) and self.val_size < 1 else int(self.val_size)
-        )
-        if not 0 < n_val < n:
-            raise ValueError(f"val_size={self.val_size} leaves no training or no validation images out of {n}")
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.split_seed))
-        return perm[n_val:].sort().values, perm[:n_val].sort().values
+        return split_indices(n, self.val_size, self.split_seed)
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit", "validate") and self.train_set is None:
