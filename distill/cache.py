@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -25,6 +24,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from distill.data.memory import TensorImageDataset
+from distill.report import atomic_path
 from students.checkpoint import read_checkpoint
 
 __all__ = ["TeacherLogitCache", "compute_logits", "split_fingerprint", "teacher_fingerprint"]
@@ -135,7 +135,6 @@ class TeacherLogitCache(Callback):
         logits = compute_logits(teacher, dataset, device, self.batch_size, context)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            partial = path.with_suffix(f".{os.getpid()}.tmp")
-            torch.save({"key": key, "logits": logits}, partial)
-            os.replace(partial, path)  # atomic: parallel workers never read half a file
+            with atomic_path(path) as partial:  # parallel workers never read half a file
+                torch.save({"key": key, "logits": logits}, partial)
         return logits

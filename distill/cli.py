@@ -17,18 +17,26 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from jsonargparse import ArgumentParser, Namespace
-from pytorch_lightning import LightningDataModule
+from pytorch_lightning import LightningDataModule, Trainer
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import CSVLogger
 
 from distill.module import DistillModule, check_resume_settings
+from distill.recipes import IncompleteRun
 from students.checkpoint import read_checkpoint
 
 __all__ = ["JOBS", "DistillCLI", "default_precision", "main"]
 
 
 class _OneLineErrors:
-    """An argument parser whose errors are one ``distill: error: ...`` line instead of the full usage."""
+    """An argument parser whose errors are one ``distill: error: ...`` line instead of the full usage.
+
+    Abbreviated options are refused: ``--trainer.max_epoch`` must not silently mean ``--trainer.max_epochs``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         if not self.exit_on_error or os.environ.get("DISTILL_DEBUG"):
@@ -55,6 +63,31 @@ class _JobParser(_OneLineErrors, ArgumentParser):
     """The parser of the jobs (``distill sweep``, ``prune-distill``, ...)."""
 
 
+class _Trainer(Trainer):
+    """Lightning's Trainer, with ``limit_*_batches: 1`` meaning one batch, as Lightning documents.
+
+    Lightning annotates these ``float | int``: parsed from a config, ``1`` became ``1.0``, which Lightning
+    reads as all of the batches. Every other argument goes to Lightning's Trainer unchanged.
+    """
+
+    def __init__(
+        self,
+        *,
+        limit_train_batches: int | float | None = None,
+        limit_val_batches: int | float | None = None,
+        limit_test_batches: int | float | None = None,
+        limit_predict_batches: int | float | None = None,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            limit_train_batches=limit_train_batches,
+            limit_val_batches=limit_val_batches,
+            limit_test_batches=limit_test_batches,
+            limit_predict_batches=limit_predict_batches,
+            **kwargs,
+        )
+
+
 def default_precision() -> str:
     """``bf16-mixed`` where a GPU with bfloat16 is present, else ``32-true`` (CPUs stay float32)."""
     import torch
@@ -71,9 +104,11 @@ class DistillCLI(LightningCLI):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("trainer_defaults", {"precision": default_precision()})
         kwargs.setdefault("parser_class", _ArgumentParser)
+        kwargs.setdefault("trainer_class", _Trainer)
         kwargs.setdefault("subclass_mode_data", True)
         kwargs.setdefault("auto_configure_optimizers", False)
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})  # re-running a recipe replaces its run
+        kwargs.setdefault("parser_kwargs", {"prog": "distill"})  # also when run from Python (tests, jobs)
         super().__init__(DistillModule, LightningDataModule, *args, **kwargs)
 
     def add_arguments_to_parser(self, parser: Any) -> None:
@@ -107,6 +142,13 @@ class DistillCLI(LightningCLI):
         the same folder is touched. Only ``fit`` saves its config: evaluating a checkpoint must not
         replace the config of the run that trained it.
         """
+        self.check_run()
+        if self.subcommand not in (None, "fit"):
+            self.save_config_callback = None
+        return super().instantiate_trainer(**kwargs)
+
+    def check_run(self) -> None:
+        """Set up the data and check the student, the teacher and ``--ckpt_path`` against it; write nothing."""
         self._check_links()
         if self.datamodule is not None:
             self.datamodule.prepare_data()
@@ -114,9 +156,6 @@ class DistillCLI(LightningCLI):
         self.model.check_data(self.datamodule)
         if self._checkpoint is not None:
             self.model.check_checkpoint(self._checkpoint[1], self._checkpoint[0])
-        if self.subcommand not in (None, "fit"):
-            self.save_config_callback = None
-        return super().instantiate_trainer(**kwargs)
 
     def _check_links(self) -> None:
         """Refuse a student ``num_classes``/``in_chans`` given against the data: the link would override it."""
@@ -214,7 +253,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of the ``distill`` console script.
 
     Bad input (a missing file, a wrong class count, an invalid option) ends with one clear message
-    and exit status 2; set ``DISTILL_DEBUG=1`` to see the traceback instead.
+    and exit status 2, a job that ended with work unfinished (a sweep whose other workers still run) with
+    status 3; set ``DISTILL_DEBUG=1`` to see the traceback instead.
     """
     args = list(sys.argv[1:] if argv is None else argv)
     # Lightning 2.6 on torch 2.14 warns about its own use of torch's pytree API at every run.
@@ -230,13 +270,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                 raise
         else:
             DistillCLI(args=None if argv is None else args)  # None: LightningCLI reads sys.argv itself
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, IncompleteRun) as err:
         if os.environ.get("DISTILL_DEBUG"):
             raise
+        status = getattr(err, "exit_status", 2)
         while err.__cause__ is not None:  # jsonargparse wraps errors raised while building objects
             err = err.__cause__
-        print(f"distill: error: {err}\n(set DISTILL_DEBUG=1 to see the traceback)", file=sys.stderr)
-        raise SystemExit(2) from None
+        print(f"distill: error: {err} (DISTILL_DEBUG=1 shows the traceback)", file=sys.stderr)
+        raise SystemExit(status) from None
 
 
 if __name__ == "__main__":

@@ -9,6 +9,8 @@ format LibTorch C++ loads) is reloaded and compared the same way. Needs the ``on
 
 from __future__ import annotations
 
+import math
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,8 @@ import torch
 from torch import nn
 
 from distill.profile import eval_mode
+from distill.report import atomic_path
+from students.checkpoint import load_student, read_checkpoint
 
 __all__ = ["export", "export_onnx", "export_torchscript"]
 
@@ -46,11 +50,11 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path,
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.cpu()
     x = example_input.cpu()
-    with eval_mode(model):
+    with eval_mode(model), atomic_path(path) as partial:  # written only once it passed the check
         torch.onnx.export(
             model,
             (x,),
-            str(path),
+            str(partial),
             input_names=["images"],
             output_names=["logits"],
             dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
@@ -60,11 +64,11 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path,
         )
         check = torch.randn(3, *x.shape[1:], generator=torch.Generator().manual_seed(0))
         expected = model(check).numpy()
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run(None, {session.get_inputs()[0].name: check.numpy()})[0]
-    diff = float(abs(got - expected).max())
-    if diff > atol:
-        raise ValueError(f"ONNX Runtime's outputs differ from PyTorch's by {diff:.2e} > {atol:g} ({path})")
+        session = ort.InferenceSession(str(partial), providers=["CPUExecutionProvider"])
+        got = session.run(None, {session.get_inputs()[0].name: check.numpy()})[0]
+        diff = float(abs(got - expected).max())
+        if diff > atol:
+            raise ValueError(f"ONNX Runtime's outputs differ from PyTorch's by {diff:.2e} > {atol:g} ({path})")
     return diff
 
 
@@ -75,13 +79,15 @@ def export_torchscript(model: nn.Module, example_input: torch.Tensor, path: str 
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.cpu()
     x = example_input.cpu()
-    with eval_mode(model):
+    with eval_mode(model), atomic_path(path) as partial:  # written only once it passed the check
         traced = torch.jit.trace(model, x)
-        traced.save(str(path))
+        traced.save(str(partial))
         check = torch.randn(3, *x.shape[1:], generator=torch.Generator().manual_seed(0))
-        diff = float((torch.jit.load(str(path))(check) - model(check)).abs().max())
-    if diff > atol:
-        raise ValueError(f"The TorchScript module's outputs differ from PyTorch's by {diff:.2e} > {atol:g} ({path})")
+        diff = float((torch.jit.load(str(partial))(check) - model(check)).abs().max())
+        if diff > atol:
+            raise ValueError(
+                f"The TorchScript module's outputs differ from PyTorch's by {diff:.2e} > {atol:g} ({path})"
+            )
     return diff
 
 
@@ -104,24 +110,54 @@ def export(
     Returns:
         The measured largest difference for each written format.
     """
-    from students import load_student
-    from students.checkpoint import read_checkpoint
-
     if onnx is None and torchscript is None:
         raise ValueError("Nothing to export: give onnx=<file.onnx> and/or torchscript=<file.pt>")
+    if input_size is not None and input_size < 1:
+        raise ValueError(f"input_size must be a positive number of pixels, got {input_size}")
+    if not 0 <= atol < math.inf:
+        raise ValueError(f"atol must be a finite number >= 0, got {atol}")
+    outputs = {fmt: Path(p) for fmt, p in (("onnx", onnx), ("torchscript", torchscript)) if p is not None}
+    _check_outputs(Path(checkpoint), outputs)
+    checkpoint_data = read_checkpoint(checkpoint)
     model = load_student(checkpoint)
-    shape = read_checkpoint(checkpoint).get("input_shape")
+    shape = checkpoint_data.get("input_shape")
     in_chans = model.model_spec["kwargs"].get("in_chans", 3) if hasattr(model, "model_spec") else 3
     if input_size is not None:
         shape = [in_chans, input_size, input_size]
     if shape is None:
         raise ValueError(f"{checkpoint} records no input size: pass input_size (e.g. 28 for Fashion-MNIST)")
     example = torch.zeros(1, *shape)
+    try:
+        with torch.no_grad(), eval_mode(model):
+            model(example)
+    except RuntimeError as err:
+        raise ValueError(
+            f"The student cannot run on {tuple(shape)} inputs ({str(err).splitlines()[0]}). Give an input_size it "
+            f"accepts (it was trained on {checkpoint_data.get('input_shape', 'an unrecorded size')})."
+        ) from None
     diffs = {}
-    if onnx is not None:
-        diffs["onnx"] = export_onnx(model, example, onnx, atol)
-    if torchscript is not None:
-        diffs["torchscript"] = export_torchscript(model, example, torchscript, atol)
+    if "onnx" in outputs:
+        diffs["onnx"] = export_onnx(model, example, outputs["onnx"], atol)
+    if "torchscript" in outputs:
+        diffs["torchscript"] = export_torchscript(model, example, outputs["torchscript"], atol)
     for fmt, diff in diffs.items():
-        print(f"{fmt}: {onnx if fmt == 'onnx' else torchscript} (max |difference| from PyTorch: {diff:.2e})")
+        print(f"{fmt}: {outputs[fmt]} (max |difference| from PyTorch: {diff:.2e})")
     return diffs
+
+
+def _check_outputs(checkpoint: Path, outputs: dict[str, Path]) -> None:
+    """Refuse output paths that would overwrite the checkpoint or each other, or cannot be written."""
+    if len({p.resolve() for p in outputs.values()}) < len(outputs):
+        raise ValueError(f"onnx and torchscript name the same file {outputs['onnx']}: give each its own")
+    for fmt, path in outputs.items():
+        if path.resolve() == checkpoint.resolve():
+            raise ValueError(f"{fmt}={str(path)!r} is the checkpoint being exported; it would be overwritten")
+        if path.is_dir():
+            example = path / ("student.onnx" if fmt == "onnx" else "student.pt")
+            raise ValueError(f"{fmt}={str(path)!r} is a folder: give a file name, e.g. {example}")
+        folder = next(p for p in path.resolve().parents if p.exists())  # the missing ones are created
+        try:
+            with tempfile.TemporaryFile(dir=folder):
+                pass
+        except OSError as err:
+            raise ValueError(f"{fmt}={str(path)!r} cannot be written: {folder}: {err.strerror}") from None

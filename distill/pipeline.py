@@ -29,10 +29,21 @@ import torch
 import yaml
 
 from distill.profile import count_macs, count_params, measure_latency
-from distill.recipes import check_teacher, fit_recipe, load_recipe, merge, relocate
+from distill.recipes import (
+    check_recipe,
+    check_teacher,
+    file_digest,
+    fit_recipe,
+    input_digests,
+    load_recipe,
+    merge,
+    relocate,
+    sibling_config,
+)
 from distill.report import atomic_write, save_figure
+from students import load_student
 
-__all__ = ["SCHEDULES", "prune_distill"]
+__all__ = ["SCHEDULES", "check_options", "prune_distill"]
 
 SCHEDULES = ("fixed", "geometric")
 ROUND_COLUMNS = ("round", "phase", "epochs", "params", "macs", "latency_ms", "val_acc", "test_acc", "checkpoint")
@@ -106,27 +117,40 @@ def prune_distill(
         The rows of ``rounds.csv``.
     """
     settings = dict(locals())  # the arguments: a run directory resumes only with the same ones
-    if (target_params is None) == (target_macs is None):
-        raise ValueError("give exactly one of target_params or target_macs")
-    if schedule not in SCHEDULES:
-        raise ValueError(f"Unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
-    if not 0.0 < ratio < 1.0 or rounds < 1 or max_rounds < 1 or epochs_per_round < 1 or final_epochs < 0:
-        raise ValueError(
-            "need 0 < ratio < 1, rounds >= 1, max_rounds >= 1, epochs_per_round >= 1 and final_epochs >= 0; got "
-            f"ratio={ratio}, rounds={rounds}, max_rounds={max_rounds}, epochs_per_round={epochs_per_round}, "
-            f"final_epochs={final_epochs}"
-        )
-    from distill.pruning import CRITERIA
+    check_options(target_params, target_macs, importance, schedule, ratio, rounds, max_rounds, epochs_per_round,
+                  final_epochs)  # fmt: skip
+    from distill.pruning import check_target
 
-    if importance not in CRITERIA:
-        raise ValueError(f"Unknown importance criterion {importance!r}; choose one of {', '.join(CRITERIA)}")
+    # Every check runs before the run directory is touched: a refused run writes nothing and locks nothing.
     base = merge(load_recipe(recipe), overrides)
     check_teacher(base, recipe)
     if student_checkpoint is not None and not Path(student_checkpoint).is_file():
         raise FileNotFoundError(f"Student checkpoint {student_checkpoint!r} does not exist. Fix the path, or omit it.")
+    model, data = check_recipe(base)
+    start = load_student(student_checkpoint) if student_checkpoint is not None else model.student
+    x = torch.zeros(1, data.in_chans, *data.input_size)
+    by_params = target_params is not None
+    size = count_params if by_params else (lambda m: count_macs(m, x))
+    target = target_params if by_params else target_macs
+    unit = "parameters" if by_params else "MACs"
+    start_size = size(start)
+    if start_size <= target:
+        raise ValueError(f"target {target:,} {unit} is not below the student's {start_size:,}: nothing to prune")
+    ignored = list(ignored_layers or [])
+    floors = _floors(start, x, min_fraction, ignored)
+    check_target(start, x, target_params, target_macs, floors, round_to=round_to, ignored_layers=ignored)
+    if schedule == "fixed":  # channels shrink both sides of a conv: at best the size falls by (1 - ratio)^2
+        needed = math.ceil(math.log(target / start_size) / (2 * math.log(1 - ratio)))
+        if needed > max_rounds:
+            raise ValueError(
+                f"the fixed schedule needs at least {needed} rounds of ratio={ratio} to reach {target:,} {unit} from "
+                f"{start_size:,}, more than max_rounds={max_rounds}: raise ratio or max_rounds, or use geometric"
+            )
+
     out = Path(run_dir).resolve()
-    job = _Job(out, base, seed, str(out / "cache") if cache_teacher_logits else None)
-    job.remember_settings(settings)
+    job = _Job(out, base, data, seed, str(out / "cache") if cache_teacher_logits else None)
+    inputs = input_digests(base) | ({student_checkpoint: file_digest(student_checkpoint)} if student_checkpoint else {})
+    job.remember_settings(settings, {"recipe": json.dumps(base, sort_keys=True, default=str), "inputs": inputs})
 
     # ---------------------------------------------------------------- the starting student
     recipe_epochs = int(base.get("trainer", {}).get("max_epochs") or 1)
@@ -138,17 +162,7 @@ def prune_distill(
     if slimming_epochs > 0:
         slim = {"class_path": "distill.pruning.NetworkSlimming", "init_args": {"lambda_": slimming_lambda}}
         current = job.phase("slimming", 0, slimming_epochs, current, callbacks=[slim]).checkpoint
-
-    student = job.load(current)  # the student before the first round (also when resuming)
-    x = job.example_input()
-    size = count_params if target_params is not None else (lambda m: count_macs(m, x))
-    target = target_params if target_params is not None else target_macs
-    unit = "parameters" if target_params is not None else "MACs"
-    start_size = size(student)
-    if start_size <= target:
-        raise ValueError(f"target {target:,} {unit} is not below the student's {start_size:,}: nothing to prune")
-    ignored = list(ignored_layers or [])
-    floors = job.floors(student, min_fraction, ignored)
+    start_size = size(job.load(current))  # the trained student, before the first round (also when resuming)
 
     # -------------------------------------------------------------------------- rounds
     done = job.rows_of("round")  # resuming: continue after the last finished round
@@ -160,7 +174,7 @@ def prune_distill(
         if k > max_rounds:
             raise ValueError(f"the target was not met in max_rounds={max_rounds} rounds; raise it or the ratio")
         student = job.load(current)
-        step = _round_step(schedule, size(student), start_size, target, k, rounds, ratio, target_params is not None)
+        step = _round_step(schedule, size(student), start_size, target, k, rounds, ratio, by_params)
         pruned = job.prune(student, k, importance, step, global_ranking, floors, round_to, ignored)
         lr = None if lr_rewinding else (finetune_lr or float(base["model"].get("lr", 2e-3)) / 10)
         current = job.phase("round", k, epochs_per_round, pruned, lr=lr).checkpoint
@@ -178,6 +192,42 @@ def prune_distill(
     rows = job.rows
     job.write_report(best, best_path, thin, target, unit)
     return rows
+
+
+def check_options(
+    target_params: int | None,
+    target_macs: int | None,
+    importance: str = "l1",
+    schedule: str = "geometric",
+    ratio: float = 0.05,
+    rounds: int = 5,
+    max_rounds: int = 50,
+    epochs_per_round: int = 3,
+    final_epochs: int = 10,
+) -> None:
+    """Refuse options of :func:`prune_distill` that are wrong on their own (jobs check them before training)."""
+    from distill.pruning import CRITERIA
+
+    if (target_params is None) == (target_macs is None):
+        raise ValueError("give exactly one of target_params or target_macs")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"Unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    if not 0.0 < ratio < 1.0 or rounds < 1 or max_rounds < 1 or epochs_per_round < 1 or final_epochs < 0:
+        raise ValueError(
+            "need 0 < ratio < 1, rounds >= 1, max_rounds >= 1, epochs_per_round >= 1 and final_epochs >= 0; got "
+            f"ratio={ratio}, rounds={rounds}, max_rounds={max_rounds}, epochs_per_round={epochs_per_round}, "
+            f"final_epochs={final_epochs}"
+        )
+    if importance not in CRITERIA:
+        raise ValueError(f"Unknown importance criterion {importance!r}; choose one of {', '.join(CRITERIA)}")
+
+
+def _floors(student: torch.nn.Module, x: torch.Tensor, min_fraction: float, ignored: list[str]) -> dict[str, int]:
+    """Channels each prunable layer keeps at least: ``min_fraction`` of its channels before pruning started."""
+    from distill.pruning import channel_groups
+
+    groups = channel_groups(student, x, ignored)
+    return {name: max(1, math.ceil(min_fraction * len(g[0][1]))) for name, g in groups.items()}
 
 
 def _unit_key(target_params: int | None) -> str:
@@ -201,17 +251,21 @@ def _round_step(
 class _Job:
     """The run directory: phases, their records (``state.json``), and the report."""
 
-    def __init__(self, out: Path, base: dict[str, Any], seed: int, cache: str | None) -> None:
+    def __init__(self, out: Path, base: dict[str, Any], data: Any, seed: int, cache: str | None) -> None:
         self.out = out
         self.base = base
+        self.data = data
         self.seed = seed
         self.cache = cache
         self.state_path = out / "state.json"
         self.state = json.loads(self.state_path.read_text()) if self.state_path.is_file() else {"phases": {}}
-        self._data = None
 
     # ------------------------------------------------------------------ bookkeeping
-    def remember_settings(self, settings: dict[str, Any]) -> None:
+    def remember_settings(self, settings: dict[str, Any], inputs: dict[str, Any]) -> None:
+        """Record the run's settings and inputs (the recipe's content, the files it reads); refuse other ones.
+
+        A run recorded before inputs were (an older version) resumes, and records them from now on.
+        """
         settings = json.loads(json.dumps(settings, default=str))
         stored = self.state.get("settings", settings)  # a new run: nothing to compare
         changed = sorted(k for k in stored.keys() | settings.keys() if stored.get(k) != settings.get(k))
@@ -220,7 +274,17 @@ class _Job:
                 f"{self.out} holds a prune-distill run with other settings ({', '.join(changed)} changed). "
                 f"Use a new run_dir, or rerun with the original settings to resume it."
             )
-        self.state["settings"] = settings
+        recorded = self.state.get("inputs", inputs)
+        if recorded["recipe"] != inputs["recipe"]:
+            changed.append(f"the content of the recipe {settings['recipe']}")
+        changed += [f"the file {f}" for f in sorted(recorded["inputs"].keys() | inputs["inputs"].keys())
+                    if recorded["inputs"].get(f) != inputs["inputs"].get(f)]  # fmt: skip
+        if changed:
+            raise ValueError(
+                f"{self.out} holds a prune-distill run of other inputs ({', '.join(changed)} changed since it "
+                f"started): resuming would mix them in one run. Use a new run_dir, or restore the original inputs."
+            )
+        self.state["settings"], self.state["inputs"] = settings, inputs
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "prune_distill.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
         self._save_state()
@@ -236,19 +300,8 @@ class _Job:
         return [r for r in self.rows if r["phase"] == phase]
 
     # ------------------------------------------------------------------------ models
-    def datamodule(self) -> Any:
-        if self._data is None:
-            from jsonargparse import ArgumentParser
-            from pytorch_lightning import LightningDataModule
-
-            parser = ArgumentParser(exit_on_error=False)
-            parser.add_subclass_arguments(LightningDataModule, "data")
-            self._data = parser.instantiate_classes(parser.parse_object({"data": self.base["data"]})).data
-        return self._data
-
     def example_input(self) -> torch.Tensor:
-        data = self.datamodule()
-        return torch.zeros(1, data.in_chans, *data.input_size)
+        return torch.zeros(1, self.data.in_chans, *self.data.input_size)
 
     @staticmethod
     def load(path: str) -> torch.nn.Module:
@@ -271,12 +324,6 @@ class _Job:
             self._record(key, 0, "start", epochs, str(copy_path), student, val_acc=float("nan"), test_acc=float("nan"))
         return self.state["phases"][key]["checkpoint"]
 
-    def floors(self, student: torch.nn.Module, min_fraction: float, ignored: list[str]) -> dict[str, int]:
-        from distill.pruning import channel_groups
-
-        groups = channel_groups(student, self.example_input(), ignored)
-        return {name: max(1, math.ceil(min_fraction * len(g[0][1]))) for name, g in groups.items()}
-
     def prune(
         self,
         student: torch.nn.Module,
@@ -292,9 +339,7 @@ class _Job:
         from students import save_student
 
         torch.manual_seed(self.seed + k)
-        data = self.datamodule()
-        data.setup("fit")
-        batches = [next(iter(data.train_dataloader()))[:2] for _ in range(4)]
+        batches = [next(iter(self.data.train_dataloader()))[:2] for _ in range(4)]
         prune_student(
             student,
             self.example_input(),
@@ -343,7 +388,7 @@ class _Job:
         if self.cache is not None:
             extra.append({"class_path": "distill.cache.TeacherLogitCache", "init_args": {"cache_dir": self.cache}})
         cfg["trainer"]["callbacks"] = [*(cfg["trainer"].get("callbacks") or []), *extra]
-        result = fit_recipe(cfg, folder.with_suffix(".yaml"))
+        result = fit_recipe(cfg, sibling_config(folder))
         model = self.load(result.checkpoint)
         self._record(key, round_, phase, epochs, result.checkpoint, model, result.val_acc, result.test_acc)
         return _Record(self.state["phases"][key])
@@ -375,17 +420,20 @@ class _Job:
 
     # ------------------------------------------------------------------- outputs
     def save_best(self, checkpoint: str, export_onnx: bool) -> Path:
+        """Save the best student as ``best_student.ckpt`` (and ``.onnx``), once: a rerun finds it recorded."""
         from students import save_student
 
+        path, onnx = self.out / "best_student.ckpt", self.out / "best_student.onnx"
+        if self.state.get("best") == checkpoint and path.is_file() and (onnx.is_file() or not export_onnx):
+            return path
         model = self.load(checkpoint)
-        shape = list(self.example_input().shape[1:])
-        path = save_student(model, self.out / "best_student.ckpt", input_shape=shape)
+        save_student(model, path, input_shape=list(self.example_input().shape[1:]))
         if export_onnx:
             from distill.export import export_onnx as to_onnx
 
-            diff = to_onnx(model, self.example_input(), self.out / "best_student.onnx")
-            self.state["onnx_max_abs_diff"] = diff
-            self._save_state()
+            self.state["onnx_max_abs_diff"] = to_onnx(model, self.example_input(), onnx)
+        self.state["best"] = checkpoint
+        self._save_state()
         return path
 
     def baseline(self, params: int, epochs: int) -> dict[str, Any] | None:
@@ -396,7 +444,7 @@ class _Job:
         if not str(student.get("class_path", "")).endswith("StudentNet"):
             return None
         kwargs = dict(student.get("init_args") or {})
-        data = self.datamodule()
+        data = self.data
 
         def count(width: float) -> int:
             return count_params(

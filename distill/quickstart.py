@@ -17,12 +17,13 @@ The exact configs that ran are written into the run directory beside the checkpo
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from distill.pipeline import prune_distill
+from distill.pipeline import check_options, prune_distill
 from distill.recipes import fit_recipe, load_recipe, relocate
 from students import UNSCALED_LAYERS
 
@@ -46,12 +47,15 @@ def quickstart(
     ignored_layers: Sequence[str] = UNSCALED_LAYERS,
     batch_size: int = 256,
     augment: bool = False,
-    limit_train_batches: float = 1.0,
-    limit_eval_batches: float = 1.0,
+    limit_train_batches: int | float = 1.0,
+    limit_eval_batches: int | float = 1.0,
     accelerator: str = "auto",
     data_root: str | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Train a teacher, distill StudentNet from it, prune-distill it to a size target, print a table.
+
+    Run it again with the same settings to resume: finished stages are reused (``result.json`` of each run,
+    ``state.json`` of prune-distill). Other settings in the same ``run_dir`` are refused before any training.
 
     Args:
         run_dir: output folder: ``teacher.yaml`` and ``student.yaml`` (the configs that ran), ``teacher/``
@@ -74,15 +78,29 @@ def quickstart(
             ``[]`` prunes every layer).
         batch_size: batch size of every run.
         augment: random crop and flip (the full recipes use them; short runs do better without).
-        limit_train_batches: fraction (or number) of training batches per epoch, for smoke runs.
-        limit_eval_batches: fraction (or number) of validation and test batches.
+        limit_train_batches: fraction (a float) or number (an int: 1 is one batch) of training batches per
+            epoch, for smoke runs.
+        limit_eval_batches: fraction or number of validation and test batches.
         accelerator: Lightning accelerator (``auto``, ``cpu``, ``gpu``).
         data_root: folder with the Fashion-MNIST files (default: the usual search, see FashionMNISTDataModule).
 
     Returns:
         ``{"teacher", "student", "pruned", "thin"}``: model, params, val_acc, test_acc and checkpoint of each.
     """
+    settings = json.loads(json.dumps(dict(locals()), default=list))
     out = Path(run_dir)
+    record = out / "quickstart.json"
+    stored = json.loads(record.read_text()) if record.is_file() else settings
+    changed = sorted(k for k in stored.keys() | settings.keys() if stored.get(k) != settings.get(k))
+    if changed:
+        raise ValueError(
+            f"{out} holds a quickstart run with other settings ({', '.join(changed)} changed). Use a new --run_dir, "
+            f"or rerun with the original settings: finished stages are then reused."
+        )
+    check_options(target_params, None, importance, "geometric", rounds=prune_rounds, epochs_per_round=epochs_per_round,
+                  final_epochs=final_epochs)  # fmt: skip
+    if teacher_epochs < 1 or student_epochs < 1:
+        raise ValueError(f"need teacher_epochs >= 1 and student_epochs >= 1, got {teacher_epochs} and {student_epochs}")
     common = {
         "batch_size": batch_size,
         "augment": augment,
@@ -94,6 +112,7 @@ def quickstart(
     teacher_cfg = _resize(load_recipe(teacher_config), out / "teacher", epochs=teacher_epochs, **common)
     teacher_cfg["model"]["student"]["init_args"].update(name=teacher_model, small_input=teacher_small_input)
     teacher = fit_recipe(teacher_cfg, out / "teacher.yaml")
+    record.write_text(json.dumps(settings, indent=1))  # from here on, this folder holds these settings' run
 
     student_cfg = _resize(load_recipe(kd_config), out / "student", epochs=student_epochs, **common)
     teacher_spec = {"class_path": "teachers.load_teacher", "init_args": {"checkpoint": teacher.checkpoint}}
@@ -149,8 +168,8 @@ def _resize(
     epochs: int,
     batch_size: int,
     augment: bool,
-    limit_train_batches: float,
-    limit_eval_batches: float,
+    limit_train_batches: int | float,
+    limit_eval_batches: int | float,
     accelerator: str,
     data_root: str | None,
 ) -> dict[str, Any]:

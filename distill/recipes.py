@@ -7,24 +7,53 @@ write the exact config they run next to its outputs, and run it through the same
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
 import time
 import warnings
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-__all__ = ["FitResult", "fit_recipe", "load_recipe", "merge", "relocate"]
+from distill.report import atomic_write
+
+__all__ = [
+    "FitResult",
+    "IncompleteRun",
+    "check_recipe",
+    "check_teacher",
+    "file_digest",
+    "fingerprint",
+    "fit_recipe",
+    "input_digests",
+    "load_recipe",
+    "merge",
+    "relocate",
+    "sibling_config",
+]
 
 
 def load_recipe(path: str | Path) -> dict[str, Any]:
-    """The recipe at ``path`` as a dict, with a clear error when it is missing."""
+    """The recipe at ``path`` as a dict, with a clear error when it is missing or not a YAML mapping."""
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"Recipe {str(path)!r} not found. Run from the repository root or pass its path.")
-    return yaml.safe_load(file.read_text())
+    try:
+        cfg = yaml.safe_load(file.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        where = getattr(err, "problem_mark", None)
+        line = f" (line {where.line + 1})" if where is not None else ""
+        problem = getattr(err, "problem", None) or type(err).__name__
+        raise ValueError(f"Recipe {str(path)!r} is not valid YAML{line}: {problem}") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(
+            f"Recipe {str(path)!r} holds {type(cfg).__name__ if cfg is not None else 'nothing'}, not a mapping of "
+            f"settings (trainer, model, data), e.g. configs/fmnist/kd.yaml"
+        )
+    return cfg
 
 
 def merge(base: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
@@ -56,8 +85,8 @@ def check_teacher(cfg: dict[str, Any], recipe: str) -> None:
     """Fail before any training if the recipe has no teacher or its checkpoint file is missing."""
     teacher = cfg.get("model", {}).get("teacher")
     if not teacher:
-        raise ValueError(f"The sweep distills from a teacher, but {recipe} sets no model.teacher.")
-    missing = [path for path in _checkpoints(teacher) if not Path(path).is_file()]
+        raise ValueError(f"The job distills from a teacher, but {recipe} sets no model.teacher.")
+    missing = [path for path in _inputs(teacher) if not Path(path).is_file()]
     if missing:
         raise FileNotFoundError(
             f"Teacher checkpoint {missing[0]!r} (from {recipe}) does not exist. Train the teacher first, "
@@ -65,16 +94,64 @@ def check_teacher(cfg: dict[str, Any], recipe: str) -> None:
         )
 
 
-def _checkpoints(node: Any) -> Iterable[str]:
+def check_recipe(cfg: dict[str, Any]) -> tuple[Any, Any]:
+    """Build a recipe's model and datamodule and check them against each other, as ``distill fit`` would.
+
+    Jobs call it before they create a run folder or a study, so that a recipe ``distill fit`` would refuse
+    (a teacher that does not load or does not fit the data, a bad data setting) writes nothing.
+
+    Returns:
+        The ``DistillModule`` and the datamodule, set up for fitting.
+    """
+    from distill.cli import DistillCLI
+
+    class _Check(DistillCLI):
+        def instantiate_trainer(self, **kwargs: Any) -> None:
+            self.check_run()
+
+    with warnings.catch_warnings():  # the job's own argv is in sys.argv; the config given here is the recipe
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        cli = _Check(args=copy.deepcopy(cfg), run=False)
+    return cli.model, cli.datamodule
+
+
+def _inputs(node: Any) -> Iterable[str]:
+    """The files a recipe reads by path: teacher checkpoints and students loaded from checkpoints."""
     if isinstance(node, dict):
         for key, value in node.items():
-            if key == "checkpoint" and isinstance(value, str):
+            if key in ("checkpoint", "path") and isinstance(value, str):
                 yield value
             else:
-                yield from _checkpoints(value)
+                yield from _inputs(value)
     elif isinstance(node, list):
         for value in node:
-            yield from _checkpoints(value)
+            yield from _inputs(value)
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def input_digests(cfg: dict[str, Any]) -> dict[str, str]:
+    """SHA-256 of every existing file the recipe reads by path, so a retrained teacher changes the run."""
+    return {path: file_digest(path) for path in sorted(set(_inputs(cfg))) if Path(path).is_file()}
+
+
+def fingerprint(cfg: dict[str, Any]) -> str:
+    """SHA-256 of a recipe's settings and of the files it reads: two runs with one fingerprint are the same run."""
+    text = json.dumps({"recipe": cfg, "inputs": input_digests(cfg)}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+class IncompleteRun(RuntimeError):
+    """A job ended with part of its work unfinished (its report says what); ``distill`` exits with status 3."""
+
+    exit_status = 3
 
 
 @dataclass
@@ -92,28 +169,39 @@ class FitResult:
 
 
 def fit_recipe(cfg: dict[str, Any], config_path: Path) -> FitResult:
-    """Write ``cfg`` to ``config_path``, run ``distill fit`` on it, then test its best checkpoint.
+    """Run ``distill fit`` on ``cfg``, write it to ``config_path``, then test the run's best checkpoint.
 
     The best checkpoint is the one of the first ``ModelCheckpoint`` (chosen on the validation split);
-    the test split is evaluated once, on it.
+    the test split is evaluated once, on it. The result is recorded in ``result.json`` in the run's
+    folder with the recipe's :func:`fingerprint`: called again with the same recipe and input files
+    (a job resumed after a crash), it returns that result instead of training again.
     """
     from distill.cli import DistillCLI
 
-    config_path.parent.mkdir(parents=True, exist_ok=True)
-    config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    folder = cfg.get("trainer", {}).get("default_root_dir")
+    record = Path(folder) / "result.json" if folder else None
+    key = fingerprint(cfg)
+    if record is not None and record.is_file():
+        saved = json.loads(record.read_text())
+        if saved.get("fingerprint") == key and Path(saved["result"]["checkpoint"]).is_file():
+            print(f"{folder}: already trained with this recipe and these inputs; its result is reused")
+            return FitResult(**saved["result"])
+        record.unlink()  # another recipe: this run replaces it
     start = time.time()
     with warnings.catch_warnings():  # the job's own argv is in sys.argv; the args given here are the run's
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
         # The folder is the job's own, and the CLI has just saved config.yaml in it: not a stale run
         warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
-        cli = DistillCLI(args=["fit", "--config", str(config_path)])
+        cli = DistillCLI(args={"fit": copy.deepcopy(cfg)})  # refused input writes nothing, this file included
     wall = time.time() - start
+    config_path.parent.mkdir(parents=True, exist_ok=True)
+    config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     checkpoint = cli.trainer.checkpoint_callback
     best = checkpoint.best_model_path
     metrics = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=best, verbose=False)
     student = cli.model.student
     teacher_acc = metrics[0].get("test/teacher_acc")
-    return FitResult(
+    result = FitResult(
         checkpoint=best,
         val_acc=float(checkpoint.best_model_score),
         test_acc=float(metrics[0]["test/acc"]),
@@ -123,3 +211,11 @@ def fit_recipe(cfg: dict[str, Any], config_path: Path) -> FitResult:
         wall_s=wall,
         model_name=getattr(student, "model_spec", {}).get("name", type(student).__name__).removeprefix("timm/"),
     )
+    if record is not None:
+        atomic_write(record, lambda f: json.dump({"fingerprint": key, "result": asdict(result)}, f, indent=1))
+    return result
+
+
+def sibling_config(folder: Path) -> Path:
+    """``<folder>.yaml`` beside a run folder (``Path.with_suffix`` would cut names like ``T4_alpha0.9_seed0``)."""
+    return folder.parent / f"{folder.name}.yaml"

@@ -2,20 +2,34 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write", "save_figure"]
+__all__ = ["atomic_path", "atomic_write", "save_figure"]
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A partial file beside ``path`` to write; renamed onto ``path`` only if the block succeeds.
+
+    Readers never see half a file, and a write that fails leaves an existing ``path`` as it was.
+    """
+    path = Path(path)
+    partial = path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")
+    try:
+        yield partial
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
 
 
 def atomic_write(path: Path, write: Callable[[Any], Any]) -> None:
-    """Call ``write`` on a file beside ``path``, then rename it: readers never see half a file."""
-    partial = path.with_name(f".{path.name}.{os.getpid()}")
-    with open(partial, "w", newline="") as f:
+    """Call ``write`` on a text file beside ``path``, then rename it onto ``path``."""
+    with atomic_path(path) as partial, open(partial, "w", newline="") as f:
         write(f)
-    os.replace(partial, path)
 
 
 def save_figure(fig: Any, path: Path) -> None:
@@ -23,7 +37,6 @@ def save_figure(fig: Any, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
-    partial = path.with_name(f".{path.stem}.{os.getpid()}.png")
-    fig.savefig(partial, dpi=120)
+    with atomic_path(path) as partial:
+        fig.savefig(partial, dpi=120)
     plt.close(fig)
-    os.replace(partial, path)

@@ -41,10 +41,21 @@ try:
 except ImportError:  # Windows: no file locks; the retries below still cover most races
     fcntl = None
 
-from distill.recipes import FitResult, check_teacher, fit_recipe, load_recipe, merge, relocate
+from distill.recipes import (
+    FitResult,
+    IncompleteRun,
+    check_recipe,
+    check_teacher,
+    fit_recipe,
+    input_digests,
+    load_recipe,
+    merge,
+    relocate,
+    sibling_config,
+)
 from distill.report import atomic_write, save_figure
 
-__all__ = ["SWEEP_FILES", "sweep"]
+__all__ = ["SWEEP_FILES", "IncompleteRun", "sweep"]
 
 SWEEP_FILES = ("sweep.csv", "sweep.png", "sweep.md", "sweep.yaml")
 _COLUMNS = ("kind", "temperature", "alpha", "seed", "val_acc", "test_acc", "epochs", "wall_s", "trial", "checkpoint")
@@ -63,6 +74,7 @@ def sweep(
     cache_teacher_logits: bool = True,
     heartbeat_interval: int = 30,
     max_trials: int | None = None,
+    wait: bool = True,
 ) -> list[dict[str, Any]]:
     """Distill over a grid of temperatures, alphas and seeds; write sweep.csv, sweep.png, sweep.md.
 
@@ -86,9 +98,16 @@ def sweep(
         heartbeat_interval: seconds between a running trial's heartbeats; a trial silent for twice as
             long is treated as killed and queued again.
         max_trials: stop this worker after so many trials (default: until the grid is done).
+        wait: once this worker has nothing left to start, wait for the trials other workers are running, and
+            run again those whose worker died (silent for ``2 x heartbeat_interval``), until the grid is done.
+            With ``False`` (or ``max_trials``) it reports what is finished and stops.
 
     Returns:
         One row per finished trial (the contents of sweep.csv).
+
+    Raises:
+        IncompleteRun: (exit status 3) when grid points are still unfinished at the end; sweep.csv and sweep.md
+            then hold the finished ones and sweep.md lists the rest.
     """
     import optuna
 
@@ -96,7 +115,7 @@ def sweep(
     out = Path(run_dir).resolve()
     base = merge(load_recipe(recipe), overrides)
     check_teacher(base, recipe)
-    out.mkdir(parents=True, exist_ok=True)
+    check_recipe(base)  # the teacher loads and fits the data: no trial will fail on it
     url = storage or f"sqlite:///{out / 'sweep.db'}"
     settings = {
         "recipe": recipe,
@@ -106,20 +125,45 @@ def sweep(
         "baseline": baseline,
         "overrides": overrides or {},
     }
-    (out / "sweep.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
     cache = str(out / "cache") if cache_teacher_logits else None
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if storage is None:
+        out.mkdir(parents=True, exist_ok=True)  # the SQLite file goes there
     rdb = _storage(url, heartbeat_interval)
+    ce_space = {"seed": space["seed"]}
     kd = _study(rdb, url, study_name, space, base)
-    _work(kd, space, lambda params: _run_kd(base, params, out, cache), max_trials)
-    if baseline:
-        ce_space = {"seed": space["seed"]}
-        ce = _study(rdb, url, f"{study_name}-ce", ce_space, base)
-        _work(ce, ce_space, lambda params: _run_ce(base, params, out), max_trials)
-    rows = _rows(kd, space, "kd") + (_rows(ce, ce_space, "ce") if baseline else [])
+    ce = _study(rdb, url, f"{study_name}-ce", ce_space, base) if baseline else None
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))  # only once it was accepted
+
+    grids = [(kd, space, "kd", lambda params: _run_kd(base, params, out, cache))]
+    if ce is not None:
+        grids.append((ce, ce_space, "ce", lambda params: _run_ce(base, params, out)))
+    announced = False
+    while True:
+        for study, grid, _, run in grids:
+            _work(study, grid, run, max_trials)
+        running = sum(len(_missing(study, grid, kind, running_only=True)) for study, grid, kind, _ in grids)
+        if not wait or max_trials is not None or not running:
+            break
+        if not announced:
+            print(
+                f"Waiting for {running} trial(s) running in other workers; a trial whose worker died runs again "
+                f"here after {2 * heartbeat_interval} s without a heartbeat.",
+                flush=True,
+            )
+            announced = True
+        time.sleep(min(heartbeat_interval, 5))  # the storage is cheap to ask; finish soon after the others
+    rows = [row for study, grid, kind, _ in grids for row in _rows(study, grid, kind)]
+    missing = [point for study, grid, kind, _ in grids for point in _missing(study, grid, kind)]
     rows.sort(key=lambda r: (r["kind"] != "ce", r["temperature"] or 0, r["alpha"], r["seed"]))
-    _write_report(out, rows, settings)
+    _write_report(out, rows, settings, missing)
+    if missing:
+        raise IncompleteRun(
+            f"the sweep is incomplete: {len(missing)} grid point(s) not finished ({'; '.join(missing)}). Results so "
+            f"far are in {out}/sweep.md; run the same command again to finish the grid."
+        )
     return rows
 
 
@@ -181,8 +225,8 @@ def _storage(url: str, heartbeat_interval: int) -> Any:
                         continue
                     raise ValueError(
                         f"Cannot open the sweep storage {url!r}: {type(err).__name__}: {message.splitlines()[0]}. "
-                        f"Check the URL, the server and its driver (e.g. psycopg2 for PostgreSQL), or leave "
-                        f"storage unset for an SQLite file in the run directory."
+                        f"Check the URL, the server and its driver (PostgreSQL: pip install 'psycopg[binary]'), "
+                        f"or leave storage unset for an SQLite file in the run directory."
                     ) from None
     raise AssertionError("unreachable")
 
@@ -212,13 +256,22 @@ def _study(rdb: Any, url: str, name: str, space: dict[str, list], cfg: dict[str,
         direction="maximize",
         load_if_exists=True,
     )
-    fingerprint = {"grid": space, "recipe": json.dumps(cfg, sort_keys=True, default=str)}
+    fingerprint = {
+        "grid": space,
+        "recipe": json.dumps(cfg, sort_keys=True, default=str),
+        "inputs": input_digests(cfg),  # the teacher checkpoint's bytes: a retrained teacher is another sweep
+    }
     for key, value in fingerprint.items():
         stored = study.user_attrs.get(key)
         if stored is None:
             study.set_user_attr(key, value)
         elif stored != value:
-            what = f"the grid {stored}" if key == "grid" else "another recipe (config or overrides)"
+            changed = ", ".join(k for k in value if stored.get(k) != value[k]) if key == "inputs" else ""
+            what = {
+                "grid": f"the grid {stored}",
+                "recipe": "another recipe (config or overrides)",
+                "inputs": f"other contents of {changed or 'its input files'}",
+            }[key]
             raise ValueError(
                 f"The study {name!r} in {url} was created for {what}; this run asks for "
                 f"{value if key == 'grid' else 'a different one'}. Finished trials would not match. "
@@ -298,7 +351,7 @@ def _run_kd(base: dict[str, Any], params: dict[str, Any], out: Path, cache: str 
         callbacks = cfg["trainer"].setdefault("callbacks", []) or []
         callbacks.append({"class_path": "distill.cache.TeacherLogitCache", "init_args": {"cache_dir": cache}})
         cfg["trainer"]["callbacks"] = callbacks
-    return fit_recipe(cfg, trial_dir.with_suffix(".yaml"))
+    return fit_recipe(cfg, sibling_config(trial_dir))
 
 
 def _run_ce(base: dict[str, Any], params: dict[str, Any], out: Path) -> FitResult:
@@ -308,7 +361,7 @@ def _run_ce(base: dict[str, Any], params: dict[str, Any], out: Path) -> FitResul
     cfg["model"].pop("teacher", None)
     cfg["model"]["teacher_checkpoint"] = None
     cfg["model"]["loss"] = {"class_path": "distill.KDLoss", "init_args": {"temperature": 1.0, "alpha": 0.0}}
-    return fit_recipe(cfg, trial_dir.with_suffix(".yaml"))
+    return fit_recipe(cfg, sibling_config(trial_dir))
 
 
 # --------------------------------------------------------------------------------- results
@@ -335,6 +388,28 @@ def _rows(study: Any, space: dict[str, list], kind: str) -> list[dict[str, Any]]
             }
         )
     return rows
+
+
+def _missing(study: Any, space: dict[str, list], kind: str, running_only: bool = False) -> list[str]:
+    """The grid points without a complete trial, each with what became of it (or only the running ones)."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    missing = []
+    for point in _points(space):
+        mine = [t for t in trials if _key(t.params, space) == _key(point, space)]
+        if any(t.state == TrialState.COMPLETE for t in mine):
+            continue
+        running = [t.number for t in mine if t.state == TrialState.RUNNING]
+        failed = [t.number for t in mine if t.state == TrialState.FAIL]
+        if running_only and not running:
+            continue
+        status = (
+            f"running in trial {running[0]}" if running else f"failed in trial {failed[-1]}" if failed else "not run"
+        )
+        label = ", ".join(f"{name}={value:g}" for name, value in sorted(point.items()))
+        missing.append(f"{kind} {label}: {status}")
+    return missing
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
@@ -371,7 +446,7 @@ def _summarise(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict |
     return table, best, ce
 
 
-def _write_report(out: Path, rows: list[dict[str, Any]], settings: dict[str, Any]) -> None:
+def _write_report(out: Path, rows: list[dict[str, Any]], settings: dict[str, Any], missing: list[str]) -> None:
     table, best, ce = _summarise(rows)
     atomic_write(out / "sweep.csv", lambda f: _write_csv(f, rows))
     lines = [
@@ -388,9 +463,14 @@ def _write_report(out: Path, rows: list[dict[str, Any]], settings: dict[str, Any
         lines.append(f"| CE only | - | {ce['n']} | {accuracies} |")
     text = "\n".join(lines)
     verdict = []
+    if missing:
+        verdict.append(
+            f"**Incomplete: {len(missing)} grid point(s) not finished** ({'; '.join(missing)}); the results below "
+            f"are of the finished points only. Run the same command again to finish the grid."
+        )
     if best:
         verdict.append(
-            f"Best on validation: T={best['temperature']:g}, alpha={best['alpha']:g} "
+            f"Best on validation{' so far' if missing else ''}: T={best['temperature']:g}, alpha={best['alpha']:g} "
             f"(val {best['val']:.4f}); its test accuracy: {best['test']:.4f} ± {best['test_sd']:.4f}."
         )
         if ce:

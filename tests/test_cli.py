@@ -72,6 +72,13 @@ def test_debug_recipe_runs(tmp_path: Path):
     main(["fit", "--config", str(ROOT / "configs" / "debug.yaml"), "--trainer.default_root_dir", str(tmp_path)])
 
 
+def test_a_limit_of_one_batch_is_one_batch(tmp_path: Path):
+    """Lightning types limit_train_batches ``float | int``: parsed from a config, 1 became 1.0 (every batch)."""
+    args = ["--config", str(ROOT / "configs" / "debug.yaml"), "--trainer.default_root_dir", str(tmp_path)]
+    cli = DistillCLI(args=["fit", *args, "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1"])
+    assert cli.trainer.global_step == 1 and cli.trainer.num_val_batches == [1]
+
+
 def test_help_lists_lightning_commands_and_jobs():
     out = subprocess.run(
         [sys.executable, "-m", "distill.cli", "--help"], capture_output=True, text=True, check=True, cwd=ROOT
@@ -95,7 +102,7 @@ def test_bad_input_is_one_clear_line(tmp_path: Path):
 def test_quickstart_end_to_end(tmp_path: Path):
     from distill.quickstart import quickstart
 
-    results = quickstart(
+    settings = dict(
         run_dir=str(tmp_path / "qs"),
         teacher_config=str(ROOT / "configs/fmnist/teacher.yaml"),
         kd_config=str(ROOT / "configs/fmnist/kd.yaml"),
@@ -109,6 +116,7 @@ def test_quickstart_end_to_end(tmp_path: Path):
         limit_eval_batches=2,
         accelerator="cpu",
     )
+    results = quickstart(**settings)
     assert set(results) == {"teacher", "student", "pruned", "thin"}
     assert Path(results["teacher"]["checkpoint"]).is_file() and Path(results["student"]["checkpoint"]).is_file()
     student_ckpt = torch.load(results["student"]["checkpoint"], weights_only=True)
@@ -121,6 +129,15 @@ def test_quickstart_end_to_end(tmp_path: Path):
     for name in ("pareto.png", "rounds.csv", "best_student.onnx", "best_student.ckpt"):
         assert (tmp_path / "qs" / "prune_distill" / name).is_file()
     assert (tmp_path / "qs" / "student.yaml").is_file() and (tmp_path / "qs" / "student" / "config.yaml").is_file()
+
+    # Run again: every stage is reused, nothing trains; with other settings it is refused and nothing changes.
+    trained = {p: p.stat().st_mtime_ns for p in (tmp_path / "qs").rglob("*.ckpt")}
+    assert quickstart(**settings) == results
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "qs").rglob("*.ckpt")} == trained
+    before = {p: p.read_bytes() for p in (tmp_path / "qs").rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match=r"other settings \(student_epochs changed\)"):
+        quickstart(**{**settings, "student_epochs": 2})
+    assert {p: p.read_bytes() for p in (tmp_path / "qs").rglob("*") if p.is_file()} == before
 
     # benchmarks/prune_recovery.py runs on a quickstart's output (a smoke run: its numbers are in RESULTS.md)
     args = ["--quickstart", str(tmp_path / "qs"), "--start-epochs", "2", "--extra-epochs", "2"]

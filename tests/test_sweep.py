@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
@@ -15,6 +19,7 @@ import pytest
 import yaml
 from helpers import tiny_kd_recipe
 
+from distill.cli import main
 from distill.sweep import sweep
 
 ROOT = Path(__file__).parents[1]
@@ -144,10 +149,101 @@ def test_a_killed_trial_runs_again(tmp_path: Path, small_teacher_checkpoint: Pat
     os.killpg(worker.pid, signal.SIGKILL)
     worker.wait()
     assert [t.state.name for t in trials(run_dir)] == ["RUNNING"]
-    time.sleep(3)  # the heartbeat grace period (2 s) passes: the trial is now stale
 
-    settings["overrides"] = {}
+    # At once, within the heartbeat grace period: the grid is not done, and the report and exit status say so.
+    with pytest.raises(SystemExit) as stopped:
+        main(["sweep", "--config", str(config), "--wait", "false"])
+    assert stopped.value.code == 3
+    assert "Incomplete: 1 grid point(s) not finished" in (run_dir / "sweep.md").read_text()
+    assert "kd alpha=0.9, seed=0, temperature=4: running in trial 0" in (run_dir / "sweep.md").read_text()
+    with open(run_dir / "sweep.csv") as f:
+        assert list(csv.DictReader(f)) == []
+
+    # At once again, waiting (the default): the dead worker's trial goes stale and runs here.
     sweep(**{k: v for k, v in settings.items() if k != "overrides"})
     states = [t.state.name for t in trials(run_dir)]
     assert states.count("FAIL") == 1 and states.count("COMPLETE") == 1
     assert completed(run_dir) == [(("alpha", 0.9), ("seed", 0), ("temperature", 4.0))]
+    assert "Incomplete" not in (run_dir / "sweep.md").read_text()
+
+
+def test_each_trial_keeps_its_own_config(tmp_path: Path, small_teacher_checkpoint: Path):
+    recipe = tiny_recipe(tmp_path, small_teacher_checkpoint, limit_train_batches=1)
+    sweep(str(recipe), temperatures=[4.0], seeds=[0, 1], baseline=False, run_dir=str(tmp_path / "sweep"))
+    for seed in (0, 1):  # "T4_alpha0.9_seed0".with_suffix(".yaml") was "T4_alpha0.yaml" for both
+        cfg = yaml.safe_load((tmp_path / "sweep" / "trials" / f"T4_alpha0.9_seed{seed}.yaml").read_text())
+        assert cfg["seed_everything"] == seed
+
+
+def test_a_retrained_teacher_is_another_sweep(tmp_path: Path, small_teacher_checkpoint: Path, teacher_checkpoint):
+    teacher = tmp_path / "teacher.ckpt"
+    shutil.copy(small_teacher_checkpoint, teacher)
+    recipe = tiny_recipe(tmp_path, teacher, limit_train_batches=1)
+    run_dir = str(tmp_path / "sweep")
+    sweep(str(recipe), temperatures=[4.0], baseline=False, run_dir=run_dir)
+    shutil.copy(teacher_checkpoint, teacher)  # the same path, other weights
+    with pytest.raises(ValueError, match=r"created for other contents of .*teacher.ckpt"):
+        sweep(str(recipe), temperatures=[4.0], baseline=False, run_dir=run_dir)
+
+
+@pytest.fixture
+def postgres() -> Iterator[str]:
+    """A PostgreSQL server of its own, started for the test on a free local port; its URL."""
+    initdb = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if not initdb:
+        pytest.skip("PostgreSQL is not installed: `apt-get install postgresql` (.ci/setup installs it)")
+    pytest.importorskip("psycopg", reason='the PostgreSQL driver: pip install "psycopg[binary]" (the dev extra has it)')
+    bindir = initdb[-1].parent
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []  # initdb refuses to run as root
+    root = Path(tempfile.mkdtemp(prefix="distill-postgres-"))
+    if as_postgres:
+        shutil.chown(root, "postgres")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    data = root / "data"
+
+    def run(*command: object) -> None:
+        subprocess.run([*as_postgres, *map(str, command)], check=True, capture_output=True)
+
+    run(bindir / "initdb", "-D", data, "-U", "postgres", "--auth=trust", "-E", "UTF8")
+    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1"
+    run(bindir / "pg_ctl", "-D", data, "-o", options, "-l", root / "server.log", "-w", "start")
+    try:
+        run(bindir / "createdb", "-h", "127.0.0.1", "-p", port, "-U", "postgres", "sweeps")
+        yield f"postgresql://postgres@127.0.0.1:{port}/sweeps"
+    finally:
+        run(bindir / "pg_ctl", "-D", data, "-m", "immediate", "stop")
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_two_workers_on_postgresql_one_killed_train_every_point_once(
+    tmp_path: Path, small_teacher_checkpoint: Path, postgres: str
+):
+    recipe = tiny_recipe(tmp_path, small_teacher_checkpoint, max_epochs=3, limit_train_batches=10)
+    run_dir = tmp_path / "sweep"
+    settings = {"recipe": str(recipe), "temperatures": [1, 2, 4], "baseline": False, "run_dir": str(run_dir)}
+    config = tmp_path / "sweep.yaml"
+    config.write_text(yaml.safe_dump({**settings, "storage": postgres, "heartbeat_interval": 1}))
+    doomed, survivor = (_worker(config, tmp_path / f"{name}.log") for name in ("doomed", "survivor"))
+    study = None
+    deadline = time.time() + 300
+    while time.time() < deadline:  # kill the first worker while both train a grid point
+        try:
+            study = study or optuna.load_study(study_name="sweep", storage=postgres)
+            if sum(t.state.name == "RUNNING" for t in study.trials) == 2:
+                break
+        except KeyError:  # the study is not created yet
+            pass
+        time.sleep(0.2)
+    os.killpg(doomed.pid, signal.SIGKILL)
+    doomed.wait()
+    assert survivor.wait(timeout=600) == 0, (tmp_path / "survivor.log").read_text()[-3000:]
+
+    done = [tuple(sorted(t.params.items())) for t in study.trials if t.state.name == "COMPLETE"]
+    assert sorted(done) == sorted(set(done)) and len(done) == 3  # every grid point trained to the end once
+    assert [t.state.name for t in study.trials].count("FAIL") == 1  # the killed worker's, run again
+    with open(run_dir / "sweep.csv") as f:
+        assert len(list(csv.DictReader(f))) == 3
+    assert "Incomplete" not in (run_dir / "sweep.md").read_text()

@@ -47,6 +47,4 @@ def locate_dataset(
             tried.append(f"download into {download_dir} ({type(err).__name__}: {err})")
     else:
         tried.append("download (disabled: download=False)")
-    raise FileNotFoundError(
-        f"{name} was not found. Looked in:\n  - " + "\n  - ".join(tried) + f"\nTo get it: {how_to_get}"
-    )
+    raise FileNotFoundError(f"{name} was not found. Looked in: {'; '.join(tried)}. To get it: {how_to_get}")

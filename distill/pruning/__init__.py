@@ -9,7 +9,7 @@ from distill.pruning.importance import (
     resolve_importance,
 )
 from distill.pruning.schedule import PruningSchedule, PruningStep
-from distill.pruning.surgery import PruneReport, channel_groups, prune_student, select_channels
+from distill.pruning.surgery import PruneReport, channel_groups, check_target, prune_student, select_channels
 
 __all__ = [
     "CRITERIA",
@@ -23,6 +23,7 @@ __all__ = [
     "RandomImportance",
     "TaylorImportance",
     "channel_groups",
+    "check_target",
     "prune_student",
     "resolve_importance",
     "select_channels",

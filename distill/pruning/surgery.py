@@ -23,7 +23,15 @@ from distill.profile import count_macs, count_params, eval_mode
 from distill.pruning.importance import DataDrivenImportance, Importance, producer, resolve_importance
 from students import mark_pruned
 
-__all__ = ["PruneReport", "apply_plan", "channel_groups", "plan_pruning", "prune_student", "select_channels"]
+__all__ = [
+    "PruneReport",
+    "apply_plan",
+    "channel_groups",
+    "check_target",
+    "plan_pruning",
+    "prune_student",
+    "select_channels",
+]
 
 #: Channels to remove, by the name of the layer that produces each group's channels.
 Plan = dict[str, list[int]]
@@ -197,13 +205,7 @@ def select_channels(
     scores = _score(criterion, groups)
     if not scores:
         raise ValueError("the criterion scored no layer (e.g. bn_scale on a model without BatchNorm)")
-    floors = {
-        name: max(
-            min_channels.get(name, 1) if isinstance(min_channels, Mapping) else min_channels,
-            math.ceil(min_fraction * len(s)),
-        )
-        for name, s in scores.items()
-    }
+    floors = _floors(scores, min_channels, min_fraction)
     return _select(
         model,
         example_input,
@@ -216,6 +218,59 @@ def select_channels(
         round_to,
         ignored_layers,
     )
+
+
+def _floors(scores: Mapping[str, torch.Tensor], min_channels: int | Mapping[str, int], min_fraction: float) -> dict:
+    return {
+        name: max(
+            min_channels.get(name, 1) if isinstance(min_channels, Mapping) else min_channels,
+            math.ceil(min_fraction * len(s)),
+        )
+        for name, s in scores.items()
+    }
+
+
+def check_target(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    target_params: int | None = None,
+    target_macs: int | None = None,
+    min_channels: int | Mapping[str, int] = 1,
+    min_fraction: float = 0.0,
+    round_to: int = 1,
+    ignored_layers: Sequence[str] = (),
+) -> None:
+    """Refuse a size target that pruning ``model`` cannot reach without breaking a floor.
+
+    Cheap (one pruned copy, no data), so jobs check their final target before they start.
+    """
+    groups = channel_groups(model, example_input, ignored_layers)
+    scores = _score(resolve_importance("l1"), groups)  # which channels go does not change the size
+    _check_smallest(model, example_input, scores, _floors(scores, min_channels, min_fraction), round_to,
+                    ignored_layers, target_params, target_macs)  # fmt: skip
+
+
+def _check_smallest(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    scores: Mapping[str, torch.Tensor],
+    floors: Mapping[str, int],
+    round_to: int,
+    ignored_layers: Sequence[str],
+    target_params: int | None,
+    target_macs: int | None,
+) -> None:
+    trial = copy.deepcopy(model)  # every scored layer at its floor
+    apply_plan(trial, example_input, plan_pruning(scores, 1.0 - 1e-9, floors, False, round_to), ignored_layers)
+    target = target_params if target_params is not None else target_macs
+    smallest = count_params(trial) if target_params is not None else count_macs(trial, example_input)
+    if smallest > target:
+        unit = "parameters" if target_params is not None else "MACs"
+        raise ValueError(
+            f"target {target:,} {unit} cannot be met without emptying a layer: with every prunable layer at its "
+            f"floor the student still has {smallest:,}. Lower min_channels/min_fraction, prune more layers, "
+            f"or raise the target."
+        )
 
 
 def prune_student(
@@ -302,14 +357,7 @@ def _select(
         apply_plan(trial, example_input, make(r), ignored_layers)
         return count_params(trial) if target_params is not None else count_macs(trial, example_input)
 
-    smallest = cost(1.0 - 1e-9)  # every scored layer at its floor
-    if smallest > target:
-        unit = "parameters" if target_params is not None else "MACs"
-        raise ValueError(
-            f"target {target:,} {unit} cannot be met without emptying a layer: with every prunable layer at its "
-            f"floor the student still has {smallest:,}. Lower min_channels/min_fraction, prune more layers, "
-            f"or raise the target."
-        )
+    _check_smallest(model, example_input, scores, floors, round_to, ignored_layers, target_params, target_macs)
     lo, hi = 0.0, 1.0 - 1e-9  # cost(lo) > target >= cost(hi)
     for _ in range(30):
         mid = (lo + hi) / 2

@@ -1,0 +1,317 @@
+"""The fault suite: bad input to every ``distill`` command gets one clear line and changes nothing on disk.
+
+Each row of ``FAULTS`` is a command a user (or a hostile user) might type, with the words its one
+``distill: error:`` line must hold. Before the suite, :func:`earlier_runs` makes finished runs of
+``fit``, ``sweep``, ``prune-distill`` and ``export`` in one folder; every faulty command points at
+those runs (or beside them), and afterwards every file there must be byte-identical and no file or
+folder may have appeared. The commands run in this process through ``distill.cli.main``, as the
+console script does.
+
+Run ``python tests/test_faults.py`` to print the table: each bad input, its exit status, the line it
+got, and whether the earlier runs were left untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from helpers import fmnist, tiny_kd_recipe, tiny_trainer
+
+from distill import DistillModule
+from distill.cli import main
+from distill.export import export
+from distill.pipeline import prune_distill
+from distill.recipes import relocate
+from distill.sweep import sweep
+from students import StudentNet, create_student, save_student
+
+
+@dataclass(frozen=True)
+class Fault:
+    """A bad command: its arguments (``{name}`` stands for a path of :func:`earlier_runs`), and what it must say."""
+
+    kind: str
+    args: tuple[str, ...]
+    expect: str
+
+
+FIT = ("fit", "--config", "{recipe}")
+SWEEP = ("sweep", "--recipe", "{recipe}", "--run_dir", "{runs}/sweep", "--baseline", "false")
+PRUNE = ("prune-distill", "--recipe", "{inputs}/prune.yaml", "--target_params", "3000", "--initial_epochs", "1")
+PRUNE += ("--epochs_per_round", "1", "--rounds", "1", "--final_epochs", "0", "--baseline", "false")
+PRUNE += ("--export_onnx", "false", "--run_dir", "{runs}/prune")
+QUICK = ("quickstart", "--run_dir", "{runs}/quickstart", "--teacher_model", "test_resnet")
+
+FAULTS = [
+    # ---- distill fit: the config file
+    Fault("config file missing", ("fit", "--config", "{inputs}/missing.yaml"), "File does not exist"),
+    Fault("config YAML syntax error", ("fit", "--config", "{inputs}/syntax.yaml"), "did not find expected"),
+    Fault("config with a python tag", ("fit", "--config", "{inputs}/tag.yaml"), "could not determine a constructor"),
+    Fault("config empty", ("fit", "--config", "{inputs}/empty.yaml"), "Unexpected config"),
+    Fault("config a YAML list", ("fit", "--config", "{inputs}/list.yaml"), "Unexpected config"),
+    Fault("unknown option", (*FIT, "--trainer.max_epoch", "3"), "max_epoch"),
+    Fault("option of the wrong type", (*FIT, "--trainer.max_epochs", "abc"), "Given value: abc"),
+    # ---- distill fit: model settings
+    Fault("negative learning rate", (*FIT, "--model.lr", "-1"), "need finite lr > 0"),
+    Fault("unknown optimizer", (*FIT, "--model.optimizer", "lion"), "lion"),
+    Fault("KD temperature 0", (*FIT, "--model.loss.init_args.temperature", "0"), "temperature must be a finite"),
+    Fault("KD alpha outside [0, 1]", (*FIT, "--model.loss.init_args.alpha", "1.5"), "alpha must be in [0, 1]"),
+    Fault("student in_chans against the data", (*FIT, "--model.student.init_args.in_chans", "3"), "contradicts"),
+    # ---- distill fit: data
+    Fault("val_size 1.5", (*FIT, "--data.init_args.val_size", "1.5"), "val_size must be a number of images"),
+    Fault("val_size larger than the data", (*FIT, "--data.init_args.val_size", "70000"), "leaves no training"),
+    Fault("data root that does not exist", (*FIT, "--data.init_args.root", "{inputs}/nowhere"), "not found"),
+    Fault("batch size 0", (*FIT, "--data.init_args.batch_size", "0"), "batch sizes must be >= 1"),
+    # ---- distill fit: the teacher
+    Fault("teacher checkpoint missing", (*FIT, "--model.teacher.init_args.checkpoint", "{inputs}/no.ckpt"), "exist"),
+    Fault(
+        "teacher a text file", (*FIT, "--model.teacher.init_args.checkpoint", "{inputs}/text.ckpt"), "not a readable"
+    ),
+    Fault("teacher random bytes", (*FIT, "--model.teacher.init_args.checkpoint", "{inputs}/random.ckpt"), "readable"),
+    Fault("teacher a malicious pickle", (*FIT, "--model.teacher.init_args.checkpoint", "{inputs}/evil.ckpt"), "unsafe"),
+    Fault(
+        "teacher of 5 classes", (*FIT, "--model.teacher.init_args.checkpoint", "{inputs}/classes5.ckpt"), "5 classes"
+    ),
+    Fault("teacher of 3 channels", (*FIT, "--model.teacher.init_args.checkpoint", "{inputs}/rgb.ckpt"), "in_chans=1"),
+    # ---- distill fit/test: --ckpt_path
+    Fault("resume from a missing file", (*FIT, "--ckpt_path", "{inputs}/no.ckpt"), "does not exist"),
+    Fault("resume from a text file", (*FIT, "--ckpt_path", "{inputs}/text.ckpt"), "not a readable torch file"),
+    Fault("resume from random bytes", (*FIT, "--ckpt_path", "{inputs}/random.ckpt"), "not a readable torch file"),
+    Fault("resume from a malicious pickle", (*FIT, "--ckpt_path", "{inputs}/evil.ckpt"), "refused as unsafe"),
+    Fault("resume another architecture", (*FIT, "--ckpt_path", "{inputs}/resnet.ckpt"), "holds the student timm/"),
+    Fault("resume with another lr", (*FIT, "--ckpt_path", "{runs}/fit/last.ckpt", "--model.lr", "0.5"), "lr=0.5"),
+    Fault("test another architecture", ("test", "--config", "{recipe}", "--ckpt_path", "{inputs}/resnet.ckpt"), "timm"),
+    Fault(
+        "validate with val_size 1.5", ("validate", "--config", "{recipe}", "--data.init_args.val_size", "1.5"), "1.5"
+    ),
+    # ---- distill sweep
+    Fault("sweep temperature 0", (*SWEEP, "--temperatures", "[0]"), "Temperatures must be finite and > 0"),
+    Fault("sweep empty grid", (*SWEEP, "--temperatures", "[]"), "The grid is empty"),
+    Fault("sweep alpha 1.5", (*SWEEP, "--temperatures", "[2]", "--alphas", "[1.5]"), "Alphas must be in [0, 1]"),
+    Fault("sweep no seeds", (*SWEEP, "--temperatures", "[2]", "--seeds", "[]"), "The grid is empty"),
+    Fault("sweep changed grid", (*SWEEP, "--temperatures", "[2, 8]"), "created for the grid"),
+    Fault(
+        "sweep changed recipe",
+        (*SWEEP, "--temperatures", "[2]", "--overrides", "{{trainer: {{max_epochs: 2}}}}"),
+        "created for another recipe",
+    ),
+    Fault("sweep recipe missing", ("sweep", "--recipe", "{inputs}/none.yaml", "--run_dir", "{runs}/new"), "not found"),
+    Fault("sweep recipe YAML error", ("sweep", "--recipe", "{inputs}/syntax.yaml", "--run_dir", "{runs}/new"), "YAML"),
+    Fault(
+        "sweep recipe a list", ("sweep", "--recipe", "{inputs}/list.yaml", "--run_dir", "{runs}/new"), "not a mapping"
+    ),
+    Fault(
+        "sweep teacher a text file",
+        ("sweep", "--recipe", "{inputs}/text_teacher.yaml", "--run_dir", "{runs}/new"),
+        "not a readable torch file",
+    ),
+    Fault(
+        "sweep storage unreachable",
+        (
+            "sweep",
+            "--recipe",
+            "{recipe}",
+            "--run_dir",
+            "{runs}/new",
+            "--storage",
+            "postgresql://nobody@127.0.0.1:1/sweeps",
+        ),
+        "Cannot open the sweep storage",
+    ),
+    Fault("sweep heartbeat 0", (*SWEEP, "--temperatures", "[2]", "--heartbeat_interval", "0"), "heartbeat_interval"),
+    # ---- distill prune-distill
+    Fault("prune target above the student", (*PRUNE[:4], "10000000", *PRUNE[5:]), "is not below the student's"),
+    Fault("prune target unreachable", (*PRUNE[:4], "10", *PRUNE[5:-1], "{runs}/new"), "target 10 parameters cannot"),
+    Fault("prune unknown schedule", (*PRUNE, "--schedule", "linear"), "Unknown schedule 'linear'"),
+    Fault("prune unknown criterion", (*PRUNE, "--importance", "weights"), "Unknown importance criterion"),
+    Fault("prune two targets", (*PRUNE, "--target_macs", "1000"), "exactly one of target_params or target_macs"),
+    Fault("prune ratio 1.5", (*PRUNE, "--ratio", "1.5"), "need 0 < ratio < 1"),
+    Fault("prune too few rounds", (*PRUNE, "--schedule", "fixed", "--max_rounds", "2"), "needs at least"),
+    Fault("prune unknown layer", (*PRUNE, "--ignored_layers", "[cnn.9]"), "ignored_layers names no layer"),
+    Fault("prune start missing", (*PRUNE, "--student_checkpoint", "{inputs}/no.ckpt"), "does not exist"),
+    Fault("prune start a text file", (*PRUNE, "--student_checkpoint", "{inputs}/text.ckpt"), "not a readable"),
+    Fault(
+        "prune resumed, other settings",
+        (*PRUNE[:-2], "--epochs_per_round", "2", "--run_dir", "{runs}/prune"),
+        "other settings (epochs_per_round changed)",
+    ),
+    Fault("prune resumed, recipe edited", PRUNE, "the content of the recipe"),
+    # ---- distill export
+    Fault("export nothing", ("export", "{runs}/prune/best_student.ckpt"), "Nothing to export"),
+    Fault(
+        "export onto its checkpoint",
+        ("export", "{runs}/prune/best_student.ckpt", "--onnx", "{runs}/prune/best_student.ckpt"),
+        "would be overwritten",
+    ),
+    Fault(
+        "export TorchScript onto its checkpoint",
+        ("export", "{runs}/prune/best_student.ckpt", "--torchscript", "{runs}/prune/./best_student.ckpt"),
+        "would be overwritten",
+    ),
+    Fault("export into a folder", ("export", "{runs}/prune/best_student.ckpt", "--onnx", "{runs}/export"), "a folder"),
+    Fault(
+        "export two formats, one file",
+        ("export", "{runs}/prune/best_student.ckpt", "--onnx", "{runs}/export/a", "--torchscript", "{runs}/export/a"),
+        "name the same file",
+    ),
+    Fault(
+        "export input size 0",
+        ("export", "{runs}/prune/best_student.ckpt", "--onnx", "{runs}/export/student.onnx", "--input_size", "0"),
+        "input_size must be a positive",
+    ),
+    Fault(
+        "export input too small",
+        ("export", "{runs}/prune/best_student.ckpt", "--onnx", "{runs}/export/student.onnx", "--input_size", "2"),
+        "cannot run on (1, 2, 2) inputs",
+    ),
+    Fault("export a text file", ("export", "{inputs}/text.ckpt", "--onnx", "{runs}/export/student.onnx"), "readable"),
+    Fault(
+        "export a plain state_dict",
+        ("export", "{inputs}/state_dict.pt", "--onnx", "{runs}/export/student.onnx"),
+        "records no student_spec",
+    ),
+    # ---- distill quickstart: refused before the teacher trains
+    Fault("quickstart 0 rounds", (*QUICK, "--prune_rounds", "0"), "rounds >= 1"),
+    Fault("quickstart unknown criterion", (*QUICK, "--importance", "weights"), "Unknown importance criterion"),
+    Fault(
+        "quickstart unknown teacher",
+        ("quickstart", "--run_dir", "{runs}/quickstart", "--teacher_model", "resnet9000"),
+        "is not a timm model",
+    ),
+    Fault("quickstart data root missing", (*QUICK, "--data_root", "{inputs}/nowhere"), "Fashion-MNIST was not found"),
+]
+
+
+class _RunsCode:
+    """A pickle that would create ``path`` if anything unpickled it."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def earlier_runs(root: Path) -> dict[str, str]:
+    """Finished runs of fit, sweep, prune-distill and export under ``root/runs``; bad inputs under ``root/inputs``."""
+    inputs, runs = root / "inputs", root / "runs"
+    inputs.mkdir(parents=True)
+    torch.manual_seed(0)
+    teacher = DistillModule(create_student("test_studentnet", base=4, num_classes=10, in_chans=1, num_pools=3))
+    trainer = tiny_trainer(inputs, limit_train_batches=2, limit_val_batches=1)
+    trainer.fit(teacher, datamodule=fmnist())
+    trainer.save_checkpoint(inputs / "teacher.ckpt")
+
+    recipe = tiny_kd_recipe(inputs, inputs / "teacher.ckpt")
+    cfg = relocate(yaml.safe_load(recipe.read_text()), runs / "fit")
+    recipe.write_text(yaml.safe_dump(cfg))
+    main(["fit", "--config", str(recipe)])
+    sweep(str(recipe), temperatures=[2.0], baseline=False, run_dir=str(runs / "sweep"))
+    shutil.copy(recipe, inputs / "prune.yaml")
+    prune_distill(
+        str(inputs / "prune.yaml"),
+        target_params=3000,
+        initial_epochs=1,
+        epochs_per_round=1,
+        rounds=1,
+        final_epochs=0,
+        baseline=False,
+        export_onnx=False,
+        run_dir=str(runs / "prune"),
+    )
+    export(str(runs / "prune" / "best_student.ckpt"), onnx=str(runs / "export" / "student.onnx"))
+
+    edited = yaml.safe_load(recipe.read_text())  # prune-distill's recipe file, edited after its run
+    edited["model"]["loss"]["init_args"]["temperature"] = 20.0
+    (inputs / "prune.yaml").write_text(yaml.safe_dump(edited))
+    text_teacher = yaml.safe_load(recipe.read_text())
+    text_teacher["model"]["teacher"]["init_args"]["checkpoint"] = str(inputs / "text.ckpt")
+    (inputs / "text_teacher.yaml").write_text(yaml.safe_dump(text_teacher))
+    (inputs / "syntax.yaml").write_text("trainer: {max_epochs: 1\nmodel: [\n")
+    (inputs / "tag.yaml").write_text(f'!!python/object/apply:os.system ["touch {inputs / "code_ran"}"]\n')
+    (inputs / "empty.yaml").write_text("")
+    (inputs / "list.yaml").write_text("- trainer\n- model\n")
+    (inputs / "text.ckpt").write_text("a checkpoint, surely\n")
+    (inputs / "random.ckpt").write_bytes(torch.randint(0, 256, (5000,), dtype=torch.uint8).numpy().tobytes())
+    torch.save({"state_dict": {}, "payload": _RunsCode(str(inputs / "code_ran"))}, inputs / "evil.ckpt")
+    save_student(StudentNet(base=2, num_classes=5, in_chans=1, num_pools=3), inputs / "classes5.ckpt")
+    save_student(StudentNet(base=2, num_classes=10, in_chans=3, num_pools=3), inputs / "rgb.ckpt")
+    resnet = create_student("timm/test_resnet", num_classes=10, in_chans=1, small_input=True)
+    save_student(resnet, inputs / "resnet.ckpt")
+    torch.save(StudentNet(base=2, num_classes=10, in_chans=1).state_dict(), inputs / "state_dict.pt")
+    return {"inputs": str(inputs), "runs": str(runs), "recipe": str(recipe)}
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file's SHA-256 and every folder under ``folder``."""
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "folder"
+        for p in sorted(folder.rglob("*"))
+    }
+
+
+def run_fault(fault: Fault, paths: dict[str, str]) -> tuple[int, str]:
+    """Run the command as the console script would; its exit status and everything it wrote to stderr."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            main([a.format(**paths) for a in fault.args])
+            status = 0
+        except SystemExit as exit_:
+            status = exit_.code
+    return status, err.getvalue()
+
+
+def error_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("distill: error:")]
+
+
+@pytest.fixture(scope="module")
+def paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    return earlier_runs(tmp_path_factory.mktemp("faults"))
+
+
+@pytest.mark.parametrize("fault", FAULTS, ids=[f.kind for f in FAULTS])
+def test_bad_input_gets_one_line_and_changes_nothing(fault: Fault, paths: dict[str, str]):
+    before = snapshot(Path(paths["runs"]))
+    status, stderr = run_fault(fault, paths)
+    assert status == 2, stderr
+    lines = error_lines(stderr)
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr
+    assert fault.expect in lines[0], lines[0]
+    assert snapshot(Path(paths["runs"])) == before  # the earlier runs: byte for byte, and nothing new
+    assert not (Path(paths["inputs"]) / "code_ran").exists()
+
+
+def test_the_suite_covers_every_command_with_forty_kinds():
+    commands = {f.args[0] for f in FAULTS}
+    assert commands >= {"fit", "validate", "test", "sweep", "prune-distill", "export", "quickstart"}
+    assert len({f.kind for f in FAULTS}) == len(FAULTS) >= 40
+
+
+if __name__ == "__main__":  # print the table
+    import logging
+    import tempfile
+
+    logging.disable(logging.WARNING)  # Lightning's progress notes: the table is the output
+
+    with tempfile.TemporaryDirectory() as tmp:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            found = earlier_runs(Path(tmp))
+        print("| bad input | command | exit | the line it got | earlier runs untouched |")
+        print("|---|---|---:|---|---|")
+        for fault in FAULTS:
+            before = snapshot(Path(found["runs"]))
+            status, stderr = run_fault(fault, found)
+            same = snapshot(Path(found["runs"])) == before
+            line = " / ".join(error_lines(stderr)) or stderr.strip().splitlines()[-1:] or "(nothing)"
+            line = str(line).replace(found["inputs"], "<inputs>").replace(found["runs"], "<runs>").replace("|", "\\|")
+            print(f"| {fault.kind} | `distill {fault.args[0]}` | {status} | {line} | {'yes' if same else 'NO'} |")

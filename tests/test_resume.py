@@ -1,0 +1,88 @@
+"""Resuming ``distill fit``: a run killed mid-epoch and resumed from last.ckpt is the run it replaces."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from helpers import tiny_kd_recipe
+
+from distill.cli import main
+from distill.recipes import relocate
+
+ROOT = Path(__file__).parents[1]
+
+
+def recipe(tmp_path: Path, teacher: Path, name: str, epochs: int = 4) -> Path:
+    """The tiny KD recipe writing into ``tmp_path/name``, with epochs long enough to be killed in."""
+    cfg = yaml.safe_load(tiny_kd_recipe(tmp_path, teacher, limit_train_batches=60, max_epochs=epochs).read_text())
+    cfg = relocate(cfg, tmp_path / name)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+def rows(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_a_fit_killed_mid_epoch_resumes_to_the_same_weights_and_metrics(tmp_path: Path, small_teacher_checkpoint):
+    main(["fit", "--config", str(recipe(tmp_path, small_teacher_checkpoint, "whole"))])
+
+    config = recipe(tmp_path, small_teacher_checkpoint, "killed")
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "distill.cli", "fit", "--config", str(config)],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())},
+    )
+    last = tmp_path / "killed" / "last.ckpt"
+    deadline = time.time() + 300
+    while time.time() < deadline:  # the first epoch's checkpoint is written: the second epoch is running
+        if last.is_file() and worker.poll() is None:
+            try:
+                if torch.load(last, weights_only=True)["epoch"] == 0:
+                    break
+            except (RuntimeError, EOFError):  # caught while Lightning writes it
+                pass
+        time.sleep(0.05)
+    time.sleep(0.5)
+    os.killpg(worker.pid, signal.SIGKILL)
+    assert worker.wait() == -signal.SIGKILL  # killed, not finished
+    assert torch.load(last, weights_only=True)["epoch"] < 3
+
+    main(["fit", "--config", str(config), "--ckpt_path", str(last)])
+    a, b = weights(tmp_path / "whole" / "last.ckpt"), weights(last)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit for bit
+    whole, resumed = rows(tmp_path / "whole" / "metrics.csv"), rows(tmp_path / "killed" / "metrics.csv")
+    assert {r["epoch"] for r in whole} == {"", "0", "1", "2", "3"} and resumed == whole  # every row, none twice
+
+
+def test_evaluating_in_the_training_folder_keeps_its_metrics_and_config(tmp_path: Path, small_teacher_checkpoint):
+    config = recipe(tmp_path, small_teacher_checkpoint, "run", epochs=1)
+    main(["fit", "--config", str(config), "--trainer.limit_train_batches", "2"])
+    run = tmp_path / "run"
+    trained, saved = rows(run / "metrics.csv"), hashlib.sha256((run / "config.yaml").read_bytes()).hexdigest()
+    main(["test", "--config", str(config), "--ckpt_path", str(run / "best.ckpt")])
+    main(["validate", "--config", str(config), "--ckpt_path", str(run / "best.ckpt")])
+    after = rows(run / "metrics.csv")  # with the evaluations' columns added
+    assert [{k: r[k] for k in trained[0]} for r in after[: len(trained)]] == trained  # the training's rows first
+    assert "test/acc" in after[len(trained)] and after[-1].get("val/acc")
+    assert hashlib.sha256((run / "config.yaml").read_bytes()).hexdigest() == saved  # still the training's config
