@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import torch
 import yaml
 from pytorch_lightning import Trainer
 
@@ -49,3 +53,18 @@ def tiny_kd_recipe(tmp_path: Path, teacher: Path, warmup_epochs: float | None = 
     path = tmp_path / "kd_tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def start_distill(*args: str, log: Path | None = None, threads: int | None = None) -> subprocess.Popen:
+    """``distill <args>`` in a process group of its own (so a test can kill it like a user would), from the repo.
+
+    Output goes to ``log`` (or nowhere); ``threads`` sets OMP_NUM_THREADS (default: this process's torch threads).
+    """
+    return subprocess.Popen(
+        [sys.executable, "-m", "distill.cli", *args],
+        cwd=Path(__file__).parents[1],
+        stdout=open(log, "w") if log is not None else subprocess.DEVNULL,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, "OMP_NUM_THREADS": str(threads or torch.get_num_threads())},
+    )

@@ -97,6 +97,17 @@ def test_bad_input_is_one_clear_line(tmp_path: Path):
     assert "distill: error: Checkpoint" in result.stderr and "does not exist" in result.stderr
     assert "Traceback" not in result.stderr
 
+    # A sweep whose teacher cannot load: one line, not optuna's tracebacks, and no run folder.
+    (tmp_path / "teacher.ckpt").write_text("not a checkpoint\n")
+    config.write_text(
+        config.read_text().replace(f"{tmp_path}/runs/fmnist/teacher/best.ckpt", str(tmp_path / "teacher.ckpt"))
+    )
+    sweep = [sys.executable, "-m", "distill.cli", "sweep", "--recipe", str(config), "--run_dir", str(tmp_path / "s")]
+    result = subprocess.run(sweep, capture_output=True, text=True, cwd=ROOT)
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("Seed set to")]
+    assert result.returncode == 2 and len(lines) == 1 and "is not a readable torch file" in lines[0], result.stderr
+    assert not (tmp_path / "s").exists()
+
 
 @pytest.mark.slow
 def test_quickstart_end_to_end(tmp_path: Path):

@@ -7,8 +7,6 @@ import hashlib
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,7 +15,7 @@ import onnxruntime as ort
 import pytest
 import torch
 import yaml
-from helpers import tiny_kd_recipe
+from helpers import start_distill, tiny_kd_recipe
 
 from distill.export import export
 from distill.pipeline import prune_distill
@@ -85,14 +83,7 @@ def test_a_killed_run_resumes_at_its_last_round_with_the_same_result(tmp_path: P
 
     config = tmp_path / "pd.yaml"
     config.write_text(yaml.safe_dump(settings))
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "distill.cli", "prune-distill", "--config", str(config)],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-        env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())},
-    )
+    worker = start_distill("prune-distill", "--config", str(config))
     state_file = tmp_path / "run" / "state.json"
     deadline = time.time() + 180
     while time.time() < deadline:  # kill it as soon as round 1 is recorded

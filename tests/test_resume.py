@@ -6,15 +6,13 @@ import csv
 import hashlib
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from helpers import tiny_kd_recipe
+from helpers import start_distill, tiny_kd_recipe
 
 from distill.cli import main
 from distill.recipes import relocate
@@ -45,14 +43,7 @@ def test_a_fit_killed_mid_epoch_resumes_to_the_same_weights_and_metrics(tmp_path
     main(["fit", "--config", str(recipe(tmp_path, small_teacher_checkpoint, "whole"))])
 
     config = recipe(tmp_path, small_teacher_checkpoint, "killed")
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "distill.cli", "fit", "--config", str(config)],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-        env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())},
-    )
+    worker = start_distill("fit", "--config", str(config))
     last = tmp_path / "killed" / "last.ckpt"
     deadline = time.time() + 300
     while time.time() < deadline:  # the first epoch's checkpoint is written: the second epoch is running

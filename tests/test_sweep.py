@@ -8,7 +8,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -17,7 +16,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from helpers import tiny_kd_recipe
+from helpers import start_distill, tiny_kd_recipe
 
 from distill.cli import main
 from distill.sweep import sweep
@@ -97,14 +96,7 @@ def test_missing_teacher_and_changed_grid(tmp_path: Path, small_teacher_checkpoi
 
 
 def _worker(config: Path, log: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [sys.executable, "-m", "distill.cli", "sweep", "--config", str(config)],
-        cwd=ROOT,
-        stdout=open(log, "w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},  # two workers on two cores: one thread each
-    )
+    return start_distill("sweep", "--config", str(config), log=log, threads=1)  # two workers, two cores
 
 
 @pytest.mark.slow
