@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from jsonargparse import ArgumentParser, Namespace
-from pytorch_lightning import LightningDataModule, Trainer
+from pytorch_lightning import Callback, LightningDataModule, Trainer
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import CSVLogger
 
 from distill.module import DistillModule, check_resume_settings
 from distill.recipes import IncompleteRun
+from distill.report import atomic_path
 from students.checkpoint import read_checkpoint
 
 __all__ = ["JOBS", "DistillCLI", "default_precision", "main"]
@@ -102,7 +103,7 @@ class DistillCLI(LightningCLI):
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("trainer_defaults", {"precision": default_precision()})
+        kwargs.setdefault("trainer_defaults", {"precision": default_precision(), "callbacks": [_ResumedRows()]})
         kwargs.setdefault("parser_class", _ArgumentParser)
         kwargs.setdefault("trainer_class", _Trainer)
         kwargs.setdefault("subclass_mode_data", True)
@@ -148,12 +149,17 @@ class DistillCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
     def check_run(self) -> None:
-        """Set up the data and check the student, the teacher and ``--ckpt_path`` against it; write nothing."""
+        """Set up the data and check the student, the teacher and ``--ckpt_path`` against it; write nothing.
+
+        The data and models are checked by the first process of each machine (DDP ranks started together by
+        torchrun would download at once); every rank checks them again in ``setup``.
+        """
         self._check_links()
-        if self.datamodule is not None:
-            self.datamodule.prepare_data()
-            self.datamodule.setup(self.subcommand or "fit")
-        self.model.check_data(self.datamodule)
+        if int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0))) == 0:  # one download per machine
+            if self.datamodule is not None:
+                self.datamodule.prepare_data()
+                self.datamodule.setup(self.subcommand or "fit")
+            self.model.check_data(self.datamodule)
         if self._checkpoint is not None:
             self.model.check_checkpoint(self._checkpoint[1], self._checkpoint[0])
 
@@ -169,12 +175,8 @@ class DistillCLI(LightningCLI):
                 )
 
     def before_fit(self) -> None:
-        """A resumed fit keeps the metrics rows logged before its checkpoint; a new one starts afresh."""
-        ckpt_path = self.config[self.subcommand].get("ckpt_path")
-        if ckpt_path is None or not Path(ckpt_path).is_file():
-            return
-        steps = read_checkpoint(ckpt_path).get("global_step", 0)
-        keep_logged_rows(self.trainer, lambda row: int(float(row.get("step") or 0)) < steps)
+        """Keep the earlier rows of metrics.csv until the run is known: ``_ResumedRows`` trims them then."""
+        keep_logged_rows(self.trainer, lambda _row: True)
 
     def before_validate(self) -> None:
         keep_logged_rows(self.trainer, lambda _row: True)  # evaluation rows go after the training's
@@ -187,25 +189,42 @@ class DistillCLI(LightningCLI):
 _LINKED = ("num_classes", "in_chans")
 
 
-def keep_logged_rows(trainer: Any, keep: Callable[[dict[str, str]], bool]) -> None:
-    """Keep the rows of each ``CSVLogger``'s ``metrics.csv`` that ``keep`` accepts.
+class _ResumedRows(Callback):
+    """A fit keeps the metrics rows logged before the checkpoint it resumed from; a new fit keeps none.
 
-    Lightning's CSV writer deletes a ``metrics.csv`` it finds when it starts; a resumed run or an
-    evaluation in the training's folder would lose the training's rows. They are read first and
-    written back after it started.
+    Runs when training starts, once Lightning has resolved ``--ckpt_path`` (a path, ``last``, ``hpc``) and
+    restored ``global_step``: the rows of steps from there on are logged again by this run.
+    """
+
+    def on_train_start(self, trainer: Trainer, pl_module: Any) -> None:
+        keep_logged_rows(trainer, lambda row: int(float(row.get("step") or 0)) < trainer.global_step)
+
+
+def keep_logged_rows(trainer: Any, keep: Callable[[dict[str, str]], bool]) -> None:
+    """Keep the rows of each ``CSVLogger``'s ``metrics.csv`` that ``keep`` accepts (rewritten atomically).
+
+    Lightning's CSV writer deletes a ``metrics.csv`` it finds when it starts, so a resumed run or an
+    evaluation in the training's folder would lose the training's rows: they are read first.
     """
     for logger in trainer.loggers:
         if not isinstance(logger, CSVLogger):
             continue
         path = Path(logger.log_dir) / "metrics.csv"
-        rows = []
+        header, rows = [], []
         if path.is_file():
             with open(path, newline="") as f:
-                rows = [row for row in csv.DictReader(f) if keep(row)]
-        writer = logger.experiment  # starts a fresh metrics.csv
+                reader = csv.DictReader(f)
+                rows = [row for row in reader if keep(row)]
+                header = list(reader.fieldnames or [])
+        writer = logger.experiment  # Lightning's writer: deletes metrics.csv when it is created
+        writer.metrics_keys = header if rows else []  # the columns its next rows are appended under
         if rows:
-            writer.metrics = rows
-            writer.save()
+            with atomic_path(path) as partial, open(partial, "w", newline="") as f:
+                table = csv.DictWriter(f, fieldnames=header)
+                table.writeheader()
+                table.writerows(rows)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _quickstart(argv: Sequence[str]) -> Any:

@@ -6,6 +6,7 @@ training, which is how this project trains teachers.
 
 from __future__ import annotations
 
+import copy
 import math
 import random
 from collections.abc import Mapping
@@ -118,6 +119,7 @@ class DistillModule(LightningModule):
             }
         )
         self.student = student
+        self._built_spec = copy.deepcopy(getattr(student, "model_spec", None))  # before any pruning
         self._set_teacher(teacher)
         self.loss = loss if loss is not None else KDLoss()
         self.metrics = nn.ModuleDict()
@@ -311,12 +313,12 @@ class DistillModule(LightningModule):
 
     # ------------------------------------------------------------ checkpoints
     def check_checkpoint(self, checkpoint: Mapping[str, Any], source: str) -> None:
-        """Refuse a checkpoint whose student is neither this run's nor a pruned version of it.
+        """Refuse a checkpoint whose student is neither the one this module was built with nor a pruned version.
 
         Loading it would silently replace the student (``on_load_checkpoint`` rebuilds the recorded one).
         """
         spec = (checkpoint.get("hyper_parameters") or {}).get("student_spec")
-        own = getattr(self.student, "model_spec", None)
+        own = self._built_spec
         if spec is not None and own is not None and not is_pruned_from(spec, own):
             raise ValueError(
                 f"{source} holds the student {describe_spec(spec)}, but this run builds {describe_spec(own)}. "
@@ -380,7 +382,7 @@ def _rng_states() -> dict[str, Any]:
     version, state, gauss = random.getstate()
     return {
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,  # this process's device
         "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
         "python": [version, list(state), gauss],
     }
@@ -388,8 +390,8 @@ def _rng_states() -> dict[str, Any]:
 
 def _set_rng_states(states: Mapping[str, Any]) -> None:
     torch.set_rng_state(states["torch"])
-    if states["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
+    if states.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
     name, keys, pos, has_gauss, cached = states["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     version, state, gauss = states["python"]

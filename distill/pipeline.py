@@ -30,6 +30,7 @@ import yaml
 
 from distill.profile import count_macs, count_params, measure_latency
 from distill.recipes import (
+    changed_settings,
     check_recipe,
     check_teacher,
     file_digest,
@@ -43,7 +44,7 @@ from distill.recipes import (
 from distill.report import atomic_write, save_figure
 from students import load_student
 
-__all__ = ["SCHEDULES", "check_options", "prune_distill"]
+__all__ = ["SCHEDULES", "check_options", "check_reachable", "prune_distill"]
 
 SCHEDULES = ("fixed", "geometric")
 ROUND_COLUMNS = ("round", "phase", "epochs", "params", "macs", "latency_ms", "val_acc", "test_acc", "checkpoint")
@@ -119,8 +120,6 @@ def prune_distill(
     settings = dict(locals())  # the arguments: a run directory resumes only with the same ones
     check_options(target_params, target_macs, importance, schedule, ratio, rounds, max_rounds, epochs_per_round,
                   final_epochs)  # fmt: skip
-    from distill.pruning import check_target
-
     # Every check runs before the run directory is touched: a refused run writes nothing and locks nothing.
     base = merge(load_recipe(recipe), overrides)
     check_teacher(base, recipe)
@@ -128,24 +127,15 @@ def prune_distill(
         raise FileNotFoundError(f"Student checkpoint {student_checkpoint!r} does not exist. Fix the path, or omit it.")
     model, data = check_recipe(base)
     start = load_student(student_checkpoint) if student_checkpoint is not None else model.student
+    del model  # the teacher it holds is loaded again by each phase
     x = torch.zeros(1, data.in_chans, *data.input_size)
+    ignored = list(ignored_layers or [])
+    floors = check_reachable(start, x, target_params, target_macs, min_fraction, round_to, ignored, schedule, ratio,
+                             max_rounds)  # fmt: skip
     by_params = target_params is not None
     size = count_params if by_params else (lambda m: count_macs(m, x))
     target = target_params if by_params else target_macs
     unit = "parameters" if by_params else "MACs"
-    start_size = size(start)
-    if start_size <= target:
-        raise ValueError(f"target {target:,} {unit} is not below the student's {start_size:,}: nothing to prune")
-    ignored = list(ignored_layers or [])
-    floors = _floors(start, x, min_fraction, ignored)
-    check_target(start, x, target_params, target_macs, floors, round_to=round_to, ignored_layers=ignored)
-    if schedule == "fixed":  # channels shrink both sides of a conv: at best the size falls by (1 - ratio)^2
-        needed = math.ceil(math.log(target / start_size) / (2 * math.log(1 - ratio)))
-        if needed > max_rounds:
-            raise ValueError(
-                f"the fixed schedule needs at least {needed} rounds of ratio={ratio} to reach {target:,} {unit} from "
-                f"{start_size:,}, more than max_rounds={max_rounds}: raise ratio or max_rounds, or use geometric"
-            )
 
     out = Path(run_dir).resolve()
     job = _Job(out, base, data, seed, str(out / "cache") if cache_teacher_logits else None)
@@ -222,6 +212,44 @@ def check_options(
         raise ValueError(f"Unknown importance criterion {importance!r}; choose one of {', '.join(CRITERIA)}")
 
 
+def check_reachable(
+    student: torch.nn.Module,
+    x: torch.Tensor,
+    target_params: int | None,
+    target_macs: int | None,
+    min_fraction: float = 0.1,
+    round_to: int = 1,
+    ignored: list[str] | None = None,
+    schedule: str = "geometric",
+    ratio: float = 0.05,
+    max_rounds: int = 50,
+) -> dict[str, int]:
+    """Refuse a target that pruning ``student`` cannot reach; return each prunable layer's floor.
+
+    The target must be below the student's size, reachable with every layer at its floor, and, for the
+    fixed schedule, within ``max_rounds`` rounds.
+    """
+    from distill.pruning import check_target
+
+    by_params = target_params is not None
+    target = target_params if by_params else target_macs
+    unit = "parameters" if by_params else "MACs"
+    start_size = count_params(student) if by_params else count_macs(student, x)
+    if start_size <= target:
+        raise ValueError(f"target {target:,} {unit} is not below the student's {start_size:,}: nothing to prune")
+    ignored = list(ignored or [])
+    floors = _floors(student, x, min_fraction, ignored)
+    check_target(student, x, target_params, target_macs, floors, round_to=round_to, ignored_layers=ignored)
+    if schedule == "fixed":  # channels shrink both sides of a conv: at best the size falls by (1 - ratio)^2
+        needed = math.ceil(math.log(target / start_size) / (2 * math.log(1 - ratio)))
+        if needed > max_rounds:
+            raise ValueError(
+                f"the fixed schedule needs at least {needed} rounds of ratio={ratio} to reach {target:,} {unit} from "
+                f"{start_size:,}, more than max_rounds={max_rounds}: raise ratio or max_rounds, or use geometric"
+            )
+    return floors
+
+
 def _floors(student: torch.nn.Module, x: torch.Tensor, min_fraction: float, ignored: list[str]) -> dict[str, int]:
     """Channels each prunable layer keeps at least: ``min_fraction`` of its channels before pruning started."""
     from distill.pruning import channel_groups
@@ -267,8 +295,7 @@ class _Job:
         A run recorded before inputs were (an older version) resumes, and records them from now on.
         """
         settings = json.loads(json.dumps(settings, default=str))
-        stored = self.state.get("settings", settings)  # a new run: nothing to compare
-        changed = sorted(k for k in stored.keys() | settings.keys() if stored.get(k) != settings.get(k))
+        changed = changed_settings(self.state.get("settings", settings), settings)  # a new run: nothing to compare
         if changed:  # an option added since the run started reads as None there
             raise ValueError(
                 f"{self.out} holds a prune-distill run with other settings ({', '.join(changed)} changed). "

@@ -23,8 +23,11 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from distill.pipeline import check_options, prune_distill
-from distill.recipes import fit_recipe, load_recipe, relocate
+import torch
+
+from distill.pipeline import check_options, check_reachable, prune_distill
+from distill.recipes import changed_settings, check_recipe, file_digest, fit_recipe, load_recipe, relocate
+from distill.report import atomic_write
 from students import UNSCALED_LAYERS
 
 __all__ = ["quickstart"]
@@ -89,14 +92,6 @@ def quickstart(
     """
     settings = json.loads(json.dumps(dict(locals()), default=list))
     out = Path(run_dir)
-    record = out / "quickstart.json"
-    stored = json.loads(record.read_text()) if record.is_file() else settings
-    changed = sorted(k for k in stored.keys() | settings.keys() if stored.get(k) != settings.get(k))
-    if changed:
-        raise ValueError(
-            f"{out} holds a quickstart run with other settings ({', '.join(changed)} changed). Use a new --run_dir, "
-            f"or rerun with the original settings: finished stages are then reused."
-        )
     check_options(target_params, None, importance, "geometric", rounds=prune_rounds, epochs_per_round=epochs_per_round,
                   final_epochs=final_epochs)  # fmt: skip
     if teacher_epochs < 1 or student_epochs < 1:
@@ -111,10 +106,26 @@ def quickstart(
     }
     teacher_cfg = _resize(load_recipe(teacher_config), out / "teacher", epochs=teacher_epochs, **common)
     teacher_cfg["model"]["student"]["init_args"].update(name=teacher_model, small_input=teacher_small_input)
-    teacher = fit_recipe(teacher_cfg, out / "teacher.yaml")
-    record.write_text(json.dumps(settings, indent=1))  # from here on, this folder holds these settings' run
-
     student_cfg = _resize(load_recipe(kd_config), out / "student", epochs=student_epochs, **common)
+    student_cfg["model"].pop("teacher", None)  # the teacher trained below
+    model, data = check_recipe(student_cfg)  # before anything trains: the student, the data, the target
+    check_reachable(model.student, torch.zeros(1, data.in_chans, *data.input_size), target_params, None,
+                    ignored=list(ignored_layers))  # fmt: skip
+
+    # The run in this folder: its settings, with the recipes' contents standing for their paths.
+    del settings["run_dir"]
+    settings |= {"teacher_config": file_digest(teacher_config), "kd_config": file_digest(kd_config)}
+    settings["data_root"] = str(Path(data_root).resolve()) if data_root else None
+    record = out / "quickstart.json"
+    changed = changed_settings(json.loads(record.read_text()), settings) if record.is_file() else []
+    if changed:
+        raise ValueError(
+            f"{out} holds a quickstart run with other settings ({', '.join(changed)} changed). Use a new --run_dir, "
+            f"or rerun with the original settings: finished stages are then reused."
+        )
+    teacher = fit_recipe(teacher_cfg, out / "teacher.yaml")
+    atomic_write(record, lambda f: json.dump(settings, f, indent=1))  # this folder holds these settings' run
+
     teacher_spec = {"class_path": "teachers.load_teacher", "init_args": {"checkpoint": teacher.checkpoint}}
     student_cfg["model"]["teacher"] = teacher_spec
     if not augment:  # deterministic inputs: the teacher's logits are computed once, for every run after this

@@ -23,6 +23,7 @@ from distill.report import atomic_write
 __all__ = [
     "FitResult",
     "IncompleteRun",
+    "changed_settings",
     "check_recipe",
     "check_teacher",
     "file_digest",
@@ -128,6 +129,11 @@ def _inputs(node: Any) -> Iterable[str]:
             yield from _inputs(value)
 
 
+def changed_settings(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The settings whose values differ between a recorded run and this one (a missing one reads as None)."""
+    return sorted(k for k in stored.keys() | current.keys() if stored.get(k) != current.get(k))
+
+
 def file_digest(path: str | Path) -> str:
     """SHA-256 of a file's bytes."""
     digest = hashlib.sha256()
@@ -173,8 +179,8 @@ def fit_recipe(cfg: dict[str, Any], config_path: Path) -> FitResult:
 
     The best checkpoint is the one of the first ``ModelCheckpoint`` (chosen on the validation split);
     the test split is evaluated once, on it. The result is recorded in ``result.json`` in the run's
-    folder with the recipe's :func:`fingerprint`: called again with the same recipe and input files
-    (a job resumed after a crash), it returns that result instead of training again.
+    folder with the recipe's :func:`fingerprint` and its checkpoint's digest: called again with the same
+    recipe and input files (a job resumed after a crash), it returns that result instead of training again.
     """
     from distill.cli import DistillCLI
 
@@ -183,10 +189,10 @@ def fit_recipe(cfg: dict[str, Any], config_path: Path) -> FitResult:
     key = fingerprint(cfg)
     if record is not None and record.is_file():
         saved = json.loads(record.read_text())
-        if saved.get("fingerprint") == key and Path(saved["result"]["checkpoint"]).is_file():
+        best = Path(saved.get("result", {}).get("checkpoint", ""))
+        if saved.get("fingerprint") == key and best.is_file() and file_digest(best) == saved.get("checkpoint_digest"):
             print(f"{folder}: already trained with this recipe and these inputs; its result is reused")
             return FitResult(**saved["result"])
-        record.unlink()  # another recipe: this run replaces it
     start = time.time()
     with warnings.catch_warnings():  # the job's own argv is in sys.argv; the args given here are the run's
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
@@ -211,8 +217,9 @@ def fit_recipe(cfg: dict[str, Any], config_path: Path) -> FitResult:
         wall_s=wall,
         model_name=getattr(student, "model_spec", {}).get("name", type(student).__name__).removeprefix("timm/"),
     )
-    if record is not None:
-        atomic_write(record, lambda f: json.dump({"fingerprint": key, "result": asdict(result)}, f, indent=1))
+    if record is not None:  # replaces the record of an earlier recipe in the same folder
+        saved = {"fingerprint": key, "checkpoint_digest": file_digest(best), "result": asdict(result)}
+        atomic_write(record, lambda f: json.dump(saved, f, indent=1))
     return result
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     Readers never see half a file, and a write that fails leaves an existing ``path`` as it was.
     """
     path = Path(path)
-    partial = path.with_name(f".{path.stem}.{os.getpid()}.partial{path.suffix}")
+    partial = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:12]}.partial{path.suffix}")  # unique across hosts
     try:
         yield partial
         os.replace(partial, path)

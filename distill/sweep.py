@@ -100,14 +100,15 @@ def sweep(
         max_trials: stop this worker after so many trials (default: until the grid is done).
         wait: once this worker has nothing left to start, wait for the trials other workers are running, and
             run again those whose worker died (silent for ``2 x heartbeat_interval``), until the grid is done.
-            With ``False`` (or ``max_trials``) it reports what is finished and stops.
+            With ``False`` it reports what is finished and stops (exit status 3 if the grid is not done); with
+            ``max_trials`` it stops after its share (exit status 0; sweep.md lists what is left).
 
     Returns:
         One row per finished trial (the contents of sweep.csv).
 
     Raises:
-        IncompleteRun: (exit status 3) when grid points are still unfinished at the end; sweep.csv and sweep.md
-            then hold the finished ones and sweep.md lists the rest.
+        IncompleteRun: (exit status 3) when grid points are still unfinished at the end and no ``max_trials``
+            was given; sweep.csv and sweep.md then hold the finished ones and sweep.md lists the rest.
     """
     import optuna
 
@@ -159,7 +160,9 @@ def sweep(
     missing = [point for study, grid, kind, _ in grids for point in _missing(study, grid, kind)]
     rows.sort(key=lambda r: (r["kind"] != "ce", r["temperature"] or 0, r["alpha"], r["seed"]))
     _write_report(out, rows, settings, missing)
-    if missing:
+    if missing and max_trials is not None:  # this worker did its share; the report says what is left
+        print(f"{len(missing)} grid point(s) left for other workers or a rerun: see {out}/sweep.md", flush=True)
+    elif missing:
         raise IncompleteRun(
             f"the sweep is incomplete: {len(missing)} grid point(s) not finished ({'; '.join(missing)}). Results so "
             f"far are in {out}/sweep.md; run the same command again to finish the grid."
@@ -225,7 +228,8 @@ def _storage(url: str, heartbeat_interval: int) -> Any:
                         continue
                     raise ValueError(
                         f"Cannot open the sweep storage {url!r}: {type(err).__name__}: {message.splitlines()[0]}. "
-                        f"Check the URL, the server and its driver (PostgreSQL: pip install 'psycopg[binary]'), "
+                        f"Check the URL, the server and its driver (PostgreSQL: postgresql+psycopg:// with "
+                        f"pip install 'psycopg[binary]'), "
                         f"or leave storage unset for an SQLite file in the run directory."
                     ) from None
     raise AssertionError("unreachable")
@@ -309,7 +313,11 @@ def _work(
             study.enqueue_trial(point)
 
     def left_to_start() -> bool:
-        return any(not states(p) & {TrialState.COMPLETE, TrialState.RUNNING} for p in _points(space))
+        taken = {
+            _key(t.params, space)
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+        }
+        return any(_key(p, space) not in taken for p in _points(space))
 
     def objective(trial: Any) -> float:
         params = {name: trial.suggest_categorical(name, values) for name, values in space.items()}
@@ -541,5 +549,6 @@ def _plot(path: Path, table: list[dict[str, Any]], ce: dict | None) -> None:
     ax.set_ylabel("accuracy (mean ± std over seeds)")
     ax.set_title("Knowledge distillation: accuracy vs temperature")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # nothing finished yet: an empty plot
+        ax.legend(fontsize=8)
     save_figure(fig, path)

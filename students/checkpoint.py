@@ -54,6 +54,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
                 f"a tensor or a plain Python value (a pickle can run code). Load only files you trust; for your own "
                 f"model save a state_dict instead: torch.save(model.state_dict(), path)."
             ) from None
+    except (OSError, MemoryError):  # the file could not be read at all: say so, not "corrupt"
+        raise
     except Exception:  # noqa: BLE001 - torch.load fails on foreign files with any error (KeyError, IndexError, ...)
         pass
     else:

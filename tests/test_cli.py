@@ -143,7 +143,7 @@ def test_quickstart_end_to_end(tmp_path: Path):
 
     # Run again: every stage is reused, nothing trains; with other settings it is refused and nothing changes.
     trained = {p: p.stat().st_mtime_ns for p in (tmp_path / "qs").rglob("*.ckpt")}
-    assert quickstart(**settings) == results
+    assert quickstart(**{**settings, "run_dir": settings["run_dir"] + "/"}) == results  # the same folder
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "qs").rglob("*.ckpt")} == trained
     before = {p: p.read_bytes() for p in (tmp_path / "qs").rglob("*") if p.is_file()}
     with pytest.raises(ValueError, match=r"other settings \(student_epochs changed\)"):

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import fmnist
+from helpers import RunsCode, fmnist
 
 from distill.data import (
     BatchTransform,
@@ -150,10 +150,12 @@ def test_cifar_pickles_are_opened_only_with_their_official_checksums(tmp_path: P
     folder = tmp_path / "cifar-10-batches-py"
     ran = tmp_path / "code_ran"
     with open(folder / "data_batch_1", "wb") as f:  # a pickle that would run code when loaded
-        pickle.dump(_RunsCode(str(ran)), f)
+        pickle.dump(RunsCode(str(ran)), f)
     with pytest.raises(ValueError, match="does not match its official MD5 checksum"):
-        CIFAR10DataModule(root=str(tmp_path), download=False).setup("fit")
+        CIFAR10DataModule(root=str(tmp_path), download=False, verify_checksums=True).setup("fit")  # old configs
     assert not ran.exists()
+    with pytest.raises(ValueError, match="verify_checksums=False is no longer possible"):
+        CIFAR10DataModule(root=str(tmp_path), download=False, verify_checksums=False)
 
     _fake_cifar(tmp_path / "clean")  # the same files load once their checksums are the ones expected
     sums = {
@@ -166,14 +168,6 @@ def test_cifar_pickles_are_opened_only_with_their_official_checksums(tmp_path: P
     dm.setup("fit")
     assert (len(dm.train_set), len(dm.val_set)) == (90, 10)
     assert next(iter(dm.train_dataloader()))[0].shape == (4, 3, 32, 32)
-
-
-class _RunsCode:
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
 
 
 def test_image_folder(tmp_path: Path):

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import fmnist, tiny_kd_recipe, tiny_trainer
+from helpers import RunsCode, fmnist, tiny_kd_recipe, tiny_trainer
 
 from distill import DistillModule
 from distill.cli import main
@@ -49,6 +49,7 @@ PRUNE = ("prune-distill", "--recipe", "{inputs}/prune.yaml", "--target_params", 
 PRUNE += ("--epochs_per_round", "1", "--rounds", "1", "--final_epochs", "0", "--baseline", "false")
 PRUNE += ("--export_onnx", "false", "--run_dir", "{runs}/prune")
 QUICK = ("quickstart", "--run_dir", "{runs}/quickstart", "--teacher_model", "test_resnet")
+QUICK += ("--teacher_config", "{repo}/configs/fmnist/teacher.yaml", "--kd_config", "{repo}/configs/fmnist/kd.yaml")
 
 FAULTS = [
     # ---- distill fit: the config file
@@ -68,7 +69,11 @@ FAULTS = [
     # ---- distill fit: data
     Fault("val_size 1.5", (*FIT, "--data.init_args.val_size", "1.5"), "val_size must be a number of images"),
     Fault("val_size larger than the data", (*FIT, "--data.init_args.val_size", "70000"), "leaves no training"),
-    Fault("data root that does not exist", (*FIT, "--data.init_args.root", "{inputs}/nowhere"), "not found"),
+    Fault(
+        "data root that does not exist",
+        (*FIT, "--data.init_args.root", "{inputs}/nowhere", "--data.init_args.download", "false"),
+        "not found",
+    ),
     Fault("batch size 0", (*FIT, "--data.init_args.batch_size", "0"), "batch sizes must be >= 1"),
     # ---- distill fit: the teacher
     Fault("teacher checkpoint missing", (*FIT, "--model.teacher.init_args.checkpoint", "{inputs}/no.ckpt"), "exist"),
@@ -183,21 +188,13 @@ FAULTS = [
     Fault("quickstart unknown criterion", (*QUICK, "--importance", "weights"), "Unknown importance criterion"),
     Fault(
         "quickstart unknown teacher",
-        ("quickstart", "--run_dir", "{runs}/quickstart", "--teacher_model", "resnet9000"),
+        (*QUICK, "--teacher_model", "resnet9000"),
         "is not a timm model",
     ),
-    Fault("quickstart data root missing", (*QUICK, "--data_root", "{inputs}/nowhere"), "Fashion-MNIST was not found"),
+    Fault("quickstart 0 teacher epochs", (*QUICK, "--teacher_epochs", "0"), "need teacher_epochs >= 1"),
+    Fault("quickstart target above the student", (*QUICK, "--target_params", "10000000"), "is not below the student"),
+    Fault("quickstart target unreachable", (*QUICK, "--target_params", "10"), "target 10 parameters cannot be met"),
 ]
-
-
-class _RunsCode:
-    """A pickle that would create ``path`` if anything unpickled it."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
 
 
 def earlier_runs(root: Path) -> dict[str, str]:
@@ -241,13 +238,13 @@ def earlier_runs(root: Path) -> dict[str, str]:
     (inputs / "list.yaml").write_text("- trainer\n- model\n")
     (inputs / "text.ckpt").write_text("a checkpoint, surely\n")
     (inputs / "random.ckpt").write_bytes(torch.randint(0, 256, (5000,), dtype=torch.uint8).numpy().tobytes())
-    torch.save({"state_dict": {}, "payload": _RunsCode(str(inputs / "code_ran"))}, inputs / "evil.ckpt")
+    torch.save({"state_dict": {}, "payload": RunsCode(str(inputs / "code_ran"))}, inputs / "evil.ckpt")
     save_student(StudentNet(base=2, num_classes=5, in_chans=1, num_pools=3), inputs / "classes5.ckpt")
     save_student(StudentNet(base=2, num_classes=10, in_chans=3, num_pools=3), inputs / "rgb.ckpt")
     resnet = create_student("timm/test_resnet", num_classes=10, in_chans=1, small_input=True)
     save_student(resnet, inputs / "resnet.ckpt")
     torch.save(StudentNet(base=2, num_classes=10, in_chans=1).state_dict(), inputs / "state_dict.pt")
-    return {"inputs": str(inputs), "runs": str(runs), "recipe": str(recipe)}
+    return {"inputs": str(inputs), "runs": str(runs), "recipe": str(recipe), "repo": str(Path(__file__).parents[1])}
 
 
 def snapshot(folder: Path) -> dict[str, str]:
@@ -281,14 +278,14 @@ def paths(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 @pytest.mark.parametrize("fault", FAULTS, ids=[f.kind for f in FAULTS])
 def test_bad_input_gets_one_line_and_changes_nothing(fault: Fault, paths: dict[str, str]):
-    before = snapshot(Path(paths["runs"]))
+    root = Path(paths["runs"]).parent  # the earlier runs and the inputs
+    before = snapshot(root)
     status, stderr = run_fault(fault, paths)
     assert status == 2, stderr
     lines = error_lines(stderr)
     assert len(lines) == 1 and "Traceback" not in stderr, stderr
     assert fault.expect in lines[0], lines[0]
-    assert snapshot(Path(paths["runs"])) == before  # the earlier runs: byte for byte, and nothing new
-    assert not (Path(paths["inputs"]) / "code_ran").exists()
+    assert snapshot(root) == before  # every file byte for byte, nothing new (no code ran, nothing was written)
 
 
 def test_the_suite_covers_every_command_with_forty_kinds():
@@ -309,9 +306,9 @@ if __name__ == "__main__":  # print the table
         print("| bad input | command | exit | the line it got | earlier runs untouched |")
         print("|---|---|---:|---|---|")
         for fault in FAULTS:
-            before = snapshot(Path(found["runs"]))
+            before = snapshot(Path(tmp))
             status, stderr = run_fault(fault, found)
-            same = snapshot(Path(found["runs"])) == before
+            same = snapshot(Path(tmp)) == before
             line = " / ".join(error_lines(stderr)) or stderr.strip().splitlines()[-1:] or "(nothing)"
             line = str(line).replace(found["inputs"], "<inputs>").replace(found["runs"], "<runs>").replace("|", "\\|")
             print(f"| {fault.kind} | `distill {fault.args[0]}` | {status} | {line} | {'yes' if same else 'NO'} |")

@@ -19,6 +19,7 @@ from helpers import start_distill, tiny_kd_recipe
 
 from distill.export import export
 from distill.pipeline import prune_distill
+from distill.recipes import fit_recipe, relocate
 from students import UNSCALED_LAYERS, load_student
 
 ROOT = Path(__file__).parents[1]
@@ -141,6 +142,22 @@ def test_ignored_layers_keep_their_channels(tmp_path: Path, small_teacher_checkp
     assert rows[-1]["params"] <= TARGET
     assert [pruned[i] for i in (0, 1, 2, 7)] == [start[i] for i in (0, 1, 2, 7)]
     assert all(pruned[i] < start[i] for i in range(3, 7))
+
+
+def test_a_finished_run_is_reused_only_while_its_recipe_inputs_and_checkpoint_are_the_same(
+    tmp_path: Path, small_teacher_checkpoint: Path
+):
+    cfg = relocate(yaml.safe_load(tiny_recipe(tmp_path, small_teacher_checkpoint).read_text()), tmp_path / "run")
+    first = fit_recipe(cfg, tmp_path / "run.yaml")
+    best = Path(first.checkpoint)
+    stamp = best.stat().st_mtime_ns
+    assert fit_recipe(cfg, tmp_path / "run.yaml") == first and best.stat().st_mtime_ns == stamp  # reused
+    with pytest.raises(ValueError, match="need finite lr > 0"):
+        fit_recipe({**cfg, "model": {**cfg["model"], "lr": -1.0}}, tmp_path / "run.yaml")
+    assert fit_recipe(cfg, tmp_path / "run.yaml") == first  # the refused run took nothing away
+    torch.save(torch.load(best, weights_only=True) | {"epoch": 7}, best)  # the checkpoint replaced since
+    again = fit_recipe(cfg, tmp_path / "run.yaml")
+    assert best.stat().st_mtime_ns != stamp and again.val_acc == first.val_acc  # trained again, to the same
 
 
 def test_export_command_checks_onnx_and_torchscript(tmp_path: Path, small_teacher_checkpoint: Path):

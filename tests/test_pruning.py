@@ -304,6 +304,20 @@ def test_resume_after_pruning_continues_the_pruned_run(tmp_path: Path, teacher_c
     assert resumed.global_step == 12 and not pruner.reports
 
 
+def test_a_pruned_module_still_evaluates_a_checkpoint_from_before_pruning(tmp_path: Path, teacher_checkpoint: Path):
+    model, _, trainer, _, _ = _fit_with_pruning(tmp_path, "test_studentnet", {"num_pools": 3}, teacher_checkpoint)
+    wide = DistillModule(
+        build("test_studentnet"), load_teacher(checkpoint=teacher_checkpoint), optimizer="sgd", lr=0.05
+    )
+    tiny_trainer(tmp_path / "wide", limit_train_batches=1).fit(wide, datamodule=fmnist())
+    wide.trainer.save_checkpoint(tmp_path / "wide.ckpt")
+    pruned = list(model.student.channels)
+    trainer.test(model, datamodule=fmnist(), ckpt_path=tmp_path / "wide.ckpt", verbose=False)
+    assert model.student.channels == wide.student.channels != pruned  # the run's own architecture, not refused
+    with pytest.raises(ValueError, match="holds the student timm/test_resnet"):  # a Lightning checkpoint of a ResNet
+        trainer.test(model, datamodule=fmnist(), ckpt_path=teacher_checkpoint, verbose=False)
+
+
 def _one_sgd_step(tmp_path: Path, callbacks: list, start: nn.Module | None = None) -> tuple[nn.Module, dict]:
     """One plain SGD step (no momentum, no weight decay) from the same weights on the same batch."""
     student = copy.deepcopy(start if start is not None else build("studentnet")).train()

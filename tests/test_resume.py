@@ -59,7 +59,7 @@ def test_a_fit_killed_mid_epoch_resumes_to_the_same_weights_and_metrics(tmp_path
     assert worker.wait() == -signal.SIGKILL  # killed, not finished
     assert torch.load(last, weights_only=True)["epoch"] < 3
 
-    main(["fit", "--config", str(config), "--ckpt_path", str(last)])
+    main(["fit", "--config", str(config), "--ckpt_path", "last"])  # Lightning finds last.ckpt
     a, b = weights(tmp_path / "whole" / "last.ckpt"), weights(last)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit for bit
     whole, resumed = rows(tmp_path / "whole" / "metrics.csv"), rows(tmp_path / "killed" / "metrics.csv")

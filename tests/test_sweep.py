@@ -144,7 +144,7 @@ def test_a_killed_trial_runs_again(tmp_path: Path, small_teacher_checkpoint: Pat
 
     # At once, within the heartbeat grace period: the grid is not done, and the report and exit status say so.
     with pytest.raises(SystemExit) as stopped:
-        main(["sweep", "--config", str(config), "--wait", "false"])
+        main(["sweep", "--config", str(config), "--wait", "false", "--heartbeat_interval", "60"])  # not stale yet
     assert stopped.value.code == 3
     assert "Incomplete: 1 grid point(s) not finished" in (run_dir / "sweep.md").read_text()
     assert "kd alpha=0.9, seed=0, temperature=4: running in trial 0" in (run_dir / "sweep.md").read_text()
@@ -159,9 +159,14 @@ def test_a_killed_trial_runs_again(tmp_path: Path, small_teacher_checkpoint: Pat
     assert "Incomplete" not in (run_dir / "sweep.md").read_text()
 
 
-def test_each_trial_keeps_its_own_config(tmp_path: Path, small_teacher_checkpoint: Path):
+def test_a_worker_with_max_trials_does_its_share_and_each_trial_keeps_its_config(
+    tmp_path: Path, small_teacher_checkpoint: Path
+):
     recipe = tiny_recipe(tmp_path, small_teacher_checkpoint, limit_train_batches=1)
-    sweep(str(recipe), temperatures=[4.0], seeds=[0, 1], baseline=False, run_dir=str(tmp_path / "sweep"))
+    options = {"temperatures": [4.0], "seeds": [0, 1], "baseline": False, "run_dir": str(tmp_path / "sweep")}
+    assert len(sweep(str(recipe), max_trials=1, **options)) == 1  # its share done: no error, the report says
+    assert "Incomplete: 1 grid point(s) not finished" in (tmp_path / "sweep" / "sweep.md").read_text()
+    assert len(sweep(str(recipe), **options)) == 2
     for seed in (0, 1):  # "T4_alpha0.9_seed0".with_suffix(".yaml") was "T4_alpha0.yaml" for both
         cfg = yaml.safe_load((tmp_path / "sweep" / "trials" / f"T4_alpha0.9_seed{seed}.yaml").read_text())
         assert cfg["seed_everything"] == seed
@@ -203,7 +208,7 @@ def postgres() -> Iterator[str]:
     run(bindir / "pg_ctl", "-D", data, "-o", options, "-l", root / "server.log", "-w", "start")
     try:
         run(bindir / "createdb", "-h", "127.0.0.1", "-p", port, "-U", "postgres", "sweeps")
-        yield f"postgresql://postgres@127.0.0.1:{port}/sweeps"
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/sweeps"
     finally:
         run(bindir / "pg_ctl", "-D", data, "-m", "immediate", "stop")
         shutil.rmtree(root, ignore_errors=True)

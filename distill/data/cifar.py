@@ -29,6 +29,7 @@ class _CIFARDataModule(InMemoryDataModule):
         root: folder holding the extracted dataset folder, the only place looked when given (and the
             download target).
         download: allow the download when no copy is found.
+        verify_checksums: kept so that configs saved before still load; must be true (the check is always on).
         batch_size: training batch size.
         eval_batch_size: validation/test batch size (default: ``batch_size``).
         val_size: validation images taken out of the 50,000 training images (count, or fraction).
@@ -54,6 +55,7 @@ class _CIFARDataModule(InMemoryDataModule):
         self,
         root: str | None = None,
         download: bool = True,
+        verify_checksums: bool = True,
         batch_size: int = 256,
         eval_batch_size: int | None = None,
         val_size: int | float = 5000,
@@ -64,6 +66,11 @@ class _CIFARDataModule(InMemoryDataModule):
         on_device: bool | None = None,
     ) -> None:
         super().__init__(batch_size, eval_batch_size, val_size, augment, resize, num_workers, split_seed, on_device)
+        if not verify_checksums:
+            raise ValueError(
+                "verify_checksums=False is no longer possible: unpickling a file that is not the official one can "
+                "run any code. Remove the option; to use your own CIFAR files, convert them to an image folder."
+            )
         self.root = root
         self.download = download
 
