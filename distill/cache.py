@@ -79,6 +79,8 @@ class TeacherLogitCache(Callback):
     def __init__(self, cache_dir: str | None = None, batch_size: int = 1024) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if cache_dir is not None and Path(cache_dir).exists() and not Path(cache_dir).is_dir():
+            raise ValueError(f"TeacherLogitCache: cache_dir {cache_dir!r} is a file, not a folder")
         self.cache_dir = None if cache_dir is None else Path(cache_dir)
         self.batch_size = batch_size
         self.hits: list[str] = []  # splits served from a cache file, for logs and tests

@@ -16,10 +16,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+import torch
 from jsonargparse import ArgumentParser, Namespace
 from pytorch_lightning import Callback, LightningDataModule, Trainer
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
 from distill.module import DistillModule, check_resume_settings
 from distill.recipes import IncompleteRun
@@ -80,6 +82,13 @@ class _Trainer(Trainer):
         limit_predict_batches: int | float | None = None,
         **kwargs: Any,
     ) -> None:
+        at_least = {"check_val_every_n_epoch": 1, "accumulate_grad_batches": 1, "log_every_n_steps": 1}
+        at_least |= {"num_sanity_val_steps": -1, "max_epochs": -1, "max_steps": -1}
+        wrong = [f"{k}={kwargs[k]}" for k, low in at_least.items() if kwargs.get(k) is not None and kwargs[k] < low]
+        interval = kwargs.get("val_check_interval")
+        wrong += [f"val_check_interval={interval}"] if isinstance(interval, (int, float)) and interval <= 0 else []
+        if wrong:  # Lightning divides by some of them at fit time, after the run folder is touched
+            raise ValueError(f"trainer: {', '.join(wrong)} is out of range (see `distill fit --trainer.help Trainer`)")
         super().__init__(
             limit_train_batches=limit_train_batches,
             limit_val_batches=limit_val_batches,
@@ -130,11 +139,17 @@ class DistillCLI(LightningCLI):
         self._given_student = given.get("model", Namespace()).get("student")
         self._checkpoint = None
         ckpt_path = config.get("ckpt_path")
-        if ckpt_path is not None and str(ckpt_path) not in ("last", "best", "hpc", "registry"):
+        if ckpt_path is not None and str(ckpt_path) not in ("last", "best", "hpc") and "://" not in str(ckpt_path):
             source = f"--ckpt_path {str(ckpt_path)!r}"
-            self._checkpoint = (source, read_checkpoint(ckpt_path))
-            if subcommand == "fit":
-                check_resume_settings(self._checkpoint[1], config.model, source)
+            checkpoint = read_checkpoint(ckpt_path)
+            if "pytorch-lightning_version" not in checkpoint:
+                raise ValueError(
+                    f"{source} holds a student's weights, not a checkpoint written by `distill fit` (no training "
+                    f"state): to train from its weights, set model.student to students.load_student with init_args "
+                    f"{{path: {ckpt_path}, train: true}}; to deploy it, use `distill export`"
+                )
+            self._checkpoint = (source, checkpoint)
+            self._settings = config.model.as_dict() if subcommand == "fit" else None  # before its hparams merge in
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         """Check the run before the Trainer, its logger and its callbacks exist, then build them.
@@ -160,8 +175,17 @@ class DistillCLI(LightningCLI):
                 self.datamodule.prepare_data()
                 self.datamodule.setup(self.subcommand or "fit")
             self.model.check_data(self.datamodule)
+            if self.datamodule is not None and hasattr(self.datamodule, "input_size"):
+                x = torch.zeros(1, self.datamodule.in_chans, *self.datamodule.input_size)
+                trainer_config = self._get(self.config_init, "trainer", default={}) or {}
+                for callback in trainer_config.get("callbacks") or []:
+                    if callable(getattr(callback, "check", None)):  # e.g. ChannelPruning: layers, target
+                        callback.check(self.model.student, x)
         if self._checkpoint is not None:
-            self.model.check_checkpoint(self._checkpoint[1], self._checkpoint[0])
+            source, checkpoint = self._checkpoint
+            self.model.check_checkpoint(checkpoint, source)  # the architecture first: the bigger difference
+            if self._settings is not None:
+                check_resume_settings(checkpoint, self._settings, source)
 
     def _check_links(self) -> None:
         """Refuse a student ``num_classes``/``in_chans`` given against the data: the link would override it."""
@@ -289,7 +313,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 raise
         else:
             DistillCLI(args=None if argv is None else args)  # None: LightningCLI reads sys.argv itself
-    except (ValueError, OSError, IncompleteRun) as err:
+    except (ValueError, OSError, IncompleteRun, MisconfigurationException) as err:
         if os.environ.get("DISTILL_DEBUG"):
             raise
         status = getattr(err, "exit_status", 2)

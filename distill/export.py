@@ -9,6 +9,7 @@ format LibTorch C++ loads) is reloaded and compared the same way. Needs the ``on
 
 from __future__ import annotations
 
+import contextlib
 import math
 import tempfile
 from pathlib import Path
@@ -126,6 +127,10 @@ def export(
         shape = [in_chans, input_size, input_size]
     if shape is None:
         raise ValueError(f"{checkpoint} records no input size: pass input_size (e.g. 28 for Fashion-MNIST)")
+    if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(n, int) and n > 0 for n in shape)):
+        raise ValueError(
+            f"{checkpoint} records the input shape {shape!r}, not [channels, height, width]: pass input_size"
+        )
     example = torch.zeros(1, *shape)
     try:
         with torch.no_grad(), eval_mode(model):
@@ -135,11 +140,18 @@ def export(
             f"The student cannot run on {tuple(shape)} inputs ({str(err).splitlines()[0]}). Give an input_size it "
             f"accepts (it was trained on {checkpoint_data.get('input_shape', 'an unrecorded size')})."
         ) from None
+    created = sorted({p for out in outputs.values() for p in out.resolve().parents if not p.exists()}, reverse=True)
     diffs = {}
-    if "onnx" in outputs:
-        diffs["onnx"] = export_onnx(model, example, outputs["onnx"], atol)
-    if "torchscript" in outputs:
-        diffs["torchscript"] = export_torchscript(model, example, outputs["torchscript"], atol)
+    try:
+        if "onnx" in outputs:
+            diffs["onnx"] = export_onnx(model, example, outputs["onnx"], atol)
+        if "torchscript" in outputs:
+            diffs["torchscript"] = export_torchscript(model, example, outputs["torchscript"], atol)
+    except BaseException:
+        for folder in created:  # deepest first: a failed export leaves no folder it made
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
     for fmt, diff in diffs.items():
         print(f"{fmt}: {outputs[fmt]} (max |difference| from PyTorch: {diff:.2e})")
     return diffs

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from pytorch_lightning import LightningModule
 from pytorch_lightning.trainer.states import TrainerFn
+from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
@@ -24,7 +25,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from distill.losses import KDLoss
 from distill.optim import OPTIMIZERS, SCHEDULES, build_optimizer, lr_factor, param_groups
 from distill.profile import eval_mode
-from students import build_student, describe_spec, extract_state_dict, is_pruned_from
+from students import build_student, describe_spec, extract_state_dict, is_pruned_from, recorded_spec
 from teachers import TeacherEnsemble, load_teacher
 
 __all__ = ["DistillModule", "check_resume_settings"]
@@ -196,12 +197,13 @@ class DistillModule(LightningModule):
         self.input_shape = [datamodule.in_chans, *datamodule.input_size]  # recorded in checkpoints, for export
         shape = (2, *self.input_shape)
         data_desc = f"{type(datamodule).__name__} ({datamodule.num_classes} classes, {datamodule.in_chans} channels)"
+        outputs = {}
         for role, model in (("student", self.student), ("teacher", self.teacher)):
             if model is None:
                 continue
             try:
                 with torch.no_grad(), eval_mode(model):
-                    out = model(torch.zeros(shape, device=_device_of(model)))
+                    out = outputs[role] = model(torch.zeros(shape, device=_device_of(model)))
             except RuntimeError as err:
                 raise ValueError(
                     f"The {role} cannot process a {tuple(shape)} batch from {data_desc}: {err}. "
@@ -216,6 +218,17 @@ class DistillModule(LightningModule):
                 raise ValueError(
                     f"The {role} predicts {out.shape[-1]} classes but {data_desc} has {datamodule.num_classes}. {fix}"
                 )
+        target = torch.zeros(len(outputs["student"]), dtype=torch.long, device=outputs["student"].device)
+        try:
+            terms = self.loss(outputs["student"], outputs.get("teacher"), target)
+            ok = isinstance(terms, dict) and isinstance(terms.get("loss"), torch.Tensor)
+        except (TypeError, RuntimeError) as err:
+            ok, terms = False, err
+        if not ok:
+            raise ValueError(
+                f"model.loss {type(self.loss).__name__} must be called as loss(student_logits, teacher_logits, "
+                f"target) and return a dict with 'loss', as distill.KDLoss does; got {str(terms).splitlines()[0]}"
+            )
         return datamodule.num_classes
 
     # --------------------------------------------------------------- training
@@ -297,10 +310,13 @@ class DistillModule(LightningModule):
         optimizer = build_optimizer(param_groups(self.student, hp.weight_decay), hp.optimizer, hp.lr, hp.momentum)
         total = max(1, int(self.trainer.estimated_stepping_batches))
         per_epoch = total / max(1, self.trainer.max_epochs or 1)
+        warmup = hp.warmup_epochs * per_epoch
+        if warmup > total:
+            rank_zero_warn(f"warmup_epochs={hp.warmup_epochs} is longer than the run: the lr never reaches its peak")
         schedule = partial(
             lr_factor,
             total_steps=total,
-            warmup_steps=int(hp.warmup_epochs * per_epoch),
+            warmup_steps=min(total, int(warmup)) if warmup < math.inf else total,
             schedule=hp.scheduler,
             min_ratio=hp.min_lr_ratio,
         )
@@ -317,7 +333,7 @@ class DistillModule(LightningModule):
 
         Loading it would silently replace the student (``on_load_checkpoint`` rebuilds the recorded one).
         """
-        spec = (checkpoint.get("hyper_parameters") or {}).get("student_spec")
+        spec = recorded_spec(checkpoint, source)
         own = self._built_spec
         if spec is not None and own is not None and not is_pruned_from(spec, own):
             raise ValueError(
@@ -346,7 +362,7 @@ class DistillModule(LightningModule):
             self.check_checkpoint(checkpoint, "The checkpoint")
         if fitting:
             check_resume_settings(checkpoint, self.hparams, "The checkpoint")
-        spec = checkpoint.get("hyper_parameters", {}).get("student_spec")
+        spec = recorded_spec(checkpoint)
         if spec is not None and (spec.get("pruned") or spec != getattr(self.student, "model_spec", None)):
             student = build_student(spec, extract_state_dict(checkpoint))
             self.student = student.to(_device_of(self.student))

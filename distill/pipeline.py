@@ -28,6 +28,7 @@ from typing import Any
 import torch
 import yaml
 
+from distill.module import DistillModule
 from distill.profile import count_macs, count_params, measure_latency
 from distill.recipes import (
     changed_settings,
@@ -119,14 +120,19 @@ def prune_distill(
     """
     settings = dict(locals())  # the arguments: a run directory resumes only with the same ones
     check_options(target_params, target_macs, importance, schedule, ratio, rounds, max_rounds, epochs_per_round,
-                  final_epochs)  # fmt: skip
+                  final_epochs, initial_epochs, slimming_epochs, slimming_lambda, finetune_lr, min_fraction, round_to,
+                  seed)  # fmt: skip
     # Every check runs before the run directory is touched: a refused run writes nothing and locks nothing.
     base = merge(load_recipe(recipe), overrides)
     check_teacher(base, recipe)
     if student_checkpoint is not None and not Path(student_checkpoint).is_file():
         raise FileNotFoundError(f"Student checkpoint {student_checkpoint!r} does not exist. Fix the path, or omit it.")
     model, data = check_recipe(base)
-    start = load_student(student_checkpoint) if student_checkpoint is not None else model.student
+    if student_checkpoint is not None:
+        start = load_student(student_checkpoint)
+        DistillModule(start).check_data(data)  # its classes and input channels fit the data
+    else:
+        start = model.student
     del model  # the teacher it holds is loaded again by each phase
     x = torch.zeros(1, data.in_chans, *data.input_size)
     ignored = list(ignored_layers or [])
@@ -194,22 +200,48 @@ def check_options(
     max_rounds: int = 50,
     epochs_per_round: int = 3,
     final_epochs: int = 10,
+    initial_epochs: int | None = None,
+    slimming_epochs: int = 0,
+    slimming_lambda: float = 1e-4,
+    finetune_lr: float | None = None,
+    min_fraction: float = 0.1,
+    round_to: int = 1,
+    seed: int = 0,
 ) -> None:
-    """Refuse options of :func:`prune_distill` that are wrong on their own (jobs check them before training)."""
+    """Refuse options of :func:`prune_distill` that are wrong on their own, before any phase starts.
+
+    Each of them reaches a later phase's config; refused there, it would have stopped a run half-way.
+    """
     from distill.pruning import CRITERIA
 
     if (target_params is None) == (target_macs is None):
         raise ValueError("give exactly one of target_params or target_macs")
     if schedule not in SCHEDULES:
         raise ValueError(f"Unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
-    if not 0.0 < ratio < 1.0 or rounds < 1 or max_rounds < 1 or epochs_per_round < 1 or final_epochs < 0:
-        raise ValueError(
-            "need 0 < ratio < 1, rounds >= 1, max_rounds >= 1, epochs_per_round >= 1 and final_epochs >= 0; got "
-            f"ratio={ratio}, rounds={rounds}, max_rounds={max_rounds}, epochs_per_round={epochs_per_round}, "
-            f"final_epochs={final_epochs}"
-        )
     if importance not in CRITERIA:
         raise ValueError(f"Unknown importance criterion {importance!r}; choose one of {', '.join(CRITERIA)}")
+    rules = {
+        "0 < ratio < 1": 0 < ratio < 1,
+        "rounds >= 1": rounds >= 1,
+        "max_rounds >= 1": max_rounds >= 1,
+        "epochs_per_round >= 1": epochs_per_round >= 1,
+        "final_epochs >= 0": final_epochs >= 0,
+        "initial_epochs >= 1": initial_epochs is None or initial_epochs >= 1,
+        "slimming_epochs >= 0": slimming_epochs >= 0,
+        "finite slimming_lambda >= 0": 0 <= slimming_lambda < math.inf,
+        "finite finetune_lr > 0": finetune_lr is None or 0 < finetune_lr < math.inf,
+        "0 <= min_fraction < 1": 0 <= min_fraction < 1,
+        "round_to >= 1": round_to >= 1,
+        "0 <= seed < 2**31": 0 <= seed < 2**31,  # phases are seeded seed + k (the baseline seed + 1000)
+    }
+    broken = [rule for rule, holds in rules.items() if not holds]
+    if broken:
+        given = dict(ratio=ratio, rounds=rounds, max_rounds=max_rounds, epochs_per_round=epochs_per_round,
+                     final_epochs=final_epochs, initial_epochs=initial_epochs, slimming_epochs=slimming_epochs,
+                     slimming_lambda=slimming_lambda, finetune_lr=finetune_lr, min_fraction=min_fraction,
+                     round_to=round_to, seed=seed)  # fmt: skip
+        names = [name for name in given if any(name in rule for rule in broken)]
+        raise ValueError(f"need {', '.join(broken)}; got {', '.join(f'{n}={given[n]}' for n in names)}")
 
 
 def check_reachable(
@@ -292,25 +324,33 @@ class _Job:
     def remember_settings(self, settings: dict[str, Any], inputs: dict[str, Any]) -> None:
         """Record the run's settings and inputs (the recipe's content, the files it reads); refuse other ones.
 
-        A run recorded before inputs were (an older version) resumes, and records them from now on.
+        Only a run that trained something is held to its settings: a run that stopped before its first
+        phase ended (bad input found late, a crash) starts again with the new ones. A run recorded before
+        inputs were (an older version) resumes, and records them from now on.
         """
         settings = json.loads(json.dumps(settings, default=str))
-        changed = changed_settings(self.state.get("settings", settings), settings)  # a new run: nothing to compare
-        if changed:  # an option added since the run started reads as None there
+
+        def compared(values: dict[str, Any]) -> dict[str, Any]:  # paths: their contents are compared instead
+            return {k: v for k, v in values.items() if k not in ("run_dir", "recipe", "student_checkpoint")}
+
+        changed = changed_settings(compared(self.state.get("settings", settings)), compared(settings))
+        recorded = self.state.get("inputs", inputs)
+        moved = ["the content of the recipe"] if recorded["recipe"] != inputs["recipe"] else []
+        if sorted(recorded["inputs"].values()) != sorted(inputs["inputs"].values()):
+            moved.append(f"a file it reads ({', '.join(inputs['inputs'])})")
+        trained = any(key != "start" for key in self.state["phases"])  # "start" only copies student_checkpoint
+        if trained and changed:  # an option added since the run started reads as None there
             raise ValueError(
                 f"{self.out} holds a prune-distill run with other settings ({', '.join(changed)} changed). "
                 f"Use a new run_dir, or rerun with the original settings to resume it."
             )
-        recorded = self.state.get("inputs", inputs)
-        if recorded["recipe"] != inputs["recipe"]:
-            changed.append(f"the content of the recipe {settings['recipe']}")
-        changed += [f"the file {f}" for f in sorted(recorded["inputs"].keys() | inputs["inputs"].keys())
-                    if recorded["inputs"].get(f) != inputs["inputs"].get(f)]  # fmt: skip
-        if changed:
+        if trained and moved:
             raise ValueError(
-                f"{self.out} holds a prune-distill run of other inputs ({', '.join(changed)} changed since it "
+                f"{self.out} holds a prune-distill run of other inputs ({', '.join(moved)} changed since it "
                 f"started): resuming would mix them in one run. Use a new run_dir, or restore the original inputs."
             )
+        if changed or moved:
+            self.state = {"phases": {}}  # nothing trained yet: start afresh with these settings
         self.state["settings"], self.state["inputs"] = settings, inputs
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "prune_distill.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))

@@ -26,7 +26,15 @@ from typing import Any
 import torch
 
 from distill.pipeline import check_options, check_reachable, prune_distill
-from distill.recipes import changed_settings, check_recipe, file_digest, fit_recipe, load_recipe, relocate
+from distill.recipes import (
+    changed_settings,
+    check_recipe,
+    check_sections,
+    file_digest,
+    fit_recipe,
+    load_recipe,
+    relocate,
+)
 from distill.report import atomic_write
 from students import UNSCALED_LAYERS
 
@@ -104,8 +112,17 @@ def quickstart(
         "accelerator": accelerator,
         "data_root": data_root,
     }
-    teacher_cfg = _resize(load_recipe(teacher_config), out / "teacher", epochs=teacher_epochs, **common)
-    teacher_cfg["model"]["student"]["init_args"].update(name=teacher_model, small_input=teacher_small_input)
+    teacher_cfg = load_recipe(teacher_config)
+    check_sections(teacher_cfg, teacher_config)
+    if "create_timm_model" not in str(teacher_cfg["model"].get("student", {}).get("class_path", "")):
+        raise ValueError(
+            f"{teacher_config} must train a timm teacher (model.student: students.create_timm_model), as "
+            f"configs/fmnist/teacher.yaml does: teacher_model and teacher_small_input are set in it"
+        )
+    teacher_cfg = _resize(teacher_cfg, out / "teacher", epochs=teacher_epochs, **common)
+    teacher_cfg["model"]["student"].setdefault("init_args", {}).update(
+        name=teacher_model, small_input=teacher_small_input
+    )
     student_cfg = _resize(load_recipe(kd_config), out / "student", epochs=student_epochs, **common)
     student_cfg["model"].pop("teacher", None)  # the teacher trained below
     model, data = check_recipe(student_cfg)  # before anything trains: the student, the data, the target

@@ -25,6 +25,7 @@ __all__ = [
     "IncompleteRun",
     "changed_settings",
     "check_recipe",
+    "check_sections",
     "check_teacher",
     "file_digest",
     "fingerprint",
@@ -84,7 +85,8 @@ def relocate(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
 
 def check_teacher(cfg: dict[str, Any], recipe: str) -> None:
     """Fail before any training if the recipe has no teacher or its checkpoint file is missing."""
-    teacher = cfg.get("model", {}).get("teacher")
+    check_sections(cfg, recipe)
+    teacher = cfg["model"].get("teacher")
     if not teacher:
         raise ValueError(f"The job distills from a teacher, but {recipe} sets no model.teacher.")
     missing = [path for path in _inputs(teacher) if not Path(path).is_file()]
@@ -95,24 +97,36 @@ def check_teacher(cfg: dict[str, Any], recipe: str) -> None:
         )
 
 
+def check_sections(cfg: dict[str, Any], recipe: str) -> None:
+    """Refuse a recipe (after its overrides) whose ``trainer``, ``model`` or ``data`` is not a mapping."""
+    for section in ("trainer", "model", "data"):
+        if not isinstance(cfg.get(section), dict):
+            raise ValueError(
+                f"{recipe} (with its overrides) needs {section!r} as a mapping of settings, got "
+                f"{cfg.get(section)!r}: see configs/fmnist/kd.yaml"
+            )
+
+
 def check_recipe(cfg: dict[str, Any]) -> tuple[Any, Any]:
     """Build a recipe's model and datamodule and check them against each other, as ``distill fit`` would.
 
     Jobs call it before they create a run folder or a study, so that a recipe ``distill fit`` would refuse
-    (a teacher that does not load or does not fit the data, a bad data setting) writes nothing.
+    (a teacher that does not load or does not fit the data, a bad data or Trainer setting) writes nothing.
 
     Returns:
         The ``DistillModule`` and the datamodule, set up for fitting.
     """
     from distill.cli import DistillCLI
 
-    class _Check(DistillCLI):
-        def instantiate_trainer(self, **kwargs: Any) -> None:
-            self.check_run()
-
     with warnings.catch_warnings():  # the job's own argv is in sys.argv; the config given here is the recipe
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        cli = _Check(args=copy.deepcopy(cfg), run=False)
+        cli = DistillCLI(args=copy.deepcopy(cfg), run=False)  # checks data and models, builds the Trainer
+    best = cli.trainer.checkpoint_callback
+    if best is None or best.monitor is None or cli.trainer.limit_val_batches == 0:
+        raise ValueError(
+            "a job chooses each run's best checkpoint on the validation split: its recipe needs validation batches "
+            "and a ModelCheckpoint with a monitor (e.g. val/acc) in trainer.callbacks, as configs/fmnist/kd.yaml has"
+        )
     return cli.model, cli.datamodule
 
 

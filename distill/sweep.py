@@ -45,6 +45,7 @@ from distill.recipes import (
     FitResult,
     IncompleteRun,
     check_recipe,
+    check_sections,
     check_teacher,
     fit_recipe,
     input_digests,
@@ -112,9 +113,15 @@ def sweep(
     """
     import optuna
 
-    space = _grid(temperatures, alphas, seeds, recipe, overrides)
-    out = Path(run_dir).resolve()
     base = merge(load_recipe(recipe), overrides)
+    check_sections(base, recipe)
+    space = _grid(temperatures, alphas, seeds, base)
+    if heartbeat_interval < 1 or (max_trials is not None and max_trials < 1) or not study_name:
+        raise ValueError(
+            f"need heartbeat_interval >= 1 second, max_trials >= 1 (or unset) and a study_name; got "
+            f"heartbeat_interval={heartbeat_interval}, max_trials={max_trials}, study_name={study_name!r}"
+        )
+    out = Path(run_dir).resolve()
     check_teacher(base, recipe)
     check_recipe(base)  # the teacher loads and fits the data: no trial will fail on it
     url = storage or f"sqlite:///{out / 'sweep.db'}"
@@ -172,17 +179,14 @@ def sweep(
 
 # ---------------------------------------------------------------------------- input checks
 def _grid(
-    temperatures: list[float] | None,
-    alphas: list[float] | None,
-    seeds: list[int] | None,
-    recipe: str,
-    overrides: dict[str, Any] | None,
+    temperatures: list[float] | None, alphas: list[float] | None, seeds: list[int] | None, cfg: dict[str, Any]
 ) -> dict[str, list]:
     if temperatures is None:
         temperatures = [1.0, 2.0, 4.0, 8.0, 16.0, 20.0]
     if alphas is None:
-        loss = merge(load_recipe(recipe), overrides).get("model", {}).get("loss") or {}
-        alphas = [float(loss.get("init_args", {}).get("alpha", 0.9))]
+        loss = cfg["model"].get("loss")
+        init_args = loss.get("init_args") if isinstance(loss, dict) else None
+        alphas = [float(init_args.get("alpha", 0.9)) if isinstance(init_args, dict) else 0.9]
     seeds = [0] if seeds is None else seeds
     for name, values in (("temperatures", temperatures), ("alphas", alphas), ("seeds", seeds)):
         if len(values) == 0:
@@ -205,8 +209,11 @@ def _storage(url: str, heartbeat_interval: int) -> Any:
     import optuna
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
-    if heartbeat_interval < 1:
-        raise ValueError(f"heartbeat_interval must be >= 1 second, got {heartbeat_interval}")
+    path = Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else None
+    if path is not None and path.exists() and not _sqlite_file(path):  # checked before its lock file is made
+        raise ValueError(
+            f"The sweep storage {url!r} names {path}, which is not an SQLite database: choose another file"
+        )
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     with _creation_lock(url):  # workers started together would race to create the tables
         for attempt in range(5):
@@ -235,6 +242,14 @@ def _storage(url: str, heartbeat_interval: int) -> Any:
     raise AssertionError("unreachable")
 
 
+def _sqlite_file(path: Path) -> bool:
+    """An SQLite database, or an empty file that SQLite makes one of."""
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return f.read(16) in (b"", b"SQLite format 3\0")
+
+
 @contextlib.contextmanager
 def _creation_lock(url: str) -> Iterator[None]:
     """An exclusive file lock beside an SQLite storage file (workers on one machine); nothing otherwise."""
@@ -252,6 +267,7 @@ def _creation_lock(url: str) -> Iterator[None]:
 
 def _study(rdb: Any, url: str, name: str, space: dict[str, list], cfg: dict[str, Any]) -> Any:
     import optuna
+    from optuna.trial import TrialState
 
     study = optuna.create_study(
         study_name=name,
@@ -265,9 +281,11 @@ def _study(rdb: Any, url: str, name: str, space: dict[str, list], cfg: dict[str,
         "recipe": json.dumps(cfg, sort_keys=True, default=str),
         "inputs": input_digests(cfg),  # the teacher checkpoint's bytes: a retrained teacher is another sweep
     }
+    # A study where nothing finished or runs (every trial failed: bad input found late) takes the new settings.
+    started = any(t.state in (TrialState.COMPLETE, TrialState.RUNNING) for t in study.get_trials(deepcopy=False))
     for key, value in fingerprint.items():
         stored = study.user_attrs.get(key)
-        if stored is None:
+        if stored is None or (stored != value and not started):
             study.set_user_attr(key, value)
         elif stored != value:
             changed = ", ".join(k for k in value if stored.get(k) != value[k]) if key == "inputs" else ""

@@ -9,6 +9,7 @@ from students.checkpoint import (
     load_weights,
     mark_pruned,
     read_checkpoint,
+    recorded_spec,
     resize_to_state_dict,
     save_student,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "mark_pruned",
     "model_spec",
     "read_checkpoint",
+    "recorded_spec",
     "register_student",
     "resize_to_state_dict",
     "save_student",

@@ -25,6 +25,7 @@ __all__ = [
     "load_student",
     "load_weights",
     "read_checkpoint",
+    "recorded_spec",
 ]
 
 #: Key prefix of the student's weights inside a ``DistillModule`` checkpoint.
@@ -65,6 +66,22 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             )
         return dict(obj)
     raise ValueError(f"Checkpoint {str(path)!r} is not a readable torch file (truncated, corrupt, or another format).")
+
+
+def recorded_spec(checkpoint: Mapping[str, Any], source: str = "The checkpoint") -> dict[str, Any] | None:
+    """The student architecture a checkpoint records (``hyper_parameters.student_spec``), or ``None``.
+
+    Refuses a record that is not ``{"name": str, "kwargs": dict}`` (another program's file, or a crafted one).
+    """
+    hyper_parameters = checkpoint.get("hyper_parameters")
+    spec = hyper_parameters.get("student_spec") if isinstance(hyper_parameters, Mapping) else None
+    if spec is None:
+        return None
+    if not (
+        isinstance(spec, Mapping) and isinstance(spec.get("name"), str) and isinstance(spec.get("kwargs"), Mapping)
+    ):
+        raise ValueError(f"{source} records a student_spec that is not {{name, kwargs}}: {str(spec)[:80]!r}")
+    return dict(spec)
 
 
 def extract_state_dict(checkpoint: Mapping[str, Any], prefix: str = STUDENT_PREFIX) -> dict[str, torch.Tensor]:
@@ -115,9 +132,8 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], sourc
             return ", ".join(keys[:8]) + (f", ... ({len(keys)} in all)" if len(keys) > 8 else "") or "none"
 
         raise ValueError(
-            f"The weights in {source} do not fit the architecture {arch}.\n"
-            f"  missing keys: {show(missing)}\n  unexpected keys: {show(unexpected)}\n"
-            f"  shape mismatches: {show(mis_shaped)}\n"
+            f"The weights in {source} do not fit the architecture {arch}: missing keys: {show(missing)}; "
+            f"unexpected keys: {show(unexpected)}; shape mismatches: {show(mis_shaped)}. "
             f"Build the same architecture that was trained (name, num_classes, in_chans, small_input, ...)."
         )
     model.load_state_dict(state_dict)
@@ -184,7 +200,10 @@ def build_student(spec: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor
 
     A pruned non-StudentNet model is resized to the shapes in ``state_dict`` when one is given.
     """
-    model = create_student(spec["name"], **spec["kwargs"])
+    try:
+        model = create_student(spec["name"], **spec["kwargs"])
+    except TypeError as err:  # a spec from another version, or crafted
+        raise ValueError(f"the recorded architecture {describe_spec(spec)} cannot be built: {err}") from None
     if spec.get("pruned"):
         mark_pruned(model)
         if state_dict is not None:
@@ -214,7 +233,7 @@ def load_student(path: str | Path, train: bool = False) -> nn.Module:
     train mode with ``train=True`` (to train it further, e.g. as ``model.student`` in a recipe).
     """
     checkpoint = read_checkpoint(path)
-    spec = checkpoint.get("hyper_parameters", {}).get("student_spec")
+    spec = recorded_spec(checkpoint, f"Checkpoint {str(path)!r}")
     if spec is None:
         raise ValueError(
             f"Checkpoint {str(path)!r} records no student_spec, so the architecture is unknown. It was not "

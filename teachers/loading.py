@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from students import build_student, create_timm_model
-from students.checkpoint import describe_spec, extract_state_dict, load_weights, read_checkpoint
+from students.checkpoint import describe_spec, extract_state_dict, load_weights, read_checkpoint, recorded_spec
 from teachers.frozen import FrozenTeacher
 
 __all__ = ["load_teacher"]
@@ -39,7 +39,7 @@ def load_teacher(
     if name is None and checkpoint is None:
         raise ValueError("load_teacher needs a model name, a checkpoint, or both")
     state = read_checkpoint(checkpoint) if checkpoint is not None else None
-    spec = (state or {}).get("hyper_parameters", {}).get("student_spec")
+    spec = recorded_spec(state, f"Checkpoint {str(checkpoint)!r}") if state is not None else None
     if spec is not None:
         _check_against_spec(spec, checkpoint, name=name, num_classes=num_classes, in_chans=in_chans)
         model = build_student(spec, extract_state_dict(state))

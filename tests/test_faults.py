@@ -67,6 +67,14 @@ FAULTS = [
     Fault("KD alpha outside [0, 1]", (*FIT, "--model.loss.init_args.alpha", "1.5"), "alpha must be in [0, 1]"),
     Fault("student in_chans against the data", (*FIT, "--model.student.init_args.in_chans", "3"), "contradicts"),
     # ---- distill fit: data
+    Fault("trainer setting Lightning refuses", (*FIT, "--trainer.gradient_clip_algorithm", "bogus"), "bogus"),
+    Fault("validation every 0 epochs", (*FIT, "--trainer.check_val_every_n_epoch", "0"), "check_val_every_n_epoch=0"),
+    Fault("gradients accumulated over 0 batches", (*FIT, "--trainer.accumulate_grad_batches", "0"), "accumulate"),
+    Fault("a loss of another signature", (*FIT, "--model.loss", "torch.nn.CrossEntropyLoss"), "must be called as"),
+    Fault("pruning callback, unknown layer", ("fit", "--config", "{inputs}/prune_layer.yaml"), "names no layer"),
+    Fault("pruning callback, unreachable target", ("fit", "--config", "{inputs}/prune_target.yaml"), "cannot be met"),
+    Fault("logit cache folder is a file", ("fit", "--config", "{inputs}/cache_file.yaml"), "is a file, not a folder"),
+    Fault("negative DataLoader workers", (*FIT, "--data.init_args.num_workers", "-1"), "num_workers must be >= 0"),
     Fault("val_size 1.5", (*FIT, "--data.init_args.val_size", "1.5"), "val_size must be a number of images"),
     Fault("val_size larger than the data", (*FIT, "--data.init_args.val_size", "70000"), "leaves no training"),
     Fault(
@@ -93,6 +101,12 @@ FAULTS = [
     Fault("resume from a malicious pickle", (*FIT, "--ckpt_path", "{inputs}/evil.ckpt"), "refused as unsafe"),
     Fault("resume another architecture", (*FIT, "--ckpt_path", "{inputs}/resnet.ckpt"), "holds the student timm/"),
     Fault("resume with another lr", (*FIT, "--ckpt_path", "{runs}/fit/last.ckpt", "--model.lr", "0.5"), "lr=0.5"),
+    Fault("resume from a student file", (*FIT, "--ckpt_path", "{runs}/prune/best_student.ckpt"), "student's weights"),
+    Fault(
+        "test a student file",
+        ("test", "--config", "{recipe}", "--ckpt_path", "{runs}/prune/best_student.ckpt"),
+        "not a checkpoint written by `distill fit`",
+    ),
     Fault("test another architecture", ("test", "--config", "{recipe}", "--ckpt_path", "{inputs}/resnet.ckpt"), "timm"),
     Fault(
         "validate with val_size 1.5", ("validate", "--config", "{recipe}", "--data.init_args.val_size", "1.5"), "1.5"
@@ -131,6 +145,43 @@ FAULTS = [
         ),
         "Cannot open the sweep storage",
     ),
+    Fault(
+        "sweep overrides break the Trainer",
+        (
+            "sweep",
+            "--recipe",
+            "{recipe}",
+            "--run_dir",
+            "{runs}/new",
+            "--overrides",
+            "{{trainer: {{gradient_clip_algorithm: bogus}}}}",
+        ),
+        "bogus",
+    ),
+    Fault(
+        "sweep without validation",
+        (
+            "sweep",
+            "--recipe",
+            "{recipe}",
+            "--run_dir",
+            "{runs}/new",
+            "--overrides",
+            "{{trainer: {{limit_val_batches: 0}}}}",
+        ),
+        "chooses each run's best checkpoint",
+    ),
+    Fault(
+        "sweep overrides model: 5",
+        ("sweep", "--recipe", "{recipe}", "--run_dir", "{runs}/new", "--overrides", "{{model: 5}}"),
+        "needs 'model' as a mapping",
+    ),
+    Fault(
+        "sweep storage not SQLite",
+        ("sweep", "--recipe", "{recipe}", "--run_dir", "{runs}/new", "--storage", "sqlite:///{runs}/fit/best.ckpt"),
+        "not an SQLite database",
+    ),
+    Fault("sweep max_trials 0", (*SWEEP, "--temperatures", "[2]", "--max_trials", "0"), "max_trials >= 1"),
     Fault("sweep heartbeat 0", (*SWEEP, "--temperatures", "[2]", "--heartbeat_interval", "0"), "heartbeat_interval"),
     # ---- distill prune-distill
     Fault("prune target above the student", (*PRUNE[:4], "10000000", *PRUNE[5:]), "is not below the student's"),
@@ -140,6 +191,19 @@ FAULTS = [
     Fault("prune two targets", (*PRUNE, "--target_macs", "1000"), "exactly one of target_params or target_macs"),
     Fault("prune ratio 1.5", (*PRUNE, "--ratio", "1.5"), "need 0 < ratio < 1"),
     Fault("prune too few rounds", (*PRUNE, "--schedule", "fixed", "--max_rounds", "2"), "needs at least"),
+    Fault(
+        "prune fine-tune lr -1",
+        (*PRUNE[:-1], "{runs}/new", "--lr_rewinding", "false", "--finetune_lr", "-1"),
+        "finite finetune_lr > 0",
+    ),
+    Fault("prune seed -1", (*PRUNE[:-1], "{runs}/new", "--seed", "-1"), "0 <= seed < 2**31"),
+    Fault("prune round_to 0", (*PRUNE[:-1], "{runs}/new", "--round_to", "0"), "round_to >= 1"),
+    Fault("prune min_fraction -1", (*PRUNE[:-1], "{runs}/new", "--min_fraction", "-1"), "0 <= min_fraction < 1"),
+    Fault(
+        "prune start of 5 classes",
+        (*PRUNE[:-1], "{runs}/new", "--student_checkpoint", "{inputs}/classes5.ckpt"),
+        "predicts 5 classes",
+    ),
     Fault("prune unknown layer", (*PRUNE, "--ignored_layers", "[cnn.9]"), "ignored_layers names no layer"),
     Fault("prune start missing", (*PRUNE, "--student_checkpoint", "{inputs}/no.ckpt"), "does not exist"),
     Fault("prune start a text file", (*PRUNE, "--student_checkpoint", "{inputs}/text.ckpt"), "not a readable"),
@@ -184,12 +248,46 @@ FAULTS = [
         "records no student_spec",
     ),
     # ---- distill quickstart: refused before the teacher trains
+    Fault(
+        "export a crafted spec",
+        ("export", "{inputs}/spec_str.ckpt", "--onnx", "{runs}/export/student.onnx"),
+        "not {name, kwargs}",
+    ),
+    Fault(
+        "export a spec with unknown arguments",
+        ("export", "{inputs}/spec_kwargs.ckpt", "--onnx", "{runs}/export/student.onnx"),
+        "cannot be built",
+    ),
+    Fault(
+        "export a crafted input shape",
+        ("export", "{inputs}/shape.ckpt", "--onnx", "{runs}/export/student.onnx"),
+        "not [channels, height, width]",
+    ),
+    Fault(
+        "export into a new folder, check fails",
+        (
+            "export",
+            "{runs}/prune/best_student.ckpt",
+            "--onnx",
+            "{runs}/newdir/student.onnx",
+            "--torchscript",
+            "{runs}/newdir/x/student.pt",
+            "--atol",
+            "0",
+        ),
+        "differ",
+    ),
     Fault("quickstart 0 rounds", (*QUICK, "--prune_rounds", "0"), "rounds >= 1"),
     Fault("quickstart unknown criterion", (*QUICK, "--importance", "weights"), "Unknown importance criterion"),
     Fault(
         "quickstart unknown teacher",
         (*QUICK, "--teacher_model", "resnet9000"),
         "is not a timm model",
+    ),
+    Fault(
+        "quickstart teacher recipe without a student",
+        (*QUICK, "--teacher_config", "{inputs}/no_student.yaml"),
+        "must train a timm teacher",
     ),
     Fault("quickstart 0 teacher epochs", (*QUICK, "--teacher_epochs", "0"), "need teacher_epochs >= 1"),
     Fault("quickstart target above the student", (*QUICK, "--target_params", "10000000"), "is not below the student"),
@@ -241,9 +339,33 @@ def earlier_runs(root: Path) -> dict[str, str]:
     torch.save({"state_dict": {}, "payload": RunsCode(str(inputs / "code_ran"))}, inputs / "evil.ckpt")
     save_student(StudentNet(base=2, num_classes=5, in_chans=1, num_pools=3), inputs / "classes5.ckpt")
     save_student(StudentNet(base=2, num_classes=10, in_chans=3, num_pools=3), inputs / "rgb.ckpt")
-    resnet = create_student("timm/test_resnet", num_classes=10, in_chans=1, small_input=True)
-    save_student(resnet, inputs / "resnet.ckpt")
+    resnet = DistillModule(create_student("timm/test_resnet", num_classes=10, in_chans=1, small_input=True))
+    trainer = tiny_trainer(inputs, limit_train_batches=1, limit_val_batches=0)
+    trainer.fit(resnet, datamodule=fmnist())
+    trainer.save_checkpoint(inputs / "resnet.ckpt")  # a training checkpoint of another architecture
     torch.save(StudentNet(base=2, num_classes=10, in_chans=1).state_dict(), inputs / "state_dict.pt")
+    student = StudentNet(base=2, num_classes=10, in_chans=1, num_pools=3)
+    spec = {"name": "studentnet", "kwargs": {"bogus": 1}}
+    torch.save({"hyper_parameters": {"student_spec": "x"}, "state_dict": {}}, inputs / "spec_str.ckpt")
+    torch.save({"hyper_parameters": {"student_spec": spec}, "state_dict": {}}, inputs / "spec_kwargs.ckpt")
+    save_student(student, inputs / "shape.ckpt", input_shape=["1", 28, -28])
+    for name, callback in {
+        "prune_layer": {
+            "class_path": "distill.pruning.ChannelPruning",
+            "init_args": {"schedule": {"ratio": 0.1}, "ignored_layers": ["cnn.9"]},
+        },
+        "prune_target": {
+            "class_path": "distill.pruning.ChannelPruning",
+            "init_args": {"schedule": {"target_params": 10}, "min_fraction": 0.5},
+        },
+        "cache_file": {"class_path": "distill.cache.TeacherLogitCache", "init_args": {"cache_dir": str(recipe)}},
+    }.items():
+        with_callback = yaml.safe_load(recipe.read_text())
+        with_callback["trainer"]["callbacks"].append(callback)
+        (inputs / f"{name}.yaml").write_text(yaml.safe_dump(with_callback))
+    no_student = yaml.safe_load((Path(__file__).parents[1] / "configs" / "fmnist" / "teacher.yaml").read_text())
+    del no_student["model"]["student"]
+    (inputs / "no_student.yaml").write_text(yaml.safe_dump(no_student))
     return {"inputs": str(inputs), "runs": str(runs), "recipe": str(recipe), "repo": str(Path(__file__).parents[1])}
 
 

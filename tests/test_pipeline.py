@@ -134,6 +134,24 @@ def test_missing_teacher_and_changed_settings(tmp_path: Path, small_teacher_chec
     assert prune_distill(**settings)[-1]["phase"] == "round"
 
 
+def test_a_run_holds_its_settings_once_it_trained_and_compares_contents_not_path_spellings(
+    tmp_path: Path, small_teacher_checkpoint: Path
+):
+    settings = options(tmp_path, small_teacher_checkpoint, rounds=1, final_epochs=0, baseline=False, export_onnx=False)
+    run = tmp_path / "run"
+    rows = prune_distill(**settings)
+    spelled = {"run_dir": os.path.relpath(run), "recipe": str(Path(os.path.relpath(settings["recipe"])))}
+    assert prune_distill(**{**settings, **spelled}) == rows  # the same run, its paths written another way
+
+    state = json.loads((run / "state.json").read_text())
+    state["phases"] = {}  # as a run killed (or refused late) before its first phase ended leaves it
+    (run / "state.json").write_text(json.dumps(state))
+    corrected = prune_distill(**{**settings, "epochs_per_round": 2})  # nothing trained: the new settings hold
+    assert [r["epochs"] for r in corrected if r["phase"] == "round"] == [2]
+    with pytest.raises(ValueError, match=r"other settings \(epochs_per_round changed\)"):
+        prune_distill(**settings)  # now it has trained: held to them
+
+
 def test_ignored_layers_keep_their_channels(tmp_path: Path, small_teacher_checkpoint: Path):
     settings = options(tmp_path, small_teacher_checkpoint, rounds=1, final_epochs=0, baseline=False, export_onnx=False)
     rows = prune_distill(**settings, ignored_layers=list(UNSCALED_LAYERS))

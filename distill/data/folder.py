@@ -60,6 +60,10 @@ class ImageFolderDataModule(LightningDataModule):
         from torchvision.datasets.folder import find_classes
 
         check_val_size(val_size)
+        if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1) or num_workers < 0:
+            raise ValueError(
+                f"need batch sizes >= 1 and num_workers >= 0, got {batch_size}, {eval_batch_size}, {num_workers}"
+            )
         self.root = Path(root).expanduser()
         train_path = self.root / train_dir
         if not train_path.is_dir():

@@ -223,6 +223,8 @@ class InMemoryDataModule(LightningDataModule):
         super().__init__()
         if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
             raise ValueError(f"batch sizes must be >= 1, got {batch_size} and {eval_batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0 (0: batches built in this process), got {num_workers}")
         check_val_size(val_size)
         if resize is not None and resize < 1:
             raise ValueError(f"resize must be a positive size in pixels, got {resize}")

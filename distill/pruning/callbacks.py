@@ -22,7 +22,7 @@ from torch import nn
 from distill.profile import count_macs, count_params
 from distill.pruning.importance import CRITERIA, Importance, resolve_importance
 from distill.pruning.schedule import PruningSchedule, PruningStep, ScheduleFn
-from distill.pruning.surgery import PruneReport, channel_groups, prune_student, select_channels
+from distill.pruning.surgery import PruneReport, channel_groups, check_target, prune_student, select_channels
 
 __all__ = ["ChannelPruning", "GroupLasso", "NetworkSlimming"]
 
@@ -64,8 +64,8 @@ class NetworkSlimming(Callback):
     def __init__(
         self, lambda_: float = 1e-4, threshold: float = 1e-2, start_epoch: int = 0, end_epoch: int | None = None
     ) -> None:
-        if lambda_ < 0 or threshold < 0:
-            raise ValueError(f"lambda_ and threshold must be >= 0, got {lambda_} and {threshold}")
+        if not (0 <= lambda_ < math.inf and 0 <= threshold < math.inf):
+            raise ValueError(f"lambda_ and threshold must be finite and >= 0, got {lambda_} and {threshold}")
         _check_window(start_epoch, end_epoch)
         self.lambda_ = lambda_
         self.threshold = threshold
@@ -121,9 +121,11 @@ class GroupLasso(Callback):
         start_epoch: int = 0,
         end_epoch: int | None = None,
     ) -> None:
-        if lambda_filter < 0 or lambda_channel < 0 or lambda_filter + lambda_channel == 0:
+        finite = all(0 <= v < math.inf for v in (lambda_filter, lambda_channel, threshold))
+        if not finite or lambda_filter + lambda_channel == 0:
             raise ValueError(
-                f"need lambda_filter, lambda_channel >= 0 and one of them > 0; got {lambda_filter}, {lambda_channel}"
+                f"need finite lambda_filter, lambda_channel, threshold >= 0 and a lambda > 0; got {lambda_filter}, "
+                f"{lambda_channel}, {threshold}"
             )
         _check_window(start_epoch, end_epoch)
         self.lambda_filter = lambda_filter
@@ -214,6 +216,22 @@ class ChannelPruning(Callback):
         self.reports: list[PruneReport] = []
 
     # -------------------------------------------------------------- helpers
+    def check(self, student: nn.Module, example_input: torch.Tensor) -> None:
+        """Refuse, before training, layer names the student lacks and a size target it cannot reach.
+
+        ``distill fit`` calls it before the Trainer exists; otherwise they would fail at fit start, or at the
+        first pruning step after an epoch of training.
+        """
+        groups = channel_groups(student, example_input, self.ignored_layers)
+        target_params = getattr(self.schedule, "target_params", None)  # a schedule may be any function of the epoch
+        target_macs = getattr(self.schedule, "target_macs", None)
+        if target_params is not None or target_macs is not None:
+            floors = {
+                name: max(self.min_channels, math.ceil(self.min_fraction * len(g[0][1]))) for name, g in groups.items()
+            }
+            check_target(student, example_input, target_params, target_macs, floors, round_to=self.round_to,
+                         ignored_layers=self.ignored_layers)  # fmt: skip
+
     @staticmethod
     def _example_input(trainer: pl.Trainer, student: nn.Module) -> torch.Tensor:
         device = next(student.parameters()).device
