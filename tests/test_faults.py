@@ -247,7 +247,6 @@ FAULTS = [
         ("export", "{inputs}/state_dict.pt", "--onnx", "{runs}/export/student.onnx"),
         "records no student_spec",
     ),
-    # ---- distill quickstart: refused before the teacher trains
     Fault(
         "export a crafted spec",
         ("export", "{inputs}/spec_str.ckpt", "--onnx", "{runs}/export/student.onnx"),
@@ -277,6 +276,7 @@ FAULTS = [
         ),
         "differ",
     ),
+    # ---- distill quickstart: refused before the teacher trains
     Fault("quickstart 0 rounds", (*QUICK, "--prune_rounds", "0"), "rounds >= 1"),
     Fault("quickstart unknown criterion", (*QUICK, "--importance", "weights"), "Unknown importance criterion"),
     Fault(
