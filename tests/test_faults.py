@@ -66,14 +66,15 @@ FAULTS = [
     Fault("KD temperature 0", (*FIT, "--model.loss.init_args.temperature", "0"), "temperature must be a finite"),
     Fault("KD alpha outside [0, 1]", (*FIT, "--model.loss.init_args.alpha", "1.5"), "alpha must be in [0, 1]"),
     Fault("student in_chans against the data", (*FIT, "--model.student.init_args.in_chans", "3"), "contradicts"),
-    # ---- distill fit: data
+    Fault("a loss of another signature", (*FIT, "--model.loss", "torch.nn.CrossEntropyLoss"), "must be called as"),
+    # ---- distill fit: the Trainer and callbacks
     Fault("trainer setting Lightning refuses", (*FIT, "--trainer.gradient_clip_algorithm", "bogus"), "bogus"),
     Fault("validation every 0 epochs", (*FIT, "--trainer.check_val_every_n_epoch", "0"), "check_val_every_n_epoch=0"),
     Fault("gradients accumulated over 0 batches", (*FIT, "--trainer.accumulate_grad_batches", "0"), "accumulate"),
-    Fault("a loss of another signature", (*FIT, "--model.loss", "torch.nn.CrossEntropyLoss"), "must be called as"),
     Fault("pruning callback, unknown layer", ("fit", "--config", "{inputs}/prune_layer.yaml"), "names no layer"),
     Fault("pruning callback, unreachable target", ("fit", "--config", "{inputs}/prune_target.yaml"), "cannot be met"),
     Fault("logit cache folder is a file", ("fit", "--config", "{inputs}/cache_file.yaml"), "is a file, not a folder"),
+    # ---- distill fit: data
     Fault("negative DataLoader workers", (*FIT, "--data.init_args.num_workers", "-1"), "num_workers must be >= 0"),
     Fault("val_size 1.5", (*FIT, "--data.init_args.val_size", "1.5"), "val_size must be a number of images"),
     Fault("val_size larger than the data", (*FIT, "--data.init_args.val_size", "70000"), "leaves no training"),
