@@ -137,7 +137,7 @@ class DistillCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         config, given = (self.config[subcommand], given[subcommand]) if subcommand else (self.config, given)
         self._given_student = given.get("model", Namespace()).get("student")
-        self._checkpoint = None
+        self._checkpoint, self._settings = None, None
         ckpt_path = config.get("ckpt_path")
         if ckpt_path is not None and str(ckpt_path) not in ("last", "best", "hpc") and "://" not in str(ckpt_path):
             source = f"--ckpt_path {str(ckpt_path)!r}"
@@ -230,7 +230,7 @@ def keep_logged_rows(trainer: Any, keep: Callable[[dict[str, str]], bool]) -> No
     Lightning's CSV writer deletes a ``metrics.csv`` it finds when it starts, so a resumed run or an
     evaluation in the training's folder would lose the training's rows: they are read first.
     """
-    for logger in trainer.loggers:
+    for logger in trainer.loggers if trainer.is_global_zero else ():  # rank 0 writes the logs
         if not isinstance(logger, CSVLogger):
             continue
         path = Path(logger.log_dir) / "metrics.csv"
