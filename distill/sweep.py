@@ -56,7 +56,7 @@ from distill.recipes import (
 )
 from distill.report import atomic_write, save_figure
 
-__all__ = ["SWEEP_FILES", "IncompleteRun", "sweep"]
+__all__ = ["SWEEP_FILES", "sweep"]
 
 SWEEP_FILES = ("sweep.csv", "sweep.png", "sweep.md", "sweep.yaml")
 _COLUMNS = ("kind", "temperature", "alpha", "seed", "val_acc", "test_acc", "epochs", "wall_s", "trial", "checkpoint")

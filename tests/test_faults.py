@@ -48,6 +48,8 @@ SWEEP = ("sweep", "--recipe", "{recipe}", "--run_dir", "{runs}/sweep", "--baseli
 PRUNE = ("prune-distill", "--recipe", "{inputs}/prune.yaml", "--target_params", "3000", "--initial_epochs", "1")
 PRUNE += ("--epochs_per_round", "1", "--rounds", "1", "--final_epochs", "0", "--baseline", "false")
 PRUNE += ("--export_onnx", "false", "--run_dir", "{runs}/prune")
+EXPORT = ("export", "{runs}/prune/best_student.ckpt")
+TO_ONNX = ("--onnx", "{runs}/export/student.onnx")
 QUICK = ("quickstart", "--run_dir", "{runs}/quickstart", "--teacher_model", "test_resnet")
 QUICK += ("--teacher_config", "{repo}/configs/fmnist/teacher.yaml", "--kd_config", "{repo}/configs/fmnist/kd.yaml")
 
@@ -215,52 +217,52 @@ FAULTS = [
     ),
     Fault("prune resumed, recipe edited", PRUNE, "the content of the recipe"),
     # ---- distill export
-    Fault("export nothing", ("export", "{runs}/prune/best_student.ckpt"), "Nothing to export"),
+    Fault("export nothing", EXPORT, "Nothing to export"),
     Fault(
         "export onto its checkpoint",
-        ("export", "{runs}/prune/best_student.ckpt", "--onnx", "{runs}/prune/best_student.ckpt"),
+        (*EXPORT, "--onnx", "{runs}/prune/best_student.ckpt"),
         "would be overwritten",
     ),
     Fault(
         "export TorchScript onto its checkpoint",
-        ("export", "{runs}/prune/best_student.ckpt", "--torchscript", "{runs}/prune/./best_student.ckpt"),
+        (*EXPORT, "--torchscript", "{runs}/prune/./best_student.ckpt"),
         "would be overwritten",
     ),
-    Fault("export into a folder", ("export", "{runs}/prune/best_student.ckpt", "--onnx", "{runs}/export"), "a folder"),
+    Fault("export into a folder", (*EXPORT, "--onnx", "{runs}/export"), "a folder"),
     Fault(
         "export two formats, one file",
-        ("export", "{runs}/prune/best_student.ckpt", "--onnx", "{runs}/export/a", "--torchscript", "{runs}/export/a"),
+        (*EXPORT, "--onnx", "{runs}/export/a", "--torchscript", "{runs}/export/a"),
         "name the same file",
     ),
     Fault(
         "export input size 0",
-        ("export", "{runs}/prune/best_student.ckpt", "--onnx", "{runs}/export/student.onnx", "--input_size", "0"),
+        (*EXPORT, *TO_ONNX, "--input_size", "0"),
         "input_size must be a positive",
     ),
     Fault(
         "export input too small",
-        ("export", "{runs}/prune/best_student.ckpt", "--onnx", "{runs}/export/student.onnx", "--input_size", "2"),
+        (*EXPORT, *TO_ONNX, "--input_size", "2"),
         "cannot run on (1, 2, 2) inputs",
     ),
-    Fault("export a text file", ("export", "{inputs}/text.ckpt", "--onnx", "{runs}/export/student.onnx"), "readable"),
+    Fault("export a text file", ("export", "{inputs}/text.ckpt", *TO_ONNX), "readable"),
     Fault(
         "export a plain state_dict",
-        ("export", "{inputs}/state_dict.pt", "--onnx", "{runs}/export/student.onnx"),
+        ("export", "{inputs}/state_dict.pt", *TO_ONNX),
         "records no student_spec",
     ),
     Fault(
         "export a crafted spec",
-        ("export", "{inputs}/spec_str.ckpt", "--onnx", "{runs}/export/student.onnx"),
+        ("export", "{inputs}/spec_str.ckpt", *TO_ONNX),
         "not {name, kwargs}",
     ),
     Fault(
         "export a spec with unknown arguments",
-        ("export", "{inputs}/spec_kwargs.ckpt", "--onnx", "{runs}/export/student.onnx"),
+        ("export", "{inputs}/spec_kwargs.ckpt", *TO_ONNX),
         "cannot be built",
     ),
     Fault(
         "export a crafted input shape",
-        ("export", "{inputs}/shape.ckpt", "--onnx", "{runs}/export/student.onnx"),
+        ("export", "{inputs}/shape.ckpt", *TO_ONNX),
         "not [channels, height, width]",
     ),
     Fault(
