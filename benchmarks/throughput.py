@@ -24,6 +24,7 @@ project/plain and cache/live.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import tempfile
@@ -50,7 +51,7 @@ def build_teacher(args: argparse.Namespace) -> FrozenTeacher:
     if args.teacher_checkpoint:
         return load_teacher(checkpoint=args.teacher_checkpoint)
     kwargs = {"small_input": True} if args.teacher.startswith("timm/") else {"num_pools": 3}
-    return FrozenTeacher(create_student(args.teacher, num_classes=10, in_chans=1, **kwargs))
+    return FrozenTeacher(create_student(args.teacher, num_classes=10, in_chans=1, **kwargs | args.teacher_kwargs))
 
 
 def datamodule(args: argparse.Namespace, augment: bool) -> FashionMNISTDataModule:
@@ -181,6 +182,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs of each setting, interleaved")
     parser.add_argument("--limit-batches", type=int, default=0, help="batches per epoch (0: the whole split)")
     parser.add_argument("--teacher", default="timm/resnet18", help="teacher model, random weights (timm: small stem)")
+    parser.add_argument("--teacher-kwargs", type=json.loads, default={}, help='its arguments as JSON: {"base": 2}')
     parser.add_argument("--teacher-checkpoint", default=None, help="a trained teacher instead of --teacher")
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=SETTINGS)
     parser.add_argument("--compile", action="store_true", help="torch.compile student and teacher (project runs)")
@@ -214,7 +216,8 @@ def main() -> None:
     cpu = f"CPU ({torch.get_num_threads()} threads)"
     name_of = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu
     print(
-        f"\n{name_of}, {args.precision}, batch {args.batch_size}, teacher {args.teacher_checkpoint or args.teacher}, "
+        f"\n{name_of}, {args.precision}, batch {args.batch_size}, teacher {args.teacher_checkpoint or args.teacher}"
+        f"{args.teacher_kwargs or ''}, "
         f"torch {torch.__version__}, compile={args.compile}, {time.strftime('%Y-%m-%d')}, median of {args.repeats}\n"
     )
     print("| setting | augment | teacher | img/s | s per 60k images | vs plain |")

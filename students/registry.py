@@ -68,31 +68,19 @@ def model_spec(model: nn.Module) -> dict[str, Any]:
     return spec
 
 
-@register_student
-def studentnet(**kwargs: Any) -> StudentNet:
-    """StudentNet at width 1.0 (seed 004): 256,779 parameters for 3 channels and 11 classes."""
-    return StudentNet(**kwargs)
+#: The registered StudentNets: name -> width of layers 3..6 (``width_mult``). ``studentnet`` is seed 004:
+#: 256,779 parameters for 3 channels and 11 classes; ``studentnet_050`` has 91,211.
+STUDENTNET_WIDTHS = {"studentnet": 1.0, "studentnet_075": 0.75, "studentnet_050": 0.5, "studentnet_025": 0.25}
 
 
-@register_student
-def studentnet_075(**kwargs: Any) -> StudentNet:
-    """StudentNet with layers 3..6 at width 0.75."""
-    return StudentNet(**{"width_mult": 0.75, **kwargs})
+def _studentnet_factory(name: str, width_mult: float) -> Callable[..., StudentNet]:
+    def factory(**kwargs: Any) -> StudentNet:
+        return StudentNet(**{"width_mult": width_mult, **kwargs})
+
+    factory.__name__ = factory.__qualname__ = name
+    factory.__doc__ = f"StudentNet with layers 3..6 at width {width_mult}."
+    return factory
 
 
-@register_student
-def studentnet_050(**kwargs: Any) -> StudentNet:
-    """StudentNet with layers 3..6 at width 0.5: 91,211 parameters for 3 channels and 11 classes."""
-    return StudentNet(**{"width_mult": 0.5, **kwargs})
-
-
-@register_student
-def studentnet_025(**kwargs: Any) -> StudentNet:
-    """StudentNet with layers 3..6 at width 0.25."""
-    return StudentNet(**{"width_mult": 0.25, **kwargs})
-
-
-@register_student
-def test_studentnet(**kwargs: Any) -> StudentNet:
-    """A tiny StudentNet (base 2, about 6k parameters) for tests."""
-    return StudentNet(**{"base": 2, **kwargs})
+for _name, _width in STUDENTNET_WIDTHS.items():
+    register_student(_studentnet_factory(_name, _width))

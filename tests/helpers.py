@@ -1,4 +1,7 @@
-"""Helpers for tests: a cut-down Trainer and the real Fashion-MNIST with small batches."""
+"""Helpers for tests: a tiny registered student, a cut-down Trainer and the real Fashion-MNIST with small batches.
+
+Importing this module registers ``test_studentnet``; the tests and the scripts they spawn import it (conftest does).
+"""
 
 from __future__ import annotations
 
@@ -12,6 +15,13 @@ import yaml
 from pytorch_lightning import Trainer
 
 from distill import FashionMNISTDataModule
+from students import StudentNet, register_student
+
+
+@register_student
+def test_studentnet(**kwargs) -> StudentNet:
+    """A tiny StudentNet (base 2, about 6k parameters) for tests; its checkpoints record ``studentnet``."""
+    return StudentNet(**{"base": 2, **kwargs})
 
 
 def tiny_trainer(tmp_path: Path, **kwargs) -> Trainer:

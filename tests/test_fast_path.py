@@ -128,7 +128,7 @@ def _run(script: str, *args: str) -> str:
 
 def test_throughput_benchmark_prints_its_table():
     out = _run("throughput.py", "--device", "cpu", "--batch-size", "32", "--limit-batches", "2", "--repeats", "1",
-               "--teacher", "test_studentnet")  # fmt: skip
+               "--teacher", "studentnet", "--teacher-kwargs", '{"base": 2}')  # fmt: skip
     rows = [
         line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| project") or "| plain" in line
     ]

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
 from students import UNSCALED_LAYERS, StudentNet, create_student, list_students, model_spec, studentnet_channels
+
+ROOT = Path(__file__).parents[1]
 
 
 def n_params(model: torch.nn.Module) -> int:
@@ -71,13 +77,23 @@ def test_bad_arguments_are_clear_errors(kwargs: dict, match: str):
 
 
 def test_registry_names_and_widths():
-    assert {"studentnet", "studentnet_075", "studentnet_050", "studentnet_025", "test_studentnet"} <= set(
-        list_students()
-    )
+    production = {"studentnet", "studentnet_075", "studentnet_050", "studentnet_025"}
+    assert set(list_students()) == production | {"test_studentnet"}  # the tests' tiny one, from tests/helpers.py
     assert n_params(create_student("studentnet")) == 256_779
     assert n_params(create_student("studentnet_050")) == 91_211
+    for name, width in (("studentnet_075", 0.75), ("studentnet_025", 0.25)):
+        model = create_student(name, num_classes=10)
+        assert model.channels == StudentNet(width_mult=width).channels and model.__class__ is StudentNet
+        assert model.model_spec["kwargs"]["num_classes"] == 10
     assert n_params(create_student("test_studentnet", num_classes=10, in_chans=1)) < 10_000
     assert create_student("studentnet", width_mult=0.5).channels == StudentNet(width_mult=0.5).channels
+    assert create_student("studentnet_050", width_mult=0.25).channels == StudentNet(width_mult=0.25).channels
+
+
+def test_the_production_registry_has_no_test_students():
+    script = "import students; print(sorted(students.list_students()))"
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    assert out.strip() == "['studentnet', 'studentnet_025', 'studentnet_050', 'studentnet_075']"
 
 
 def test_unknown_student_lists_the_valid_names():
