@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from distill.cli import default_precision
+from distill.lightning_cli import default_precision
 
 ROOT = Path(__file__).resolve().parents[1]
 TEACHERS = ("teacher", "teacher_seed1")
@@ -46,7 +46,7 @@ def fit(recipe: str, epochs: int, args: argparse.Namespace) -> float:
 
 def evaluate(recipe: str, args: argparse.Namespace) -> dict:
     """`distill test` of the recipe's best checkpoint (the teacher is rebuilt from the recipe)."""
-    from distill.cli import DistillCLI
+    from distill.lightning_cli import DistillCLI
 
     ckpt = ROOT / "runs" / "fmnist" / recipe / "best.ckpt"
     cli_args = ["test", "--config", f"configs/fmnist/{recipe}.yaml", "--ckpt_path", str(ckpt)]

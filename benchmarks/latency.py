@@ -32,7 +32,7 @@ import torch
 
 from distill.export import export_onnx
 from distill.profile import count_macs, count_params
-from distill.pruning import prune_student
+from distill.pruning import PruningPolicy, prune_student
 from students import StudentNet
 
 SHAPE = (1, 28, 28)
@@ -46,7 +46,7 @@ def students(targets: list[int]) -> dict[str, torch.nn.Module]:
     for target in targets:
         torch.manual_seed(0)
         model = StudentNet(num_classes=10, in_chans=1, num_pools=3).eval()
-        prune_student(model, torch.zeros(1, *SHAPE), "l1", target_params=target, global_ranking=True)
+        prune_student(model, torch.zeros(1, *SHAPE), PruningPolicy("l1", global_ranking=True), target_params=target)
         models[f"pruned to {target // 1000}k"] = model.eval()
     return models
 

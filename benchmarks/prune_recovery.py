@@ -38,7 +38,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from distill.pipeline import prune_distill
+from distill.prune_distill import prune_distill
 from distill.recipes import fit_recipe, load_recipe, relocate
 from students import UNSCALED_LAYERS
 

@@ -19,7 +19,7 @@ import time
 import torch
 
 from distill.profile import count_macs, count_params, size_on_disk
-from distill.pruning import CRITERIA, prune_student
+from distill.pruning import CRITERIA, PruningPolicy, prune_student
 from students import StudentNet
 
 
@@ -27,7 +27,8 @@ def build(round_to: int, ratio: float, criterion: str, data: list) -> StudentNet
     torch.manual_seed(0)
     model = StudentNet(num_classes=10, in_chans=1, num_pools=3).eval()
     if ratio > 0:
-        prune_student(model, torch.zeros(1, 1, 28, 28), criterion, ratio=ratio, round_to=round_to, data=data)
+        policy = PruningPolicy(criterion, round_to=round_to)
+        prune_student(model, torch.zeros(1, 1, 28, 28), policy, ratio=ratio, data=data)
     return model
 
 

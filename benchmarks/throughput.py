@@ -37,8 +37,8 @@ import torch.nn.functional as F
 
 from distill import DistillModule, KDLoss
 from distill.cache import TeacherLogitCache
-from distill.cli import default_precision
 from distill.data import FashionMNISTDataModule, random_crop, random_hflip
+from distill.lightning_cli import default_precision
 from distill.optim import lr_factor
 from students import StudentNet, create_student
 from teachers import FrozenTeacher, load_teacher

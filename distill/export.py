@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from distill.profile import eval_mode
-from distill.report import atomic_path
+from distill.rundir import atomic_path
 from students.checkpoint import load_student, read_checkpoint
 
 __all__ = ["export", "export_onnx", "export_torchscript"]

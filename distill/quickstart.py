@@ -25,17 +25,20 @@ from typing import Any
 
 import torch
 
-from distill.pipeline import check_options, check_reachable, prune_distill
+from distill.prune_distill import check_options, check_reachable, prune_distill
+from distill.pruning import PruningPolicy
 from distill.recipes import (
-    changed_settings,
     check_recipe,
     check_sections,
     file_digest,
     fit_recipe,
     load_recipe,
     relocate,
+    teacher_cache,
+    with_callbacks,
 )
-from distill.report import atomic_write
+from distill.report import quickstart_table
+from distill.rundir import atomic_write, changed_settings, refuse_changes
 from students import UNSCALED_LAYERS
 
 __all__ = ["quickstart"]
@@ -126,8 +129,8 @@ def quickstart(
     student_cfg = _resize(load_recipe(kd_config), out / "student", epochs=student_epochs, **common)
     student_cfg["model"].pop("teacher", None)  # the teacher trained below
     model, data = check_recipe(student_cfg)  # before anything trains: the student, the data, the target
-    check_reachable(model.student, torch.zeros(1, data.in_chans, *data.input_size), target_params, None,
-                    ignored=list(ignored_layers))  # fmt: skip
+    policy = PruningPolicy(importance, min_fraction=0.1, ignored_layers=ignored_layers)  # prune_distill's floor
+    check_reachable(model.student, torch.zeros(1, data.in_chans, *data.input_size), policy, target_params, None)
 
     # The run in this folder: its settings, with the recipes' contents standing for their paths.
     del settings["run_dir"]
@@ -135,19 +138,14 @@ def quickstart(
     settings["data_root"] = str(Path(data_root).resolve()) if data_root else None
     record = out / "quickstart.json"
     changed = changed_settings(json.loads(record.read_text()), settings) if record.is_file() else []
-    if changed:
-        raise ValueError(
-            f"{out} holds a quickstart run with other settings ({', '.join(changed)} changed). Use a new --run_dir, "
-            f"or rerun with the original settings: finished stages are then reused."
-        )
+    refuse_changes(out, "quickstart", changed, "finished stages are then reused")
     teacher = fit_recipe(teacher_cfg, out / "teacher.yaml")
     atomic_write(record, lambda f: json.dump(settings, f, indent=1))  # this folder holds these settings' run
 
     teacher_spec = {"class_path": "teachers.load_teacher", "init_args": {"checkpoint": teacher.checkpoint}}
     student_cfg["model"]["teacher"] = teacher_spec
     if not augment:  # deterministic inputs: the teacher's logits are computed once, for every run after this
-        cache = {"class_path": "distill.cache.TeacherLogitCache", "init_args": {"cache_dir": str(out / "cache")}}
-        student_cfg["trainer"]["callbacks"].append(cache)
+        with_callbacks(student_cfg, teacher_cache(out / "cache"))
     student = fit_recipe(student_cfg, out / "student.yaml")
 
     rows = prune_distill(
@@ -175,7 +173,7 @@ def quickstart(
     }
     if thin is not None:
         results["thin"] = {**thin, "model_name": "studentnet, thin, KD from scratch"}
-    table = _table(results)
+    table = quickstart_table(results)
     summary = (
         "# distill quickstart\n\n"
         f"{table}\n\n"
@@ -216,11 +214,3 @@ def _resize(
     if data_root is not None:
         data["root"] = data_root
     return cfg
-
-
-def _table(results: dict[str, dict[str, Any]]) -> str:
-    rows = ["| role | model | params | val acc | test acc | checkpoint |", "|---|---|---:|---:|---:|---|"]
-    for role, r in results.items():
-        accuracies = f"{r['val_acc']:.4f} | {r['test_acc']:.4f}"
-        rows.append(f"| {role} | {r['model_name']} | {r['params']:,} | {accuracies} | {r['checkpoint']} |")
-    return "\n".join(rows)

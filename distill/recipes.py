@@ -18,12 +18,11 @@ from typing import Any
 
 import yaml
 
-from distill.report import atomic_write
+from distill.lightning_cli import DistillCLI
+from distill.rundir import atomic_write
 
 __all__ = [
     "FitResult",
-    "IncompleteRun",
-    "changed_settings",
     "check_recipe",
     "check_sections",
     "check_teacher",
@@ -35,6 +34,8 @@ __all__ = [
     "merge",
     "relocate",
     "sibling_config",
+    "teacher_cache",
+    "with_callbacks",
 ]
 
 
@@ -83,6 +84,17 @@ def relocate(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
     return cfg
 
 
+def with_callbacks(cfg: dict[str, Any], *callbacks: dict[str, Any]) -> dict[str, Any]:
+    """Append ``callbacks`` (``class_path``/``init_args`` dicts) to the recipe's ``trainer.callbacks``, in place."""
+    cfg["trainer"]["callbacks"] = [*(cfg["trainer"].get("callbacks") or []), *callbacks]
+    return cfg
+
+
+def teacher_cache(cache_dir: str | Path) -> dict[str, Any]:
+    """The :class:`~distill.cache.TeacherLogitCache` callback writing to ``cache_dir``, as a recipe entry."""
+    return {"class_path": "distill.cache.TeacherLogitCache", "init_args": {"cache_dir": str(cache_dir)}}
+
+
 def check_teacher(cfg: dict[str, Any], recipe: str) -> None:
     """Fail before any training if the recipe has no teacher or its checkpoint file is missing."""
     check_sections(cfg, recipe)
@@ -116,18 +128,20 @@ def check_recipe(cfg: dict[str, Any]) -> tuple[Any, Any]:
     Returns:
         The ``DistillModule`` and the datamodule, set up for fitting.
     """
-    from distill.cli import DistillCLI
-
     with warnings.catch_warnings():  # the job's own argv is in sys.argv; the config given here is the recipe
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
         cli = DistillCLI(args=copy.deepcopy(cfg), run=False)  # checks data and models, builds the Trainer
     best = cli.trainer.checkpoint_callback
-    if best is None or best.monitor is None or cli.trainer.limit_val_batches == 0:
+    _check_best_is_chosen(best is not None and best.monitor is not None, cli.trainer.limit_val_batches)
+    return cli.model, cli.datamodule
+
+
+def _check_best_is_chosen(monitored: bool, limit_val_batches: Any) -> None:
+    if not monitored or limit_val_batches == 0:
         raise ValueError(
             "a job chooses each run's best checkpoint on the validation split: its recipe needs validation batches "
             "and a ModelCheckpoint with a monitor (e.g. val/acc) in trainer.callbacks, as configs/fmnist/kd.yaml has"
         )
-    return cli.model, cli.datamodule
 
 
 def _inputs(node: Any) -> Iterable[str]:
@@ -141,11 +155,6 @@ def _inputs(node: Any) -> Iterable[str]:
     elif isinstance(node, list):
         for value in node:
             yield from _inputs(value)
-
-
-def changed_settings(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """The settings whose values differ between a recorded run and this one (a missing one reads as None)."""
-    return sorted(k for k in stored.keys() | current.keys() if stored.get(k) != current.get(k))
 
 
 def file_digest(path: str | Path) -> str:
@@ -166,12 +175,6 @@ def fingerprint(cfg: dict[str, Any]) -> str:
     """SHA-256 of a recipe's settings and of the files it reads: two runs with one fingerprint are the same run."""
     text = json.dumps({"recipe": cfg, "inputs": input_digests(cfg)}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-class IncompleteRun(RuntimeError):
-    """A job ended with part of its work unfinished (its report says what); ``distill`` exits with status 3."""
-
-    exit_status = 3
 
 
 @dataclass
@@ -196,9 +199,14 @@ def fit_recipe(cfg: dict[str, Any], config_path: Path) -> FitResult:
     folder with the recipe's :func:`fingerprint` and its checkpoint's digest: called again with the same
     recipe and input files (a job resumed after a crash), it returns that result instead of training again.
     """
-    from distill.cli import DistillCLI
-
-    folder = cfg.get("trainer", {}).get("default_root_dir")
+    trainer = cfg.get("trainer", {})
+    checkpoints = [
+        c for c in trainer.get("callbacks") or []
+        if isinstance(c, dict) and str(c.get("class_path", "")).endswith("ModelCheckpoint")
+    ]  # fmt: skip
+    monitored = bool(checkpoints) and bool((checkpoints[0].get("init_args") or {}).get("monitor"))
+    _check_best_is_chosen(monitored, trainer.get("limit_val_batches"))  # before it trains, not after it
+    folder = trainer.get("default_root_dir")
     record = Path(folder) / "result.json" if folder else None
     key = fingerprint(cfg)
     if record is not None and record.is_file():

@@ -1,36 +1,57 @@
-"""Writing a job's results into its run directory, safely when several workers share it."""
+"""The jobs' reports: a CSV of every run, a Markdown table with a verdict, and a plot.
+
+Each job writes them into its run directory atomically (:mod:`distill.rundir`) and prints the table.
+``distill sweep`` summarises seeds per (temperature, alpha); ``distill prune-distill`` tabulates its
+rounds beside the thin StudentNet; ``distill quickstart`` puts its four models in one table.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import uuid
-from collections.abc import Callable, Iterator
+import csv
+import math
+import statistics
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "atomic_write", "save_figure"]
+import yaml
+
+from distill.rundir import atomic_path, atomic_write
+
+__all__ = ["markdown_table", "prune_distill_report", "quickstart_table", "save_figure", "sweep_report", "write_csv"]
+
+SWEEP_COLUMNS = (
+    "kind",
+    "temperature",
+    "alpha",
+    "seed",
+    "val_acc",
+    "test_acc",
+    "epochs",
+    "wall_s",
+    "trial",
+    "checkpoint",
+)
+ROUND_COLUMNS = ("round", "phase", "epochs", "params", "macs", "latency_ms", "val_acc", "test_acc", "checkpoint")
 
 
-@contextlib.contextmanager
-def atomic_path(path: str | Path) -> Iterator[Path]:
-    """A partial file beside ``path`` to write; renamed onto ``path`` only if the block succeeds.
+# ------------------------------------------------------------------------------ the formats
+def write_csv(path: Path, columns: Sequence[str], rows: Iterable[dict[str, Any]]) -> None:
+    """Write ``rows`` (their ``columns``, other keys left out) as a CSV file, atomically."""
 
-    Readers never see half a file, and a write that fails leaves an existing ``path`` as it was.
-    """
-    path = Path(path)
-    partial = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:12]}.partial{path.suffix}")  # unique across hosts
-    try:
-        yield partial
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+    def write(f: Any) -> None:
+        writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+
+    atomic_write(path, write)
 
 
-def atomic_write(path: Path, write: Callable[[Any], Any]) -> None:
-    """Call ``write`` on a text file beside ``path``, then rename it onto ``path``."""
-    with atomic_path(path) as partial, open(partial, "w", newline="") as f:
-        write(f)
+def markdown_table(header: Sequence[str], align: str, rows: Iterable[Sequence[Any]]) -> str:
+    """A Markdown table; ``align`` has one letter per column, ``l`` (left) or ``r`` (right)."""
+    rule = "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"
+    lines = ["| " + " | ".join(header) + " |", rule, *("| " + " | ".join(map(str, row)) + " |" for row in rows)]
+    return "\n".join(lines)
 
 
 def save_figure(fig: Any, path: Path) -> None:
@@ -41,3 +62,190 @@ def save_figure(fig: Any, path: Path) -> None:
     with atomic_path(path) as partial:
         fig.savefig(partial, dpi=120)
     plt.close(fig)
+
+
+def _axes() -> tuple[Any, Any]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(6.4, 4.2))
+
+
+def _finish(fig: Any, ax: Any, path: Path, xlabel: str, ylabel: str, title: str) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    if ax.get_legend_handles_labels()[0]:  # nothing finished yet: an empty plot
+        ax.legend(fontsize=8)
+    save_figure(fig, path)
+
+
+def _written(out: Path, table: str, verdict: str, files: str) -> None:
+    print("\n" + table + ("\n\n" + verdict if verdict else "") + f"\n\nWritten: {out}/{files}")
+
+
+# ----------------------------------------------------------------------------------- sweep
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def _summarise(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict | None, dict | None]:
+    """Mean and spread over seeds per (temperature, alpha), the best on validation, and the CE-only student."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        if r["kind"] == "kd":
+            groups.setdefault((r["temperature"], r["alpha"]), []).append(r)
+
+    def stats(members: list[dict[str, Any]]) -> dict[str, Any]:
+        val, val_sd = _mean_std([m["val_acc"] for m in members])
+        test, test_sd = _mean_std([m["test_acc"] for m in members])
+        return {"n": len(members), "val": val, "val_sd": val_sd, "test": test, "test_sd": test_sd}
+
+    table = [{"temperature": t, "alpha": a, **stats(members)} for (t, a), members in sorted(groups.items())]
+    best = max(table, key=lambda r: (r["val"], -r["temperature"]), default=None)
+    ce_rows = [r for r in rows if r["kind"] == "ce"]
+    return table, best, stats(ce_rows) if ce_rows else None
+
+
+def sweep_report(out: Path, rows: list[dict[str, Any]], settings: dict[str, Any], missing: list[str]) -> None:
+    """``sweep.csv``, ``sweep.md`` (with what is missing, if anything) and ``sweep.png`` in ``out``."""
+    table, best, ce = _summarise(rows)
+    write_csv(out / "sweep.csv", SWEEP_COLUMNS, rows)
+
+    def accuracies(r: dict[str, Any]) -> list[str]:
+        return [f"{r['val']:.4f} ± {r['val_sd']:.4f}", f"{r['test']:.4f} ± {r['test_sd']:.4f}"]
+
+    lines = [[f"{r['temperature']:g}", f"{r['alpha']:g}", r["n"], *accuracies(r)] for r in table]
+    lines += [["CE only", "-", ce["n"], *accuracies(ce)]] if ce else []
+    header = ["T", "alpha", "seeds", "val acc (mean ± std)", "test acc (mean ± std)"]
+    text = markdown_table(header, "rrrrr", lines)
+    verdict = []
+    if missing:
+        verdict.append(
+            f"**Incomplete: {len(missing)} grid point(s) not finished** ({'; '.join(missing)}); the results below "
+            f"are of the finished points only. Run the same command again to finish the grid."
+        )
+    if best:
+        verdict.append(
+            f"Best on validation{' so far' if missing else ''}: T={best['temperature']:g}, alpha={best['alpha']:g} "
+            f"(val {best['val']:.4f}); its test accuracy: {best['test']:.4f} ± {best['test_sd']:.4f}."
+        )
+        if ce:
+            verdict.append(
+                f"Against the CE-only student: {100 * (best['test'] - ce['test']):+.2f} points of test accuracy."
+            )
+    md = (
+        f"# Temperature sweep\n\n{text}\n\n{' '.join(verdict)}\n\n"
+        "The setting is chosen on the validation split; the test split only reports it.\n\n"
+        "Reproduce (resumes if the run directory exists):\n\n```bash\ndistill sweep --config sweep.yaml\n```\n\n"
+        f"with `sweep.yaml`:\n\n```yaml\n{yaml.safe_dump(settings, sort_keys=False)}```\n"
+    )
+    atomic_write(out / "sweep.md", lambda f: f.write(md))
+    _sweep_plot(out / "sweep.png", table, ce)
+    _written(out, text, " ".join(verdict), "sweep.{csv,png,md}")
+
+
+def _sweep_plot(path: Path, table: list[dict[str, Any]], ce: dict | None) -> None:
+    fig, ax = _axes()
+    for alpha in sorted({r["alpha"] for r in table}):
+        rows = [r for r in table if r["alpha"] == alpha]
+        ts = [r["temperature"] for r in rows]
+        style = {"marker": "o", "capsize": 3}
+        line = ax.errorbar(ts, [r["val"] for r in rows], yerr=[r["val_sd"] for r in rows], **style,
+                           label=f"KD val, alpha={alpha:g}")  # fmt: skip
+        ax.errorbar(ts, [r["test"] for r in rows], yerr=[r["test_sd"] for r in rows], **{**style, "marker": "s"},
+                    linestyle="--", color=line[0].get_color(), alpha=0.7,
+                    label=f"KD test, alpha={alpha:g}")  # fmt: skip
+    if ce:
+        ax.axhline(ce["val"], color="gray", label=f"CE only val ({ce['n']} seeds)")
+        ax.axhline(ce["test"], color="gray", linestyle="--", label="CE only test")
+        ax.axhspan(ce["test"] - ce["test_sd"], ce["test"] + ce["test_sd"], color="gray", alpha=0.15)
+    temperatures = sorted({r["temperature"] for r in table})
+    if len(temperatures) > 1:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(temperatures, [f"{t:g}" for t in temperatures])
+        ax.minorticks_off()
+    _finish(fig, ax, path, "temperature T", "accuracy (mean ± std over seeds)",
+            "Knowledge distillation: accuracy vs temperature")  # fmt: skip
+
+
+# --------------------------------------------------------------------------- prune-distill
+def phase_label(row: dict[str, Any]) -> str:
+    """``round k`` for a pruning round, else the phase's name (``start``, ``initial``, ``final``, ...)."""
+    return f"round {row['round']}" if row["phase"] == "round" else row["phase"]
+
+
+def prune_distill_report(
+    out: Path, rows: list[dict[str, Any]], best: dict[str, Any], thin: dict | None, target: int, unit: str,
+    onnx_diff: float | None,
+) -> None:  # fmt: skip
+    """``rounds.csv``, ``summary.md`` (the phases, the thin StudentNet, the verdict) and ``pareto.png`` in ``out``."""
+    write_csv(out / "rounds.csv", ROUND_COLUMNS, [*rows, *([thin] if thin else [])])
+    _pareto(out / "pareto.png", rows, thin, best, target if unit == "parameters" else None)
+
+    def acc(value: float) -> str:
+        return "-" if math.isnan(value) else f"{value:.4f}"
+
+    def line(r: dict[str, Any], label: str) -> list[str]:
+        return [label, f"{r['params']:,}", f"{r['macs']:,}", f"{r['latency_ms']:.3f}", acc(r["val_acc"]),
+                acc(r["test_acc"]), r["epochs"]]  # fmt: skip
+
+    lines = [line(r, phase_label(r)) for r in rows]
+    if thin:
+        lines.append(line(thin, f"thin StudentNet (width_mult={thin['width_mult']}), KD from scratch"))
+    header = ["phase", "params", "MACs", "CPU latency (ms, batch 1)", "val acc", "test acc", "epochs"]
+    text = markdown_table(header, "lrrrrrr", lines)
+    verdict = (
+        f"Best student under {target:,} {unit}: {phase_label(best)} "
+        f"({best['params']:,} parameters, test acc {best['test_acc']:.4f}), saved as best_student.ckpt"
+    )
+    if onnx_diff is not None:
+        verdict += f" and best_student.onnx (ONNX Runtime matches PyTorch within {onnx_diff:.1e})"
+    verdict += "."
+    if thin:
+        delta = 100 * (best["test_acc"] - thin["test_acc"])
+        verdict += (
+            f" The thin StudentNet of {thin['params']:,} parameters, distilled from scratch for the same "
+            f"{thin['epochs']} epochs, reaches {thin['test_acc']:.4f}: prune-distill is {delta:+.2f} points."
+        )
+    md = (
+        f"# Prune-then-distill\n\n{text}\n\n{verdict}\n\n"
+        "Accuracies: the best validation epoch of each phase; test is reported, never used to choose.\n\n"
+        "Reproduce (resumes if the run directory exists): `distill prune-distill --config prune_distill.yaml`.\n"
+    )
+    atomic_write(out / "summary.md", lambda f: f.write(md))
+    _written(out, text, verdict, "{rounds.csv,pareto.png,summary.md}")
+
+
+def _pareto(
+    path: Path, rows: list[dict[str, Any]], thin: dict | None, best: dict[str, Any], target: int | None
+) -> None:
+    fig, ax = _axes()
+    shown = [r for r in rows if not math.isnan(r["test_acc"])]
+    params = [r["params"] for r in shown]
+    ax.plot(params, [r["test_acc"] for r in shown], marker="o", label="prune-distill (test)")
+    ax.plot(params, [r["val_acc"] for r in shown], marker=".", linestyle=":", label="prune-distill (val)")
+    for r in shown:
+        ax.annotate(phase_label(r), (r["params"], r["test_acc"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.scatter([best["params"]], [best["test_acc"]], s=120, facecolors="none", edgecolors="red",
+               label="best under target")  # fmt: skip
+    if thin:
+        ax.scatter([thin["params"]], [thin["test_acc"]], marker="*", s=140, color="black",
+                   label="thin StudentNet, KD from scratch")  # fmt: skip
+    if target is not None:
+        ax.axvline(target, color="gray", linestyle="--", label="target")
+    ax.set_xscale("log")
+    _finish(fig, ax, path, "parameters", "accuracy", "Accuracy vs size")
+
+
+# ------------------------------------------------------------------------------ quickstart
+def quickstart_table(results: dict[str, dict[str, Any]]) -> str:
+    """One row per model (teacher, student, pruned, thin): name, size, accuracies, checkpoint."""
+    lines = [
+        [role, r["model_name"], f"{r['params']:,}", f"{r['val_acc']:.4f}", f"{r['test_acc']:.4f}", r["checkpoint"]]
+        for role, r in results.items()
+    ]
+    return markdown_table(["role", "model", "params", "val acc", "test acc", "checkpoint"], "llrrrl", lines)

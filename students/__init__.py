@@ -14,7 +14,7 @@ from students.checkpoint import (
     save_student,
 )
 from students.registry import create_student, list_students, model_spec, register_student
-from students.studentnet import UNSCALED_LAYERS, StudentNet, studentnet_channels
+from students.studentnet import UNSCALED_LAYERS, StudentNet, studentnet_channels, width_for_params
 from students.timm_models import adapt_resnet_to_small_input, create_timm_model
 
 __all__ = [
@@ -38,4 +38,5 @@ __all__ = [
     "resize_to_state_dict",
     "save_student",
     "studentnet_channels",
+    "width_for_params",
 ]

@@ -8,13 +8,14 @@ module names, so the seed's state_dicts load. The per-layer widths are an explic
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["UNSCALED_LAYERS", "StudentNet", "studentnet_channels"]
+__all__ = ["UNSCALED_LAYERS", "StudentNet", "studentnet_channels", "width_for_params"]
 
 #: Width multipliers of the eight layers relative to ``base`` (seed 004).
 _MULTIPLIERS = (1, 2, 4, 8, 16, 16, 16, 16)
@@ -140,3 +141,23 @@ class StudentNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+
+def width_for_params(params: int, **kwargs: Any) -> float | None:
+    """The largest ``width_mult`` (4 decimals, rounded down) whose StudentNet has at most ``params`` parameters.
+
+    ``kwargs`` are the other arguments of :class:`StudentNet`; their ``width_mult`` (default 1.0) is the
+    widest considered. ``None`` when even ``width_mult=0.01`` has more parameters. Used to build the thin
+    StudentNet that a pruned student of the same size is compared with.
+    """
+
+    def count(width: float) -> int:
+        return sum(p.numel() for p in StudentNet(**{**kwargs, "width_mult": width}).parameters())
+
+    lo, hi = 0.01, float(kwargs.get("width_mult", 1.0))
+    if count(lo) > params:
+        return None
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if count(mid) <= params else (lo, mid)
+    return math.floor(lo * 1e4) / 1e4  # rounded down: never more parameters than ``params``

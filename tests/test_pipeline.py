@@ -18,7 +18,7 @@ import yaml
 from helpers import start_distill, tiny_kd_recipe
 
 from distill.export import export
-from distill.pipeline import prune_distill
+from distill.prune_distill import prune_distill
 from distill.recipes import fit_recipe, relocate
 from students import UNSCALED_LAYERS, load_student
 

@@ -21,10 +21,13 @@ from distill.pruning import (
     GroupLasso,
     HRankImportance,
     NetworkSlimming,
+    PruningPolicy,
     PruningSchedule,
     TaylorImportance,
+    channel_counts,
     channel_groups,
     prune_student,
+    resolve_importance,
 )
 from students import StudentNet, create_student
 from teachers import load_teacher
@@ -77,7 +80,7 @@ def test_removing_zero_gamma_channels_keeps_outputs_exactly():
     expected = model(x)
     widths_before = model.channels
 
-    report = prune_student(model, X1, "bn_scale", ratio=0.25)
+    report = prune_student(model, X1, PruningPolicy("bn_scale"), ratio=0.25)
 
     torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=0)
     assert len(zeroed) == 7
@@ -95,7 +98,7 @@ def test_removing_zero_gamma_channels_keeps_outputs_exactly():
 def test_every_criterion_shrinks_every_student(name: str, kwargs: dict, criterion: str):
     model = build(name, **kwargs)
     convs_before = {n: (m.in_channels, m.out_channels) for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
-    report = prune_student(model, X1, criterion, ratio=0.5, data=batches())
+    report = prune_student(model, X1, PruningPolicy(criterion), ratio=0.5, data=batches())
     assert report.params_after < report.params_before and report.macs_after < report.macs_before
     assert report.params_after == count_params(model)
     shrunk = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.out_channels < convs_before[n][1]]
@@ -115,17 +118,17 @@ def test_pruning_keeps_each_layer_in_its_mode():
     model = build("timm/test_resnet", small_input=True).train()
     model.layer1.eval()  # e.g. a frozen stage
     modes = {name: m.training for name, m in model.named_modules()}
-    prune_student(model, X1, "l1", ratio=0.5)
+    prune_student(model, X1, PruningPolicy("l1"), ratio=0.5)
     assert {name: m.training for name, m in model.named_modules()} == modes
 
 
 def test_per_layer_ratio_floor_and_round_to():
     model = build("studentnet")
     before = model.channels
-    prune_student(model, X1, "l1", ratio=0.3, round_to=8)
+    prune_student(model, X1, PruningPolicy("l1", round_to=8), ratio=0.3)
     assert model.channels == [min(w, math.ceil(math.ceil(w * 0.7) / 8) * 8) for w in before]
     model = build("studentnet")
-    prune_student(model, X1, "l1", ratio=0.9, min_channels=12, min_fraction=0.25)
+    prune_student(model, X1, PruningPolicy("l1", min_channels=12, min_fraction=0.25), ratio=0.9)
     assert model.channels == [max(12, math.ceil(w * 0.25), math.ceil(w * 0.1)) for w in before]
 
 
@@ -134,7 +137,7 @@ def test_global_ranking_respects_floors():
     with torch.no_grad():  # tiny |gamma| after the first two layers: one global threshold would empty them
         for bn in ("cnn.0.1", "cnn.1.1", "cnn.2.1"):
             model.get_submodule(bn).weight.mul_(1e-6)
-    report = prune_student(model, X1, "bn_scale", ratio=0.5, global_ranking=True, min_channels=2)
+    report = prune_student(model, X1, PruningPolicy("bn_scale", global_ranking=True, min_channels=2), ratio=0.5)
     assert report.channels_after["cnn.0.0"] == 2 and report.channels_after["cnn.1.3"] == 2
     scored = [name for name in report.channels_before if name != "cnn.7.3"]  # cnn.7.3 has no BatchNorm
     assert sum(report.channels_after[n] for n in scored) == sum(report.channels_before[n] for n in scored) // 2
@@ -145,21 +148,19 @@ def test_global_ranking_respects_floors():
 def test_targets_are_met_from_below(target: str):
     model = build("studentnet")
     full = count_params(model) if target == "target_params" else prune_student(build(), X1, ratio=0.0).macs_before
-    report = prune_student(model, X1, "l1", **{target: full // 3})
+    report = prune_student(model, X1, PruningPolicy("l1"), **{target: full // 3})
     reached = report.params_after if target == "target_params" else report.macs_after
     assert full // 4 < reached <= full // 3
 
 
 def test_ignored_layers_keep_their_channels():
     model = build("studentnet")
-    prune_student(model, X1, "l1", ratio=0.5, ignored_layers=["cnn.0.0", "cnn.7.3"])
+    prune_student(model, X1, PruningPolicy("l1", ignored_layers=["cnn.0.0", "cnn.7.3"]), ratio=0.5)
     assert model.channels[0] == 16 and model.channels[7] == 256 and model.channels[3] == 64
 
 
 @pytest.mark.parametrize("criterion", ["l1", "l2", "taylor", "hrank"])
 def test_criteria_score_a_dead_channel_lowest(criterion: str):
-    from distill.pruning import resolve_importance
-
     model = build("studentnet")
     with torch.no_grad():  # channel 5 of cnn.3.3's output is dead: zero filter and bias
         model.cnn[3][3].weight[5] = 0.0
@@ -172,7 +173,8 @@ def test_criteria_score_a_dead_channel_lowest(criterion: str):
     assert scores[5] == scores.min() == 0.0
     if criterion in ("l1", "l2", "hrank"):  # the others are strictly positive here
         assert (scores[torch.arange(128) != 5] > 0).all()
-        prune_student(model, X1, criterion, ratio=1 / 128, data=batches(), ignored_layers=["cnn.0.0"])
+        policy = PruningPolicy(criterion, ignored_layers=["cnn.0.0"])
+        prune_student(model, X1, policy, ratio=1 / 128, data=batches())
         assert model.channels[3] == 127
         assert (model.cnn[3][3].weight.flatten(1).abs().sum(1) > 0).all()  # the dead filter is the one gone
 
@@ -185,10 +187,33 @@ def test_hrank_scores_are_mean_feature_map_ranks():
     assert scores.shape == (128,) and scores.max() <= 7 and scores.min() >= 0  # 7x7 maps
 
 
+def test_l1_is_torch_prunings_magnitude_only_where_the_groups_root_produces_the_channels():
+    """Why ``l1`` is ours: torch-pruning's scores the layer a group lists first, in StudentNet a depthwise conv."""
+    import torch_pruning as tp
+
+    theirs = tp.importance.MagnitudeImportance(p=1, group_reduction="first", normalizer="mean")
+    ours = resolve_importance("l1")
+    for name, agrees in (("timm/test_resnet", True), ("studentnet", False)):
+        groups = channel_groups(build(name), X1).values()
+        assert all(torch.allclose(ours(group), theirs(group), rtol=1e-5) for group in groups) == agrees
+
+
+def test_the_policy_gives_data_driven_criteria_its_batch_count_and_floors_of_the_starting_channels():
+    pruner = ChannelPruning("taylor", PruningSchedule(ratio=0.1), num_batches=7)  # its num_batches was lost
+    assert pruner.policy.criterion().num_batches == 7
+    policy = PruningPolicy(min_channels=3, min_fraction=0.25)
+    assert policy.floors({"a": 64, "b": 8}) == {"a": 16, "b": 3}
+    model = build("studentnet")
+    start = channel_counts(model, X1)
+    prune_student(model, X1, policy, ratio=0.5)
+    prune_student(model, X1, policy, ratio=0.9, floors=policy.floors(start))  # of the channels before step 1
+    assert model.channels[1:] == [max(3, math.ceil(0.25 * c)) for c in StudentNet(num_pools=3).channels[1:]]
+
+
 def test_random_is_reproducible():
     a, b = build("studentnet"), build("studentnet")
-    prune_student(a, X1, "random", ratio=0.5)
-    prune_student(b, X1, "random", ratio=0.5)
+    prune_student(a, X1, PruningPolicy("random"), ratio=0.5)
+    prune_student(b, X1, PruningPolicy("random"), ratio=0.5)
     assert torch.equal(a.cnn[2][3].weight, b.cnn[2][3].weight)
 
 
@@ -207,8 +232,10 @@ def test_random_is_reproducible():
     ],
 )
 def test_bad_input(kwargs: dict, match: str):
+    policy_keys = ("importance", "min_fraction", "ignored_layers")
     with pytest.raises(ValueError, match=match):
-        prune_student(build("studentnet"), X1, **kwargs)
+        policy = PruningPolicy(**{k: v for k, v in kwargs.items() if k in policy_keys})
+        prune_student(build("studentnet"), X1, policy, **{k: v for k, v in kwargs.items() if k not in policy_keys})
 
 
 @pytest.mark.parametrize(

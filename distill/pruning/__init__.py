@@ -1,4 +1,4 @@
-"""Structured pruning of the student: criteria, physical surgery, schedules and Lightning callbacks."""
+"""Structured pruning of the student: criteria, the policy, physical surgery, schedules and Lightning callbacks."""
 
 from distill.pruning.callbacks import ChannelPruning, GroupLasso, NetworkSlimming
 from distill.pruning.importance import (
@@ -8,23 +8,36 @@ from distill.pruning.importance import (
     TaylorImportance,
     resolve_importance,
 )
-from distill.pruning.schedule import PruningSchedule, PruningStep
-from distill.pruning.surgery import PruneReport, channel_groups, check_target, prune_student, select_channels
+from distill.pruning.policy import PruningPolicy, labelled_batches
+from distill.pruning.schedule import ROUND_SCHEDULES, PruningSchedule, PruningStep, round_schedule
+from distill.pruning.surgery import (
+    PruneReport,
+    channel_counts,
+    channel_groups,
+    check_target,
+    prune_student,
+    select_channels,
+)
 
 __all__ = [
     "CRITERIA",
+    "ROUND_SCHEDULES",
     "ChannelPruning",
     "GroupLasso",
     "HRankImportance",
     "NetworkSlimming",
     "PruneReport",
+    "PruningPolicy",
     "PruningSchedule",
     "PruningStep",
     "RandomImportance",
     "TaylorImportance",
+    "channel_counts",
     "channel_groups",
     "check_target",
+    "labelled_batches",
     "prune_student",
     "resolve_importance",
+    "round_schedule",
     "select_channels",
 ]

@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import pytorch_lightning as pl
@@ -19,10 +19,12 @@ from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
 
+from distill.data.batch import as_batch
 from distill.profile import count_macs, count_params
-from distill.pruning.importance import CRITERIA, Importance, resolve_importance
+from distill.pruning.importance import Importance
+from distill.pruning.policy import PruningPolicy, labelled_batches
 from distill.pruning.schedule import PruningSchedule, PruningStep, ScheduleFn
-from distill.pruning.surgery import PruneReport, channel_groups, check_target, prune_student, select_channels
+from distill.pruning.surgery import PruneReport, channel_counts, check_target, prune_student, select_channels
 
 __all__ = ["ChannelPruning", "GroupLasso", "NetworkSlimming"]
 
@@ -182,6 +184,8 @@ class ChannelPruning(Callback):
         round_to: kept channel counts are rounded up to a multiple of this.
         ignored_layers: student layer names whose output channels must not change.
         num_batches: training batches the data-driven criteria (``taylor``, ``hrank``) look at.
+
+    The arguments other than ``schedule`` form the :class:`~distill.pruning.PruningPolicy` ``self.policy``.
     """
 
     def __init__(
@@ -195,23 +199,11 @@ class ChannelPruning(Callback):
         ignored_layers: Sequence[str] = (),
         num_batches: int = 4,
     ) -> None:
-        if isinstance(importance, str) and importance not in CRITERIA:
-            raise ValueError(f"Unknown importance criterion {importance!r}; choose one of {', '.join(CRITERIA)}")
         if schedule is None:
             raise ValueError("ChannelPruning needs a schedule, e.g. PruningSchedule(ratio=0.05, steps=10)")
-        if min_channels < 1 or not 0.0 <= min_fraction < 1.0 or round_to < 1 or num_batches < 1:
-            raise ValueError(
-                "need min_channels >= 1, 0 <= min_fraction < 1, round_to >= 1 and num_batches >= 1; got "
-                f"{min_channels}, {min_fraction}, {round_to}, {num_batches}"
-            )
-        self.importance = importance
+        self.policy = PruningPolicy(importance, global_ranking, min_channels, min_fraction, round_to,
+                                    ignored_layers, num_batches)  # fmt: skip
         self.schedule = schedule
-        self.global_ranking = global_ranking
-        self.min_channels = min_channels
-        self.min_fraction = min_fraction
-        self.round_to = round_to
-        self.ignored_layers = list(ignored_layers)
-        self.num_batches = num_batches
         self.initial: dict[str, Any] = {}
         self.reports: list[PruneReport] = []
 
@@ -222,15 +214,12 @@ class ChannelPruning(Callback):
         ``distill fit`` calls it before the Trainer exists; otherwise they would fail at fit start, or at the
         first pruning step after an epoch of training.
         """
-        groups = channel_groups(student, example_input, self.ignored_layers)
+        channels = channel_counts(student, example_input, self.policy.ignored_layers)
         target_params = getattr(self.schedule, "target_params", None)  # a schedule may be any function of the epoch
         target_macs = getattr(self.schedule, "target_macs", None)
         if target_params is not None or target_macs is not None:
-            floors = {
-                name: max(self.min_channels, math.ceil(self.min_fraction * len(g[0][1]))) for name, g in groups.items()
-            }
-            check_target(student, example_input, target_params, target_macs, floors, round_to=self.round_to,
-                         ignored_layers=self.ignored_layers)  # fmt: skip
+            check_target(student, example_input, self.policy, target_params=target_params, target_macs=target_macs,
+                         floors=self.policy.floors(channels))  # fmt: skip
 
     @staticmethod
     def _example_input(trainer: pl.Trainer, student: nn.Module) -> torch.Tensor:
@@ -238,14 +227,8 @@ class ChannelPruning(Callback):
         data = trainer.datamodule
         if data is not None and hasattr(data, "input_size") and hasattr(data, "in_chans"):
             return torch.zeros(1, data.in_chans, *data.input_size, device=device)
-        x = next(iter(trainer.train_dataloader))[0]
+        x = as_batch(next(iter(trainer.train_dataloader))).x
         return torch.zeros_like(x[:1], device=device)
-
-    def _batches(self, trainer: pl.Trainer, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for i, (x, y, *_) in enumerate(trainer.train_dataloader):  # a third entry: cached teacher logits
-            if i == self.num_batches:
-                return
-            yield x.to(device), y.to(device)
 
     def _step(self, epoch: int) -> PruningStep | None:
         if isinstance(self.schedule, PruningSchedule):
@@ -259,11 +242,10 @@ class ChannelPruning(Callback):
             return
         student = _student(pl_module)
         x = self._example_input(trainer, student)
-        groups = channel_groups(student, x, self.ignored_layers)
         self.initial = {
             "params": count_params(student),
             "macs": count_macs(student, x),
-            "channels": {name: len(group[0][1]) for name, group in groups.items()},
+            "channels": channel_counts(student, x, self.policy.ignored_layers),
         }
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -278,26 +260,18 @@ class ChannelPruning(Callback):
             return
         plan = None
         if trainer.is_global_zero:
-            floors = {
-                name: max(self.min_channels, math.ceil(self.min_fraction * n))
-                for name, n in self.initial["channels"].items()
-            }
-            criterion = resolve_importance(self.importance)
             plan = select_channels(
                 student,
                 x,
-                criterion,
+                self.policy,
                 ratio=step.ratio,
                 target_params=step.target_params,
                 target_macs=step.target_macs,
-                global_ranking=self.global_ranking,
-                min_channels=floors,
-                round_to=self.round_to,
-                ignored_layers=self.ignored_layers,
-                data=self._batches(trainer, x.device),
+                floors=self.policy.floors(self.initial["channels"]),  # of the channels before the first step
+                data=labelled_batches(trainer.train_dataloader, self.policy.num_batches, x.device),
             )
         plan = trainer.strategy.broadcast(plan, src=0)
-        report = prune_student(student, x, plan=plan, ignored_layers=self.ignored_layers)
+        report = prune_student(student, x, self.policy, plan=plan)
         self.reports.append(report)
         if callable(getattr(pl_module, "prepare_models", None)):
             pl_module.prepare_models()  # new weight tensors: channels_last again

@@ -5,16 +5,24 @@ a depthwise conv, the consumer's input channels, residual partners). A criterion
 ``group -> Tensor | None`` (``None``: no opinion, the group is left alone), so torch-pruning's own
 importances and user functions plug in as they are. Low scores are pruned first.
 
-- ``l1`` / ``l2``: norm of each filter of the group's producer (Li et al. 2017, "Pruning Filters for
-  Efficient ConvNets"), divided by the layer's mean so layers compare in a global ranking.
 - ``bn_scale``: |gamma| of the group's BatchNorms (Liu et al. 2017, "Learning Efficient Convolutional
-  Networks through Network Slimming"); raw values, for one global threshold. Groups without a
-  BatchNorm get no score and are not pruned.
-- ``taylor``: |sum over the filter of grad x weight|, gradients summed over a few batches (Molchanov
-  et al. 2017/2019, first-order Taylor expansion of the loss); layer-mean normalised.
+  Networks through Network Slimming"), torch-pruning's ``BNScaleImportance``; raw values, for one global
+  threshold. Groups without a BatchNorm get no score and are not pruned.
+
+Ours, where torch-pruning's would choose other channels:
+
+- ``l1`` / ``l2``: norm of each filter of the group's *producer* (Li et al. 2017, "Pruning Filters for
+  Efficient ConvNets"), divided by the layer's mean so layers compare in a global ranking. torch-pruning's
+  ``MagnitudeImportance(group_reduction="first")`` scores the layer a group lists first: the producer in a
+  ResNet, but in some of StudentNet's groups the depthwise conv that only passes the channels on
+  (``tests/test_pruning.py`` shows both).
+- ``taylor``: |sum over the filter of grad x weight| (Molchanov et al. 2017/2019, first-order Taylor
+  expansion of the loss); layer-mean normalised. torch-pruning's ``TaylorImportance`` reads whatever
+  gradients the model holds when it scores; this one sums the cross-entropy's gradients over
+  ``num_batches`` batches with BatchNorm frozen, and gives the model its own gradients back.
 - ``hrank``: the mean matrix rank of each channel's output feature maps over a few batches (Lin et
-  al. 2020, "HRank: Filter Pruning using High-Rank Feature Map"; seed 003).
-- ``random``: a baseline.
+  al. 2020, "HRank: Filter Pruning using High-Rank Feature Map"; seed 003). torch-pruning has none.
+- ``random``: a baseline, seeded (torch-pruning's draws from the global generator).
 """
 
 from __future__ import annotations
@@ -203,23 +211,26 @@ class RandomImportance:
         return torch.rand(len(group[0][1]), generator=self.generator)
 
 
-#: Criteria by name: a factory of keyword arguments each.
-CRITERIA: dict[str, Callable[..., Importance]] = {
-    "l1": lambda: FilterNormImportance(p=1),
-    "l2": lambda: FilterNormImportance(p=2),
-    "bn_scale": lambda: tp.importance.BNScaleImportance(normalizer=None),
-    "taylor": TaylorImportance,
-    "hrank": HRankImportance,
-    "random": RandomImportance,
+#: Criteria by name: each a factory of the number of batches a data-driven criterion looks at.
+CRITERIA: dict[str, Callable[[int], Importance]] = {
+    "l1": lambda _num_batches: FilterNormImportance(p=1),
+    "l2": lambda _num_batches: FilterNormImportance(p=2),
+    "bn_scale": lambda _num_batches: tp.importance.BNScaleImportance(normalizer=None),
+    "taylor": lambda num_batches: TaylorImportance(num_batches),
+    "hrank": lambda num_batches: HRankImportance(num_batches),
+    "random": lambda _num_batches: RandomImportance(),
 }
 
 
-def resolve_importance(importance: str | Importance, **kwargs: Any) -> Importance:
-    """A criterion from its name (``l1``, ``l2``, ``bn_scale``, ``taylor``, ``hrank``, ``random``) or a callable."""
+def resolve_importance(importance: str | Importance, num_batches: int = 4) -> Importance:
+    """A criterion from its name (``l1``, ``l2``, ``bn_scale``, ``taylor``, ``hrank``, ``random``) or a callable.
+
+    ``num_batches``: the batches a data-driven criterion (``taylor``, ``hrank``) looks at.
+    """
     if callable(importance):
         return importance
     if importance not in CRITERIA:
         raise ValueError(
             f"Unknown importance criterion {importance!r}; choose one of {', '.join(CRITERIA)} or pass a callable"
         )
-    return CRITERIA[importance](**kwargs)
+    return CRITERIA[importance](num_batches)

@@ -1,11 +1,16 @@
-"""When to prune and how much: a small dataclass usable from YAML, or any function of the epoch."""
+"""When to prune and how much: one schedule notion for ``ChannelPruning`` and ``distill prune-distill``.
+
+A :class:`PruningSchedule` is a small dataclass usable from YAML: its k-th step says how much to prune.
+``ChannelPruning`` takes step k at the end of the k-th scheduled epoch; ``distill prune-distill`` takes it
+in round k (:func:`round_schedule`). A callback's schedule may also be any function of the epoch.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
 
-__all__ = ["PruningSchedule", "PruningStep", "ScheduleFn"]
+__all__ = ["ROUND_SCHEDULES", "PruningSchedule", "PruningStep", "ScheduleFn", "round_schedule"]
 
 
 @dataclass(frozen=True)
@@ -88,7 +93,10 @@ class PruningSchedule:
         """What to prune at the end of ``epoch``, given the student's size before the first step."""
         if epoch not in self.epochs():
             return None
-        k = self.epochs().index(epoch) + 1  # 1-based step number
+        return self.step(self.epochs().index(epoch) + 1, initial_params, initial_macs)
+
+    def step(self, k: int, initial_params: int, initial_macs: int) -> PruningStep:
+        """What step ``k`` (1-based, at most ``steps``) prunes, given the size before the first step."""
         if self.ratio is not None:
             return PruningStep(ratio=self.ratio)
         if self.final_ratio is not None:
@@ -101,3 +109,19 @@ class PruningSchedule:
 def _geometric(start: int, end: int, k: int, steps: int) -> int:
     """The k-th of ``steps`` geometric steps from ``start`` to ``end`` (the last one is ``end`` exactly)."""
     return end if k == steps else round(start * (end / start) ** (k / steps))
+
+
+#: The schedules of ``distill prune-distill``'s rounds.
+ROUND_SCHEDULES = ("fixed", "geometric")
+
+
+def round_schedule(
+    kind: str, rounds: int, ratio: float, max_rounds: int, target_params: int | None, target_macs: int | None
+) -> PruningSchedule:
+    """The schedule of prune-distill's rounds: ``geometric`` reaches the target in ``rounds`` steps of equal
+    relative size; ``fixed`` removes ``ratio`` of the channels per round, for up to ``max_rounds`` rounds."""
+    if kind not in ROUND_SCHEDULES:
+        raise ValueError(f"Unknown schedule {kind!r}; choose one of {', '.join(ROUND_SCHEDULES)}")
+    if kind == "fixed":
+        return PruningSchedule(steps=max_rounds, ratio=ratio)
+    return PruningSchedule(steps=rounds, target_params=target_params, target_macs=target_macs)

@@ -2,8 +2,9 @@
 
 torch-pruning's dependency graph (Fang et al. 2023, "DepGraph") finds the coupled layers that must
 lose the same channels: a producer conv, its BatchNorm, a depthwise conv, the consumer's input
-channels, and the partners of residual additions. This module decides *which* channels go (per-layer
-or global ranking, floors, ``round_to``, a ratio or a parameter/MAC target) and reports the result.
+channels, and the partners of residual additions. This module decides *which* channels go, as a
+:class:`~distill.pruning.policy.PruningPolicy` says (per-layer or global ranking, floors, ``round_to``), for a
+ratio or a parameter/MAC target, removes them, and reports the result.
 The stem's input (the image channels) and the classifier's outputs (the classes) are never pruned.
 """
 
@@ -21,11 +22,13 @@ from torch import nn
 
 from distill.profile import count_macs, count_params, eval_mode
 from distill.pruning.importance import DataDrivenImportance, Importance, producer, resolve_importance
+from distill.pruning.policy import PruningPolicy
 from students import mark_pruned
 
 __all__ = [
     "PruneReport",
     "apply_plan",
+    "channel_counts",
     "channel_groups",
     "check_target",
     "plan_pruning",
@@ -35,6 +38,8 @@ __all__ = [
 
 #: Channels to remove, by the name of the layer that produces each group's channels.
 Plan = dict[str, list[int]]
+#: Channels each group keeps at least, by group name (``None``: the policy's floors of the current channels).
+Floors = Mapping[str, int] | None
 
 
 @dataclass
@@ -163,91 +168,99 @@ def _score(importance: Importance, groups: Mapping[str, Any]) -> dict[str, torch
     return scores
 
 
+def channel_counts(model: nn.Module, example_input: torch.Tensor, ignored_layers: Sequence[str] = ()) -> dict[str, int]:
+    """The channels of each prunable group of ``model``, by group name (see :func:`channel_groups`)."""
+    return {name: len(group[0][1]) for name, group in channel_groups(model, example_input, ignored_layers).items()}
+
+
+def _size(model: nn.Module, example_input: torch.Tensor, target_params: int | None) -> int:
+    """Parameters when the target is a parameter count, else MACs per forward of ``example_input``."""
+    return count_params(model) if target_params is not None else count_macs(model, example_input)
+
+
+def _scored(
+    model: nn.Module, example_input: torch.Tensor, criterion: Importance, policy: PruningPolicy, floors: Floors
+) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """Each group's channel scores, and its floor (``floors``, or the policy's of its current channels)."""
+    scores = _score(criterion, channel_groups(model, example_input, policy.ignored_layers))
+    if not scores:
+        raise ValueError("the criterion scored no layer (e.g. bn_scale on a model without BatchNorm)")
+    own = policy.floors({name: len(s) for name, s in scores.items()})
+    return scores, {name: (floors or {}).get(name, own[name]) for name in scores}
+
+
 def select_channels(
     model: nn.Module,
     example_input: torch.Tensor,
-    importance: str | Importance = "l1",
+    policy: PruningPolicy | None = None,
+    *,
     ratio: float | None = None,
     target_params: int | None = None,
     target_macs: int | None = None,
-    global_ranking: bool = False,
-    min_channels: int | Mapping[str, int] = 1,
-    min_fraction: float = 0.0,
-    round_to: int = 1,
-    ignored_layers: Sequence[str] = (),
+    floors: Floors = None,
     data: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> Plan:
     """Decide which channels to remove, without touching ``model`` (see :func:`prune_student`)."""
+    policy = policy or PruningPolicy()
     if sum(v is not None for v in (ratio, target_params, target_macs)) != 1:
         raise ValueError("give exactly one of ratio, target_params or target_macs")
     if ratio is not None and not 0.0 <= ratio < 1.0:
         raise ValueError(f"ratio must be in [0, 1) (the fraction of channels to remove), got {ratio}")
-    if round_to < 1 or not 0.0 <= min_fraction < 1.0:
-        raise ValueError(f"need round_to >= 1 and 0 <= min_fraction < 1, got {round_to} and {min_fraction}")
-    if isinstance(min_channels, int) and min_channels < 1:
-        raise ValueError(f"min_channels must be >= 1 (a layer cannot be emptied), got {min_channels}")
-    for name, target, cost in (
-        ("target_params", target_params, count_params),
-        ("target_macs", target_macs, count_macs),
-    ):
-        if target is not None:
-            have = cost(model) if cost is count_params else cost(model, example_input)
-            if not 0 < target < have:
-                raise ValueError(f"{name}={target:,} must be positive and below the student's current {have:,}")
+    target = target_params if target_params is not None else target_macs
+    if target is not None:
+        have = _size(model, example_input, target_params)
+        if not 0 < target < have:
+            name = "target_params" if target_params is not None else "target_macs"
+            raise ValueError(f"{name}={target:,} must be positive and below the student's current {have:,}")
 
-    criterion = resolve_importance(importance)
+    criterion = policy.criterion()
     if isinstance(criterion, DataDrivenImportance):
         if data is None:
-            label = importance if isinstance(importance, str) else type(criterion).__name__
+            label = policy.importance if isinstance(policy.importance, str) else type(criterion).__name__
             raise ValueError(f"the {label!r} criterion is data-driven: pass data=batches of (x, y)")
         criterion.collect(model, data)
-    groups = channel_groups(model, example_input, ignored_layers)
-    scores = _score(criterion, groups)
-    if not scores:
-        raise ValueError("the criterion scored no layer (e.g. bn_scale on a model without BatchNorm)")
-    floors = _floors(scores, min_channels, min_fraction)
-    return _select(
-        model,
-        example_input,
-        scores,
-        floors,
-        ratio,
-        target_params,
-        target_macs,
-        global_ranking,
-        round_to,
-        ignored_layers,
-    )
+    scores, floors = _scored(model, example_input, criterion, policy, floors)
 
+    def make(r: float) -> Plan:
+        return plan_pruning(scores, r, floors, policy.global_ranking, policy.round_to)
 
-def _floors(scores: Mapping[str, torch.Tensor], min_channels: int | Mapping[str, int], min_fraction: float) -> dict:
-    return {
-        name: max(
-            min_channels.get(name, 1) if isinstance(min_channels, Mapping) else min_channels,
-            math.ceil(min_fraction * len(s)),
-        )
-        for name, s in scores.items()
-    }
+    if ratio is not None:
+        return make(ratio)
+
+    def cost(r: float) -> int:
+        trial = copy.deepcopy(model)
+        apply_plan(trial, example_input, make(r), policy.ignored_layers)
+        return _size(trial, example_input, target_params)
+
+    _check_smallest(model, example_input, scores, floors, policy, target_params, target_macs)
+    lo, hi = 0.0, 1.0 - 1e-9  # cost(lo) > target >= cost(hi)
+    for _ in range(30):
+        mid = (lo + hi) / 2
+        if cost(mid) <= target:
+            hi = mid
+        else:
+            lo = mid
+        if hi - lo < 1e-4:
+            break
+    return make(hi)
 
 
 def check_target(
     model: nn.Module,
     example_input: torch.Tensor,
+    policy: PruningPolicy | None = None,
+    *,
     target_params: int | None = None,
     target_macs: int | None = None,
-    min_channels: int | Mapping[str, int] = 1,
-    min_fraction: float = 0.0,
-    round_to: int = 1,
-    ignored_layers: Sequence[str] = (),
+    floors: Floors = None,
 ) -> None:
     """Refuse a size target that pruning ``model`` cannot reach without breaking a floor.
 
     Cheap (one pruned copy, no data), so jobs check their final target before they start.
     """
-    groups = channel_groups(model, example_input, ignored_layers)
-    scores = _score(resolve_importance("l1"), groups)  # which channels go does not change the size
-    _check_smallest(model, example_input, scores, _floors(scores, min_channels, min_fraction), round_to,
-                    ignored_layers, target_params, target_macs)  # fmt: skip
+    policy = policy or PruningPolicy()
+    scores, floors = _scored(model, example_input, resolve_importance("l1"), policy, floors)  # any criterion: size
+    _check_smallest(model, example_input, scores, floors, policy, target_params, target_macs)
 
 
 def _check_smallest(
@@ -255,15 +268,15 @@ def _check_smallest(
     example_input: torch.Tensor,
     scores: Mapping[str, torch.Tensor],
     floors: Mapping[str, int],
-    round_to: int,
-    ignored_layers: Sequence[str],
+    policy: PruningPolicy,
     target_params: int | None,
     target_macs: int | None,
 ) -> None:
     trial = copy.deepcopy(model)  # every scored layer at its floor
-    apply_plan(trial, example_input, plan_pruning(scores, 1.0 - 1e-9, floors, False, round_to), ignored_layers)
+    plan = plan_pruning(scores, 1.0 - 1e-9, floors, False, policy.round_to)
+    apply_plan(trial, example_input, plan, policy.ignored_layers)
     target = target_params if target_params is not None else target_macs
-    smallest = count_params(trial) if target_params is not None else count_macs(trial, example_input)
+    smallest = _size(trial, example_input, target_params)
     if smallest > target:
         unit = "parameters" if target_params is not None else "MACs"
         raise ValueError(
@@ -276,15 +289,12 @@ def _check_smallest(
 def prune_student(
     model: nn.Module,
     example_input: torch.Tensor,
-    importance: str | Importance = "l1",
+    policy: PruningPolicy | None = None,
+    *,
     ratio: float | None = None,
     target_params: int | None = None,
     target_macs: int | None = None,
-    global_ranking: bool = False,
-    min_channels: int | Mapping[str, int] = 1,
-    min_fraction: float = 0.0,
-    round_to: int = 1,
-    ignored_layers: Sequence[str] = (),
+    floors: Floors = None,
     data: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
     plan: Plan | None = None,
 ) -> PruneReport:
@@ -297,30 +307,26 @@ def prune_student(
         model: the student (a StudentNet or any timm model).
         example_input: a batch shaped like the data (e.g. ``torch.zeros(1, 1, 28, 28)``); MACs are per
             forward of this batch.
-        importance: a criterion name (see :mod:`distill.pruning.importance`) or a callable.
+        policy: how channels are chosen (criterion, ranking, floors, rounding, ignored layers);
+            default ``PruningPolicy()``: ``l1``, per layer.
         ratio: fraction of channels to remove, in [0, 1): of each layer (per-layer ranking) or of all
             prunable channels (global ranking).
         target_params: prune until the student has at most this many parameters.
         target_macs: prune until one forward of ``example_input`` costs at most this many MACs.
-        global_ranking: one ranking over all layers (better, but can empty a layer without a floor)
-            instead of the same ratio in every layer.
-        min_channels: every layer keeps at least this many channels (an int, or per root layer name).
-        min_fraction: every layer keeps at least this fraction of its current channels.
-        round_to: kept channel counts are rounded up to a multiple of this (hardware-friendly widths).
-        ignored_layers: names of layers whose output channels must not change.
+        floors: channels each group keeps at least, by group name, when pruning runs in steps (from
+            ``policy.floors`` of the channels before the first step); default: the policy's floors of the
+            current channels.
         data: batches ``(x, y)`` for data-driven criteria (``taylor``, ``hrank``).
         plan: channels to remove, as decided by :func:`select_channels` elsewhere (e.g. on rank 0
             under DDP); the selection arguments are then ignored.
     """
+    policy = policy or PruningPolicy()
     if plan is None:
-        plan = select_channels(
-            model, example_input, importance, ratio, target_params, target_macs, global_ranking,
-            min_channels, min_fraction, round_to, ignored_layers, data,
-        )  # fmt: skip
-    groups = channel_groups(model, example_input, ignored_layers)
-    before_channels = {name: len(group[0][1]) for name, group in groups.items()}
+        plan = select_channels(model, example_input, policy, ratio=ratio, target_params=target_params,
+                               target_macs=target_macs, floors=floors, data=data)  # fmt: skip
+    before_channels = channel_counts(model, example_input, policy.ignored_layers)
     params_before, macs_before = count_params(model), count_macs(model, example_input)
-    apply_plan(model, example_input, plan, ignored_layers)
+    apply_plan(model, example_input, plan, policy.ignored_layers)
     mark_pruned(model)
     return PruneReport(
         params_before=params_before,
@@ -330,41 +336,3 @@ def prune_student(
         channels_before=before_channels,
         channels_after={name: before_channels[name] - len(plan.get(name, [])) for name in before_channels},
     )
-
-
-def _select(
-    model: nn.Module,
-    example_input: torch.Tensor,
-    scores: Mapping[str, torch.Tensor],
-    floors: Mapping[str, int],
-    ratio: float | None,
-    target_params: int | None,
-    target_macs: int | None,
-    global_ranking: bool,
-    round_to: int,
-    ignored_layers: Sequence[str],
-) -> Plan:
-    def make(r: float) -> Plan:
-        return plan_pruning(scores, r, floors, global_ranking, round_to)
-
-    if ratio is not None:
-        return make(ratio)
-
-    target = target_params if target_params is not None else target_macs
-
-    def cost(r: float) -> int:
-        trial = copy.deepcopy(model)
-        apply_plan(trial, example_input, make(r), ignored_layers)
-        return count_params(trial) if target_params is not None else count_macs(trial, example_input)
-
-    _check_smallest(model, example_input, scores, floors, round_to, ignored_layers, target_params, target_macs)
-    lo, hi = 0.0, 1.0 - 1e-9  # cost(lo) > target >= cost(hi)
-    for _ in range(30):
-        mid = (lo + hi) / 2
-        if cost(mid) <= target:
-            hi = mid
-        else:
-            lo = mid
-        if hi - lo < 1e-4:
-            break
-    return make(hi)

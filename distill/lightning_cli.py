@@ -1,0 +1,247 @@
+"""``DistillCLI``: LightningCLI for :class:`DistillModule`, checking a run before anything is written.
+
+``distill fit --config configs/fmnist/kd.yaml`` runs it: the datamodule, the student, the teacher, the
+loss and the callbacks are built from typed signatures (``class_path``/``init_args``), and the data's
+``num_classes`` and ``in_chans`` are linked into the student. Jobs run their recipes through it too
+(:mod:`distill.recipes`). Also here: the device policy (:func:`default_precision`) and the parsers whose
+errors are one line.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+import torch
+from jsonargparse import ArgumentParser, Namespace
+from pytorch_lightning import Callback, LightningDataModule, Trainer
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
+from pytorch_lightning.loggers import CSVLogger
+
+from distill.module import DistillModule, check_resume_settings
+from distill.rundir import atomic_path
+from students.checkpoint import read_checkpoint
+
+__all__ = ["DistillCLI", "JobParser", "default_precision", "keep_logged_rows"]
+
+
+class _OneLineErrors:
+    """An argument parser whose errors are one ``distill: error: ...`` line instead of the full usage.
+
+    Abbreviated options are refused: ``--trainer.max_epoch`` must not silently mean ``--trainer.max_epochs``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error or os.environ.get("DISTILL_DEBUG"):
+            super().error(message, ex)
+        text = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+        command = self.prog.replace(" [options]", "")
+        print(f"distill: error: {text} (options: {command} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
+class _ArgumentParser(_OneLineErrors, LightningArgumentParser):
+    """Lets ``link_arguments`` target the parameters of a factory function used as ``class_path``.
+
+    jsonargparse (4.53) passes its private ``linked_targets`` to ``add_function_arguments``, which does not
+    accept it, so linking ``data.num_classes`` into ``students.create_timm_model`` fails. ``linked_targets``
+    only relaxes "required" on link targets, and jsonargparse clears those afterwards anyway.
+    """
+
+    def add_function_arguments(self, function: Callable, *args: Any, linked_targets: Any = None, **kwargs: Any):
+        return super().add_function_arguments(function, *args, **kwargs)
+
+
+class JobParser(_OneLineErrors, ArgumentParser):
+    """The parser of the jobs (``distill sweep``, ``prune-distill``, ...)."""
+
+
+class _Trainer(Trainer):
+    """Lightning's Trainer, with ``limit_*_batches: 1`` meaning one batch, as Lightning documents.
+
+    Lightning annotates these ``float | int``: parsed from a config, ``1`` became ``1.0``, which Lightning
+    reads as all of the batches. Every other argument goes to Lightning's Trainer unchanged.
+    """
+
+    def __init__(
+        self,
+        *,
+        limit_train_batches: int | float | None = None,
+        limit_val_batches: int | float | None = None,
+        limit_test_batches: int | float | None = None,
+        limit_predict_batches: int | float | None = None,
+        **kwargs: Any,
+    ) -> None:
+        at_least = {"check_val_every_n_epoch": 1, "accumulate_grad_batches": 1, "log_every_n_steps": 1}
+        at_least |= {"num_sanity_val_steps": -1, "max_epochs": -1, "max_steps": -1}
+        wrong = [f"{k}={kwargs[k]}" for k, low in at_least.items() if kwargs.get(k) is not None and kwargs[k] < low]
+        interval = kwargs.get("val_check_interval")
+        wrong += [f"val_check_interval={interval}"] if isinstance(interval, (int, float)) and interval <= 0 else []
+        if wrong:  # Lightning divides by some of them at fit time, after the run folder is touched
+            raise ValueError(f"trainer: {', '.join(wrong)} is out of range (see `distill fit --trainer.help Trainer`)")
+        super().__init__(
+            limit_train_batches=limit_train_batches,
+            limit_val_batches=limit_val_batches,
+            limit_test_batches=limit_test_batches,
+            limit_predict_batches=limit_predict_batches,
+            **kwargs,
+        )
+
+
+def default_precision() -> str:
+    """``bf16-mixed`` where a GPU with bfloat16 is present, else ``32-true`` (CPUs stay float32)."""
+    return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+
+
+class DistillCLI(LightningCLI):
+    """LightningCLI for :class:`DistillModule` with any datamodule, linking data shape into the student.
+
+    ``trainer.precision`` defaults to :func:`default_precision` (a config or ``--trainer.precision`` wins).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("trainer_defaults", {"precision": default_precision(), "callbacks": [_ResumedRows()]})
+        kwargs.setdefault("parser_class", _ArgumentParser)
+        kwargs.setdefault("trainer_class", _Trainer)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("auto_configure_optimizers", False)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})  # re-running a recipe replaces its run
+        kwargs.setdefault("parser_kwargs", {"prog": "distill"})  # also when run from Python (tests, jobs)
+        super().__init__(DistillModule, LightningDataModule, *args, **kwargs)
+
+    def add_arguments_to_parser(self, parser: Any) -> None:
+        for attr in _LINKED:
+            parser.link_arguments(f"data.{attr}", f"model.student.init_args.{attr}", apply_on="instantiate")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse, then check what was asked before LightningCLI merges a checkpoint's hyperparameters in.
+
+        With ``--ckpt_path``, LightningCLI takes the model's settings from the checkpoint over the config's;
+        a config that asks for other optimizer settings is refused instead of being silently overridden.
+        """
+        super().parse_arguments(parser, args)
+        structured = isinstance(args, (dict, Namespace))
+        given = parser.parse_object(args, defaults=False) if structured else parser.parse_args(args, defaults=False)
+        subcommand = self.config.get("subcommand")
+        config, given = (self.config[subcommand], given[subcommand]) if subcommand else (self.config, given)
+        self._given_student = given.get("model", Namespace()).get("student")
+        self._checkpoint, self._settings = None, None
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path is not None and str(ckpt_path) not in ("last", "best", "hpc") and "://" not in str(ckpt_path):
+            source = f"--ckpt_path {str(ckpt_path)!r}"
+            checkpoint = read_checkpoint(ckpt_path)
+            if "pytorch-lightning_version" not in checkpoint:
+                raise ValueError(
+                    f"{source} holds a student's weights, not a checkpoint written by `distill fit` (no training "
+                    f"state): to train from its weights, set model.student to students.load_student with init_args "
+                    f"{{path: {ckpt_path}, train: true}}; to deploy it, use `distill export`"
+                )
+            self._checkpoint = (source, checkpoint)
+            self._settings = config.model.as_dict() if subcommand == "fit" else None  # before its hparams merge in
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        """Check the run before the Trainer, its logger and its callbacks exist, then build them.
+
+        Bad input (data, teacher, ``--ckpt_path``) is refused here, before any file of an earlier run in
+        the same folder is touched. Only ``fit`` saves its config: evaluating a checkpoint must not
+        replace the config of the run that trained it.
+        """
+        self.check_run()
+        if self.subcommand not in (None, "fit"):
+            self.save_config_callback = None
+        return super().instantiate_trainer(**kwargs)
+
+    def check_run(self) -> None:
+        """Set up the data and check the student, the teacher and ``--ckpt_path`` against it; write nothing.
+
+        The data and models are checked by the first process of each machine (DDP ranks started together by
+        torchrun would download at once); every rank checks them again in ``setup``.
+        """
+        self._check_links()
+        if int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0))) == 0:  # one download per machine
+            if self.datamodule is not None:
+                self.datamodule.prepare_data()
+                self.datamodule.setup(self.subcommand or "fit")
+            self.model.check_data(self.datamodule)
+            if self.datamodule is not None and hasattr(self.datamodule, "input_size"):
+                x = torch.zeros(1, self.datamodule.in_chans, *self.datamodule.input_size)
+                trainer_config = self._get(self.config_init, "trainer", default={}) or {}
+                for callback in trainer_config.get("callbacks") or []:
+                    if callable(getattr(callback, "check", None)):  # e.g. ChannelPruning: layers, target
+                        callback.check(self.model.student, x)
+        if self._checkpoint is not None:
+            source, checkpoint = self._checkpoint
+            self.model.check_checkpoint(checkpoint, source)  # the architecture first: the bigger difference
+            if self._settings is not None:
+                check_resume_settings(checkpoint, self._settings, source)
+
+    def _check_links(self) -> None:
+        """Refuse a student ``num_classes``/``in_chans`` given against the data: the link would override it."""
+        given = self._given_student.get("init_args") if isinstance(self._given_student, Namespace) else None
+        for attr in _LINKED if isinstance(given, Namespace) else ():
+            value, data_value = given.get(attr), getattr(self.datamodule, attr, None)
+            if value is not None and data_value is not None and value != data_value:
+                raise ValueError(
+                    f"model.student.init_args.{attr}={value} contradicts the data: {type(self.datamodule).__name__} "
+                    f"has {attr}={data_value}, and the CLI sets it in the student. Remove {attr} from the student."
+                )
+
+    def before_fit(self) -> None:
+        """Keep the earlier rows of metrics.csv until the run is known: ``_ResumedRows`` trims them then."""
+        keep_logged_rows(self.trainer, lambda _row: True)
+
+    def before_validate(self) -> None:
+        keep_logged_rows(self.trainer, lambda _row: True)  # evaluation rows go after the training's
+
+    before_test = before_validate
+    before_predict = before_validate
+
+
+#: Data attributes linked into the student's arguments.
+_LINKED = ("num_classes", "in_chans")
+
+
+class _ResumedRows(Callback):
+    """A fit keeps the metrics rows logged before the checkpoint it resumed from; a new fit keeps none.
+
+    Runs when training starts, once Lightning has resolved ``--ckpt_path`` (a path, ``last``, ``hpc``) and
+    restored ``global_step``: the rows of steps from there on are logged again by this run.
+    """
+
+    def on_train_start(self, trainer: Trainer, pl_module: Any) -> None:
+        keep_logged_rows(trainer, lambda row: int(float(row.get("step") or 0)) < trainer.global_step)
+
+
+def keep_logged_rows(trainer: Any, keep: Callable[[dict[str, str]], bool]) -> None:
+    """Keep the rows of each ``CSVLogger``'s ``metrics.csv`` that ``keep`` accepts (rewritten atomically).
+
+    Lightning's CSV writer deletes a ``metrics.csv`` it finds when it starts, so a resumed run or an
+    evaluation in the training's folder would lose the training's rows: they are read first.
+    """
+    for logger in trainer.loggers if trainer.is_global_zero else ():  # rank 0 writes the logs
+        if not isinstance(logger, CSVLogger):
+            continue
+        path = Path(logger.log_dir) / "metrics.csv"
+        header, rows = [], []
+        if path.is_file():
+            with open(path, newline="") as f:
+                reader = csv.DictReader(f)
+                rows = [row for row in reader if keep(row)]
+                header = list(reader.fieldnames or [])
+        writer = logger.experiment  # Lightning's writer: deletes metrics.csv when it is created
+        writer.metrics_keys = header if rows else []  # the columns its next rows are appended under
+        if rows:
+            with atomic_path(path) as partial, open(partial, "w", newline="") as f:
+                table = csv.DictWriter(f, fieldnames=header)
+                table.writeheader()
+                table.writerows(rows)
+        else:
+            path.unlink(missing_ok=True)

@@ -1,0 +1,74 @@
+"""How channels are chosen: one ``PruningPolicy``, taken by every pruning entry point.
+
+Like torch-pruning's pruner object, the policy holds the criterion, the ranking, the floors, the
+rounding and the ignored layers, so that :func:`~distill.pruning.prune_student`,
+:class:`~distill.pruning.ChannelPruning` and ``distill prune-distill`` read the same settings the same
+way. Floors are of the channels each layer had when pruning *started* (:meth:`PruningPolicy.floors`):
+a student pruned in several steps never falls below ``min_fraction`` of its original width.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from distill.data.batch import as_batch
+from distill.pruning.importance import CRITERIA, Importance, resolve_importance
+
+__all__ = ["PruningPolicy", "labelled_batches"]
+
+
+@dataclass(frozen=True)
+class PruningPolicy:
+    """Which channels go: the criterion, global or per-layer ranking, floors, rounding, untouched layers.
+
+    Args:
+        importance: criterion name (``l1``, ``l2``, ``bn_scale``, ``taylor``, ``hrank``, ``random``) or a
+            callable ``group -> scores`` (see :mod:`distill.pruning.importance`).
+        global_ranking: rank channels across layers instead of removing the same ratio from every layer.
+        min_channels: every layer keeps at least this many channels.
+        min_fraction: every layer keeps at least this fraction of its channels when pruning started.
+        round_to: kept channel counts are rounded up to a multiple of this (hardware-friendly widths).
+        ignored_layers: names of student layers whose output channels never change.
+        num_batches: training batches the data-driven criteria (``taylor``, ``hrank``) look at.
+    """
+
+    importance: str | Importance = "l1"
+    global_ranking: bool = False
+    min_channels: int = 1
+    min_fraction: float = 0.0
+    round_to: int = 1
+    ignored_layers: Sequence[str] = field(default=())
+    num_batches: int = 4
+
+    def __post_init__(self) -> None:
+        if isinstance(self.importance, str) and self.importance not in CRITERIA:
+            raise ValueError(f"Unknown importance criterion {self.importance!r}; choose one of {', '.join(CRITERIA)}")
+        if self.min_channels < 1 or not 0.0 <= self.min_fraction < 1.0 or self.round_to < 1 or self.num_batches < 1:
+            raise ValueError(
+                "need min_channels >= 1, 0 <= min_fraction < 1, round_to >= 1 and num_batches >= 1; got "
+                f"{self.min_channels}, {self.min_fraction}, {self.round_to}, {self.num_batches}"
+            )
+        object.__setattr__(self, "ignored_layers", tuple(self.ignored_layers))
+
+    def criterion(self) -> Importance:
+        """A fresh criterion (data-driven ones collect their statistics anew each step)."""
+        return resolve_importance(self.importance, self.num_batches)
+
+    def floors(self, channels: Mapping[str, int]) -> dict[str, int]:
+        """The channels each group keeps at least, given its channel count when pruning started."""
+        return {name: max(self.min_channels, math.ceil(self.min_fraction * n)) for name, n in channels.items()}
+
+
+def labelled_batches(
+    loader: Iterable, num_batches: int, device: torch.device | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The first ``num_batches`` ``(x, y)`` of ``loader`` (cached teacher logits left out), for a criterion."""
+    for i, batch in enumerate(loader):
+        if i == num_batches:
+            return
+        x, y = as_batch(batch)[:2]
+        yield (x, y) if device is None else (x.to(device), y.to(device))

@@ -1,0 +1,121 @@
+"""A job's run directory: the settings it holds, the record of its finished phases, and safe writes.
+
+Jobs (``quickstart``, ``sweep``, ``prune-distill``) resume when run again in the same folder, so a
+folder is held to the settings and input files it was started with: other ones are refused before
+anything trains, naming what changed. Every result file is written to a partial file and renamed into
+place, so a killed job or a reader in another worker never sees half a file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+__all__ = ["IncompleteRun", "RunState", "atomic_path", "atomic_write", "changed_settings", "refuse_changes"]
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """A partial file beside ``path`` to write; renamed onto ``path`` only if the block succeeds.
+
+    Readers never see half a file, and a write that fails leaves an existing ``path`` as it was.
+    """
+    path = Path(path)
+    partial = path.with_name(f".{path.stem}.{uuid.uuid4().hex[:12]}.partial{path.suffix}")  # unique across hosts
+    try:
+        yield partial
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def atomic_write(path: Path, write: Callable[[Any], Any]) -> None:
+    """Call ``write`` on a text file beside ``path``, then rename it onto ``path``."""
+    with atomic_path(path) as partial, open(partial, "w", newline="") as f:
+        write(f)
+
+
+class IncompleteRun(RuntimeError):
+    """A job ended with part of its work unfinished (its report says what); ``distill`` exits with status 3."""
+
+    exit_status = 3
+
+
+def changed_settings(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """The settings whose values differ between a recorded run and this one (a missing one reads as None)."""
+    return sorted(k for k in stored.keys() | current.keys() if stored.get(k) != current.get(k))
+
+
+def refuse_changes(folder: Path, job: str, changed: Iterable[str], then: str) -> None:
+    """Refuse to resume the ``job`` run in ``folder`` with the ``changed`` settings; ``then``: what rerunning does."""
+    changed = list(changed)
+    if changed:
+        raise ValueError(
+            f"{folder} holds a {job} run with other settings ({', '.join(changed)} changed). Use a new run_dir, "
+            f"or rerun with the original settings: {then}."
+        )
+
+
+class RunState:
+    """``state.json`` of a resumable job: its settings, its inputs and a record per finished phase.
+
+    Args:
+        folder: the run directory (created by :meth:`hold`, not before: a refused run writes nothing).
+        job: the job's name, for messages.
+    """
+
+    def __init__(self, folder: Path, job: str) -> None:
+        self.folder = folder
+        self.job = job
+        self.path = folder / "state.json"
+        self.state: dict[str, Any] = json.loads(self.path.read_text()) if self.path.is_file() else {"phases": {}}
+
+    @property
+    def phases(self) -> dict[str, dict[str, Any]]:
+        """The records of the finished phases, by key."""
+        return self.state["phases"]
+
+    def hold(self, settings: dict[str, Any], inputs: dict[str, Any], compared_as_contents: Iterable[str]) -> None:
+        """Record the run's settings and inputs (contents, digests of files it reads); refuse other ones.
+
+        Only a run that trained something is held to its settings: a run that stopped before its first phase
+        ended (bad input found late, a crash) starts again with the new ones. ``compared_as_contents`` names
+        settings that are paths: their contents, in ``inputs``, are compared instead of their spelling.
+        """
+        settings = json.loads(json.dumps(settings, default=str))
+        skipped = set(compared_as_contents)
+
+        def compared(values: dict[str, Any]) -> dict[str, Any]:
+            return {k: v for k, v in values.items() if k not in skipped}
+
+        changed = changed_settings(compared(self.state.get("settings", settings)), compared(settings))
+        recorded = self.state.get("inputs", inputs)
+        moved = [f"the content of the {k}" for k in inputs if k != "inputs" and recorded.get(k) != inputs[k]]
+        if sorted(recorded.get("inputs", {}).values()) != sorted(inputs.get("inputs", {}).values()):
+            moved.append(f"a file it reads ({', '.join(inputs['inputs'])})")
+        trained = any(key != "start" for key in self.phases)  # "start" only copies an input into the run
+        if trained:
+            refuse_changes(self.folder, self.job, changed, "it then resumes")  # a new option reads as None there
+        if trained and moved:
+            raise ValueError(
+                f"{self.folder} holds a {self.job} run of other inputs ({', '.join(moved)} changed since it "
+                f"started): resuming would mix them in one run. Use a new run_dir, or restore the original inputs."
+            )
+        if changed or moved:
+            self.state = {"phases": {}}  # nothing trained yet: start afresh with these settings
+        self.state["settings"], self.state["inputs"] = settings, inputs
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.save()
+
+    def record(self, key: str, row: dict[str, Any]) -> None:
+        """Record a finished phase: a rerun finds it and goes on after it."""
+        self.phases[key] = row
+        self.save()
+
+    def save(self) -> None:
+        atomic_write(self.path, lambda f: json.dump(self.state, f, indent=1))

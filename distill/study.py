@@ -1,0 +1,241 @@
+"""The sweep's optuna study: its storage, and how workers share its grid.
+
+Trials live in an optuna study (``GridSampler``) in an RDB storage: an SQLite file in the run
+directory by default, or any SQLAlchemy URL (PostgreSQL, MySQL) that workers on several machines
+share. Any number of workers run the same command; each grid point is trained exactly once:
+
+- the first N trial numbers map one to one to the N grid points (optuna assigns numbers atomically);
+- a trial whose worker died stops sending heartbeats, is marked failed after a grace period and
+  re-queued with the same grid point (optuna's ``RetryHeartbeatStaleTrialCallback``);
+- a grid point whose trial failed is queued again when a worker starts;
+- before training, a trial that finds the same grid point completed, or running in a trial with a
+  lower number, steps aside (it is recorded as pruned).
+
+optuna is imported where it is used: it is needed by ``distill sweep`` only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import random
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # Windows: no file locks; the retries below still cover most races
+    fcntl = None
+
+from distill.recipes import FitResult, input_digests
+
+__all__ = ["finished_rows", "missing_points", "open_storage", "open_study", "work"]
+
+
+def open_storage(url: str, heartbeat_interval: int) -> Any:
+    """The optuna RDB storage at ``url``, its tables created once even when workers start together."""
+    import optuna
+    from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    path = Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else None
+    if path is not None and path.exists() and not _sqlite_file(path):  # checked before its lock file is made
+        raise ValueError(
+            f"The sweep storage {url!r} names {path}, which is not an SQLite database: choose another file"
+        )
+    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
+    with _creation_lock(url):  # workers started together would race to create the tables
+        for attempt in range(5):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                try:
+                    return RDBStorage(
+                        url,
+                        engine_kwargs=engine_kwargs,
+                        heartbeat_interval=heartbeat_interval,
+                        grace_period=2 * heartbeat_interval,
+                        heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(),
+                    )
+                except Exception as err:  # noqa: BLE001 - drivers raise many kinds; all mean "cannot open"
+                    message = str(err)
+                    racing = any(s in message for s in ("already exists", "UNIQUE constraint", "database is locked"))
+                    if racing and attempt < 4:  # another machine creating the same server database
+                        time.sleep(0.5 + random.random())
+                        continue
+                    raise ValueError(
+                        f"Cannot open the sweep storage {url!r}: {type(err).__name__}: {message.splitlines()[0]}. "
+                        f"Check the URL, the server and its driver (PostgreSQL: postgresql+psycopg:// with "
+                        f"pip install 'psycopg[binary]'), "
+                        f"or leave storage unset for an SQLite file in the run directory."
+                    ) from None
+
+
+def _sqlite_file(path: Path) -> bool:
+    """An SQLite database, or an empty file that SQLite makes one of."""
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return f.read(16) in (b"", b"SQLite format 3\0")
+
+
+@contextlib.contextmanager
+def _creation_lock(url: str) -> Iterator[None]:
+    """An exclusive file lock beside an SQLite storage file (workers on one machine); nothing otherwise."""
+    path = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else None
+    if path is None or fcntl is None or not Path(path).parent.is_dir():
+        yield
+        return
+    with open(f"{path}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def open_study(rdb: Any, url: str, name: str, space: dict[str, list], cfg: dict[str, Any]) -> Any:
+    import optuna
+    from optuna.trial import TrialState
+
+    study = optuna.create_study(
+        study_name=name,
+        storage=rdb,
+        sampler=optuna.samplers.GridSampler(space, seed=0),
+        direction="maximize",
+        load_if_exists=True,
+    )
+    fingerprint = {
+        "grid": space,
+        "recipe": json.dumps(cfg, sort_keys=True, default=str),
+        "inputs": input_digests(cfg),  # the teacher checkpoint's bytes: a retrained teacher is another sweep
+    }
+    # A study where nothing finished or runs (every trial failed: bad input found late) takes the new settings.
+    started = any(t.state in (TrialState.COMPLETE, TrialState.RUNNING) for t in study.get_trials(deepcopy=False))
+    for key, value in fingerprint.items():
+        stored = study.user_attrs.get(key)
+        if stored is None or (stored != value and not started):
+            study.set_user_attr(key, value)
+        elif stored != value:
+            changed = ", ".join(k for k in value if stored.get(k) != value[k]) if key == "inputs" else ""
+            what = {
+                "grid": f"the grid {stored}",
+                "recipe": "another recipe (config or overrides)",
+                "inputs": f"other contents of {changed or 'its input files'}",
+            }[key]
+            raise ValueError(
+                f"The study {name!r} in {url} was created for {what}; this run asks for "
+                f"{value if key == 'grid' else 'a different one'}. Finished trials would not match. "
+                f"Use a new run_dir (or study_name) for the new sweep, or rerun with the original settings."
+            )
+    return study
+
+
+def _key(params: dict[str, Any], space: dict[str, list]) -> tuple:
+    return tuple(params.get(name) for name in sorted(space))
+
+
+def _points(space: dict[str, list]) -> list[dict[str, Any]]:
+    names = sorted(space)
+    return [dict(zip(names, values, strict=True)) for values in itertools.product(*(space[n] for n in names))]
+
+
+def work(
+    study: Any, space: dict[str, list], run: Callable[[dict[str, Any]], FitResult], max_trials: int | None
+) -> None:
+    """This worker's share of the grid: trains grid points until none is left to start."""
+    import optuna
+    from optuna.storages import fail_stale_trials
+    from optuna.trial import TrialState
+
+    def states(point: dict[str, Any]) -> set:
+        return {t.state for t in study.get_trials(deepcopy=False) if _key(t.params, space) == _key(point, space)}
+
+    with warnings.catch_warnings():  # a killed worker's trial: failed and queued again by the storage callback
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        fail_stale_trials(study)
+    for point in _points(space):  # a crashed trial: queue its grid point again
+        seen = states(point)
+        if TrialState.FAIL in seen and not seen & {TrialState.COMPLETE, TrialState.RUNNING, TrialState.WAITING}:
+            study.enqueue_trial(point)
+
+    def left_to_start() -> bool:
+        taken = {
+            _key(t.params, space)
+            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+        }
+        return any(_key(p, space) not in taken for p in _points(space))
+
+    def objective(trial: Any) -> float:
+        params = {name: trial.suggest_categorical(name, values) for name, values in space.items()}
+        for other in study.get_trials(deepcopy=False):
+            if other.number == trial.number or _key(other.params, space) != _key(params, space):
+                continue
+            if other.state == TrialState.COMPLETE or (
+                other.state == TrialState.RUNNING and other.number < trial.number
+            ):
+                trial.set_user_attr("duplicate_of", other.number)
+                raise optuna.TrialPruned(f"grid point {params} is taken by trial {other.number}")
+        result = run(params)
+        for key, value in asdict(result).items():
+            trial.set_user_attr(key, value)
+        return result.val_acc
+
+    def stop_when_done(study: Any, _trial: Any) -> None:
+        if not left_to_start():
+            study.stop()
+
+    if left_to_start():
+        study.optimize(objective, n_trials=max_trials, callbacks=[stop_when_done], gc_after_trial=True)
+
+
+# --------------------------------------------------------------------------------- results
+def finished_rows(study: Any, space: dict[str, list], kind: str) -> list[dict[str, Any]]:
+    from optuna.trial import TrialState
+
+    rows = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        if _key(t.params, space) not in {_key(p, space) for p in _points(space)}:
+            continue
+        a = t.user_attrs
+        rows.append(
+            {
+                "kind": kind,
+                "temperature": t.params.get("temperature", ""),
+                "alpha": t.params.get("alpha", 0.0),
+                "seed": t.params["seed"],
+                "val_acc": a["val_acc"],
+                "test_acc": a["test_acc"],
+                "epochs": a["epochs"],
+                "wall_s": round(a["wall_s"], 1),
+                "trial": t.number,
+                "checkpoint": a["checkpoint"],
+            }
+        )
+    return rows
+
+
+def missing_points(study: Any, space: dict[str, list], kind: str, running_only: bool = False) -> list[str]:
+    """The grid points without a complete trial, each with what became of it (or only the running ones)."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    missing = []
+    for point in _points(space):
+        mine = [t for t in trials if _key(t.params, space) == _key(point, space)]
+        if any(t.state == TrialState.COMPLETE for t in mine):
+            continue
+        running = [t.number for t in mine if t.state == TrialState.RUNNING]
+        failed = [t.number for t in mine if t.state == TrialState.FAIL]
+        if running_only and not running:
+            continue
+        status = (
+            f"running in trial {running[0]}" if running else f"failed in trial {failed[-1]}" if failed else "not run"
+        )
+        label = ", ".join(f"{name}={value:g}" for name, value in sorted(point.items()))
+        missing.append(f"{kind} {label}: {status}")
+    return missing
