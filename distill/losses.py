@@ -25,6 +25,7 @@ class KDLoss(nn.Module):
     Called as ``loss(student_logits, teacher_logits, target)``, it returns a dict of named terms:
     ``loss`` (what is optimised), ``kd`` (T^2 * KL, before the alpha weight) and ``ce``. With
     ``teacher_logits=None`` (no teacher: plain supervised training) ``loss`` is the cross-entropy.
+    The teacher's logits are targets: no gradient flows into them, even from a teacher that is not frozen.
 
     Args:
         temperature: T > 0; larger T gives softer targets (common: 4; seed 004's homework: 20).
@@ -50,7 +51,7 @@ class KDLoss(nn.Module):
         t = self.temperature
         kd = F.kl_div(
             F.log_softmax(student_logits / t, dim=-1),
-            F.log_softmax(teacher_logits.float() / t, dim=-1),
+            F.log_softmax(teacher_logits.detach().float() / t, dim=-1),
             reduction="batchmean",
             log_target=True,
         ) * (t * t)
