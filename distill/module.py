@@ -8,27 +8,35 @@ from __future__ import annotations
 
 import copy
 import math
-import random
 from collections.abc import Mapping
 from functools import partial
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from pytorch_lightning import LightningModule
 from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities import rank_zero_warn
 from torch import nn
-from torchmetrics import MetricCollection
+from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from distill.data.batch import Batch, as_batch
 from distill.losses import KDLoss
-from distill.optim import OPTIMIZERS, SCHEDULES, build_optimizer, lr_factor, param_groups
+from distill.optim import OPTIMIZERS, SCHEDULES, build_optimizer, check_resume_settings, lr_factor, param_groups
 from distill.profile import eval_mode
-from students import build_student, describe_spec, extract_state_dict, is_pruned_from, recorded_spec
-from teachers import TeacherEnsemble, load_teacher
+from students.checkpoint import (
+    build_student,
+    describe_spec,
+    extract_state_dict,
+    is_pruned_from,
+    record_rng_states,
+    record_student,
+    recorded_spec,
+    restore_rng_states,
+)
+from teachers import TeacherEnsemble, load_teachers, teacher_checkpoints
 
-__all__ = ["DistillModule", "check_resume_settings"]
+__all__ = ["DistillModule", "check_resume_settings"]  # check_resume_settings lives in distill.optim
 
 
 class DistillModule(LightningModule):
@@ -101,7 +109,7 @@ class DistillModule(LightningModule):
                 raise ValueError("DistillModule needs a student (a module) or a student_spec to build one from")
             student = build_student(student_spec)
         if teacher is not None:
-            teacher_checkpoint = _recorded_checkpoints(teacher) or teacher_checkpoint
+            teacher_checkpoint = teacher_checkpoints(teacher) or teacher_checkpoint
         # Hyperparameters are plain values only, so checkpoints load with weights_only=True and
         # `load_from_checkpoint(path)` rebuilds the student from `student_spec`.
         self.save_hyperparameters(
@@ -123,10 +131,10 @@ class DistillModule(LightningModule):
         self._built_spec = copy.deepcopy(getattr(student, "model_spec", None))  # before any pruning
         self._set_teacher(teacher)
         self.loss = loss if loss is not None else KDLoss()
-        self.metrics = nn.ModuleDict()
+        self.metrics = nn.ModuleDict()  # accuracies per model and stage, made at setup
+        self.loss_means = nn.ModuleDict()  # "{stage}/{term}": the epoch's mean of a loss term, made at first use
         self.input_shape: list[int] | None = None  # (C, H, W) of the data, known at setup
         self.memory_format = torch.contiguous_format  # of the inputs; channels_last when set so, at setup
-        self._epoch_sums: dict[str, dict[str, Any]] = {}  # per stage: batch-size-weighted sums of the loss terms
 
     # ---------------------------------------------------------------- teacher
     @property
@@ -181,12 +189,7 @@ class DistillModule(LightningModule):
         ``setup`` calls it again for runs started from Python.
         """
         if self.teacher is None and self.hparams.teacher_checkpoint:
-            paths = self.hparams.teacher_checkpoint
-            if isinstance(paths, str):
-                teacher = load_teacher(checkpoint=paths)
-            else:
-                teacher = TeacherEnsemble([load_teacher(checkpoint=p) for p in paths])
-            self._set_teacher(teacher.to(_device_of(self.student)))
+            self._set_teacher(load_teachers(self.hparams.teacher_checkpoint).to(_device_of(self.student)))
         if isinstance(self.teacher, TeacherEnsemble) and self.teacher.temperature is None:
             self.teacher.temperature = getattr(self.loss, "temperature", None)
         student_classes = getattr(self.student, "num_classes", None)
@@ -235,25 +238,30 @@ class DistillModule(LightningModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.student(x)
 
-    def _shared_step(self, batch: tuple[torch.Tensor, ...], stage: str) -> torch.Tensor:
+    def _shared_step(self, batch: Batch | tuple[torch.Tensor, ...], stage: str) -> torch.Tensor:
         """One batch: the loss terms and accuracies are accumulated on the device, logged once per epoch.
 
         Each ``self.log`` call costs Lightning about half a millisecond of Python, more than a whole
         StudentNet step on a GPU; only the training loss is logged during the epoch, every
         ``log_every_n_steps`` steps (when the loggers write too), for the progress bar.
         """
-        x, y, *cached = batch  # a third entry: teacher logits served by distill.cache.TeacherLogitCache
-        x = x.contiguous(memory_format=self.memory_format)
-        teacher_logits = cached[0] if cached else (self.teacher(x) if self.teacher is not None else None)
+        batch = as_batch(batch)
+        x, y = batch.x.contiguous(memory_format=self.memory_format), batch.y
+        teacher_logits = batch.teacher_logits  # served by distill.cache.TeacherLogitCache, else computed here
+        if teacher_logits is None and self.teacher is not None:
+            teacher_logits = self.teacher(x)
         logits = self.student(x)
         terms = self.loss(logits, teacher_logits, y)
         if stage == "train" and (self.global_step + 1) % self._log_every == 0:  # the steps the loggers write
             # Shown by the progress bar, which reads it as a Python float: a GPU sync, so not at every step.
             self.log("train/loss_step", terms["loss"].detach(), prog_bar=True, on_step=True, on_epoch=False)
-        sums = self._epoch_sums.setdefault(stage, {})
-        for name, value in terms.items():
-            sums[name] = sums.get(name, 0) + value.detach().float() * len(y)
-        sums["count"] = sums.get("count", 0) + len(y)
+        for name, value in terms.items():  # the loss's own terms (KDLoss: loss, kd, ce; no kd without a teacher)
+            key = f"{stage}/{name}"
+            if key not in self.loss_means:
+                self.loss_means[key] = _batch_mean().to(value.device)
+            # Weighted by the batch size as the value repeated len(y) times: MeanMetric's `weight` is dropped
+            # under nan_strategy="disable" (torchmetrics#3434), and the other strategies sync at every step.
+            self.loss_means[key].update(value.detach().float().expand(len(y)))
         self.metrics[f"student_{stage}"].update(logits.detach(), y)
         if teacher_logits is not None and stage != "train":
             self.metrics[f"teacher_{stage}"].update(teacher_logits, y)
@@ -263,18 +271,21 @@ class DistillModule(LightningModule):
     def _log_every(self) -> int:
         return max(1, self._trainer.log_every_n_steps) if self._trainer is not None else 1
 
+    def _start_epoch(self, stage: str) -> None:
+        """Reset the stage's loss means and accuracies (nothing is left from an epoch that did not end)."""
+        means = [m for key, m in self.loss_means.items() if key.startswith(f"{stage}/")]
+        for metric in [*means, *(m for key, m in self.metrics.items() if key.endswith(f"_{stage}"))]:
+            metric.reset()
+
     def _log_epoch(self, stage: str) -> None:
-        """Log the epoch's mean loss terms and accuracies as ``{stage}/loss``, ``{stage}/acc``, ..."""
-        sums = self._epoch_sums.pop(stage, {})
-        count = sums.pop("count", 0)
-        if not count:
-            return
-        values = {f"{stage}/{name}": total / count for name, total in sums.items()}
+        """Log the epoch's mean loss terms and accuracies as ``{stage}/loss``, ``{stage}/acc``, ..., then reset them."""
+        values = {k: m.compute() for k, m in self.loss_means.items() if k.startswith(f"{stage}/") and m.update_called}
         for key, metrics in self.metrics.items():
-            if key.endswith(f"_{stage}") and any(m.update_called for m in metrics.values()):
-                values |= metrics.compute()  # torchmetrics gathers the counts of all processes
-                metrics.reset()
-        self.log_dict(values, prog_bar=stage == "val", sync_dist=True)
+            if values and key.endswith(f"_{stage}") and any(m.update_called for m in metrics.values()):
+                values |= metrics.compute()  # torchmetrics gathers the sums and counts of all processes
+        self._start_epoch(stage)
+        if values:
+            self.log_dict(values, prog_bar=stage == "val", sync_dist=True)
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         return self._shared_step(batch, "train")
@@ -286,7 +297,7 @@ class DistillModule(LightningModule):
         self._shared_step(batch, "test")
 
     def on_train_epoch_start(self) -> None:
-        self._epoch_sums.pop("train", None)
+        self._start_epoch("train")
         for logger in self.loggers:  # the last epoch's rows reach the disk before this epoch can be killed
             logger.save()
 
@@ -294,13 +305,13 @@ class DistillModule(LightningModule):
         self._log_epoch("train")
 
     def on_validation_epoch_start(self) -> None:
-        self._epoch_sums.pop("val", None)
+        self._start_epoch("val")
 
     def on_validation_epoch_end(self) -> None:
         self._log_epoch("val")
 
     def on_test_epoch_start(self) -> None:
-        self._epoch_sums.pop("test", None)
+        self._start_epoch("test")
 
     def on_test_epoch_end(self) -> None:
         self._log_epoch("test")
@@ -344,12 +355,8 @@ class DistillModule(LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Record the student's architecture (it changes when pruned), the input shape and the RNG states."""
-        spec = getattr(self.student, "model_spec", None)
-        if spec is not None:
-            checkpoint["hyper_parameters"]["student_spec"] = spec
-        if self.input_shape is not None:
-            checkpoint["input_shape"] = list(self.input_shape)
-        checkpoint["rng_states"] = _rng_states()
+        record_student(checkpoint, self.student, self.input_shape)
+        record_rng_states(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Rebuild the student if the checkpoint records a pruned layout; resuming, restore the RNG states.
@@ -366,57 +373,18 @@ class DistillModule(LightningModule):
         if spec is not None and (spec.get("pruned") or spec != getattr(self.student, "model_spec", None)):
             student = build_student(spec, extract_state_dict(checkpoint))
             self.student = student.to(_device_of(self.student))
-        if fitting and "rng_states" in checkpoint:
-            _set_rng_states(checkpoint["rng_states"])
-
-
-#: Hyperparameters whose values a resumed run takes from the checkpoint's optimizer state.
-_OPTIMIZER_SETTINGS = ("optimizer", "lr", "weight_decay", "momentum", "scheduler", "warmup_epochs", "min_lr_ratio")
-
-
-def check_resume_settings(checkpoint: Mapping[str, Any], settings: Mapping[str, Any], source: str) -> None:
-    """Refuse to resume ``checkpoint`` with other optimizer settings than it was trained with.
-
-    Resuming restores the checkpoint's optimizer state, so other settings would be ignored without a word.
-    """
-    recorded = checkpoint.get("hyper_parameters") or {}
-    changed = [k for k in _OPTIMIZER_SETTINGS if k in recorded and k in settings and recorded[k] != settings[k]]
-    if changed:
-        raise ValueError(
-            f"{source} was trained with {', '.join(f'{k}={recorded[k]!r}' for k in changed)}, but this run sets "
-            f"{', '.join(f'{k}={settings[k]!r}' for k in changed)}. Resuming restores the checkpoint's optimizer "
-            f"state, which would ignore them: resume with the original settings, or start a new run."
-        )
-
-
-def _rng_states() -> dict[str, Any]:
-    """The random states of torch (CPU and CUDA), numpy and Python, as tensors and plain values.
-
-    Plain values, so that checkpoints still load with ``weights_only=True``.
-    """
-    name, keys, pos, has_gauss, cached = np.random.get_state()
-    version, state, gauss = random.getstate()
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,  # this process's device
-        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
-        "python": [version, list(state), gauss],
-    }
-
-
-def _set_rng_states(states: Mapping[str, Any]) -> None:
-    torch.set_rng_state(states["torch"])
-    if states.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(states["cuda"])
-    name, keys, pos, has_gauss, cached = states["numpy"]
-    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    version, state, gauss = states["python"]
-    random.setstate((version, tuple(state), gauss))
+        if fitting:
+            restore_rng_states(checkpoint)
 
 
 def _device_of(model: nn.Module) -> torch.device:
     """Where the model's parameters are (in ``setup`` they may not have moved to ``self.device`` yet)."""
     return next(model.parameters(), torch.empty(0)).device
+
+
+def _batch_mean() -> MeanMetric:
+    """The mean of a loss term over an epoch's examples (no NaN check: a NaN loss shows in the log)."""
+    return MeanMetric(nan_strategy="disable")
 
 
 def _accuracy(num_classes: int, prefix: str) -> MetricCollection:
@@ -426,10 +394,3 @@ def _accuracy(num_classes: int, prefix: str) -> MetricCollection:
     if num_classes >= 5:
         metrics["acc5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro", validate_args=False)
     return MetricCollection(metrics, prefix=prefix)
-
-
-def _recorded_checkpoints(teacher: nn.Module) -> str | list[str] | None:
-    paths = list(getattr(teacher, "checkpoints", []))
-    if not paths:
-        return None
-    return paths[0] if len(paths) == 1 and not isinstance(teacher, TeacherEnsemble) else paths

@@ -1,15 +1,23 @@
-"""Optimizers and a learning-rate schedule as a pure function of the step."""
+"""Optimizers, a learning-rate schedule as a pure function of the step, and the settings a resume keeps."""
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
-from typing import Literal
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-__all__ = ["OPTIMIZERS", "SCHEDULES", "build_optimizer", "lr_factor", "param_groups"]
+__all__ = [
+    "OPTIMIZERS",
+    "OPTIMIZER_SETTINGS",
+    "SCHEDULES",
+    "build_optimizer",
+    "check_resume_settings",
+    "lr_factor",
+    "param_groups",
+]
 
 OPTIMIZERS = ("sgd", "adamw", "adam")
 SCHEDULES = ("cosine", "constant")
@@ -54,3 +62,22 @@ def build_optimizer(groups: Iterable[dict], name: str, lr: float, momentum: floa
     if name == "adam":
         return torch.optim.Adam(groups, lr=lr, fused=fused or None)
     raise ValueError(f"Unknown optimizer {name!r}; choose one of {', '.join(OPTIMIZERS)}")
+
+
+#: ``DistillModule`` hyperparameters whose values a resumed run takes from the checkpoint's optimizer state.
+OPTIMIZER_SETTINGS = ("optimizer", "lr", "weight_decay", "momentum", "scheduler", "warmup_epochs", "min_lr_ratio")
+
+
+def check_resume_settings(checkpoint: Mapping[str, Any], settings: Mapping[str, Any], source: str) -> None:
+    """Refuse to resume ``checkpoint`` with other optimizer settings than it was trained with.
+
+    Resuming restores the checkpoint's optimizer state, so other settings would be ignored without a word.
+    """
+    recorded = checkpoint.get("hyper_parameters") or {}
+    changed = [k for k in OPTIMIZER_SETTINGS if k in recorded and k in settings and recorded[k] != settings[k]]
+    if changed:
+        raise ValueError(
+            f"{source} was trained with {', '.join(f'{k}={recorded[k]!r}' for k in changed)}, but this run sets "
+            f"{', '.join(f'{k}={settings[k]!r}' for k in changed)}. Resuming restores the checkpoint's optimizer "
+            f"state, which would ignore them: resume with the original settings, or start a new run."
+        )

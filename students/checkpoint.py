@@ -1,39 +1,120 @@
-"""Reading weights and architectures from checkpoints written by this project, or plain state_dicts.
+"""The checkpoint format: what this project writes into checkpoints, and every reader of them.
 
-All checkpoint-key prefix handling lives in :func:`extract_state_dict`.
+A ``DistillModule`` checkpoint is Lightning's dict with, in addition:
+
+- ``hyper_parameters["student_spec"]``: the student's architecture, ``{"name", "kwargs"[, "pruned"]}``
+  (:func:`record_student`, :func:`recorded_spec`);
+- ``state_dict``: the student's weights under the ``student.`` prefix (the teacher is never saved);
+- ``input_shape``: ``[channels, height, width]`` of the training data (:func:`recorded_input_shape`);
+- ``rng_states``: the random states of torch, numpy and Python, for exact resumes (:func:`record_rng_states`).
+
+A student file (:func:`save_student`) has the first three and no training state. :func:`extract_state_dict`
+also reads the weights of other layouts and plain state_dicts; all prefix handling lives there.
 """
 
 from __future__ import annotations
 
 import pickle
+import random
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from students.registry import create_student
+from students.registry import create_student, model_spec
 from students.studentnet import StudentNet
 
 __all__ = [
+    "INPUT_SHAPE_KEY",
+    "RNG_STATES_KEY",
+    "SPEC_KEY",
     "STUDENT_PREFIX",
+    "build_student",
     "describe_spec",
     "extract_state_dict",
     "is_pruned_from",
+    "is_training_checkpoint",
+    "load_recorded_student",
     "load_student",
     "load_weights",
     "read_checkpoint",
+    "record_rng_states",
+    "record_student",
+    "recorded_input_shape",
     "recorded_spec",
+    "restore_rng_states",
+    "save_student",
 ]
 
 #: Key prefix of the student's weights inside a ``DistillModule`` checkpoint.
 STUDENT_PREFIX = "student."
+#: The student's architecture, under ``hyper_parameters``.
+SPEC_KEY = "student_spec"
+#: ``[channels, height, width]`` of the data the student was trained on.
+INPUT_SHAPE_KEY = "input_shape"
+#: The random states of a training checkpoint.
+RNG_STATES_KEY = "rng_states"
 #: Containers that wrap a state_dict in common checkpoint formats (Lightning, timm/DeiT, ...).
 _CONTAINER_KEYS = ("state_dict", "model", "module")
 #: Prefixes added by wrappers: DDP/DataParallel, torch.compile, and this project's FrozenTeacher.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
+
+
+def record_student(checkpoint: dict[str, Any], student: nn.Module, input_shape: Sequence[int] | None = None) -> None:
+    """Record ``student``'s architecture (when it has a ``model_spec``) and the input shape in ``checkpoint``."""
+    spec = getattr(student, "model_spec", None)
+    if spec is not None:
+        checkpoint.setdefault("hyper_parameters", {})[SPEC_KEY] = spec
+    if input_shape is not None:
+        checkpoint[INPUT_SHAPE_KEY] = list(input_shape)
+
+
+def recorded_input_shape(checkpoint: Mapping[str, Any], source: str = "The checkpoint") -> list[int] | None:
+    """The ``[channels, height, width]`` a checkpoint records, or ``None``; refuses any other record."""
+    shape = checkpoint.get(INPUT_SHAPE_KEY)
+    if shape is None:
+        return None
+    if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(n, int) and n > 0 for n in shape)):
+        raise ValueError(f"{source} records the input shape {shape!r}, not [channels, height, width]: pass input_size")
+    return shape
+
+
+def is_training_checkpoint(checkpoint: Mapping[str, Any]) -> bool:
+    """Whether ``checkpoint`` was written by the Trainer (resumable), not by :func:`save_student`."""
+    return "pytorch-lightning_version" in checkpoint
+
+
+def record_rng_states(checkpoint: dict[str, Any]) -> None:
+    """Record the random states of torch (CPU and this process's CUDA device), numpy and Python.
+
+    As tensors and plain values, so that checkpoints still load with ``weights_only=True``.
+    """
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    version, state, gauss = random.getstate()
+    checkpoint[RNG_STATES_KEY] = {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, cached],
+        "python": [version, list(state), gauss],
+    }
+
+
+def restore_rng_states(checkpoint: Mapping[str, Any]) -> None:
+    """Set the random states :func:`record_rng_states` recorded, if the checkpoint has them."""
+    states = checkpoint.get(RNG_STATES_KEY)
+    if states is None:
+        return
+    torch.set_rng_state(states["torch"])
+    if states.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(states["cuda"])
+    name, keys, pos, has_gauss, cached = states["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    version, state, gauss = states["python"]
+    random.setstate((version, tuple(state), gauss))
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -74,7 +155,7 @@ def recorded_spec(checkpoint: Mapping[str, Any], source: str = "The checkpoint")
     Refuses a record that is not ``{"name": str, "kwargs": dict}`` (another program's file, or a crafted one).
     """
     hyper_parameters = checkpoint.get("hyper_parameters")
-    spec = hyper_parameters.get("student_spec") if isinstance(hyper_parameters, Mapping) else None
+    spec = hyper_parameters.get(SPEC_KEY) if isinstance(hyper_parameters, Mapping) else None
     if spec is None:
         return None
     if not (
@@ -211,18 +292,25 @@ def build_student(spec: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor
     return model
 
 
-def save_student(model: nn.Module, path: str | Path, **extra: Any) -> Path:
-    """Save a student alone, in the layout of a ``DistillModule`` checkpoint that :func:`load_student` reads.
-
-    ``extra`` entries (plain values, e.g. ``input_shape``) are stored beside it.
-    """
-    from students.registry import model_spec
-
+def save_student(model: nn.Module, path: str | Path, input_shape: Sequence[int] | None = None) -> Path:
+    """Save a student alone, in the layout of a ``DistillModule`` checkpoint that :func:`load_student` reads."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    model_spec(model)  # refuses a model that could not be rebuilt from the file
     state = {STUDENT_PREFIX + k: v.detach().cpu() for k, v in model.state_dict().items()}
-    torch.save({"hyper_parameters": {"student_spec": model_spec(model)}, "state_dict": state, **extra}, path)
+    checkpoint = {"hyper_parameters": {}, "state_dict": state}
+    record_student(checkpoint, model, input_shape)
+    torch.save(checkpoint, path)
     return path
+
+
+def load_recorded_student(checkpoint: Mapping[str, Any], path: str | Path) -> nn.Module | None:
+    """The student ``checkpoint`` (read from ``path``) records, built and with its weights; ``None`` without a spec."""
+    spec = recorded_spec(checkpoint, f"Checkpoint {str(path)!r}")
+    if spec is None:
+        return None
+    state_dict = extract_state_dict(checkpoint)
+    return load_weights(build_student(spec, state_dict), state_dict, repr(str(path)), describe_spec(spec))
 
 
 def load_student(path: str | Path, train: bool = False) -> nn.Module:
@@ -232,16 +320,12 @@ def load_student(path: str | Path, train: bool = False) -> nn.Module:
     no callback, teacher or config is needed. The model comes back on the CPU, in eval mode, or in
     train mode with ``train=True`` (to train it further, e.g. as ``model.student`` in a recipe).
     """
-    checkpoint = read_checkpoint(path)
-    spec = recorded_spec(checkpoint, f"Checkpoint {str(path)!r}")
-    if spec is None:
+    model = load_recorded_student(read_checkpoint(path), path)
+    if model is None:
         raise ValueError(
             f"Checkpoint {str(path)!r} records no student_spec, so the architecture is unknown. It was not "
             f"written by distill's DistillModule; build the model yourself and use load_weights()."
         )
-    state_dict = extract_state_dict(checkpoint)
-    model = build_student(spec, state_dict)
-    load_weights(model, state_dict, repr(str(path)), describe_spec(spec))
     return model.train(train)
 
 

@@ -2,6 +2,6 @@
 
 from teachers.ensemble import TeacherEnsemble
 from teachers.frozen import FrozenModule, FrozenTeacher
-from teachers.loading import load_teacher
+from teachers.loading import load_teacher, load_teachers, teacher_checkpoints
 
-__all__ = ["FrozenModule", "FrozenTeacher", "TeacherEnsemble", "load_teacher"]
+__all__ = ["FrozenModule", "FrozenTeacher", "TeacherEnsemble", "load_teacher", "load_teachers", "teacher_checkpoints"]

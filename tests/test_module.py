@@ -14,7 +14,7 @@ from helpers import fmnist, tiny_trainer
 from distill import DistillModule, KDLoss
 from distill.optim import lr_factor
 from students import create_student, load_student
-from teachers import TeacherEnsemble, load_teacher
+from teachers import FrozenTeacher, TeacherEnsemble, load_teacher
 
 X = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
 
@@ -196,3 +196,24 @@ def test_step_loss_is_logged_at_the_loggers_steps_and_epoch_means_once(tmp_path:
     epoch_rows = [r for r in rows if r["train/loss"]]
     assert len(epoch_rows) == 1  # one row of epoch means
     assert float(epoch_rows[0]["train/loss"]) == pytest.approx(sum(spy.losses) / 10, rel=1e-5)  # equal batches
+
+
+def test_epoch_means_weigh_each_batch_by_its_size(tmp_path: Path):
+    """val/loss, val/kd and val/ce are means over the images (15 batches of 32, then one of 1), by hand."""
+    torch.manual_seed(1)
+    teacher = FrozenTeacher(create_student("test_studentnet", num_classes=10, in_chans=1, num_pools=3))
+    model = DistillModule(student(), teacher)
+    dm = fmnist(val_size=481)
+    logged = tiny_trainer(tmp_path, limit_val_batches=1.0).validate(model, datamodule=dm)[0]
+
+    sums, count, batch_means = dict.fromkeys(("loss", "kd", "ce"), 0.0), 0, []
+    with torch.no_grad():
+        for x, y, *_ in dm.val_dataloader():
+            terms = model.loss(model.student.eval()(x), teacher(x), y)
+            sums = {name: total + terms[name].item() * len(y) for name, total in sums.items()}
+            count += len(y)
+            batch_means.append(terms["loss"].item())
+    assert count == 481 and len(batch_means) == 16
+    for name, total in sums.items():
+        assert logged[f"val/{name}"] == pytest.approx(total / count, rel=1e-5)
+    assert logged["val/loss"] != pytest.approx(sum(batch_means) / 16, rel=1e-5)  # not the mean of batch means
