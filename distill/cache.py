@@ -2,9 +2,10 @@
 
 Every training step of KD pays for a teacher forward. When a split's inputs are deterministic (no
 random augmentation), the teacher's logits for it never change: compute them once, keep them beside
-the images, and hand them out with each batch. A sweep over temperatures reuses the same file for
-every trial and epoch. With augmentation on, the training split changes every epoch, so its logits
-are computed live; validation and test splits are cached all the same.
+the images, and hand them out with each batch (as its ``Batch.teacher_logits``, see
+:mod:`distill.data.batch`). A sweep over temperatures reuses the same file for every trial and
+epoch. With augmentation on, the training split changes every epoch, so its logits are computed
+live; validation and test splits are cached all the same.
 
 The cache is keyed by a hash of the teacher (its weights and settings) and of the split (its
 images and transform): a different teacher checkpoint or data gives another key, so a stale cache
@@ -24,7 +25,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from distill.data.memory import TensorImageDataset
-from distill.report import atomic_path
+from distill.rundir import atomic_path
 from students.checkpoint import read_checkpoint
 
 __all__ = ["TeacherLogitCache", "compute_logits", "split_fingerprint", "teacher_fingerprint"]
@@ -66,7 +67,8 @@ def compute_logits(
 class TeacherLogitCache(Callback):
     """Serve cached teacher logits with the batches of the in-memory datamodules.
 
-    ``DistillModule`` uses the logits that come with a batch instead of running the teacher. Splits
+    ``DistillModule`` uses the logits that come with a batch (``Batch.teacher_logits``, set here through
+    ``TensorImageDataset.teacher_logits``) instead of running the teacher. Splits
     with random augmentation (the training split of a datamodule with ``augment=True``) keep the live
     teacher. Datasets that are not in memory (``ImageFolderDataModule``) are left alone.
 

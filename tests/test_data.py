@@ -12,12 +12,17 @@ import numpy as np
 import pytest
 import torch
 from helpers import RunsCode, fmnist
+from lightning_fabric.utilities.apply_func import move_data_to_device
+from torch.utils.data._utils.pin_memory import pin_memory
 
 from distill.data import (
+    Batch,
     BatchTransform,
     CIFAR10DataModule,
+    DeviceBatches,
     FashionMNISTDataModule,
     ImageFolderDataModule,
+    as_batch,
     random_crop,
 )
 from distill.data.fashion_mnist import FASHION_MNIST_FILES
@@ -35,7 +40,8 @@ def test_fashion_mnist_splits_and_batches():
     dm.setup("fit")
     dm.setup("test")
     assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (55_000, 5_000, 10_000)
-    x, y = next(iter(dm.train_dataloader()))
+    x, y, teacher_logits = next(iter(dm.train_dataloader()))
+    assert teacher_logits is None
     assert x.shape == (32, 1, 28, 28) and x.dtype == torch.float32
     assert y.shape == (32,) and y.dtype == torch.int64 and y.min() >= 0 and y.max() < 10
     # Normalised with the dataset statistics: roughly zero mean, unit variance over a big batch.
@@ -170,6 +176,28 @@ def test_cifar_pickles_are_opened_only_with_their_official_checksums(tmp_path: P
     assert next(iter(dm.train_dataloader()))[0].shape == (4, 3, 32, 32)
 
 
+def test_loaders_yield_batches_with_the_cached_logits():
+    dm = fmnist(val_size=100, batch_size=8)
+    dm.setup("fit")
+    loader = dm.val_dataloader()  # the CPU DataLoader path (not shuffled)
+    batch = next(iter(loader))
+    assert isinstance(batch, Batch) and batch.teacher_logits is None
+    logits = torch.randn(len(dm.val_set), 10)
+    dm.val_set.teacher_logits = logits  # as TeacherLogitCache sets them
+    for batches in (loader, DeviceBatches(dm.val_set, 8, shuffle=False)):
+        batch = next(iter(batches))
+        assert isinstance(batch, Batch) and torch.equal(batch.teacher_logits, logits[:8])
+    # Lightning's transfer to the device and torch's pinning keep the named tuple and its None.
+    moved = move_data_to_device(Batch(batch.x, batch.y), torch.device("cpu"))
+    assert isinstance(moved, Batch) and moved.teacher_logits is None
+    if torch.cuda.is_available():
+        pinned = pin_memory(Batch(batch.x, batch.y))
+        assert isinstance(pinned, Batch) and pinned.x.is_pinned() and pinned.teacher_logits is None
+    assert as_batch((batch.x, batch.y)) == Batch(batch.x, batch.y)
+    with pytest.raises(ValueError, match="a batch is"):
+        as_batch((batch.x,))
+
+
 def test_image_folder(tmp_path: Path):
     from PIL import Image
 
@@ -185,7 +213,8 @@ def test_image_folder(tmp_path: Path):
     dm.setup("fit")
     dm.setup("test")
     assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (9, 3, 12)
-    x, y = next(iter(dm.val_dataloader()))
-    assert x.shape == (3, 3, 32, 32) and y.max() < 3
+    batch = next(iter(dm.val_dataloader()))
+    assert isinstance(batch, Batch) and batch.teacher_logits is None
+    assert batch.x.shape == (3, 3, 32, 32) and batch.y.max() < 3
     with pytest.raises(FileNotFoundError, match="training folder"):
         ImageFolderDataModule(str(tmp_path / "nowhere"))

@@ -15,8 +15,8 @@ import torch
 from helpers import fmnist, tiny_trainer
 
 from distill import DistillModule, KDLoss
-from distill.cli import DistillCLI, default_precision
-from distill.data import DeviceBatches
+from distill.data import Batch, DeviceBatches
+from distill.lightning_cli import DistillCLI, default_precision
 from distill.pruning import ChannelPruning
 from students import create_student
 from teachers import load_teacher
@@ -40,8 +40,9 @@ def test_device_batches_are_the_dataloader_batches(train: bool):
     torch.manual_seed(0)
     got = list(DeviceBatches(dataset, dm.batch_size, shuffle=train))
     assert len(got) == len(expected) == len(DeviceBatches(dataset, dm.batch_size, shuffle=train))
-    for (x, y), (ex, ey) in zip(got, expected, strict=True):
-        assert torch.equal(x, ex) and torch.equal(y, ey)
+    for batch, (ex, ey, no_logits) in zip(got, expected, strict=True):
+        assert isinstance(batch, Batch) and batch.teacher_logits is None and no_logits is None
+        assert torch.equal(batch.x, ex) and torch.equal(batch.y, ey)
     assert torch.equal(torch.get_rng_state(), state)  # the global generator moved on exactly as much
 
 
@@ -52,7 +53,7 @@ def test_device_batches_shard_the_epoch_across_processes():
     for rank in range(3):
         torch.manual_seed(0)
         batches = list(DeviceBatches(dm.train_set, 64, shuffle=True, rank=rank, world_size=3))
-        seen.append(torch.cat([y for _, y in batches]))
+        seen.append(torch.cat([batch.y for batch in batches]))
     assert len({len(s) for s in seen}) == 1  # equal shares, so DDP ranks step together
     assert sum(len(s) for s in seen) - len(dm.train_set) < 3  # padded by at most world_size - 1
 

@@ -1,9 +1,10 @@
 """Datamodules: Fashion-MNIST (the embedded default), CIFAR-10/100 and image folders.
 
 Every datamodule exposes ``num_classes``, ``in_chans`` and ``input_size`` before ``setup``, so the
-CLI can link them into the student.
+CLI can link them into the student, and its loaders yield :class:`Batch` objects.
 """
 
+from distill.data.batch import Batch, as_batch
 from distill.data.cifar import CIFAR10DataModule, CIFAR100DataModule
 from distill.data.fashion_mnist import FashionMNISTDataModule, read_idx
 from distill.data.folder import ImageFolderDataModule
@@ -18,6 +19,7 @@ from distill.data.memory import (
 )
 
 __all__ = [
+    "Batch",
     "BatchTransform",
     "CIFAR10DataModule",
     "CIFAR100DataModule",
@@ -26,6 +28,7 @@ __all__ = [
     "ImageFolderDataModule",
     "InMemoryDataModule",
     "TensorImageDataset",
+    "as_batch",
     "locate_dataset",
     "random_crop",
     "random_hflip",

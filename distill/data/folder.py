@@ -9,6 +9,7 @@ import torch
 from pytorch_lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from distill.data.batch import collate_samples
 from distill.data.split import check_val_size, split_indices
 
 __all__ = ["ImageFolderDataModule"]
@@ -136,6 +137,7 @@ class ImageFolderDataModule(LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
+            collate_fn=collate_samples,
         )
 
     def train_dataloader(self) -> DataLoader:

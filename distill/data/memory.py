@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from pytorch_lightning import LightningDataModule
 from torch.utils.data import DataLoader, Dataset
 
+from distill.data.batch import Batch, collate_batch
 from distill.data.split import check_val_size, split_indices
 
 __all__ = [
@@ -91,9 +92,9 @@ class BatchTransform:
 class TensorImageDataset(Dataset):
     """Images as one uint8 (N, C, H, W) tensor and labels as one int64 tensor.
 
-    ``__getitems__`` serves a whole batch with one indexing op; use :func:`collate_batch` as the
-    DataLoader's ``collate_fn``. When ``teacher_logits`` is set (by :class:`distill.cache.TeacherLogitCache`),
-    batches are ``(x, y, teacher_logits)``.
+    ``__getitems__`` serves a whole :class:`~distill.data.batch.Batch` with one indexing op; use
+    :func:`~distill.data.batch.collate_batch` as the DataLoader's ``collate_fn``. Its ``teacher_logits``
+    are those set by :class:`distill.cache.TeacherLogitCache`, else ``None``.
     """
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: BatchTransform) -> None:
@@ -120,18 +121,13 @@ class TensorImageDataset(Dataset):
             self.teacher_logits = self.teacher_logits.to(device)
         return self
 
-    def __getitems__(self, indices: Sequence[int] | torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def __getitems__(self, indices: Sequence[int] | torch.Tensor) -> Batch:
         index = torch.as_tensor(indices, dtype=torch.long, device=self.images.device)
-        batch = (self.transform(self.images[index]), self.labels[index])
-        return batch if self.teacher_logits is None else (*batch, self.teacher_logits[index])
+        x, y = self.transform(self.images[index]), self.labels[index]
+        return Batch(x, y, None if self.teacher_logits is None else self.teacher_logits[index])
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
-        return tuple(t[0] for t in self.__getitems__([index]))
-
-
-def collate_batch(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    """The batch from :meth:`TensorImageDataset.__getitems__` is already collated."""
-    return batch
+    def __getitem__(self, index: int) -> Batch:
+        return Batch(*(None if t is None else t[0] for t in self.__getitems__([index])))
 
 
 class DeviceBatches:
@@ -173,7 +169,7 @@ class DeviceBatches:
             order = torch.cat([order, order[: total - n]])[self.rank :: self.world_size]
         return order.to(self.dataset.device)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
+    def __iter__(self) -> Iterator[Batch]:
         order = self._order()
         for start in range(0, len(order), self.batch_size):
             yield self.dataset.__getitems__(order[start : start + self.batch_size])
