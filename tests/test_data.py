@@ -218,3 +218,12 @@ def test_image_folder(tmp_path: Path):
     assert batch.x.shape == (3, 3, 32, 32) and batch.y.max() < 3
     with pytest.raises(FileNotFoundError, match="training folder"):
         ImageFolderDataModule(str(tmp_path / "nowhere"))
+    # The split follows the shared rule: a float is a fraction, so 5000.0 is refused, as by every datamodule.
+    for val_size in (5000.0, 1.5, 0, True):
+        with pytest.raises(ValueError, match="val_size must be a number of images"):
+            ImageFolderDataModule(str(tmp_path), val_size=val_size)
+        with pytest.raises(ValueError, match="val_size must be a number of images"):
+            fmnist(val_size=val_size)
+    assert ImageFolderDataModule(str(tmp_path), val_size=0.25).split_indices(12)[1].tolist() == (
+        fmnist(val_size=0.25).split_indices(12)[1].tolist()
+    )

@@ -4,6 +4,7 @@ Every datamodule exposes ``num_classes``, ``in_chans`` and ``input_size`` before
 CLI can link them into the student, and its loaders yield :class:`Batch` objects.
 """
 
+from distill.data.base import SplitDataModule
 from distill.data.batch import Batch, as_batch
 from distill.data.cifar import CIFAR10DataModule, CIFAR100DataModule
 from distill.data.fashion_mnist import FashionMNISTDataModule, read_idx
@@ -27,6 +28,7 @@ __all__ = [
     "FashionMNISTDataModule",
     "ImageFolderDataModule",
     "InMemoryDataModule",
+    "SplitDataModule",
     "TensorImageDataset",
     "as_batch",
     "locate_dataset",

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
-from pytorch_lightning import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset, Subset
+from torchvision import transforms as T
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import find_classes
 
+from distill.data.base import SplitDataModule
 from distill.data.batch import collate_samples
-from distill.data.split import check_val_size, split_indices
 
 __all__ = ["ImageFolderDataModule"]
 
@@ -18,7 +21,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-class ImageFolderDataModule(LightningDataModule):
+class ImageFolderDataModule(SplitDataModule):
     """A dataset of image files in ``<root>/<split>/<class>/<image>`` (torchvision's ImageFolder layout).
 
     For Food-11 (seed 004) use ``train_dir: training``, ``val_dir: validation``, ``test_dir: evaluation``.
@@ -57,14 +60,7 @@ class ImageFolderDataModule(LightningDataModule):
         num_workers: int = 4,
         split_seed: int = 0,
     ) -> None:
-        super().__init__()
-        from torchvision.datasets.folder import find_classes
-
-        check_val_size(val_size)
-        if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1) or num_workers < 0:
-            raise ValueError(
-                f"need batch sizes >= 1 and num_workers >= 0, got {batch_size}, {eval_batch_size}, {num_workers}"
-            )
+        super().__init__(batch_size, eval_batch_size, val_size, num_workers, split_seed)
         self.root = Path(root).expanduser()
         train_path = self.root / train_dir
         if not train_path.is_dir():
@@ -75,25 +71,14 @@ class ImageFolderDataModule(LightningDataModule):
         self.classes, _ = find_classes(str(train_path))
         self.num_classes = len(self.classes)
         self.train_dir, self.val_dir, self.test_dir = train_dir, val_dir, test_dir
-        self.image_size = image_size
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
-        self.val_size = val_size
-        self.augment = augment
+        self.image_size, self.augment = image_size, augment
         self.mean, self.std = tuple(mean), tuple(std)
-        self.num_workers = num_workers
-        self.split_seed = split_seed
-        self.train_set: Dataset | None = None
-        self.val_set: Dataset | None = None
-        self.test_set: Dataset | None = None
 
     @property
     def input_size(self) -> tuple[int, int]:
         return self.image_size, self.image_size
 
-    def _transform(self, train: bool):
-        from torchvision import transforms as T
-
+    def _transform(self, train: bool) -> T.Compose:
         size = self.image_size
         steps = (
             [T.RandomResizedCrop(size, scale=(0.35, 1.0)), T.RandomHorizontalFlip()]
@@ -103,8 +88,6 @@ class ImageFolderDataModule(LightningDataModule):
         return T.Compose([*steps, T.ToTensor(), T.Normalize(self.mean, self.std)])
 
     def _folder(self, split_dir: str, train: bool) -> Dataset:
-        from torchvision.datasets import ImageFolder
-
         path = self.root / split_dir
         if not path.is_dir():
             raise FileNotFoundError(f"ImageFolderDataModule: split folder {path} does not exist.")
@@ -121,30 +104,11 @@ class ImageFolderDataModule(LightningDataModule):
             else:
                 train_view = self._folder(self.train_dir, train=True)
                 eval_view = self._folder(self.train_dir, train=False)
-                train_idx, val_idx = split_indices(len(train_view), self.val_size, self.split_seed)
+                train_idx, val_idx = self.split_indices(len(train_view))
                 self.train_set = Subset(train_view, train_idx.tolist())
                 self.val_set = Subset(eval_view, val_idx.tolist())
         if stage in (None, "test", "predict") and self.test_set is None and self.test_dir is not None:
             self.test_set = self._folder(self.test_dir, train=False)
 
-    def _loader(self, dataset: Dataset | None, train: bool) -> DataLoader:
-        if dataset is None:
-            raise RuntimeError("this split is not set up (or has no folder: set test_dir)")
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            collate_fn=collate_samples,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_set, train=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_set, train=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_set, train=False)
+    def loader_options(self) -> dict[str, Any]:
+        return {"collate_fn": collate_samples, "pin_memory": torch.cuda.is_available()}

@@ -8,15 +8,15 @@ one gather and a few elementwise kernels, with no host-to-device copy and no Dat
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pytorch_lightning import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from distill.data.base import SplitDataModule
 from distill.data.batch import Batch, collate_batch
-from distill.data.split import check_val_size, split_indices
 
 __all__ = [
     "BatchTransform",
@@ -175,7 +175,7 @@ class DeviceBatches:
             yield self.dataset.__getitems__(order[start : start + self.batch_size])
 
 
-class InMemoryDataModule(LightningDataModule):
+class InMemoryDataModule(SplitDataModule):
     """Base for datamodules whose splits load into memory as uint8 tensors.
 
     Subclasses set ``num_classes``, ``in_chans``, ``native_size``, ``mean``, ``std``, ``crop_padding``,
@@ -216,22 +216,10 @@ class InMemoryDataModule(LightningDataModule):
         split_seed: int = 0,
         on_device: bool | None = None,
     ) -> None:
-        super().__init__()
-        if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
-            raise ValueError(f"batch sizes must be >= 1, got {batch_size} and {eval_batch_size}")
-        if num_workers < 0:
-            raise ValueError(f"num_workers must be >= 0 (0: batches built in this process), got {num_workers}")
-        check_val_size(val_size)
+        super().__init__(batch_size, eval_batch_size, val_size, num_workers, split_seed)
         if resize is not None and resize < 1:
             raise ValueError(f"resize must be a positive size in pixels, got {resize}")
-        self.batch_size = batch_size
-        self.eval_batch_size = eval_batch_size or batch_size
-        self.val_size = val_size
-        self.augment = augment
-        self.resize = resize
-        self.num_workers = num_workers
-        self.split_seed = split_seed
-        self.on_device = on_device
+        self.augment, self.resize, self.on_device = augment, resize, on_device
         self.device = torch.device("cpu")  # where the splits are; set at setup
         self.batches_on_device = False  # DeviceBatches rather than DataLoaders; set at setup
         self.train_set: TensorImageDataset | None = None
@@ -257,10 +245,6 @@ class InMemoryDataModule(LightningDataModule):
             flip=self.hflip,
             resize=self.resize,
         )
-
-    def split_indices(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Train and validation indices of an ``n``-image training set (fixed by ``split_seed``)."""
-        return split_indices(n, self.val_size, self.split_seed)
 
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit", "validate") and self.train_set is None:
@@ -288,31 +272,16 @@ class InMemoryDataModule(LightningDataModule):
                 on_device = size < torch.cuda.mem_get_info(device)[0] / 4
         return device if on_device else torch.device("cpu")
 
-    def _loader(self, dataset: TensorImageDataset | None, train: bool) -> DataLoader | DeviceBatches:
-        if dataset is None:
-            raise RuntimeError(f"{type(self).__name__}.setup() has not been called for this split")
-        if self.batches_on_device:
-            trainer = self.trainer
-            rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-            size = self.batch_size if train else self.eval_batch_size
-            return DeviceBatches(dataset, size, shuffle=train, rank=rank, world_size=world)
-        return DataLoader(
-            dataset,
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=train,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            collate_fn=collate_batch,
-        )
+    def loader_options(self) -> dict[str, Any]:
+        return {"collate_fn": collate_batch}
 
-    def train_dataloader(self) -> DataLoader | DeviceBatches:
-        return self._loader(self.train_set, train=True)
+    def _loader(self, dataset: TensorImageDataset | None, train: bool) -> Iterable[Batch]:
+        if dataset is None or not self.batches_on_device:
+            return super()._loader(dataset, train)
+        trainer = self.trainer
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        size = self.batch_size if train else self.eval_batch_size
+        return DeviceBatches(dataset, size, shuffle=train, rank=rank, world_size=world)
 
-    def val_dataloader(self) -> DataLoader | DeviceBatches:
-        return self._loader(self.val_set, train=False)
-
-    def test_dataloader(self) -> DataLoader | DeviceBatches:
-        return self._loader(self.test_set, train=False)
-
-    def predict_dataloader(self) -> DataLoader | DeviceBatches:
+    def predict_dataloader(self) -> Iterable[Batch]:
         return self._loader(self.test_set, train=False)

@@ -1,0 +1,79 @@
+"""What every datamodule shares: batch sizes, the train/validation split and the DataLoaders."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from pytorch_lightning import LightningDataModule
+from torch.utils.data import DataLoader, Dataset
+
+from distill.data.batch import Batch
+from distill.data.split import check_val_size, split_indices
+
+__all__ = ["SplitDataModule"]
+
+
+class SplitDataModule(LightningDataModule):
+    """Base of the datamodules: checks and keeps the loader settings, splits, and builds the loaders.
+
+    Subclasses fill ``train_set``, ``val_set`` and ``test_set`` in ``setup``; their loaders yield
+    :class:`~distill.data.batch.Batch` objects (:meth:`loader_options` picks the ``collate_fn``).
+
+    Args:
+        batch_size: training batch size.
+        eval_batch_size: validation/test batch size (default: ``batch_size``).
+        val_size: validation images taken from the training set: a count, or a fraction in (0, 1).
+        num_workers: DataLoader worker processes.
+        split_seed: seed of the train/validation split.
+    """
+
+    def __init__(
+        self, batch_size: int, eval_batch_size: int | None, val_size: int | float, num_workers: int, split_seed: int
+    ) -> None:
+        super().__init__()
+        if batch_size < 1 or (eval_batch_size is not None and eval_batch_size < 1):
+            raise ValueError(f"batch sizes must be >= 1, got {batch_size} and {eval_batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0 (0: batches built in this process), got {num_workers}")
+        check_val_size(val_size)
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.val_size = val_size
+        self.num_workers = num_workers
+        self.split_seed = split_seed
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    def split_indices(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Train and validation indices of an ``n``-image training set (fixed by ``split_seed``)."""
+        return split_indices(n, self.val_size, self.split_seed)
+
+    def loader_options(self) -> dict[str, Any]:
+        """Extra DataLoader arguments of this datamodule (at least its ``collate_fn``)."""
+        raise NotImplementedError
+
+    def _loader(self, dataset: Dataset | None, train: bool) -> Iterable[Batch]:
+        if dataset is None:
+            raise RuntimeError(
+                f"{type(self).__name__}: this split is not set up (setup() not called for its stage, or no such split)"
+            )
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=train,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            **self.loader_options(),
+        )
+
+    def train_dataloader(self) -> Iterable[Batch]:
+        return self._loader(self.train_set, train=True)
+
+    def val_dataloader(self) -> Iterable[Batch]:
+        return self._loader(self.val_set, train=False)
+
+    def test_dataloader(self) -> Iterable[Batch]:
+        return self._loader(self.test_set, train=False)
