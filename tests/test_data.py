@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision.datasets
 from helpers import RunsCode, fmnist
 from lightning_fabric.utilities.apply_func import move_data_to_device
 from torch.utils.data._utils.pin_memory import pin_memory
@@ -19,6 +20,7 @@ from distill.data import (
     Batch,
     BatchTransform,
     CIFAR10DataModule,
+    CIFAR100DataModule,
     DeviceBatches,
     FashionMNISTDataModule,
     ImageFolderDataModule,
@@ -69,10 +71,10 @@ def test_given_root_comes_first(tmp_path: Path, fmnist_files: Path):
 
 
 def test_missing_everywhere_names_every_place(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    import distill.data.fashion_mnist as fm
+    import distill.data.locate
 
-    monkeypatch.setattr(fm, "SYSTEM_DIR", tmp_path / "system")
-    monkeypatch.setattr(fm, "CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setattr(FashionMNISTDataModule, "system_dir", tmp_path / "system")
+    monkeypatch.setattr(distill.data.locate, "CACHE_DIR", tmp_path / "cache")
     with pytest.raises(FileNotFoundError) as err:
         FashionMNISTDataModule(download=False).setup("fit")
     message = str(err.value)
@@ -141,21 +143,32 @@ def test_resize():
     assert next(iter(dm.val_dataloader()))[0].shape[-2:] == (32, 32)
 
 
-def _fake_cifar(root: Path, n: int = 20) -> None:
-    folder = root / "cifar-10-batches-py"
+def _fake_cifar(root: Path, tv: type[torchvision.datasets.CIFAR10], n: int = 20) -> dict[str, str]:
+    """Files in torchvision's layout (its real reader opens them); returns their MD5s by file name."""
+    folder = root / tv.base_folder
     folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        entry = {"data": rng.integers(0, 255, (n, 3072), dtype=np.uint8), "labels": rng.integers(0, 10, n).tolist()}
+    label_key = "labels" if tv is torchvision.datasets.CIFAR10 else "fine_labels"
+    for name, _ in tv.train_list + tv.test_list:
+        entry = {"data": rng.integers(0, 255, (n, 3072), dtype=np.uint8), label_key: rng.integers(0, 10, n).tolist()}
         with open(folder / name, "wb") as f:
             pickle.dump(entry, f)
+    with open(folder / tv.meta["filename"], "wb") as f:
+        pickle.dump({tv.meta["key"]: [f"class{i}" for i in range(10)]}, f)
+    return {path.name: hashlib.md5(path.read_bytes()).hexdigest() for path in folder.iterdir()}
 
 
-def test_cifar_pickles_are_opened_only_with_their_official_checksums(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    _fake_cifar(tmp_path)
-    folder = tmp_path / "cifar-10-batches-py"
+def _trust(monkeypatch: pytest.MonkeyPatch, tv: type[torchvision.datasets.CIFAR10], sums: dict[str, str]) -> None:
+    """Make torchvision's MD5 tables name the fake files, so that its own checks and reader run on them."""
+    monkeypatch.setattr(tv, "train_list", [[name, sums[name]] for name, _ in tv.train_list])
+    monkeypatch.setattr(tv, "test_list", [[name, sums[name]] for name, _ in tv.test_list])
+    monkeypatch.setattr(tv, "meta", {**tv.meta, "md5": sums[tv.meta["filename"]]})
+
+
+def test_cifar_pickles_are_opened_only_with_their_official_checksums(tmp_path: Path):
+    _fake_cifar(tmp_path, torchvision.datasets.CIFAR10)
     ran = tmp_path / "code_ran"
-    with open(folder / "data_batch_1", "wb") as f:  # a pickle that would run code when loaded
+    with open(tmp_path / "cifar-10-batches-py" / "data_batch_1", "wb") as f:  # a pickle that would run code
         pickle.dump(RunsCode(str(ran)), f)
     with pytest.raises(ValueError, match="does not match its official MD5 checksum"):
         CIFAR10DataModule(root=str(tmp_path), download=False, verify_checksums=True).setup("fit")  # old configs
@@ -163,17 +176,29 @@ def test_cifar_pickles_are_opened_only_with_their_official_checksums(tmp_path: P
     with pytest.raises(ValueError, match="verify_checksums=False is no longer possible"):
         CIFAR10DataModule(root=str(tmp_path), download=False, verify_checksums=False)
 
-    _fake_cifar(tmp_path / "clean")  # the same files load once their checksums are the ones expected
-    sums = {
-        split: {name: hashlib.md5((tmp_path / "clean" / folder.name / name).read_bytes()).hexdigest() for name in files}
-        for split, files in CIFAR10DataModule.files.items()
-    }
-    monkeypatch.setattr(CIFAR10DataModule, "files", sums)
-    dm = CIFAR10DataModule(root=str(tmp_path / "clean"), download=False, val_size=10, batch_size=4)
-    assert (dm.num_classes, dm.in_chans, dm.input_size) == (10, 3, (32, 32))
+
+@pytest.mark.parametrize("cls", [CIFAR10DataModule, CIFAR100DataModule])
+def test_cifar_is_read_by_torchvision_into_uint8_nchw(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cls):
+    tv = cls.torchvision_class
+    _trust(monkeypatch, tv, _fake_cifar(tmp_path, tv))
+    dm = cls(root=str(tmp_path), download=False, val_size=10, batch_size=4)
+    assert (dm.in_chans, dm.input_size) == (3, (32, 32))
     dm.setup("fit")
-    assert (len(dm.train_set), len(dm.val_set)) == (90, 10)
-    assert next(iter(dm.train_dataloader()))[0].shape == (4, 3, 32, 32)
+    dm.setup("test")
+    assert (len(dm.train_set), len(dm.val_set), len(dm.test_set)) == (20 * len(tv.train_list) - 10, 10, 20)
+    with open(tmp_path / tv.base_folder / tv.test_list[0][0], "rb") as f:
+        entry = pickle.load(f)
+    expected = torch.from_numpy(entry["data"].reshape(-1, 3, 32, 32))  # the pickle's own (N, C, H, W) layout
+    assert torch.equal(dm.test_set.images, expected) and dm.test_set.images.is_contiguous()
+    assert dm.test_set.labels.tolist() == entry["labels" if tv is torchvision.datasets.CIFAR10 else "fine_labels"]
+    assert next(iter(dm.train_dataloader())).x.shape == (4, 3, 32, 32)
+
+
+def test_cifar_missing_names_the_fix(tmp_path: Path):
+    with pytest.raises(
+        FileNotFoundError, match=r"CIFAR-100 was not found.*download \(disabled.*pass that folder as root"
+    ):
+        CIFAR100DataModule(root=str(tmp_path), download=False).setup("fit")
 
 
 def test_loaders_yield_batches_with_the_cached_logits():

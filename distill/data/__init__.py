@@ -9,7 +9,7 @@ from distill.data.batch import Batch, as_batch
 from distill.data.cifar import CIFAR10DataModule, CIFAR100DataModule
 from distill.data.fashion_mnist import FashionMNISTDataModule, read_idx
 from distill.data.folder import ImageFolderDataModule
-from distill.data.locate import locate_dataset
+from distill.data.locate import LocatedDataModule, locate_dataset
 from distill.data.memory import (
     BatchTransform,
     DeviceBatches,
@@ -28,6 +28,7 @@ __all__ = [
     "FashionMNISTDataModule",
     "ImageFolderDataModule",
     "InMemoryDataModule",
+    "LocatedDataModule",
     "SplitDataModule",
     "TensorImageDataset",
     "as_batch",

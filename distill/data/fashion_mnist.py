@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torchvision.datasets.utils import check_integrity, download_url
 
-from distill.data.locate import CACHE_DIR, locate_dataset
-from distill.data.memory import InMemoryDataModule
+from distill.data.locate import LocatedDataModule
 
 __all__ = ["FASHION_MNIST_FILES", "FashionMNISTDataModule", "read_idx"]
 
@@ -53,35 +53,14 @@ def read_idx(path: Path, expected_ndim: int) -> np.ndarray:
     return np.frombuffer(body, dtype=np.uint8).reshape(shape)
 
 
-def _download(folder: Path) -> None:
-    from torchvision.datasets.utils import check_integrity, download_url
-
-    for name, md5 in FASHION_MNIST_FILES.items():
-        download_url(FASHION_MNIST_URL + name, str(folder), filename=name, md5=md5)
-        if not check_integrity(str(folder / name), md5):
-            raise RuntimeError(f"{folder / name} failed its MD5 check")
-
-
-class FashionMNISTDataModule(InMemoryDataModule):
-    """Fashion-MNIST, the embedded default dataset (10 classes, 1 channel, 28x28).
+class FashionMNISTDataModule(LocatedDataModule):
+    """Fashion-MNIST, the embedded default dataset (10 classes, 1 channel, 28x28; random crops pad by 2).
 
     The four IDX ``.gz`` files are looked for in ``root`` (or ``root/FashionMNIST/raw``) when it is given,
     and only there; else in ``/usr/share/datasets/fashion-mnist`` (Debian's ``dataset-fashion-mnist``),
     then ``~/.cache/distill/fashion-mnist``. Missing files are downloaded from the official URLs (into
-    ``root``, or the cache) and checked against their MD5s.
-
-    Args:
-        root: folder with the four files, the only place looked when given (and the download target).
-        download: allow the download when no copy is found.
-        batch_size: training batch size.
-        eval_batch_size: validation/test batch size (default: ``batch_size``).
-        val_size: validation images taken out of the 60,000 training images (count, or fraction).
-        augment: random crop (padding 2) and horizontal flip on the training split.
-        resize: resize to ``resize`` x ``resize`` (e.g. 32, or 224 for ImageNet-sized teachers).
-        num_workers: DataLoader worker processes.
-        split_seed: seed of the train/validation split.
-        on_device: keep the splits on the GPU and build batches there (``None``: when training on a GPU
-            and they fit in a quarter of its free memory; ``False``: CPU memory and DataLoaders).
+    ``root``, or the cache) and checked against their MD5s. The arguments are those of
+    :class:`~distill.data.locate.LocatedDataModule` and :class:`~distill.data.memory.InMemoryDataModule`.
     """
 
     num_classes = 10
@@ -91,40 +70,21 @@ class FashionMNISTDataModule(InMemoryDataModule):
     std = (0.3530,)
     crop_padding = 2
     classes = CLASSES
+    dataset_name = "Fashion-MNIST"
+    required_files = tuple(FASHION_MNIST_FILES)
+    system_dir = SYSTEM_DIR
+    cache_name = "fashion-mnist"
+    root_subdirs = (".", "FashionMNIST/raw")
+    how_to_get = (
+        "`apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or download the four .gz files from "
+        f"{FASHION_MNIST_URL} into a folder and pass it as root (--data.root)."
+    )
 
-    def __init__(
-        self,
-        root: str | None = None,
-        download: bool = True,
-        batch_size: int = 256,
-        eval_batch_size: int | None = None,
-        val_size: int | float = 5000,
-        augment: bool = False,
-        resize: int | None = None,
-        num_workers: int = 0,
-        split_seed: int = 0,
-        on_device: bool | None = None,
-    ) -> None:
-        super().__init__(batch_size, eval_batch_size, val_size, augment, resize, num_workers, split_seed, on_device)
-        self.root = root
-        self.download = download
-
-    def locate(self) -> Path:
-        """The folder holding the four files (downloading them if allowed and needed)."""
-        root = Path(self.root).expanduser() if self.root else None
-        candidates = [root, root / "FashionMNIST" / "raw"] if root else [SYSTEM_DIR, CACHE_DIR / "fashion-mnist"]
-        return locate_dataset(
-            "Fashion-MNIST",
-            list(FASHION_MNIST_FILES),
-            candidates,
-            _download if self.download else None,
-            root or CACHE_DIR / "fashion-mnist",
-            "`apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or download the four .gz files from "
-            f"{FASHION_MNIST_URL} into a folder and pass it as root (--data.root).",
-        )
-
-    def prepare_data(self) -> None:
-        self.locate()
+    def fetch(self, folder: Path) -> None:
+        for name, md5 in FASHION_MNIST_FILES.items():
+            download_url(FASHION_MNIST_URL + name, str(folder), filename=name, md5=md5)
+            if not check_integrity(str(folder / name), md5):
+                raise RuntimeError(f"{folder / name} failed its MD5 check")
 
     def load_split(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         return _read_split(self.locate(), train)
