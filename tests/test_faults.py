@@ -44,11 +44,19 @@ class Fault:
 
 
 FIT = ("fit", "--config", "{recipe}")
+TEACHER = (*FIT, "--model.teacher.init_args.checkpoint")
+RESUME = ("--config", "{recipe}", "--ckpt_path")
 SWEEP = ("sweep", "--recipe", "{recipe}", "--run_dir", "{runs}/sweep", "--baseline", "false")
+NEW = ("--run_dir", "{runs}/new")
+NEW_SWEEP = ("sweep", "--recipe", "{recipe}", *NEW)
+STORAGE, OVERRIDE = (*NEW_SWEEP, "--storage"), (*NEW_SWEEP, "--overrides")
+SWEEP_T2 = (*SWEEP, "--temperatures", "[2]")
 PRUNE = ("prune-distill", "--recipe", "{inputs}/prune.yaml", "--target_params", "3000", "--initial_epochs", "1")
 PRUNE += ("--epochs_per_round", "1", "--rounds", "1", "--final_epochs", "0", "--baseline", "false")
 PRUNE += ("--export_onnx", "false", "--run_dir", "{runs}/prune")
-EXPORT = ("export", "{runs}/prune/best_student.ckpt")
+NEW_PRUNE = (*PRUNE[:-2], *NEW)
+BEST = "{runs}/prune/best_student.ckpt"  # the student prune-distill wrote
+EXPORT = ("export", BEST)
 TO_ONNX = ("--onnx", "{runs}/export/student.onnx")
 QUICK = ("quickstart", "--run_dir", "{runs}/quickstart", "--teacher_model", "test_resnet")
 QUICK += ("--teacher_config", "{repo}/configs/fmnist/teacher.yaml", "--kd_config", "{repo}/configs/fmnist/kd.yaml")
@@ -87,108 +95,68 @@ FAULTS = [
     ),
     Fault("batch size 0", (*FIT, "--data.init_args.batch_size", "0"), "batch sizes must be >= 1"),
     # ---- distill fit: the teacher
-    Fault("teacher checkpoint missing", (*FIT, "--model.teacher.init_args.checkpoint", "{inputs}/no.ckpt"), "exist"),
-    Fault(
-        "teacher a text file", (*FIT, "--model.teacher.init_args.checkpoint", "{inputs}/text.ckpt"), "not a readable"
-    ),
-    Fault("teacher random bytes", (*FIT, "--model.teacher.init_args.checkpoint", "{inputs}/random.ckpt"), "readable"),
-    Fault("teacher a malicious pickle", (*FIT, "--model.teacher.init_args.checkpoint", "{inputs}/evil.ckpt"), "unsafe"),
-    Fault(
-        "teacher of 5 classes", (*FIT, "--model.teacher.init_args.checkpoint", "{inputs}/classes5.ckpt"), "5 classes"
-    ),
-    Fault("teacher of 3 channels", (*FIT, "--model.teacher.init_args.checkpoint", "{inputs}/rgb.ckpt"), "in_chans=1"),
+    Fault("teacher checkpoint missing", (*TEACHER, "{inputs}/no.ckpt"), "exist"),
+    Fault("teacher a text file", (*TEACHER, "{inputs}/text.ckpt"), "not a readable"),
+    Fault("teacher random bytes", (*TEACHER, "{inputs}/random.ckpt"), "readable"),
+    Fault("teacher a malicious pickle", (*TEACHER, "{inputs}/evil.ckpt"), "unsafe"),
+    Fault("teacher of 5 classes", (*TEACHER, "{inputs}/classes5.ckpt"), "5 classes"),
+    Fault("teacher of 3 channels", (*TEACHER, "{inputs}/rgb.ckpt"), "in_chans=1"),
     # ---- distill fit/test: --ckpt_path
-    Fault("resume from a missing file", (*FIT, "--ckpt_path", "{inputs}/no.ckpt"), "does not exist"),
-    Fault("resume from a text file", (*FIT, "--ckpt_path", "{inputs}/text.ckpt"), "not a readable torch file"),
-    Fault("resume from random bytes", (*FIT, "--ckpt_path", "{inputs}/random.ckpt"), "not a readable torch file"),
-    Fault("resume from a malicious pickle", (*FIT, "--ckpt_path", "{inputs}/evil.ckpt"), "refused as unsafe"),
-    Fault("resume another architecture", (*FIT, "--ckpt_path", "{inputs}/resnet.ckpt"), "holds the student timm/"),
-    Fault("resume with another lr", (*FIT, "--ckpt_path", "{runs}/fit/last.ckpt", "--model.lr", "0.5"), "lr=0.5"),
-    Fault("resume from a student file", (*FIT, "--ckpt_path", "{runs}/prune/best_student.ckpt"), "student's weights"),
-    Fault(
-        "test a student file",
-        ("test", "--config", "{recipe}", "--ckpt_path", "{runs}/prune/best_student.ckpt"),
-        "not a checkpoint written by `distill fit`",
-    ),
-    Fault("test another architecture", ("test", "--config", "{recipe}", "--ckpt_path", "{inputs}/resnet.ckpt"), "timm"),
-    Fault(
-        "validate with val_size 1.5", ("validate", "--config", "{recipe}", "--data.init_args.val_size", "1.5"), "1.5"
-    ),
+    Fault("resume from a missing file", ("fit", *RESUME, "{inputs}/no.ckpt"), "does not exist"),
+    Fault("resume from a text file", ("fit", *RESUME, "{inputs}/text.ckpt"), "not a readable torch file"),
+    Fault("resume from random bytes", ("fit", *RESUME, "{inputs}/random.ckpt"), "not a readable torch file"),
+    Fault("resume from a malicious pickle", ("fit", *RESUME, "{inputs}/evil.ckpt"), "refused as unsafe"),
+    Fault("resume another architecture", ("fit", *RESUME, "{inputs}/resnet.ckpt"), "holds the student timm/"),
+    Fault("resume with another lr", ("fit", *RESUME, "{runs}/fit/last.ckpt", "--model.lr", "0.5"), "lr=0.5"),
+    Fault("resume from a student file", ("fit", *RESUME, BEST), "student's weights"),
+    Fault("test a student file", ("test", *RESUME, BEST), "not a checkpoint written by `distill fit`"),
+    Fault("test another architecture", ("test", *RESUME, "{inputs}/resnet.ckpt"), "timm"),
+    Fault("validate with val_size 1.5", ("validate", *FIT[1:], "--data.init_args.val_size", "1.5"), "1.5"),
     # ---- distill sweep
     Fault("sweep temperature 0", (*SWEEP, "--temperatures", "[0]"), "Temperatures must be finite and > 0"),
     Fault("sweep empty grid", (*SWEEP, "--temperatures", "[]"), "The grid is empty"),
-    Fault("sweep alpha 1.5", (*SWEEP, "--temperatures", "[2]", "--alphas", "[1.5]"), "Alphas must be in [0, 1]"),
-    Fault("sweep no seeds", (*SWEEP, "--temperatures", "[2]", "--seeds", "[]"), "The grid is empty"),
+    Fault("sweep alpha 1.5", (*SWEEP_T2, "--alphas", "[1.5]"), "Alphas must be in [0, 1]"),
+    Fault("sweep no seeds", (*SWEEP_T2, "--seeds", "[]"), "The grid is empty"),
     Fault("sweep changed grid", (*SWEEP, "--temperatures", "[2, 8]"), "created for the grid"),
     Fault(
         "sweep changed recipe",
-        (*SWEEP, "--temperatures", "[2]", "--overrides", "{{trainer: {{max_epochs: 2}}}}"),
+        (*SWEEP_T2, "--overrides", "{{trainer: {{max_epochs: 2}}}}"),
         "created for another recipe",
     ),
-    Fault("sweep recipe missing", ("sweep", "--recipe", "{inputs}/none.yaml", "--run_dir", "{runs}/new"), "not found"),
-    Fault("sweep recipe YAML error", ("sweep", "--recipe", "{inputs}/syntax.yaml", "--run_dir", "{runs}/new"), "YAML"),
-    Fault(
-        "sweep recipe a list", ("sweep", "--recipe", "{inputs}/list.yaml", "--run_dir", "{runs}/new"), "not a mapping"
-    ),
+    Fault("sweep recipe missing", ("sweep", "--recipe", "{inputs}/none.yaml", *NEW), "not found"),
+    Fault("sweep recipe YAML error", ("sweep", "--recipe", "{inputs}/syntax.yaml", *NEW), "YAML"),
+    Fault("sweep recipe a list", ("sweep", "--recipe", "{inputs}/list.yaml", *NEW), "not a mapping"),
     Fault(
         "sweep teacher a text file",
-        ("sweep", "--recipe", "{inputs}/text_teacher.yaml", "--run_dir", "{runs}/new"),
+        ("sweep", "--recipe", "{inputs}/text_teacher.yaml", *NEW),
         "not a readable torch file",
     ),
     Fault(
         "sweep storage unreachable",
-        (
-            "sweep",
-            "--recipe",
-            "{recipe}",
-            "--run_dir",
-            "{runs}/new",
-            "--storage",
-            "postgresql://nobody@127.0.0.1:1/sweeps",
-        ),
+        (*STORAGE, "postgresql://nobody@127.0.0.1:1/sweeps"),
         "Cannot open the sweep storage",
     ),
     Fault(
         "sweep overrides break the Trainer",
-        (
-            "sweep",
-            "--recipe",
-            "{recipe}",
-            "--run_dir",
-            "{runs}/new",
-            "--overrides",
-            "{{trainer: {{gradient_clip_algorithm: bogus}}}}",
-        ),
+        (*OVERRIDE, "{{trainer: {{gradient_clip_algorithm: bogus}}}}"),
         "bogus",
     ),
     Fault(
         "sweep without validation",
-        (
-            "sweep",
-            "--recipe",
-            "{recipe}",
-            "--run_dir",
-            "{runs}/new",
-            "--overrides",
-            "{{trainer: {{limit_val_batches: 0}}}}",
-        ),
+        (*OVERRIDE, "{{trainer: {{limit_val_batches: 0}}}}"),
         "chooses each run's best checkpoint",
     ),
-    Fault(
-        "sweep overrides model: 5",
-        ("sweep", "--recipe", "{recipe}", "--run_dir", "{runs}/new", "--overrides", "{{model: 5}}"),
-        "needs 'model' as a mapping",
-    ),
+    Fault("sweep overrides model: 5", (*OVERRIDE, "{{model: 5}}"), "needs 'model' as a mapping"),
     Fault(
         "sweep storage not SQLite",
-        ("sweep", "--recipe", "{recipe}", "--run_dir", "{runs}/new", "--storage", "sqlite:///{runs}/fit/best.ckpt"),
+        (*STORAGE, "sqlite:///{runs}/fit/best.ckpt"),
         "not an SQLite database",
     ),
-    Fault("sweep max_trials 0", (*SWEEP, "--temperatures", "[2]", "--max_trials", "0"), "max_trials >= 1"),
-    Fault("sweep heartbeat 0", (*SWEEP, "--temperatures", "[2]", "--heartbeat_interval", "0"), "heartbeat_interval"),
+    Fault("sweep max_trials 0", (*SWEEP_T2, "--max_trials", "0"), "max_trials >= 1"),
+    Fault("sweep heartbeat 0", (*SWEEP_T2, "--heartbeat_interval", "0"), "heartbeat_interval"),
     # ---- distill prune-distill
     Fault("prune target above the student", (*PRUNE[:4], "10000000", *PRUNE[5:]), "is not below the student's"),
-    Fault("prune target unreachable", (*PRUNE[:4], "10", *PRUNE[5:-1], "{runs}/new"), "target 10 parameters cannot"),
+    Fault("prune target unreachable", (*NEW_PRUNE[:4], "10", *NEW_PRUNE[5:]), "target 10 parameters cannot"),
     Fault("prune unknown schedule", (*PRUNE, "--schedule", "linear"), "Unknown schedule 'linear'"),
     Fault("prune unknown criterion", (*PRUNE, "--importance", "weights"), "Unknown importance criterion"),
     Fault("prune two targets", (*PRUNE, "--target_macs", "1000"), "exactly one of target_params or target_macs"),
@@ -196,16 +164,14 @@ FAULTS = [
     Fault("prune too few rounds", (*PRUNE, "--schedule", "fixed", "--max_rounds", "2"), "needs at least"),
     Fault(
         "prune fine-tune lr -1",
-        (*PRUNE[:-1], "{runs}/new", "--lr_rewinding", "false", "--finetune_lr", "-1"),
+        (*NEW_PRUNE, "--lr_rewinding", "false", "--finetune_lr", "-1"),
         "finite finetune_lr > 0",
     ),
-    Fault("prune seed -1", (*PRUNE[:-1], "{runs}/new", "--seed", "-1"), "0 <= seed < 2**31"),
-    Fault("prune round_to 0", (*PRUNE[:-1], "{runs}/new", "--round_to", "0"), "round_to >= 1"),
-    Fault("prune min_fraction -1", (*PRUNE[:-1], "{runs}/new", "--min_fraction", "-1"), "0 <= min_fraction < 1"),
+    Fault("prune seed -1", (*NEW_PRUNE, "--seed", "-1"), "0 <= seed < 2**31"),
+    Fault("prune round_to 0", (*NEW_PRUNE, "--round_to", "0"), "round_to >= 1"),
+    Fault("prune min_fraction -1", (*NEW_PRUNE, "--min_fraction", "-1"), "0 <= min_fraction < 1"),
     Fault(
-        "prune start of 5 classes",
-        (*PRUNE[:-1], "{runs}/new", "--student_checkpoint", "{inputs}/classes5.ckpt"),
-        "predicts 5 classes",
+        "prune start of 5 classes", (*NEW_PRUNE, "--student_checkpoint", "{inputs}/classes5.ckpt"), "predicts 5 classes"
     ),
     Fault("prune unknown layer", (*PRUNE, "--ignored_layers", "[cnn.9]"), "ignored_layers names no layer"),
     Fault("prune start missing", (*PRUNE, "--student_checkpoint", "{inputs}/no.ckpt"), "does not exist"),
@@ -218,11 +184,7 @@ FAULTS = [
     Fault("prune resumed, recipe edited", PRUNE, "the content of the recipe"),
     # ---- distill export
     Fault("export nothing", EXPORT, "Nothing to export"),
-    Fault(
-        "export onto its checkpoint",
-        (*EXPORT, "--onnx", "{runs}/prune/best_student.ckpt"),
-        "would be overwritten",
-    ),
+    Fault("export onto its checkpoint", (*EXPORT, "--onnx", BEST), "would be overwritten"),
     Fault(
         "export TorchScript onto its checkpoint",
         (*EXPORT, "--torchscript", "{runs}/prune/./best_student.ckpt"),
@@ -234,59 +196,22 @@ FAULTS = [
         (*EXPORT, "--onnx", "{runs}/export/a", "--torchscript", "{runs}/export/a"),
         "name the same file",
     ),
-    Fault(
-        "export input size 0",
-        (*EXPORT, *TO_ONNX, "--input_size", "0"),
-        "input_size must be a positive",
-    ),
-    Fault(
-        "export input too small",
-        (*EXPORT, *TO_ONNX, "--input_size", "2"),
-        "cannot run on (1, 2, 2) inputs",
-    ),
+    Fault("export input size 0", (*EXPORT, *TO_ONNX, "--input_size", "0"), "input_size must be a positive"),
+    Fault("export input too small", (*EXPORT, *TO_ONNX, "--input_size", "2"), "cannot run on (1, 2, 2) inputs"),
     Fault("export a text file", ("export", "{inputs}/text.ckpt", *TO_ONNX), "readable"),
-    Fault(
-        "export a plain state_dict",
-        ("export", "{inputs}/state_dict.pt", *TO_ONNX),
-        "records no student_spec",
-    ),
-    Fault(
-        "export a crafted spec",
-        ("export", "{inputs}/spec_str.ckpt", *TO_ONNX),
-        "not {name, kwargs}",
-    ),
-    Fault(
-        "export a spec with unknown arguments",
-        ("export", "{inputs}/spec_kwargs.ckpt", *TO_ONNX),
-        "cannot be built",
-    ),
-    Fault(
-        "export a crafted input shape",
-        ("export", "{inputs}/shape.ckpt", *TO_ONNX),
-        "not [channels, height, width]",
-    ),
+    Fault("export a plain state_dict", ("export", "{inputs}/state_dict.pt", *TO_ONNX), "records no student_spec"),
+    Fault("export a crafted spec", ("export", "{inputs}/spec_str.ckpt", *TO_ONNX), "not {name, kwargs}"),
+    Fault("export a spec with unknown arguments", ("export", "{inputs}/spec_kwargs.ckpt", *TO_ONNX), "cannot be built"),
+    Fault("export a crafted input shape", ("export", "{inputs}/shape.ckpt", *TO_ONNX), "not [channels, height, width]"),
     Fault(
         "export into a new folder, check fails",
-        (
-            "export",
-            "{runs}/prune/best_student.ckpt",
-            "--onnx",
-            "{runs}/newdir/student.onnx",
-            "--torchscript",
-            "{runs}/newdir/x/student.pt",
-            "--atol",
-            "0",
-        ),
+        (*EXPORT, "--onnx", "{runs}/newdir/student.onnx", "--torchscript", "{runs}/newdir/x/student.pt", "--atol", "0"),
         "differ",
     ),
     # ---- distill quickstart: refused before the teacher trains
     Fault("quickstart 0 rounds", (*QUICK, "--prune_rounds", "0"), "rounds >= 1"),
     Fault("quickstart unknown criterion", (*QUICK, "--importance", "weights"), "Unknown importance criterion"),
-    Fault(
-        "quickstart unknown teacher",
-        (*QUICK, "--teacher_model", "resnet9000"),
-        "is not a timm model",
-    ),
+    Fault("quickstart unknown teacher", (*QUICK, "--teacher_model", "resnet9000"), "is not a timm model"),
     Fault(
         "quickstart teacher recipe without a student",
         (*QUICK, "--teacher_config", "{inputs}/no_student.yaml"),
