@@ -65,11 +65,20 @@ def test_every_job_config_parses(config: Path):
     ).stdout
     settings = yaml.safe_load(out)
     assert (ROOT / settings["recipe"]).is_file()
-    assert settings["temperatures"] and settings["seeds"] if JOBS[config] == "sweep" else settings["target_params"]
+    if JOBS[config] == "sweep":
+        assert settings["temperatures"] and settings["seeds"]
+    else:
+        assert settings["target_params"] > 0
 
 
 def test_debug_recipe_runs(tmp_path: Path):
-    main(["fit", "--config", str(ROOT / "configs" / "debug.yaml"), "--trainer.default_root_dir", str(tmp_path)])
+    args = ["--trainer.default_root_dir", str(tmp_path), "--trainer.enable_checkpointing", "true"]
+    main(["fit", "--config", str(ROOT / "configs" / "debug.yaml"), *args])
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())  # in the run's folder, not the working directory
+    assert saved["model"]["student"]["init_args"]["base"] == 2
+    (checkpoint,) = (tmp_path / "checkpoints").glob("*.ckpt")
+    assert torch.load(checkpoint, weights_only=True)["global_step"] == 5  # limit_train_batches: 5
+    assert load_student(checkpoint).channels == [2, 4, 8, 16, 32, 32, 32, 32]  # StudentNet, base 2
 
 
 def test_a_limit_of_one_batch_is_one_batch(tmp_path: Path):
@@ -109,12 +118,14 @@ def test_bad_input_is_one_clear_line(tmp_path: Path):
     assert not (tmp_path / "s").exists()
 
 
-@pytest.mark.slow
-def test_quickstart_end_to_end(tmp_path: Path):
+@pytest.fixture(scope="module")
+def quickstart_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict, dict]:
+    """A tiny ``distill quickstart``: its folder, settings and results (the slow tests below share it)."""
     from distill.quickstart import quickstart
 
+    run_dir = tmp_path_factory.mktemp("quickstart") / "qs"
     settings = dict(
-        run_dir=str(tmp_path / "qs"),
+        run_dir=str(run_dir),
         teacher_config=str(ROOT / "configs/fmnist/teacher.yaml"),
         kd_config=str(ROOT / "configs/fmnist/kd.yaml"),
         teacher_model="test_resnet",
@@ -127,31 +138,42 @@ def test_quickstart_end_to_end(tmp_path: Path):
         limit_eval_batches=2,
         accelerator="cpu",
     )
-    results = quickstart(**settings)
+    return run_dir, settings, quickstart(**settings)
+
+
+@pytest.mark.slow
+def test_quickstart_end_to_end(quickstart_run: tuple[Path, dict, dict]):
+    from distill.quickstart import quickstart
+
+    qs, settings, results = quickstart_run
     assert set(results) == {"teacher", "student", "pruned", "thin"}
     assert Path(results["teacher"]["checkpoint"]).is_file() and Path(results["student"]["checkpoint"]).is_file()
     student_ckpt = torch.load(results["student"]["checkpoint"], weights_only=True)
     assert student_ckpt["hyper_parameters"]["teacher_checkpoint"] == results["teacher"]["checkpoint"]
     assert results["pruned"]["params"] <= 150_000 < results["student"]["params"]
     assert results["thin"]["params"] <= results["pruned"]["params"]
-    summary = (tmp_path / "qs" / "summary.md").read_text()
+    summary = (qs / "summary.md").read_text()
     for row in ("| teacher | test_resnet |", "| student | studentnet |", "| pruned |", "| thin |"):
         assert row in summary
     for name in ("pareto.png", "rounds.csv", "best_student.onnx", "best_student.ckpt"):
-        assert (tmp_path / "qs" / "prune_distill" / name).is_file()
-    assert (tmp_path / "qs" / "student.yaml").is_file() and (tmp_path / "qs" / "student" / "config.yaml").is_file()
+        assert (qs / "prune_distill" / name).is_file()
+    assert (qs / "student.yaml").is_file() and (qs / "student" / "config.yaml").is_file()
 
     # Run again: every stage is reused, nothing trains; with other settings it is refused and nothing changes.
-    trained = {p: p.stat().st_mtime_ns for p in (tmp_path / "qs").rglob("*.ckpt")}
+    trained = {p: p.stat().st_mtime_ns for p in qs.rglob("*.ckpt")}
     assert quickstart(**{**settings, "run_dir": settings["run_dir"] + "/"}) == results  # the same folder
-    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "qs").rglob("*.ckpt")} == trained
-    before = {p: p.read_bytes() for p in (tmp_path / "qs").rglob("*") if p.is_file()}
+    assert {p: p.stat().st_mtime_ns for p in qs.rglob("*.ckpt")} == trained
+    before = {p: p.read_bytes() for p in qs.rglob("*") if p.is_file()}
     with pytest.raises(ValueError, match=r"other settings \(student_epochs changed\)"):
         quickstart(**{**settings, "student_epochs": 2})
-    assert {p: p.read_bytes() for p in (tmp_path / "qs").rglob("*") if p.is_file()} == before
+    assert {p: p.read_bytes() for p in qs.rglob("*") if p.is_file()} == before
 
-    # benchmarks/prune_recovery.py runs on a quickstart's output (a smoke run: its numbers are in RESULTS.md)
-    args = ["--quickstart", str(tmp_path / "qs"), "--start-epochs", "2", "--extra-epochs", "2"]
+
+@pytest.mark.slow
+def test_prune_recovery_benchmark_runs_on_a_quickstart(quickstart_run: tuple[Path, dict, dict], tmp_path: Path):
+    """benchmarks/prune_recovery.py on a quickstart's output: a smoke run (its numbers are in RESULTS.md)."""
+    qs = quickstart_run[0]
+    args = ["--quickstart", str(qs), "--start-epochs", "2", "--extra-epochs", "2"]
     args += ["--target-params", "150000", "--variants", "rounds_finetune", "oneshot_rewind_seed_layers"]
     args += ["--out", str(tmp_path / "recovery")]
     subprocess.run([sys.executable, "benchmarks/prune_recovery.py", *args], capture_output=True, check=True, cwd=ROOT)
@@ -161,7 +183,7 @@ def test_quickstart_end_to_end(tmp_path: Path):
     assert rows[:2] == ["rounds_finetune", "oneshot_rewind_seed_layers"]
     assert rows[2] in (f"{thin}, 3 epochs", f"{thin}, 4 epochs")  # the start's best epoch, plus 2
     assert rows[3] == f"{thin}, 2 epochs (the variants' extra epochs only)"
-    assert (tmp_path / "qs" / "student_2_epochs" / "best.ckpt").is_file()  # the longer start, shared by seeds
+    assert (qs / "student_2_epochs" / "best.ckpt").is_file()  # the longer start, shared by seeds, in the quickstart
     twice = [sys.executable, "benchmarks/prune_recovery.py", "--seed-table", *[str(tmp_path / "recovery")] * 2]
     seeds = subprocess.run(twice, capture_output=True, text=True, check=True, cwd=ROOT).stdout.splitlines()
     first = [c.strip() for c in seeds[2].strip("|").split("|")]

@@ -152,7 +152,7 @@ def test_a_killed_trial_runs_again(tmp_path: Path, small_teacher_checkpoint: Pat
         assert list(csv.DictReader(f)) == []
 
     # At once again, waiting (the default): the dead worker's trial goes stale and runs here.
-    sweep(**{k: v for k, v in settings.items() if k != "overrides"})
+    sweep(**settings)
     states = [t.state.name for t in trials(run_dir)]
     assert states.count("FAIL") == 1 and states.count("COMPLETE") == 1
     assert completed(run_dir) == [(("alpha", 0.9), ("seed", 0), ("temperature", 4.0))]
