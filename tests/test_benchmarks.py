@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
+from distill.profile import count_macs, count_params
+from students import StudentNet
+
 ROOT = Path(__file__).parents[1]
+
+
+def markdown_rows(out: str) -> tuple[list[str], list[list[str]]]:
+    """The header and the rows of the first Markdown table in ``out``, as lists of cell texts."""
+    lines = [line for line in out.splitlines() if line.startswith("| ")]
+    header, *rows = ([cell.strip() for cell in line.strip().strip("|").split("|")] for line in lines)
+    assert all(len(row) == len(header) for row in rows)
+    return header, rows
 
 
 def test_pruning_speed_prints_its_table():
@@ -14,6 +28,22 @@ def test_pruning_speed_prints_its_table():
     out = subprocess.run(
         [sys.executable, "benchmarks/pruning_speed.py", *args], capture_output=True, text=True, check=True, cwd=ROOT
     ).stdout
-    rows = [line for line in out.splitlines() if line.startswith("| ") and "criterion" not in line]
-    assert [row.split("|")[1].strip() for row in rows] == ["-", "l1", "hrank"]
-    assert "| 50% | 1 | [8, 16, 32, 64, 128, 128, 128, 128] | 68,090 |" in out
+    header, rows = markdown_rows(out)
+    col = {name: header.index(name) for name in ("criterion", "pruned", "round_to", "channels", "params", "MACs")}
+    assert [(row[col["criterion"]], row[col["pruned"]], row[col["round_to"]]) for row in rows] == [
+        ("-", "0%", "1"), ("l1", "50%", "1"), ("hrank", "50%", "1")
+    ]  # fmt: skip
+    full, *pruned = rows
+    widths = ast.literal_eval(full[col["channels"]])
+    assert widths == StudentNet().channels
+    for row in rows:  # each row's numbers are those of the StudentNet its channels describe
+        model = StudentNet(channels=ast.literal_eval(row[col["channels"]]), num_classes=10, in_chans=1, num_pools=3)
+        macs = count_macs(model, torch.zeros(1, 1, 28, 28))
+        assert row[col["params"]] == f"{count_params(model):,}" and row[col["MACs"]] == f"{macs:,}"
+        assert row[col["MACs"] + 1] == f"{macs / int(full[col['MACs']].replace(',', '')):.0%}"  # MACs %
+        for ms in (header.index("batch 1 ms"), header.index("batch 64 ms")):  # the % beside it: of the unpruned
+            percent = float(row[ms]) / float(full[ms]) * 100  # from the rounded times: within 1 point and 1%
+            assert abs(percent - float(row[ms + 1].rstrip("%"))) <= 1 + percent / 100
+    for row in pruned:  # half of each layer; the criteria differ in which channels, not how many (per-layer ranking)
+        assert row[col["channels"]] == pruned[0][col["channels"]]
+        assert all(abs(w - b / 2) <= 1 for w, b in zip(ast.literal_eval(row[col["channels"]]), widths, strict=True))

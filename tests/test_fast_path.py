@@ -144,5 +144,11 @@ def test_latency_benchmark_prints_its_table():
     assert [row.split("|")[1].strip() for row in rows] == [
         "width 1.0", "width 0.75", "width 0.5", "width 0.25", "pruned to 100k"
     ]  # fmt: skip
-    assert "| 256,234 | 2,574,368 |" in rows[0]
-    assert int(rows[-1].split("|")[2].replace(",", "")) <= 100_000
+    cells = [[cell.strip() for cell in row.strip().strip("|").split("|")] for row in rows]
+    params, macs = ([int(c[i].replace(",", "")) for c in cells] for i in (1, 2))
+    for c, count in zip(cells[:4], params, strict=False):  # each width's parameters are its StudentNet's
+        kwargs = {"width_mult": float(c[0].split()[1]), "num_classes": 10, "in_chans": 1, "num_pools": 3}
+        assert count == sum(p.numel() for p in create_student("studentnet", **kwargs).parameters())
+    assert params[:4] == sorted(params[:4], reverse=True) and macs[:4] == sorted(macs[:4], reverse=True)
+    assert params[-1] <= 100_000 < params[0] and macs[-1] < macs[0]  # width 1.0, pruned to the target
+    assert all(float(ms) > 0 for c in cells for ms in c[3:])  # a latency for each backend
