@@ -41,14 +41,11 @@ from distill.pruning import (
 )
 from distill.recipes import (
     check_recipe,
-    check_teacher,
     file_digest,
     fit_recipe,
     input_digests,
-    load_recipe,
-    merge,
+    job_recipe,
     relocate,
-    sibling_config,
     teacher_cache,
     with_callbacks,
 )
@@ -131,8 +128,7 @@ def prune_distill(
                   final_epochs, initial_epochs, slimming_epochs, slimming_lambda, finetune_lr, min_fraction, round_to,
                   seed)  # fmt: skip
     # Every check runs before the run directory is touched: a refused run writes nothing and locks nothing.
-    base = merge(load_recipe(recipe), overrides)
-    check_teacher(base, recipe)
+    base = job_recipe(recipe, overrides)
     if student_checkpoint is not None and not Path(student_checkpoint).is_file():
         raise FileNotFoundError(f"Student checkpoint {student_checkpoint!r} does not exist. Fix the path, or omit it.")
     model, data = check_recipe(base)
@@ -367,7 +363,7 @@ class _Phases:
         else:
             cfg["model"]["warmup_epochs"] = min(float(cfg["model"].get("warmup_epochs", 0)), epochs / 4)
         with_callbacks(cfg, *(callbacks or []), *([teacher_cache(self.cache)] if self.cache is not None else []))
-        result = fit_recipe(cfg, sibling_config(folder))
+        result = fit_recipe(cfg)
         return self._record(key, round_, phase, epochs, result.checkpoint, val_acc=result.val_acc,
                             test_acc=result.test_acc)  # fmt: skip
 

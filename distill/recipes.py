@@ -30,6 +30,7 @@ __all__ = [
     "fingerprint",
     "fit_recipe",
     "input_digests",
+    "job_recipe",
     "load_recipe",
     "merge",
     "relocate",
@@ -93,6 +94,13 @@ def with_callbacks(cfg: dict[str, Any], *callbacks: dict[str, Any]) -> dict[str,
 def teacher_cache(cache_dir: str | Path) -> dict[str, Any]:
     """The :class:`~distill.cache.TeacherLogitCache` callback writing to ``cache_dir``, as a recipe entry."""
     return {"class_path": "distill.cache.TeacherLogitCache", "init_args": {"cache_dir": str(cache_dir)}}
+
+
+def job_recipe(recipe: str, overrides: dict[str, Any] | None) -> dict[str, Any]:
+    """A job's recipe: the file with ``overrides`` merged in, checked to name a teacher whose file exists."""
+    cfg = merge(load_recipe(recipe), overrides)
+    check_teacher(cfg, recipe)
+    return cfg
 
 
 def check_teacher(cfg: dict[str, Any], recipe: str) -> None:
@@ -191,8 +199,10 @@ class FitResult:
     model_name: str
 
 
-def fit_recipe(cfg: dict[str, Any], config_path: Path) -> FitResult:
+def fit_recipe(cfg: dict[str, Any], config_path: Path | None = None) -> FitResult:
     """Run ``distill fit`` on ``cfg``, write it to ``config_path``, then test the run's best checkpoint.
+
+    ``config_path`` defaults to :func:`sibling_config` of the run's folder (``trainer.default_root_dir``).
 
     The best checkpoint is the one of the first ``ModelCheckpoint`` (chosen on the validation split);
     the test split is evaluated once, on it. The result is recorded in ``result.json`` in the run's
@@ -222,6 +232,7 @@ def fit_recipe(cfg: dict[str, Any], config_path: Path) -> FitResult:
         warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
         cli = DistillCLI(args={"fit": copy.deepcopy(cfg)})  # refused input writes nothing, this file included
     wall = time.time() - start
+    config_path = config_path or sibling_config(Path(folder))
     config_path.parent.mkdir(parents=True, exist_ok=True)
     config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     checkpoint = cli.trainer.checkpoint_callback

@@ -19,19 +19,7 @@ from typing import Any
 
 import yaml
 
-from distill.recipes import (
-    FitResult,
-    check_recipe,
-    check_sections,
-    check_teacher,
-    fit_recipe,
-    load_recipe,
-    merge,
-    relocate,
-    sibling_config,
-    teacher_cache,
-    with_callbacks,
-)
+from distill.recipes import FitResult, check_recipe, fit_recipe, job_recipe, relocate, teacher_cache, with_callbacks
 from distill.report import sweep_report
 from distill.rundir import IncompleteRun
 from distill.study import finished_rows, missing_points, open_storage, open_study, work
@@ -88,8 +76,7 @@ def sweep(
         IncompleteRun: (exit status 3) when grid points are still unfinished at the end and no ``max_trials``
             was given; sweep.csv and sweep.md then hold the finished ones and sweep.md lists the rest.
     """
-    base = merge(load_recipe(recipe), overrides)
-    check_sections(base, recipe)
+    base = job_recipe(recipe, overrides)
     space = _grid(temperatures, alphas, seeds, base)
     if heartbeat_interval < 1 or (max_trials is not None and max_trials < 1) or not study_name:
         raise ValueError(
@@ -97,7 +84,6 @@ def sweep(
             f"heartbeat_interval={heartbeat_interval}, max_trials={max_trials}, study_name={study_name!r}"
         )
     out = Path(run_dir).resolve()
-    check_teacher(base, recipe)
     check_recipe(base)  # the teacher loads and fits the data: no trial will fail on it
     url = storage or f"sqlite:///{out / 'sweep.db'}"
     settings = {
@@ -194,7 +180,7 @@ def _run_kd(base: dict[str, Any], params: dict[str, Any], out: Path, cache: str 
     cfg["model"]["loss"] = {"class_path": "distill.KDLoss", "init_args": loss}
     if cache is not None:
         with_callbacks(cfg, teacher_cache(cache))
-    return fit_recipe(cfg, sibling_config(trial_dir))
+    return fit_recipe(cfg)
 
 
 def _run_ce(base: dict[str, Any], params: dict[str, Any], out: Path) -> FitResult:
@@ -205,4 +191,4 @@ def _run_ce(base: dict[str, Any], params: dict[str, Any], out: Path) -> FitResul
     cfg["model"].pop("teacher", None)
     cfg["model"]["teacher_checkpoint"] = None
     cfg["model"]["loss"] = {"class_path": "distill.KDLoss", "init_args": {"temperature": 1.0, "alpha": 0.0}}
-    return fit_recipe(cfg, sibling_config(trial_dir))
+    return fit_recipe(cfg)

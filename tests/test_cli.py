@@ -11,7 +11,8 @@ import torch
 import yaml
 
 from distill import DistillModule
-from distill.cli import DistillCLI, main
+from distill.cli import main
+from distill.lightning_cli import DistillCLI
 from students import load_student
 from teachers import FrozenTeacher, TeacherEnsemble
 

@@ -28,7 +28,7 @@ from helpers import RunsCode, fmnist, tiny_kd_recipe, tiny_trainer
 from distill import DistillModule
 from distill.cli import main
 from distill.export import export
-from distill.pipeline import prune_distill
+from distill.prune_distill import prune_distill
 from distill.recipes import relocate
 from distill.sweep import sweep
 from students import StudentNet, create_student, save_student

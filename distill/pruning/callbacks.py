@@ -36,16 +36,24 @@ def _student(pl_module: pl.LightningModule) -> nn.Module:
     return student
 
 
-def _active(epoch: int, start_epoch: int, end_epoch: int | None) -> bool:
-    return epoch >= start_epoch and (end_epoch is None or epoch < end_epoch)
+class _Penalty(Callback):
+    """A sparsity penalty added to the student's gradients in the epochs ``[start_epoch, end_epoch)``."""
+
+    def __init__(self, lambdas: dict[str, float], threshold: float, start_epoch: int, end_epoch: int | None) -> None:
+        if not all(0 <= v < math.inf for v in (*lambdas.values(), threshold)):
+            given = ", ".join(f"{k}={v}" for k, v in {**lambdas, "threshold": threshold}.items())
+            raise ValueError(f"{' and '.join(lambdas)} and threshold must be finite and >= 0, got {given}")
+        if start_epoch < 0 or (end_epoch is not None and end_epoch <= start_epoch):
+            raise ValueError(f"need 0 <= start_epoch < end_epoch, got start_epoch={start_epoch}, end_epoch={end_epoch}")
+        for name, value in lambdas.items():
+            setattr(self, name, value)
+        self.threshold, self.start_epoch, self.end_epoch = threshold, start_epoch, end_epoch
+
+    def active(self, epoch: int) -> bool:
+        return epoch >= self.start_epoch and (self.end_epoch is None or epoch < self.end_epoch)
 
 
-def _check_window(start_epoch: int, end_epoch: int | None) -> None:
-    if start_epoch < 0 or (end_epoch is not None and end_epoch <= start_epoch):
-        raise ValueError(f"need 0 <= start_epoch < end_epoch, got start_epoch={start_epoch}, end_epoch={end_epoch}")
-
-
-class NetworkSlimming(Callback):
+class NetworkSlimming(_Penalty):
     """Sparsity on the student's BatchNorm scaling factors (Liu et al. 2017, network slimming).
 
     Training minimises ``loss + lambda_ * sum |gamma|`` over every BatchNorm of the student: the
@@ -66,13 +74,7 @@ class NetworkSlimming(Callback):
     def __init__(
         self, lambda_: float = 1e-4, threshold: float = 1e-2, start_epoch: int = 0, end_epoch: int | None = None
     ) -> None:
-        if not (0 <= lambda_ < math.inf and 0 <= threshold < math.inf):
-            raise ValueError(f"lambda_ and threshold must be finite and >= 0, got {lambda_} and {threshold}")
-        _check_window(start_epoch, end_epoch)
-        self.lambda_ = lambda_
-        self.threshold = threshold
-        self.start_epoch = start_epoch
-        self.end_epoch = end_epoch
+        super().__init__({"lambda_": lambda_}, threshold, start_epoch, end_epoch)
 
     @staticmethod
     def gammas(student: nn.Module) -> list[nn.Parameter]:
@@ -83,7 +85,7 @@ class NetworkSlimming(Callback):
         ]
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        if not _active(trainer.current_epoch, self.start_epoch, self.end_epoch):
+        if not self.active(trainer.current_epoch):
             return
         for gamma in self.gammas(_student(pl_module)):
             if gamma.grad is not None:
@@ -95,7 +97,7 @@ class NetworkSlimming(Callback):
         pl_module.log("slimming/near_zero", (gammas < self.threshold).sum().float(), sync_dist=False)
 
 
-class GroupLasso(Callback):
+class GroupLasso(_Penalty):
     """Structured sparsity learning (Wen et al. 2016, SSL) on the student's convolutions.
 
     Adds ``lambda_filter * sum_n ||W[n, :, :, :]||_2`` (filter-wise groups) and
@@ -123,18 +125,10 @@ class GroupLasso(Callback):
         start_epoch: int = 0,
         end_epoch: int | None = None,
     ) -> None:
-        finite = all(0 <= v < math.inf for v in (lambda_filter, lambda_channel, threshold))
-        if not finite or lambda_filter + lambda_channel == 0:
-            raise ValueError(
-                f"need finite lambda_filter, lambda_channel, threshold >= 0 and a lambda > 0; got {lambda_filter}, "
-                f"{lambda_channel}, {threshold}"
-            )
-        _check_window(start_epoch, end_epoch)
-        self.lambda_filter = lambda_filter
-        self.lambda_channel = lambda_channel
-        self.threshold = threshold
-        self.start_epoch = start_epoch
-        self.end_epoch = end_epoch
+        super().__init__({"lambda_filter": lambda_filter, "lambda_channel": lambda_channel}, threshold, start_epoch,
+                         end_epoch)  # fmt: skip
+        if lambda_filter + lambda_channel == 0:
+            raise ValueError("GroupLasso needs lambda_filter > 0 or lambda_channel > 0: with both 0 it does nothing")
 
     @staticmethod
     def convs(student: nn.Module) -> list[nn.Conv2d]:
@@ -142,7 +136,7 @@ class GroupLasso(Callback):
 
     @torch.no_grad()
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        if not _active(trainer.current_epoch, self.start_epoch, self.end_epoch):
+        if not self.active(trainer.current_epoch):
             return
         convs = self.convs(_student(pl_module))
         for i, conv in enumerate(convs):

@@ -291,12 +291,8 @@ def prune_student(
     example_input: torch.Tensor,
     policy: PruningPolicy | None = None,
     *,
-    ratio: float | None = None,
-    target_params: int | None = None,
-    target_macs: int | None = None,
-    floors: Floors = None,
-    data: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
     plan: Plan | None = None,
+    **amount: Any,
 ) -> PruneReport:
     """Remove channels from ``model`` in place and report the cost before and after.
 
@@ -309,21 +305,22 @@ def prune_student(
             forward of this batch.
         policy: how channels are chosen (criterion, ranking, floors, rounding, ignored layers);
             default ``PruningPolicy()``: ``l1``, per layer.
-        ratio: fraction of channels to remove, in [0, 1): of each layer (per-layer ranking) or of all
-            prunable channels (global ranking).
-        target_params: prune until the student has at most this many parameters.
-        target_macs: prune until one forward of ``example_input`` costs at most this many MACs.
-        floors: channels each group keeps at least, by group name, when pruning runs in steps (from
-            ``policy.floors`` of the channels before the first step); default: the policy's floors of the
-            current channels.
-        data: batches ``(x, y)`` for data-driven criteria (``taylor``, ``hrank``).
         plan: channels to remove, as decided by :func:`select_channels` elsewhere (e.g. on rank 0
-            under DDP); the selection arguments are then ignored.
+            under DDP); the amount is then not needed.
+        amount: what :func:`select_channels` takes besides the policy:
+
+            - ``ratio``: fraction of channels to remove, in [0, 1): of each layer (per-layer ranking) or of
+              all prunable channels (global ranking);
+            - or ``target_params``: prune until the student has at most this many parameters;
+            - or ``target_macs``: prune until one forward of ``example_input`` costs at most this many MACs;
+            - ``floors``: channels each group keeps at least, by group name, when pruning runs in steps (from
+              ``policy.floors`` of the channels before the first step); default: the policy's floors of the
+              current channels;
+            - ``data``: batches ``(x, y)`` for data-driven criteria (``taylor``, ``hrank``).
     """
     policy = policy or PruningPolicy()
     if plan is None:
-        plan = select_channels(model, example_input, policy, ratio=ratio, target_params=target_params,
-                               target_macs=target_macs, floors=floors, data=data)  # fmt: skip
+        plan = select_channels(model, example_input, policy, **amount)
     before_channels = channel_counts(model, example_input, policy.ignored_layers)
     params_before, macs_before = count_params(model), count_macs(model, example_input)
     apply_plan(model, example_input, plan, policy.ignored_layers)
