@@ -20,7 +20,7 @@ from torch import nn
 
 from distill.profile import eval_mode
 from distill.rundir import atomic_path
-from students.checkpoint import load_student, read_checkpoint
+from students.checkpoint import INPUT_SHAPE_KEY, load_student, read_checkpoint, recorded_input_shape
 
 __all__ = ["export", "export_onnx", "export_torchscript"]
 
@@ -121,16 +121,13 @@ def export(
     _check_outputs(Path(checkpoint), outputs)
     checkpoint_data = read_checkpoint(checkpoint)
     model = load_student(checkpoint)
-    shape = checkpoint_data.get("input_shape")
-    in_chans = model.model_spec["kwargs"].get("in_chans", 3) if hasattr(model, "model_spec") else 3
     if input_size is not None:
+        in_chans = model.model_spec["kwargs"].get("in_chans", 3) if hasattr(model, "model_spec") else 3
         shape = [in_chans, input_size, input_size]
+    else:
+        shape = recorded_input_shape(checkpoint_data, str(checkpoint))
     if shape is None:
         raise ValueError(f"{checkpoint} records no input size: pass input_size (e.g. 28 for Fashion-MNIST)")
-    if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(n, int) and n > 0 for n in shape)):
-        raise ValueError(
-            f"{checkpoint} records the input shape {shape!r}, not [channels, height, width]: pass input_size"
-        )
     example = torch.zeros(1, *shape)
     try:
         with torch.no_grad(), eval_mode(model):
@@ -138,7 +135,7 @@ def export(
     except RuntimeError as err:
         raise ValueError(
             f"The student cannot run on {tuple(shape)} inputs ({str(err).splitlines()[0]}). Give an input_size it "
-            f"accepts (it was trained on {checkpoint_data.get('input_shape', 'an unrecorded size')})."
+            f"accepts (it was trained on {checkpoint_data.get(INPUT_SHAPE_KEY, 'an unrecorded size')})."
         ) from None
     created = sorted({p for out in outputs.values() for p in out.resolve().parents if not p.exists()}, reverse=True)
     diffs = {}

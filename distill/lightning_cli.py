@@ -24,7 +24,7 @@ from pytorch_lightning.loggers import CSVLogger
 
 from distill.module import DistillModule, check_resume_settings
 from distill.rundir import atomic_path
-from students.checkpoint import read_checkpoint
+from students.checkpoint import is_training_checkpoint, read_checkpoint
 
 __all__ = ["DistillCLI", "JobParser", "default_precision", "keep_logged_rows"]
 
@@ -138,7 +138,7 @@ class DistillCLI(LightningCLI):
         if ckpt_path is not None and str(ckpt_path) not in ("last", "best", "hpc") and "://" not in str(ckpt_path):
             source = f"--ckpt_path {str(ckpt_path)!r}"
             checkpoint = read_checkpoint(ckpt_path)
-            if "pytorch-lightning_version" not in checkpoint:
+            if not is_training_checkpoint(checkpoint):
                 raise ValueError(
                     f"{source} holds a student's weights, not a checkpoint written by `distill fit` (no training "
                     f"state): to train from its weights, set model.student to students.load_student with init_args "
