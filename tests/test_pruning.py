@@ -386,7 +386,7 @@ def test_regularizer_arguments_are_checked():
         NetworkSlimming(lambda_=-1)
     with pytest.raises(ValueError, match="lambda_ and threshold must be finite"):
         NetworkSlimming(threshold=float("nan"))
-    with pytest.raises(ValueError, match="and a lambda > 0"):
+    with pytest.raises(ValueError, match="needs lambda_filter > 0 or lambda_channel > 0"):
         GroupLasso(lambda_filter=0.0, lambda_channel=0.0)
     with pytest.raises(ValueError, match="start_epoch < end_epoch"):
         NetworkSlimming(start_epoch=3, end_epoch=2)
