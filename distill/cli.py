@@ -17,7 +17,7 @@ from typing import Any
 from jsonargparse import CLI
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-from distill.export import export
+from distill.export import MissingExtra, export
 from distill.lightning_cli import DistillCLI, JobParser
 from distill.prune_distill import prune_distill
 from distill.quickstart import quickstart
@@ -31,7 +31,7 @@ JOBS: dict[str, tuple[Callable[..., Any], str]] = {
     "quickstart": (quickstart, "the whole job on Fashion-MNIST: teacher, KD student, prune-distill to 100k, table"),
     "sweep": (sweep, "distill over a grid of temperatures (alphas, seeds); resumable, many workers"),
     "prune-distill": (prune_distill, "prune and distill the student round by round down to a size target"),
-    "export": (export, "export a (pruned) student checkpoint to ONNX / TorchScript, checked in ONNX Runtime"),
+    "export": (export, "export a (pruned) student to ONNX, int8 ONNX, torch.export .pt2; each checked against it"),
 }
 
 
@@ -61,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                 raise
         else:
             DistillCLI(args=None if argv is None else args)  # None: LightningCLI reads sys.argv itself
-    except (ValueError, OSError, IncompleteRun, MisconfigurationException) as err:
+    except (ValueError, OSError, IncompleteRun, MisconfigurationException, MissingExtra) as err:
         if os.environ.get("DISTILL_DEBUG"):
             raise
         status = getattr(err, "exit_status", 2)

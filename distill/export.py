@@ -1,17 +1,24 @@
-"""Export a (pruned) student to ONNX and TorchScript, checked against a runtime that is not PyTorch.
+"""Export a (pruned) student to the files it is deployed as, each checked against the checkpoint.
 
-ONNX goes through ``torch.onnx.export`` (the ``torch.export``-based exporter) with a dynamic batch
-dimension, then runs in ONNX Runtime on the CPU: the export only counts if its outputs match
-PyTorch's within ``atol``. TorchScript (``torch.jit.trace``; deprecated in recent PyTorch, still the
-format LibTorch C++ loads) is reloaded and compared the same way. Needs the ``onnx`` extra
-(``pip install "distill[onnx]"``: onnx, onnxruntime, onnxscript).
+- ONNX goes through ``torch.onnx.export`` (the ``torch.export``-based exporter) with a dynamic batch
+  dimension, then runs in ONNX Runtime on the CPU: the export only counts if its outputs match
+  PyTorch's within ``atol``.
+- int8 ONNX: that file quantized by ONNX Runtime (:mod:`distill.quantize`), calibrated on the recipe's
+  training split; its validation accuracy is measured beside float32's, in ONNX Runtime.
+- ``.pt2``: a ``torch.export`` ExportedProgram (dynamic batch), reloaded with ``torch.export.load``
+  and compared like ONNX: the PyTorch-side file for ``torch.compile``, AOTInductor and ExecuTorch.
+- TorchScript (``torch.jit.trace``) is deprecated in torch 2.14; it is kept for LibTorch C++ users.
+
+ONNX needs the ``onnx`` extra (``pip install "distill[onnx]"``: onnx, onnxruntime, onnxscript).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -22,15 +29,22 @@ from distill.profile import eval_mode
 from distill.rundir import atomic_path
 from students.checkpoint import INPUT_SHAPE_KEY, load_student, read_checkpoint, recorded_input_shape
 
-__all__ = ["export", "export_onnx", "export_torchscript"]
+__all__ = ["MissingExtra", "export", "export_onnx", "export_pt2", "export_torchscript", "require_onnxruntime"]
 
 
-def _require_onnx() -> Any:
+class MissingExtra(ImportError):
+    """An optional dependency is not installed; the message names the ``pip install`` that fixes it."""
+
+
+def require_onnxruntime() -> Any:
+    """The ``onnxruntime`` module, or :class:`MissingExtra` naming the extra to install."""
     try:
+        import onnx  # noqa: F401 - the exporter and the quantizer need it too
         import onnxruntime
-    except ImportError:
-        raise ImportError(
-            'ONNX export needs the onnx extra: pip install "distill[onnx]" (onnx, onnxruntime, onnxscript)'
+    except ImportError as err:
+        raise MissingExtra(
+            f'ONNX export needs the onnx extra ({err.name} is missing): pip install "distill[onnx]" '
+            "(onnx, onnxruntime, onnxscript)"
         ) from None
     return onnxruntime
 
@@ -46,7 +60,7 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path,
     Raises:
         ValueError: if that difference exceeds ``atol``.
     """
-    ort = _require_onnx()
+    ort = require_onnxruntime()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.cpu()
@@ -80,7 +94,8 @@ def export_torchscript(model: nn.Module, example_input: torch.Tensor, path: str 
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.cpu()
     x = example_input.cpu()
-    with eval_mode(model), atomic_path(path) as partial:  # written only once it passed the check
+    with eval_mode(model), atomic_path(path) as partial, warnings.catch_warnings():  # deprecation said once, above
+        warnings.simplefilter("ignore", FutureWarning)
         traced = torch.jit.trace(model, x)
         traced.save(str(partial))
         check = torch.randn(3, *x.shape[1:], generator=torch.Generator().manual_seed(0))
@@ -92,33 +107,91 @@ def export_torchscript(model: nn.Module, example_input: torch.Tensor, path: str 
     return diff
 
 
+@torch.no_grad()
+def export_pt2(model: nn.Module, example_input: torch.Tensor, path: str | Path, atol: float = 1e-4) -> float:
+    """Write ``model`` as a ``torch.export`` ExportedProgram (dynamic batch) at ``path``, reload it, compare.
+
+    Returns:
+        The largest absolute difference between the reloaded program's logits and the module's.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = model.cpu()
+    x = example_input.cpu()
+    with eval_mode(model), atomic_path(path) as partial:  # written only once it passed the check
+        two = x[:1].expand(2, *x.shape[1:])  # a batch of 1 would be specialised to the constant 1
+        program = torch.export.export(model, (two,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+        torch.export.save(program, str(partial))
+        check = torch.randn(3, *x.shape[1:], generator=torch.Generator().manual_seed(0))
+        diff = float((torch.export.load(str(partial)).module()(check) - model(check)).abs().max())
+        if diff > atol:
+            raise ValueError(f"The exported program's outputs differ from PyTorch's by {diff:.2e} > {atol:g} ({path})")
+    return diff
+
+
 def export(
     checkpoint: str,
     onnx: str | None = None,
+    int8: str | None = None,
+    pt2: str | None = None,
     torchscript: str | None = None,
     input_size: int | None = None,
     atol: float = 1e-4,
-) -> dict[str, float]:
-    """Export the student of a ``distill`` checkpoint (pruned or not) to ONNX and/or TorchScript.
+    recipe: str | None = None,
+    calibration_images: int = 512,
+    calibration_method: str = "minmax",
+    per_channel: bool = True,
+    quant_format: str = "qdq",
+    max_accuracy_drop: float = 0.3,
+) -> dict[str, Any]:
+    """Export the student of a ``distill`` checkpoint (pruned or not), each file checked against it.
 
     Args:
         checkpoint: a checkpoint written by ``distill fit`` / ``distill prune-distill``.
-        onnx: where to write the ONNX file.
-        torchscript: where to write the TorchScript file.
+        onnx: where to write the float32 ONNX file.
+        int8: where to write the int8 ONNX file (static quantization in ONNX Runtime, calibrated on the
+            training split of the recipe's data; its validation accuracy is printed beside float32's).
+        pt2: where to write the ``torch.export`` ExportedProgram (``.pt2``, reloaded by ``torch.export.load``).
+        torchscript: where to write a TorchScript file (deprecated by PyTorch; for LibTorch C++ users).
         input_size: side of the square input images (default: the size recorded in the checkpoint).
-        atol: largest allowed difference between the exported model's logits and PyTorch's.
+        atol: largest allowed difference between an exported float model's logits and PyTorch's.
+        recipe: for ``int8``: the recipe (``distill fit`` config) whose ``data`` section gives the calibration
+            and validation images (default: the ``config.yaml`` Lightning saved beside the checkpoint).
+            Augmentation is turned off.
+        calibration_images: for ``int8``: training images that set the activations' scales.
+        calibration_method: for ``int8``: ``minmax``, ``entropy`` or ``percentile``.
+        per_channel: for ``int8``: one weight scale per output channel (else per tensor).
+        quant_format: for ``int8``: ``qdq`` (QuantizeLinear/DequantizeLinear pairs) or ``qoperator``.
+        max_accuracy_drop: for ``int8``: warn when the int8 model loses more validation accuracy (points).
 
     Returns:
-        The measured largest difference for each written format.
+        For each float format written, the largest difference from PyTorch; for ``int8``, the file sizes
+        and the validation accuracies (``int8``: :func:`distill.quantize.quantize_checked`'s result).
     """
-    if onnx is None and torchscript is None:
-        raise ValueError("Nothing to export: give onnx=<file.onnx> and/or torchscript=<file.pt>")
+    from distill.quantize import QuantOptions, quantize_checked
+    from distill.recipes import build_datamodule, load_recipe
+
+    asked = {"onnx": onnx, "int8": int8, "pt2": pt2, "torchscript": torchscript}
+    if all(p is None for p in asked.values()):
+        raise ValueError("Nothing to export: give onnx=, int8=, pt2= and/or torchscript= with a file name")
     if input_size is not None and input_size < 1:
         raise ValueError(f"input_size must be a positive number of pixels, got {input_size}")
     if not 0 <= atol < math.inf:
         raise ValueError(f"atol must be a finite number >= 0, got {atol}")
-    outputs = {fmt: Path(p) for fmt, p in (("onnx", onnx), ("torchscript", torchscript)) if p is not None}
+    options = QuantOptions(calibration_images, calibration_method, per_channel, quant_format, max_accuracy_drop)
+    outputs = {fmt: Path(p) for fmt, p in asked.items() if p is not None}
     _check_outputs(Path(checkpoint), outputs)
+    if onnx is not None or int8 is not None:
+        require_onnxruntime()
+    datamodule = None
+    if int8 is not None:  # the data is found before anything is written
+        recipe_path = Path(recipe) if recipe else Path(checkpoint).parent / "config.yaml"
+        if recipe is None and not recipe_path.is_file():
+            raise ValueError(
+                f"int8 needs calibration images: no config.yaml beside {checkpoint}; pass recipe=<the distill fit "
+                f"config> (e.g. --recipe configs/fmnist/kd.yaml)"
+            )
+        datamodule = build_datamodule(load_recipe(recipe_path), str(recipe_path))
     checkpoint_data = read_checkpoint(checkpoint)
     model = load_student(checkpoint)
     if input_size is not None:
@@ -137,32 +210,69 @@ def export(
             f"The student cannot run on {tuple(shape)} inputs ({str(err).splitlines()[0]}). Give an input_size it "
             f"accepts (it was trained on {checkpoint_data.get(INPUT_SHAPE_KEY, 'an unrecorded size')})."
         ) from None
+    if torchscript is not None:
+        print("warning: TorchScript is deprecated by PyTorch (torch.jit.trace); prefer pt2= (torch.export)",
+              file=sys.stderr)  # fmt: skip
     created = sorted({p for out in outputs.values() for p in out.resolve().parents if not p.exists()}, reverse=True)
-    diffs = {}
+    results: dict[str, Any] = {}
     try:
-        if "onnx" in outputs:
-            diffs["onnx"] = export_onnx(model, example, outputs["onnx"], atol)
+        with tempfile.TemporaryDirectory() as tmp:
+            float_onnx = outputs.get("onnx", Path(tmp) / "student.onnx")
+            if "onnx" in outputs or "int8" in outputs:
+                results["onnx"] = export_onnx(model, example, float_onnx, atol)
+            if "int8" in outputs:
+                results["int8"] = quantize_checked(float_onnx, outputs["int8"], datamodule, options)
+        if "pt2" in outputs:
+            results["pt2"] = export_pt2(model, example, outputs["pt2"], atol)
         if "torchscript" in outputs:
-            diffs["torchscript"] = export_torchscript(model, example, outputs["torchscript"], atol)
+            results["torchscript"] = export_torchscript(model, example, outputs["torchscript"], atol)
     except BaseException:
         for folder in created:  # deepest first: a failed export leaves no folder it made
             with contextlib.suppress(OSError):
                 folder.rmdir()
         raise
-    for fmt, diff in diffs.items():
-        print(f"{fmt}: {outputs[fmt]} (max |difference| from PyTorch: {diff:.2e})")
-    return diffs
+    if "onnx" not in outputs:
+        results.pop("onnx", None)
+    for fmt, result in results.items():
+        if fmt == "int8":
+            print(int8_line(outputs["int8"], result, options.max_accuracy_drop))
+        else:
+            print(f"{fmt}: {outputs[fmt]} (max |difference| from PyTorch: {result:.2e})")
+    return results
+
+
+def int8_line(path: Path, result: dict[str, Any], max_drop: float) -> str:
+    """One line on an int8 file: its size against float32's, and its validation accuracy against float32's.
+
+    A drop over ``max_drop`` points is also printed as a warning on stderr.
+    """
+    drop = 100 * (result["float_val_acc"] - result["int8_val_acc"])
+    if drop > max_drop:
+        print(
+            f"warning: the int8 model loses {drop:.2f} points of validation accuracy (more than max_accuracy_drop="
+            f"{max_drop:g}): try calibration_method=entropy or percentile, more calibration_images, or ship float32",
+            file=sys.stderr,
+        )
+    return (
+        f"int8: {path} ({result['int8_bytes'] / 1024:.0f} KiB, {result['float_bytes'] / result['int8_bytes']:.1f}x "
+        f"smaller than float32); validation accuracy in ONNX Runtime: float32 {result['float_val_acc']:.4f}, "
+        f"int8 {result['int8_val_acc']:.4f} ({-drop:+.2f} points)"
+    )
 
 
 def _check_outputs(checkpoint: Path, outputs: dict[str, Path]) -> None:
     """Refuse output paths that would overwrite the checkpoint or each other, or cannot be written."""
-    if len({p.resolve() for p in outputs.values()}) < len(outputs):
-        raise ValueError(f"onnx and torchscript name the same file {outputs['onnx']}: give each its own")
+    seen: dict[Path, str] = {}
+    for fmt, path in outputs.items():
+        if path.resolve() in seen:
+            raise ValueError(f"{seen[path.resolve()]} and {fmt} name the same file {path}: give each its own")
+        seen[path.resolve()] = fmt
     for fmt, path in outputs.items():
         if path.resolve() == checkpoint.resolve():
             raise ValueError(f"{fmt}={str(path)!r} is the checkpoint being exported; it would be overwritten")
         if path.is_dir():
-            example = path / ("student.onnx" if fmt == "onnx" else "student.pt")
+            name = {"onnx": "student.onnx", "int8": "student.int8.onnx", "pt2": "student.pt2"}.get(fmt, "student.pt")
+            example = path / name
             raise ValueError(f"{fmt}={str(path)!r} is a folder: give a file name, e.g. {example}")
         folder = next(p for p in path.resolve().parents if p.exists())  # the missing ones are created
         try:

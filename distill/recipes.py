@@ -23,6 +23,7 @@ from distill.rundir import atomic_write
 
 __all__ = [
     "FitResult",
+    "build_datamodule",
     "check_recipe",
     "check_sections",
     "check_teacher",
@@ -125,6 +126,30 @@ def check_sections(cfg: dict[str, Any], recipe: str) -> None:
                 f"{recipe} (with its overrides) needs {section!r} as a mapping of settings, got "
                 f"{cfg.get(section)!r}: see configs/fmnist/kd.yaml"
             )
+
+
+def build_datamodule(cfg: dict[str, Any], source: str, augment: bool | None = False) -> Any:
+    """The datamodule of a recipe's ``data`` section, with its augmentation off (``augment=None``: as set).
+
+    Used where a student is measured or calibrated outside training (``distill export --int8``); nothing
+    else of the recipe (teacher, student) is built.
+    """
+    from jsonargparse import ArgumentParser
+    from pytorch_lightning import LightningDataModule
+
+    data = copy.deepcopy(cfg.get("data"))
+    if not isinstance(data, dict) or "class_path" not in data:
+        raise ValueError(f"{source} has no data section with a class_path (see configs/fmnist/kd.yaml)")
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(LightningDataModule, "data")
+    try:
+        datamodule = parser.instantiate_classes(parser.parse_object({"data": data})).data
+    except Exception as err:  # noqa: BLE001 - jsonargparse and the datamodule raise many kinds
+        raise ValueError(f"{source}: its data section does not build: {str(err).splitlines()[0]}") from None
+    if augment is not None and getattr(datamodule, "augment", augment) != augment:  # the setting is its attribute
+        data.setdefault("init_args", {})["augment"] = augment
+        datamodule = parser.instantiate_classes(parser.parse_object({"data": data})).data
+    return datamodule
 
 
 def check_recipe(cfg: dict[str, Any]) -> tuple[Any, Any]:

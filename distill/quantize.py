@@ -1,0 +1,204 @@
+"""int8 students: static post-training quantization in ONNX Runtime, checked by accuracy there.
+
+Static quantization (Jacob et al. 2018, "Quantization and Training of Neural Networks for Efficient
+Integer-Arithmetic-Only Inference") stores weights as int8 and computes activations' int8 scales from
+calibration batches. ONNX Runtime's ``quantize_static`` is the maintained CPU path (``torch.ao``'s eager
+quantization is deprecated): the float32 ONNX export is pre-processed (``quant_pre_process``: shape
+inference and graph optimisation), calibrated on images of the training split (never the test split),
+and written as QDQ (QuantizeLinear/DequantizeLinear around each op, int8 weights and activations) or
+QOperator (integer operators) ONNX.
+
+Whether the int8 file is faster depends on the model and the runtime's kernels: measure it
+(:func:`distill.profile.compare_latency`, ``benchmarks/latency.py``). Its accuracy is measured here.
+Needs the ``onnx`` extra.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from distill.data.batch import as_batch
+from distill.rundir import atomic_path
+
+__all__ = ["CALIBRATION_METHODS", "QUANT_FORMATS", "QuantOptions", "calibration_images", "onnx_accuracy",
+           "quantize_checked", "quantize_onnx"]  # fmt: skip
+
+#: ``calibration_method`` names, for ONNX Runtime's ``CalibrationMethod``.
+CALIBRATION_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
+#: ``quant_format`` names, for ONNX Runtime's ``QuantFormat``.
+QUANT_FORMATS = {"qdq": "QDQ", "qoperator": "QOperator"}
+
+
+@dataclass(frozen=True)
+class QuantOptions:
+    """How a student is quantized to int8.
+
+    Args:
+        calibration_images: images of the training split that set the activations' scales.
+        calibration_method: ``minmax`` (the observed range), ``entropy`` (the range that keeps the
+            histogram's KL divergence lowest) or ``percentile`` (the 99.999th percentile of |x|).
+        per_channel: one weight scale per output channel (more accurate for pruned and depthwise
+            layers) instead of one per tensor.
+        quant_format: ``qdq`` (QuantizeLinear/DequantizeLinear pairs: ONNX Runtime fuses them into
+            int8 kernels; the portable format) or ``qoperator`` (QLinearConv and friends).
+        max_accuracy_drop: points of validation accuracy the int8 model may lose before a warning.
+    """
+
+    calibration_images: int = 512
+    calibration_method: str = "minmax"
+    per_channel: bool = True
+    quant_format: str = "qdq"
+    max_accuracy_drop: float = 0.3
+
+    def __post_init__(self) -> None:
+        if self.calibration_method not in CALIBRATION_METHODS:
+            raise ValueError(
+                f"Unknown calibration_method {self.calibration_method!r}; "
+                f"choose one of {', '.join(CALIBRATION_METHODS)}"
+            )
+        if self.quant_format not in QUANT_FORMATS:
+            raise ValueError(f"Unknown quant_format {self.quant_format!r}; choose one of {', '.join(QUANT_FORMATS)}")
+        if self.calibration_images < 1 or not 0 <= self.max_accuracy_drop < math.inf:
+            raise ValueError(
+                f"need calibration_images >= 1 and a finite max_accuracy_drop >= 0 (points); got "
+                f"{self.calibration_images} and {self.max_accuracy_drop}"
+            )
+
+
+def quantize_onnx(
+    float_path: str | Path,
+    int8_path: str | Path,
+    calibration: Iterable[torch.Tensor | np.ndarray],
+    options: QuantOptions | None = None,
+) -> Path:
+    """Quantize the float32 ONNX file ``float_path`` to ``int8_path``, calibrated on ``calibration``'s batches.
+
+    Raises:
+        ValueError: in one line, when ONNX Runtime cannot quantize the model, or ``calibration`` is empty.
+    """
+    from distill.export import require_onnxruntime
+
+    require_onnxruntime()
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    options = options or QuantOptions()
+    float_path, int8_path = Path(float_path), Path(int8_path)
+    batches = iter(calibration)
+    first = next(batches, None)
+    if first is None:
+        raise ValueError("no calibration images: the calibration split is empty")
+
+    class Reader(CalibrationDataReader):
+        def __init__(self, name: str) -> None:
+            self.name = name
+            self.batches = (np.ascontiguousarray(np.asarray(b, dtype=np.float32)) for b in [first, *batches])
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            batch = next(self.batches, None)
+            return None if batch is None else {self.name: batch}
+
+    import onnx
+
+    with tempfile.TemporaryDirectory() as tmp, atomic_path(int8_path) as partial:
+        try:
+            name = onnx.load(str(float_path), load_external_data=False).graph.input[0].name
+            prepared = Path(tmp) / "prepared.onnx"
+            quant_pre_process(str(float_path), str(prepared))
+            quantize_static(
+                str(prepared),
+                str(partial),
+                Reader(name),
+                quant_format=getattr(QuantFormat, QUANT_FORMATS[options.quant_format]),
+                per_channel=options.per_channel,
+                activation_type=QuantType.QInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[options.calibration_method]),
+            )
+        except Exception as err:  # noqa: BLE001 - onnx and ONNX Runtime raise many kinds; all mean "cannot quantize"
+            message = (str(err).strip().splitlines() or [""])[0]
+            raise ValueError(
+                f"ONNX Runtime cannot quantize {float_path}: {type(err).__name__}: {message}. Export it again with "
+                f"`distill export CKPT --onnx FILE`, or ship the float32 file"
+            ) from None
+    return int8_path
+
+
+def calibration_images(datamodule: Any, num_images: int) -> list[torch.Tensor]:
+    """The first ``num_images`` images of ``datamodule``'s training split, shuffled with seed 0, in batches.
+
+    The datamodule should be built without augmentation (:func:`distill.recipes.build_datamodule`). The
+    caller's random state is left as it was.
+    """
+    datamodule.setup("fit")
+    images, left = [], num_images
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        for raw in datamodule.train_dataloader():
+            images.append(as_batch(raw).x.cpu()[:left])
+            left -= len(images[-1])
+            if left <= 0:
+                break
+    return images
+
+
+def onnx_accuracy(path: str | Path, batches: Iterable[Any], threads: int | None = None) -> float:
+    """Top-1 accuracy of the ONNX model at ``path`` in ONNX Runtime's CPU provider, over ``batches``."""
+    from distill.export import require_onnxruntime
+
+    ort = require_onnxruntime()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads or torch.get_num_threads()
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    correct = total = 0
+    for raw in batches:
+        batch = as_batch(raw)
+        logits = session.run(None, {name: batch.x.cpu().numpy().astype(np.float32)})[0]
+        correct += int((logits.argmax(1) == batch.y.cpu().numpy()).sum())
+        total += len(batch.y)
+    if total == 0:
+        raise ValueError(f"no images to measure the accuracy of {path} on")
+    return correct / total
+
+
+def quantize_checked(
+    float_path: str | Path,
+    int8_path: str | Path,
+    datamodule: Any,
+    options: QuantOptions | None = None,
+    splits: Iterable[str] = ("val",),
+    limit_batches: int | None = None,
+) -> dict[str, Any]:
+    """Quantize ``float_path`` calibrated on ``datamodule``'s training split, and measure both files.
+
+    Returns:
+        ``float_bytes``, ``int8_bytes``, and for each split in ``splits`` (``val``, ``test``) the accuracy of
+        the float32 and int8 models in ONNX Runtime, as ``float_<split>_acc`` and ``int8_<split>_acc``
+        (over the first ``limit_batches`` batches when given).
+    """
+    options = options or QuantOptions()
+    quantize_onnx(float_path, int8_path, calibration_images(datamodule, options.calibration_images), options)
+    result: dict[str, Any] = {"float_bytes": Path(float_path).stat().st_size}
+    result["int8_bytes"] = Path(int8_path).stat().st_size
+    for split in splits:
+        datamodule.setup("fit" if split == "val" else "test")
+        loader = datamodule.val_dataloader() if split == "val" else datamodule.test_dataloader()
+        for kind, path in (("float", float_path), ("int8", int8_path)):
+            result[f"{kind}_{split}_acc"] = onnx_accuracy(path, itertools.islice(loader, limit_batches))
+    return result
