@@ -7,13 +7,16 @@ is met:
 
 1. prune the student by the round's step of the schedule, under one :class:`~distill.pruning.PruningPolicy`;
 2. distill it for ``epochs_per_round`` epochs, at a fine-tune learning rate or with the recipe's schedule
-   again (learning-rate rewinding, Renda et al. 2020); 3. measure it: size, CPU latency, accuracies.
+   again (learning-rate rewinding, Renda et al. 2020); 3. measure it: size, latency on the runtime the
+   student is deployed on (default: ONNX Runtime on the CPU, batch 64), accuracies.
 
 An optional network-slimming phase (Liu et al. 2017) comes first and a longer distillation last. The
 honest baseline is trained beside it: a StudentNet whose ``width_mult`` gives the same parameter
-count, distilled from scratch for the same total epochs. Every phase is its own ``distill fit`` run
-with its exact config in the run directory, recorded when it ends (:mod:`distill.rundir`): a killed
-run resumes after its last finished phase and, phases being seeded, ends with the same student.
+count, distilled from scratch for the same total epochs. The best student is shipped as a checkpoint,
+float32 ONNX and int8 ONNX (:mod:`distill.quantize`), each measured where it runs. Every phase is its
+own ``distill fit`` run with its exact config in the run directory, recorded when it ends
+(:mod:`distill.rundir`): a killed run resumes after its last finished phase and, phases being seeded,
+ends with the same student.
 """
 
 from __future__ import annotations
@@ -27,8 +30,9 @@ import torch
 import yaml
 
 from distill.export import export_onnx as to_onnx
+from distill.export import require_onnxruntime
 from distill.module import DistillModule
-from distill.profile import count_macs, count_params, measure_latency
+from distill.profile import RUNTIMES, compare_latency, count_macs, count_params, measure_latency
 from distill.pruning import (
     CRITERIA,
     ROUND_SCHEDULES,
@@ -39,7 +43,9 @@ from distill.pruning import (
     prune_student,
     round_schedule,
 )
+from distill.quantize import quantize_checked
 from distill.recipes import (
+    build_datamodule,
     check_recipe,
     file_digest,
     fit_recipe,
@@ -53,7 +59,7 @@ from distill.report import prune_distill_report
 from distill.rundir import RunState
 from students import load_student, read_checkpoint, save_student, width_for_params
 
-__all__ = ["check_options", "check_reachable", "prune_distill"]
+__all__ = ["check_latency_options", "check_options", "check_reachable", "prune_distill"]
 
 
 def prune_distill(
@@ -79,6 +85,9 @@ def prune_distill(
     final_epochs: int = 10,
     baseline: bool = True,
     export_onnx: bool = True,
+    int8: bool = True,
+    latency_runtime: str = "onnxruntime",
+    latency_batch_size: int = 64,
     overrides: dict[str, Any] | None = None,
     run_dir: str = "runs/prune_distill",
     seed: int = 0,
@@ -115,6 +124,12 @@ def prune_distill(
         baseline: also distill a thin StudentNet of the same parameter count from scratch, for the same
             total epochs (StudentNet recipes only).
         export_onnx: export the best student under the target to ONNX and check it in ONNX Runtime.
+        int8: with ``export_onnx``, also quantize it to int8 (``best_student.int8.onnx``, calibrated on the
+            training split; ``distill export --int8`` has the calibration options) and measure both files'
+            accuracy and latency in ONNX Runtime.
+        latency_runtime: where each phase's latency is measured: ``onnxruntime`` (CPU), ``onnxruntime-int8``,
+            ``torch-cpu`` (eager) or ``torch-cuda``.
+        latency_batch_size: images per forward of that measurement.
         overrides: values merged into the recipe for every phase (e.g. ``{"data": {"init_args": {...}}}``).
         run_dir: folder for the phases, ``rounds.csv``, ``pareto.png``, ``summary.md`` and the best student.
         seed: base seed; phase k runs with ``seed + k``.
@@ -127,6 +142,7 @@ def prune_distill(
     check_options(target_params, target_macs, importance, schedule, ratio, rounds, max_rounds, epochs_per_round,
                   final_epochs, initial_epochs, slimming_epochs, slimming_lambda, finetune_lr, min_fraction, round_to,
                   seed)  # fmt: skip
+    check_latency_options(latency_runtime, latency_batch_size, export_onnx or int8)
     # Every check runs before the run directory is touched: a refused run writes nothing and locks nothing.
     base = job_recipe(recipe, overrides)
     if student_checkpoint is not None and not Path(student_checkpoint).is_file():
@@ -155,7 +171,8 @@ def prune_distill(
     recorded = {"recipe": json.dumps(base, sort_keys=True, default=str), "inputs": inputs}
     run.hold(settings, recorded, compared_as_contents=("run_dir", "recipe", "student_checkpoint"))
     (out / "prune_distill.yaml").write_text(yaml.safe_dump(run.state["settings"], sort_keys=False))
-    phases = _Phases(run, base, data, seed, out / "cache" if cache_teacher_logits else None)
+    latency = {"runtime": latency_runtime, "batch_size": latency_batch_size}
+    phases = _Phases(run, base, data, seed, out / "cache" if cache_teacher_logits else None, latency)
 
     # ---------------------------------------------------------------- the starting student
     if student_checkpoint is not None:
@@ -189,11 +206,13 @@ def prune_distill(
     under = [r for r in phases.rows if r["phase"] in ("round", "final") and r[unit_key] <= target]
     best = max(under, key=lambda r: (r["val_acc"], r["round"]))
     onnx_diff = phases.save_best(best["checkpoint"], export_onnx)
+    deployed = phases.save_int8(recipe) if export_onnx and int8 else None
     thin = None
     if baseline:  # the same epochs as everything the pruned student went through (its start included)
         thin = phases.baseline(best["params"], sum(r["epochs"] for r in phases.rows if r["phase"] != "baseline"))
     rows = phases.rows
-    prune_distill_report(out, [r for r in rows if r["phase"] != "baseline"], best, thin, target, unit, onnx_diff)
+    prune_distill_report(out, [r for r in rows if r["phase"] != "baseline"], best, thin, target, unit, onnx_diff,
+                         deployed, latency)  # fmt: skip
     return rows
 
 
@@ -249,6 +268,18 @@ def check_options(
         raise ValueError(f"need {', '.join(broken)}; got {', '.join(f'{n}={given[n]}' for n in names)}")
 
 
+def check_latency_options(runtime: str, batch_size: int, needs_onnx: bool) -> None:
+    """Refuse a latency runtime or batch size that cannot be measured here, before anything trains."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"Unknown latency_runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+    if batch_size < 1:
+        raise ValueError(f"latency_batch_size must be >= 1, got {batch_size}")
+    if runtime == "torch-cuda" and not torch.cuda.is_available():
+        raise ValueError("latency_runtime 'torch-cuda' needs a CUDA GPU; this machine has none (use onnxruntime)")
+    if runtime.startswith("onnxruntime") or needs_onnx:
+        require_onnxruntime()
+
+
 def check_reachable(
     student: torch.nn.Module,
     x: torch.Tensor,
@@ -297,8 +328,11 @@ def _toward_target(steps: Any, k: int, now: int, start: int, target: int, by_par
 class _Phases:
     """The phases of one run: each a ``distill fit`` of the recipe, recorded in the run's ``state.json``."""
 
-    def __init__(self, run: RunState, base: dict[str, Any], data: Any, seed: int, cache: Path | None) -> None:
+    def __init__(
+        self, run: RunState, base: dict[str, Any], data: Any, seed: int, cache: Path | None, latency: dict[str, Any]
+    ) -> None:
         self.run_state = run
+        self.latency = latency
         self.out = run.folder
         self.base = base
         self.data = data
@@ -311,11 +345,11 @@ class _Phases:
         return sorted(self.run_state.phases.values(), key=lambda r: (r["round"], r["phase"] == "final"))
 
     def _record(self, key: str, round_: int, phase: str, epochs: int, checkpoint: str, **accuracies: float) -> str:
-        """Measure the phase's student and record it: size, CPU latency, accuracies, checkpoint."""
+        """Measure the phase's student and record it: size, latency, accuracies, checkpoint."""
         model = load_student(checkpoint)
         row = {"round": round_, "phase": phase, "epochs": epochs, "params": count_params(model),
                "macs": count_macs(model, self.x),
-               "latency_ms": round(measure_latency(model, self.x, warmup=5, repeats=30), 3),
+               "latency_ms": round(measure_latency(model, self.x.shape[1:], **self.latency), 3),
                **accuracies, "checkpoint": checkpoint}  # fmt: skip
         self.run_state.record(key, row)
         return checkpoint
@@ -380,6 +414,25 @@ class _Phases:
             state["best"] = checkpoint
             self.run_state.save()
         return state.get("onnx_max_abs_diff") if export_onnx else None
+
+    def save_int8(self, recipe: str) -> dict[str, Any]:
+        """Quantize ``best_student.onnx`` to ``best_student.int8.onnx`` and measure both files in ONNX Runtime
+        (accuracy on validation and test, size, latency side by side), once: a rerun finds it recorded."""
+        state = self.run_state.state
+        int8 = self.out / "best_student.int8.onnx"
+        recorded = state.get("int8")
+        if recorded is None or recorded.get("best") != state["best"] or not int8.is_file():
+            data = build_datamodule(self.base, recipe)  # the recipe's data, without augmentation
+            trainer = self.base["trainer"]  # the batches the phases' accuracies were measured on
+            limits = {split: trainer.get(f"limit_{split}_batches") for split in ("val", "test")}
+            result = quantize_checked(self.out / "best_student.onnx", int8, data, None, ("val", "test"), limits)
+            files = {"float32": self.out / "best_student.onnx", "int8": int8}
+            shape, options = self.x.shape[1:], {**self.latency, "runtime": "onnxruntime"}
+            ms = compare_latency(files, shape, **options)
+            state["int8"] = {**result, "float_latency_ms": ms["float32"], "int8_latency_ms": ms["int8"],
+                             "best": state["best"]}  # fmt: skip
+            self.run_state.save()
+        return state["int8"]
 
     def baseline(self, params: int, epochs: int) -> dict[str, Any] | None:
         """A StudentNet with the largest width_mult whose parameters do not exceed ``params``, KD from scratch."""

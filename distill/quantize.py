@@ -183,14 +183,15 @@ def quantize_checked(
     datamodule: Any,
     options: QuantOptions | None = None,
     splits: Iterable[str] = ("val",),
-    limit_batches: int | None = None,
+    limit_batches: dict[str, int | float | None] | None = None,
 ) -> dict[str, Any]:
     """Quantize ``float_path`` calibrated on ``datamodule``'s training split, and measure both files.
 
     Returns:
         ``float_bytes``, ``int8_bytes``, and for each split in ``splits`` (``val``, ``test``) the accuracy of
-        the float32 and int8 models in ONNX Runtime, as ``float_<split>_acc`` and ``int8_<split>_acc``
-        (over the first ``limit_batches`` batches when given).
+        the float32 and int8 models in ONNX Runtime, as ``float_<split>_acc`` and ``int8_<split>_acc``;
+        over the batches that ``limit_batches[split]`` keeps, read as Lightning's ``limit_val_batches``
+        (an int: a count, a float: a fraction) so that they are the ones the checkpoint was measured on.
     """
     options = options or QuantOptions()
     quantize_onnx(float_path, int8_path, calibration_images(datamodule, options.calibration_images), options)
@@ -199,6 +200,9 @@ def quantize_checked(
     for split in splits:
         datamodule.setup("fit" if split == "val" else "test")
         loader = datamodule.val_dataloader() if split == "val" else datamodule.test_dataloader()
+        limit = (limit_batches or {}).get(split)
+        if isinstance(limit, float):
+            limit = None if limit >= 1.0 else int(len(loader) * limit)
         for kind, path in (("float", float_path), ("int8", int8_path)):
-            result[f"{kind}_{split}_acc"] = onnx_accuracy(path, itertools.islice(loader, limit_batches))
+            result[f"{kind}_{split}_acc"] = onnx_accuracy(path, itertools.islice(loader, limit))
     return result

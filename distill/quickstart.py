@@ -4,7 +4,9 @@
 2. Distill StudentNet from its checkpoint (``configs/fmnist/kd.yaml``).
 3. Prune and distill that student to about 100k parameters (``distill prune-distill``), beside a thin
    StudentNet of the same size distilled from scratch.
-4. Print one table of all four and write ``summary.md`` and ``pareto.png``.
+4. Ship the pruned student as float32 and int8 ONNX (:mod:`distill.quantize`), measure every model's ONNX
+   file and latency side by side in ONNX Runtime (CPU, batch 64), print one table of them all and write
+   ``summary.md`` and ``pareto.png``.
 
 The recipes run through the same CLI as ``distill fit``, resized: a ResNet-18 teacher with timm's
 standard stem (cheap on 28x28 images) for 2 epochs, StudentNet for 3, pruning in 2 rounds of 1
@@ -18,6 +20,7 @@ The exact configs that ran are written into the run directory beside the checkpo
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -25,6 +28,8 @@ from typing import Any
 
 import torch
 
+from distill.export import export_onnx
+from distill.profile import compare_latency
 from distill.prune_distill import check_options, check_reachable, prune_distill
 from distill.pruning import PruningPolicy
 from distill.recipes import (
@@ -38,10 +43,13 @@ from distill.recipes import (
     with_callbacks,
 )
 from distill.report import quickstart_table
-from distill.rundir import atomic_write, changed_settings, refuse_changes
-from students import UNSCALED_LAYERS
+from distill.rundir import RunState, atomic_write, changed_settings, refuse_changes
+from students import UNSCALED_LAYERS, load_student
 
 __all__ = ["quickstart"]
+
+#: Images per forward of the latency measurements (ONNX Runtime on the CPU).
+LATENCY_BATCH = 64
 
 
 def quickstart(
@@ -74,7 +82,7 @@ def quickstart(
     Args:
         run_dir: output folder: ``teacher.yaml`` and ``student.yaml`` (the configs that ran), ``teacher/``
             and ``student/`` (checkpoints, metrics.csv, config.yaml), ``prune_distill/`` (rounds, the best
-            student as .ckpt and .onnx, rounds.csv, pareto.png), and ``summary.md``.
+            student as .ckpt, .onnx and .int8.onnx, rounds.csv, pareto.png), and ``summary.md``.
         teacher_config: the teacher recipe to start from.
         kd_config: the distillation recipe to start from.
         teacher_model: timm name of the teacher.
@@ -99,7 +107,8 @@ def quickstart(
         data_root: folder with the Fashion-MNIST files (default: the usual search, see FashionMNISTDataModule).
 
     Returns:
-        ``{"teacher", "student", "pruned", "thin"}``: model, params, val_acc, test_acc and checkpoint of each.
+        ``{"teacher", "student", "pruned", "pruned, int8", "thin"}``: model, params, val_acc, test_acc, checkpoint
+        (or ONNX file), and the size (``onnx_kib``) and ONNX Runtime latency (``latency_ms``) of its ONNX file.
     """
     settings = json.loads(json.dumps(dict(locals()), default=list))
     out = Path(run_dir)
@@ -171,14 +180,26 @@ def quickstart(
         "student": asdict(student),
         "pruned": {**pruned, "model_name": f"studentnet, pruned ({pruned['phase']})"},
     }
+    deployed = RunState(out / "prune_distill", "prune-distill").state["int8"]
+    results["pruned, int8"] = {
+        "model_name": "studentnet, pruned, int8 ONNX",
+        "params": pruned["params"],
+        "val_acc": deployed["int8_val_acc"],  # in ONNX Runtime
+        "test_acc": deployed["int8_test_acc"],
+        "checkpoint": str(out / "prune_distill" / "best_student.int8.onnx"),
+    }
     if thin is not None:
         results["thin"] = {**thin, "model_name": "studentnet, thin, KD from scratch"}
-    table = quickstart_table(results)
+    _measure_deployed(results, data.in_chans, data.input_size, LATENCY_BATCH)
+    table = quickstart_table(results, LATENCY_BATCH)
     summary = (
         "# distill quickstart\n\n"
         f"{table}\n\n"
         "Fashion-MNIST test set (10,000 images, never used for choosing checkpoints); val = 5,000 images held "
-        f"out of the training set. Rounds, latency and the accuracy-vs-size plot: {out / 'prune_distill'}/"
+        "out of the training set. The int8 row is measured in ONNX Runtime, the others in PyTorch. Latency: "
+        f"median milliseconds per batch of {LATENCY_BATCH} of each model's ONNX file in ONNX Runtime on this "
+        f"machine's CPU ({torch.get_num_threads()} threads), all measured side by side. "
+        f"Rounds and the accuracy-vs-size plot: {out / 'prune_distill'}/"
         "summary.md and pareto.png.\n\nReproduce: `distill fit --config "
         f"{out / 'teacher' / 'config.yaml'}`, `distill fit --config {out / 'student' / 'config.yaml'}`, then "
         f"`distill prune-distill --config {out / 'prune_distill' / 'prune_distill.yaml'}`.\n"
@@ -186,6 +207,20 @@ def quickstart(
     (out / "summary.md").write_text(summary)
     print("\n" + table + f"\n\nWritten: {out / 'summary.md'}, {out / 'prune_distill' / 'pareto.png'}")
     return results
+
+
+def _measure_deployed(results: dict[str, dict[str, Any]], in_chans: int, size: Sequence[int], batch: int) -> None:
+    """Add each model's ONNX file size and its latency in ONNX Runtime, all measured side by side."""
+    with tempfile.TemporaryDirectory() as tmp:
+        files = {}
+        for role, r in results.items():
+            files[role] = Path(r["checkpoint"])
+            if files[role].suffix != ".onnx":
+                files[role] = Path(tmp) / f"{len(files)}.onnx"
+                export_onnx(load_student(r["checkpoint"]), torch.zeros(1, in_chans, *size), files[role])
+        latency = compare_latency(files, [in_chans, *size], "onnxruntime", batch_size=batch)
+        for role, r in results.items():
+            r.update(onnx_kib=files[role].stat().st_size / 1024, latency_ms=latency[role])
 
 
 def _resize(

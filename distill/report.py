@@ -180,9 +180,10 @@ def phase_label(row: dict[str, Any]) -> str:
 
 def prune_distill_report(
     out: Path, rows: list[dict[str, Any]], best: dict[str, Any], thin: dict | None, target: int, unit: str,
-    onnx_diff: float | None,
+    onnx_diff: float | None, deployed: dict[str, Any] | None, latency: dict[str, Any],
 ) -> None:  # fmt: skip
-    """``rounds.csv``, ``summary.md`` (the phases, the thin StudentNet, the verdict) and ``pareto.png`` in ``out``."""
+    """``rounds.csv``, ``summary.md`` (the phases, the thin StudentNet, the verdict, the shipped files) and
+    ``pareto.png`` in ``out``."""
     write_csv(out / "rounds.csv", ROUND_COLUMNS, [*rows, *([thin] if thin else [])])
     _pareto(out / "pareto.png", rows, thin, best, target if unit == "parameters" else None)
 
@@ -196,14 +197,23 @@ def prune_distill_report(
     lines = [line(r, phase_label(r)) for r in rows]
     if thin:
         lines.append(line(thin, f"thin StudentNet (width_mult={thin['width_mult']}), KD from scratch"))
-    header = ["phase", "params", "MACs", "CPU latency (ms, batch 1)", "val acc", "test acc", "epochs"]
+    where = f"ms, {latency['runtime']}, batch {latency['batch_size']}"
+    header = ["phase", "params", "MACs", f"latency ({where})", "val acc", "test acc", "epochs"]
     text = markdown_table(header, "lrrrrrr", lines)
     verdict = (
         f"Best student under {target:,} {unit}: {phase_label(best)} "
         f"({best['params']:,} parameters, test acc {best['test_acc']:.4f}), saved as best_student.ckpt"
     )
     if onnx_diff is not None:
-        verdict += f" and best_student.onnx (ONNX Runtime matches PyTorch within {onnx_diff:.1e})"
+        verdict += f", best_student.onnx (ONNX Runtime matches PyTorch within {onnx_diff:.1e})"
+    if deployed is not None:
+        drop = 100 * (deployed["float_test_acc"] - deployed["int8_test_acc"])
+        speed = deployed["float_latency_ms"] / deployed["int8_latency_ms"]
+        verdict += (
+            f" and best_student.int8.onnx ({deployed['float_bytes'] / deployed['int8_bytes']:.1f}x smaller, "
+            f"{-drop:+.2f} points of test accuracy, {speed:.2f}x the float32 file's speed"
+            f"{'' if speed > 1 else ': slower, ship float32 where speed matters'})"
+        )
     verdict += "."
     if thin:
         delta = 100 * (best["test_acc"] - thin["test_acc"])
@@ -211,13 +221,30 @@ def prune_distill_report(
             f" The thin StudentNet of {thin['params']:,} parameters, distilled from scratch for the same "
             f"{thin['epochs']} epochs, reaches {thin['test_acc']:.4f}: prune-distill is {delta:+.2f} points."
         )
+    shipped = ""
+    if deployed is not None:
+        shipped = "\n\n## The best student where it runs (ONNX Runtime, CPU)\n\n" + deployment_table(
+            deployed, latency["batch_size"]
+        )
     md = (
-        f"# Prune-then-distill\n\n{text}\n\n{verdict}\n\n"
+        f"# Prune-then-distill\n\n{text}\n\n{verdict}{shipped}\n\n"
         "Accuracies: the best validation epoch of each phase; test is reported, never used to choose.\n\n"
         "Reproduce (resumes if the run directory exists): `distill prune-distill --config prune_distill.yaml`.\n"
     )
     atomic_write(out / "summary.md", lambda f: f.write(md))
-    _written(out, text, verdict, "{rounds.csv,pareto.png,summary.md}")
+    _written(out, text, verdict + shipped, "{rounds.csv,pareto.png,summary.md}")
+
+
+def deployment_table(deployed: dict[str, Any], batch_size: int) -> str:
+    """The float32 and int8 ONNX files of a student: size, accuracies and latency in ONNX Runtime."""
+    lines = [
+        [f"best_student{suffix}.onnx", f"{deployed[f'{kind}_bytes'] / 1024:,.0f}",
+         f"{deployed[f'{kind}_val_acc']:.4f}", f"{deployed[f'{kind}_test_acc']:.4f}",
+         f"{deployed[f'{kind}_latency_ms']:.3f}"]
+        for kind, suffix in (("float", ""), ("int8", ".int8"))
+    ]  # fmt: skip
+    header = ["file", "KiB", "val acc", "test acc", f"latency (ms, batch {batch_size})"]
+    return markdown_table(header, "lrrrr", lines)
 
 
 def _pareto(
@@ -242,10 +269,12 @@ def _pareto(
 
 
 # ------------------------------------------------------------------------------ quickstart
-def quickstart_table(results: dict[str, dict[str, Any]]) -> str:
-    """One row per model (teacher, student, pruned, thin): name, size, accuracies, checkpoint."""
+def quickstart_table(results: dict[str, dict[str, Any]], batch_size: int) -> str:
+    """One row per model (teacher, student, pruned, its int8 file, thin): size, ONNX file, latency, accuracies."""
     lines = [
-        [role, r["model_name"], f"{r['params']:,}", f"{r['val_acc']:.4f}", f"{r['test_acc']:.4f}", r["checkpoint"]]
+        [role, r["model_name"], f"{r['params']:,}", f"{r['onnx_kib']:,.0f}", f"{r['latency_ms']:.2f}",
+         f"{r['val_acc']:.4f}", f"{r['test_acc']:.4f}", r["checkpoint"]]
         for role, r in results.items()
-    ]
-    return markdown_table(["role", "model", "params", "val acc", "test acc", "checkpoint"], "llrrrl", lines)
+    ]  # fmt: skip
+    header = ["role", "model", "params", "ONNX KiB", f"ms/batch of {batch_size}", "val acc", "test acc", "file"]
+    return markdown_table(header, "llrrrrrl", lines)

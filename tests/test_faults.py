@@ -58,6 +58,8 @@ NEW_PRUNE = (*PRUNE[:-2], *NEW)
 BEST = "{runs}/prune/best_student.ckpt"  # the student prune-distill wrote
 EXPORT = ("export", BEST)
 TO_ONNX = ("--onnx", "{runs}/export/student.onnx")
+TO_INT8 = ("--int8", "{runs}/export/student.int8.onnx")
+INT8 = (*TO_INT8, "--recipe", "{recipe}")
 QUICK = ("quickstart", "--run_dir", "{runs}/quickstart", "--teacher_model", "test_resnet")
 QUICK += ("--teacher_config", "{repo}/configs/fmnist/teacher.yaml", "--kd_config", "{repo}/configs/fmnist/kd.yaml")
 
@@ -208,6 +210,14 @@ FAULTS = [
         (*EXPORT, "--onnx", "{runs}/newdir/student.onnx", "--torchscript", "{runs}/newdir/x/student.pt", "--atol", "0"),
         "differ",
     ),
+    Fault("export pt2 onto its checkpoint", (*EXPORT, "--pt2", BEST), "would be overwritten"),
+    Fault("export int8 without a recipe", (*EXPORT, *TO_INT8), "no config.yaml beside"),
+    Fault("export int8, recipe missing", (*EXPORT, *TO_INT8, "--recipe", "{inputs}/missing.yaml"), "not found"),
+    Fault("export int8, unknown calibration", (*EXPORT, *INT8, "--calibration_method", "mse"), "calibration_method"),
+    Fault("export int8, unknown format", (*EXPORT, *INT8, "--quant_format", "int4"), "Unknown quant_format"),
+    Fault("export int8, 0 calibration images", (*EXPORT, *INT8, "--calibration_images", "0"), "calibration_images"),
+    Fault("prune latency on a TPU", (*NEW_PRUNE, "--latency_runtime", "tpu"), "Unknown latency_runtime"),
+    Fault("prune latency at batch 0", (*NEW_PRUNE, "--latency_batch_size", "0"), "latency_batch_size must be"),
     # ---- distill quickstart: refused before the teacher trains
     Fault("quickstart 0 rounds", (*QUICK, "--prune_rounds", "0"), "rounds >= 1"),
     Fault("quickstart unknown criterion", (*QUICK, "--importance", "weights"), "Unknown importance criterion"),

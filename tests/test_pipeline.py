@@ -70,6 +70,12 @@ def test_loop_stops_at_the_target_with_results_baseline_and_onnx(tmp_path: Path,
     x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     onnx_out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     np.testing.assert_allclose(onnx_out, student(x).detach().numpy(), atol=1e-4, rtol=0)
+    int8 = json.loads((run / "state.json").read_text())["int8"]  # quantized, measured in ONNX Runtime
+    assert int8["int8_bytes"] == (run / "best_student.int8.onnx").stat().st_size < int8["float_bytes"]
+    assert int8["float_latency_ms"] > 0 and int8["int8_latency_ms"] > 0
+    best = next(r for r in rows if r["checkpoint"] == json.loads((run / "state.json").read_text())["best"])
+    assert abs(int8["float_val_acc"] - best["val_acc"]) <= 1 / 64  # the same 2 batches of 32 as in PyTorch
+    assert "| best_student.int8.onnx |" in summary and "best_student.int8.onnx (" in summary
 
     assert hashlib.sha256(small_teacher_checkpoint.read_bytes()).hexdigest() == teacher_bytes  # teacher untouched
     state = json.loads((run / "state.json").read_text())

@@ -1,0 +1,163 @@
+"""int8 and torch.export files of a student, and latency on each runtime (distill export, distill.quantize)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from helpers import fmnist, tiny_kd_recipe, tiny_trainer
+
+from distill import DistillModule
+from distill.cli import main
+from distill.export import export, export_onnx
+from distill.profile import compare_latency, measure_latency
+from distill.quantize import calibration_images, quantize_checked, quantize_onnx
+from students import StudentNet, create_student, load_student
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small StudentNet (base 4) trained for 100 batches (about 70% on Fashion-MNIST): int8 has something to lose."""
+    out = tmp_path_factory.mktemp("trained")
+    torch.manual_seed(0)
+    model = DistillModule(create_student("test_studentnet", base=4, num_classes=10, in_chans=1, num_pools=3), lr=0.01)
+    tiny_trainer(out, limit_train_batches=100, limit_val_batches=0).fit(model, datamodule=fmnist(batch_size=64))
+    path = out / "student.ckpt"
+    model.trainer.save_checkpoint(path)
+    return path
+
+
+def test_int8_export_keeps_accuracy_and_shrinks_the_file(tmp_path: Path, trained: Path):
+    recipe = tiny_kd_recipe(tmp_path, trained)  # its data: 500 validation images, no augmentation
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        result = export(str(trained), onnx=str(tmp_path / "s.onnx"), int8=str(tmp_path / "s.int8.onnx"),
+                        recipe=str(recipe), calibration_images=256)  # fmt: skip
+    int8 = result["int8"]
+    assert int8["float_val_acc"] > 0.6  # a trained model: the comparison means something
+    assert abs(int8["float_val_acc"] - int8["int8_val_acc"]) <= 0.03  # 500 images: 15 of them
+    assert (
+        int8["int8_bytes"] == (tmp_path / "s.int8.onnx").stat().st_size < 0.7 * int8["float_bytes"]
+    )  # graph overhead: a tiny net is not 4x smaller
+    assert "int8: " in out.getvalue() and "validation accuracy in ONNX Runtime" in out.getvalue()
+
+    session = ort.InferenceSession(str(tmp_path / "s.int8.onnx"), providers=["CPUExecutionProvider"])
+    assert any(
+        node.op_type == "QuantizeLinear" for node in __import__("onnx").load(tmp_path / "s.int8.onnx").graph.node
+    )
+    x = next(iter(_setup(fmnist(val_size=500)).val_dataloader())).x[:16]
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    expected = load_student(trained)(x).detach().numpy()
+    assert (got.argmax(1) == expected.argmax(1)).mean() >= 0.85  # int8 logits: close, not equal
+    assert np.abs(got - expected).max() < 0.25 * np.abs(expected).max()
+
+
+def _setup(datamodule):
+    datamodule.setup("fit")
+    return datamodule
+
+
+class _Watched(type(fmnist())):
+    """Fashion-MNIST that records which splits' loaders were asked for."""
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.asked: list[str] = []
+
+    def train_dataloader(self):
+        self.asked.append("train")
+        return super().train_dataloader()
+
+    def val_dataloader(self):
+        self.asked.append("val")
+        return super().val_dataloader()
+
+    def test_dataloader(self):
+        self.asked.append("test")
+        return super().test_dataloader()
+
+
+def test_calibration_reads_only_the_training_split_and_leaves_the_random_state(tmp_path: Path):
+    data = _Watched(batch_size=32, val_size=500)
+    state = torch.get_rng_state()
+    images = calibration_images(data, 70)
+    assert data.asked == ["train"] and [len(x) for x in images] == [32, 32, 6]
+    assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(a, b) for a, b in zip(images, calibration_images(data, 70), strict=True))  # seeded
+
+    model = StudentNet(base=2, num_classes=10, in_chans=1, num_pools=3)
+    export_onnx(model, torch.zeros(1, 1, 28, 28), tmp_path / "m.onnx")
+    data.asked.clear()
+    quantize_checked(tmp_path / "m.onnx", tmp_path / "m.int8.onnx", data, splits=("val",), limit_batches={"val": 2})
+    assert data.asked == ["train", "val"]  # calibration, then float32 and int8 on validation; never test
+
+
+def test_a_model_onnx_runtime_cannot_quantize_gets_one_line_and_no_file(tmp_path: Path):
+    (tmp_path / "bad.onnx").write_text("not a model\n")
+    with pytest.raises(ValueError, match=r"ONNX Runtime cannot quantize .*bad.onnx") as err:
+        quantize_onnx(tmp_path / "bad.onnx", tmp_path / "bad.int8.onnx", [torch.zeros(1, 1, 28, 28)])
+    assert "\n" not in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx"]
+
+
+def test_int8_without_its_extra_names_the_install(tmp_path: Path, small_teacher_checkpoint: Path):
+    code = (
+        "import sys; sys.modules['onnxruntime'] = None\n"  # as if the onnx extra were not installed
+        "from distill.cli import main\n"
+        f"main(['export', {str(small_teacher_checkpoint)!r}, '--int8', {str(tmp_path / 's.int8.onnx')!r}, "
+        f"'--recipe', {str(ROOT / 'configs/fmnist/kd.yaml')!r}])\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert run.returncode == 2, run.stderr
+    lines = [line for line in run.stderr.splitlines() if line.startswith("distill: error:")]
+    assert len(lines) == 1 and 'pip install "distill[onnx]"' in lines[0] and "Traceback" not in run.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_pt2_export_reloads_with_a_dynamic_batch(tmp_path: Path, small_teacher_checkpoint: Path):
+    with contextlib.redirect_stdout(io.StringIO()):
+        result = export(str(small_teacher_checkpoint), pt2=str(tmp_path / "s.pt2"))
+    assert result["pt2"] < 1e-4
+    program = torch.export.load(str(tmp_path / "s.pt2")).module()
+    x = torch.randn(5, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(program(x), load_student(small_teacher_checkpoint).eval()(x), atol=1e-4, rtol=0)
+
+
+def test_export_refuses_int8_without_data_before_writing(tmp_path: Path, small_teacher_checkpoint: Path):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), pytest.raises(SystemExit) as stopped:
+        main(["export", str(small_teacher_checkpoint), "--int8", str(tmp_path / "out" / "s.int8.onnx")])
+    assert stopped.value.code == 2 and "no config.yaml beside" in err.getvalue() and "--recipe" in err.getvalue()
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("runtime", ["torch-cpu", "onnxruntime", "onnxruntime-int8"])
+def test_latency_is_measured_on_each_runtime(runtime: str):
+    small, large = (StudentNet(width_mult=w, num_classes=10, in_chans=1, num_pools=3) for w in (0.25, 1.0))
+    ms = compare_latency(
+        {"small": small, "large": large}, (1, 28, 28), runtime, batch_size=8, threads=1, rounds=3, repeats=3
+    )
+    assert set(ms) == {"small", "large"} and all(t > 0 for t in ms.values())
+    assert ms["small"] < ms["large"]  # 16x fewer MACs: faster on every runtime, noise or not
+
+
+def test_latency_refuses_what_it_cannot_measure(tmp_path: Path):
+    model = StudentNet(base=2, num_classes=10, in_chans=1, num_pools=3)
+    with pytest.raises(ValueError, match="Unknown latency runtime 'tpu'"):
+        measure_latency(model, (1, 28, 28), runtime="tpu")
+    with pytest.raises(ValueError, match="batch_size"):
+        measure_latency(model, (1, 28, 28), batch_size=0)
+    with pytest.raises(ValueError, match="measures a PyTorch module"):
+        measure_latency(tmp_path / "m.onnx", (1, 28, 28), runtime="torch-cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="needs a CUDA GPU"):
+            measure_latency(model, (1, 28, 28), runtime="torch-cuda")
