@@ -6,6 +6,7 @@ code as on a GPU, and must give the DataLoader path's batches exactly.
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from helpers import fmnist, tiny_trainer
 from distill import DistillModule, KDLoss
 from distill.data import Batch, DeviceBatches
 from distill.lightning_cli import DistillCLI, default_precision
+from distill.profile import count_macs, count_params
 from distill.pruning import ChannelPruning
 from students import create_student
 from teachers import load_teacher
@@ -137,18 +139,71 @@ def test_throughput_benchmark_prints_its_table():
     assert "cache / live teacher" in out and "cache: filled" in out
 
 
-def test_latency_benchmark_prints_its_table():
-    out = _run("latency.py", "--backends", "torch-cpu", "ort-cpu", "--batches", "1", "--rounds", "1", "--repeats", "2",
-               "--targets", "100000")  # fmt: skip
-    rows = [line for line in out.splitlines() if line.startswith("| width") or line.startswith("| pruned")]
-    assert [row.split("|")[1].strip() for row in rows] == [
-        "width 1.0", "width 0.75", "width 0.5", "width 0.25", "pruned to 100k"
+def _tables(out: str) -> list[tuple[str, list[dict[str, str]]]]:
+    """Each Markdown table of ``out``, as (the line above it, its rows as {header: cell})."""
+    tables, title, rows = [], "", []
+    for line in [*out.splitlines(), ""]:
+        if line.startswith("|"):
+            rows.append([cell.strip() for cell in line.strip().strip("|").split("|")])
+            continue
+        if rows:
+            header, _, *body = rows
+            tables.append((title, [dict(zip(header, row, strict=True)) for row in body]))
+        title, rows = (line if line.strip() else title), []
+    return tables
+
+
+def _ratio_ok(shown: str, a: str, b: str) -> bool:
+    """``shown`` (2 decimals) is a / b for some a, b that round to the shown 3-decimal times."""
+    lo, hi = (float(a) - 5e-4) / (float(b) + 5e-4), (float(a) + 5e-4) / max(float(b) - 5e-4, 1e-9)
+    return lo - 5e-3 <= float(shown) <= hi + 5e-3
+
+
+def test_latency_benchmark_prints_its_tables():
+    runtimes = ["torch-cpu", "onnxruntime", "onnxruntime-int8"]
+    out = _run("latency.py", "--runtimes", *runtimes, "--batches", "1", "3", "--widths", "0.5", "--round-to", "1", "16",
+               "--rounds", "1", "--repeats", "1", "--warmup", "0", "--profile", "global r1 to 0.5")  # fmt: skip
+    (students_title, students), *latency_tables, (ratio_title, ratios) = _tables(out)
+    assert students_title.startswith("Students") and ratio_title.startswith("onnxruntime-int8 ms / onnxruntime ms")
+    assert [title.split(":")[0] for title, _ in latency_tables] == runtimes
+    students = {row["student"]: row for row in students}
+    assert list(students) == [
+        "width 1.0", "width 0.5", "layer r1 to 0.5", "layer r16 to 0.5", "global r1 to 0.5", "global r16 to 0.5"
     ]  # fmt: skip
-    cells = [[cell.strip() for cell in row.strip().strip("|").split("|")] for row in rows]
-    params, macs = ([int(c[i].replace(",", "")) for c in cells] for i in (1, 2))
-    for c, count in zip(cells[:4], params, strict=False):  # each width's parameters are its StudentNet's
-        kwargs = {"width_mult": float(c[0].split()[1]), "num_classes": 10, "in_chans": 1, "num_pools": 3}
-        assert count == sum(p.numel() for p in create_student("studentnet", **kwargs).parameters())
-    assert params[:4] == sorted(params[:4], reverse=True) and macs[:4] == sorted(macs[:4], reverse=True)
-    assert params[-1] <= 100_000 < params[0] and macs[-1] < macs[0]  # width 1.0, pruned to the target
-    assert all(float(ms) > 0 for c in cells for ms in c[3:])  # a latency for each backend
+    x, size = torch.zeros(1, 1, 28, 28), int(students["width 0.5"]["params"].replace(",", ""))
+    for label, row in students.items():  # each row's numbers are those of the StudentNet its channels describe
+        channels = ast.literal_eval(row["channels"])
+        model = create_student("studentnet", channels=channels, num_classes=10, in_chans=1, num_pools=3)
+        assert row["params"] == f"{count_params(model):,}" and row["MACs"] == f"{count_macs(model, x):,}"
+        if label.startswith("width"):
+            assert channels == create_student("studentnet", width_mult=float(label.split()[1])).channels
+            assert not row["same channels as"]
+        else:  # at most the width member's size; only the layers width_mult scales lose channels, rounded
+            ranking, round_to = label.split()[0], int(label.split()[1][1:])
+            assert count_params(model) <= size and channels[:3] == [16, 32, 64] and channels[7] == 256
+            assert all(c % round_to == 0 for c in channels[3:7])
+            if ranking == "layer":  # the shipped per-layer policy gives the width member's channels exactly
+                assert row["same channels as"] == "width 0.5"
+        if row["same channels as"]:
+            assert row["channels"] == students[row["same channels as"]]["channels"]
+    timed = [label for label, row in students.items() if not row["same channels as"]]
+    assert "global r1 to 0.5" in timed  # odd channel counts are timed
+    latency = {
+        runtime: {row["student"]: row for row in rows}
+        for runtime, (_, rows) in zip(runtimes, latency_tables, strict=True)
+    }
+    for rows in latency.values():
+        assert list(rows) == timed
+        for label, row in rows.items():
+            assert float(row["b1 ms"]) > 0 and float(row["b3 ms"]) > 0
+            width = rows["width 0.5"] if label != "width 1.0" else row  # the width member of its size
+            assert _ratio_ok(row["/ width b3"], row["b3 ms"], width["b3 ms"])
+    assert [row["student"] for row in ratios] == timed
+    for row in ratios:  # int8 / float32, from the two tables
+        int8, fp32 = latency["onnxruntime-int8"][row["student"]], latency["onnxruntime"][row["student"]]
+        assert all(_ratio_ok(row[b], int8[f"{b} ms"], fp32[f"{b} ms"]) for b in ("b1", "b3"))
+    profiles = {line.split(":")[0]: line for line in out.splitlines() if line.startswith("- ")}
+    assert list(profiles) == [f"- {runtime} global r1 to 0.5" for runtime in runtimes]  # one line per runtime
+    assert "aten::" in profiles["- torch-cpu global r1 to 0.5"]
+    assert "; graph " in profiles["- onnxruntime global r1 to 0.5"]
+    assert "QuantizeLinear" in profiles["- onnxruntime-int8 global r1 to 0.5"]  # the quantized graph was profiled
