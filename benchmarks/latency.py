@@ -121,7 +121,6 @@ def ort_profile(path: Path, batch: int, threads: int, workdir: Path, calls: int 
 
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads, options.log_severity_level = threads, 1, 3
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     options.enable_profiling, options.profile_file_prefix = True, str(workdir / "profile")
     options.optimized_model_filepath = str(workdir / "optimized.onnx")
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])

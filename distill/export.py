@@ -142,6 +142,7 @@ def export(
     calibration_method: str = "minmax",
     per_channel: bool = True,
     quant_format: str = "qdq",
+    activations: str | None = None,
     max_accuracy_drop: float = 0.3,
 ) -> dict[str, Any]:
     """Export the student of a ``distill`` checkpoint (pruned or not), each file checked against it.
@@ -162,6 +163,8 @@ def export(
         calibration_method: for ``int8``: ``minmax``, ``entropy`` or ``percentile``.
         per_channel: for ``int8``: one weight scale per output channel (else per tensor).
         quant_format: for ``int8``: ``qdq`` (QuantizeLinear/DequantizeLinear pairs) or ``qoperator``.
+        activations: for ``int8``: ``int8`` or ``uint8`` activations (default: int8 for qdq, uint8 for
+            qoperator; see :class:`distill.quantize.QuantOptions`).
         max_accuracy_drop: for ``int8``: warn when the int8 model loses more validation accuracy (points).
 
     Returns:
@@ -178,7 +181,8 @@ def export(
         raise ValueError(f"input_size must be a positive number of pixels, got {input_size}")
     if not 0 <= atol < math.inf:
         raise ValueError(f"atol must be a finite number >= 0, got {atol}")
-    options = QuantOptions(calibration_images, calibration_method, per_channel, quant_format, max_accuracy_drop)
+    options = QuantOptions(calibration_images, calibration_method, per_channel, quant_format, max_accuracy_drop,
+                           activations)  # fmt: skip
     outputs = {fmt: Path(p) for fmt, p in asked.items() if p is not None}
     _check_outputs(Path(checkpoint), outputs)
     if onnx is not None or int8 is not None:
