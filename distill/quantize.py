@@ -15,6 +15,8 @@ Needs the ``onnx`` extra.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import itertools
 import math
 import tempfile
@@ -131,16 +133,17 @@ def quantize_onnx(
             name = onnx.load(str(float_path), load_external_data=False).graph.input[0].name
             prepared = Path(tmp) / "prepared.onnx"
             quant_pre_process(str(float_path), str(prepared))
-            quantize_static(
-                str(prepared),
-                str(partial),
-                Reader(name),
-                quant_format=getattr(QuantFormat, QUANT_FORMATS[options.quant_format]),
-                per_channel=options.per_channel,
-                activation_type=QuantType.QUInt8 if options.activation_type == "uint8" else QuantType.QInt8,
-                weight_type=QuantType.QInt8,
-                calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[options.calibration_method]),
-            )
+            with contextlib.redirect_stdout(io.StringIO()):  # the entropy and percentile calibrators print
+                quantize_static(
+                    str(prepared),
+                    str(partial),
+                    Reader(name),
+                    quant_format=getattr(QuantFormat, QUANT_FORMATS[options.quant_format]),
+                    per_channel=options.per_channel,
+                    activation_type=QuantType.QUInt8 if options.activation_type == "uint8" else QuantType.QInt8,
+                    weight_type=QuantType.QInt8,
+                    calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[options.calibration_method]),
+                )
         except Exception as err:  # noqa: BLE001 - onnx and ONNX Runtime raise many kinds; all mean "cannot quantize"
             message = (str(err).strip().splitlines() or [""])[0]
             raise ValueError(

@@ -186,7 +186,7 @@ def quickstart(
         "params": pruned["params"],
         "val_acc": deployed["int8_val_acc"],  # in ONNX Runtime
         "test_acc": deployed["int8_test_acc"],
-        "checkpoint": str(out / "prune_distill" / "best_student.int8.onnx"),
+        "checkpoint": str((out / "prune_distill" / "best_student.int8.onnx").resolve()),
     }
     if thin is not None:
         results["thin"] = {**thin, "model_name": "studentnet, thin, KD from scratch"}
