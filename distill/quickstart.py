@@ -82,7 +82,8 @@ def quickstart(
     Args:
         run_dir: output folder: ``teacher.yaml`` and ``student.yaml`` (the configs that ran), ``teacher/``
             and ``student/`` (checkpoints, metrics.csv, config.yaml), ``prune_distill/`` (rounds, the best
-            student as .ckpt, .onnx and .int8.onnx, rounds.csv, pareto.png), and ``summary.md``.
+            student as .ckpt, .onnx and .int8.onnx, rounds.csv, pareto.png), ``deployed.json`` (the ONNX
+            files' sizes and latencies) and ``summary.md``.
         teacher_config: the teacher recipe to start from.
         kd_config: the distillation recipe to start from.
         teacher_model: timm name of the teacher.
@@ -190,7 +191,7 @@ def quickstart(
     }
     if thin is not None:
         results["thin"] = {**thin, "model_name": "studentnet, thin, KD from scratch"}
-    _measure_deployed(results, data.in_chans, data.input_size, LATENCY_BATCH)
+    _measure_deployed(results, data.in_chans, data.input_size, LATENCY_BATCH, out / "deployed.json")
     table = quickstart_table(results, LATENCY_BATCH)
     summary = (
         "# distill quickstart\n\n"
@@ -209,18 +210,31 @@ def quickstart(
     return results
 
 
-def _measure_deployed(results: dict[str, dict[str, Any]], in_chans: int, size: Sequence[int], batch: int) -> None:
-    """Add each model's ONNX file size and its latency in ONNX Runtime, all measured side by side."""
-    with tempfile.TemporaryDirectory() as tmp:
-        files = {}
-        for role, r in results.items():
-            files[role] = Path(r["checkpoint"])
-            if files[role].suffix != ".onnx":
-                files[role] = Path(tmp) / f"{len(files)}.onnx"
-                export_onnx(load_student(r["checkpoint"]), torch.zeros(1, in_chans, *size), files[role])
-        latency = compare_latency(files, [in_chans, *size], "onnxruntime", batch_size=batch)
-        for role, r in results.items():
-            r.update(onnx_kib=files[role].stat().st_size / 1024, latency_ms=latency[role])
+def _measure_deployed(
+    results: dict[str, dict[str, Any]], in_chans: int, size: Sequence[int], batch: int, record: Path
+) -> None:
+    """Add each model's ONNX file size and its latency in ONNX Runtime, all measured side by side.
+
+    The figures are kept in ``record`` with the digests of the files measured: a rerun on the same files
+    reports the same figures.
+    """
+    digests = {role: file_digest(r["checkpoint"]) for role, r in results.items()}
+    saved = json.loads(record.read_text()) if record.is_file() else {}
+    if saved.get("files") != digests:
+        with tempfile.TemporaryDirectory() as tmp:
+            files = {}
+            for role, r in results.items():
+                files[role] = Path(r["checkpoint"])
+                if files[role].suffix != ".onnx":
+                    files[role] = Path(tmp) / f"{len(files)}.onnx"
+                    export_onnx(load_student(r["checkpoint"]), torch.zeros(1, in_chans, *size), files[role])
+            latency = compare_latency(files, [in_chans, *size], "onnxruntime", batch_size=batch)
+            measured = {role: {"onnx_kib": files[role].stat().st_size / 1024, "latency_ms": latency[role]}
+                        for role in results}  # fmt: skip
+        saved = {"files": digests, "measured": measured}
+        atomic_write(record, lambda f: json.dump(saved, f, indent=1))
+    for role, r in results.items():
+        r.update(saved["measured"][role])
 
 
 def _resize(

@@ -147,16 +147,20 @@ def test_quickstart_end_to_end(quickstart_run: tuple[Path, dict, dict]):
     from distill.quickstart import quickstart
 
     qs, settings, results = quickstart_run
-    assert set(results) == {"teacher", "student", "pruned", "thin"}
+    assert set(results) == {"teacher", "student", "pruned", "pruned, int8", "thin"}
+    int8 = results["pruned, int8"]
+    assert int8["checkpoint"] == str((qs / "prune_distill" / "best_student.int8.onnx").resolve())
+    assert int8["onnx_kib"] < results["pruned"]["onnx_kib"] and int8["params"] == results["pruned"]["params"]
+    assert all(r["latency_ms"] > 0 for r in results.values())
     assert Path(results["teacher"]["checkpoint"]).is_file() and Path(results["student"]["checkpoint"]).is_file()
     student_ckpt = torch.load(results["student"]["checkpoint"], weights_only=True)
     assert student_ckpt["hyper_parameters"]["teacher_checkpoint"] == results["teacher"]["checkpoint"]
     assert results["pruned"]["params"] <= 150_000 < results["student"]["params"]
     assert results["thin"]["params"] <= results["pruned"]["params"]
     summary = (qs / "summary.md").read_text()
-    for row in ("| teacher | test_resnet |", "| student | studentnet |", "| pruned |", "| thin |"):
+    for row in ("| teacher | test_resnet |", "| student | studentnet |", "| pruned |", "| pruned, int8 |", "| thin |"):
         assert row in summary
-    for name in ("pareto.png", "rounds.csv", "best_student.onnx", "best_student.ckpt"):
+    for name in ("pareto.png", "rounds.csv", "best_student.onnx", "best_student.int8.onnx", "best_student.ckpt"):
         assert (qs / "prune_distill" / name).is_file()
     assert (qs / "student.yaml").is_file() and (qs / "student" / "config.yaml").is_file()
 
