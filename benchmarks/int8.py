@@ -23,7 +23,7 @@ import torch
 import yaml
 
 from distill.export import export_onnx
-from distill.profile import compare_latency
+from distill.latency import compare_latency
 from distill.quantize import CALIBRATION_METHODS, QuantOptions, calibration_images, onnx_accuracy, quantize_onnx
 from distill.recipes import build_datamodule
 from students import load_student, read_checkpoint

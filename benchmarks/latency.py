@@ -21,7 +21,7 @@ Students: StudentNet of the Fashion-MNIST recipes (10 classes, 1x28x28 images, `
 Pruning is one-shot here (prune-distill prunes in rounds and trains between them, so its channel counts
 can differ from these by rounding). Weights are random: latency does not depend on them.
 
-Latency is :func:`distill.profile.compare_latency`: all students interleaved in each round, so that
+Latency is :func:`distill.latency.compare_latency`: all students interleaved in each round, so that
 machine noise hits them alike, the median over ``--rounds`` rounds of ``--repeats`` calls, in
 milliseconds per forward of a batch. Runtimes (``--runtimes``; default: all of them this machine has):
 
@@ -52,7 +52,8 @@ from pathlib import Path
 import torch
 
 from distill.export import export_onnx
-from distill.profile import RUNTIMES, compare_latency, count_macs, count_params
+from distill.latency import RUNTIMES, compare_latency
+from distill.profile import count_macs, count_params
 from distill.pruning import PruningPolicy, prune_student
 from distill.quantize import quantize_onnx
 from students import UNSCALED_LAYERS, StudentNet

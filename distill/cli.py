@@ -17,9 +17,10 @@ from typing import Any
 from jsonargparse import CLI
 from pytorch_lightning.utilities.exceptions import MisconfigurationException
 
-from distill.export import MissingExtra, export
+from distill.export import export
 from distill.lightning_cli import DistillCLI, JobParser
 from distill.prune_distill import prune_distill
+from distill.quantize import MissingExtra
 from distill.quickstart import quickstart
 from distill.rundir import IncompleteRun
 from distill.sweep import sweep

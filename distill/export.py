@@ -26,27 +26,12 @@ import torch
 from torch import nn
 
 from distill.profile import eval_mode
+from distill.quantize import QuantOptions, quantize_checked, require_onnxruntime
+from distill.recipes import build_datamodule, load_recipe
 from distill.rundir import atomic_path
 from students.checkpoint import INPUT_SHAPE_KEY, load_student, read_checkpoint, recorded_input_shape
 
-__all__ = ["MissingExtra", "export", "export_onnx", "export_pt2", "export_torchscript", "require_onnxruntime"]
-
-
-class MissingExtra(ImportError):
-    """An optional dependency is not installed; the message names the ``pip install`` that fixes it."""
-
-
-def require_onnxruntime() -> Any:
-    """The ``onnxruntime`` module, or :class:`MissingExtra` naming the extra to install."""
-    try:
-        import onnx  # noqa: F401 - the exporter and the quantizer need it too
-        import onnxruntime
-    except ImportError as err:
-        raise MissingExtra(
-            f'ONNX export needs the onnx extra ({err.name} is missing): pip install "distill[onnx]" '
-            "(onnx, onnxruntime, onnxscript)"
-        ) from None
-    return onnxruntime
+__all__ = ["export", "export_onnx", "export_pt2", "export_torchscript"]
 
 
 @torch.no_grad()
@@ -171,9 +156,6 @@ def export(
         For each float format written, the largest difference from PyTorch; for ``int8``, the file sizes
         and the validation accuracies (``int8``: :func:`distill.quantize.quantize_checked`'s result).
     """
-    from distill.quantize import QuantOptions, quantize_checked
-    from distill.recipes import build_datamodule, load_recipe
-
     asked = {"onnx": onnx, "int8": int8, "pt2": pt2, "torchscript": torchscript}
     if all(p is None for p in asked.values()):
         raise ValueError("Nothing to export: give onnx=, int8=, pt2= and/or torchscript= with a file name")

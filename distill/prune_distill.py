@@ -30,9 +30,9 @@ import torch
 import yaml
 
 from distill.export import export_onnx as to_onnx
-from distill.export import require_onnxruntime
+from distill.latency import RUNTIMES, compare_latency, measure_latency
 from distill.module import DistillModule
-from distill.profile import RUNTIMES, compare_latency, count_macs, count_params, measure_latency
+from distill.profile import count_macs, count_params
 from distill.pruning import (
     CRITERIA,
     ROUND_SCHEDULES,
@@ -43,7 +43,7 @@ from distill.pruning import (
     prune_student,
     round_schedule,
 )
-from distill.quantize import quantize_checked
+from distill.quantize import quantize_checked, require_onnxruntime
 from distill.recipes import (
     build_datamodule,
     check_recipe,

@@ -9,7 +9,7 @@ and written as QDQ (QuantizeLinear/DequantizeLinear around each op, int8 weights
 QOperator (integer operators) ONNX.
 
 Whether the int8 file is faster depends on the model and the runtime's kernels: measure it
-(:func:`distill.profile.compare_latency`, ``benchmarks/latency.py``). Its accuracy is measured here.
+(:func:`distill.latency.compare_latency`, ``benchmarks/latency.py``). Its accuracy is measured here.
 Needs the ``onnx`` extra.
 """
 
@@ -31,8 +31,26 @@ import torch
 from distill.data.batch import as_batch
 from distill.rundir import atomic_path
 
-__all__ = ["CALIBRATION_METHODS", "QUANT_FORMATS", "QuantOptions", "calibration_images", "onnx_accuracy",
-           "quantize_checked", "quantize_onnx"]  # fmt: skip
+__all__ = ["CALIBRATION_METHODS", "QUANT_FORMATS", "MissingExtra", "QuantOptions", "calibration_images",
+           "onnx_accuracy", "quantize_checked", "quantize_onnx", "require_onnxruntime"]  # fmt: skip
+
+
+class MissingExtra(ImportError):
+    """An optional dependency is not installed; the message names the ``pip install`` that fixes it."""
+
+
+def require_onnxruntime() -> Any:
+    """The ``onnxruntime`` module, or :class:`MissingExtra` naming the extra to install."""
+    try:
+        import onnx  # noqa: F401 - the exporter and the quantizer need it too
+        import onnxruntime
+    except ImportError as err:
+        raise MissingExtra(
+            f'ONNX export needs the onnx extra ({err.name} is missing): pip install "distill[onnx]" '
+            "(onnx, onnxruntime, onnxscript)"
+        ) from None
+    return onnxruntime
+
 
 #: ``calibration_method`` names, for ONNX Runtime's ``CalibrationMethod``.
 CALIBRATION_METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
@@ -98,8 +116,6 @@ def quantize_onnx(
     Raises:
         ValueError: in one line, when ONNX Runtime cannot quantize the model, or ``calibration`` is empty.
     """
-    from distill.export import require_onnxruntime
-
     require_onnxruntime()
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -173,8 +189,6 @@ def calibration_images(datamodule: Any, num_images: int) -> list[torch.Tensor]:
 
 def onnx_accuracy(path: str | Path, batches: Iterable[Any], threads: int | None = None) -> float:
     """Top-1 accuracy of the ONNX model at ``path`` in ONNX Runtime's CPU provider, over ``batches``."""
-    from distill.export import require_onnxruntime
-
     ort = require_onnxruntime()
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads or torch.get_num_threads()

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from distill.export import export_onnx
-from distill.profile import compare_latency
+from distill.latency import compare_latency
 from distill.prune_distill import check_options, check_reachable, prune_distill
 from distill.pruning import PruningPolicy
 from distill.recipes import (

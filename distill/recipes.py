@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from jsonargparse import ArgumentParser
+from pytorch_lightning import LightningDataModule
 
 from distill.lightning_cli import DistillCLI
 from distill.rundir import atomic_write
@@ -134,9 +136,6 @@ def build_datamodule(cfg: dict[str, Any], source: str, augment: bool | None = Fa
     Used where a student is measured or calibrated outside training (``distill export --int8``); nothing
     else of the recipe (teacher, student) is built.
     """
-    from jsonargparse import ArgumentParser
-    from pytorch_lightning import LightningDataModule
-
     data = copy.deepcopy(cfg.get("data"))
     if not isinstance(data, dict) or "class_path" not in data:
         raise ValueError(f"{source} has no data section with a class_path (see configs/fmnist/kd.yaml)")

@@ -53,7 +53,7 @@ STORAGE, OVERRIDE = (*NEW_SWEEP, "--storage"), (*NEW_SWEEP, "--overrides")
 SWEEP_T2 = (*SWEEP, "--temperatures", "[2]")
 PRUNE = ("prune-distill", "--recipe", "{inputs}/prune.yaml", "--target_params", "3000", "--initial_epochs", "1")
 PRUNE += ("--epochs_per_round", "1", "--rounds", "1", "--final_epochs", "0", "--baseline", "false")
-PRUNE += ("--export_onnx", "false", "--run_dir", "{runs}/prune")
+PRUNE += ("--export_onnx", "false", "--latency_runtime", "torch-cpu", "--run_dir", "{runs}/prune")
 NEW_PRUNE = (*PRUNE[:-2], *NEW)
 BEST = "{runs}/prune/best_student.ckpt"  # the student prune-distill wrote
 EXPORT = ("export", BEST)
@@ -259,6 +259,7 @@ def earlier_runs(root: Path) -> dict[str, str]:
         final_epochs=0,
         baseline=False,
         export_onnx=False,
+        latency_runtime="torch-cpu",
         run_dir=str(runs / "prune"),
     )
     export(str(runs / "prune" / "best_student.ckpt"), onnx=str(runs / "export" / "student.onnx"))

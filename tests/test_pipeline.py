@@ -39,13 +39,14 @@ def options(tmp_path: Path, teacher: Path, **kwargs) -> dict:
         "rounds": 2,
         "final_epochs": 1,
         "run_dir": str(tmp_path / "run"),
+        "latency_runtime": "torch-cpu",  # no ONNX export per phase; the first test measures on the default
     }
     return {**base, **kwargs}
 
 
 def test_loop_stops_at_the_target_with_results_baseline_and_onnx(tmp_path: Path, small_teacher_checkpoint: Path):
     teacher_bytes = hashlib.sha256(small_teacher_checkpoint.read_bytes()).hexdigest()
-    rows = prune_distill(**options(tmp_path, small_teacher_checkpoint))
+    rows = prune_distill(**options(tmp_path, small_teacher_checkpoint, latency_runtime="onnxruntime"))
     run = tmp_path / "run"
 
     phases = [(r["phase"], r["round"]) for r in rows]
@@ -79,7 +80,7 @@ def test_loop_stops_at_the_target_with_results_baseline_and_onnx(tmp_path: Path,
 
     assert hashlib.sha256(small_teacher_checkpoint.read_bytes()).hexdigest() == teacher_bytes  # teacher untouched
     state = json.loads((run / "state.json").read_text())
-    again = prune_distill(**options(tmp_path, small_teacher_checkpoint))  # nothing left to do
+    again = prune_distill(**options(tmp_path, small_teacher_checkpoint, latency_runtime="onnxruntime"))  # all done
     assert again == rows and json.loads((run / "state.json").read_text())["phases"] == state["phases"]
 
 

@@ -17,7 +17,7 @@ from helpers import fmnist, tiny_kd_recipe, tiny_trainer
 from distill import DistillModule
 from distill.cli import main
 from distill.export import export, export_onnx
-from distill.profile import compare_latency, measure_latency
+from distill.latency import compare_latency, measure_latency
 from distill.quantize import calibration_images, quantize_checked, quantize_onnx
 from students import StudentNet, create_student, load_student
 
