@@ -42,15 +42,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
 
-    students = {path.name: path for path in args.checkpoints}
+    students = {str(path): path for path in args.checkpoints}
     recipe = args.recipe
     if args.run is not None:
         prune = args.run / "prune_distill"
         state = json.loads((prune / "state.json").read_text())
+        thin = state["phases"].get("baseline")
         students = {
             "student (StudentNet 1.0)": args.run / "student" / "best.ckpt",
             "pruned to 100k": prune / "best_student.ckpt",
-            "thin 100k": Path(state["phases"]["baseline"]["checkpoint"]),
+            **({"thin 100k": Path(thin["checkpoint"])} if thin else {}),
             **students,
         }
         recipe = recipe or args.run / "student.yaml"
@@ -62,7 +63,8 @@ def main() -> None:
     calibration = calibration_images(data, 512)
 
     print(f"\nONNX Runtime, {torch.get_num_threads()} threads, torch {torch.__version__}, {time.strftime('%Y-%m-%d')}")
-    print("accuracy on the full validation (5,000) and test (10,000) splits in ONNX Runtime; latency: median ms\n")
+    sizes = f"{len(data.val_set):,} and {len(data.test_set):,} images"
+    print(f"accuracy on the full validation and test splits ({sizes}) in ONNX Runtime; latency: median ms\n")
     header = ["student", "file", "KiB", "val acc", "test acc", "Δ test (points)"]
     header += [f"ms b{b}" for b in args.batches] + [f"speed vs fp32 b{b}" for b in args.batches]
     print("| " + " | ".join(header) + " |")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shutil
 import sys
 import tempfile
 import warnings
@@ -103,14 +104,16 @@ def export_pt2(model: nn.Module, example_input: torch.Tensor, path: str | Path, 
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.cpu()
     x = example_input.cpu()
-    with eval_mode(model), atomic_path(path) as partial:  # written only once it passed the check
+    with eval_mode(model), atomic_path(path) as partial, tempfile.TemporaryDirectory() as tmp:
         two = x[:1].expand(2, *x.shape[1:])  # a batch of 1 would be specialised to the constant 1
         program = torch.export.export(model, (two,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
-        torch.export.save(program, str(partial))
+        file = Path(tmp) / "student.pt2"  # torch.export.load wants the .pt2 suffix
+        torch.export.save(program, str(file))
         check = torch.randn(3, *x.shape[1:], generator=torch.Generator().manual_seed(0))
-        diff = float((torch.export.load(str(partial)).module()(check) - model(check)).abs().max())
+        diff = float((torch.export.load(str(file)).module()(check) - model(check)).abs().max())
         if diff > atol:
             raise ValueError(f"The exported program's outputs differ from PyTorch's by {diff:.2e} > {atol:g} ({path})")
+        shutil.copyfile(file, partial)  # written only once it passed the check
     return diff
 
 
@@ -201,21 +204,35 @@ def export(
               file=sys.stderr)  # fmt: skip
     created = sorted({p for out in outputs.values() for p in out.resolve().parents if not p.exists()}, reverse=True)
     results: dict[str, Any] = {}
+    # Every file is written and checked under a staged name beside its target, and all are renamed into place
+    # only once every one passed: a failure leaves the earlier files (and folders) as they were.
+    staged = {fmt: path.with_name(f".{path.name}.staged") for fmt, path in outputs.items()}
     try:
+        for path in outputs.values():
+            path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory() as tmp:
-            float_onnx = outputs.get("onnx", Path(tmp) / "student.onnx")
+            float_onnx = staged.get("onnx", Path(tmp) / "student.onnx")
             if "onnx" in outputs or "int8" in outputs:
                 results["onnx"] = export_onnx(model, example, float_onnx, atol)
             if "int8" in outputs:
-                results["int8"] = quantize_checked(float_onnx, outputs["int8"], datamodule, options)
+                results["int8"] = quantize_checked(float_onnx, staged["int8"], datamodule, options)
         if "pt2" in outputs:
-            results["pt2"] = export_pt2(model, example, outputs["pt2"], atol)
+            results["pt2"] = export_pt2(model, example, staged["pt2"], atol)
         if "torchscript" in outputs:
-            results["torchscript"] = export_torchscript(model, example, outputs["torchscript"], atol)
-    except BaseException:
-        for folder in created:  # deepest first: a failed export leaves no folder it made
+            results["torchscript"] = export_torchscript(model, example, staged["torchscript"], atol)
+        for fmt, path in outputs.items():
+            staged[fmt].replace(path)
+    except BaseException as err:
+        for path in staged.values():
+            path.unlink(missing_ok=True)
+        for folder in created:  # deepest first
             with contextlib.suppress(OSError):
                 folder.rmdir()
+        if isinstance(err, ValueError):  # name the files the user asked for, not their staged names
+            message = str(err)
+            for fmt, path in staged.items():
+                message = message.replace(str(path), str(outputs[fmt]))
+            raise ValueError(message) from None
         raise
     if "onnx" not in outputs:
         results.pop("onnx", None)

@@ -38,8 +38,11 @@ def measure_latency(
     warmup: int = 5,
     repeats: int = 30,
 ) -> float:
-    """Median milliseconds of one forward of a ``batch_size`` batch on ``runtime`` (:func:`compare_latency`)."""
-    return compare_latency({"model": model}, input_shape, runtime, batch_size, threads, warmup, 1, repeats)["model"]
+    """Median milliseconds of one forward of a ``batch_size`` batch on ``runtime``, over ``repeats`` calls.
+
+    One model: each call is its own round of :func:`compare_latency`, so the figure is a median of calls.
+    """
+    return compare_latency({"model": model}, input_shape, runtime, batch_size, threads, warmup, repeats, 1)["model"]
 
 
 def compare_latency(
@@ -98,7 +101,8 @@ def compare_latency(
         for _ in range(rounds):
             for name, call in calls.items():
                 sync()
-                time.sleep(0.02)
+                if len(calls) > 1:
+                    time.sleep(0.02)  # the previous model's threads go idle
                 start = time.perf_counter()
                 for _ in range(repeats):
                     call()

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -142,7 +143,7 @@ def prune_distill(
     check_options(target_params, target_macs, importance, schedule, ratio, rounds, max_rounds, epochs_per_round,
                   final_epochs, initial_epochs, slimming_epochs, slimming_lambda, finetune_lr, min_fraction, round_to,
                   seed)  # fmt: skip
-    check_latency_options(latency_runtime, latency_batch_size, export_onnx or int8)
+    check_latency_options(latency_runtime, latency_batch_size, export_onnx)
     # Every check runs before the run directory is touched: a refused run writes nothing and locks nothing.
     base = job_recipe(recipe, overrides)
     if student_checkpoint is not None and not Path(student_checkpoint).is_file():
@@ -415,9 +416,12 @@ class _Phases:
             self.run_state.save()
         return state.get("onnx_max_abs_diff") if export_onnx else None
 
-    def save_int8(self, recipe: str) -> dict[str, Any]:
+    def save_int8(self, recipe: str) -> dict[str, Any] | None:
         """Quantize ``best_student.onnx`` to ``best_student.int8.onnx`` and measure both files in ONNX Runtime
-        (accuracy on validation and test, size, latency side by side), once: a rerun finds it recorded."""
+        (accuracy on validation and test, size, latency side by side), once: a rerun finds it recorded.
+
+        A student ONNX Runtime cannot quantize is reported (``None``), not raised: the run keeps its students.
+        """
         state = self.run_state.state
         int8 = self.out / "best_student.int8.onnx"
         recorded = state.get("int8")
@@ -425,7 +429,11 @@ class _Phases:
             data = build_datamodule(self.base, recipe)  # the recipe's data, without augmentation
             trainer = self.base["trainer"]  # the batches the phases' accuracies were measured on
             limits = {split: trainer.get(f"limit_{split}_batches") for split in ("val", "test")}
-            result = quantize_checked(self.out / "best_student.onnx", int8, data, None, ("val", "test"), limits)
+            try:
+                result = quantize_checked(self.out / "best_student.onnx", int8, data, None, ("val", "test"), limits)
+            except ValueError as err:
+                print(f"warning: no best_student.int8.onnx: {err}", file=sys.stderr)
+                return None
             files = {"float32": self.out / "best_student.onnx", "int8": int8}
             shape, options = self.x.shape[1:], {**self.latency, "runtime": "onnxruntime"}
             ms = compare_latency(files, shape, **options)

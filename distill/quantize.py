@@ -163,8 +163,8 @@ def quantize_onnx(
         except Exception as err:  # noqa: BLE001 - onnx and ONNX Runtime raise many kinds; all mean "cannot quantize"
             message = (str(err).strip().splitlines() or [""])[0]
             raise ValueError(
-                f"ONNX Runtime cannot quantize {float_path}: {type(err).__name__}: {message}. Export it again with "
-                f"`distill export CKPT --onnx FILE`, or ship the float32 file"
+                f"ONNX Runtime cannot quantize {float_path}: {type(err).__name__}: {message}. Check that the "
+                f"calibration images fit the model's input (the recipe's data), or ship the float32 file"
             ) from None
     return int8_path
 

@@ -30,8 +30,9 @@ import torch
 
 from distill.export import export_onnx
 from distill.latency import compare_latency
-from distill.prune_distill import check_options, check_reachable, prune_distill
+from distill.prune_distill import check_latency_options, check_options, check_reachable, prune_distill
 from distill.pruning import PruningPolicy
+from distill.quantize import require_onnxruntime
 from distill.recipes import (
     check_recipe,
     check_sections,
@@ -47,9 +48,6 @@ from distill.rundir import RunState, atomic_write, changed_settings, refuse_chan
 from students import UNSCALED_LAYERS, load_student
 
 __all__ = ["quickstart"]
-
-#: Images per forward of the latency measurements (ONNX Runtime on the CPU).
-LATENCY_BATCH = 64
 
 
 def quickstart(
@@ -73,6 +71,8 @@ def quickstart(
     limit_eval_batches: int | float = 1.0,
     accelerator: str = "auto",
     data_root: str | None = None,
+    latency_runtime: str = "onnxruntime",
+    latency_batch_size: int = 64,
 ) -> dict[str, dict[str, Any]]:
     """Train a teacher, distill StudentNet from it, prune-distill it to a size target, print a table.
 
@@ -106,6 +106,9 @@ def quickstart(
         limit_eval_batches: fraction or number of validation and test batches.
         accelerator: Lightning accelerator (``auto``, ``cpu``, ``gpu``).
         data_root: folder with the Fashion-MNIST files (default: the usual search, see FashionMNISTDataModule).
+        latency_runtime: where prune-distill measures each phase's latency (``onnxruntime``, ``onnxruntime-int8``,
+            ``torch-cpu``, ``torch-cuda``). The table always times the ONNX files in ONNX Runtime on the CPU.
+        latency_batch_size: images per forward of those measurements.
 
     Returns:
         ``{"teacher", "student", "pruned", "pruned, int8", "thin"}``: model, params, val_acc, test_acc, checkpoint
@@ -141,6 +144,7 @@ def quickstart(
     model, data = check_recipe(student_cfg)  # before anything trains: the student, the data, the target
     policy = PruningPolicy(importance, min_fraction=0.1, ignored_layers=ignored_layers)  # prune_distill's floor
     check_reachable(model.student, torch.zeros(1, data.in_chans, *data.input_size), policy, target_params, None)
+    check_latency_options(latency_runtime, latency_batch_size, needs_onnx=True)  # the table times ONNX files
 
     # The run in this folder: its settings, with the recipes' contents standing for their paths.
     del settings["run_dir"]
@@ -171,6 +175,8 @@ def quickstart(
         final_epochs=final_epochs,
         run_dir=str(out / "prune_distill"),
         cache_teacher_logits=False,  # student.yaml already caches the teacher's logits when it can
+        latency_runtime=latency_runtime,
+        latency_batch_size=latency_batch_size,
     )
     pruned_rows = [r for r in rows if r["phase"] in ("round", "final") and r["params"] <= target_params]
     pruned = max(pruned_rows, key=lambda r: (r["val_acc"], r["round"]))
@@ -181,24 +187,25 @@ def quickstart(
         "student": asdict(student),
         "pruned": {**pruned, "model_name": f"studentnet, pruned ({pruned['phase']})"},
     }
-    deployed = RunState(out / "prune_distill", "prune-distill").state["int8"]
-    results["pruned, int8"] = {
-        "model_name": "studentnet, pruned, int8 ONNX",
-        "params": pruned["params"],
-        "val_acc": deployed["int8_val_acc"],  # in ONNX Runtime
-        "test_acc": deployed["int8_test_acc"],
-        "checkpoint": str((out / "prune_distill" / "best_student.int8.onnx").resolve()),
-    }
+    deployed = RunState(out / "prune_distill", "prune-distill").state.get("int8")  # None: not quantizable
+    if deployed is not None:
+        results["pruned, int8"] = {
+            "model_name": "studentnet, pruned, int8 ONNX",
+            "params": pruned["params"],
+            "val_acc": deployed["int8_val_acc"],  # in ONNX Runtime
+            "test_acc": deployed["int8_test_acc"],
+            "checkpoint": str((out / "prune_distill" / "best_student.int8.onnx").resolve()),
+        }
     if thin is not None:
         results["thin"] = {**thin, "model_name": "studentnet, thin, KD from scratch"}
-    _measure_deployed(results, data.in_chans, data.input_size, LATENCY_BATCH, out / "deployed.json")
-    table = quickstart_table(results, LATENCY_BATCH)
+    _measure_deployed(results, data.in_chans, data.input_size, latency_batch_size, out / "deployed.json")
+    table = quickstart_table(results, latency_batch_size)
     summary = (
         "# distill quickstart\n\n"
         f"{table}\n\n"
         "Fashion-MNIST test set (10,000 images, never used for choosing checkpoints); val = 5,000 images held "
         "out of the training set. The int8 row is measured in ONNX Runtime, the others in PyTorch. Latency: "
-        f"median milliseconds per batch of {LATENCY_BATCH} of each model's ONNX file in ONNX Runtime on this "
+        f"median milliseconds per batch of {latency_batch_size} of each model's ONNX file in ONNX Runtime on this "
         f"machine's CPU ({torch.get_num_threads()} threads), all measured side by side. "
         f"Rounds and the accuracy-vs-size plot: {out / 'prune_distill'}/"
         "summary.md and pareto.png.\n\nReproduce: `distill fit --config "
@@ -219,6 +226,9 @@ def _measure_deployed(
     reports the same figures.
     """
     digests = {role: file_digest(r["checkpoint"]) for role, r in results.items()}
+    digests["measured on"] = (
+        f"batch {batch}, {torch.get_num_threads()} threads, onnxruntime {require_onnxruntime().__version__}"
+    )
     saved = json.loads(record.read_text()) if record.is_file() else {}
     if saved.get("files") != digests:
         with tempfile.TemporaryDirectory() as tmp:
