@@ -168,6 +168,10 @@ def export(
         raise ValueError(f"atol must be a finite number >= 0, got {atol}")
     options = QuantOptions(calibration_images, calibration_method, per_channel, quant_format, max_accuracy_drop,
                            activations)  # fmt: skip
+    if int8 is None and (recipe is not None or options != QuantOptions()):
+        raise ValueError(
+            "recipe and the calibration options only apply to int8: add int8=<file.int8.onnx> (--int8), or drop them"
+        )
     outputs = {fmt: Path(p) for fmt, p in asked.items() if p is not None}
     _check_outputs(Path(checkpoint), outputs)
     if onnx is not None or int8 is not None:

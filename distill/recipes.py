@@ -130,8 +130,8 @@ def check_sections(cfg: dict[str, Any], recipe: str) -> None:
             )
 
 
-def build_datamodule(cfg: dict[str, Any], source: str, augment: bool | None = False) -> Any:
-    """The datamodule of a recipe's ``data`` section, with its augmentation off (``augment=None``: as set).
+def build_datamodule(cfg: dict[str, Any], source: str) -> Any:
+    """The datamodule of a recipe's ``data`` section, with its augmentation off.
 
     Used where a student is measured or calibrated outside training (``distill export --int8``); nothing
     else of the recipe (teacher, student) is built.
@@ -145,8 +145,8 @@ def build_datamodule(cfg: dict[str, Any], source: str, augment: bool | None = Fa
         datamodule = parser.instantiate_classes(parser.parse_object({"data": data})).data
     except Exception as err:  # noqa: BLE001 - jsonargparse and the datamodule raise many kinds
         raise ValueError(f"{source}: its data section does not build: {str(err).splitlines()[0]}") from None
-    if augment is not None and getattr(datamodule, "augment", augment) != augment:  # the setting is its attribute
-        data.setdefault("init_args", {})["augment"] = augment
+    if getattr(datamodule, "augment", False):  # the datamodules keep the setting as their attribute
+        data.setdefault("init_args", {})["augment"] = False
         datamodule = parser.instantiate_classes(parser.parse_object({"data": data})).data
     return datamodule
 

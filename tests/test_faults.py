@@ -215,6 +215,7 @@ FAULTS = [
     Fault("export int8, recipe missing", (*EXPORT, *TO_INT8, "--recipe", "{inputs}/missing.yaml"), "not found"),
     Fault("export int8, unknown calibration", (*EXPORT, *INT8, "--calibration_method", "mse"), "calibration_method"),
     Fault("export int8, unknown format", (*EXPORT, *INT8, "--quant_format", "int4"), "Unknown quant_format"),
+    Fault("export int8 options without int8", (*EXPORT, *TO_ONNX, "--recipe", "{recipe}"), "only apply to int8"),
     Fault("export int8, int4 activations", (*EXPORT, *INT8, "--activations", "int4"), "activations must be"),
     Fault("export int8, 0 calibration images", (*EXPORT, *INT8, "--calibration_images", "0"), "calibration_images"),
     Fault("prune latency on a TPU", (*NEW_PRUNE, "--latency_runtime", "tpu"), "Unknown latency_runtime"),

@@ -16,7 +16,7 @@ from helpers import fmnist, tiny_kd_recipe, tiny_trainer
 
 from distill import DistillModule
 from distill.cli import main
-from distill.export import export, export_onnx
+from distill.export import export, export_onnx, int8_line
 from distill.latency import compare_latency, measure_latency
 from distill.quantize import calibration_images, quantize_checked, quantize_onnx
 from students import StudentNet, create_student, load_student
@@ -174,3 +174,18 @@ def test_a_failed_export_leaves_the_earlier_files_as_they_were(tmp_path: Path, s
                recipe=str(recipe), input_size=32)  # fmt: skip
     assert sorted(p.name for p in out.iterdir()) == ["s.onnx"]  # nothing staged is left
     assert (out / "s.onnx").read_text() == "an earlier export\n"  # the new ONNX file passed, yet was not moved in
+
+
+def test_the_int8_line_says_what_it_lost_and_warns_past_the_threshold(tmp_path: Path):
+    result = {"float_val_acc": 0.9000, "int8_val_acc": 0.8850, "float_bytes": 4000, "int8_bytes": 1000}
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        line = int8_line(tmp_path / "s.int8.onnx", result, max_drop=1.0)
+    assert "4.0x smaller" in line and "float32 0.9000, int8 0.8850 (-1.50 points)" in line
+    assert (
+        err.getvalue().startswith("warning: the int8 model loses 1.50 points")
+        and "max_accuracy_drop=1" in err.getvalue()
+    )
+    with contextlib.redirect_stderr(err := io.StringIO()):
+        int8_line(tmp_path / "s.int8.onnx", result, max_drop=2.0)
+    assert err.getvalue() == ""
