@@ -23,10 +23,26 @@ from torch import nn
 from distill.export import export_onnx
 from distill.quantize import quantize_onnx, require_onnxruntime
 
-__all__ = ["RUNTIMES", "compare_latency", "measure_latency"]
+__all__ = ["RUNTIMES", "check_runtime", "compare_latency", "measure_latency"]
 
 #: Where a student's latency is measured (``runtime`` of :func:`measure_latency`).
 RUNTIMES = ("onnxruntime", "onnxruntime-int8", "torch-cpu", "torch-cuda")
+
+
+def check_runtime(
+    runtime: str, batch_size: int, option: str = "latency runtime", batch_option: str = "batch_size"
+) -> None:
+    """Refuse a runtime or batch size that cannot be measured on this machine (``option``: its name in messages)."""
+    if runtime not in RUNTIMES:
+        raise ValueError(f"Unknown {option} {runtime!r}; choose one of {', '.join(RUNTIMES)}")
+    if batch_size < 1:
+        raise ValueError(f"{batch_option} must be >= 1, got {batch_size}")
+    if runtime == "torch-cuda" and not torch.cuda.is_available():
+        raise ValueError(
+            f"{option} 'torch-cuda' needs a CUDA GPU; this machine has none (use onnxruntime or torch-cpu)"
+        )
+    if runtime.startswith("onnxruntime"):
+        require_onnxruntime()
 
 
 def measure_latency(
@@ -77,15 +93,12 @@ def compare_latency(
         rounds: interleaved rounds.
         repeats: calls per model and round.
     """
-    if runtime not in RUNTIMES:
-        raise ValueError(f"Unknown latency runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
-    if batch_size < 1 or warmup < 0 or rounds < 1 or repeats < 1 or (threads is not None and threads < 1):
+    check_runtime(runtime, batch_size)
+    if warmup < 0 or rounds < 1 or repeats < 1 or (threads is not None and threads < 1):
         raise ValueError(
-            f"need batch_size, rounds, repeats (and threads, if given) >= 1 and warmup >= 0; got {batch_size}, "
-            f"{rounds}, {repeats}, {threads}, {warmup}"
+            f"need rounds, repeats (and threads, if given) >= 1 and warmup >= 0; got {rounds}, {repeats}, {threads}, "
+            f"{warmup}"
         )
-    if runtime == "torch-cuda" and not torch.cuda.is_available():
-        raise ValueError("latency runtime 'torch-cuda' needs a CUDA GPU; this machine has none (use torch-cpu)")
     threads = threads or torch.get_num_threads()
     x = torch.randn(batch_size, *input_shape, generator=torch.Generator().manual_seed(0))
     times: dict[str, list[float]] = {name: [] for name in models}

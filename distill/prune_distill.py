@@ -31,7 +31,7 @@ import torch
 import yaml
 
 from distill.export import export_onnx as to_onnx
-from distill.latency import RUNTIMES, compare_latency, measure_latency
+from distill.latency import check_runtime, compare_latency, measure_latency
 from distill.module import DistillModule
 from distill.profile import count_macs, count_params
 from distill.pruning import (
@@ -271,13 +271,8 @@ def check_options(
 
 def check_latency_options(runtime: str, batch_size: int, needs_onnx: bool) -> None:
     """Refuse a latency runtime or batch size that cannot be measured here, before anything trains."""
-    if runtime not in RUNTIMES:
-        raise ValueError(f"Unknown latency_runtime {runtime!r}; choose one of {', '.join(RUNTIMES)}")
-    if batch_size < 1:
-        raise ValueError(f"latency_batch_size must be >= 1, got {batch_size}")
-    if runtime == "torch-cuda" and not torch.cuda.is_available():
-        raise ValueError("latency_runtime 'torch-cuda' needs a CUDA GPU; this machine has none (use onnxruntime)")
-    if runtime.startswith("onnxruntime") or needs_onnx:
+    check_runtime(runtime, batch_size, "latency_runtime", "latency_batch_size")
+    if needs_onnx:
         require_onnxruntime()
 
 

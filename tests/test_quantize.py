@@ -14,7 +14,7 @@ import pytest
 import torch
 from helpers import fmnist, tiny_kd_recipe, tiny_trainer
 
-from distill import DistillModule
+from distill import DistillModule, FashionMNISTDataModule
 from distill.cli import main
 from distill.export import export, export_onnx, int8_line
 from distill.latency import compare_latency, measure_latency
@@ -66,7 +66,7 @@ def _setup(datamodule):
     return datamodule
 
 
-class _Watched(type(fmnist())):
+class _Watched(FashionMNISTDataModule):
     """Fashion-MNIST that records which splits' loaders were asked for."""
 
     def __init__(self, **kwargs) -> None:
