@@ -47,11 +47,12 @@ def main() -> None:
     if args.run is not None:
         prune = args.run / "prune_distill"
         state = json.loads((prune / "state.json").read_text())
-        thin = state["phases"].get("baseline")
+        baselines = {r["student"].split(",")[0]: Path(r["checkpoint"]) for r in state["phases"].values()
+                     if r["phase"] == "baseline"}  # fmt: skip
         students = {
             "student (StudentNet 1.0)": args.run / "student" / "best.ckpt",
-            "pruned to 100k": prune / "best_student.ckpt",
-            **({"thin 100k": Path(thin["checkpoint"])} if thin else {}),
+            "pruned": prune / "best_student.ckpt",
+            **baselines,
             **students,
         }
         recipe = recipe or args.run / "student.yaml"

@@ -93,7 +93,7 @@ def start_student(args: argparse.Namespace) -> str:
 
 def thin_for_extra_epochs(run: Path, out: Path, epochs: int) -> Any:
     """The same thin StudentNet as prune-distill's baseline (its config), distilled for ``epochs`` only."""
-    cfg = relocate(load_recipe(run / "baseline.yaml"), out)
+    cfg = relocate(load_recipe(next(run.glob("baseline_w*.yaml"))), out)  # the one baseline of a size target
     cfg["trainer"]["max_epochs"] = epochs
     cfg["model"]["warmup_epochs"] = min(float(cfg["model"].get("warmup_epochs", 0)), epochs / 4)
     return fit_recipe(cfg, out.with_suffix(".yaml"))

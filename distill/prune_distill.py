@@ -1,20 +1,26 @@
-"""``distill prune-distill``: the most accurate student under a size target.
+"""``distill prune-distill``: the most accurate student under a size or latency target.
 
 The classic schedule is train, prune, fine-tune at a low learning rate, iterated with a growing
 ratio (Han et al. 2015; seeds 001 and 002). Here every fine-tuning phase is a distillation phase from
-the frozen teacher, as in seed 004's homework. Rounds repeat until the target (parameters or MACs)
-is met:
+the frozen teacher, as in seed 004's homework. Rounds repeat until the target (parameters, MACs, or
+milliseconds measured on the runtime the student ships to) is met:
 
 1. prune the student by the round's step of the schedule, under one :class:`~distill.pruning.PruningPolicy`;
 2. distill it for ``epochs_per_round`` epochs, at a fine-tune learning rate or with the recipe's schedule
    again (learning-rate rewinding, Renda et al. 2020); 3. measure it: size, latency on the runtime the
    student is deployed on (default: ONNX Runtime on the CPU, batch 64), accuracies.
 
-An optional network-slimming phase (Liu et al. 2017) comes first and a longer distillation last. The
-honest baseline is trained beside it: a StudentNet whose ``width_mult`` gives the same parameter
-count, distilled from scratch for the same total epochs. The best student is shipped as a checkpoint,
-float32 ONNX and int8 ONNX (:mod:`distill.quantize`), each measured where it runs. Every phase is its
-own ``distill fit`` run with its exact config in the run directory, recorded when it ends
+A latency target is met by a measured search of which layers lose channels (NetAdapt, Yang et al. 2018;
+HALP, Shen et al. 2022; :mod:`distill.pruning.search`), with kept channel counts in multiples the runtime
+runs fast (``round_to``, default :data:`distill.latency.CHANNEL_MULTIPLE`).
+
+An optional network-slimming phase (Liu et al. 2017) comes first and a longer distillation last; the layout
+found may also be retrained from scratch (Liu et al. 2019, "Rethinking the value of network pruning"). The
+honest baselines are trained beside it, each distilled from scratch for the same total epochs: StudentNets
+of other ``width_mult`` (or a timm student's smaller variants), and every student is timed side by side at
+the end, so that ``summary.md`` says at the target's latency which wins and by how much. The best student is
+shipped as a checkpoint, float32 ONNX and int8 ONNX (:mod:`distill.quantize`), each measured where it runs.
+Every phase is its own ``distill fit`` run with its exact config in the run directory, recorded when it ends
 (:mod:`distill.rundir`): a killed run resumes after its last finished phase and, phases being seeded,
 ends with the same student.
 """
@@ -31,7 +37,7 @@ import torch
 import yaml
 
 from distill.export import export_onnx as to_onnx
-from distill.latency import check_runtime, compare_latency, measure_latency
+from distill.latency import CHANNEL_MULTIPLE, LatencyMeter, check_runtime, compare_latency
 from distill.module import DistillModule
 from distill.profile import count_macs, count_params
 from distill.pruning import (
@@ -39,6 +45,7 @@ from distill.pruning import (
     ROUND_SCHEDULES,
     PruningPolicy,
     channel_counts,
+    check_latency_target,
     check_target,
     labelled_batches,
     prune_student,
@@ -56,9 +63,9 @@ from distill.recipes import (
     teacher_cache,
     with_callbacks,
 )
-from distill.report import prune_distill_report
+from distill.report import phase_label, prune_distill_report
 from distill.rundir import RunState
-from students import load_student, read_checkpoint, save_student, width_for_params
+from students import StudentNet, load_student, read_checkpoint, save_student, width_for_params
 
 __all__ = ["check_latency_options", "check_options", "check_reachable", "prune_distill"]
 
@@ -67,6 +74,7 @@ def prune_distill(
     recipe: str = "configs/fmnist/kd.yaml",
     target_params: int | None = None,
     target_macs: int | None = None,
+    target_latency_ms: float | None = None,
     student_checkpoint: str | None = None,
     initial_epochs: int | None = None,
     slimming_epochs: int = 0,
@@ -79,58 +87,74 @@ def prune_distill(
     global_ranking: bool = False,
     ignored_layers: list[str] | None = None,
     min_fraction: float = 0.1,
-    round_to: int = 1,
+    round_to: int = CHANNEL_MULTIPLE,
     epochs_per_round: int = 3,
     lr_rewinding: bool = True,
     finetune_lr: float | None = None,
     final_epochs: int = 10,
+    retrain_from_scratch: bool = False,
     baseline: bool = True,
+    baselines: list[float | str] | None = None,
     export_onnx: bool = True,
     int8: bool = True,
     latency_runtime: str = "onnxruntime",
     latency_batch_size: int = 64,
+    latency_threads: int | None = None,
     overrides: dict[str, Any] | None = None,
     run_dir: str = "runs/prune_distill",
     seed: int = 0,
     cache_teacher_logits: bool = True,
 ) -> list[dict[str, Any]]:
-    """Prune and distill the student round by round down to a size target.
+    """Prune and distill the student round by round down to a size or latency target.
 
     Args:
         recipe: the KD recipe (teacher, student, data, loss, optimizer) every phase runs.
         target_params: stop once the student has at most this many parameters.
         target_macs: or once one forward of one image costs at most this many MACs.
+        target_latency_ms: or once a batch runs in at most this many milliseconds on ``latency_runtime``
+            (``latency_batch_size`` images, ``latency_threads``), as measured there: which layers lose channels
+            is then chosen by importance per millisecond saved (:mod:`distill.pruning.search`).
         student_checkpoint: a trained student to start from (``distill fit`` checkpoint); without it the
             recipe's student is distilled first for ``initial_epochs``.
         initial_epochs: epochs of that first distillation (default: the recipe's ``max_epochs``).
         slimming_epochs: epochs of KD with an L1 penalty on BatchNorm scales before pruning (0: none).
         slimming_lambda: strength of that penalty.
         importance: pruning criterion (``l1``, ``l2``, ``bn_scale``, ``taylor``, ``hrank``, ``random``).
-        schedule: ``fixed`` removes ``ratio`` of the channels per round (seed 004: 0.05, width x0.95);
-            ``geometric`` reaches the target in ``rounds`` rounds of equal relative size.
-        ratio: channels removed per round by the fixed schedule (the last round stops at the target).
+        schedule: ``fixed`` removes ``ratio`` of the channels per round (seed 004: 0.05, width x0.95), or with a
+            latency target ``ratio`` of the latency; ``geometric`` reaches the target in ``rounds`` rounds of equal
+            relative size.
+        ratio: channels (or latency) removed per round by the fixed schedule (the last round stops at the target).
         rounds: rounds of the geometric schedule.
         max_rounds: give up (with an error) after so many rounds.
-        global_ranking: rank channels across layers instead of the same ratio in every layer.
+        global_ranking: rank channels across layers instead of the same ratio in every layer (size targets; a
+            latency target always ranks across layers, by importance per millisecond).
         ignored_layers: student layers whose output channels are never pruned (e.g.
             ``students.UNSCALED_LAYERS``, the StudentNet layers its ``width_mult`` leaves alone).
         min_fraction: every layer keeps at least this fraction of its channels before pruning started.
-        round_to: kept channel counts are rounded up to a multiple of this.
+        round_to: kept channel counts are rounded up to a multiple of this. The default, 8, is what the runtimes
+            run fast: ONNX Runtime's CPU provider runs counts that are not multiples of 4 up to 3x slower.
         epochs_per_round: distillation epochs after each pruning step.
         lr_rewinding: train each round with the recipe's own learning-rate schedule (warmup, peak, decay)
             compressed into the round, instead of fine-tuning at ``finetune_lr`` (better in every
             comparison of ``benchmarks/prune_recovery.py``).
         finetune_lr: learning rate of the fine-tuning rounds (default: the recipe's ``lr`` / 10), cosine.
         final_epochs: a longer distillation of the last student (0: none), with the recipe's schedule.
-        baseline: also distill a thin StudentNet of the same parameter count from scratch, for the same
-            total epochs (StudentNet recipes only).
+        retrain_from_scratch: also train the last student's layout from random weights with KD for the same total
+            epochs (Liu et al. 2019); the more accurate of the two on validation is shipped.
+        baseline: also distill baselines from scratch for the same total epochs (``baselines``).
+        baselines: the students to compare with: numbers are StudentNet ``width_mult`` values (StudentNet
+            recipes), names are timm models (timm recipes: the recipe's student with another ``name``). Default:
+            for a size target, the StudentNet whose ``width_mult`` gives the pruned student's parameter count;
+            for a latency target, the two StudentNets of ``width_mult`` 0.25, 0.375, ..., 1.0 whose latencies
+            bracket the pruned student's.
         export_onnx: export the best student under the target to ONNX and check it in ONNX Runtime.
         int8: with ``export_onnx``, also quantize it to int8 (``best_student.int8.onnx``, calibrated on the
             training split; ``distill export --int8`` has the calibration options) and measure both files'
             accuracy and latency in ONNX Runtime.
-        latency_runtime: where each phase's latency is measured: ``onnxruntime`` (CPU), ``onnxruntime-int8``,
-            ``torch-cpu`` (eager) or ``torch-cuda``.
+        latency_runtime: where latency is measured (each phase, the target, the final comparison):
+            ``onnxruntime`` (CPU), ``onnxruntime-int8``, ``torch-cpu`` (eager) or ``torch-cuda``.
         latency_batch_size: images per forward of that measurement.
+        latency_threads: CPU threads of that measurement (default: torch's, usually the machine's cores).
         overrides: values merged into the recipe for every phase (e.g. ``{"data": {"init_args": {...}}}``).
         run_dir: folder for the phases, ``rounds.csv``, ``pareto.png``, ``summary.md`` and the best student.
         seed: base seed; phase k runs with ``seed + k``.
@@ -142,8 +166,8 @@ def prune_distill(
     settings = dict(locals())  # the arguments: a run directory resumes only with the same ones
     check_options(target_params, target_macs, importance, schedule, ratio, rounds, max_rounds, epochs_per_round,
                   final_epochs, initial_epochs, slimming_epochs, slimming_lambda, finetune_lr, min_fraction, round_to,
-                  seed)  # fmt: skip
-    check_latency_options(latency_runtime, latency_batch_size, export_onnx)
+                  seed, target_latency_ms)  # fmt: skip
+    check_latency_options(latency_runtime, latency_batch_size, export_onnx, latency_threads)
     # Every check runs before the run directory is touched: a refused run writes nothing and locks nothing.
     base = job_recipe(recipe, overrides)
     if student_checkpoint is not None and not Path(student_checkpoint).is_file():
@@ -155,16 +179,14 @@ def prune_distill(
     else:
         start = model.student
     del model  # the teacher it holds is loaded again by each phase
+    check_baselines(base, baselines)
     x = torch.zeros(1, data.in_chans, *data.input_size)
+    meter = LatencyMeter(tuple(x.shape[1:]), latency_runtime, latency_batch_size, latency_threads)
     policy = PruningPolicy(importance, global_ranking, min_fraction=min_fraction, round_to=round_to,
                            ignored_layers=ignored_layers or ())  # fmt: skip
-    floors = check_reachable(start, x, policy, target_params, target_macs, schedule, ratio, max_rounds)
-    by_params = target_params is not None
-    target = target_params if by_params else target_macs
-    unit = "parameters" if by_params else "MACs"
-
-    def size(student: torch.nn.Module) -> int:
-        return count_params(student) if by_params else count_macs(student, x)
+    floors = check_reachable(start, x, policy, target_params, target_macs, schedule, ratio, max_rounds,
+                             target_latency_ms, meter)  # fmt: skip
+    target = _Target(target_params, target_macs, target_latency_ms, x)
 
     out = Path(run_dir).resolve()
     run = RunState(out, "prune-distill")
@@ -172,8 +194,7 @@ def prune_distill(
     recorded = {"recipe": json.dumps(base, sort_keys=True, default=str), "inputs": inputs}
     run.hold(settings, recorded, compared_as_contents=("run_dir", "recipe", "student_checkpoint"))
     (out / "prune_distill.yaml").write_text(yaml.safe_dump(run.state["settings"], sort_keys=False))
-    latency = {"runtime": latency_runtime, "batch_size": latency_batch_size}
-    phases = _Phases(run, base, data, seed, out / "cache" if cache_teacher_logits else None, latency)
+    phases = _Phases(run, base, data, seed, out / "cache" if cache_teacher_logits else None, meter)
 
     # ---------------------------------------------------------------- the starting student
     if student_checkpoint is not None:
@@ -183,37 +204,53 @@ def prune_distill(
     if slimming_epochs > 0:
         slim = {"class_path": "distill.pruning.NetworkSlimming", "init_args": {"lambda_": slimming_lambda}}
         current = phases.run("slimming", 0, slimming_epochs, current, callbacks=[slim])
-    start_size = size(load_student(current))  # the trained student, before the first round (also when resuming)
 
     # -------------------------------------------------------------------------- rounds
-    steps = round_schedule(schedule, rounds, ratio, max_rounds, target_params, target_macs)
+    trained_start = current
     done = [r for r in phases.rows if r["phase"] == "round"]  # resuming: continue after the last finished round
     k = done[-1]["round"] if done else 0
     if done:
         current = done[-1]["checkpoint"]
-    while size(student := load_student(current)) > target:
-        k += 1
-        if k > max_rounds:
-            raise ValueError(f"the target was not met in max_rounds={max_rounds} rounds; raise it or the ratio")
-        step = _toward_target(steps, k, size(student), start_size, target, by_params)
-        pruned = phases.prune(student, k, policy, floors, step)
-        lr = None if lr_rewinding else (finetune_lr or float(base["model"].get("lr", 2e-3)) / 10)
-        current = phases.run("round", k, epochs_per_round, pruned, lr=lr)
+    lr = None if lr_rewinding else (finetune_lr or float(base["model"].get("lr", 2e-3)) / 10)
+    if target.latency_ms is not None:  # round goals from the start's latency, measured once (rounds resume on it)
+        start_ms = run.state.setdefault("start_latency_ms", meter({"start": load_student(trained_start)})["start"])
+        run.save()
+        goals = latency_goals(schedule, rounds, ratio, start_ms, target.latency_ms)
+        while k < len(goals):
+            k += 1
+            pruned = phases.prune(load_student(current), k, policy, floors,
+                                  {"target_latency_ms": goals[k - 1], "latency": meter})  # fmt: skip
+            current = phases.run("round", k, epochs_per_round, pruned, lr=lr)
+    else:
+        steps = round_schedule(schedule, rounds, ratio, max_rounds, target_params, target_macs)
+        start_size = target.size(load_student(trained_start))
+        while target.size(student := load_student(current)) > target.value:
+            k += 1
+            if k > max_rounds:
+                raise ValueError(f"the target was not met in max_rounds={max_rounds} rounds; raise it or the ratio")
+            step = _toward_target(steps, k, target.size(student), start_size, target.value, target_params is not None)
+            current = phases.run("round", k, epochs_per_round, phases.prune(student, k, policy, floors, step), lr=lr)
+    last_round = k
     if final_epochs > 0:
         current = phases.run("final", k + 1, final_epochs, current)
+    epochs = sum(r["epochs"] for r in phases.rows if r["phase"] not in ("baseline", "scratch"))  # what it went through
+    if retrain_from_scratch:
+        layout = {"class_path": "students.load_student", "init_args": {"path": current, "train": True,
+                                                                      "from_scratch": True}}  # fmt: skip
+        phases.run("scratch", k + 2, epochs, student_config=layout)
 
-    # ------------------------------------------------------------------ best and baseline
-    unit_key = "params" if by_params else "macs"
-    under = [r for r in phases.rows if r["phase"] in ("round", "final") and r[unit_key] <= target]
+    # ------------------------------------------------------------------ best and baselines
+    under = [r for r in phases.rows if r["phase"] in ("round", "final", "scratch") and target.met(r, last_round)]
     best = max(under, key=lambda r: (r["val_acc"], r["round"]))
     onnx_diff = phases.save_best(best["checkpoint"], export_onnx)
     deployed = phases.save_int8(recipe) if export_onnx and int8 else None
-    thin = None
-    if baseline:  # the same epochs as everything the pruned student went through (its start included)
-        thin = phases.baseline(best["params"], sum(r["epochs"] for r in phases.rows if r["phase"] != "baseline"))
-    rows = phases.rows
-    prune_distill_report(out, [r for r in rows if r["phase"] != "baseline"], best, thin, target, unit, onnx_diff,
-                         deployed, latency)  # fmt: skip
+    if baseline:
+        for key, (label, config) in phases.baseline_configs(baselines, best, target).items():
+            phases.run("baseline", 0, epochs, student_config=config, key=key, label=label)
+    front = phases.time_side_by_side()
+    rows = [{**r, "latency_ms": front[r["checkpoint"]]} for r in phases.rows]
+    best = next(r for r in rows if r["checkpoint"] == best["checkpoint"])
+    prune_distill_report(out, rows, best, target.describe(), onnx_diff, deployed, meter.describe(), meter.batch_size)
     return rows
 
 
@@ -232,15 +269,18 @@ def check_options(
     slimming_lambda: float = 1e-4,
     finetune_lr: float | None = None,
     min_fraction: float = 0.1,
-    round_to: int = 1,
+    round_to: int = CHANNEL_MULTIPLE,
     seed: int = 0,
+    target_latency_ms: float | None = None,
 ) -> None:
     """Refuse options of :func:`prune_distill` that are wrong on their own, before any phase starts.
 
     Each of them reaches a later phase's config; refused there, it would have stopped a run half-way.
     """
-    if (target_params is None) == (target_macs is None):
-        raise ValueError("give exactly one of target_params or target_macs")
+    if sum(t is not None for t in (target_params, target_macs, target_latency_ms)) != 1:
+        raise ValueError("give exactly one of target_params, target_macs or target_latency_ms")
+    if target_latency_ms is not None and not 0 < target_latency_ms < math.inf:
+        raise ValueError(f"target_latency_ms must be a positive number of milliseconds, got {target_latency_ms}")
     if schedule not in ROUND_SCHEDULES:
         raise ValueError(f"Unknown schedule {schedule!r}; choose one of {', '.join(ROUND_SCHEDULES)}")
     if importance not in CRITERIA:
@@ -269,9 +309,11 @@ def check_options(
         raise ValueError(f"need {', '.join(broken)}; got {', '.join(f'{n}={given[n]}' for n in names)}")
 
 
-def check_latency_options(runtime: str, batch_size: int, needs_onnx: bool) -> None:
-    """Refuse a latency runtime or batch size that cannot be measured here, before anything trains."""
+def check_latency_options(runtime: str, batch_size: int, needs_onnx: bool, threads: int | None = None) -> None:
+    """Refuse a latency runtime, batch size or thread count that cannot be measured here, before anything trains."""
     check_runtime(runtime, batch_size, "latency_runtime", "latency_batch_size")
+    if threads is not None and threads < 1:
+        raise ValueError(f"latency_threads must be >= 1 (or omitted: torch's threads), got {threads}")
     if needs_onnx:
         require_onnxruntime()
 
@@ -285,19 +327,30 @@ def check_reachable(
     schedule: str = "geometric",
     ratio: float = 0.05,
     max_rounds: int = 50,
+    target_latency_ms: float | None = None,
+    latency: LatencyMeter | None = None,
 ) -> dict[str, int]:
     """Refuse a target that pruning ``student`` under ``policy`` cannot reach; return each group's floor.
 
     The target must be below the student's size, reachable with every layer at its floor (of the channels
-    before pruning starts), and, for the fixed schedule, within ``max_rounds`` rounds.
+    before pruning starts), and, for the fixed schedule, within ``max_rounds`` rounds. A latency target is
+    checked by timing the student and its smallest layout with ``latency``.
     """
+    floors = policy.floors(channel_counts(student, x, policy.ignored_layers))
+    if target_latency_ms is not None:
+        start_ms, _ = check_latency_target(student, x, policy, target_latency_ms, latency, floors)
+        if schedule == "fixed" and len(latency_goals(schedule, 1, ratio, start_ms, target_latency_ms)) > max_rounds:
+            raise ValueError(
+                f"the fixed schedule needs more than max_rounds={max_rounds} rounds of ratio={ratio} to go from "
+                f"{start_ms:.3f} to {target_latency_ms:.3f} ms: raise ratio or max_rounds, or use geometric"
+            )
+        return floors
     by_params = target_params is not None
     target = target_params if by_params else target_macs
     unit = "parameters" if by_params else "MACs"
     start_size = count_params(student) if by_params else count_macs(student, x)
     if start_size <= target:
         raise ValueError(f"target {target:,} {unit} is not below the student's {start_size:,}: nothing to prune")
-    floors = policy.floors(channel_counts(student, x, policy.ignored_layers))
     check_target(student, x, policy, target_params=target_params, target_macs=target_macs, floors=floors)
     if schedule == "fixed":  # channels shrink both sides of a conv: at best the size falls by (1 - ratio)^2
         needed = math.ceil(math.log(target / start_size) / (2 * math.log(1 - ratio)))
@@ -307,6 +360,52 @@ def check_reachable(
                 f"{start_size:,}, more than max_rounds={max_rounds}: raise ratio or max_rounds, or use geometric"
             )
     return floors
+
+
+def latency_goals(schedule: str, rounds: int, ratio: float, start_ms: float, target_ms: float) -> list[float]:
+    """Each round's latency goal: ``geometric``, ``rounds`` equal relative steps from the start to the target;
+    ``fixed``, ``ratio`` of the latency off per round, the last round stopping at the target."""
+    if schedule == "geometric":
+        return [*(start_ms * (target_ms / start_ms) ** (k / rounds) for k in range(1, rounds)), target_ms]
+    goals = [start_ms * (1 - ratio)]
+    while goals[-1] > target_ms:
+        goals.append(goals[-1] * (1 - ratio))
+    return [*goals[:-1], target_ms]
+
+
+def check_baselines(recipe: dict[str, Any], baselines: list[float | str] | None) -> None:
+    """Refuse baselines the recipe's student cannot be compared with: widths need StudentNet, names a timm student."""
+    student = str(recipe["model"]["student"].get("class_path", ""))
+    for b in baselines or []:
+        if isinstance(b, str) and "create_timm_model" not in student:
+            raise ValueError(f"baseline {b!r} is a timm model name: it needs a timm student recipe "
+                             f"(model.student: students.create_timm_model), not {student}")  # fmt: skip
+        if not isinstance(b, str) and not (student.endswith("StudentNet") and 0 < b < math.inf):
+            raise ValueError(f"baseline {b!r} is a width_mult: it needs a StudentNet recipe and a positive width, "
+                             f"not {student}")  # fmt: skip
+
+
+class _Target:
+    """What prune-distill aims at: a parameter count, MACs, or milliseconds on the runtime."""
+
+    def __init__(self, params: int | None, macs: int | None, latency_ms: float | None, x: torch.Tensor) -> None:
+        self.params, self.macs, self.latency_ms, self.x = params, macs, latency_ms, x
+        self.value = next(t for t in (params, macs, latency_ms) if t is not None)
+
+    def size(self, student: torch.nn.Module) -> int:
+        """The student's size in the target's unit (parameters or MACs)."""
+        return count_params(student) if self.params is not None else count_macs(student, self.x)
+
+    def met(self, row: dict[str, Any], last_round: int) -> bool:
+        """Whether a recorded phase's student meets the target: a latency target is met by the last round's layout,
+        whose latency the search measured at or under it (a phase's own timing, taken alone, is noisier)."""
+        if self.latency_ms is not None:
+            return row["round"] >= last_round
+        return row["params" if self.params is not None else "macs"] <= self.value
+
+    def describe(self) -> dict[str, Any]:
+        unit = "parameters" if self.params is not None else "MACs" if self.macs is not None else "ms"
+        return {"value": self.value, "unit": unit}
 
 
 def _toward_target(steps: Any, k: int, now: int, start: int, target: int, by_params: bool) -> dict[str, Any]:
@@ -325,10 +424,10 @@ class _Phases:
     """The phases of one run: each a ``distill fit`` of the recipe, recorded in the run's ``state.json``."""
 
     def __init__(
-        self, run: RunState, base: dict[str, Any], data: Any, seed: int, cache: Path | None, latency: dict[str, Any]
+        self, run: RunState, base: dict[str, Any], data: Any, seed: int, cache: Path | None, meter: LatencyMeter
     ) -> None:
         self.run_state = run
-        self.latency = latency
+        self.meter = meter
         self.out = run.folder
         self.base = base
         self.data = data
@@ -340,12 +439,14 @@ class _Phases:
     def rows(self) -> list[dict[str, Any]]:
         return sorted(self.run_state.phases.values(), key=lambda r: (r["round"], r["phase"] == "final"))
 
-    def _record(self, key: str, round_: int, phase: str, epochs: int, checkpoint: str, **accuracies: float) -> str:
+    def _record(self, key: str, round_: int, phase: str, epochs: int, checkpoint: str, label: str | None = None,
+                **accuracies: float) -> str:  # fmt: skip
         """Measure the phase's student and record it: size, latency, accuracies, checkpoint."""
         model = load_student(checkpoint)
-        row = {"round": round_, "phase": phase, "epochs": epochs, "params": count_params(model),
-               "macs": count_macs(model, self.x),
-               "latency_ms": round(measure_latency(model, self.x.shape[1:], **self.latency), 3),
+        label = label or phase_label({"round": round_, "phase": phase})
+        row = {"round": round_, "phase": phase, "student": label, "epochs": epochs,
+               "params": count_params(model), "macs": count_macs(model, self.x),
+               "latency_ms": round(self.meter({"student": model})["student"], 3),
                **accuracies, "checkpoint": checkpoint}  # fmt: skip
         self.run_state.record(key, row)
         return checkpoint
@@ -359,11 +460,22 @@ class _Phases:
         return self.run_state.phases["start"]["checkpoint"]
 
     def prune(self, student: torch.nn.Module, k: int, policy: PruningPolicy, floors: dict, step: dict) -> str:
-        """Prune ``student`` by round ``k``'s step; the pruned student's checkpoint."""
+        """Prune ``student`` by round ``k``'s step, once; the pruned student's checkpoint.
+
+        The pruned student is recorded (with the latency the search measured), so that a run killed while the round
+        trained resumes from the same layout: a latency search measures again, on a machine that may be noisier.
+        """
+        pruned = self.run_state.state.setdefault("pruned", {})
+        path = self.out / f"round{k}_pruned.ckpt"  # not in round{k}/, the phase's folder
+        if str(k) in pruned and path.is_file() and file_digest(str(path)) == pruned[str(k)]["digest"]:
+            return str(path)
         torch.manual_seed(self.seed + k)
         batches = labelled_batches(self.data.train_dataloader(), policy.num_batches)  # for data-driven criteria
-        prune_student(student, self.x, policy, floors=floors, data=batches, **step)
-        return str(save_student(student, self.out / f"round{k}_pruned.ckpt"))  # not in round{k}/, the phase's folder
+        report = prune_student(student, self.x, policy, floors=floors, data=batches, **step)
+        save_student(student, path)
+        pruned[str(k)] = {"digest": file_digest(str(path)), "searched_ms": report.latency_ms}
+        self.run_state.save()
+        return str(path)
 
     def run(
         self,
@@ -374,14 +486,16 @@ class _Phases:
         lr: float | None = None,
         callbacks: list[dict] | None = None,
         student_config: dict | None = None,
+        key: str | None = None,
+        label: str | None = None,
     ) -> str:
         """Run one ``distill fit`` phase (or find it recorded); its best checkpoint."""
-        key = phase if phase in ("initial", "slimming", "final", "baseline") else f"round{round_}"
+        key = key or (phase if phase in ("initial", "slimming", "final", "scratch") else f"round{round_}")
         if key in self.run_state.phases:
             return self.run_state.phases[key]["checkpoint"]
         folder = self.out / key
         cfg = relocate(self.base, folder)
-        cfg["seed_everything"] = self.seed + round_ + (1000 if phase == "baseline" else 0)
+        cfg["seed_everything"] = self.seed + round_ + {"baseline": 1000, "scratch": 2000}.get(phase, 0)
         cfg["trainer"]["max_epochs"] = epochs
         if student is not None:
             start = {"path": student, "train": True}
@@ -394,7 +508,7 @@ class _Phases:
             cfg["model"]["warmup_epochs"] = min(float(cfg["model"].get("warmup_epochs", 0)), epochs / 4)
         with_callbacks(cfg, *(callbacks or []), *([teacher_cache(self.cache)] if self.cache is not None else []))
         result = fit_recipe(cfg)
-        return self._record(key, round_, phase, epochs, result.checkpoint, val_acc=result.val_acc,
+        return self._record(key, round_, phase, epochs, result.checkpoint, label, val_acc=result.val_acc,
                             test_acc=result.test_acc)  # fmt: skip
 
     def save_best(self, checkpoint: str, export_onnx: bool) -> float | None:
@@ -430,23 +544,62 @@ class _Phases:
                 print(f"warning: no best_student.int8.onnx: {err}", file=sys.stderr)
                 return None
             files = {"float32": self.out / "best_student.onnx", "int8": int8}
-            shape, options = self.x.shape[1:], {**self.latency, "runtime": "onnxruntime"}
-            ms = compare_latency(files, shape, **options)
+            ms = compare_latency(files, self.x.shape[1:], "onnxruntime", self.meter.batch_size, self.meter.threads)
             state["int8"] = {**result, "float_latency_ms": ms["float32"], "int8_latency_ms": ms["int8"],
                              "best": state["best"]}  # fmt: skip
             self.run_state.save()
         return state["int8"]
 
-    def baseline(self, params: int, epochs: int) -> dict[str, Any] | None:
-        """A StudentNet with the largest width_mult whose parameters do not exceed ``params``, KD from scratch."""
+    def baseline_configs(
+        self, baselines: list[float | str] | None, best: dict[str, Any], target: _Target
+    ) -> dict[str, tuple[str, dict[str, Any]]]:
+        """The baselines' labels and student configs, by phase key (see ``baselines`` of :func:`prune_distill`)."""
         student = self.base["model"]["student"]
-        if not str(student.get("class_path", "")).endswith("StudentNet"):
-            return None
         init_args = dict(student.get("init_args") or {})
-        width = width_for_params(params, **init_args, num_classes=self.data.num_classes, in_chans=self.data.in_chans)
-        if width is None:
-            return None
-        init_args["width_mult"] = width
-        config = {"class_path": "students.StudentNet", "init_args": init_args}
-        self.run(phase="baseline", round_=0, epochs=epochs, student_config=config)
-        return {**self.run_state.phases["baseline"], "width_mult": width}
+        studentnet = str(student.get("class_path", "")).endswith("StudentNet")
+        if baselines is None and not studentnet:
+            return {}
+        if baselines is None and target.latency_ms is None:  # the StudentNet of the best student's parameters
+            args = {k: v for k, v in init_args.items() if k != "channels"}
+            width = width_for_params(best["params"], **args, num_classes=self.data.num_classes,
+                                     in_chans=self.data.in_chans)  # fmt: skip
+            baselines = [] if width is None else [width]
+        elif baselines is None:
+            baselines = self.bracket(best["checkpoint"], init_args)
+        configs = {}
+        for b in baselines:
+            if isinstance(b, str):
+                config = {**student, "init_args": {**init_args, "name": b}}
+                configs[f"baseline_{b}"] = (f"{b}, KD from scratch", config)
+            else:
+                args = {k: v for k, v in init_args.items() if k != "channels"} | {"width_mult": float(b)}
+                config = {"class_path": "students.StudentNet", "init_args": args}
+                configs[f"baseline_w{b:g}"] = (f"StudentNet width_mult={b:g}, KD from scratch", config)
+        return configs
+
+    def bracket(self, checkpoint: str, init_args: dict[str, Any]) -> list[float]:
+        """The two widths of 0.25, 0.375, ..., 1.0 whose StudentNets run just faster and just slower than the student
+        in ``checkpoint``, timed side by side with it once (a rerun finds them recorded)."""
+        state = self.run_state.state
+        if state.get("bracket", {}).get("of") != checkpoint:
+            args = {k: v for k, v in init_args.items() if k != "channels"}
+            args |= {"num_classes": self.data.num_classes, "in_chans": self.data.in_chans}
+            widths = [0.25 + 0.125 * i for i in range(7)]
+            models = {f"{w:g}": StudentNet(**args, width_mult=w) for w in widths}
+            ms = self.meter({"pruned": load_student(checkpoint), **models})
+            faster = [w for w in widths if ms[f"{w:g}"] <= ms["pruned"]]
+            slower = [w for w in widths if ms[f"{w:g}"] > ms["pruned"]]
+            chosen = ([max(faster)] if faster else []) + ([min(slower)] if slower else [])
+            state["bracket"] = {"of": checkpoint, "widths": chosen, "ms": ms}
+            self.run_state.save()
+        return state["bracket"]["widths"]
+
+    def time_side_by_side(self) -> dict[str, float]:
+        """Every recorded student timed side by side on the run's runtime, once (a rerun finds the figures)."""
+        state = self.run_state.state
+        checkpoints = sorted({r["checkpoint"] for r in self.rows})
+        if state.get("front", {}).get("checkpoints") != checkpoints:
+            ms = self.meter({c: load_student(c) for c in checkpoints})
+            state["front"] = {"checkpoints": checkpoints, "ms": ms}
+            self.run_state.save()
+        return state["front"]["ms"]

@@ -2,8 +2,10 @@
 
 1. Train a teacher (``configs/fmnist/teacher.yaml``).
 2. Distill StudentNet from its checkpoint (``configs/fmnist/kd.yaml``).
-3. Prune and distill that student to about 100k parameters (``distill prune-distill``), beside a thin
-   StudentNet of the same size distilled from scratch.
+3. Prune and distill that student to a latency target where it runs (``distill prune-distill``; default:
+   0.75 of its own milliseconds per batch of 64 in ONNX Runtime on this CPU), beside the two StudentNets of
+   other ``width_mult`` whose latencies bracket the pruned student's, each distilled from scratch for the
+   same total epochs.
 4. Ship the pruned student as float32 and int8 ONNX (:mod:`distill.quantize`), measure every model's ONNX
    file and latency side by side in ONNX Runtime (CPU, batch 64), print one table of them all and write
    ``summary.md`` and ``pareto.png``.
@@ -11,9 +13,8 @@
 The recipes run through the same CLI as ``distill fit``, resized: a ResNet-18 teacher with timm's
 standard stem (cheap on 28x28 images) for 2 epochs, StudentNet for 3, pruning in 2 rounds of 1
 epoch plus 1 final epoch, no augmentation (so the teacher's logits are computed once and cached).
-The rounds replay the recipe's learning-rate schedule (rewinding) and prune only the layers that
-StudentNet's ``width_mult`` scales: both closed most of the gap to the thin baseline in
-``benchmarks/prune_recovery.py``.
+The rounds replay the recipe's learning-rate schedule (rewinding, ``benchmarks/prune_recovery.py``); the
+latency search chooses which of all eight layers lose channels.
 The exact configs that ran are written into the run directory beside the checkpoints.
 """
 
@@ -29,7 +30,7 @@ from typing import Any
 import torch
 
 from distill.export import export_onnx
-from distill.latency import compare_latency
+from distill.latency import CHANNEL_MULTIPLE, LatencyMeter, compare_latency
 from distill.prune_distill import check_latency_options, check_options, check_reachable, prune_distill
 from distill.pruning import PruningPolicy
 from distill.quantize import require_onnxruntime
@@ -45,7 +46,7 @@ from distill.recipes import (
 )
 from distill.report import quickstart_table
 from distill.rundir import RunState, atomic_write, changed_settings, refuse_changes
-from students import UNSCALED_LAYERS, load_student
+from students import load_student
 
 __all__ = ["quickstart"]
 
@@ -58,13 +59,14 @@ def quickstart(
     teacher_small_input: bool = False,
     teacher_epochs: int = 2,
     student_epochs: int = 3,
-    target_params: int = 100_000,
+    target_latency: float = 0.75,
+    target_latency_ms: float | None = None,
     prune_rounds: int = 2,
     epochs_per_round: int = 1,
     final_epochs: int = 1,
     importance: str = "l1",
     lr_rewinding: bool = True,
-    ignored_layers: Sequence[str] = UNSCALED_LAYERS,
+    ignored_layers: Sequence[str] = (),
     batch_size: int = 256,
     augment: bool = False,
     limit_train_batches: int | float = 1.0,
@@ -74,7 +76,7 @@ def quickstart(
     latency_runtime: str = "onnxruntime",
     latency_batch_size: int = 64,
 ) -> dict[str, dict[str, Any]]:
-    """Train a teacher, distill StudentNet from it, prune-distill it to a size target, print a table.
+    """Train a teacher, distill StudentNet from it, prune-distill it to a latency target, print a table.
 
     Run it again with the same settings to resume: finished stages are reused (``result.json`` of each run,
     ``state.json`` of prune-distill). Other settings in the same ``run_dir`` are refused before any training.
@@ -91,14 +93,16 @@ def quickstart(
             (more accurate, about 30x slower on a CPU).
         teacher_epochs: epochs of teacher training.
         student_epochs: epochs of distillation.
-        target_params: size target of the prune-distill loop.
+        target_latency: the latency target as a fraction of the distilled StudentNet's own, measured once on
+            ``latency_runtime`` before pruning (and recorded in ``run_dir``: a rerun keeps it).
+        target_latency_ms: or the target in milliseconds per batch of ``latency_batch_size``.
         prune_rounds: rounds of the (geometric) pruning schedule.
         epochs_per_round: distillation epochs after each pruning step.
         final_epochs: distillation epochs after the last round.
         importance: pruning criterion.
         lr_rewinding: train each round with the recipe's own schedule instead of fine-tuning at lr / 10.
-        ignored_layers: student layers never pruned (default: those StudentNet's ``width_mult`` leaves alone;
-            ``[]`` prunes every layer).
+        ignored_layers: student layers never pruned (default: none; ``students.UNSCALED_LAYERS`` keeps those that
+            StudentNet's ``width_mult`` leaves alone).
         batch_size: batch size of every run.
         augment: random crop and flip (the full recipes use them; short runs do better without).
         limit_train_batches: fraction (a float) or number (an int: 1 is one batch) of training batches per
@@ -106,18 +110,22 @@ def quickstart(
         limit_eval_batches: fraction or number of validation and test batches.
         accelerator: Lightning accelerator (``auto``, ``cpu``, ``gpu``).
         data_root: folder with the Fashion-MNIST files (default: the usual search, see FashionMNISTDataModule).
-        latency_runtime: where prune-distill measures each phase's latency (``onnxruntime``, ``onnxruntime-int8``,
-            ``torch-cpu``, ``torch-cuda``). The table always times the ONNX files in ONNX Runtime on the CPU.
+        latency_runtime: where the latency target is measured (``onnxruntime``, ``onnxruntime-int8``, ``torch-cpu``,
+            ``torch-cuda``). The table always times the ONNX files in ONNX Runtime on the CPU.
         latency_batch_size: images per forward of those measurements.
 
     Returns:
-        ``{"teacher", "student", "pruned", "pruned, int8", "thin"}``: model, params, val_acc, test_acc, checkpoint
-        (or ONNX file), and the size (``onnx_kib``) and ONNX Runtime latency (``latency_ms``) of its ONNX file.
+        ``{"teacher", "student", "pruned", "pruned, int8", "width w", ...}``: model, params, val_acc, test_acc,
+        checkpoint (or ONNX file), and the size (``onnx_kib``) and ONNX Runtime latency (``latency_ms``) of its
+        ONNX file.
     """
     settings = json.loads(json.dumps(dict(locals()), default=list))
     out = Path(run_dir)
-    check_options(target_params, None, importance, "geometric", rounds=prune_rounds, epochs_per_round=epochs_per_round,
-                  final_epochs=final_epochs)  # fmt: skip
+    if not 0 < target_latency < 1:
+        raise ValueError(f"target_latency is a fraction of the student's latency: need 0 < target_latency < 1, got "
+                         f"{target_latency}")  # fmt: skip
+    check_options(None, None, importance, "geometric", rounds=prune_rounds, epochs_per_round=epochs_per_round,
+                  final_epochs=final_epochs, target_latency_ms=target_latency_ms or 1.0)  # fmt: skip
     if teacher_epochs < 1 or student_epochs < 1:
         raise ValueError(f"need teacher_epochs >= 1 and student_epochs >= 1, got {teacher_epochs} and {student_epochs}")
     common = {
@@ -142,9 +150,15 @@ def quickstart(
     student_cfg = _resize(load_recipe(kd_config), out / "student", epochs=student_epochs, **common)
     student_cfg["model"].pop("teacher", None)  # the teacher trained below
     model, data = check_recipe(student_cfg)  # before anything trains: the student, the data, the target
-    policy = PruningPolicy(importance, min_fraction=0.1, ignored_layers=ignored_layers)  # prune_distill's floor
-    check_reachable(model.student, torch.zeros(1, data.in_chans, *data.input_size), policy, target_params, None)
     check_latency_options(latency_runtime, latency_batch_size, needs_onnx=True)  # the table times ONNX files
+    policy = PruningPolicy(importance, min_fraction=0.1, round_to=CHANNEL_MULTIPLE, ignored_layers=ignored_layers)
+    x = torch.zeros(1, data.in_chans, *data.input_size)
+    meter = LatencyMeter(tuple(x.shape[1:]), latency_runtime, latency_batch_size)
+    relative = None
+    if target_latency_ms is None:
+        relative = _relative_target(out / "latency.json", model.student, meter, target_latency)
+    target_ms = target_latency_ms or relative["target_ms"]
+    check_reachable(model.student, x, policy, None, None, target_latency_ms=target_ms, latency=meter)
 
     # The run in this folder: its settings, with the recipes' contents standing for their paths.
     del settings["run_dir"]
@@ -155,6 +169,8 @@ def quickstart(
     refuse_changes(out, "quickstart", changed, "finished stages are then reused")
     teacher = fit_recipe(teacher_cfg, out / "teacher.yaml")
     atomic_write(record, lambda f: json.dump(settings, f, indent=1))  # this folder holds these settings' run
+    if relative is not None:
+        atomic_write(out / "latency.json", lambda f: json.dump(relative, f, indent=1))
 
     teacher_spec = {"class_path": "teachers.load_teacher", "init_args": {"checkpoint": teacher.checkpoint}}
     student_cfg["model"]["teacher"] = teacher_spec
@@ -165,7 +181,7 @@ def quickstart(
     rows = prune_distill(
         recipe=str(out / "student.yaml"),
         student_checkpoint=student.checkpoint,
-        target_params=target_params,
+        target_latency_ms=target_ms,
         importance=importance,
         lr_rewinding=lr_rewinding,
         ignored_layers=list(ignored_layers),
@@ -178,16 +194,15 @@ def quickstart(
         latency_runtime=latency_runtime,
         latency_batch_size=latency_batch_size,
     )
-    pruned_rows = [r for r in rows if r["phase"] in ("round", "final") and r["params"] <= target_params]
-    pruned = max(pruned_rows, key=lambda r: (r["val_acc"], r["round"]))
-    thin = next((r for r in rows if r["phase"] == "baseline"), None)
+    state = RunState(out / "prune_distill", "prune-distill").state
+    pruned = next(r for r in rows if r["checkpoint"] == state["best"])
 
     results = {
         "teacher": asdict(teacher),
         "student": asdict(student),
         "pruned": {**pruned, "model_name": f"studentnet, pruned ({pruned['phase']})"},
     }
-    deployed = RunState(out / "prune_distill", "prune-distill").state.get("int8")  # None: not quantizable
+    deployed = state.get("int8")  # None: not quantizable
     if deployed is not None:
         results["pruned, int8"] = {
             "model_name": "studentnet, pruned, int8 ONNX",
@@ -196,8 +211,12 @@ def quickstart(
             "test_acc": deployed["int8_test_acc"],
             "checkpoint": str((out / "prune_distill" / "best_student.int8.onnx").resolve()),
         }
-    if thin is not None:
-        results["thin"] = {**thin, "model_name": "studentnet, thin, KD from scratch"}
+    for r in rows:
+        if r["phase"] == "baseline":
+            results[r["student"].split(",")[0].replace("StudentNet width_mult=", "width ")] = {
+                **r,
+                "model_name": r["student"],
+            }
     _measure_deployed(results, data.in_chans, data.input_size, latency_batch_size, out / "deployed.json")
     table = quickstart_table(results, latency_batch_size)
     summary = (
@@ -273,3 +292,14 @@ def _resize(
     if data_root is not None:
         data["root"] = data_root
     return cfg
+
+
+def _relative_target(record: Path, student: torch.nn.Module, meter: LatencyMeter, fraction: float) -> dict[str, Any]:
+    """``fraction`` of ``student``'s milliseconds on ``meter``: as recorded in ``record`` by an earlier run of these
+    settings (a target re-measured on a noisy machine would change prune-distill's settings), or measured now."""
+    setup = {"fraction": fraction, "measured on": meter.describe()}
+    saved = json.loads(record.read_text()) if record.is_file() else {}
+    if saved.get("setup") != setup:
+        ms = meter({"student": student})["student"]
+        saved = {"setup": setup, "student_ms": ms, "target_ms": round(fraction * ms, 3)}
+    return saved

@@ -2,7 +2,7 @@
 
 Each job writes them into its run directory atomically (:mod:`distill.rundir`) and prints the table.
 ``distill sweep`` summarises seeds per (temperature, alpha); ``distill prune-distill`` tabulates its
-rounds beside the thin StudentNet; ``distill quickstart`` puts its four models in one table.
+rounds beside its baselines, plotted against latency; ``distill quickstart`` puts its four models in one table.
 """
 
 from __future__ import annotations
@@ -18,7 +18,15 @@ import yaml
 
 from distill.rundir import atomic_path, atomic_write
 
-__all__ = ["markdown_table", "prune_distill_report", "quickstart_table", "save_figure", "sweep_report", "write_csv"]
+__all__ = [
+    "against_baselines",
+    "markdown_table",
+    "prune_distill_report",
+    "quickstart_table",
+    "save_figure",
+    "sweep_report",
+    "write_csv",
+]
 
 SWEEP_COLUMNS = (
     "kind",
@@ -32,7 +40,9 @@ SWEEP_COLUMNS = (
     "trial",
     "checkpoint",
 )
-ROUND_COLUMNS = ("round", "phase", "epochs", "params", "macs", "latency_ms", "val_acc", "test_acc", "checkpoint")
+ROUND_COLUMNS = (
+    "round", "phase", "student", "epochs", "params", "macs", "latency_ms", "val_acc", "test_acc", "checkpoint",
+)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------ the formats
@@ -179,30 +189,28 @@ def phase_label(row: dict[str, Any]) -> str:
 
 
 def prune_distill_report(
-    out: Path, rows: list[dict[str, Any]], best: dict[str, Any], thin: dict | None, target: int, unit: str,
-    onnx_diff: float | None, deployed: dict[str, Any] | None, latency: dict[str, Any],
+    out: Path, rows: list[dict[str, Any]], best: dict[str, Any], target: dict[str, Any], onnx_diff: float | None,
+    deployed: dict[str, Any] | None, where: str, batch_size: int,
 ) -> None:  # fmt: skip
-    """``rounds.csv``, ``summary.md`` (the phases, the thin StudentNet, the verdict, the shipped files) and
-    ``pareto.png`` in ``out``."""
-    write_csv(out / "rounds.csv", ROUND_COLUMNS, [*rows, *([thin] if thin else [])])
-    _pareto(out / "pareto.png", rows, thin, best, target if unit == "parameters" else None)
+    """``rounds.csv``, ``summary.md`` (the phases, the baselines, the verdict, the shipped files) and ``pareto.png``
+    (accuracy against latency) in ``out``. Every row's ``latency_ms`` was timed side by side with the others."""
+    pruned = [r for r in rows if r["phase"] not in ("baseline", "scratch")]
+    scratch = [r for r in rows if r["phase"] == "scratch"]
+    baselines = [r for r in rows if r["phase"] == "baseline"]
+    write_csv(out / "rounds.csv", ROUND_COLUMNS, [*pruned, *scratch, *baselines])
+    _pareto(out / "pareto.png", pruned, scratch, baselines, best, target, where)
 
     def acc(value: float) -> str:
         return "-" if math.isnan(value) else f"{value:.4f}"
 
-    def line(r: dict[str, Any], label: str) -> list[str]:
-        return [label, f"{r['params']:,}", f"{r['macs']:,}", f"{r['latency_ms']:.3f}", acc(r["val_acc"]),
-                acc(r["test_acc"]), r["epochs"]]  # fmt: skip
-
-    lines = [line(r, phase_label(r)) for r in rows]
-    if thin:
-        lines.append(line(thin, f"thin StudentNet (width_mult={thin['width_mult']}), KD from scratch"))
-    where = f"ms, {latency['runtime']}, batch {latency['batch_size']}"
-    header = ["phase", "params", "MACs", f"latency ({where})", "val acc", "test acc", "epochs"]
+    lines = [[r["student"], f"{r['params']:,}", f"{r['macs']:,}", f"{r['latency_ms']:.3f}", acc(r["val_acc"]),
+              acc(r["test_acc"]), r["epochs"]] for r in [*pruned, *scratch, *baselines]]  # fmt: skip
+    header = ["student", "params", "MACs", f"latency (ms, {where})", "val acc", "test acc", "epochs"]
     text = markdown_table(header, "lrrrrrr", lines)
+    value = f"{target['value']:.3f}" if target["unit"] == "ms" else f"{target['value']:,}"
     verdict = (
-        f"Best student under {target:,} {unit}: {phase_label(best)} "
-        f"({best['params']:,} parameters, test acc {best['test_acc']:.4f}), saved as best_student.ckpt"
+        f"Best student under {value} {target['unit']}: {best['student']} ({best['params']:,} parameters, "
+        f"{best['latency_ms']:.3f} ms, test acc {best['test_acc']:.4f}), saved as best_student.ckpt"
     )
     if onnx_diff is not None:
         verdict += f", best_student.onnx (ONNX Runtime matches PyTorch within {onnx_diff:.1e})"
@@ -215,24 +223,54 @@ def prune_distill_report(
             f"{'' if speed > 1 else ': slower, ship float32 where speed matters'})"
         )
     verdict += "."
-    if thin:
-        delta = 100 * (best["test_acc"] - thin["test_acc"])
+    if scratch:
+        delta = 100 * (scratch[0]["test_acc"] - max(r["test_acc"] for r in pruned if r["round"] > 0))
         verdict += (
-            f" The thin StudentNet of {thin['params']:,} parameters, distilled from scratch for the same "
-            f"{thin['epochs']} epochs, reaches {thin['test_acc']:.4f}: prune-distill is {delta:+.2f} points."
+            f" The pruned layout retrained from scratch for the same {scratch[0]['epochs']} epochs reaches "
+            f"{scratch[0]['test_acc']:.4f} ({delta:+.2f} points against the best pruned phase)."
         )
+    if baselines:
+        verdict += " " + against_baselines(best, baselines)
     shipped = ""
     if deployed is not None:
         shipped = "\n\n## The best student where it runs (ONNX Runtime, CPU)\n\n" + deployment_table(
-            deployed, latency["batch_size"]
+            deployed, batch_size
         )
     md = (
         f"# Prune-then-distill\n\n{text}\n\n{verdict}{shipped}\n\n"
-        "Accuracies: the best validation epoch of each phase; test is reported, never used to choose.\n\n"
+        "Accuracies: the best validation epoch of each phase; test is reported, never used to choose. Latency: "
+        f"every student timed side by side in interleaved rounds ({where}), median.\n\n"
         "Reproduce (resumes if the run directory exists): `distill prune-distill --config prune_distill.yaml`.\n"
     )
     atomic_write(out / "summary.md", lambda f: f.write(md))
     _written(out, text, verdict + shipped, "{rounds.csv,pareto.png,summary.md}")
+
+
+def against_baselines(best: dict[str, Any], baselines: list[dict[str, Any]]) -> str:
+    """Which wins, and by how much: the pruned student against the most accurate baseline that runs no slower
+    (points of test accuracy), and against the fastest baseline at least as accurate (speed ratio)."""
+    no_slower = [b for b in baselines if b["latency_ms"] <= best["latency_ms"]]
+    as_accurate = [b for b in baselines if b["test_acc"] >= best["test_acc"]]
+    parts = []
+    if no_slower:
+        b = max(no_slower, key=lambda r: r["test_acc"])
+        delta = 100 * (best["test_acc"] - b["test_acc"])
+        parts.append(
+            f"At equal or lower latency the best baseline is {b['student']} ({b['latency_ms']:.3f} ms, test "
+            f"{b['test_acc']:.4f}): prune-distill is {delta:+.2f} points ({'wins' if delta > 0 else 'loses'})."
+        )
+    else:
+        parts.append(f"No baseline runs as fast as the pruned student ({best['latency_ms']:.3f} ms).")
+    if as_accurate:
+        b = min(as_accurate, key=lambda r: r["latency_ms"])
+        speed = b["latency_ms"] / best["latency_ms"]
+        parts.append(
+            f"The fastest baseline at least as accurate, {b['student']} (test {b['test_acc']:.4f}), runs in "
+            f"{b['latency_ms']:.3f} ms: the pruned student is {speed:.2f}x {'faster' if speed > 1 else 'its speed'}."
+        )
+    else:
+        parts.append("No baseline is as accurate as the pruned student.")
+    return " ".join(parts)
 
 
 def deployment_table(deployed: dict[str, Any], batch_size: int) -> str:
@@ -248,24 +286,31 @@ def deployment_table(deployed: dict[str, Any], batch_size: int) -> str:
 
 
 def _pareto(
-    path: Path, rows: list[dict[str, Any]], thin: dict | None, best: dict[str, Any], target: int | None
-) -> None:
+    path: Path, pruned: list[dict[str, Any]], scratch: list[dict[str, Any]], baselines: list[dict[str, Any]],
+    best: dict[str, Any], target: dict[str, Any], where: str,
+) -> None:  # fmt: skip
+    """Test accuracy against latency: the prune-distill phases, the retrained layout, the baselines."""
     fig, ax = _axes()
-    shown = [r for r in rows if not math.isnan(r["test_acc"])]
-    params = [r["params"] for r in shown]
-    ax.plot(params, [r["test_acc"] for r in shown], marker="o", label="prune-distill (test)")
-    ax.plot(params, [r["val_acc"] for r in shown], marker=".", linestyle=":", label="prune-distill (val)")
+    shown = [r for r in pruned if not math.isnan(r["test_acc"])]
+    ax.plot([r["latency_ms"] for r in shown], [r["test_acc"] for r in shown], marker="o", label="prune-distill")
     for r in shown:
-        ax.annotate(phase_label(r), (r["params"], r["test_acc"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
-    ax.scatter([best["params"]], [best["test_acc"]], s=120, facecolors="none", edgecolors="red",
+        ax.annotate(phase_label(r), (r["latency_ms"], r["test_acc"]), textcoords="offset points", xytext=(4, 4),
+                    fontsize=7)  # fmt: skip
+    for r in scratch:
+        ax.scatter([r["latency_ms"]], [r["test_acc"]], marker="D", s=50, color="tab:green",
+                   label="its layout, from scratch")  # fmt: skip
+    if baselines:
+        family = sorted(baselines, key=lambda r: r["latency_ms"])
+        ax.plot([r["latency_ms"] for r in family], [r["test_acc"] for r in family], marker="*", markersize=11,
+                color="black", linestyle="--", label="baselines, KD from scratch")  # fmt: skip
+        for r in family:
+            ax.annotate(r["student"].split(",")[0], (r["latency_ms"], r["test_acc"]), textcoords="offset points",
+                        xytext=(4, -10), fontsize=7)  # fmt: skip
+    ax.scatter([best["latency_ms"]], [best["test_acc"]], s=140, facecolors="none", edgecolors="red",
                label="best under target")  # fmt: skip
-    if thin:
-        ax.scatter([thin["params"]], [thin["test_acc"]], marker="*", s=140, color="black",
-                   label="thin StudentNet, KD from scratch")  # fmt: skip
-    if target is not None:
-        ax.axvline(target, color="gray", linestyle="--", label="target")
-    ax.set_xscale("log")
-    _finish(fig, ax, path, "parameters", "accuracy", "Accuracy vs size")
+    if target["unit"] == "ms":
+        ax.axvline(target["value"], color="gray", linestyle=":", label="target")
+    _finish(fig, ax, path, f"latency (ms, {where})", "test accuracy", "Accuracy vs latency where the student runs")
 
 
 # ------------------------------------------------------------------------------ quickstart

@@ -313,13 +313,26 @@ def load_recorded_student(checkpoint: Mapping[str, Any], path: str | Path) -> nn
     return load_weights(build_student(spec, state_dict), state_dict, repr(str(path)), describe_spec(spec))
 
 
-def load_student(path: str | Path, train: bool = False) -> nn.Module:
+def load_student(path: str | Path, train: bool = False, from_scratch: bool = False) -> nn.Module:
     """Rebuild a student from a checkpoint written by this project and load its weights.
 
     The architecture (including a pruned channel layout) comes from the checkpoint's ``student_spec``;
     no callback, teacher or config is needed. The model comes back on the CPU, in eval mode, or in
     train mode with ``train=True`` (to train it further, e.g. as ``model.student`` in a recipe).
+
+    With ``from_scratch=True`` only the architecture is taken, with freshly initialised weights (to retrain a
+    layout found by pruning, Liu et al. 2019): a StudentNet or an unpruned timm model is built new, as its
+    constructor initialises it; the layers a pruned timm model had resized get PyTorch's default initialisation.
     """
+    if from_scratch:
+        checkpoint = read_checkpoint(path)
+        spec = recorded_spec(checkpoint, f"Checkpoint {str(path)!r}")
+        if spec is not None:
+            model = build_student(spec, extract_state_dict(checkpoint))
+            for module in model.modules():  # resized layers hold torch.empty values
+                if spec.get("pruned") and hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+            return model.train(train)
     model = load_recorded_student(read_checkpoint(path), path)
     if model is None:
         raise ValueError(

@@ -63,7 +63,8 @@ def test_loop_stops_at_the_target_with_results_baseline_and_onnx(tmp_path: Path,
     assert float(table[1]["latency_ms"]) > 0 and int(table[2]["macs"]) < int(table[0]["macs"])
     assert (run / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     summary = (run / "summary.md").read_text()
-    assert "Best student under 3,000 parameters" in summary and "thin StudentNet" in summary
+    assert "Best student under 3,000 parameters" in summary and "| StudentNet width_mult=" in summary
+    assert "ms): prune-distill is" in summary or "No baseline runs as fast" in summary  # the verdict on latency
 
     student = load_student(run / "best_student.ckpt")  # reloads without any callback or config
     assert sum(p.numel() for p in student.parameters()) <= TARGET
@@ -117,7 +118,9 @@ def test_a_killed_run_resumes_at_its_last_round_with_the_same_result(tmp_path: P
         ({"target_params": 300, "min_fraction": 0.5}, ValueError, "cannot be met without emptying a layer"),
         ({"schedule": "linear"}, ValueError, "Unknown schedule 'linear'; choose one of fixed, geometric"),
         ({"importance": "weights"}, ValueError, "Unknown importance criterion 'weights'"),
-        ({"target_macs": 1000}, ValueError, "exactly one of target_params or target_macs"),
+        ({"target_macs": 1000}, ValueError, "exactly one of target_params, target_macs or target_latency_ms"),
+        ({"target_latency_ms": -1.0, "target_params": None}, ValueError, "target_latency_ms must be a positive"),
+        ({"baselines": ["resnet10t"]}, ValueError, "is a timm model name: it needs a timm student recipe"),
         ({"student_checkpoint": "nowhere.ckpt"}, FileNotFoundError, "Student checkpoint 'nowhere.ckpt' does not exist"),
         ({"ignored_layers": ["cnn.9"]}, ValueError, r"ignored_layers names no layer of the student: \['cnn.9'\]"),
     ],

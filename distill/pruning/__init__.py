@@ -10,10 +10,12 @@ from distill.pruning.importance import (
 )
 from distill.pruning.policy import PruningPolicy, labelled_batches
 from distill.pruning.schedule import ROUND_SCHEDULES, PruningSchedule, PruningStep, round_schedule
+from distill.pruning.search import LatencyMeasure, latency_plan
 from distill.pruning.surgery import (
     PruneReport,
     channel_counts,
     channel_groups,
+    check_latency_target,
     check_target,
     prune_student,
     select_channels,
@@ -25,6 +27,7 @@ __all__ = [
     "ChannelPruning",
     "GroupLasso",
     "HRankImportance",
+    "LatencyMeasure",
     "NetworkSlimming",
     "PruneReport",
     "PruningPolicy",
@@ -34,8 +37,10 @@ __all__ = [
     "TaylorImportance",
     "channel_counts",
     "channel_groups",
+    "check_latency_target",
     "check_target",
     "labelled_batches",
+    "latency_plan",
     "prune_student",
     "resolve_importance",
     "round_schedule",

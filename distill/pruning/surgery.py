@@ -4,7 +4,8 @@ torch-pruning's dependency graph (Fang et al. 2023, "DepGraph") finds the couple
 lose the same channels: a producer conv, its BatchNorm, a depthwise conv, the consumer's input
 channels, and the partners of residual additions. This module decides *which* channels go, as a
 :class:`~distill.pruning.policy.PruningPolicy` says (per-layer or global ranking, floors, ``round_to``), for a
-ratio or a parameter/MAC target, removes them, and reports the result.
+ratio, a parameter/MAC target or a latency target measured on the runtime (:mod:`distill.pruning.search`),
+removes them, and reports the result.
 The stem's input (the image channels) and the classifier's outputs (the classes) are never pruned.
 """
 
@@ -23,6 +24,7 @@ from torch import nn
 from distill.profile import count_macs, count_params, eval_mode
 from distill.pruning.importance import DataDrivenImportance, Importance, producer, resolve_importance
 from distill.pruning.policy import PruningPolicy
+from distill.pruning.search import LatencyMeasure, latency_plan
 from students import mark_pruned
 
 __all__ = [
@@ -30,6 +32,7 @@ __all__ = [
     "apply_plan",
     "channel_counts",
     "channel_groups",
+    "check_latency_target",
     "check_target",
     "plan_pruning",
     "prune_student",
@@ -52,11 +55,14 @@ class PruneReport:
     macs_after: int
     channels_before: dict[str, int] = field(default_factory=dict)
     channels_after: dict[str, int] = field(default_factory=dict)
+    #: with a latency target: the pruned student's milliseconds, as the search measured them
+    latency_ms: float | None = None
 
     def __str__(self) -> str:
         lines = [
             f"params {self.params_before:,} -> {self.params_after:,} ({self.params_after / self.params_before:.1%}), "
-            f"MACs {self.macs_before:,} -> {self.macs_after:,} ({self.macs_after / max(1, self.macs_before):.1%})",
+            f"MACs {self.macs_before:,} -> {self.macs_after:,} ({self.macs_after / max(1, self.macs_before):.1%})"
+            + (f", {self.latency_ms:.3f} ms measured" if self.latency_ms is not None else ""),
             "| layer | channels before | after |",
             "|---|---:|---:|",
         ]
@@ -107,9 +113,10 @@ def _group_name(group: Any, names: Mapping[nn.Module, str]) -> str:
 
 
 def _keep_count(n: int, ratio: float, floor: int, round_to: int) -> int:
-    keep = math.ceil(n * (1.0 - ratio) - 1e-9)
-    keep = math.ceil(keep / round_to) * round_to
-    return min(n, max(floor, keep))
+    """Channels a group of ``n`` keeps at ``ratio``: at least ``floor``, rounded up to a multiple of ``round_to``
+    (the floor too: a rounded count is what the runtime runs fast), at most ``n``."""
+    keep = max(floor, math.ceil(n * (1.0 - ratio) - 1e-9))
+    return min(n, math.ceil(keep / round_to) * round_to)
 
 
 def plan_pruning(
@@ -197,13 +204,37 @@ def select_channels(
     ratio: float | None = None,
     target_params: int | None = None,
     target_macs: int | None = None,
+    target_latency_ms: float | None = None,
+    latency: LatencyMeasure | None = None,
     floors: Floors = None,
     data: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> Plan:
     """Decide which channels to remove, without touching ``model`` (see :func:`prune_student`)."""
+    return _select(model, example_input, policy, ratio, target_params, target_macs, target_latency_ms, latency, floors,
+                   data)[0]  # fmt: skip
+
+
+def _select(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    policy: PruningPolicy | None,
+    ratio: float | None,
+    target_params: int | None,
+    target_macs: int | None,
+    target_latency_ms: float | None,
+    latency: LatencyMeasure | None,
+    floors: Floors,
+    data: Iterable[tuple[torch.Tensor, torch.Tensor]] | None,
+) -> tuple[Plan, float | None]:
+    """:func:`select_channels`, and with a latency target the chosen layout's measured milliseconds."""
     policy = policy or PruningPolicy()
-    if sum(v is not None for v in (ratio, target_params, target_macs)) != 1:
-        raise ValueError("give exactly one of ratio, target_params or target_macs")
+    if sum(v is not None for v in (ratio, target_params, target_macs, target_latency_ms)) != 1:
+        raise ValueError("give exactly one of ratio, target_params, target_macs or target_latency_ms")
+    if target_latency_ms is not None and (latency is None or not 0 < target_latency_ms < math.inf):
+        raise ValueError(
+            "a latency target needs a positive, finite target_latency_ms and latency=, what times the student "
+            f"(e.g. distill.latency.LatencyMeter(input_shape)); got {target_latency_ms} and {latency}"
+        )
     if ratio is not None and not 0.0 <= ratio < 1.0:
         raise ValueError(f"ratio must be in [0, 1) (the fraction of channels to remove), got {ratio}")
     target = target_params if target_params is not None else target_macs
@@ -225,7 +256,13 @@ def select_channels(
         return plan_pruning(scores, r, floors, policy.global_ranking, policy.round_to)
 
     if ratio is not None:
-        return make(ratio)
+        return make(ratio), None
+    if target_latency_ms is not None:
+
+        def apply(trial: nn.Module, plan: Plan) -> None:
+            apply_plan(trial, example_input, plan, policy.ignored_layers)
+
+        return latency_plan(model, example_input, scores, floors, policy.round_to, target_latency_ms, latency, apply)
 
     def cost(r: float) -> int:
         trial = copy.deepcopy(model)
@@ -242,7 +279,7 @@ def select_channels(
             lo = mid
         if hi - lo < 1e-4:
             break
-    return make(hi)
+    return make(hi), None
 
 
 def check_target(
@@ -261,6 +298,39 @@ def check_target(
     policy = policy or PruningPolicy()
     scores, floors = _scored(model, example_input, resolve_importance("l1"), policy, floors)  # any criterion: size
     _check_smallest(model, example_input, scores, floors, policy, target_params, target_macs)
+
+
+def check_latency_target(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    policy: PruningPolicy | None,
+    target_latency_ms: float,
+    latency: LatencyMeasure,
+    floors: Floors = None,
+) -> tuple[float, float]:
+    """Refuse a latency target that pruning ``model`` cannot reach; the student's and its smallest layout's ms.
+
+    Both are timed side by side by ``latency``: the student, and a copy with every prunable layer at its floor.
+    """
+    policy = policy or PruningPolicy()
+    scores, floors = _scored(model, example_input, resolve_importance("l1"), policy, floors)  # any criterion: size
+    smallest = copy.deepcopy(model)
+    plan = plan_pruning(scores, 1.0 - 1e-9, floors, False, policy.round_to)
+    apply_plan(smallest, example_input, plan, policy.ignored_layers)
+    ms = latency({"student": model, "smallest": smallest})
+    where = getattr(latency, "describe", lambda: "the runtime")()
+    if target_latency_ms >= ms["student"]:
+        raise ValueError(
+            f"target {target_latency_ms:.3f} ms is not below the student's {ms['student']:.3f} ms ({where}): "
+            f"nothing to prune"
+        )
+    if ms["smallest"] > target_latency_ms:
+        raise ValueError(
+            f"target {target_latency_ms:.3f} ms cannot be met: with every prunable layer at its floor the student "
+            f"still runs in {ms['smallest']:.3f} ms ({where}). Lower min_fraction, prune more layers (ignored_layers), "
+            f"or raise the target."
+        )
+    return ms["student"], ms["smallest"]
 
 
 def _check_smallest(
@@ -296,8 +366,11 @@ def prune_student(
 ) -> PruneReport:
     """Remove channels from ``model`` in place and report the cost before and after.
 
-    Give exactly one of ``ratio``, ``target_params`` or ``target_macs``. A target is met by bisecting
-    the ratio on copies of the model: the result is the least-pruned model at or under the target.
+    Give exactly one of ``ratio``, ``target_params``, ``target_macs`` or ``target_latency_ms``. A size target
+    is met by bisecting the ratio on copies of the model: the result is the least-pruned model at or under the
+    target. A latency target is met by the measured search of :mod:`distill.pruning.search` (NetAdapt, HALP):
+    layers lose channels by importance per millisecond saved on the runtime ``latency`` times, and the result
+    was measured at or under the target (``PruneReport.latency_ms``).
 
     Args:
         model: the student (a StudentNet or any timm model).
@@ -313,14 +386,22 @@ def prune_student(
               all prunable channels (global ranking);
             - or ``target_params``: prune until the student has at most this many parameters;
             - or ``target_macs``: prune until one forward of ``example_input`` costs at most this many MACs;
+            - or ``target_latency_ms``: prune until the student runs in at most this many milliseconds, as
+              ``latency`` measures them (a :class:`distill.latency.LatencyMeter`: runtime, batch size, threads);
             - ``floors``: channels each group keeps at least, by group name, when pruning runs in steps (from
               ``policy.floors`` of the channels before the first step); default: the policy's floors of the
               current channels;
             - ``data``: batches ``(x, y)`` for data-driven criteria (``taylor``, ``hrank``).
     """
     policy = policy or PruningPolicy()
+    measured = None
     if plan is None:
-        plan = select_channels(model, example_input, policy, **amount)
+        unknown = set(amount) - set(_AMOUNT)
+        if unknown:
+            raise TypeError(
+                f"prune_student() got unexpected arguments {sorted(unknown)}; it takes {', '.join(_AMOUNT)}"
+            )
+        plan, measured = _select(model, example_input, policy, **{k: amount.get(k) for k in _AMOUNT})
     before_channels = channel_counts(model, example_input, policy.ignored_layers)
     params_before, macs_before = count_params(model), count_macs(model, example_input)
     apply_plan(model, example_input, plan, policy.ignored_layers)
@@ -332,4 +413,9 @@ def prune_student(
         macs_after=count_macs(model, example_input),
         channels_before=before_channels,
         channels_after={name: before_channels[name] - len(plan.get(name, [])) for name in before_channels},
+        latency_ms=measured,
     )
+
+
+#: What :func:`prune_student` passes on to the selection besides the policy.
+_AMOUNT = ("ratio", "target_params", "target_macs", "target_latency_ms", "latency", "floors", "data")

@@ -1,0 +1,113 @@
+"""Prune-distill to a latency target against the whole width_mult family, on measured latency (issue 15).
+
+    distill quickstart                                   # runs/quickstart: the teacher and the KD recipe
+    python benchmarks/latency_front.py                   # 3 seeds, about 40 minutes on a 2-core CPU
+    python benchmarks/latency_front.py --table runs/latency_front   # the table again, from the runs
+
+For each seed, one ``distill prune-distill`` run on the quickstart's KD recipe (teacher logits cached):
+StudentNet 1.0 distilled for ``--start-epochs``, pruned to ``--fraction`` of its latency in ONNX Runtime
+(CPU, batch 64, this machine's threads) in 2 geometric rounds of 1 epoch by the latency search (all eight
+layers, ``round_to`` 8), 1 final epoch; its layout retrained from scratch for the same total epochs; and the
+width_mult family (0.25, 0.375, 0.5, 0.75, 1.0), each distilled from scratch for the same total epochs. Then
+every final student of every seed is timed side by side in one call, and the table gives each student's
+latency and test accuracy (mean ± std over seeds) and the verdict at the pruned student's latency.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import torch
+
+from distill.latency import LatencyMeter
+from distill.prune_distill import prune_distill
+from distill.report import markdown_table
+from students import StudentNet, load_student
+
+WIDTHS = [0.25, 0.375, 0.5, 0.75, 1.0]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--recipe", default="runs/quickstart/student.yaml")
+    parser.add_argument("--out", type=Path, default=Path("runs/latency_front"))
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--fraction", type=float, default=0.75, help="the target, as a fraction of width 1.0's ms")
+    parser.add_argument("--start-epochs", type=int, default=3)
+    parser.add_argument("--train-fraction", type=float, default=0.5, help="limit_train_batches of every phase")
+    parser.add_argument("--table", type=Path, help="only print the table of an earlier run folder")
+    args = parser.parse_args()
+    out = args.table or args.out
+    if args.table is None:
+        run_all(args)
+    print(table(out))
+
+
+def run_all(args: argparse.Namespace) -> None:
+    meter = LatencyMeter((1, 28, 28))
+    args.out.mkdir(parents=True, exist_ok=True)
+    record = args.out / "target.json"
+    if not record.is_file():  # measured once: every seed prunes to the same milliseconds
+        ms = meter({"w1": StudentNet(num_classes=10, in_chans=1, num_pools=3)})["w1"]
+        record.write_text(json.dumps({"width_1_ms": ms, "target_ms": round(args.fraction * ms, 3),
+                                      "measured on": meter.describe()}))  # fmt: skip
+    target = json.loads(record.read_text())["target_ms"]
+    overrides = {"trainer": {"limit_train_batches": args.train_fraction}}
+    for seed in args.seeds:
+        prune_distill(recipe=args.recipe, target_latency_ms=target, initial_epochs=args.start_epochs, rounds=2,
+                      epochs_per_round=1, final_epochs=1, retrain_from_scratch=True, baselines=WIDTHS,
+                      export_onnx=False, overrides=overrides, cache_teacher_logits=False, seed=seed,
+                      run_dir=str(args.out / f"seed{seed}"))  # fmt: skip
+
+
+def table(out: Path) -> str:
+    """Every seed's final students timed side by side, and their accuracies over seeds."""
+    runs = sorted(out.glob("seed*/state.json"))
+    states = [json.loads(p.read_text()) for p in runs]
+    students: dict[str, list[dict]] = {}
+    for state in states:
+        rows = state["phases"]
+        last = max(r["round"] for r in rows.values() if r["phase"] == "round")
+        for r in rows.values():
+            if r["phase"] == "final" or (r["phase"] == "round" and r["round"] == last):
+                students.setdefault(f"pruned ({r['phase']})", []).append(r)
+            elif r["phase"] in ("scratch", "baseline"):
+                name = "pruned layout, from scratch" if r["phase"] == "scratch" else r["student"].split(",")[0]
+                students.setdefault(name, []).append(r)
+    meter = LatencyMeter((1, 28, 28), rounds=21)
+    ms = meter({f"{name}/{i}": load_student(r["checkpoint"]) for name, rs in students.items() for i, r in
+                enumerate(rs)})  # fmt: skip
+    lines, summary = [], {}
+    for name, rs in students.items():
+        lat = statistics.median(ms[f"{name}/{i}"] for i in range(len(rs)))
+        acc = [r["test_acc"] for r in rs]
+        sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
+        summary[name] = (lat, statistics.fmean(acc))
+        channels = load_student(rs[0]["checkpoint"]).channels
+        lines.append([name, len(rs), f"{rs[0]['params']:,}", str(channels).replace(" ", ""), rs[0]["epochs"],
+                      f"{lat:.3f}", f"{statistics.fmean(acc):.4f} ± {sd:.4f}"])  # fmt: skip
+    header = ["student", "seeds", "params (seed 0)", "channels (seed 0)", "epochs", "ms (median)", "test acc"]
+    text = markdown_table(header, "lrrlrrr", lines)
+    target = json.loads((out / "target.json").read_text())
+    pruned_ms, pruned_acc = summary["pruned (final)"]
+    family = {n: v for n, v in summary.items() if n.startswith("StudentNet")}
+    verdict = [f"Target {target['target_ms']:.3f} ms ({target['measured on']}); all students timed side by side "
+               f"here, {torch.get_num_threads()} threads."]  # fmt: skip
+    no_slower = {n: v for n, v in family.items() if v[0] <= pruned_ms}
+    if no_slower:
+        name, (lat, acc) = max(no_slower.items(), key=lambda kv: kv[1][1])
+        verdict.append(f"At equal or lower latency the best width is {name} ({lat:.3f} ms, {acc:.4f}): "
+                       f"prune-distill {100 * (pruned_acc - acc):+.2f} points.")  # fmt: skip
+    as_accurate = {n: v for n, v in family.items() if v[1] >= pruned_acc}
+    if as_accurate:
+        name, (lat, acc) = min(as_accurate.items(), key=lambda kv: kv[1][0])
+        verdict.append(f"The fastest width at least as accurate is {name} ({lat:.3f} ms): the pruned student is "
+                       f"{lat / pruned_ms:.2f}x its speed.")  # fmt: skip
+    return text + "\n\n" + " ".join(verdict)
+
+
+if __name__ == "__main__":
+    main()

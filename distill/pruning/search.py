@@ -1,0 +1,128 @@
+"""Latency-aware channel selection: which layers lose channels, chosen by measured latency on the runtime.
+
+Parameters and MACs do not say what a layer costs where the student runs: in ONNX Runtime on a CPU a
+StudentNet's stem costs as much as a 256-channel pointwise layer with 20x its MACs (RESULTS.md, issue 15).
+So, like NetAdapt (Yang et al., ECCV 2018), the search times real candidates of the current layout on the
+target runtime, and, like HALP (Shen et al., NeurIPS 2022), it spends a latency budget on the channels
+whose importance per millisecond saved is lowest:
+
+1. time the current layout and, for each group, the layout with that group cut by a probe (a quarter of
+   its channels, in multiples of ``round_to``), side by side: each group's latency saved per channel;
+2. rank every chunk of ``round_to`` channels, lowest-importance first within its group, by the fraction of
+   its group's importance it holds divided by the latency it saves, and remove chunks in that order until
+   the predicted saving reaches the target;
+3. time the result; repeat from 1 at the new layout until it runs at or under the target.
+
+Importance comes from the policy's criterion, as a fraction of its group's total (a narrow layer's
+channels weigh more than a wide one's). Groups whose probe does not run faster are left alone, so the
+search never pays accuracy for nothing, and the layout returned was measured at or under the target.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable, Mapping
+
+import torch
+from torch import nn
+
+__all__ = ["LatencyMeasure", "latency_plan"]
+
+#: Times named models side by side: ``{name: module} -> {name: milliseconds}`` (:class:`distill.latency.LatencyMeter`).
+LatencyMeasure = Callable[[Mapping[str, nn.Module]], Mapping[str, float]]
+#: Channels to remove, by group name (as :func:`distill.pruning.surgery.plan_pruning` returns).
+Plan = dict[str, list[int]]
+
+
+def latency_plan(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    scores: Mapping[str, torch.Tensor],
+    floors: Mapping[str, int],
+    round_to: int,
+    target_ms: float,
+    measure: LatencyMeasure,
+    apply: Callable[[nn.Module, Plan], None],
+    probe: float = 0.25,
+    max_steps: int = 8,
+) -> tuple[Plan, float]:
+    """The channels to remove so that ``model`` runs in at most ``target_ms``, and its measured milliseconds.
+
+    Args:
+        model: the student (left untouched: candidates are pruned copies).
+        example_input: a batch shaped like the data (not used to time: ``measure`` has its own batch size).
+        scores: each group's channel scores (low: pruned first).
+        floors: channels each group keeps at least.
+        round_to: kept channel counts are multiples of this (or the group's full count).
+        target_ms: the latency to reach, in ``measure``'s milliseconds.
+        measure: times named models side by side.
+        apply: removes a plan's channels from a model in place.
+        probe: fraction of a group's channels cut to measure what the group costs.
+        max_steps: measured steps before giving up.
+
+    Raises:
+        ValueError: when no group's channels make the student faster any more, or after ``max_steps``.
+    """
+    del example_input  # the signature matches the other selections; timing uses measure's batch
+    n = {g: len(s) for g, s in scores.items()}
+    order = {g: torch.argsort(s.float(), stable=True).tolist() for g, s in scores.items()}
+    share = {}  # each channel's share of its group's importance, in the order channels are removed
+    for g, s in scores.items():
+        positive = s.float().clamp_min(0)
+        total = float(positive.sum())
+        share[g] = [float(positive[i]) / total if total > 0 else 1.0 / n[g] for i in order[g]]
+    lowest = {g: min(n[g], max(1, math.ceil(floors[g] / round_to)) * round_to) for g in n}
+    keep = dict(n)
+
+    def smaller(g: str, k: int) -> int:
+        """The next kept count below ``k`` (a multiple of ``round_to``), or ``k`` when at the floor."""
+        below = ((k - 1) // round_to) * round_to
+        return below if below >= lowest[g] and below > 0 else k
+
+    def plan_for(counts: Mapping[str, int]) -> Plan:
+        return {g: sorted(order[g][: n[g] - counts[g]]) for g in n if counts[g] < n[g]}
+
+    def build(counts: Mapping[str, int]) -> nn.Module:
+        trial = copy.deepcopy(model)
+        apply(trial, plan_for(counts))
+        return trial
+
+    now = math.inf
+    for _ in range(max_steps):
+        probes = {}
+        for g, k in keep.items():
+            cut = k
+            while cut > lowest[g] and k - cut < max(round_to, probe * k) and smaller(g, cut) < cut:
+                cut = smaller(g, cut)
+            if cut < k:
+                probes[g] = cut
+        timed = measure({"current": build(keep)} | {g: build(keep | {g: cut}) for g, cut in probes.items()})
+        now = timed["current"]
+        if now <= target_ms:
+            return plan_for(keep), now
+        per_channel = {g: (now - timed[g]) / (keep[g] - cut) for g, cut in probes.items() if timed[g] < now}
+        if not per_channel:
+            raise ValueError(
+                f"the student runs in {now:.3f} ms and removing channels from no layer makes it faster: "
+                f"{target_ms:.3f} ms cannot be reached (lower the floors, prune more layers, or raise the target)"
+            )
+        chunks = []  # (importance per ms saved, group, kept count after the chunk), cheapest first per group
+        for g, rate in per_channel.items():
+            k, position = keep[g], n[g] - keep[g]
+            while (below := smaller(g, k)) < k:
+                lost = sum(share[g][position : position + k - below])
+                chunks.append((lost / (rate * (k - below)), g, below))
+                position, k = position + k - below, below
+        chunks.sort(key=lambda c: c[0])
+        saved, need = 0.0, now - target_ms
+        for _, g, below in chunks:  # within a group chunks are sorted already: shares only grow
+            if below < keep[g]:
+                saved += per_channel[g] * (keep[g] - below)
+                keep[g] = below
+            if saved >= need:
+                break
+    raise ValueError(
+        f"the latency search stopped after {max_steps} measured steps at {now:.3f} ms, above the target "
+        f"{target_ms:.3f} ms (the runtime's timings may be too noisy at this size; raise the target)"
+    )
