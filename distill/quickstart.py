@@ -11,10 +11,11 @@
    ``summary.md`` and ``pareto.png``.
 
 The recipes run through the same CLI as ``distill fit``, resized: a ResNet-18 teacher with timm's
-standard stem (cheap on 28x28 images) for 2 epochs, StudentNet for 3, pruning in 2 rounds of 1
-epoch plus 1 final epoch, no augmentation (so the teacher's logits are computed once and cached).
-The rounds replay the recipe's learning-rate schedule (rewinding, ``benchmarks/prune_recovery.py``); the
-latency search chooses which of all eight layers lose channels.
+standard stem (cheap on 28x28 images) for 2 epochs, StudentNet for 2, pruning in one round of 1
+epoch plus 1 final epoch (so each of the two width_mult StudentNets trains 4 epochs), no augmentation
+(so the teacher's logits are computed once and cached). The round replays the recipe's learning-rate
+schedule (rewinding, ``benchmarks/prune_recovery.py``); the latency search chooses which of all eight
+layers lose channels.
 The exact configs that ran are written into the run directory beside the checkpoints.
 """
 
@@ -44,7 +45,7 @@ from distill.recipes import (
     teacher_cache,
     with_callbacks,
 )
-from distill.report import quickstart_table
+from distill.report import against_baselines, quickstart_table
 from distill.rundir import RunState, atomic_write, changed_settings, refuse_changes
 from students import load_student
 
@@ -58,10 +59,10 @@ def quickstart(
     teacher_model: str = "resnet18",
     teacher_small_input: bool = False,
     teacher_epochs: int = 2,
-    student_epochs: int = 3,
+    student_epochs: int = 2,
     target_latency: float = 0.75,
     target_latency_ms: float | None = None,
-    prune_rounds: int = 2,
+    prune_rounds: int = 1,
     epochs_per_round: int = 1,
     final_epochs: int = 1,
     importance: str = "l1",
@@ -219,20 +220,23 @@ def quickstart(
             }
     _measure_deployed(results, data.in_chans, data.input_size, latency_batch_size, out / "deployed.json")
     table = quickstart_table(results, latency_batch_size)
+    widths = [r for role, r in results.items() if role.startswith("width ")]
+    verdict = against_baselines(results["pruned"], widths) if widths else ""
     summary = (
         "# distill quickstart\n\n"
-        f"{table}\n\n"
+        f"{table}\n\n{verdict}\n\n"
         "Fashion-MNIST test set (10,000 images, never used for choosing checkpoints); val = 5,000 images held "
         "out of the training set. The int8 row is measured in ONNX Runtime, the others in PyTorch. Latency: "
         f"median milliseconds per batch of {latency_batch_size} of each model's ONNX file in ONNX Runtime on this "
         f"machine's CPU ({torch.get_num_threads()} threads), all measured side by side. "
-        f"Rounds and the accuracy-vs-size plot: {out / 'prune_distill'}/"
+        f"Latency target: {target_ms:.3f} ms ({latency_runtime}, batch {latency_batch_size}). "
+        f"Rounds and the accuracy-vs-latency plot: {out / 'prune_distill'}/"
         "summary.md and pareto.png.\n\nReproduce: `distill fit --config "
         f"{out / 'teacher' / 'config.yaml'}`, `distill fit --config {out / 'student' / 'config.yaml'}`, then "
         f"`distill prune-distill --config {out / 'prune_distill' / 'prune_distill.yaml'}`.\n"
     )
     (out / "summary.md").write_text(summary)
-    print("\n" + table + f"\n\nWritten: {out / 'summary.md'}, {out / 'prune_distill' / 'pareto.png'}")
+    print("\n" + table + f"\n\n{verdict}\n\nWritten: {out / 'summary.md'}, {out / 'prune_distill' / 'pareto.png'}")
     return results
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -69,7 +70,7 @@ def test_every_job_config_parses(config: Path):
     if JOBS[config] == "sweep":
         assert settings["temperatures"] and settings["seeds"]
     else:
-        assert settings["target_params"] > 0
+        assert sum((settings.get(t) or 0) > 0 for t in ("target_params", "target_macs", "target_latency_ms")) == 1
 
 
 def test_debug_recipe_runs(tmp_path: Path):
@@ -132,7 +133,7 @@ def quickstart_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict
         teacher_model="test_resnet",
         teacher_epochs=1,
         student_epochs=1,
-        target_params=150_000,
+        target_latency=0.8,
         prune_rounds=1,
         final_epochs=0,
         limit_train_batches=3,
@@ -147,7 +148,8 @@ def test_quickstart_end_to_end(quickstart_run: tuple[Path, dict, dict]):
     from distill.quickstart import quickstart
 
     qs, settings, results = quickstart_run
-    assert set(results) == {"teacher", "student", "pruned", "pruned, int8", "thin"}
+    widths = [role for role in results if role.startswith("width ")]  # those bracketing the pruned student's ms
+    assert set(results) == {"teacher", "student", "pruned", "pruned, int8", *widths} and 1 <= len(widths) <= 2
     int8 = results["pruned, int8"]
     assert int8["checkpoint"] == str((qs / "prune_distill" / "best_student.int8.onnx").resolve())
     assert int8["onnx_kib"] < results["pruned"]["onnx_kib"] and int8["params"] == results["pruned"]["params"]
@@ -155,10 +157,14 @@ def test_quickstart_end_to_end(quickstart_run: tuple[Path, dict, dict]):
     assert Path(results["teacher"]["checkpoint"]).is_file() and Path(results["student"]["checkpoint"]).is_file()
     student_ckpt = torch.load(results["student"]["checkpoint"], weights_only=True)
     assert student_ckpt["hyper_parameters"]["teacher_checkpoint"] == results["teacher"]["checkpoint"]
-    assert results["pruned"]["params"] <= 150_000 < results["student"]["params"]
-    assert results["thin"]["params"] <= results["pruned"]["params"]
+    assert results["pruned"]["params"] < results["student"]["params"]
+    target = json.loads((qs / "latency.json").read_text())  # 0.8 of the student's ms, measured once
+    assert target["target_ms"] == round(0.8 * target["student_ms"], 3)
+    searched = json.loads((qs / "prune_distill" / "state.json").read_text())["pruned"]["1"]["searched_ms"]
+    assert searched <= target["target_ms"]  # met as the search measured it
     summary = (qs / "summary.md").read_text()
-    for row in ("| teacher | test_resnet |", "| student | studentnet |", "| pruned |", "| pruned, int8 |", "| thin |"):
+    for row in ("| teacher | test_resnet |", "| student | studentnet |", "| pruned |", "| pruned, int8 |",
+                *(f"| {w} |" for w in widths)):  # fmt: skip
         assert row in summary
     for name in ("pareto.png", "rounds.csv", "best_student.onnx", "best_student.int8.onnx", "best_student.ckpt"):
         assert (qs / "prune_distill" / name).is_file()

@@ -230,8 +230,9 @@ FAULTS = [
         "must train a timm teacher",
     ),
     Fault("quickstart 0 teacher epochs", (*QUICK, "--teacher_epochs", "0"), "need teacher_epochs >= 1"),
-    Fault("quickstart target above the student", (*QUICK, "--target_params", "10000000"), "is not below the student"),
-    Fault("quickstart target unreachable", (*QUICK, "--target_params", "10"), "target 10 parameters cannot be met"),
+    Fault("quickstart target above the student", (*QUICK, "--target_latency_ms", "1e6"), "is not below the student"),
+    Fault("quickstart target unreachable", (*QUICK, "--target_latency_ms", "1e-6"), "ms cannot be met"),
+    Fault("quickstart target fraction 1", (*QUICK, "--target_latency", "1.0"), "need 0 < target_latency < 1"),
 ]
 
 

@@ -1,0 +1,150 @@
+"""Pruning to a latency target measured on the runtime (issue 15): the search, the rounding, prune-distill."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import tiny_kd_recipe
+
+from distill.latency import CHANNEL_MULTIPLE, LatencyMeter
+from distill.prune_distill import latency_goals, prune_distill
+from distill.pruning import PruningPolicy, check_latency_target, prune_student
+from students import StudentNet, load_student, save_student
+
+X1 = torch.zeros(1, 1, 28, 28)
+POLICY = PruningPolicy("l1", min_fraction=0.1, round_to=CHANNEL_MULTIPLE)
+
+
+def net(**kwargs) -> StudentNet:
+    return StudentNet(num_classes=10, in_chans=1, num_pools=3, **kwargs).eval()
+
+
+def meter() -> LatencyMeter:
+    return LatencyMeter((1, 28, 28))  # ONNX Runtime, batch 64, this machine's threads
+
+
+def test_a_latency_target_is_met_as_measured_and_the_student_runs_faster():
+    torch.manual_seed(0)
+    model = net()
+    start = copy.deepcopy(model)
+    before = meter()({"start": start})["start"]
+    report = prune_student(model, X1, POLICY, target_latency_ms=0.8 * before, latency=meter())
+    assert report.latency_ms is not None and report.latency_ms <= 0.8 * before  # as the search measured it
+    assert report.params_after < report.params_before
+    assert all(c % CHANNEL_MULTIPLE == 0 for c in model.channels)
+    ms = meter()({"start": start, "pruned": model})  # timed again, side by side; a generous margin
+    assert ms["pruned"] < 0.95 * ms["start"]
+    assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_the_search_prunes_only_what_makes_the_student_faster():
+    """With a runtime where only layer 5's width costs time, only layer 5 loses channels, to a multiple of 8."""
+    model = net()
+
+    def layer5_costs(models: dict) -> dict[str, float]:  # "milliseconds": the width of layer 5
+        return {name: float(m.channels[5]) for name, m in models.items()}
+
+    report = prune_student(model, X1, POLICY, target_latency_ms=100, latency=layer5_costs)
+    assert model.channels == [16, 32, 64, 128, 256, 96, 256, 256] and report.latency_ms == 96
+
+
+def test_kept_channel_counts_are_rounded_up_floors_included():
+    model = net()
+    prune_student(model, X1, POLICY, ratio=0.97)  # floors 2, 4, 7, 13, 26 (min_fraction 0.1) rounded up to 8
+    assert model.channels == [8, 8, 8, 16, 32, 32, 32, 32]
+
+
+def test_a_student_pruned_to_a_size_with_the_default_rounding_is_not_slower_than_its_start():
+    """Global ranking leaves uneven channel counts; rounded to CHANNEL_MULTIPLE they run fast in ONNX Runtime."""
+    model = net()
+    start = copy.deepcopy(model)
+    policy = PruningPolicy("l1", global_ranking=True, min_fraction=0.1, round_to=CHANNEL_MULTIPLE)
+    prune_student(model, X1, policy, target_params=100_000)
+    ms = meter()({"start": start, "pruned": model})
+    assert ms["pruned"] < ms["start"], ms
+
+
+def test_unreachable_latency_targets_are_refused_with_what_was_measured():
+    with pytest.raises(ValueError, match=r"cannot be met: with every prunable layer at its floor .* ms \(onnx"):
+        check_latency_target(net(), X1, POLICY, 1e-6, meter())
+    with pytest.raises(ValueError, match=r"is not below the student's .* ms .*: nothing to prune"):
+        check_latency_target(net(), X1, POLICY, 1e6, meter())
+    with pytest.raises(ValueError, match="needs a positive, finite target_latency_ms and latency="):
+        prune_student(net(), X1, POLICY, target_latency_ms=1.0)
+
+
+def test_latency_goals_step_geometrically_and_end_at_the_target():
+    assert latency_goals("geometric", 2, 0.05, 4.0, 1.0) == [2.0, 1.0]
+    assert latency_goals("fixed", 5, 0.5, 4.0, 1.5) == [2.0, 1.5]
+
+
+def test_a_layout_retrained_from_scratch_has_the_layout_and_fresh_weights(tmp_path: Path):
+    model = net()
+    prune_student(model, X1, POLICY, ratio=0.5)
+    path = save_student(model, tmp_path / "pruned.ckpt")
+    torch.manual_seed(3)
+    fresh = load_student(path, from_scratch=True)
+    torch.manual_seed(3)
+    expected = StudentNet(num_classes=10, in_chans=1, num_pools=3, channels=model.channels)
+    assert fresh.channels == model.channels
+    pairs = zip(fresh.state_dict().values(), expected.state_dict().values(), strict=True)
+    assert all(torch.equal(a, b) for a, b in pairs)
+    assert not torch.equal(fresh.fc[0].weight, model.fc[0].weight)
+
+
+@pytest.mark.slow
+def test_prune_distill_to_a_latency_target_with_bracketing_widths_resumes_and_refuses_other_targets(
+    tmp_path: Path, small_teacher_checkpoint: Path
+):
+    start_ms = meter()({"start": net()})["start"]
+    settings = {
+        "recipe": str(tiny_kd_recipe(tmp_path, small_teacher_checkpoint)),
+        "overrides": {"model": {"student": {"init_args": {"base": 16}}}},  # the seed's widths: 256k parameters
+        "target_latency_ms": round(0.7 * start_ms, 3),
+        "initial_epochs": 1,
+        "epochs_per_round": 1,
+        "rounds": 2,
+        "final_epochs": 0,
+        "retrain_from_scratch": True,
+        "export_onnx": False,
+        "run_dir": str(tmp_path / "run"),
+    }
+    rows = prune_distill(**settings)
+    run = Path(settings["run_dir"])
+    state = json.loads((run / "state.json").read_text())
+    assert state["pruned"]["2"]["searched_ms"] <= settings["target_latency_ms"]  # met, as measured
+    assert [r["phase"] for r in rows if r["phase"] in ("round", "scratch")] == ["round", "round", "scratch"]
+    last = load_student(next(r for r in rows if r["round"] == 2 and r["phase"] == "round")["checkpoint"])
+    scratch = next(r for r in rows if r["phase"] == "scratch")
+    assert load_student(scratch["checkpoint"]).channels == last.channels and scratch["epochs"] == 1 + 2
+    assert all(c % CHANNEL_MULTIPLE == 0 for c in last.channels)
+    bracket = state["bracket"]  # the widths timed just faster and just slower than the pruned student
+    widths = [r["student"] for r in rows if r["phase"] == "baseline"]
+    assert 1 <= len(widths) <= 2 and all(r["epochs"] == 3 for r in rows if r["phase"] == "baseline")
+    for w in bracket["widths"]:
+        assert f"StudentNet width_mult={w:g}, KD from scratch" in widths
+    faster = [w for w in bracket["widths"] if bracket["ms"][f"{w:g}"] <= bracket["ms"]["pruned"]]
+    assert len(faster) <= 1 and len(bracket["widths"]) - len(faster) <= 1
+    summary = (run / "summary.md").read_text()
+    assert f"Best student under {settings['target_latency_ms']:.3f} ms" in summary
+    assert "retrained from scratch" in summary and "width_mult=" in summary
+    assert (run / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+
+    assert prune_distill(**settings) == rows  # finished: everything is reused, nothing measured again
+    with pytest.raises(ValueError, match=r"other settings \(target_latency_ms changed\)"):
+        prune_distill(**{**settings, "target_latency_ms": settings["target_latency_ms"] * 0.9})
+
+    # Killed while round 2 trained: the round resumes from the layout its search chose, not from a new search.
+    del state["phases"]["round2"]
+    (run / "state.json").write_text(json.dumps(state))
+    shutil.rmtree(run / "round2")
+    resumed = prune_distill(**settings)
+    again = json.loads((run / "state.json").read_text())
+    assert again["pruned"]["2"] == state["pruned"]["2"]
+    round2 = next(r for r in resumed if r["phase"] == "round" and r["round"] == 2)
+    assert load_student(round2["checkpoint"]).channels == last.channels
