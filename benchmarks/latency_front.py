@@ -1,14 +1,18 @@
 """Prune-distill to a latency target against the whole width_mult family, on measured latency (issue 15).
 
     distill quickstart                                   # runs/quickstart: the teacher and the KD recipe
-    python benchmarks/latency_front.py                   # 3 seeds, about 40 minutes on a 2-core CPU
+    python benchmarks/latency_front.py --fraction 0.6    # 3 seeds, about 25 minutes on a 2-core CPU
     python benchmarks/latency_front.py --table runs/latency_front   # the table again, from the runs
+    python benchmarks/latency_front.py --student mobilenetv3_small_075 --target-model mobilenetv3_small_050 \
+        --fraction 1.0 --baselines mobilenetv3_small_050 mobilenetv3_small_075 --seeds 0 --out runs/latency_front_mnv3
 
 For each seed, one ``distill prune-distill`` run on the quickstart's KD recipe (teacher logits cached):
 StudentNet 1.0 distilled for ``--start-epochs``, pruned to ``--fraction`` of its latency in ONNX Runtime
 (CPU, batch 64, this machine's threads) in 2 geometric rounds of 1 epoch by the latency search (all eight
 layers, ``round_to`` 8), 1 final epoch; its layout retrained from scratch for the same total epochs; and the
-width_mult family (0.25, 0.375, 0.5, 0.75, 1.0), each distilled from scratch for the same total epochs. Then
+width_mult family (0.25, 0.375, 0.5, 0.75, 1.0), each distilled from scratch for the same total epochs. With
+``--student`` a timm model replaces StudentNet, pruned to ``--fraction`` of ``--target-model``'s ms, beside
+the timm ``--baselines`` (its family of smaller variants). Then
 every final student of every seed is timed side by side in one call, and the table gives each student's
 latency and test accuracy (mean ± std over seeds) and the verdict at the pruned student's latency.
 """
@@ -21,11 +25,12 @@ import statistics
 from pathlib import Path
 
 import torch
+import yaml
 
 from distill.latency import LatencyMeter
 from distill.prune_distill import prune_distill
 from distill.report import markdown_table
-from students import StudentNet, load_student
+from students import StudentNet, create_timm_model, load_student
 
 WIDTHS = [0.25, 0.375, 0.5, 0.75, 1.0]
 
@@ -38,6 +43,9 @@ def main() -> None:
     parser.add_argument("--fraction", type=float, default=0.75, help="the target, as a fraction of width 1.0's ms")
     parser.add_argument("--start-epochs", type=int, default=3)
     parser.add_argument("--train-fraction", type=float, default=0.5, help="limit_train_batches of every phase")
+    parser.add_argument("--student", help="a timm student instead of StudentNet 1.0")
+    parser.add_argument("--target-model", help="the timm model whose ms times --fraction is the target")
+    parser.add_argument("--baselines", nargs="+", default=WIDTHS, help="widths, or timm names with --student")
     parser.add_argument("--table", type=Path, help="only print the table of an earlier run folder")
     args = parser.parse_args()
     out = args.table or args.out
@@ -51,14 +59,24 @@ def run_all(args: argparse.Namespace) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     record = args.out / "target.json"
     if not record.is_file():  # measured once: every seed prunes to the same milliseconds
-        ms = meter({"w1": StudentNet(num_classes=10, in_chans=1, num_pools=3)})["w1"]
+        model = StudentNet(num_classes=10, in_chans=1, num_pools=3)
+        if args.target_model:
+            model = create_timm_model(args.target_model, num_classes=10, in_chans=1)
+        ms = meter({"w1": model})["w1"]
         record.write_text(json.dumps({"width_1_ms": ms, "target_ms": round(args.fraction * ms, 3),
                                       "measured on": meter.describe()}))  # fmt: skip
     target = json.loads(record.read_text())["target_ms"]
     overrides = {"trainer": {"limit_train_batches": args.train_fraction}}
+    baselines = [float(b) for b in args.baselines] if not args.student else list(args.baselines)
+    recipe = args.recipe
+    if args.student:  # the recipe with a timm student in StudentNet's place (overrides would merge the two)
+        cfg = yaml.safe_load(Path(recipe).read_text())
+        cfg["model"]["student"] = {"class_path": "students.create_timm_model", "init_args": {"name": args.student}}
+        recipe = str(args.out / "recipe.yaml")
+        Path(recipe).write_text(yaml.safe_dump(cfg, sort_keys=False))
     for seed in args.seeds:
-        prune_distill(recipe=args.recipe, target_latency_ms=target, initial_epochs=args.start_epochs, rounds=2,
-                      epochs_per_round=1, final_epochs=1, retrain_from_scratch=True, baselines=WIDTHS,
+        prune_distill(recipe=recipe, target_latency_ms=target, initial_epochs=args.start_epochs, rounds=2,
+                      epochs_per_round=1, final_epochs=1, retrain_from_scratch=True, baselines=baselines,
                       export_onnx=False, overrides=overrides, cache_teacher_logits=False, seed=seed,
                       run_dir=str(args.out / f"seed{seed}"))  # fmt: skip
 
@@ -75,7 +93,7 @@ def table(out: Path) -> str:
             if r["phase"] == "final" or (r["phase"] == "round" and r["round"] == last):
                 students.setdefault(f"pruned ({r['phase']})", []).append(r)
             elif r["phase"] in ("scratch", "baseline"):
-                name = "pruned layout, from scratch" if r["phase"] == "scratch" else r["student"].split(",")[0]
+                name = "pruned, its layout from scratch" if r["phase"] == "scratch" else r["student"].split(",")[0]
                 students.setdefault(name, []).append(r)
     meter = LatencyMeter((1, 28, 28), rounds=21)
     ms = meter({f"{name}/{i}": load_student(r["checkpoint"]) for name, rs in students.items() for i, r in
@@ -86,14 +104,14 @@ def table(out: Path) -> str:
         acc = [r["test_acc"] for r in rs]
         sd = statistics.stdev(acc) if len(acc) > 1 else 0.0
         summary[name] = (lat, statistics.fmean(acc))
-        channels = load_student(rs[0]["checkpoint"]).channels
+        channels = getattr(load_student(rs[0]["checkpoint"]), "channels", "-")
         lines.append([name, len(rs), f"{rs[0]['params']:,}", str(channels).replace(" ", ""), rs[0]["epochs"],
                       f"{lat:.3f}", f"{statistics.fmean(acc):.4f} ± {sd:.4f}"])  # fmt: skip
     header = ["student", "seeds", "params (seed 0)", "channels (seed 0)", "epochs", "ms (median)", "test acc"]
     text = markdown_table(header, "lrrlrrr", lines)
     target = json.loads((out / "target.json").read_text())
     pruned_ms, pruned_acc = summary["pruned (final)"]
-    family = {n: v for n, v in summary.items() if n.startswith("StudentNet")}
+    family = {n: v for n, v in summary.items() if not n.startswith("pruned")}
     verdict = [f"Target {target['target_ms']:.3f} ms ({target['measured on']}); all students timed side by side "
                f"here, {torch.get_num_threads()} threads."]  # fmt: skip
     no_slower = {n: v for n, v in family.items() if v[0] <= pruned_ms}

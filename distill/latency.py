@@ -8,22 +8,21 @@ students measured together is worth more than either figure alone.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import statistics
+import json
+import subprocess
+import sys
 import tempfile
-import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
 from distill.export import export_onnx
+from distill.ort_timer import interleaved
 from distill.profile import eval_mode
 from distill.quantize import quantize_onnx, require_onnxruntime
 
@@ -96,10 +95,10 @@ def compare_latency(
             (the same model quantized, :mod:`distill.quantize`), ``torch-cpu`` (eager float32) or
             ``torch-cuda`` (eager float32 on the GPU, synchronised).
         batch_size: images per forward.
-        threads: CPU threads (default: ``torch.get_num_threads()``). ONNX Runtime's sessions keep their
-            default settings (threads spin while waiting for work: 1.6x faster at batch 64 on a 2-core
-            CPU than without); a 20 ms untimed pause before each model's calls lets the previous calls'
-            threads go idle, so that a model timed alone is timed as it is beside others.
+        threads: CPU threads (default: ``torch.get_num_threads()``). ONNX Runtime's sessions run in a child
+            process, all in one pool of that many threads (:mod:`distill.ort_timer`), which spin while waiting
+            for work as ORT's default does (1.6x faster at batch 64 on a 2-core CPU than without): a model
+            times the same alone or beside others.
         warmup: untimed calls of each model first (ONNX Runtime's first runs, cuDNN's autotuning).
         rounds: interleaved rounds.
         repeats: calls per model and round.
@@ -112,26 +111,38 @@ def compare_latency(
         )
     threads = threads or torch.get_num_threads()
     x = torch.randn(batch_size, *input_shape, generator=torch.Generator().manual_seed(0))
-    times: dict[str, list[float]] = {name: [] for name in models}
-    with contextlib.ExitStack() as stack:
-        calls = {name: stack.enter_context(_runner(m, runtime, x, threads)) for name, m in models.items()}
-        previous = torch.get_num_threads()
-        torch.set_num_threads(threads)
-        stack.callback(torch.set_num_threads, previous)
-        sync = torch.cuda.synchronize if runtime == "torch-cuda" else (lambda: None)
-        for call in calls.values():
-            for _ in range(warmup):
-                call()
-        for _ in range(rounds):
-            for name, call in calls.items():
-                sync()
-                time.sleep(0.02)  # the previous calls' threads go idle: one model or many, timed alike
-                start = time.perf_counter()
-                for _ in range(repeats):
-                    call()
-                sync()
-                times[name].append(1000 * (time.perf_counter() - start) / repeats)
-    return {name: statistics.median(t) for name, t in times.items()}
+    if runtime.startswith("onnxruntime"):
+        with tempfile.TemporaryDirectory() as tmp:
+            files = {name: str(_onnx_file(m, runtime, x, Path(tmp) / f"{i}.onnx")) for i, (name, m) in
+                     enumerate(models.items())}  # fmt: skip
+            request = {"files": files, "input_shape": list(input_shape), "batch_size": batch_size, "threads": threads,
+                       "warmup": warmup, "rounds": rounds, "repeats": repeats}  # fmt: skip
+            return _in_child(request)
+    device = "cuda" if runtime == "torch-cuda" else "cpu"
+    for name, m in models.items():
+        if not isinstance(m, nn.Module):
+            raise ValueError(f"runtime {runtime!r} measures a PyTorch module, got the file {m} for {name!r}")
+    moved = {name: copy.deepcopy(m).to(device).eval() for name, m in models.items()}  # the caller's stay put
+    xd = x.to(device)
+    calls = {name: (lambda m=m: m(xd)) for name, m in moved.items()}
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            sync = torch.cuda.synchronize if runtime == "torch-cuda" else (lambda: None)
+            return interleaved(calls, warmup, rounds, repeats, sync)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _in_child(request: dict) -> dict[str, float]:
+    """Time ONNX files in a child process (:mod:`distill.ort_timer`: one thread pool for all its sessions)."""
+    script = Path(__file__).with_name("ort_timer.py")
+    done = subprocess.run([sys.executable, str(script)], input=json.dumps(request), capture_output=True, text=True)
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ValueError(f"ONNX Runtime could not time the models: {last}")
+    return json.loads(done.stdout)
 
 
 @dataclass(frozen=True)
@@ -179,63 +190,14 @@ def _export_for_timing(model: nn.Module, x: torch.Tensor, path: Path) -> None:
         export_onnx(model, x, path)
 
 
-@contextmanager
-def _runner(
-    model: nn.Module | str | Path, runtime: str, x: torch.Tensor, threads: int
-) -> Iterator[Callable[[], object]]:
-    """A zero-argument callable that runs one forward of ``model`` on ``x`` on ``runtime``."""
-    if runtime.startswith("torch"):
-        if not isinstance(model, nn.Module):
-            raise ValueError(f"runtime {runtime!r} measures a PyTorch module, got the file {model}")
-        device = "cuda" if runtime == "torch-cuda" else "cpu"
-        moved = copy.deepcopy(model).to(device).eval()  # the caller's module stays where it is
-        xd = x.to(device)
-        with torch.inference_mode():
-            yield lambda: moved(xd)
-        return
-    ort = require_onnxruntime()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(model) if not isinstance(model, nn.Module) else Path(tmp) / "model.onnx"
-        if isinstance(model, nn.Module):
-            _export_for_timing(model, x[:1], path)
-            if runtime == "onnxruntime-int8":
-                calibration = [
-                    torch.randn(8, *x.shape[1:], generator=torch.Generator().manual_seed(i)) for i in range(4)
-                ]
-                path = quantize_onnx(path, Path(tmp) / "model.int8.onnx", calibration)
-        session = ort.InferenceSession(str(path), _timing_options(ort, threads), providers=["CPUExecutionProvider"])
-        feed = {session.get_inputs()[0].name: x.numpy()}
-        yield lambda: session.run(None, feed)
-
-
-#: Threads of ONNX Runtime's process-wide pool, set by the first ORT timing of the process (``-1``: not ours).
-_POOL_THREADS: int | None = None
-
-
-def _timing_options(ort: Any, threads: int) -> Any:
-    """Session options under which ORT sessions timed side by side do not slow each other down.
-
-    Each session has its own threads by default, and they spin for a while after each run: on a 2-core CPU a
-    StudentNet ran 1.5x slower beside another session than alone (2.3 against 1.5 ms at batch 64), a 20 ms pause
-    between models did not help, 200 ms did (RESULTS.md, issue 15). So the sessions share one process-wide pool
-    of ``threads`` threads, as spinning as ORT's default. The pool is created once per process; when another
-    thread count is asked for later (or the pool was made elsewhere), each session gets its own threads with
-    spinning off: slower, but again the same alone or beside others.
-    """
-    global _POOL_THREADS
-    from onnxruntime.capi import _pybind_state
-
-    if _POOL_THREADS is None:
-        try:
-            _pybind_state.set_global_thread_pool_sizes(threads, 1)
-            _POOL_THREADS = threads
-        except Exception:  # noqa: BLE001  (created before, with sizes we do not know)
-            _POOL_THREADS = -1
-    options = ort.SessionOptions()
-    if threads == _POOL_THREADS:
-        options.use_per_session_threads = False
-    else:
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return options
+def _onnx_file(model: nn.Module | str | Path, runtime: str, x: torch.Tensor, path: Path) -> Path:
+    """The ONNX file to time for ``model``: the file itself, or the module exported (and quantized for
+    ``onnxruntime-int8``, with random calibration inputs: speed does not depend on the weights or the scales)."""
+    require_onnxruntime()
+    if not isinstance(model, nn.Module):
+        return Path(model)
+    _export_for_timing(model, x[:1], path)
+    if runtime == "onnxruntime-int8":
+        calibration = [torch.randn(8, *x.shape[1:], generator=torch.Generator().manual_seed(i)) for i in range(4)]
+        return quantize_onnx(path, path.with_suffix(".int8.onnx"), calibration)
+    return path
