@@ -582,7 +582,7 @@ class _Phases:
         in ``checkpoint``, timed side by side with it once (a rerun finds them recorded)."""
         state = self.run_state.state
         if state.get("bracket", {}).get("of") != checkpoint:
-            args = {k: v for k, v in init_args.items() if k != "channels"}
+            args = {k: v for k, v in init_args.items() if k not in ("channels", "width_mult")}
             args |= {"num_classes": self.data.num_classes, "in_chans": self.data.in_chans}
             widths = [0.25 + 0.125 * i for i in range(7)]
             models = {f"{w:g}": StudentNet(**args, width_mult=w) for w in widths}

@@ -207,10 +207,13 @@ def prune_distill_report(
               acc(r["test_acc"]), r["epochs"]] for r in [*pruned, *scratch, *baselines]]  # fmt: skip
     header = ["student", "params", "MACs", f"latency (ms, {where})", "val acc", "test acc", "epochs"]
     text = markdown_table(header, "lrrrrrr", lines)
-    value = f"{target['value']:.3f}" if target["unit"] == "ms" else f"{target['value']:,}"
+    if target["unit"] == "ms":  # met as the search measured it; timed again beside the others, within noise
+        aim = f"Best student for the {target['value']:.3f} ms target (met as the latency search measured it)"
+    else:
+        aim = f"Best student under {target['value']:,} {target['unit']}"
     verdict = (
-        f"Best student under {value} {target['unit']}: {best['student']} ({best['params']:,} parameters, "
-        f"{best['latency_ms']:.3f} ms, test acc {best['test_acc']:.4f}), saved as best_student.ckpt"
+        f"{aim}: {best['student']} ({best['params']:,} parameters, {best['latency_ms']:.3f} ms, test acc "
+        f"{best['test_acc']:.4f}), saved as best_student.ckpt"
     )
     if onnx_diff is not None:
         verdict += f", best_student.onnx (ONNX Runtime matches PyTorch within {onnx_diff:.1e})"
