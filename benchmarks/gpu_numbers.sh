@@ -4,6 +4,7 @@
 #   bash benchmarks/gpu_numbers.sh train    # the teacher, then the KD student (configs/fmnist/{teacher,kd}.yaml)
 #   bash benchmarks/gpu_numbers.sh sweep    # both temperature sweeps, 6 workers each (needs `train`)
 #   bash benchmarks/gpu_numbers.sh prune    # prune-distill to 100k and to 50k, side by side (needs `train`)
+#   bash benchmarks/gpu_numbers.sh front    # prune-distill to a latency on the GPU against the width family (issue 15)
 #   bash benchmarks/gpu_numbers.sh sweep prune   # the stages in turn
 # Each stage skips what is already done (the sweeps and prune-distill resume). Logs go to runs/logs/;
 # when $OUT is set (the project's GPU tool), the tables and plots are copied there.
@@ -56,6 +57,13 @@ for stage in "$@"; do
       cat runs/fmnist/$run/summary.md && collect runs/fmnist/$run/rounds.csv runs/fmnist/$run/pareto.png
     done
     ;;
-  *) echo "unknown stage $stage (speed, train, sweep, prune)" >&2; exit 2 ;;
+  front)
+    # the latency front of issue 15, timed in eager PyTorch on the GPU (FRONT_ARGS adds options)
+    # shellcheck disable=SC2086
+    python benchmarks/latency_front.py --recipe configs/fmnist/kd.yaml --runtime torch-cuda --train-fraction 1.0 \
+      --start-epochs 20 --out runs/fmnist/latency_front ${FRONT_ARGS:-} 2>&1 | tee runs/logs/front.log
+    collect runs/logs/front.log
+    ;;
+  *) echo "unknown stage $stage (speed, train, sweep, prune, front)" >&2; exit 2 ;;
   esac
 done

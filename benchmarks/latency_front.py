@@ -43,6 +43,8 @@ def main() -> None:
     parser.add_argument("--fraction", type=float, default=0.75, help="the target, as a fraction of width 1.0's ms")
     parser.add_argument("--start-epochs", type=int, default=3)
     parser.add_argument("--train-fraction", type=float, default=0.5, help="limit_train_batches of every phase")
+    parser.add_argument("--runtime", default="onnxruntime", help="where latency is measured (see distill.latency)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per timed batch")
     parser.add_argument("--student", help="a timm student instead of StudentNet 1.0")
     parser.add_argument("--target-model", help="the timm model whose ms times --fraction is the target")
     parser.add_argument("--baselines", nargs="+", default=WIDTHS, help="widths, or timm names with --student")
@@ -51,11 +53,11 @@ def main() -> None:
     out = args.table or args.out
     if args.table is None:
         run_all(args)
-    print(table(out))
+    print(table(out, LatencyMeter((1, 28, 28), args.runtime, args.batch_size, rounds=21)))
 
 
 def run_all(args: argparse.Namespace) -> None:
-    meter = LatencyMeter((1, 28, 28))
+    meter = LatencyMeter((1, 28, 28), args.runtime, args.batch_size)
     args.out.mkdir(parents=True, exist_ok=True)
     record = args.out / "target.json"
     if not record.is_file():  # measured once: every seed prunes to the same milliseconds
@@ -78,10 +80,11 @@ def run_all(args: argparse.Namespace) -> None:
         prune_distill(recipe=recipe, target_latency_ms=target, initial_epochs=args.start_epochs, rounds=2,
                       epochs_per_round=1, final_epochs=1, retrain_from_scratch=True, baselines=baselines,
                       export_onnx=False, overrides=overrides, cache_teacher_logits=False, seed=seed,
+                      latency_runtime=args.runtime, latency_batch_size=args.batch_size,
                       run_dir=str(args.out / f"seed{seed}"))  # fmt: skip
 
 
-def table(out: Path) -> str:
+def table(out: Path, meter: LatencyMeter) -> str:
     """Every seed's final students timed side by side, and their accuracies over seeds."""
     runs = sorted(out.glob("seed*/state.json"))
     states = [json.loads(p.read_text()) for p in runs]
@@ -95,7 +98,6 @@ def table(out: Path) -> str:
             elif r["phase"] in ("scratch", "baseline"):
                 name = "pruned, its layout from scratch" if r["phase"] == "scratch" else r["student"].split(",")[0]
                 students.setdefault(name, []).append(r)
-    meter = LatencyMeter((1, 28, 28), rounds=21)
     ms = meter({f"{name}/{i}": load_student(r["checkpoint"]) for name, rs in students.items() for i, r in
                 enumerate(rs)})  # fmt: skip
     lines, summary = [], {}
@@ -119,11 +121,15 @@ def table(out: Path) -> str:
         name, (lat, acc) = max(no_slower.items(), key=lambda kv: kv[1][1])
         verdict.append(f"At equal or lower latency the best width is {name} ({lat:.3f} ms, {acc:.4f}): "
                        f"prune-distill {100 * (pruned_acc - acc):+.2f} points.")  # fmt: skip
+    else:
+        verdict.append(f"No baseline runs as fast as the pruned student ({pruned_ms:.3f} ms).")
     as_accurate = {n: v for n, v in family.items() if v[1] >= pruned_acc}
     if as_accurate:
         name, (lat, acc) = min(as_accurate.items(), key=lambda kv: kv[1][0])
         verdict.append(f"The fastest width at least as accurate is {name} ({lat:.3f} ms): the pruned student is "
                        f"{lat / pruned_ms:.2f}x its speed.")  # fmt: skip
+    else:
+        verdict.append(f"No baseline is as accurate as the pruned student ({pruned_acc:.4f}).")
     return text + "\n\n" + " ".join(verdict)
 
 

@@ -170,6 +170,7 @@ def main() -> None:
             baseline=i == 0,
             export_onnx=False,
             cache_teacher_logits=False,
+            round_to=1,  # as recorded in RESULTS.md (issue 5), before prune-distill's default became 8
             run_dir=str(out / name),
             seed=args.seed,
             **variant_options(name, args.extra_epochs),

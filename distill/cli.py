@@ -29,9 +29,12 @@ __all__ = ["JOBS", "main", "run_job"]
 
 #: Subcommands beside Lightning's: the function each runs, and its line in ``distill --help``.
 JOBS: dict[str, tuple[Callable[..., Any], str]] = {
-    "quickstart": (quickstart, "the whole job on Fashion-MNIST: teacher, KD student, prune-distill to 100k, table"),
+    "quickstart": (
+        quickstart,
+        "the whole job on Fashion-MNIST: teacher, KD student, prune-distill to a latency, table",
+    ),
     "sweep": (sweep, "distill over a grid of temperatures (alphas, seeds); resumable, many workers"),
-    "prune-distill": (prune_distill, "prune and distill the student round by round down to a size target"),
+    "prune-distill": (prune_distill, "prune and distill the student round by round down to a size or latency target"),
     "export": (export, "export a (pruned) student to ONNX, int8 ONNX, torch.export .pt2; each checked against it"),
 }
 

@@ -26,17 +26,10 @@ from distill.ort_timer import interleaved
 from distill.profile import eval_mode
 from distill.quantize import quantize_onnx, require_onnxruntime
 
-__all__ = ["CHANNEL_MULTIPLE", "RUNTIMES", "LatencyMeter", "check_runtime", "compare_latency", "measure_latency"]
+__all__ = ["RUNTIMES", "LatencyMeter", "check_runtime", "compare_latency", "measure_latency"]
 
 #: Where a student's latency is measured (``runtime`` of :func:`measure_latency`).
 RUNTIMES = ("onnxruntime", "onnxruntime-int8", "torch-cpu", "torch-cuda")
-
-#: Kept channel counts are rounded to a multiple of this by default (``round_to`` of the pruning jobs).
-#: Measured (``benchmarks/channel_multiple.py``, RESULTS.md): in ONNX Runtime's CPU provider on AVX-512, a
-#: StudentNet whose middle layers have 112-144 channels ran 3.5-4.1x slower at every count that is not a
-#: multiple of 4 (such convolutions fall out of its NCHWc layout), and multiples of 4, 8 and 16 ran alike.
-#: 8 leaves a margin: AVX2's NCHWc blocks are 8 channels, and tensor cores want multiples of 8.
-CHANNEL_MULTIPLE = 8
 
 
 def check_runtime(

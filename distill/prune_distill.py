@@ -12,7 +12,7 @@ milliseconds measured on the runtime the student ships to) is met:
 
 A latency target is met by a measured search of which layers lose channels (NetAdapt, Yang et al. 2018;
 HALP, Shen et al. 2022; :mod:`distill.pruning.search`), with kept channel counts in multiples the runtime
-runs fast (``round_to``, default :data:`distill.latency.CHANNEL_MULTIPLE`).
+runs fast (``round_to``, default :data:`distill.pruning.CHANNEL_MULTIPLE`).
 
 An optional network-slimming phase (Liu et al. 2017) comes first and a longer distillation last; the layout
 found may also be retrained from scratch (Liu et al. 2019, "Rethinking the value of network pruning"). The
@@ -37,10 +37,11 @@ import torch
 import yaml
 
 from distill.export import export_onnx as to_onnx
-from distill.latency import CHANNEL_MULTIPLE, LatencyMeter, check_runtime, compare_latency
+from distill.latency import LatencyMeter, check_runtime, compare_latency
 from distill.module import DistillModule
 from distill.profile import count_macs, count_params
 from distill.pruning import (
+    CHANNEL_MULTIPLE,
     CRITERIA,
     ROUND_SCHEDULES,
     PruningPolicy,

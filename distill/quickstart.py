@@ -31,9 +31,9 @@ from typing import Any
 import torch
 
 from distill.export import export_onnx
-from distill.latency import CHANNEL_MULTIPLE, LatencyMeter, compare_latency
+from distill.latency import LatencyMeter, compare_latency
 from distill.prune_distill import check_latency_options, check_options, check_reachable, prune_distill
-from distill.pruning import PruningPolicy
+from distill.pruning import CHANNEL_MULTIPLE, PruningPolicy
 from distill.quantize import require_onnxruntime
 from distill.recipes import (
     check_recipe,

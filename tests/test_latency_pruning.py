@@ -13,9 +13,9 @@ import torch
 from helpers import tiny_kd_recipe
 
 from distill.export import export_onnx
-from distill.latency import CHANNEL_MULTIPLE, LatencyMeter
+from distill.latency import LatencyMeter
 from distill.prune_distill import latency_goals, prune_distill
-from distill.pruning import PruningPolicy, check_latency_target, prune_student
+from distill.pruning import CHANNEL_MULTIPLE, PruningPolicy, check_latency_target, prune_student
 from students import StudentNet, load_student, save_student
 
 X1 = torch.zeros(1, 1, 28, 28)

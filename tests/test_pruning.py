@@ -80,7 +80,7 @@ def test_removing_zero_gamma_channels_keeps_outputs_exactly():
     expected = model(x)
     widths_before = model.channels
 
-    report = prune_student(model, X1, PruningPolicy("bn_scale"), ratio=0.25)
+    report = prune_student(model, X1, PruningPolicy("bn_scale", round_to=1), ratio=0.25)  # exact counts
 
     torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=0)
     assert len(zeroed) == 7
@@ -128,8 +128,11 @@ def test_per_layer_ratio_floor_and_round_to():
     prune_student(model, X1, PruningPolicy("l1", round_to=8), ratio=0.3)
     assert model.channels == [min(w, math.ceil(math.ceil(w * 0.7) / 8) * 8) for w in before]
     model = build("studentnet")
-    prune_student(model, X1, PruningPolicy("l1", min_channels=12, min_fraction=0.25), ratio=0.9)
+    prune_student(model, X1, PruningPolicy("l1", min_channels=12, min_fraction=0.25, round_to=1), ratio=0.9)
     assert model.channels == [max(12, math.ceil(w * 0.25), math.ceil(w * 0.1)) for w in before]
+    model = build("studentnet")  # the default rounds the floors up too: 12 -> 16, 32 -> 32, 64 -> 64
+    prune_student(model, X1, PruningPolicy("l1", min_channels=12, min_fraction=0.25), ratio=0.9)
+    assert model.channels == [math.ceil(max(12, math.ceil(w * 0.25)) / 8) * 8 for w in before]
 
 
 def test_global_ranking_respects_floors():
@@ -137,7 +140,8 @@ def test_global_ranking_respects_floors():
     with torch.no_grad():  # tiny |gamma| after the first two layers: one global threshold would empty them
         for bn in ("cnn.0.1", "cnn.1.1", "cnn.2.1"):
             model.get_submodule(bn).weight.mul_(1e-6)
-    report = prune_student(model, X1, PruningPolicy("bn_scale", global_ranking=True, min_channels=2), ratio=0.5)
+    policy = PruningPolicy("bn_scale", global_ranking=True, min_channels=2, round_to=1)
+    report = prune_student(model, X1, policy, ratio=0.5)
     assert report.channels_after["cnn.0.0"] == 2 and report.channels_after["cnn.1.3"] == 2
     scored = [name for name in report.channels_before if name != "cnn.7.3"]  # cnn.7.3 has no BatchNorm
     assert sum(report.channels_after[n] for n in scored) == sum(report.channels_before[n] for n in scored) // 2
@@ -173,7 +177,7 @@ def test_criteria_score_a_dead_channel_lowest(criterion: str):
     assert scores[5] == scores.min() == 0.0
     if criterion in ("l1", "l2", "hrank"):  # the others are strictly positive here
         assert (scores[torch.arange(128) != 5] > 0).all()
-        policy = PruningPolicy(criterion, ignored_layers=["cnn.0.0"])
+        policy = PruningPolicy(criterion, ignored_layers=["cnn.0.0"], round_to=1)
         prune_student(model, X1, policy, ratio=1 / 128, data=batches())
         assert model.channels[3] == 127
         assert (model.cnn[3][3].weight.flatten(1).abs().sum(1) > 0).all()  # the dead filter is the one gone

@@ -8,7 +8,7 @@ from distill.pruning.importance import (
     TaylorImportance,
     resolve_importance,
 )
-from distill.pruning.policy import PruningPolicy, labelled_batches
+from distill.pruning.policy import CHANNEL_MULTIPLE, PruningPolicy, labelled_batches
 from distill.pruning.schedule import ROUND_SCHEDULES, PruningSchedule, PruningStep, round_schedule
 from distill.pruning.search import LatencyMeasure, latency_plan
 from distill.pruning.surgery import (
@@ -22,6 +22,7 @@ from distill.pruning.surgery import (
 )
 
 __all__ = [
+    "CHANNEL_MULTIPLE",
     "CRITERIA",
     "ROUND_SCHEDULES",
     "ChannelPruning",

@@ -22,7 +22,7 @@ from torch import nn
 from distill.data.batch import as_batch
 from distill.profile import count_macs, count_params
 from distill.pruning.importance import Importance
-from distill.pruning.policy import PruningPolicy, labelled_batches
+from distill.pruning.policy import CHANNEL_MULTIPLE, PruningPolicy, labelled_batches
 from distill.pruning.schedule import PruningSchedule, PruningStep, ScheduleFn
 from distill.pruning.surgery import PruneReport, channel_counts, check_target, prune_student, select_channels
 
@@ -175,7 +175,8 @@ class ChannelPruning(Callback):
         global_ranking: rank channels across layers instead of pruning each layer by the same ratio.
         min_channels: every layer keeps at least this many channels.
         min_fraction: every layer keeps at least this fraction of its channels at the start of training.
-        round_to: kept channel counts are rounded up to a multiple of this.
+        round_to: kept channel counts are rounded up to a multiple of this (default :data:`CHANNEL_MULTIPLE`, what
+            the runtimes run fast; 1: any count).
         ignored_layers: student layer names whose output channels must not change.
         num_batches: training batches the data-driven criteria (``taylor``, ``hrank``) look at.
 
@@ -189,7 +190,7 @@ class ChannelPruning(Callback):
         global_ranking: bool = False,
         min_channels: int = 1,
         min_fraction: float = 0.0,
-        round_to: int = 1,
+        round_to: int = CHANNEL_MULTIPLE,
         ignored_layers: Sequence[str] = (),
         num_batches: int = 4,
     ) -> None:

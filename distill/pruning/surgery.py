@@ -262,7 +262,7 @@ def _select(
         def apply(trial: nn.Module, plan: Plan) -> None:
             apply_plan(trial, example_input, plan, policy.ignored_layers)
 
-        return latency_plan(model, example_input, scores, floors, policy.round_to, target_latency_ms, latency, apply)
+        return latency_plan(model, scores, floors, policy.round_to, target_latency_ms, latency, apply)
 
     def cost(r: float) -> int:
         trial = copy.deepcopy(model)
