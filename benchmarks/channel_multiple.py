@@ -1,4 +1,4 @@
-"""Which channel multiples the runtime runs fast: the evidence for ``distill.latency.CHANNEL_MULTIPLE`` (issue 15).
+"""Which channel multiples the runtime runs fast: the evidence for ``distill.pruning.CHANNEL_MULTIPLE`` (issue 15).
 
     python benchmarks/channel_multiple.py                       # ONNX Runtime, batch 64, about a minute
     python benchmarks/channel_multiple.py --runtime torch-cpu
