@@ -7,8 +7,8 @@ milliseconds measured on the runtime the student ships to) is met:
 
 1. prune the student by the round's step of the schedule, under one :class:`~distill.pruning.PruningPolicy`;
 2. distill it for ``epochs_per_round`` epochs, at a fine-tune learning rate or with the recipe's schedule
-   again (learning-rate rewinding, Renda et al. 2020); 3. measure it: size, latency on the runtime the
-   student is deployed on (default: ONNX Runtime on the CPU, batch 64), accuracies.
+   again (learning-rate rewinding, Renda et al. 2020); 3. measure it: size, accuracies. At the end every
+   student is timed side by side on the runtime it is deployed on (default: ONNX Runtime on the CPU, batch 64).
 
 A latency target is met by a measured search of which layers lose channels (NetAdapt, Yang et al. 2018;
 HALP, Shen et al. 2022; :mod:`distill.pruning.search`), with kept channel counts in multiples the runtime
@@ -381,9 +381,10 @@ def check_baselines(recipe: dict[str, Any], baselines: list[float | str] | None)
         if isinstance(b, str) and "create_timm_model" not in student:
             raise ValueError(f"baseline {b!r} is a timm model name: it needs a timm student recipe "
                              f"(model.student: students.create_timm_model), not {student}")  # fmt: skip
-        if not isinstance(b, str) and not (student.endswith("StudentNet") and 0 < b < math.inf):
-            raise ValueError(f"baseline {b!r} is a width_mult: it needs a StudentNet recipe and a positive width, "
-                             f"not {student}")  # fmt: skip
+        if not isinstance(b, str) and not student.endswith("StudentNet"):
+            raise ValueError(f"baseline {b!r} is a width_mult: it needs a StudentNet recipe, not {student}")
+        if not isinstance(b, str) and not 0 < b < math.inf:
+            raise ValueError(f"baseline {b!r} is not a positive width_mult")
 
 
 class _Target:
@@ -442,12 +443,12 @@ class _Phases:
 
     def _record(self, key: str, round_: int, phase: str, epochs: int, checkpoint: str, label: str | None = None,
                 **accuracies: float) -> str:  # fmt: skip
-        """Measure the phase's student and record it: size, latency, accuracies, checkpoint."""
+        """Measure the phase's student and record it: size, accuracies, checkpoint (latency: every student timed side
+        by side at the end, :meth:`time_side_by_side`)."""
         model = load_student(checkpoint)
         label = label or phase_label({"round": round_, "phase": phase})
         row = {"round": round_, "phase": phase, "student": label, "epochs": epochs,
                "params": count_params(model), "macs": count_macs(model, self.x),
-               "latency_ms": round(self.meter({"student": model})["student"], 3),
                **accuracies, "checkpoint": checkpoint}  # fmt: skip
         self.run_state.record(key, row)
         return checkpoint

@@ -210,21 +210,22 @@ def select_channels(
     data: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> Plan:
     """Decide which channels to remove, without touching ``model`` (see :func:`prune_student`)."""
-    return _select(model, example_input, policy, ratio, target_params, target_macs, target_latency_ms, latency, floors,
-                   data)[0]  # fmt: skip
+    return _select(model, example_input, policy, ratio=ratio, target_params=target_params, target_macs=target_macs,
+                   target_latency_ms=target_latency_ms, latency=latency, floors=floors, data=data)[0]  # fmt: skip
 
 
 def _select(
     model: nn.Module,
     example_input: torch.Tensor,
     policy: PruningPolicy | None,
-    ratio: float | None,
-    target_params: int | None,
-    target_macs: int | None,
-    target_latency_ms: float | None,
-    latency: LatencyMeasure | None,
-    floors: Floors,
-    data: Iterable[tuple[torch.Tensor, torch.Tensor]] | None,
+    *,
+    ratio: float | None = None,
+    target_params: int | None = None,
+    target_macs: int | None = None,
+    target_latency_ms: float | None = None,
+    latency: LatencyMeasure | None = None,
+    floors: Floors = None,
+    data: Iterable[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> tuple[Plan, float | None]:
     """:func:`select_channels`, and with a latency target the chosen layout's measured milliseconds."""
     policy = policy or PruningPolicy()
@@ -396,12 +397,7 @@ def prune_student(
     policy = policy or PruningPolicy()
     measured = None
     if plan is None:
-        unknown = set(amount) - set(_AMOUNT)
-        if unknown:
-            raise TypeError(
-                f"prune_student() got unexpected arguments {sorted(unknown)}; it takes {', '.join(_AMOUNT)}"
-            )
-        plan, measured = _select(model, example_input, policy, **{k: amount.get(k) for k in _AMOUNT})
+        plan, measured = _select(model, example_input, policy, **amount)
     before_channels = channel_counts(model, example_input, policy.ignored_layers)
     params_before, macs_before = count_params(model), count_macs(model, example_input)
     apply_plan(model, example_input, plan, policy.ignored_layers)
@@ -415,7 +411,3 @@ def prune_student(
         channels_after={name: before_channels[name] - len(plan.get(name, [])) for name in before_channels},
         latency_ms=measured,
     )
-
-
-#: What :func:`prune_student` passes on to the selection besides the policy.
-_AMOUNT = ("ratio", "target_params", "target_macs", "target_latency_ms", "latency", "floors", "data")
