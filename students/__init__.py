@@ -12,6 +12,7 @@ from students.checkpoint import (
     recorded_spec,
     resize_to_state_dict,
     save_student,
+    shape_attributes,
 )
 from students.registry import create_student, list_students, model_spec, register_student
 from students.studentnet import UNSCALED_LAYERS, StudentNet, studentnet_channels, width_for_params
@@ -37,6 +38,7 @@ __all__ = [
     "register_student",
     "resize_to_state_dict",
     "save_student",
+    "shape_attributes",
     "studentnet_channels",
     "width_for_params",
 ]

@@ -2,8 +2,8 @@
 
 A ``DistillModule`` checkpoint is Lightning's dict with, in addition:
 
-- ``hyper_parameters["student_spec"]``: the student's architecture, ``{"name", "kwargs"[, "pruned"]}``
-  (:func:`record_student`, :func:`recorded_spec`);
+- ``hyper_parameters["student_spec"]``: the student's architecture, ``{"name", "kwargs"[, "pruned", "layout"]}``
+  (:func:`record_student`, :func:`recorded_spec`; a pruned timm student's ``layout``: :func:`mark_pruned`);
 - ``state_dict``: the student's weights under the ``student.`` prefix (the teacher is never saved);
 - ``input_shape``: ``[channels, height, width]`` of the training data (:func:`recorded_input_shape`);
 - ``rng_states``: the random states of torch, numpy and Python, for exact resumes (:func:`record_rng_states`).
@@ -30,9 +30,11 @@ from students.studentnet import StudentNet
 
 __all__ = [
     "INPUT_SHAPE_KEY",
+    "LAYOUT_KEY",
     "RNG_STATES_KEY",
     "SPEC_KEY",
     "STUDENT_PREFIX",
+    "apply_layout",
     "build_student",
     "describe_spec",
     "extract_state_dict",
@@ -48,6 +50,7 @@ __all__ = [
     "recorded_spec",
     "restore_rng_states",
     "save_student",
+    "shape_attributes",
 ]
 
 #: Key prefix of the student's weights inside a ``DistillModule`` checkpoint.
@@ -221,22 +224,71 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], sourc
     return model
 
 
-def mark_pruned(model: nn.Module) -> None:
+#: Key of a pruned model's spec that records the integer attributes pruning changed, by module name.
+LAYOUT_KEY = "layout"
+
+
+def shape_attributes(model: nn.Module) -> dict[str, dict[str, Any]]:
+    """Every module's integer attributes (channel counts, groups, head sizes, ...), by module name.
+
+    Integer tuples come back as lists (the spec is stored in YAML and read with ``weights_only``).
+    """
+
+    def shape_like(value: Any) -> bool:
+        ints = value if isinstance(value, (tuple, list)) else [value]
+        return all(isinstance(v, int) and not isinstance(v, bool) for v in ints)
+
+    return {
+        name: {
+            k: list(v) if isinstance(v, tuple) else v
+            for k, v in vars(m).items()
+            if not k.startswith("_") and k != "training" and shape_like(v)
+        }
+        for name, m in model.named_modules()
+    }
+
+
+def mark_pruned(model: nn.Module, before: Mapping[str, Mapping[str, Any]] | None = None) -> None:
     """Record in ``model.model_spec`` that its layer widths now come from its weights, not its arguments.
 
     A StudentNet needs no mark: its spec lists its widths. Any other model (timm) is rebuilt from
-    its spec and then resized to the checkpoint's tensor shapes (:func:`resize_to_state_dict`).
+    its spec and then resized to the checkpoint's tensor shapes (:func:`resize_to_state_dict`); the
+    integer attributes that pruning changed since ``before`` (:func:`shape_attributes`: a conv's channels,
+    an attention layer's ``head_dim``, ...) are recorded under ``layout`` and set again on rebuilding, so no
+    model class needs to know about pruning.
     """
     spec = getattr(model, "model_spec", None)
-    if spec is not None and not isinstance(model, StudentNet):
-        spec["pruned"] = True
+    if spec is None or isinstance(model, StudentNet):
+        return
+    spec["pruned"] = True
+    if before is not None:
+        layout = spec.setdefault(LAYOUT_KEY, {})
+        for name, attributes in shape_attributes(model).items():
+            changed = {k: v for k, v in attributes.items() if before.get(name, {}).get(k, v) != v}
+            if changed:
+                layout.setdefault(name, {}).update(changed)
+
+
+def apply_layout(model: nn.Module, layout: Mapping[str, Mapping[str, Any]]) -> None:
+    """Set the integer attributes a pruned spec's ``layout`` records (see :func:`mark_pruned`)."""
+    for name, attributes in layout.items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"the recorded pruned layout names a layer {name!r} the architecture lacks") from None
+        for key, value in attributes.items():
+            current = getattr(module, key, None)
+            if not isinstance(current, (int, tuple, list)) or isinstance(current, bool):
+                raise ValueError(f"the recorded pruned layout sets {name}.{key}, which is not a size of that layer")
+            setattr(module, key, tuple(value) if isinstance(current, tuple) else value)
 
 
 def resize_to_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
-    """Give every conv, linear and norm layer the shapes of its tensors in ``state_dict`` (a pruned layout).
+    """Give every parameter and buffer of ``model`` the shape of its tensor in ``state_dict`` (a pruned layout).
 
-    Only shapes change (the values are left for ``load_state_dict``): ``out_channels``/``in_channels``
-    and depthwise ``groups`` of convs, ``in/out_features`` of linears, ``num_features`` of norms.
+    Only shapes change (the values are left for ``load_state_dict``), of any module; the standard layers'
+    sizes follow (``out_channels``/``in_channels`` and depthwise ``groups`` of convs, ``in/out_features`` of
+    linears, ``num_features`` of norms); other sizes come from the spec's recorded ``layout``.
     """
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
@@ -252,11 +304,12 @@ def resize_to_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor
                 module._buffers[attr] = empty
             changed = True
         if changed:
-            _sync_shape_attributes(module, prefix)
+            _sync_shape_attributes(module)
     return model
 
 
-def _sync_shape_attributes(module: nn.Module, prefix: str) -> None:
+def _sync_shape_attributes(module: nn.Module) -> None:
+    """The sizes of the standard layers, from their weights (pruned checkpoints that record no ``layout``)."""
     weight = getattr(module, "weight", None)
     if isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
         depthwise = module.groups > 1 and module.groups == module.in_channels == module.out_channels
@@ -272,8 +325,6 @@ def _sync_shape_attributes(module: nn.Module, prefix: str) -> None:
         module.num_channels = weight.shape[0]
     elif isinstance(module, nn.LayerNorm):
         module.normalized_shape = tuple(weight.shape)
-    else:
-        raise ValueError(f"cannot resize layer {prefix.rstrip('.')} ({type(module).__name__}) to a pruned layout")
 
 
 def build_student(spec: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
@@ -289,6 +340,12 @@ def build_student(spec: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor
         mark_pruned(model)
         if state_dict is not None:
             resize_to_state_dict(model, state_dict)
+        if LAYOUT_KEY in spec:
+            layout = spec[LAYOUT_KEY]
+            if not isinstance(layout, Mapping) or not all(isinstance(a, Mapping) for a in layout.values()):
+                raise ValueError(f"the recorded architecture {describe_spec(spec)} has a layout that is not by layer")
+            apply_layout(model, layout)
+            model.model_spec[LAYOUT_KEY] = {name: dict(a) for name, a in layout.items()}
     return model
 
 

@@ -204,6 +204,7 @@ FAULTS = [
     Fault("export a plain state_dict", ("export", "{inputs}/state_dict.pt", *TO_ONNX), "records no student_spec"),
     Fault("export a crafted spec", ("export", "{inputs}/spec_str.ckpt", *TO_ONNX), "not {name, kwargs}"),
     Fault("export a spec with unknown arguments", ("export", "{inputs}/spec_kwargs.ckpt", *TO_ONNX), "cannot be built"),
+    Fault("export a crafted pruned layout", ("export", "{inputs}/layout.ckpt", *TO_ONNX), "a layer 'nope' the arch"),
     Fault("export a crafted input shape", ("export", "{inputs}/shape.ckpt", *TO_ONNX), "not [channels, height, width]"),
     Fault(
         "export into a new folder, check fails",
@@ -291,6 +292,9 @@ def earlier_runs(root: Path) -> dict[str, str]:
     torch.save({"hyper_parameters": {"student_spec": "x"}, "state_dict": {}}, inputs / "spec_str.ckpt")
     torch.save({"hyper_parameters": {"student_spec": spec}, "state_dict": {}}, inputs / "spec_kwargs.ckpt")
     save_student(student, inputs / "shape.ckpt", input_shape=["1", 28, -28])
+    crafted = create_student("timm/test_resnet", num_classes=10, in_chans=1, small_input=True)
+    crafted.model_spec |= {"pruned": True, "layout": {"nope": {"out_channels": 3}}}
+    save_student(crafted, inputs / "layout.ckpt", input_shape=[1, 28, 28])
     for name, callback in {
         "prune_layer": {
             "class_path": "distill.pruning.ChannelPruning",
