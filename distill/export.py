@@ -51,10 +51,11 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path,
     path.parent.mkdir(parents=True, exist_ok=True)
     model = model.cpu()
     x = example_input.cpu()
+    two = x[:1].expand(2, *x.shape[1:])  # a batch of 1 would be specialised (ConvNeXt, LeViT, EfficientViT)
     with eval_mode(model), atomic_path(path) as partial:  # written only once it passed the check
         torch.onnx.export(
             model,
-            (x,),
+            (two,),
             str(partial),
             input_names=["images"],
             output_names=["logits"],
