@@ -28,6 +28,19 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             m.training = training
 
 
+def forget_eval_caches(model: nn.Module) -> None:
+    """Put ``model`` through ``train()`` and give every submodule back its mode.
+
+    timm's LeViT and EfficientViT cache their attention biases at the first forward in eval mode and drop them
+    in ``train()``; cached under autograd (tracing, Taylor scores) they hold a graph, which ``copy.deepcopy``
+    of the model refuses.
+    """
+    modes = {m: m.training for m in model.modules()}
+    model.train()
+    for m, training in modes.items():
+        m.training = training
+
+
 def count_params(model: nn.Module) -> int:
     """Number of parameters (trainable or not)."""
     return sum(p.numel() for p in model.parameters())

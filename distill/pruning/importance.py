@@ -35,7 +35,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
-from distill.profile import eval_mode
+from distill.profile import eval_mode, forget_eval_caches
 
 __all__ = [
     "CRITERIA",
@@ -83,8 +83,8 @@ def _producer_scores(group: Any, per_layer: dict[nn.Module, torch.Tensor]) -> to
     if found is None or found[0] not in per_layer:
         return None
     layer, idxs, root_idxs = found
-    scores = torch.zeros(len(group[0][1]))
-    scores[root_idxs] = per_layer[layer][idxs].float().cpu()
+    scores = torch.zeros(len(group[0][1]))  # several filters may feed one channel (q, k and v of a head position)
+    scores.index_add_(0, torch.as_tensor(root_idxs, dtype=torch.long), per_layer[layer][idxs].float().cpu())
     return scores
 
 
@@ -132,13 +132,17 @@ class TaylorImportance:
         seen = 0
         try:
             with eval_mode(model):  # BatchNorm statistics must not move while we measure
+                losses = []
                 for x, y in batches:
-                    F.cross_entropy(model(x), y).backward()
+                    losses.append(F.cross_entropy(model(x), y))
                     seen += 1
                     if seen == self.num_batches:
                         break
-            if seen == 0:
-                raise ValueError("taylor importance received no batches")
+                if seen == 0:
+                    raise ValueError("taylor importance received no batches")
+                # one backward through all batches: some models cache tensors in eval mode (LeViT's attention
+                # biases), which a second backward through the same graph would refuse
+                torch.stack(losses).sum().backward()
             self.scores = {
                 m: (m.weight.grad * m.weight).detach().flatten(1).sum(1).abs()
                 for m in model.modules()
@@ -147,6 +151,7 @@ class TaylorImportance:
         finally:
             for p, grad in saved.items():
                 p.grad = grad
+            forget_eval_caches(model)  # what LeViT cached in eval mode holds our graph
 
     def __call__(self, group: Any) -> torch.Tensor | None:
         scores = _producer_scores(group, self.scores)
