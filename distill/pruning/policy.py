@@ -18,7 +18,7 @@ import torch
 from distill.data.batch import as_batch
 from distill.pruning.importance import CRITERIA, Importance, resolve_importance
 
-__all__ = ["CHANNEL_MULTIPLE", "PruningPolicy", "labelled_batches"]
+__all__ = ["CHANNEL_MULTIPLE", "PruningPolicy", "labelled_batches", "removal_order"]
 
 #: Kept channel counts are rounded to a multiple of this by default (``PruningPolicy.round_to``).
 #: Measured (``benchmarks/channel_multiple.py``, RESULTS.md): in ONNX Runtime's CPU provider on AVX-512, a
@@ -80,3 +80,15 @@ def labelled_batches(
             return
         x, y = as_batch(batch)[:2]
         yield (x, y) if device is None else (x.to(device), y.to(device))
+
+
+def removal_order(scores: torch.Tensor, slices: int = 1) -> list[int]:
+    """A group's channels in the order they are removed: lowest score first.
+
+    With ``slices`` > 1 (a grouped conv, attention heads: :func:`~distill.pruning.surgery.channel_slices`) the
+    channels come in equal slices that must lose the same positions, so they go a position at a time (ranked
+    by the mean score of its channels), every slice's channel at that position together.
+    """
+    size = len(scores) // slices
+    position = scores.float().reshape(slices, size).mean(0)
+    return [p + k * size for p in torch.argsort(position, stable=True).tolist() for k in range(slices)]

@@ -29,6 +29,8 @@ from collections.abc import Callable, Mapping
 import torch
 from torch import nn
 
+from distill.pruning.policy import removal_order
+
 __all__ = ["LatencyMeasure", "latency_plan"]
 
 #: Times named models side by side: ``{name: module} -> {name: milliseconds}`` (:class:`distill.latency.LatencyMeter`).
@@ -47,6 +49,7 @@ def latency_plan(
     apply: Callable[[nn.Module, Plan], None],
     probe: float = 0.25,
     max_steps: int = 8,
+    slices: Mapping[str, int] | None = None,
 ) -> tuple[Plan, float]:
     """The channels to remove so that ``model`` runs in at most ``target_ms``, and its measured milliseconds.
 
@@ -60,23 +63,26 @@ def latency_plan(
         apply: removes a plan's channels from a model in place.
         probe: fraction of a group's channels cut to measure what the group costs.
         max_steps: measured steps before giving up.
+        slices: each group's equal slices that lose the same positions (a grouped conv, attention heads;
+            :func:`distill.pruning.surgery.channel_slices`); default 1.
 
     Raises:
         ValueError: when no group's channels make the student faster any more, or after ``max_steps``.
     """
     n = {g: len(s) for g, s in scores.items()}
-    order = {g: torch.argsort(s.float(), stable=True).tolist() for g, s in scores.items()}
+    step = {g: math.lcm(round_to, (slices or {}).get(g, 1)) for g in scores}
+    order = {g: removal_order(s, (slices or {}).get(g, 1)) for g, s in scores.items()}
     share = {}  # each channel's share of its group's importance, in the order channels are removed
     for g, s in scores.items():
         positive = s.float().clamp_min(0)
         total = float(positive.sum())
         share[g] = [float(positive[i]) / total if total > 0 else 1.0 / n[g] for i in order[g]]
-    lowest = {g: min(n[g], max(1, math.ceil(floors[g] / round_to)) * round_to) for g in n}
+    lowest = {g: min(n[g], max(1, math.ceil(floors[g] / step[g])) * step[g]) for g in n}
     keep = dict(n)
 
     def smaller(g: str, k: int) -> int:
-        """The next kept count below ``k`` (a multiple of ``round_to``), or ``k`` when at the floor."""
-        below = ((k - 1) // round_to) * round_to
+        """The next kept count below ``k`` (a multiple of the group's step), or ``k`` when at the floor."""
+        below = ((k - 1) // step[g]) * step[g]
         return below if below >= lowest[g] and below > 0 else k
 
     def plan_for(counts: Mapping[str, int]) -> Plan:
@@ -92,7 +98,7 @@ def latency_plan(
         probes = {}
         for g, k in keep.items():
             cut = k
-            while cut > lowest[g] and k - cut < max(round_to, probe * k) and smaller(g, cut) < cut:
+            while cut > lowest[g] and k - cut < max(step[g], probe * k) and smaller(g, cut) < cut:
                 cut = smaller(g, cut)
             if cut < k:
                 probes[g] = cut

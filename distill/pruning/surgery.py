@@ -5,15 +5,23 @@ lose the same channels: a producer conv, its BatchNorm, a depthwise conv, the co
 channels, and the partners of residual additions. This module decides *which* channels go, as a
 :class:`~distill.pruning.policy.PruningPolicy` says (per-layer or global ranking, floors, ``round_to``), for a
 ratio, a parameter/MAC target or a latency target measured on the runtime (:mod:`distill.pruning.search`),
-removes them, and reports the result.
+removes them, and reports the result read from the pruned model.
 The stem's input (the image channels) and the classifier's outputs (the classes) are never pruned.
+
+Like torch-pruning's ``MetaPruner``, grouped convolutions, GroupNorms and timm attention (``qkv``, ``num_heads``)
+lose the same positions in each of their groups or heads (:func:`channel_slices`). A plan is first applied to
+a copy, which must run and rebuild from its checkpoint; otherwise the student is left as it was and the
+refusal names the layer (:func:`prune_student`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
-from collections.abc import Iterable, Mapping, Sequence
+import signal
+import threading
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,17 +29,20 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from distill.profile import count_macs, count_params, eval_mode
+from distill.profile import count_macs, count_params, eval_mode, forget_eval_caches
 from distill.pruning.importance import DataDrivenImportance, Importance, producer, resolve_importance
-from distill.pruning.policy import PruningPolicy
+from distill.pruning.policy import PruningPolicy, removal_order
 from distill.pruning.search import LatencyMeasure, latency_plan
-from students import mark_pruned
+from students import build_student, describe_spec, load_weights, mark_pruned, shape_attributes
 
 __all__ = [
+    "GRAPH_TIMEOUT_S",
     "PruneReport",
     "apply_plan",
+    "attention_heads",
     "channel_counts",
     "channel_groups",
+    "channel_slices",
     "check_latency_target",
     "check_target",
     "plan_pruning",
@@ -43,6 +54,9 @@ __all__ = [
 Plan = dict[str, list[int]]
 #: Channels each group keeps at least, by group name (``None``: the policy's floors of the current channels).
 Floors = Mapping[str, int] | None
+#: Seconds torch-pruning may spend tracing a student's dependency graph before the student is refused (on some
+#: architectures, e.g. timm's EfficientViT-M0 and ReXNet, torch-pruning 1.6 never finishes).
+GRAPH_TIMEOUT_S = 120.0
 
 
 @dataclass
@@ -79,12 +93,113 @@ def _classifier(model: nn.Module) -> nn.Module | None:
     return linears[-1] if linears else None
 
 
-def channel_groups(model: nn.Module, example_input: torch.Tensor, ignored_layers: Sequence[str] = ()) -> dict[str, Any]:
-    """The prunable groups of ``model``, by the name of the layer that produces their channels.
+def attention_heads(model: nn.Module) -> dict[nn.Module, int]:
+    """The fused ``qkv`` projection of each timm-style attention layer, and its number of heads.
 
-    A group is left out when it would change the output channels of the classifier or of a layer
-    named in ``ignored_layers``.
+    Pruning keeps every head: each loses the same positions of its head dimension (torch-pruning's
+    ``num_heads``), and :func:`_sync_attention` sets the layer's ``head_dim``/``attn_dim`` to match.
     """
+    return {
+        m.qkv: m.num_heads
+        for m in model.modules()
+        if isinstance(getattr(m, "qkv", None), nn.Linear) and isinstance(getattr(m, "num_heads", None), int)
+    }
+
+
+def _sync_attention(model: nn.Module) -> None:
+    """Give each timm-style attention layer the head size its pruned ``qkv`` now has."""
+    for qkv, heads in attention_heads(model).items():
+        for m in model.modules():
+            if getattr(m, "qkv", None) is qkv:
+                head_dim = qkv.out_features // (3 * heads)
+                if isinstance(getattr(m, "head_dim", None), int):
+                    m.head_dim = head_dim
+                if isinstance(getattr(m, "attn_dim", None), int):
+                    m.attn_dim = head_dim * heads
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float, what: str) -> Iterator[None]:
+    """Raise ``TimeoutError(what)`` after ``seconds`` (main thread on Unix only; elsewhere no limit)."""
+    if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(_signum: int, _frame: Any) -> None:
+        raise TimeoutError(what)
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _dependency_graph(model: nn.Module, example_input: torch.Tensor, frozen: set[nn.Module]) -> tuple[Any, list]:
+    """torch-pruning's dependency graph of ``model`` and its groups, or one line saying why there are none."""
+    what = f"torch-pruning did not finish tracing {type(model).__name__} within {GRAPH_TIMEOUT_S:g} s"
+    try:
+        # torch-pruning traces the graph through autograd, in eval mode
+        with torch.enable_grad(), eval_mode(model), _time_limit(GRAPH_TIMEOUT_S, what):
+            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+            groups = list(graph.get_all_groups(ignored_layers=list(frozen), root_module_types=[nn.Conv2d, nn.Linear]))
+        forget_eval_caches(model)
+    except TimeoutError:
+        raise ValueError(
+            f"{what} (distill.pruning.surgery.GRAPH_TIMEOUT_S): its graph is not supported; prune another "
+            f"architecture, or train this one at its size"
+        ) from None
+    except Exception as err:  # noqa: BLE001 - torch-pruning fails on foreign graphs with any error
+        raise ValueError(
+            f"torch-pruning cannot trace {type(model).__name__}: {type(err).__name__}: {_first_line(err)}. "
+            f"Prune another architecture, or train this one at its size"
+        ) from None
+    return graph, groups
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [""])[0][:300]
+
+
+def _rooted_at_heads(graph: Any, group: Any, heads: Mapping[nn.Module, int]) -> Any | None:
+    """An attention group re-rooted at the layer that reads the heads (``proj``), as torch-pruning's pruner does.
+
+    Its channels are then numbered like ``proj``'s inputs (heads x head_dim), so removing the same positions
+    of every head removes matching rows of q, k and v. Other groups come back as they are; ``None``: an
+    attention group without such a layer (left alone).
+    """
+    if not any(dep.target.module in heads and graph.is_out_channel_pruning_fn(dep.handler) for dep, _ in group):
+        return group
+    for dep, idxs in group:
+        if isinstance(dep.target.module, (nn.Conv2d, nn.Linear)) and graph.is_in_channel_pruning_fn(dep.handler):
+            return graph.get_pruning_group(dep.target.module, dep.handler, list(idxs))
+    return None
+
+
+def channel_slices(group: Any, heads: Mapping[nn.Module, int] | None = None) -> int:
+    """Equal slices a group's channels come in, each of which must lose the same positions (1: none).
+
+    A grouped convolution (not depthwise) keeps ``groups`` equal slices, a GroupNorm ``num_groups``, an
+    attention layer its heads (torch-pruning's ``MetaPruner`` handles them alike).
+    """
+    slices = [1]
+    for dep, _ in group:
+        m = dep.target.module
+        if isinstance(m, nn.modules.conv._ConvNd) and 1 < m.groups != m.out_channels:
+            slices.append(m.groups)
+        elif isinstance(m, nn.GroupNorm):
+            slices.append(m.num_groups)
+        elif m in (heads or {}) and dep.handler.__name__ == "prune_out_channels":
+            slices.append(heads[m])
+    return max(slices)
+
+
+def _groups(
+    model: nn.Module, example_input: torch.Tensor, ignored_layers: Sequence[str] = ()
+) -> tuple[dict[str, Any], dict[str, int]]:
+    """:func:`channel_groups`, and each group's :func:`channel_slices`."""
     names = {m: n for n, m in model.named_modules()}
     missing = [n for n in ignored_layers if n not in names.values()]
     if missing:
@@ -95,15 +210,30 @@ def channel_groups(model: nn.Module, example_input: torch.Tensor, ignored_layers
     if head is not None:
         frozen.add(head)
     frozen = {sub for m in frozen for sub in m.modules()}
-    # torch-pruning traces the graph through autograd, in eval mode
-    with torch.enable_grad(), eval_mode(model):
-        graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
-    groups = {}
-    for group in graph.get_all_groups(ignored_layers=list(frozen), root_module_types=[nn.Conv2d, nn.Linear]):
+    heads = attention_heads(model)
+    graph, found = _dependency_graph(model, example_input, frozen)
+    groups, slices = {}, {}
+    for group in found:
+        group = _rooted_at_heads(graph, group, heads)
+        if group is None:
+            continue
         if any(dep.target.module in frozen and graph.is_out_channel_pruning_fn(dep.handler) for dep, _ in group):
             continue
-        groups[_group_name(group, names)] = group
-    return groups
+        name = _group_name(group, names)
+        n, k = len(group[0][1]), channel_slices(group, heads)
+        if n % k == 0:
+            groups[name], slices[name] = group, k
+    return groups, slices
+
+
+def channel_groups(model: nn.Module, example_input: torch.Tensor, ignored_layers: Sequence[str] = ()) -> dict[str, Any]:
+    """The prunable groups of ``model``, by the name of the layer that produces their channels.
+
+    A group is left out when it would change the output channels of the classifier or of a layer
+    named in ``ignored_layers``. Attention groups are numbered like the heads they feed (see
+    :func:`_rooted_at_heads`).
+    """
+    return _groups(model, example_input, ignored_layers)[0]
 
 
 def _group_name(group: Any, names: Mapping[nn.Module, str]) -> str:
@@ -119,60 +249,85 @@ def _keep_count(n: int, ratio: float, floor: int, round_to: int) -> int:
     return min(n, math.ceil(keep / round_to) * round_to)
 
 
+def _step(round_to: int, slices: int) -> int:
+    """Kept counts are multiples of this: of ``round_to``, and whole positions of every slice."""
+    return math.lcm(round_to, slices)
+
+
 def plan_pruning(
     scores: Mapping[str, torch.Tensor],
     ratio: float,
     floors: Mapping[str, int],
     global_ranking: bool = False,
     round_to: int = 1,
+    slices: Mapping[str, int] | None = None,
 ) -> Plan:
     """Which channels to remove from each group at ``ratio``.
 
     Per-layer ranking removes ``ratio`` of every group's channels; global ranking removes the
     ``ratio`` of all channels with the lowest scores, wherever they are. Either way each group keeps
-    at least its floor, and a kept count is rounded up to a multiple of ``round_to``.
+    at least its floor, and a kept count is rounded up to a multiple of ``round_to`` (and of the group's
+    ``slices``, whose positions go together: :func:`removal_order`).
     """
+    slices = {name: (slices or {}).get(name, 1) for name in scores}
+    order = {name: removal_order(s, slices[name]) for name, s in scores.items()}
+    step = {name: _step(round_to, slices[name]) for name in scores}
     keep: dict[str, int] = {}
     if global_ranking:
-        flat = torch.cat([s.float() for s in scores.values()])
-        owners = [name for name, s in scores.items() for _ in range(len(s))]
-        budget = math.floor(ratio * len(flat) + 1e-9)
+        units = [  # (mean score of a position, group): a position of k slices removes k channels
+            (float(s.float()[order[name][i : i + slices[name]]].mean()), name)
+            for name, s in scores.items()
+            for i in range(0, len(s), slices[name])
+        ]
         left = {name: len(s) for name, s in scores.items()}
-        for i in torch.argsort(flat, stable=True).tolist():
-            if budget == 0:
+        budget = math.floor(ratio * sum(left.values()) + 1e-9)
+        for _, name in sorted(units, key=lambda u: u[0]):
+            if budget <= 0:
                 break
-            name = owners[i]
-            if left[name] > floors[name]:
-                left[name] -= 1
-                budget -= 1
+            if slices[name] <= budget and left[name] - slices[name] >= floors[name]:  # never past the ratio
+                left[name] -= slices[name]
+                budget -= slices[name]
         keep = {
-            name: _keep_count(len(scores[name]), 1 - left[name] / len(scores[name]), floors[name], round_to)
+            name: _keep_count(len(scores[name]), 1 - left[name] / len(scores[name]), floors[name], step[name])
             for name in scores
         }
     else:
-        keep = {name: _keep_count(len(s), ratio, floors[name], round_to) for name, s in scores.items()}
-    return {
-        name: sorted(torch.argsort(s.float(), stable=True)[: len(s) - keep[name]].tolist())
-        for name, s in scores.items()
-        if keep[name] < len(s)
-    }
+        keep = {name: _keep_count(len(s), ratio, floors[name], step[name]) for name, s in scores.items()}
+    return {name: sorted(order[name][: len(s) - keep[name]]) for name, s in scores.items() if keep[name] < len(s)}
 
 
 def apply_plan(model: nn.Module, example_input: torch.Tensor, plan: Plan, ignored_layers: Sequence[str] = ()) -> None:
-    """Remove the planned channels from ``model`` in place."""
+    """Remove the planned channels from ``model`` in place (no checks: see :func:`prune_student`)."""
     groups = channel_groups(model, example_input, ignored_layers)
     for name, idxs in plan.items():
         if idxs:
             groups[name].prune(idxs)
+    _sync_attention(model)
 
 
 def _score(importance: Importance, groups: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    scores = {}
+    scores, failed = {}, {}
     for name, group in groups.items():
-        s = importance(group)
+        try:
+            s = importance(group)
+        except IndexError as err:  # torch-pruning mapped the group's channels past a layer's end
+            failed[name] = f"{type(err).__name__}: {_first_line(err)}"
+            continue
         if s is not None:
             scores[name] = s.detach().float().cpu()
+    if failed:
+        raise _refusal(failed, "torch-pruning maps the channels of {} inconsistently")
     return scores
+
+
+def _refusal(found: Mapping[str, str], problem: str) -> ValueError:
+    """One line: ``problem`` naming the layers of ``found`` (name: reason), the first reason, and what to try."""
+    (first, reason), names = next(iter(found.items())), ", ".join(map(repr, found))
+    which = f"layer {first!r}" if len(found) == 1 else f"{len(found)} layers ({first!r} first)"
+    return ValueError(
+        f"{problem.format(which)} ({reason}); the student was left unchanged. Keep their channels and prune the "
+        f"rest (ignored_layers=[{names}]), or prune another architecture"
+    )
 
 
 def channel_counts(model: nn.Module, example_input: torch.Tensor, ignored_layers: Sequence[str] = ()) -> dict[str, int]:
@@ -187,13 +342,14 @@ def _size(model: nn.Module, example_input: torch.Tensor, target_params: int | No
 
 def _scored(
     model: nn.Module, example_input: torch.Tensor, criterion: Importance, policy: PruningPolicy, floors: Floors
-) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-    """Each group's channel scores, and its floor (``floors``, or the policy's of its current channels)."""
-    scores = _score(criterion, channel_groups(model, example_input, policy.ignored_layers))
+) -> tuple[dict[str, torch.Tensor], dict[str, int], dict[str, int]]:
+    """Each group's channel scores, its floor (``floors``, or the policy's of its current channels), its slices."""
+    groups, slices = _groups(model, example_input, policy.ignored_layers)
+    scores = _score(criterion, groups)
     if not scores:
         raise ValueError("the criterion scored no layer (e.g. bn_scale on a model without BatchNorm)")
     own = policy.floors({name: len(s) for name, s in scores.items()})
-    return scores, {name: (floors or {}).get(name, own[name]) for name in scores}
+    return scores, {name: (floors or {}).get(name, own[name]) for name in scores}, {n: slices[n] for n in scores}
 
 
 def select_channels(
@@ -251,10 +407,10 @@ def _select(
             label = policy.importance if isinstance(policy.importance, str) else type(criterion).__name__
             raise ValueError(f"the {label!r} criterion is data-driven: pass data=batches of (x, y)")
         criterion.collect(model, data)
-    scores, floors = _scored(model, example_input, criterion, policy, floors)
+    scores, floors, slices = _scored(model, example_input, criterion, policy, floors)
 
     def make(r: float) -> Plan:
-        return plan_pruning(scores, r, floors, policy.global_ranking, policy.round_to)
+        return plan_pruning(scores, r, floors, policy.global_ranking, policy.round_to, slices)
 
     if ratio is not None:
         return make(ratio), None
@@ -263,14 +419,23 @@ def _select(
         def apply(trial: nn.Module, plan: Plan) -> None:
             apply_plan(trial, example_input, plan, policy.ignored_layers)
 
-        return latency_plan(model, scores, floors, policy.round_to, target_latency_ms, latency, apply)
+        return latency_plan(model, scores, floors, policy.round_to, target_latency_ms, latency, apply, slices=slices)
+
+    sizes: dict[str, int] = {}  # by plan: with round_to, many ratios give the same layout
 
     def cost(r: float) -> int:
-        trial = copy.deepcopy(model)
-        apply_plan(trial, example_input, make(r), policy.ignored_layers)
-        return _size(trial, example_input, target_params)
+        plan = make(r)
+        key = repr(sorted(plan.items()))
+        if key not in sizes:
+            trial = copy.deepcopy(model)
+            try:
+                apply_plan(trial, example_input, plan, policy.ignored_layers)
+                sizes[key] = _size(trial, example_input, target_params)
+            except Exception:  # noqa: BLE001 - a layout that does not run: prune less (prune_student refuses it
+                sizes[key] = 0  # if the target needs it)
+        return sizes[key]
 
-    _check_smallest(model, example_input, scores, floors, policy, target_params, target_macs)
+    _check_smallest(model, example_input, scores, floors, slices, policy, target_params, target_macs)
     lo, hi = 0.0, 1.0 - 1e-9  # cost(lo) > target >= cost(hi)
     for _ in range(30):
         mid = (lo + hi) / 2
@@ -297,8 +462,8 @@ def check_target(
     Cheap (one pruned copy, no data), so jobs check their final target before they start.
     """
     policy = policy or PruningPolicy()
-    scores, floors = _scored(model, example_input, resolve_importance("l1"), policy, floors)  # any criterion: size
-    _check_smallest(model, example_input, scores, floors, policy, target_params, target_macs)
+    scores, floors, slices = _scored(model, example_input, resolve_importance("l1"), policy, floors)  # any: size
+    _check_smallest(model, example_input, scores, floors, slices, policy, target_params, target_macs)
 
 
 def check_latency_target(
@@ -314,10 +479,9 @@ def check_latency_target(
     Both are timed side by side by ``latency``: the student, and a copy with every prunable layer at its floor.
     """
     policy = policy or PruningPolicy()
-    scores, floors = _scored(model, example_input, resolve_importance("l1"), policy, floors)  # any criterion: size
-    smallest = copy.deepcopy(model)
-    plan = plan_pruning(scores, 1.0 - 1e-9, floors, False, policy.round_to)
-    apply_plan(smallest, example_input, plan, policy.ignored_layers)
+    scores, floors, slices = _scored(model, example_input, resolve_importance("l1"), policy, floors)  # any: size
+    plan = plan_pruning(scores, 1.0 - 1e-9, floors, False, policy.round_to, slices)
+    smallest = _check_plan(model, example_input, plan, policy.ignored_layers)
     ms = latency({"student": model, "smallest": smallest})
     where = getattr(latency, "describe", lambda: "the runtime")()
     if target_latency_ms >= ms["student"]:
@@ -339,15 +503,19 @@ def _check_smallest(
     example_input: torch.Tensor,
     scores: Mapping[str, torch.Tensor],
     floors: Mapping[str, int],
+    slices: Mapping[str, int],
     policy: PruningPolicy,
     target_params: int | None,
     target_macs: int | None,
 ) -> None:
     trial = copy.deepcopy(model)  # every scored layer at its floor
-    plan = plan_pruning(scores, 1.0 - 1e-9, floors, False, policy.round_to)
-    apply_plan(trial, example_input, plan, policy.ignored_layers)
+    plan = plan_pruning(scores, 1.0 - 1e-9, floors, False, policy.round_to, slices)
     target = target_params if target_params is not None else target_macs
-    smallest = _size(trial, example_input, target_params)
+    try:
+        apply_plan(trial, example_input, plan, policy.ignored_layers)
+        smallest = _size(trial, example_input, target_params)
+    except Exception:  # noqa: BLE001 - the smallest layout does not run (e.g. GhostNet's coupled groups empty
+        return  # a layer): the plan chosen for the target is checked before it is applied (prune_student)
     if smallest > target:
         unit = "parameters" if target_params is not None else "MACs"
         raise ValueError(
@@ -400,14 +568,83 @@ def prune_student(
         plan, measured = _select(model, example_input, policy, **amount)
     before_channels = channel_counts(model, example_input, policy.ignored_layers)
     params_before, macs_before = count_params(model), count_macs(model, example_input)
-    apply_plan(model, example_input, plan, policy.ignored_layers)
-    mark_pruned(model)
+    _check_plan(model, example_input, plan, policy.ignored_layers)  # on a copy: a refusal leaves the model as it was
+    _prune(model, example_input, plan, policy.ignored_layers)
+    after = channel_counts(model, example_input, policy.ignored_layers)
     return PruneReport(
         params_before=params_before,
         params_after=count_params(model),
         macs_before=macs_before,
         macs_after=count_macs(model, example_input),
         channels_before=before_channels,
-        channels_after={name: before_channels[name] - len(plan.get(name, [])) for name in before_channels},
-        latency_ms=measured,
+        channels_after={name: after.get(name, 0) for name in before_channels},  # read from the model: coupled
+        latency_ms=measured,  # groups may lose more than their own plan says
     )
+
+
+def _prune(model: nn.Module, example_input: torch.Tensor, plan: Plan, ignored_layers: Sequence[str]) -> None:
+    """Apply ``plan`` and record in the model's spec what a checkpoint needs to rebuild the pruned layout."""
+    before = shape_attributes(model)
+    apply_plan(model, example_input, plan, ignored_layers)
+    mark_pruned(model, before)
+
+
+def _check_plan(model: nn.Module, example_input: torch.Tensor, plan: Plan, ignored_layers: Sequence[str]) -> nn.Module:
+    """Prune a copy of ``model`` by ``plan`` and refuse the plan, in one line, unless the copy still runs (same
+    output shape) and rebuilds from its checkpoint (spec and state_dict) to the same outputs; the copy."""
+    with torch.no_grad(), eval_mode(model):
+        expected = model(example_input).shape
+    trial = copy.deepcopy(model)
+    try:
+        _prune(trial, example_input, plan, ignored_layers)
+        with torch.no_grad(), eval_mode(trial):
+            got = trial(example_input)
+        if got.shape != expected:
+            raise ValueError(f"the output changed shape, {tuple(expected)} -> {tuple(got.shape)}")
+    except Exception as err:  # noqa: BLE001 - torch-pruning and the model fail with any error; find the layers
+        found = _culprits(model, example_input, plan, ignored_layers, expected) or {"?": _first_line(err)}
+        raise _refusal(found, "pruning {} breaks the student") from None
+    spec = getattr(trial, "model_spec", None)
+    if spec is not None:
+        try:
+            state = trial.state_dict()
+            rebuilt = load_weights(build_student(spec, state), state, "the pruned student", describe_spec(spec))
+            rebuilt.to(example_input.device)
+            with torch.no_grad(), eval_mode(rebuilt), eval_mode(trial):  # close, not equal: the student may
+                got, expected = rebuilt(example_input), trial(example_input)  # be channels_last, or on a GPU
+            if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-4, atol=1e-5):
+                raise ValueError("its outputs differ from the pruned student's")
+        except Exception as err:  # noqa: BLE001 - any failure to rebuild is the same refusal
+            raise ValueError(
+                f"the pruned student could not be rebuilt from its checkpoint ({_first_line(err)}); the student was "
+                f"left unchanged. Keep the layers involved (ignored_layers) or prune another architecture"
+            ) from None
+    return trial
+
+
+def _culprits(
+    model: nn.Module, example_input: torch.Tensor, plan: Plan, ignored_layers: Sequence[str], expected: torch.Size
+) -> dict[str, str]:
+    """The groups of ``plan`` whose pruning breaks ``model``, and why: each applied in plan order on a copy with
+    the groups before it that did not break it (one more copy per group that does)."""
+    found: dict[str, str] = {}
+    fine: list[str] = []
+    trial = None
+    for name, idxs in plan.items():
+        if trial is None:
+            trial = copy.deepcopy(model)
+            groups = channel_groups(trial, example_input, ignored_layers)
+            for done in fine:
+                groups[done].prune(plan[done])
+        try:
+            groups[name].prune(idxs)
+            _sync_attention(trial)
+            with torch.no_grad(), eval_mode(trial):
+                got = trial(example_input)
+            if got.shape != expected:
+                raise ValueError(f"the output changed shape, {tuple(expected)} -> {tuple(got.shape)}")
+            fine.append(name)
+        except Exception as err:  # noqa: BLE001
+            found[name] = f"{type(err).__name__}: {_first_line(err)}"
+            trial = None
+    return found
