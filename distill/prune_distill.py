@@ -186,7 +186,7 @@ def prune_distill(
     policy = PruningPolicy(importance, global_ranking, min_fraction=min_fraction, round_to=round_to,
                            ignored_layers=ignored_layers or ())  # fmt: skip
     floors = check_reachable(start, x, policy, target_params, target_macs, schedule, ratio, max_rounds,
-                             target_latency_ms, meter)  # fmt: skip
+                             target_latency_ms, meter, _timed_before(Path(run_dir)))  # fmt: skip
     target = _Target(target_params, target_macs, target_latency_ms, x)
 
     out = Path(run_dir).resolve()
@@ -319,6 +319,15 @@ def check_latency_options(runtime: str, batch_size: int, needs_onnx: bool, threa
         require_onnxruntime()
 
 
+def _timed_before(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a run that timed its start (it passed the latency check; its settings are
+    compared when it is taken up, and a run with others is refused then)."""
+    try:
+        return "start_latency_ms" in json.loads((run_dir / "state.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
 def check_reachable(
     student: torch.nn.Module,
     x: torch.Tensor,
@@ -330,14 +339,18 @@ def check_reachable(
     max_rounds: int = 50,
     target_latency_ms: float | None = None,
     latency: LatencyMeter | None = None,
+    timed_before: bool = False,
 ) -> dict[str, int]:
     """Refuse a target that pruning ``student`` under ``policy`` cannot reach; return each group's floor.
 
     The target must be below the student's size, reachable with every layer at its floor (of the channels
     before pruning starts), and, for the fixed schedule, within ``max_rounds`` rounds. A latency target is
-    checked by timing the student and its smallest layout with ``latency``.
+    checked by timing the student and its smallest layout with ``latency``, unless ``timed_before`` (a run
+    resuming with the same settings passed that check when it started; timings near the target would flip).
     """
     floors = policy.floors(channel_counts(student, x, policy.ignored_layers))
+    if target_latency_ms is not None and timed_before:
+        return floors
     if target_latency_ms is not None:
         start_ms, _ = check_latency_target(student, x, policy, target_latency_ms, latency, floors)
         if schedule == "fixed" and len(latency_goals(schedule, 1, ratio, start_ms, target_latency_ms)) > max_rounds:
