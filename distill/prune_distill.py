@@ -68,7 +68,7 @@ from distill.report import phase_label, prune_distill_report
 from distill.rundir import RunState
 from students import StudentNet, load_student, read_checkpoint, save_student, width_for_params
 
-__all__ = ["check_latency_options", "check_options", "check_reachable", "prune_distill"]
+__all__ = ["check_latency_options", "check_options", "check_reachable", "has_timed_start", "prune_distill"]
 
 
 def prune_distill(
@@ -186,7 +186,7 @@ def prune_distill(
     policy = PruningPolicy(importance, global_ranking, min_fraction=min_fraction, round_to=round_to,
                            ignored_layers=ignored_layers or ())  # fmt: skip
     floors = check_reachable(start, x, policy, target_params, target_macs, schedule, ratio, max_rounds,
-                             target_latency_ms, meter, _timed_before(Path(run_dir)))  # fmt: skip
+                             target_latency_ms, meter, has_timed_start(Path(run_dir)))  # fmt: skip
     target = _Target(target_params, target_macs, target_latency_ms, x)
 
     out = Path(run_dir).resolve()
@@ -319,7 +319,7 @@ def check_latency_options(runtime: str, batch_size: int, needs_onnx: bool, threa
         require_onnxruntime()
 
 
-def _timed_before(run_dir: Path) -> bool:
+def has_timed_start(run_dir: Path) -> bool:
     """Whether ``run_dir`` holds a run that timed its start (it passed the latency check; its settings are
     compared when it is taken up, and a run with others is refused then)."""
     try:

@@ -32,7 +32,13 @@ import torch
 
 from distill.export import export_onnx
 from distill.latency import LatencyMeter, compare_latency
-from distill.prune_distill import check_latency_options, check_options, check_reachable, prune_distill
+from distill.prune_distill import (
+    check_latency_options,
+    check_options,
+    check_reachable,
+    has_timed_start,
+    prune_distill,
+)
 from distill.pruning import CHANNEL_MULTIPLE, PruningPolicy
 from distill.quantize import require_onnxruntime
 from distill.recipes import (
@@ -159,7 +165,8 @@ def quickstart(
     if target_latency_ms is None:
         relative = _relative_target(out / "latency.json", model.student, meter, target_latency)
     target_ms = target_latency_ms or relative["target_ms"]
-    check_reachable(model.student, x, policy, None, None, target_latency_ms=target_ms, latency=meter)
+    check_reachable(model.student, x, policy, None, None, target_latency_ms=target_ms, latency=meter,
+                    timed_before=has_timed_start(out / "prune_distill"))  # fmt: skip
 
     # The run in this folder: its settings, with the recipes' contents standing for their paths.
     del settings["run_dir"]

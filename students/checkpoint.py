@@ -328,9 +328,10 @@ def _sync_shape_attributes(module: nn.Module) -> None:
 
 
 def build_student(spec: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
-    """Build the architecture a ``{"name", "kwargs"[, "pruned"]}`` spec describes.
+    """Build the architecture a ``{"name", "kwargs"[, "pruned", "layout"]}`` spec describes.
 
-    A pruned non-StudentNet model is resized to the shapes in ``state_dict`` when one is given.
+    A pruned non-StudentNet model is resized to the shapes in ``state_dict`` when one is given, and given the
+    integer attributes its ``layout`` records (:func:`mark_pruned`).
     """
     try:
         model = create_student(spec["name"], **spec["kwargs"])

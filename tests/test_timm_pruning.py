@@ -14,7 +14,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from distill.export import export_onnx
-from distill.pruning import PruningPolicy, TaylorImportance, channel_counts, prune_student, surgery
+from distill.pruning import (
+    PruningPolicy,
+    TaylorImportance,
+    channel_counts,
+    check_target,
+    prune_student,
+    surgery,
+)
 from distill.pruning.policy import removal_order
 from distill.pruning.surgery import plan_pruning
 from students import create_student, save_student
@@ -125,6 +132,8 @@ def test_a_plan_that_breaks_the_student_is_refused_naming_the_layer_and_nothing_
         prune_student(model, X[:1], PruningPolicy(round_to=1), ratio=0.5)
     with pytest.raises(ValueError, match=refusal):  # a size target: its smallest layout is checked first
         prune_student(model, X[:1], PruningPolicy(round_to=1), target_params=1000)
+    with pytest.raises(ValueError, match=refusal):  # as jobs check it before they train
+        check_target(model, X[:1], PruningPolicy(round_to=1), target_params=1000)
     assert model.state_dict().keys() == before.keys()
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert torch.equal(model(X), expected)

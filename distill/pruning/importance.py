@@ -132,17 +132,16 @@ class TaylorImportance:
         seen = 0
         try:
             with eval_mode(model):  # BatchNorm statistics must not move while we measure
-                losses = []
                 for x, y in batches:
-                    losses.append(F.cross_entropy(model(x), y))
+                    F.cross_entropy(model(x), y).backward()
+                    # LeViT and EfficientViT cache attention biases in eval mode: the next batch's backward
+                    # would go through this batch's graph again
+                    forget_eval_caches(model)
                     seen += 1
                     if seen == self.num_batches:
                         break
-                if seen == 0:
-                    raise ValueError("taylor importance received no batches")
-                # one backward through all batches: some models cache tensors in eval mode (LeViT's attention
-                # biases), which a second backward through the same graph would refuse
-                torch.stack(losses).sum().backward()
+            if seen == 0:
+                raise ValueError("taylor importance received no batches")
             self.scores = {
                 m: (m.weight.grad * m.weight).detach().flatten(1).sum(1).abs()
                 for m in model.modules()
@@ -151,7 +150,7 @@ class TaylorImportance:
         finally:
             for p, grad in saved.items():
                 p.grad = grad
-            forget_eval_caches(model)  # what LeViT cached in eval mode holds our graph
+            forget_eval_caches(model)  # what LeViT caches in eval mode would hold our graph
 
     def __call__(self, group: Any) -> torch.Tensor | None:
         scores = _producer_scores(group, self.scores)

@@ -21,7 +21,8 @@ import copy
 import math
 import signal
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,7 +56,8 @@ Plan = dict[str, list[int]]
 #: Channels each group keeps at least, by group name (``None``: the policy's floors of the current channels).
 Floors = Mapping[str, int] | None
 #: Seconds torch-pruning may spend tracing a student's dependency graph before the student is refused (on some
-#: architectures, e.g. timm's EfficientViT-M0 and ReXNet, torch-pruning 1.6 never finishes).
+#: architectures, e.g. timm's EfficientViT-M0 and ReXNet, torch-pruning 1.6 never finishes). Enforced with SIGALRM,
+#: so only in the main thread on Unix; elsewhere a trace has no limit.
 GRAPH_TIMEOUT_S = 120.0
 
 
@@ -120,7 +122,8 @@ def _sync_attention(model: nn.Module) -> None:
 
 @contextlib.contextmanager
 def _time_limit(seconds: float, what: str) -> Iterator[None]:
-    """Raise ``TimeoutError(what)`` after ``seconds`` (main thread on Unix only; elsewhere no limit)."""
+    """Raise ``TimeoutError(what)`` every ``seconds`` until the block ends (SIGALRM: in the main thread on Unix
+    only, elsewhere no limit); a timer already running outside is re-armed with what it had left."""
     if not hasattr(signal, "setitimer") or threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -128,24 +131,29 @@ def _time_limit(seconds: float, what: str) -> Iterator[None]:
     def expire(_signum: int, _frame: Any) -> None:
         raise TimeoutError(what)
 
+    started = time.monotonic()
     previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    outer, _ = signal.setitimer(signal.ITIMER_REAL, seconds, seconds)  # repeats: code may swallow one alarm
     try:
         yield
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+        try:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+        finally:
+            signal.signal(signal.SIGALRM, previous)
+            if outer > 0:
+                signal.setitimer(signal.ITIMER_REAL, max(1e-3, outer - (time.monotonic() - started)))
 
 
 def _dependency_graph(model: nn.Module, example_input: torch.Tensor, frozen: set[nn.Module]) -> tuple[Any, list]:
     """torch-pruning's dependency graph of ``model`` and its groups, or one line saying why there are none."""
     what = f"torch-pruning did not finish tracing {type(model).__name__} within {GRAPH_TIMEOUT_S:g} s"
     try:
-        # torch-pruning traces the graph through autograd, in eval mode
+        # torch-pruning traces the graph through autograd, in eval mode; a tuple of inputs, or it retries a
+        # failed forward without the batch dimension under a bare except (which would swallow the alarm)
         with torch.enable_grad(), eval_mode(model), _time_limit(GRAPH_TIMEOUT_S, what):
-            graph = tp.DependencyGraph().build_dependency(model, example_inputs=example_input)
+            graph = tp.DependencyGraph().build_dependency(model, example_inputs=(example_input,))
             groups = list(graph.get_all_groups(ignored_layers=list(frozen), root_module_types=[nn.Conv2d, nn.Linear]))
-        forget_eval_caches(model)
     except TimeoutError:
         raise ValueError(
             f"{what} (distill.pruning.surgery.GRAPH_TIMEOUT_S): its graph is not supported; prune another "
@@ -156,6 +164,8 @@ def _dependency_graph(model: nn.Module, example_input: torch.Tensor, frozen: set
             f"torch-pruning cannot trace {type(model).__name__}: {type(err).__name__}: {_first_line(err)}. "
             f"Prune another architecture, or train this one at its size"
         ) from None
+    finally:
+        forget_eval_caches(model)
     return graph, groups
 
 
@@ -184,16 +194,16 @@ def channel_slices(group: Any, heads: Mapping[nn.Module, int] | None = None) -> 
     A grouped convolution (not depthwise) keeps ``groups`` equal slices, a GroupNorm ``num_groups``, an
     attention layer its heads (torch-pruning's ``MetaPruner`` handles them alike).
     """
-    slices = [1]
+    slices = 1
     for dep, _ in group:
         m = dep.target.module
         if isinstance(m, nn.modules.conv._ConvNd) and 1 < m.groups != m.out_channels:
-            slices.append(m.groups)
+            slices = math.lcm(slices, m.groups)
         elif isinstance(m, nn.GroupNorm):
-            slices.append(m.num_groups)
+            slices = math.lcm(slices, m.num_groups)
         elif m in (heads or {}) and dep.handler.__name__ == "prune_out_channels":
-            slices.append(heads[m])
-    return max(slices)
+            slices = math.lcm(slices, heads[m])
+    return slices
 
 
 def _groups(
@@ -322,6 +332,9 @@ def _score(importance: Importance, groups: Mapping[str, Any]) -> dict[str, torch
 
 def _refusal(found: Mapping[str, str], problem: str) -> ValueError:
     """One line: ``problem`` naming the layers of ``found`` (name: reason), the first reason, and what to try."""
+    if "" in found:  # no single layer to blame
+        return ValueError(f"{problem.format('it')} ({found['']}); the student was left unchanged. Prune another "
+                          "architecture, or prune less")  # fmt: skip
     (first, reason), names = next(iter(found.items())), ", ".join(map(repr, found))
     which = f"layer {first!r}" if len(found) == 1 else f"{len(found)} layers ({first!r} first)"
     return ValueError(
@@ -421,6 +434,19 @@ def _select(
 
         return latency_plan(model, scores, floors, policy.round_to, target_latency_ms, latency, apply, slices=slices)
 
+    _check_smallest(model, example_input, make, policy.ignored_layers, target_params, target_macs)
+    return _bisect(model, example_input, make, policy.ignored_layers, target_params, target), None
+
+
+def _bisect(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    make: Callable[[float], Plan],
+    ignored_layers: Sequence[str],
+    target_params: int | None,
+    target: int,
+) -> Plan:
+    """The plan at the least ratio whose pruned copy has at most ``target`` parameters (or MACs)."""
     sizes: dict[str, int] = {}  # by plan: with round_to, many ratios give the same layout
 
     def cost(r: float) -> int:
@@ -429,13 +455,12 @@ def _select(
         if key not in sizes:
             trial = copy.deepcopy(model)
             try:
-                apply_plan(trial, example_input, plan, policy.ignored_layers)
+                apply_plan(trial, example_input, plan, ignored_layers)
                 sizes[key] = _size(trial, example_input, target_params)
             except Exception:  # noqa: BLE001 - a layout that does not run: prune less (prune_student refuses it
                 sizes[key] = 0  # if the target needs it)
         return sizes[key]
 
-    _check_smallest(model, example_input, scores, floors, slices, policy, target_params, target_macs)
     lo, hi = 0.0, 1.0 - 1e-9  # cost(lo) > target >= cost(hi)
     for _ in range(30):
         mid = (lo + hi) / 2
@@ -445,7 +470,7 @@ def _select(
             lo = mid
         if hi - lo < 1e-4:
             break
-    return make(hi), None
+    return make(hi)
 
 
 def check_target(
@@ -463,7 +488,11 @@ def check_target(
     """
     policy = policy or PruningPolicy()
     scores, floors, slices = _scored(model, example_input, resolve_importance("l1"), policy, floors)  # any: size
-    _check_smallest(model, example_input, scores, floors, slices, policy, target_params, target_macs)
+
+    def make(r: float) -> Plan:
+        return plan_pruning(scores, r, floors, policy.global_ranking, policy.round_to, slices)
+
+    _check_smallest(model, example_input, make, policy.ignored_layers, target_params, target_macs)
 
 
 def check_latency_target(
@@ -501,21 +530,22 @@ def check_latency_target(
 def _check_smallest(
     model: nn.Module,
     example_input: torch.Tensor,
-    scores: Mapping[str, torch.Tensor],
-    floors: Mapping[str, int],
-    slices: Mapping[str, int],
-    policy: PruningPolicy,
+    make: Callable[[float], Plan],
+    ignored_layers: Sequence[str],
     target_params: int | None,
     target_macs: int | None,
 ) -> None:
-    trial = copy.deepcopy(model)  # every scored layer at its floor
-    plan = plan_pruning(scores, 1.0 - 1e-9, floors, False, policy.round_to, slices)
+    """Refuse a size target that the smallest layout ``make`` gives (every layer at its floor) does not meet."""
     target = target_params if target_params is not None else target_macs
+    trial = copy.deepcopy(model)
     try:
-        apply_plan(trial, example_input, plan, policy.ignored_layers)
+        apply_plan(trial, example_input, make(1.0 - 1e-9), ignored_layers)
+        with torch.no_grad(), eval_mode(trial):
+            trial(example_input)
         smallest = _size(trial, example_input, target_params)
-    except Exception:  # noqa: BLE001 - the smallest layout does not run (e.g. GhostNet's coupled groups empty
-        return  # a layer): the plan chosen for the target is checked before it is applied (prune_student)
+    except Exception:  # noqa: BLE001 - the smallest layout does not run (GhostNet's coupled groups empty a layer):
+        plan = _bisect(model, example_input, make, ignored_layers, target_params, target)  # check the target's
+        smallest = _size(_check_plan(model, example_input, plan, ignored_layers), example_input, target_params)
     if smallest > target:
         unit = "parameters" if target_params is not None else "MACs"
         raise ValueError(
@@ -577,9 +607,15 @@ def prune_student(
         macs_before=macs_before,
         macs_after=count_macs(model, example_input),
         channels_before=before_channels,
-        channels_after={name: after.get(name, 0) for name in before_channels},  # read from the model: coupled
-        latency_ms=measured,  # groups may lose more than their own plan says
+        channels_after={name: after.get(name, _out_channels(model, name)) for name in before_channels},  # read from
+        latency_ms=measured,  # the model: coupled groups may lose more than their plan says, or merge
     )
+
+
+def _out_channels(model: nn.Module, name: str) -> int:
+    """The output channels of layer ``name`` (a group's producer)."""
+    layer = model.get_submodule(name)
+    return layer.out_channels if isinstance(layer, nn.modules.conv._ConvNd) else layer.out_features
 
 
 def _prune(model: nn.Module, example_input: torch.Tensor, plan: Plan, ignored_layers: Sequence[str]) -> None:
@@ -594,7 +630,8 @@ def _check_plan(model: nn.Module, example_input: torch.Tensor, plan: Plan, ignor
     output shape) and rebuilds from its checkpoint (spec and state_dict) to the same outputs; the copy."""
     with torch.no_grad(), eval_mode(model):
         expected = model(example_input).shape
-    trial = copy.deepcopy(model)
+    trial = copy.deepcopy(model).cpu()  # on the CPU: no GPU memory beside training
+    example_input = example_input.cpu()
     try:
         _prune(trial, example_input, plan, ignored_layers)
         with torch.no_grad(), eval_mode(trial):
@@ -602,22 +639,21 @@ def _check_plan(model: nn.Module, example_input: torch.Tensor, plan: Plan, ignor
         if got.shape != expected:
             raise ValueError(f"the output changed shape, {tuple(expected)} -> {tuple(got.shape)}")
     except Exception as err:  # noqa: BLE001 - torch-pruning and the model fail with any error; find the layers
-        found = _culprits(model, example_input, plan, ignored_layers, expected) or {"?": _first_line(err)}
+        found = _culprits(model, example_input, plan, ignored_layers, expected) or {"": _first_line(err)}
         raise _refusal(found, "pruning {} breaks the student") from None
     spec = getattr(trial, "model_spec", None)
     if spec is not None:
         try:
             state = trial.state_dict()
             rebuilt = load_weights(build_student(spec, state), state, "the pruned student", describe_spec(spec))
-            rebuilt.to(example_input.device)
             with torch.no_grad(), eval_mode(rebuilt), eval_mode(trial):  # close, not equal: the student may
-                got, expected = rebuilt(example_input), trial(example_input)  # be channels_last, or on a GPU
+                got, expected = rebuilt(example_input), trial(example_input)  # be channels_last
             if got.shape != expected.shape or not torch.allclose(got, expected, rtol=1e-4, atol=1e-5):
                 raise ValueError("its outputs differ from the pruned student's")
         except Exception as err:  # noqa: BLE001 - any failure to rebuild is the same refusal
             raise ValueError(
-                f"the pruned student could not be rebuilt from its checkpoint ({_first_line(err)}); the student was "
-                f"left unchanged. Keep the layers involved (ignored_layers) or prune another architecture"
+                f"the pruned student could not be rebuilt from its checkpoint ({_first_line(err)}), so it could not "
+                f"be saved and loaded again; the student was left unchanged. Prune another architecture"
             ) from None
     return trial
 
@@ -632,7 +668,7 @@ def _culprits(
     trial = None
     for name, idxs in plan.items():
         if trial is None:
-            trial = copy.deepcopy(model)
+            trial = copy.deepcopy(model).cpu()
             groups = channel_groups(trial, example_input, ignored_layers)
             for done in fine:
                 groups[done].prune(plan[done])
