@@ -47,3 +47,15 @@ def test_pruning_speed_prints_its_table():
     for row in pruned:  # half of each layer; the criteria differ in which channels, not how many (per-layer ranking)
         assert row[col["channels"]] == pruned[0][col["channels"]]
         assert all(abs(w - b / 2) <= 1 for w, b in zip(ast.literal_eval(row[col["channels"]]), widths, strict=True))
+
+
+def test_timm_zoo_prints_its_table():
+    out = subprocess.run(
+        [sys.executable, "benchmarks/timm_zoo.py", "--models", "test_convnext"],
+        capture_output=True, text=True, check=True, cwd=ROOT,
+    ).stdout  # fmt: skip
+    header, rows = markdown_rows(out)
+    row = dict(zip(header, rows[0], strict=True))
+    assert row["model"] == "test_convnext" and row["tp alone"] == "ok" and row["reload"] == "bit-exact"
+    assert row["l1"].startswith("ok, ") and row["taylor"].startswith("ok, ") and row["onnx"].startswith("ok, ")
+    assert row["train"].startswith("ok, loss") and rows[-1][3:9] == ["**1/1**"] * 6
