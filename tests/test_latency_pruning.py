@@ -74,14 +74,20 @@ def test_kept_channel_counts_are_rounded_up_floors_included():
     assert model.channels == [8, 8, 8, 16, 32, 32, 32, 32]
 
 
-def test_a_student_pruned_to_a_size_with_the_default_rounding_is_not_slower_than_its_start():
-    """Global ranking leaves uneven channel counts; rounded to CHANNEL_MULTIPLE they run fast in ONNX Runtime."""
-    model = net()
-    start = copy.deepcopy(model)
-    policy = PruningPolicy("l1", global_ranking=True, min_fraction=0.1, round_to=CHANNEL_MULTIPLE)
-    prune_student(model, X1, policy, target_params=100_000)
-    ms = meter()({"start": start, "pruned": model})
-    assert ms["pruned"] < ms["start"], ms
+def test_a_student_pruned_to_a_size_with_the_default_rounding_runs_faster_than_with_uneven_counts():
+    """Global ranking leaves uneven channel counts; rounded to CHANNEL_MULTIPLE they run fast in ONNX Runtime.
+
+    (Against the unpruned start, 1.2 against 1.8 ms on a quiet 2-core CPU, the order flipped once in CI beside
+    another load: that claim lives in RESULTS.md; uneven counts ran 2.5x slower than rounded ones.)"""
+    models = {}
+    for round_to in (1, CHANNEL_MULTIPLE):
+        torch.manual_seed(0)
+        models[round_to] = net()
+        policy = PruningPolicy("l1", global_ranking=True, min_fraction=0.1, round_to=round_to)
+        prune_student(models[round_to], X1, policy, target_params=100_000)
+    assert any(c % 4 for c in models[1].channels) and all(c % CHANNEL_MULTIPLE == 0 for c in models[8].channels)
+    ms = meter()({"uneven": models[1], "rounded": models[CHANNEL_MULTIPLE]})
+    assert ms["rounded"] < ms["uneven"], ms
 
 
 def test_unreachable_latency_targets_are_refused_with_what_was_measured():
