@@ -253,6 +253,11 @@ def main() -> None:
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    import timm
+
+    unknown = [n for n in (args.models or []) + (args.advice or []) if not timm.is_model(n)]
+    if unknown:
+        parser.error(f"not timm models: {', '.join(unknown)} (see timm.list_models())")
     if args.one:
         from distill.pruning import surgery
 

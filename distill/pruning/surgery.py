@@ -101,23 +101,23 @@ def attention_heads(model: nn.Module) -> dict[nn.Module, int]:
     Pruning keeps every head: each loses the same positions of its head dimension (torch-pruning's
     ``num_heads``), and :func:`_sync_attention` sets the layer's ``head_dim``/``attn_dim`` to match.
     """
-    return {
-        m.qkv: m.num_heads
-        for m in model.modules()
-        if isinstance(getattr(m, "qkv", None), nn.Linear) and isinstance(getattr(m, "num_heads", None), int)
-    }
+    return {m.qkv: m.num_heads for m in model.modules() if _is_attention(m)}
+
+
+def _is_attention(m: nn.Module) -> bool:
+    """A timm-style attention layer: a fused ``qkv`` Linear and an integer ``num_heads``."""
+    return isinstance(getattr(m, "qkv", None), nn.Linear) and isinstance(getattr(m, "num_heads", None), int)
 
 
 def _sync_attention(model: nn.Module) -> None:
     """Give each timm-style attention layer the head size its pruned ``qkv`` now has."""
-    for qkv, heads in attention_heads(model).items():
-        for m in model.modules():
-            if getattr(m, "qkv", None) is qkv:
-                head_dim = qkv.out_features // (3 * heads)
-                if isinstance(getattr(m, "head_dim", None), int):
-                    m.head_dim = head_dim
-                if isinstance(getattr(m, "attn_dim", None), int):
-                    m.attn_dim = head_dim * heads
+    for m in model.modules():
+        if _is_attention(m):
+            head_dim = m.qkv.out_features // (3 * m.num_heads)
+            if isinstance(getattr(m, "head_dim", None), int):
+                m.head_dim = head_dim
+            if isinstance(getattr(m, "attn_dim", None), int):
+                m.attn_dim = head_dim * m.num_heads
 
 
 @contextlib.contextmanager
