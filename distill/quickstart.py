@@ -100,8 +100,8 @@ def quickstart(
             (more accurate, about 30x slower on a CPU).
         teacher_epochs: epochs of teacher training.
         student_epochs: epochs of distillation.
-        target_latency: the latency target as a fraction of the distilled StudentNet's own, measured once on
-            ``latency_runtime`` before pruning (and recorded in ``run_dir``: a rerun keeps it).
+        target_latency: the latency target as a fraction of the distilled StudentNet's own (the quietest of three
+            timings on ``latency_runtime`` before pruning, recorded in ``run_dir``: a rerun keeps it).
         target_latency_ms: or the target in milliseconds per batch of ``latency_batch_size``.
         prune_rounds: rounds of the (geometric) pruning schedule.
         epochs_per_round: distillation epochs after each pruning step.
@@ -307,10 +307,11 @@ def _resize(
 
 def _relative_target(record: Path, student: torch.nn.Module, meter: LatencyMeter, fraction: float) -> dict[str, Any]:
     """``fraction`` of ``student``'s milliseconds on ``meter``: as recorded in ``record`` by an earlier run of these
-    settings (a target re-measured on a noisy machine would change prune-distill's settings), or measured now."""
+    settings (a target re-measured on a noisy machine would change prune-distill's settings), or measured now,
+    the quietest of three timings (one taken in a busy moment put the target above the student's later timings)."""
     setup = {"fraction": fraction, "measured on": meter.describe()}
     saved = json.loads(record.read_text()) if record.is_file() else {}
     if saved.get("setup") != setup:
-        ms = meter({"student": student})["student"]
+        ms = meter.quietest(student)
         saved = {"setup": setup, "student_ms": ms, "target_ms": round(fraction * ms, 3)}
     return saved
