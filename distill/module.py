@@ -65,7 +65,8 @@ class DistillModule(LightningModule):
         min_lr_ratio: final learning rate of the cosine schedule, relative to ``lr``.
         student_spec: rebuild the student from this ``{"name", "kwargs"}`` spec when ``student`` is not given
             (checkpoints record it; you rarely set it by hand).
-        teacher_checkpoint: the teacher's checkpoint file(s). Recorded automatically from ``teacher``; when
+        teacher_checkpoint: the teacher's checkpoint file(s), or :func:`teachers.load_teacher`'s arguments
+            where a file does not name its architecture. Recorded automatically from ``teacher``; when
             ``teacher`` is not given, the teacher is loaded from here at setup (a list gives an ensemble).
         channels_last: store conv weights and inputs channels-last (NHWC), which tensor-core kernels prefer.
             ``None`` (default): on when training on a GPU, off on the CPU.
@@ -86,7 +87,7 @@ class DistillModule(LightningModule):
         warmup_epochs: float = 0.0,
         min_lr_ratio: float = 0.0,
         student_spec: dict[str, Any] | None = None,
-        teacher_checkpoint: str | list[str] | None = None,
+        teacher_checkpoint: str | dict[str, Any] | list[str | dict[str, Any]] | None = None,
         channels_last: bool | None = None,
         compile: bool = False,
     ) -> None:

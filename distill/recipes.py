@@ -190,17 +190,21 @@ def _inputs(node: Any) -> Iterable[str]:
 
 
 def file_digest(path: str | Path) -> str:
-    """SHA-256 of a file's bytes."""
+    """SHA-256 of a file's bytes, or of a folder's files (their names and bytes: a teacher in timm's hub layout)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
+    files = sorted(f for f in Path(path).rglob("*") if f.is_file()) if Path(path).is_dir() else [Path(path)]
+    for file in files:
+        if file != Path(path):
+            digest.update(str(file.relative_to(path)).encode() + b"\0")
+        with open(file, "rb") as f:
+            for block in iter(lambda f=f: f.read(1 << 20), b""):
+                digest.update(block)
     return digest.hexdigest()
 
 
 def input_digests(cfg: dict[str, Any]) -> dict[str, str]:
-    """SHA-256 of every existing file the recipe reads by path, so a retrained teacher changes the run."""
-    return {path: file_digest(path) for path in sorted(set(_inputs(cfg))) if Path(path).is_file()}
+    """SHA-256 of every existing file (or folder) the recipe reads by path, so a retrained teacher changes the run."""
+    return {path: file_digest(path) for path in sorted(set(_inputs(cfg))) if Path(path).exists()}
 
 
 def fingerprint(cfg: dict[str, Any]) -> str:

@@ -14,6 +14,7 @@ also reads the weights of other layouts and plain state_dicts; all prefix handli
 
 from __future__ import annotations
 
+import argparse
 import pickle
 import random
 import re
@@ -63,6 +64,9 @@ INPUT_SHAPE_KEY = "input_shape"
 RNG_STATES_KEY = "rng_states"
 #: Containers that wrap a state_dict in common checkpoint formats (Lightning, timm/DeiT, ...).
 _CONTAINER_KEYS = ("state_dict", "model", "module")
+#: Classes a checkpoint may hold besides tensors and plain values: plain containers that run no code when
+#: unpickled (timm's ``train.py`` saves its command-line ``args``).
+SAFE_GLOBALS = [argparse.Namespace]
 #: Prefixes added by wrappers: DDP/DataParallel, torch.compile, and this project's FrozenTeacher.
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.", "model.")
 
@@ -121,23 +125,33 @@ def restore_rng_states(checkpoint: Mapping[str, Any]) -> None:
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a checkpoint file safely (``weights_only=True``) onto the CPU, with clear errors.
+    """Load a checkpoint file safely onto the CPU, with clear errors.
 
-    A file that would run or import code when unpickled is refused as unsafe, naming what it asks for;
-    anything else torch cannot read (a text file, random bytes, a truncated copy) is called unreadable.
+    Torch files are read with ``weights_only=True``, admitting beside tensors and plain values only the
+    containers of :data:`SAFE_GLOBALS` (timm's training scripts save their ``argparse.Namespace``);
+    ``.safetensors`` files hold tensors only. A file that would run or import anything else when unpickled is
+    refused as unsafe, naming what it asks for, and nothing of it runs; anything else torch cannot read (a
+    text file, random bytes, a truncated copy) is called unreadable.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"Checkpoint {str(path)!r} is a folder; give the checkpoint file in it.")
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint {str(path)!r} does not exist. Train one first or fix the path.")
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        wanted = re.search(r"GLOBAL (\S+)", str(err))
+        wanted = _unsafe_globals(path) or re.findall(r"GLOBAL (\S+)", str(err))
         if wanted:
+            what = "a tensor or a plain value" if len(wanted) == 1 else "tensors or plain values"
             raise ValueError(
-                f"Checkpoint {str(path)!r} was refused as unsafe: loading it would import {wanted[1]}, which is not "
-                f"a tensor or a plain Python value (a pickle can run code). Load only files you trust; for your own "
-                f"model save a state_dict instead: torch.save(model.state_dict(), path)."
+                f"Checkpoint {str(path)!r} was refused as unsafe and nothing in it ran: loading it would import "
+                f"{', '.join(wanted)}, not {what} (a pickle can run code). Ask its author for a .safetensors file "
+                f"or a state_dict (torch.save(model.state_dict(), path)); never load a file you do not trust with "
+                f"weights_only=False."
             ) from None
     except (OSError, MemoryError):  # the file could not be read at all: say so, not "corrupt"
         raise
@@ -150,6 +164,27 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             )
         return dict(obj)
     raise ValueError(f"Checkpoint {str(path)!r} is not a readable torch file (truncated, corrupt, or another format).")
+
+
+def _read_safetensors(path: Path) -> dict[str, Any]:
+    """The tensors of a ``.safetensors`` file (a plain state_dict)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, ValueError, OSError) as err:
+        raise ValueError(f"Checkpoint {str(path)!r} is not a readable safetensors file: {err}") from None
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    """Every import a torch file's pickle asks for that :func:`read_checkpoint` does not admit (read, not run)."""
+    try:
+        found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # noqa: BLE001 - an old (non-zip) file, or an older torch: the error names the first one
+        return []
+    admitted = {f"{g.__module__}.{g.__qualname__}" for g in SAFE_GLOBALS}
+    return [name for name in found if name not in admitted]
 
 
 def recorded_spec(checkpoint: Mapping[str, Any], source: str = "The checkpoint") -> dict[str, Any] | None:
@@ -193,7 +228,9 @@ def extract_state_dict(checkpoint: Mapping[str, Any], prefix: str = STUDENT_PREF
     return state
 
 
-def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str, arch: str) -> nn.Module:
+def load_weights(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str, arch: str, hint: str = ""
+) -> nn.Module:
     """``model.load_state_dict`` that fails with the missing, unexpected and mis-shaped keys named.
 
     Args:
@@ -201,6 +238,7 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], sourc
         state_dict: weights, already through :func:`extract_state_dict`.
         source: where the weights come from (for the message).
         arch: the architecture that was expected (for the message).
+        hint: said at the end of the message.
     """
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]
@@ -218,7 +256,7 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], sourc
         raise ValueError(
             f"The weights in {source} do not fit the architecture {arch}: missing keys: {show(missing)}; "
             f"unexpected keys: {show(unexpected)}; shape mismatches: {show(mis_shaped)}. "
-            f"Build the same architecture that was trained (name, num_classes, in_chans, small_input, ...)."
+            f"Build the same architecture that was trained (name, num_classes, in_chans, small_input, ...).{hint}"
         )
     model.load_state_dict(state_dict)
     return model

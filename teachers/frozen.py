@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -29,12 +31,17 @@ class FrozenTeacher(FrozenModule):
     Args:
         model: the trained network.
         checkpoint: the file its weights came from, recorded for reproducibility.
+        load_args: :func:`teachers.load_teacher`'s arguments that load it again, where the file alone does not
+            (it does not name its architecture, or EMA weights or a prefix were chosen).
     """
 
-    def __init__(self, model: nn.Module, checkpoint: str | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, checkpoint: str | None = None, load_args: dict[str, Any] | None = None
+    ) -> None:
         super().__init__()
         self.model = model
         self.checkpoint = checkpoint
+        self.load_args = load_args
         self.freeze()
 
     @property
@@ -42,8 +49,9 @@ class FrozenTeacher(FrozenModule):
         return getattr(self.model, "num_classes", None)
 
     @property
-    def checkpoints(self) -> list[str]:
-        return [self.checkpoint] if self.checkpoint else []
+    def checkpoints(self) -> list[str | dict[str, Any]]:
+        """What :func:`teachers.load_teachers` loads this teacher again from: its file, or the arguments."""
+        return [self.load_args or self.checkpoint] if self.checkpoint else []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Build a frozen teacher from a timm name, a checkpoint of this project, or a plain state_dict.
+"""Build a frozen teacher from a timm name, a checkpoint of this project, or the files other tools write.
 
 :func:`load_teachers` and :func:`teacher_checkpoints` turn ``DistillModule``'s ``teacher_checkpoint`` into a
 teacher and back.
@@ -7,7 +7,7 @@ teacher and back.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from students.checkpoint import (
     recorded_spec,
 )
 from teachers.ensemble import TeacherEnsemble
+from teachers.formats import describe_prefixes, fit_prefix, inferred_io, read_hub_folder, teacher_file
 from teachers.frozen import FrozenTeacher
 
 __all__ = ["load_teacher", "load_teachers", "teacher_checkpoints"]
@@ -36,65 +37,115 @@ def load_teacher(
     pretrained: bool = False,
     small_input: bool = False,
     model_kwargs: dict[str, Any] | None = None,
+    use_ema: bool = False,
+    prefix: str | None = None,
 ) -> FrozenTeacher:
     """Build a teacher and return it frozen (no gradients, eval mode locked).
 
     Args:
         name: a timm model name (``resnet18`` or ``timm/resnet18``) or a registered student name.
-            Optional with a checkpoint written by this project, which records its architecture.
-        checkpoint: a Lightning checkpoint written by ``distill fit`` (the architecture is read from it),
-            or a plain state_dict file (then ``name``, ``num_classes``, ``in_chans`` and ``small_input``
-            must describe the architecture it was saved from).
-        num_classes: classifier outputs (timm's default 1000 when unset and not in the checkpoint).
-        in_chans: input image channels (3 when unset and not in the checkpoint).
+            Optional with a checkpoint that names its architecture: one written by this project, by timm's
+            training scripts (``args.model``), or a folder in timm's hub layout (``config.json``).
+        checkpoint: a Lightning checkpoint written by ``distill fit`` (the architecture is read from it), a
+            checkpoint of timm's ``train.py`` (``model_best.pth.tar``), a Lightning checkpoint of another
+            LightningModule, a ``.safetensors`` file or plain state_dict, or a folder as timm's hub lays it out
+            (:mod:`teachers.formats`). Nothing in the file runs: it is read with ``weights_only``.
+        num_classes: classifier outputs (default: as the checkpoint says, or as its classifier's weights
+            hold; else timm's 1000).
+        in_chans: input image channels (default: as the checkpoint says, or as its first conv holds; else 3).
         pretrained: start from timm's pretrained weights (needs access to the Hugging Face Hub).
         small_input: ResNets only: a 3x3 stride-1 stem without max-pool, for 28x28/32x32 images.
         model_kwargs: further keyword arguments for ``timm.create_model``.
+        use_ema: load the checkpoint's EMA weights (``state_dict_ema`` of timm's scripts) instead of its
+            ``state_dict``.
+        prefix: the prefix of the architecture's keys in the checkpoint (e.g. ``net.`` of a LightningModule
+            holding it as ``self.net``); by default, the one prefix under which all of them are.
     """
     if name is None and checkpoint is None:
         raise ValueError("load_teacher needs a model name, a checkpoint, or both")
-    state = read_checkpoint(checkpoint) if checkpoint is not None else None
-    spec = recorded_spec(state, f"Checkpoint {str(checkpoint)!r}") if state is not None else None
-    if spec is not None:
-        _check_against_spec(spec, checkpoint, name=name, num_classes=num_classes, in_chans=in_chans)
-        return FrozenTeacher(load_recorded_student(state, checkpoint), checkpoint=str(checkpoint))
+    if checkpoint is None:
+        model = _build(name, num_classes, in_chans, pretrained, small_input, model_kwargs)
+        return FrozenTeacher(model)
+    source = f"Checkpoint {str(checkpoint)!r}"
+    if Path(checkpoint).is_dir():
+        found = read_hub_folder(Path(checkpoint))
+    else:
+        state = read_checkpoint(checkpoint)
+        spec = recorded_spec(state, source)
+        if spec is not None:  # written by this project: it knows its architecture
+            _check_against_spec(spec, checkpoint, name=name, num_classes=num_classes, in_chans=in_chans)
+            if use_ema or prefix is not None:
+                raise ValueError(f"{source} was written by distill and holds one student: drop use_ema and prefix")
+            return FrozenTeacher(load_recorded_student(state, checkpoint), checkpoint=str(checkpoint))
+        found = teacher_file(state, use_ema, source)
+    if found.arch is not None:
+        recorded = {"name": found.arch, "kwargs": {"num_classes": found.num_classes, "in_chans": found.in_chans}}
+        _check_against_spec(recorded, checkpoint, name=name, num_classes=num_classes, in_chans=in_chans)
+    name = name or found.arch
     if name is None:
         raise ValueError(
-            f"Checkpoint {str(checkpoint)!r} is a plain state_dict that does not record its architecture: "
-            f"pass name= (and num_classes, in_chans, small_input as it was trained)."
+            f"{source} does not name its architecture (its weights are under {describe_prefixes(found.weights)}): "
+            f"pass name= (and small_input, model_kwargs as it was trained)."
         )
+    scope = found.weights if prefix is None else {k: v for k, v in found.weights.items() if k.startswith(prefix)}
+    classes, channels = inferred_io(name, scope)
+    num_classes = next((n for n in (num_classes, found.num_classes, classes) if n is not None), None)
+    in_chans = next((n for n in (in_chans, found.in_chans, channels) if n is not None), None)
+    model = _build(name, num_classes, in_chans, False, small_input, {**found.model_kwargs, **(model_kwargs or {})})
+    weights = fit_prefix(found.weights, model, prefix, source)
+    hint = "" if weights is not None else f" Its tensors are under {describe_prefixes(found.weights)} (prefix=)."
+    arch = describe_spec(model.model_spec)
+    load_weights(model, weights if weights is not None else extract_state_dict(found.weights), source, arch, hint)
+    given = {"checkpoint": str(checkpoint), "name": name, "num_classes": num_classes, "in_chans": in_chans,
+             "small_input": small_input, "model_kwargs": model_kwargs, "use_ema": use_ema,
+             "prefix": prefix}  # fmt: skip
+    load_args = {k: v for k, v in given.items() if v is not None and v is not False and v != {}}  # loads it again
+    return FrozenTeacher(model, checkpoint=str(checkpoint), load_args=load_args)
+
+
+def _build(
+    name: str,
+    num_classes: int | None,
+    in_chans: int | None,
+    pretrained: bool,
+    small_input: bool,
+    model_kwargs: dict[str, Any] | None,
+) -> nn.Module:
+    """The timm model ``name`` (timm's defaults for unset classes and channels)."""
     model = create_timm_model(
         name,
         num_classes=1000 if num_classes is None else num_classes,
         in_chans=3 if in_chans is None else in_chans,
-        pretrained=pretrained and state is None,
+        pretrained=pretrained,
         small_input=small_input,
         model_kwargs=model_kwargs,
     )
-    if pretrained and state is None and num_classes not in (None, model.pretrained_cfg.get("num_classes")):
+    if pretrained and num_classes not in (None, model.pretrained_cfg.get("num_classes")):
         warnings.warn(
             f"Teacher {name} is pretrained on {model.pretrained_cfg.get('num_classes')} classes; its new "
             f"{num_classes}-class head is untrained. Fine-tune it first (distill fit with it as the student).",
-            stacklevel=2,
+            stacklevel=3,
         )
-    if state is not None:
-        load_weights(model, extract_state_dict(state), repr(str(checkpoint)), describe_spec(model.model_spec))
-    return FrozenTeacher(model, checkpoint=None if checkpoint is None else str(checkpoint))
+    return model
 
 
-def load_teachers(checkpoint: str | Sequence[str]) -> FrozenTeacher | TeacherEnsemble:
-    """The teacher of one checkpoint file, or the ensemble of the teachers of a list of them."""
+def load_teachers(checkpoint: str | Mapping[str, Any] | Sequence[str | Mapping[str, Any]]) -> nn.Module:
+    """The teacher of one checkpoint (a path, or :func:`load_teacher`'s arguments as a dict), or the ensemble
+    of the teachers of a list of them."""
     if isinstance(checkpoint, str):
         return load_teacher(checkpoint=checkpoint)
-    return TeacherEnsemble([load_teacher(checkpoint=path) for path in checkpoint])
+    if isinstance(checkpoint, Mapping):
+        return load_teacher(**checkpoint)
+    return TeacherEnsemble([load_teachers(c) for c in checkpoint])
 
 
-def teacher_checkpoints(teacher: nn.Module) -> str | list[str] | None:
-    """The checkpoint file(s) ``teacher`` was loaded from, as :func:`load_teachers` takes them; ``None`` if unknown."""
-    paths = list(getattr(teacher, "checkpoints", []))
-    if not paths:
+def teacher_checkpoints(teacher: nn.Module) -> str | dict[str, Any] | list[str | dict[str, Any]] | None:
+    """What :func:`load_teachers` loads ``teacher`` again from (checkpoint paths, or :func:`load_teacher`'s
+    arguments where the file does not name its architecture); ``None`` if unknown."""
+    sources = list(getattr(teacher, "checkpoints", []))
+    if not sources:
         return None
-    return paths[0] if len(paths) == 1 and not isinstance(teacher, TeacherEnsemble) else paths
+    return sources[0] if len(sources) == 1 and not isinstance(teacher, TeacherEnsemble) else sources
 
 
 def _check_against_spec(spec: dict[str, Any], checkpoint: Any, **requested: Any) -> None:
@@ -102,7 +153,7 @@ def _check_against_spec(spec: dict[str, Any], checkpoint: Any, **requested: Any)
     recorded = {"name": spec["name"], **spec["kwargs"]}
     conflicts = []
     for key, value in requested.items():
-        if value is None:
+        if value is None or recorded.get(key) is None:  # asked for nothing, or the file says nothing
             continue
         have = recorded.get(key)
         same = value == have

@@ -103,6 +103,12 @@ FAULTS = [
     Fault("teacher a malicious pickle", (*TEACHER, "{inputs}/evil.ckpt"), "unsafe"),
     Fault("teacher of 5 classes", (*TEACHER, "{inputs}/classes5.ckpt"), "5 classes"),
     Fault("teacher of 3 channels", (*TEACHER, "{inputs}/rgb.ckpt"), "in_chans=1"),
+    Fault(
+        "teacher's EMA from a distill checkpoint",
+        (*TEACHER, "{inputs}/classes5.ckpt", "--model.teacher.init_args.use_ema", "true"),
+        "written by distill and holds one student: drop use_ema",
+    ),
+    Fault("teacher a state_dict without its name", (*TEACHER, "{inputs}/state_dict.pt"), "pass name="),
     # ---- distill fit/test: --ckpt_path
     Fault("resume from a missing file", ("fit", *RESUME, "{inputs}/no.ckpt"), "does not exist"),
     Fault("resume from a text file", ("fit", *RESUME, "{inputs}/text.ckpt"), "not a readable torch file"),
