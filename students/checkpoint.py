@@ -15,9 +15,12 @@ also reads the weights of other layouts and plain state_dicts; all prefix handli
 from __future__ import annotations
 
 import argparse
+import io
 import pickle
+import pickletools
 import random
 import re
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -135,7 +138,7 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """
     path = Path(path)
     if path.is_dir():
-        raise ValueError(f"Checkpoint {str(path)!r} is a folder; give the checkpoint file in it.")
+        raise ValueError(f"Checkpoint {str(path)!r} is a folder, not a checkpoint file.")
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint {str(path)!r} does not exist. Train one first or fix the path.")
     if path.suffix == ".safetensors":
@@ -143,15 +146,22 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     try:
         with torch.serialization.safe_globals(SAFE_GLOBALS):
             obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
+    except pickle.UnpicklingError as err:  # the safe loader stopped: say why, never "corrupt"
         wanted = _unsafe_globals(path) or re.findall(r"GLOBAL (\S+)", str(err))
         if wanted:
             what = "a tensor or a plain value" if len(wanted) == 1 else "tensors or plain values"
             raise ValueError(
                 f"Checkpoint {str(path)!r} was refused as unsafe and nothing in it ran: loading it would import "
                 f"{', '.join(wanted)}, not {what} (a pickle can run code). Ask its author for a .safetensors file "
-                f"or a state_dict (torch.save(model.state_dict(), path)); never load a file you do not trust with "
-                f"weights_only=False."
+                f"or a state_dict (torch.save(model.state_dict(), path)); for a LightningModule's checkpoint, "
+                f"save_hyperparameters(ignore=[...]) keeps such objects out of it."
+            ) from None
+        reason = next((line for line in str(err).splitlines() if "Unsupported" in line), "").strip()
+        if zipfile.is_zipfile(path):  # torch's format, with a pickle the safe loader does not take
+            raise ValueError(
+                f"Checkpoint {str(path)!r} was refused by torch's safe loader (weights_only) and nothing in it "
+                f"ran{': ' + reason if reason else ''}. Save it again with torch.save's default pickle protocol, or "
+                f"as .safetensors."
             ) from None
     except (OSError, MemoryError):  # the file could not be read at all: say so, not "corrupt"
         raise
@@ -178,13 +188,49 @@ def _read_safetensors(path: Path) -> dict[str, Any]:
 
 
 def _unsafe_globals(path: Path) -> list[str]:
-    """Every import a torch file's pickle asks for that :func:`read_checkpoint` does not admit (read, not run)."""
+    """Every import a torch file's pickle asks for that :func:`read_checkpoint` does not admit: read from its
+    opcodes (``pickletools``: nothing is loaded or run), for every protocol torch's own scan stops at."""
+    from torch._weights_only_unpickler import _get_allowed_globals
+
+    admitted = set(_get_allowed_globals()) | {f"{g.__module__}.{g.__qualname__}" for g in SAFE_GLOBALS}
+    return [name for name in _pickle_imports(path) if name not in admitted]
+
+
+def _pickle_imports(path: Path) -> list[str]:
+    """``module.name`` of each GLOBAL, STACK_GLOBAL and INST in the pickles of a torch file (zip or legacy)."""
     try:
-        found = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-    except Exception:  # noqa: BLE001 - an old (non-zip) file, or an older torch: the error names the first one
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                member = next((n for n in archive.namelist() if n.endswith("data.pkl")), None)
+                streams = [archive.read(member)] if member else []
+        else:  # a legacy torch file is pickles from its first byte on (PROTO); text or random bytes are not
+            streams = [data] if (data := path.read_bytes()).startswith(b"\x80") else []
+    except (OSError, zipfile.BadZipFile):
         return []
-    admitted = {f"{g.__module__}.{g.__qualname__}" for g in SAFE_GLOBALS}
-    return [name for name in found if name not in admitted]
+    found: list[str] = []
+    for data in streams:
+        stream = io.BytesIO(data)
+        while stream.tell() < len(data):  # a legacy file is several pickles in a row
+            strings, memo, top = [], {}, None  # strings pushed, the memo's strings, the string on top
+            try:
+                for op, arg, _ in pickletools.genops(stream):
+                    if op.name in ("GLOBAL", "INST"):
+                        found.append(arg.replace(" ", "."))
+                    elif op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                        found.append(f"{strings[-2]}.{strings[-1]}")
+                    if "UNICODE" in op.name or op.name.endswith("STRING"):
+                        strings.append(top := arg)
+                    elif op.name.endswith("GET"):
+                        strings.append(top := memo.get(arg, ""))
+                    elif op.name == "MEMOIZE":
+                        memo[len(memo)] = top
+                    elif op.name.endswith("PUT"):
+                        memo[arg] = top
+                    elif op.name not in ("FRAME", "PROTO"):
+                        top = None
+            except Exception:  # noqa: BLE001 - the rest of the file is tensor data, or garbage
+                break
+    return list(dict.fromkeys(name.replace("__builtin__.", "builtins.") for name in found))  # protocol 2 names
 
 
 def recorded_spec(checkpoint: Mapping[str, Any], source: str = "The checkpoint") -> dict[str, Any] | None:
@@ -433,7 +479,8 @@ def load_student(path: str | Path, train: bool = False, from_scratch: bool = Fal
     if model is None:
         raise ValueError(
             f"Checkpoint {str(path)!r} records no student_spec, so the architecture is unknown. It was not "
-            f"written by distill's DistillModule; build the model yourself and use load_weights()."
+            f"written by distill's DistillModule; for another tool's file use "
+            f"teachers.load_teacher(name, checkpoint=...).model, which reads its formats."
         )
     return model.train(train)
 

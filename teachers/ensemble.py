@@ -65,10 +65,6 @@ class TeacherEnsemble(FrozenModule):
     def num_classes(self) -> int | None:
         return getattr(self.teachers[0], "num_classes", None)
 
-    @property
-    def checkpoints(self) -> list[str]:
-        return [c for t in self.teachers for c in getattr(t, "checkpoints", [])]
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             logits = torch.stack([t(x) for t in self.teachers]).float()  # (K, N, C)

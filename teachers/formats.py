@@ -8,14 +8,16 @@
   ``net.``, ...): the prefix is the one under which the file holds exactly the named architecture's keys.
 - ``.safetensors`` files and ``pytorch_model.bin``-style plain state_dicts.
 - A folder in the layout of timm's hub (``config.json`` with the architecture, and ``model.safetensors`` or
-  ``pytorch_model.bin``), read offline with timm's readers.
+  ``pytorch_model.bin``), read offline.
 
-Files are read by :func:`students.checkpoint.read_checkpoint` (``weights_only``, safetensors).
+Files are read by :func:`students.checkpoint.read_checkpoint` (``weights_only``, safetensors); settings taken
+from files never make timm read or download other files (:func:`file_model_kwargs`).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -27,10 +29,13 @@ import torch
 from timm.models import get_pretrained_cfg
 from torch import nn
 
+from students.checkpoint import read_checkpoint
+
 __all__ = [
     "EMA_KEYS",
     "TeacherFile",
     "describe_prefixes",
+    "file_model_kwargs",
     "fit_prefix",
     "inferred_io",
     "read_hub_folder",
@@ -39,6 +44,8 @@ __all__ = [
 
 #: Where checkpoints keep EMA weights: timm's ``CheckpointSaver``, then DeiT's and older timm scripts.
 EMA_KEYS = ("state_dict_ema", "model_ema")
+#: The weights file of a folder in timm's hub layout, in the order timm prefers them.
+HUB_WEIGHTS = ("model.safetensors", "pytorch_model.bin", "open_clip_model.safetensors", "open_clip_pytorch_model.bin")
 #: Where checkpoints keep the weights: Lightning and timm, DeiT, ``{"module": ...}`` wrappers.
 _WEIGHT_KEYS = ("state_dict", "model", "module")
 
@@ -57,12 +64,16 @@ class TeacherFile:
 
 def teacher_file(state: Mapping[str, Any], use_ema: bool, source: str) -> TeacherFile:
     """The weights ``state`` (a checkpoint read safely) holds (its EMA weights with ``use_ema``) and the
-    architecture timm's training scripts record in it (``args``)."""
+    architecture timm's training scripts record in it (``args``, as ``train.py`` builds its model from them)."""
     if use_ema:
         container = next((state[k] for k in EMA_KEYS if isinstance(state.get(k), Mapping)), None)
         if container is None:
+            weights = next((state[k] for k in _WEIGHT_KEYS if isinstance(state.get(k), Mapping)), state)
+            ema = sorted({p for p in _prefixes(weights) if "ema" in p.lower()})
+            hint = f"; its weights under {', '.join(map(repr, ema))} may be: pass prefix= instead" if ema else ""
             raise ValueError(
-                f"{source} holds no EMA weights (no {' or '.join(EMA_KEYS)}; it holds {_keys(state)}): drop use_ema."
+                f"{source} holds no EMA weights (no {' or '.join(EMA_KEYS)}; it holds {_keys(state)}){hint}: "
+                f"drop use_ema."
             )
     else:
         container = next((state[k] for k in _WEIGHT_KEYS if isinstance(state.get(k), Mapping)), state)
@@ -73,34 +84,37 @@ def teacher_file(state: Mapping[str, Any], use_ema: bool, source: str) -> Teache
     arch = args.get("model") if isinstance(args.get("model"), str) else state.get("arch")
     if isinstance(arch, str) and arch == state.get("arch") and not timm.is_model(arch):
         arch = None  # CheckpointSaver without args records the class name in lower case ("resnet"), not a model
-    found = TeacherFile(weights, arch if isinstance(arch, str) else None)
-    found.num_classes, found.in_chans = args.get("num_classes"), args.get("in_chans")
-    if isinstance(args.get("model_kwargs"), Mapping):
-        found.model_kwargs = dict(args["model_kwargs"])
-    return found
+    kwargs = dict(args["model_kwargs"]) if isinstance(args.get("model_kwargs"), Mapping) else {}
+    for arg, kwarg in (("gp", "global_pool"), ("bn_eps", "bn_eps"), ("bn_momentum", "bn_momentum")):
+        if args.get(arg) is not None:  # train.py passes these to create_model when set
+            kwargs.setdefault(kwarg, args[arg])
+    return TeacherFile(
+        weights, arch if isinstance(arch, str) else None, args.get("num_classes"), args.get("in_chans"), kwargs
+    )
 
 
 def read_hub_folder(folder: Path) -> TeacherFile:
     """A folder as timm's hub lays it out (``save_for_hf``): the architecture, classes and arguments from
-    ``config.json``, the weights from ``model.safetensors`` (or ``pytorch_model.bin``, ``weights_only``)."""
-    from timm.models._hub import load_model_config_from_path, load_state_dict_from_path
-
-    if not (folder / "config.json").is_file():
-        raise ValueError(
-            f"Checkpoint {str(folder)!r} is a folder without config.json: give a checkpoint file, or a folder as "
-            f"timm's hub lays it out (timm.models.save_for_hf)."
-        )
+    ``config.json``, the weights from ``model.safetensors`` or ``pytorch_model.bin`` (read as any checkpoint)."""
     try:
-        pretrained_cfg, arch, model_args = load_model_config_from_path(folder)
-        weights = load_state_dict_from_path(folder, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - timm raises RuntimeError, KeyError, UnpicklingError, ...
-        raise ValueError(f"Checkpoint folder {str(folder)!r} could not be read as timm's hub layout: {err}") from None
-    kwargs = dict(model_args or {})
-    input_size = pretrained_cfg.get("input_size") or (None,)
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        config = None
+    if not isinstance(config, dict) or not isinstance(config.get("architecture"), str):
+        raise ValueError(
+            f"Checkpoint {str(folder)!r} is a folder without a readable config.json naming its architecture: give a "
+            f"checkpoint file, or a folder as timm's hub lays it out (timm.models.save_for_hf)."
+        )
+    weights_file = next((folder / n for n in HUB_WEIGHTS if (folder / n).is_file()), None)
+    if weights_file is None:
+        raise ValueError(f"Checkpoint folder {str(folder)!r} holds none of {', '.join(HUB_WEIGHTS)}.")
+    pretrained_cfg = config.get("pretrained_cfg", config)  # the older layout keeps everything at the top level
+    kwargs = dict(config.get("model_args") or {})
+    input_size = pretrained_cfg.get("input_size") or [None]
     return TeacherFile(
-        dict(weights),
-        arch,
-        kwargs.pop("num_classes", pretrained_cfg.get("num_classes")),
+        teacher_file(read_checkpoint(weights_file), False, f"Checkpoint {str(weights_file)!r}").weights,
+        config["architecture"],
+        kwargs.pop("num_classes", config.get("num_classes", pretrained_cfg.get("num_classes"))),
         kwargs.pop("in_chans", input_size[0]),
         kwargs,
     )
@@ -139,9 +153,12 @@ def fit_prefix(
                 f"{source} holds no weights under prefix={prefix!r}; its tensors are under {describe_prefixes(weights)}"
             )
         return found
-    expected = set(model.state_dict())
-    candidates = {key[:i] for key in weights for i in _starts(key) if key[i:] in expected}
-    fits = sorted(p for p in candidates if _under(weights, p).keys() == expected)
+    own = model.state_dict()
+    candidates = {key[:i] for key in weights for i in _starts(key) if key[i:] in own}
+    fits = sorted(p for p in candidates if _under(weights, p).keys() == own.keys())
+    if len(fits) > 1:  # several copies of the architecture: the one whose shapes fit, if only one does
+        shaped = [p for p in fits if all(v.shape == own[k].shape for k, v in _under(weights, p).items())]
+        fits = shaped if len(shaped) == 1 else fits
     if len(fits) > 1:
         raise ValueError(
             f"{source} holds this architecture's weights under several prefixes ({', '.join(map(repr, fits))}): "
@@ -152,9 +169,20 @@ def fit_prefix(
 
 def describe_prefixes(weights: Mapping[str, Any], most: int = 6) -> str:
     """E.g. ``'model.' (62 tensors), 'loss.' (1)``: the tensors of a state_dict by their first name."""
-    counts = Counter(k.split(".", 1)[0] + "." if "." in k else "" for k in weights)
+    counts = Counter(_prefixes(weights))
     shown = [f"{p!r} ({n}{' tensors' if i == 0 else ''})" for i, (p, n) in enumerate(counts.most_common(most))]
     return ", ".join(shown) + (f", ... ({len(counts)} in all)" if len(counts) > most else "")
+
+
+def file_model_kwargs(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """``timm.create_model`` arguments a file (or a recorded teacher) may set: not those that read or download
+    other files (``checkpoint_path``, ``pretrained*``, ``cache_dir``)."""
+    return {k: v for k, v in kwargs.items() if k not in ("checkpoint_path", "cache_dir") and "pretrained" not in k}
+
+
+def _prefixes(weights: Mapping[str, Any]) -> list[str]:
+    """Each key's first name and its dot (``""`` for a top-level key)."""
+    return [k.split(".", 1)[0] + "." if "." in k else "" for k in weights]
 
 
 def _starts(key: str) -> list[int]:

@@ -49,9 +49,9 @@ class FrozenTeacher(FrozenModule):
         return getattr(self.model, "num_classes", None)
 
     @property
-    def checkpoints(self) -> list[str | dict[str, Any]]:
+    def source(self) -> str | dict[str, Any] | None:
         """What :func:`teachers.load_teachers` loads this teacher again from: its file, or the arguments."""
-        return [self.load_args or self.checkpoint] if self.checkpoint else []
+        return (self.load_args or self.checkpoint) if self.checkpoint else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():

@@ -11,6 +11,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import timm
+from timm.models import split_model_name_tag
 from torch import nn
 
 from students import create_timm_model
@@ -23,7 +25,14 @@ from students.checkpoint import (
     recorded_spec,
 )
 from teachers.ensemble import TeacherEnsemble
-from teachers.formats import describe_prefixes, fit_prefix, inferred_io, read_hub_folder, teacher_file
+from teachers.formats import (
+    describe_prefixes,
+    file_model_kwargs,
+    fit_prefix,
+    inferred_io,
+    read_hub_folder,
+    teacher_file,
+)
 from teachers.frozen import FrozenTeacher
 
 __all__ = ["load_teacher", "load_teachers", "teacher_checkpoints"]
@@ -78,20 +87,26 @@ def load_teacher(
                 raise ValueError(f"{source} was written by distill and holds one student: drop use_ema and prefix")
             return FrozenTeacher(load_recorded_student(state, checkpoint), checkpoint=str(checkpoint))
         found = teacher_file(state, use_ema, source)
+    named = found.arch
+    if named is not None and not named.startswith("hf-hub:") and not timm.is_model(_architecture(named)):
+        found.arch = None  # a model registered in the trainer's own code: a hint, and name= decides
     if found.arch is not None:
-        recorded = {"name": found.arch, "kwargs": {"num_classes": found.num_classes, "in_chans": found.in_chans}}
-        _check_against_spec(recorded, checkpoint, name=name, num_classes=num_classes, in_chans=in_chans)
+        io = {k: v for k, v in (("num_classes", found.num_classes), ("in_chans", found.in_chans)) if v is not None}
+        _check_against_spec({"name": found.arch, "kwargs": io}, checkpoint, name=name, num_classes=num_classes,
+                            in_chans=in_chans)  # fmt: skip
     name = name or found.arch
     if name is None:
+        said = f"names {named!r}, not a timm model here" if named else "does not name its architecture"
         raise ValueError(
-            f"{source} does not name its architecture (its weights are under {describe_prefixes(found.weights)}): "
-            f"pass name= (and small_input, model_kwargs as it was trained)."
+            f"{source} {said} (its weights are under {describe_prefixes(found.weights)}): pass name= (and "
+            f"small_input, model_kwargs as it was trained)."
         )
     scope = found.weights if prefix is None else {k: v for k, v in found.weights.items() if k.startswith(prefix)}
     classes, channels = inferred_io(name, scope)
     num_classes = next((n for n in (num_classes, found.num_classes, classes) if n is not None), None)
     in_chans = next((n for n in (in_chans, found.in_chans, channels) if n is not None), None)
-    model = _build(name, num_classes, in_chans, False, small_input, {**found.model_kwargs, **(model_kwargs or {})})
+    kwargs = {**file_model_kwargs(found.model_kwargs), **(model_kwargs or {})}
+    model = _build(name, num_classes, in_chans, False, small_input, kwargs)
     weights = fit_prefix(found.weights, model, prefix, source)
     hint = "" if weights is not None else f" Its tensors are under {describe_prefixes(found.weights)} (prefix=)."
     arch = describe_spec(model.model_spec)
@@ -129,23 +144,53 @@ def _build(
     return model
 
 
+#: The keys of a recorded teacher (:func:`teacher_checkpoints`) that :func:`load_teachers` takes.
+_RECORDED_ARGS = ("checkpoint", "name", "num_classes", "in_chans", "small_input", "model_kwargs", "use_ema", "prefix")
+_RECORDED_ENSEMBLE = ("teachers", "weights", "reduction", "temperature")
+
+
 def load_teachers(checkpoint: str | Mapping[str, Any] | Sequence[str | Mapping[str, Any]]) -> nn.Module:
-    """The teacher of one checkpoint (a path, or :func:`load_teacher`'s arguments as a dict), or the ensemble
-    of the teachers of a list of them."""
+    """The teacher :func:`teacher_checkpoints` recorded: a checkpoint path, :func:`load_teacher`'s arguments as a
+    dict (a checkpoint, never downloads), an ensemble as a dict of its teachers and settings, or a list of
+    these (an equally weighted ensemble)."""
     if isinstance(checkpoint, str):
         return load_teacher(checkpoint=checkpoint)
+    if isinstance(checkpoint, Mapping) and "teachers" in checkpoint:
+        _check_keys(checkpoint, _RECORDED_ENSEMBLE)
+        members = [load_teachers(c) for c in checkpoint["teachers"]]
+        return TeacherEnsemble(members, **{k: v for k, v in checkpoint.items() if k != "teachers"})
     if isinstance(checkpoint, Mapping):
-        return load_teacher(**checkpoint)
+        _check_keys(checkpoint, _RECORDED_ARGS)
+        if not checkpoint.get("checkpoint"):
+            raise ValueError(f"a recorded teacher needs its checkpoint, got {dict(checkpoint)}")
+        kwargs = dict(checkpoint.get("model_kwargs") or {})
+        return load_teacher(**{**checkpoint, "model_kwargs": file_model_kwargs(kwargs)})
     return TeacherEnsemble([load_teachers(c) for c in checkpoint])
 
 
-def teacher_checkpoints(teacher: nn.Module) -> str | dict[str, Any] | list[str | dict[str, Any]] | None:
-    """What :func:`load_teachers` loads ``teacher`` again from (checkpoint paths, or :func:`load_teacher`'s
-    arguments where the file does not name its architecture); ``None`` if unknown."""
-    sources = list(getattr(teacher, "checkpoints", []))
-    if not sources:
-        return None
-    return sources[0] if len(sources) == 1 and not isinstance(teacher, TeacherEnsemble) else sources
+def teacher_checkpoints(teacher: nn.Module) -> str | dict[str, Any] | None:
+    """What :func:`load_teachers` loads ``teacher`` again from: its checkpoint path, :func:`load_teacher`'s
+    arguments where the file does not say all (its architecture, EMA, a prefix), an ensemble's members and
+    settings; ``None`` if a teacher (or a member) was not loaded from a file."""
+    if isinstance(teacher, TeacherEnsemble):
+        members = [teacher_checkpoints(t) for t in teacher.teachers]
+        if any(m is None for m in members):
+            return None
+        weights = [round(w, 6) for w in teacher.weights.tolist()]
+        return {"teachers": members, "weights": weights, "reduction": teacher.reduction,
+                "temperature": teacher.temperature}  # fmt: skip
+    return getattr(teacher, "source", None)
+
+
+def _check_keys(recorded: Mapping[str, Any], allowed: Sequence[str]) -> None:
+    unknown = sorted(set(recorded) - set(allowed))
+    if unknown:
+        raise ValueError(f"a recorded teacher holds {', '.join(unknown)}; it may hold only {', '.join(allowed)}")
+
+
+def _architecture(name: str) -> str:
+    """``resnet18`` of ``timm/resnet18.a1_in1k``: the model without the hub's prefix or a pretrained tag."""
+    return split_model_name_tag(name.removeprefix("timm/"))[0]
 
 
 def _check_against_spec(spec: dict[str, Any], checkpoint: Any, **requested: Any) -> None:
@@ -157,8 +202,8 @@ def _check_against_spec(spec: dict[str, Any], checkpoint: Any, **requested: Any)
             continue
         have = recorded.get(key)
         same = value == have
-        if key == "name":  # "resnet18" and "timm/resnet18" are the same model
-            same = value.removeprefix("timm/") == str(have).removeprefix("timm/")
+        if key == "name":  # "resnet18", "timm/resnet18" and "resnet18.a1_in1k" are the same architecture
+            same = _architecture(value) == _architecture(str(have))
         if not same:
             conflicts.append(f"{key}={value!r} (checkpoint: {have!r})")
     if conflicts:

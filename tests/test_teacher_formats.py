@@ -77,9 +77,12 @@ def test_teachers_loaded_from_foreign_files_load_again_from_what_they_record(tim
     assert recorded == {"checkpoint": str(path), "name": "test_resnet", "num_classes": 10, "in_chans": 1,
                         "use_ema": True}  # fmt: skip
     torch.testing.assert_close(load_teachers(recorded)(X), logits(ema), rtol=0, atol=0)
-    pair = TeacherEnsemble([teacher, load_teacher(checkpoint=path)])
-    again = load_teachers(teacher_checkpoints(pair))
+    pair = TeacherEnsemble([teacher, load_teacher(checkpoint=path)], weights=[3, 1], reduction="probs", temperature=2)
+    again = load_teachers(teacher_checkpoints(pair))  # members, weights, reduction and temperature
     torch.testing.assert_close(again(X), pair(X), rtol=0, atol=0)
+    assert teacher_checkpoints(TeacherEnsemble([teacher, source_model()])) is None  # a member from no file
+    with pytest.raises(ValueError, match=r"a recorded teacher holds pretrained; it may hold only checkpoint, name"):
+        load_teachers({**recorded, "pretrained": True})  # a crafted record downloads nothing
 
     module = DistillModule(create_student("test_studentnet", num_classes=10, in_chans=1), teacher)
     trainer = pl.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
@@ -169,7 +172,7 @@ def test_safetensors_and_timm_hub_folders(tmp_path: Path):
     before = file_digest(tmp_path / "hub")  # what a run records of its teacher: a retrained folder is another run
     timm.models.save_for_hf(source_model(seed=1), tmp_path / "hub", safe_serialization=True)
     assert file_digest(tmp_path / "hub") != before
-    with pytest.raises(ValueError, match=r"a folder without config\.json"):
+    with pytest.raises(ValueError, match=r"a folder without a readable config\.json"):
         load_teacher(checkpoint=tmp_path)
 
 
@@ -189,3 +192,72 @@ def test_a_pickle_that_runs_code_is_refused_and_nothing_in_it_runs(tmp_path: Pat
     with pytest.raises(ValueError, match=r"refused as unsafe and nothing in it ran: .*would import builtins\.exec"):
         load_teacher("test_resnet", checkpoint=tmp_path / "evil.pth")
     assert not marker.exists()
+
+
+def test_every_pickle_protocol_is_refused_for_what_it_is(tmp_path: Path):
+    """Protocol 4 and 5 stop torch's own scan: the imports are read from the opcodes, and a harmless file the
+    safe loader does not take is not called corrupt."""
+    marker = tmp_path / "ran.txt"
+    for protocol in (4, 5):
+        torch.save({"extra": _Payload(marker)}, tmp_path / f"evil{protocol}.pth", pickle_protocol=protocol)
+        with pytest.raises(ValueError, match=r"refused as unsafe and nothing in it ran: .*import builtins\.exec"):
+            load_teacher("test_resnet", checkpoint=tmp_path / f"evil{protocol}.pth")
+    torch.save(source_model().state_dict(), tmp_path / "plain4.pth", pickle_protocol=4)
+    with pytest.warns(UserWarning), pytest.raises(ValueError, match=r"refused by torch's safe loader .* default"):
+        load_teacher("test_resnet", checkpoint=tmp_path / "plain4.pth")
+    hub = tmp_path / "hub"
+    timm.models.save_for_hf(source_model(), hub)  # pytorch_model.bin only
+    torch.save({"extra": _Payload(marker)}, hub / "pytorch_model.bin")
+    with pytest.raises(ValueError, match=r"pytorch_model\.bin' was refused as unsafe and nothing in it ran"):
+        load_teacher(checkpoint=hub)
+    assert not marker.exists()
+
+
+def test_timm_training_arguments_build_the_model_they_trained(tmp_path: Path):
+    """train.py builds its model from args: a pretrained tag, --gp, a model of the trainer's own code."""
+    torch.manual_seed(0)
+    model = timm.create_model("test_resnet", num_classes=10, in_chans=1, global_pool="max").eval()
+    args = argparse.Namespace(model="test_resnet.r160_in1k", num_classes=10, in_chans=1, gp="max", bn_eps=None)
+    torch.save({"arch": "test_resnet.r160_in1k", "state_dict": model.state_dict(), "args": args}, tmp_path / "a.pth")
+    teacher = load_teacher("test_resnet", checkpoint=tmp_path / "a.pth")  # the tag names weights, not a model
+    x = torch.randn(2, 1, 96, 96)  # 3x3 at the pooling: max and mean differ
+    torch.testing.assert_close(teacher(x), model(x), rtol=0, atol=0)  # max pooling, as trained
+    args.model = "my_registered_resnet"
+    torch.save({"arch": "resnet", "state_dict": model.state_dict(), "args": args}, tmp_path / "b.pth")
+    with pytest.raises(ValueError, match=r"names 'my_registered_resnet', not a timm model here .* pass name="):
+        load_teacher(checkpoint=tmp_path / "b.pth")
+    teacher = load_teacher("test_resnet", checkpoint=tmp_path / "b.pth")
+    torch.testing.assert_close(teacher(X), logits(model), rtol=0, atol=0)
+    args.model_kwargs = {"checkpoint_path": str(tmp_path / "elsewhere.pth")}  # never read: settings from a file
+    torch.save({"state_dict": model.state_dict(), "args": args}, tmp_path / "c.pth")
+    torch.testing.assert_close(load_teacher("test_resnet", checkpoint=tmp_path / "c.pth")(X), logits(model))
+
+
+def test_shapes_choose_between_copies_and_ema_submodules_are_pointed_at(tmp_path: Path):
+    big, small = source_model(), timm.create_model("test_resnet", num_classes=5, in_chans=1).eval()
+    weights = {**{f"student.{k}": v for k, v in big.state_dict().items()},
+               **{f"teacher.{k}": v for k, v in small.state_dict().items()}}  # fmt: skip
+    save_file(weights, tmp_path / "two.safetensors")
+    teacher = load_teacher("test_resnet", checkpoint=tmp_path / "two.safetensors", num_classes=5)
+    torch.testing.assert_close(teacher(X), logits(small), rtol=0, atol=0)
+    path, _ = fit_lightning(tmp_path, twin=True)
+    with pytest.raises(ValueError, match=r"holds no EMA weights .*under 'ema_net\.' may be: pass prefix= instead"):
+        load_teacher("test_resnet", checkpoint=path, use_ema=True)
+
+
+class _HoldsItsLoss(_Classifier):
+    """``save_hyperparameters`` picks up a module: the checkpoint holds a pickled CrossEntropyLoss."""
+
+    def __init__(self, loss: nn.Module) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+
+
+def test_a_lightning_checkpoint_with_objects_in_its_hyperparameters_names_them_and_the_fix(tmp_path: Path):
+    module = _HoldsItsLoss(nn.CrossEntropyLoss())
+    trainer = pl.Trainer(max_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu")  # fmt: skip
+    trainer.strategy.connect(module)
+    trainer.save_checkpoint(tmp_path / "objects.ckpt")
+    with pytest.raises(ValueError, match=r"import torch\.nn\.modules\.loss\.CrossEntropyLoss.*save_hyperparameters"):
+        load_teacher("test_resnet", checkpoint=tmp_path / "objects.ckpt")
