@@ -105,9 +105,9 @@ def test_ensemble_takes_the_loss_temperature(tmp_path: Path, teacher_checkpoint:
     model = DistillModule(student(), ensemble, loss=KDLoss(temperature=7.0), lr=0.01)
     tiny_trainer(tmp_path).fit(model, datamodule=fmnist())
     assert ensemble.temperature == 7.0
-    recorded = {"teachers": [str(teacher_checkpoint)] * 2, "weights": [0.5, 0.5], "reduction": "probs",
-                "temperature": None}  # fmt: skip  (None: the loss's, again when it is loaded)
-    assert model.hparams.teacher_checkpoint == recorded
+    # temperature None: the loss's, again when the teacher is loaded from the record
+    recorded = {"teachers": [str(teacher_checkpoint)] * 2, "weights": [0.5, 0.5], "reduction": "probs"}
+    assert model.hparams.teacher_checkpoint == {**recorded, "temperature": None}
 
 
 def test_teacher_with_other_classes_fails_at_setup(tmp_path: Path):
