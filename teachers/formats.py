@@ -109,13 +109,12 @@ def read_hub_folder(folder: Path) -> TeacherFile:
     if weights_file is None:
         raise ValueError(f"Checkpoint folder {str(folder)!r} holds none of {', '.join(HUB_WEIGHTS)}.")
     pretrained_cfg = config.get("pretrained_cfg", config)  # the older layout keeps everything at the top level
-    kwargs = dict(config.get("model_args") or {})
-    input_size = pretrained_cfg.get("input_size") or [None]
+    kwargs = dict(config.get("model_args") or {})  # input channels: from here, or from the first conv's weights
     return TeacherFile(
         teacher_file(read_checkpoint(weights_file), False, f"Checkpoint {str(weights_file)!r}").weights,
         config["architecture"],
         kwargs.pop("num_classes", config.get("num_classes", pretrained_cfg.get("num_classes"))),
-        kwargs.pop("in_chans", input_size[0]),
+        kwargs.pop("in_chans", None),
         kwargs,
     )
 
@@ -123,7 +122,10 @@ def read_hub_folder(folder: Path) -> TeacherFile:
 def inferred_io(arch: str, weights: Mapping[str, torch.Tensor]) -> tuple[int | None, int | None]:
     """Classes and input channels of ``arch`` as ``weights`` hold them: the shapes of the classifier and the
     first conv that timm's pretrained config names (under any prefix), or ``None`` where they are not found."""
-    cfg = get_pretrained_cfg(arch.removeprefix("timm/"))
+    try:
+        cfg = get_pretrained_cfg(arch.removeprefix("timm/"))
+    except RuntimeError:  # a pretrained tag timm does not know
+        cfg = None
     if cfg is None:
         return None, None
 
