@@ -1,15 +1,18 @@
 """distill: knowledge distillation and structured pruning of vision students, on PyTorch Lightning."""
 
 from distill.data import CIFAR10DataModule, CIFAR100DataModule, FashionMNISTDataModule, ImageFolderDataModule
-from distill.losses import KDLoss
+from distill.losses import DISTLoss, DKDLoss, KDLoss, LogitStandardKDLoss
 from distill.module import DistillModule
 
 __all__ = [
     "CIFAR10DataModule",
     "CIFAR100DataModule",
+    "DISTLoss",
+    "DKDLoss",
     "DistillModule",
     "FashionMNISTDataModule",
     "ImageFolderDataModule",
     "KDLoss",
+    "LogitStandardKDLoss",
 ]
 __version__ = "0.1.0"

@@ -69,8 +69,9 @@ class TeacherLogitCache(Callback):
 
     ``DistillModule`` uses the logits that come with a batch (``Batch.teacher_logits``, set here through
     ``TensorImageDataset.teacher_logits``) instead of running the teacher. Splits
-    with random augmentation (the training split of a datamodule with ``augment=True``) keep the live
-    teacher. Datasets that are not in memory (``ImageFolderDataModule``) are left alone.
+    with random augmentation (the training split of a datamodule with ``augment=True`` or
+    ``random_erasing``) keep the live teacher. Datasets that are not in memory (``ImageFolderDataModule``)
+    are left alone.
 
     Args:
         cache_dir: folder for the cache files (``<key>.pt``), shared by runs, trials and processes;
@@ -106,7 +107,7 @@ class TeacherLogitCache(Callback):
             dataset = getattr(datamodule, _SPLITS[split], None)
             if not isinstance(dataset, TensorImageDataset) or dataset.teacher_logits is not None:
                 continue
-            if dataset.transform.augment:
+            if dataset.transform.is_random:
                 rank_zero_info(f"TeacherLogitCache: the {split} split is augmented, its teacher logits stay live")
                 continue
             teacher_key = teacher_key or teacher_fingerprint(teacher)

@@ -145,8 +145,8 @@ def build_datamodule(cfg: dict[str, Any], source: str) -> Any:
         datamodule = parser.instantiate_classes(parser.parse_object({"data": data})).data
     except Exception as err:  # noqa: BLE001 - jsonargparse and the datamodule raise many kinds
         raise ValueError(f"{source}: its data section does not build: {str(err).splitlines()[0]}") from None
-    if getattr(datamodule, "augment", False):  # the datamodules keep the setting as their attribute
-        data.setdefault("init_args", {})["augment"] = False
+    if getattr(datamodule, "augment", False) or getattr(datamodule, "random_erasing", 0):  # kept as attributes
+        data.setdefault("init_args", {}).update(augment=False, random_erasing=0.0)
         datamodule = parser.instantiate_classes(parser.parse_object({"data": data})).data
     return datamodule
 

@@ -74,9 +74,10 @@ def test_cache_is_reused_and_keyed_by_teacher_and_data(tmp_path: Path, small_tea
     assert len(recomputed.hits) == 2 and torch.equal(torch.load(files[0], weights_only=True)["logits"], good["logits"])
 
 
-def test_augmented_training_split_stays_live(tmp_path: Path, small_teacher_checkpoint: Path):
+@pytest.mark.parametrize("augmentation", [{"augment": True}, {"random_erasing": 0.5}])
+def test_augmented_training_split_stays_live(tmp_path: Path, small_teacher_checkpoint: Path, augmentation: dict):
     cache = TeacherLogitCache(None)
-    model, _ = run(tmp_path, small_teacher_checkpoint, [cache], augment=True)
+    model, _ = run(tmp_path, small_teacher_checkpoint, [cache], **augmentation)
     assert cache.hits == []
     assert model.datamodule.train_set.teacher_logits is None
     assert model.datamodule.val_set.teacher_logits is not None

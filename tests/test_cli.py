@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -205,3 +206,26 @@ def test_prune_recovery_benchmark_runs_on_a_quickstart(quickstart_run: tuple[Pat
     assert settings["lr_rewinding"] is False and settings["rounds"] == 2  # the variant is what its name says
     kept = load_student(tmp_path / "recovery" / "oneshot_rewind_seed_layers" / "best_student.ckpt").channels
     assert [kept[i] for i in (0, 1, 2, 7)] == [16, 32, 64, 256] and kept[3] < 128  # the thin net's layout
+
+
+@pytest.mark.parametrize(
+    ("loss", "setting", "terms"),
+    [
+        ("distill.DKDLoss", ("--model.loss.beta", "4"), {"dkd", "tckd", "nckd", "ce"}),
+        ("distill.LogitStandardKDLoss", ("--model.loss.kd_weight", "4"), {"kd", "ce"}),
+        ("distill.DISTLoss", ("--model.loss.gamma", "4"), {"dist", "inter", "intra", "ce"}),
+    ],
+)
+def test_each_kd_loss_is_chosen_on_the_command_line_and_trains(
+    loss: str, setting: tuple[str, str], terms: set[str], tmp_path: Path, teacher_checkpoint: Path
+):
+    config = _localise(ROOT / "configs" / "fmnist" / "kd.yaml", tmp_path, teacher_checkpoint)
+    tiny = ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "1",
+            "--trainer.enable_progress_bar", "false", "--data.init_args.batch_size", "32"]  # fmt: skip
+    cli = DistillCLI(args=["--config", str(config), "--model.loss", loss, *setting, *tiny], run=False)
+    assert type(cli.model.loss).__name__ == loss.split(".")[1] and getattr(cli.model.loss, setting[0][13:]) == 4.0
+    teacher = {k: v.clone() for k, v in cli.model.teacher.state_dict().items()}
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    logged = {k.split("/")[1] for k in cli.trainer.callback_metrics if k.startswith("train/")}
+    assert terms | {"loss", "acc"} <= logged and math.isfinite(float(cli.trainer.callback_metrics["train/loss"]))
+    assert all(torch.equal(v, teacher[k]) for k, v in cli.model.teacher.state_dict().items())

@@ -26,6 +26,7 @@ from distill.data import (
     ImageFolderDataModule,
     as_batch,
     random_crop,
+    random_erase,
 )
 from distill.data.fashion_mnist import FASHION_MNIST_FILES
 
@@ -134,6 +135,33 @@ def test_augmentation_only_on_the_training_split():
     assert torch.equal(dm.transform(train=False)(images), plain(images))
     torch.manual_seed(0)
     assert not torch.equal(dm.transform(train=True)(images), plain(images))
+
+
+def test_random_erasing_fills_one_rectangle_of_each_chosen_image_with_noise():
+    torch.manual_seed(0)
+    images = torch.full((400, 2, 20, 30), 7.0)
+    erased = random_erase(images, probability=1.0)
+    for image in (erased != 7.0).all(dim=1):  # every channel of a pixel, or none
+        rows, cols = image.any(1).nonzero().flatten(), image.any(0).nonzero().flatten()
+        box = image[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+        assert box.all() and image.sum() == box.numel()  # one filled rectangle
+        assert 0.02 * 600 * 0.8 <= box.numel() <= 600 / 3 * 1.3  # its area, up to rounding its sides
+    assert torch.equal((erased != 7.0).any(1), (erased != 7.0).all(1))
+    assert abs(erased[erased != 7.0].std().item() - 1.0) < 0.05  # standard normal noise
+    assert torch.equal(random_erase(images, probability=0.0), images)
+    half = (random_erase(images, probability=0.5) != 7.0).flatten(1).any(1).float().mean().item()
+    assert 0.4 < half < 0.6
+
+
+def test_random_erasing_only_on_the_training_split_and_its_teacher_logits_stay_live():
+    dm = fmnist(random_erasing=0.5)
+    train, val = dm.transform(train=True), dm.transform(train=False)
+    assert train.erasing == 0.5 and train.is_random and val.erasing == 0.0 and not val.is_random
+    images = torch.randint(0, 255, (64, 1, 28, 28), dtype=torch.uint8)
+    torch.manual_seed(0)
+    assert not torch.equal(train(images), val(images)) and torch.equal(val(images), val(images))
+    with pytest.raises(ValueError, match=r"random_erasing is a probability in \[0, 1\], got 2"):
+        fmnist(random_erasing=2)
 
 
 def test_resize():

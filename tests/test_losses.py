@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from distill import KDLoss
+from distill import DISTLoss, DKDLoss, KDLoss, LogitStandardKDLoss
 
 STUDENT = [[1.0, 2.0, 0.5], [0.0, -1.0, 3.0]]
 TEACHER = [[2.0, 1.0, 0.0], [0.5, 0.5, 2.0]]
@@ -89,3 +89,112 @@ def test_gradient_reaches_the_student_only():
 def test_bad_arguments(kwargs: dict, match: str):
     with pytest.raises(ValueError, match=match):
         KDLoss(**kwargs)
+
+
+# ---- DKD, logit standardisation, DIST: each against its paper's formula in plain Python ----
+
+
+def kl(p: list[float], q: list[float]) -> float:
+    return sum(a * (math.log(a) - math.log(b)) for a, b in zip(p, q, strict=True) if a > 0)
+
+
+def mean_ce() -> float:
+    return sum(-math.log(softmax(s)[y]) for s, y in zip(STUDENT, TARGET, strict=True)) / len(TARGET)
+
+
+def dkd_by_hand(t: float) -> tuple[float, float]:
+    """Zhao et al. 2022, eq. 1-5: b = [p_target, 1 - p_target]; p^ = softmax over the other classes."""
+    tckd = nckd = 0.0
+    for s, z, y in zip(STUDENT, TEACHER, TARGET, strict=True):
+        p_s, p_t = softmax([v / t for v in s]), softmax([v / t for v in z])
+        tckd += kl([p_t[y], 1 - p_t[y]], [p_s[y], 1 - p_s[y]])
+        rest = [i for i in range(len(s)) if i != y]
+        nckd += kl(softmax([z[i] / t for i in rest]), softmax([s[i] / t for i in rest]))
+    n = len(TARGET)
+    return t * t * tckd / n, t * t * nckd / n
+
+
+def test_dkd_matches_the_paper_and_sums_to_kd_at_the_classic_weights():
+    t, alpha, beta = 4.0, 1.0, 8.0
+    terms = run(DKDLoss(t, alpha, beta, ce_weight=0.5))
+    tckd, nckd = dkd_by_hand(t)
+    assert terms["tckd"].item() == pytest.approx(tckd, rel=1e-5)
+    assert terms["nckd"].item() == pytest.approx(nckd, rel=1e-5)
+    assert terms["loss"].item() == pytest.approx(0.5 * mean_ce() + alpha * tckd + beta * nckd, rel=1e-5)
+    # KD = TCKD + (1 - p_target^T) NCKD (eq. 6): with beta = 1 - p_target^T per image, DKD is KD again
+    for s, z, y in zip(STUDENT, TEACHER, TARGET, strict=True):
+        one = DKDLoss(t, 1.0, 1 - softmax([v / t for v in z])[y], ce_weight=0.0)
+        args = (torch.tensor([s]), torch.tensor([z]), torch.tensor([y]))
+        assert one(*args)["loss"].item() == pytest.approx(KDLoss(t, 1.0)(*args)["kd"].item(), rel=1e-5)
+
+
+def test_logit_standardisation_matches_the_paper_and_ignores_the_logits_scale():
+    t = 2.0
+
+    def zscore(v: list[float]) -> list[float]:
+        m = sum(v) / len(v)
+        sd = math.sqrt(sum((x - m) ** 2 for x in v) / (len(v) - 1))
+        return [(x - m) / (1e-7 + sd) for x in v]
+
+    kd = (
+        sum(
+            kl(softmax([v / t for v in zscore(z)]), softmax([v / t for v in zscore(s)]))
+            for s, z in zip(STUDENT, TEACHER, strict=True)
+        )
+        * t
+        * t
+        / len(TARGET)
+    )
+    terms = run(LogitStandardKDLoss(t, kd_weight=9.0, ce_weight=0.1))
+    assert terms["kd"].item() == pytest.approx(kd, rel=1e-5)
+    assert terms["loss"].item() == pytest.approx(9.0 * kd + 0.1 * mean_ce(), rel=1e-5)
+    scaled = LogitStandardKDLoss(t)(3 * torch.tensor(STUDENT) + 5, torch.tensor(TEACHER), torch.tensor(TARGET))
+    assert scaled["kd"].item() == pytest.approx(kd, rel=1e-4)  # an affine change of the logits changes nothing
+
+
+def test_dist_matches_the_paper():
+    t, beta, gamma = 4.0, 2.0, 2.0
+
+    def pearson(a: list[float], b: list[float]) -> float:
+        ma, mb = sum(a) / len(a), sum(b) / len(b)
+        cov = sum((x - ma) * (y - mb) for x, y in zip(a, b, strict=True))
+        return cov / (math.sqrt(sum((x - ma) ** 2 for x in a)) * math.sqrt(sum((y - mb) ** 2 for y in b)))
+
+    student = [*STUDENT, [0.3, -2.0, 1.0], [2.5, 0.0, -0.5]]  # four images: a class's relation needs more than two
+    teacher = [*TEACHER, [1.0, -1.0, 2.0], [3.0, 1.0, 1.5]]
+    target = [*TARGET, 2, 0]
+    y_s = [softmax([v / t for v in s]) for s in student]
+    y_t = [softmax([v / t for v in z]) for z in teacher]
+    inter = (1 - sum(pearson(a, b) for a, b in zip(y_s, y_t, strict=True)) / len(y_s)) * t * t
+    columns = range(len(y_s[0]))
+    intra = (1 - sum(pearson([r[c] for r in y_s], [r[c] for r in y_t]) for c in columns) / len(columns)) * t * t
+    terms = DISTLoss(t, beta, gamma)(torch.tensor(student), torch.tensor(teacher), torch.tensor(target))
+    ce = sum(-math.log(softmax(s)[y]) for s, y in zip(student, target, strict=True)) / len(target)
+    assert intra > 0.01 and terms["inter"].item() == pytest.approx(inter, rel=1e-4)
+    assert terms["intra"].item() == pytest.approx(intra, rel=1e-4)
+    assert terms["loss"].item() == pytest.approx(ce + beta * inter + gamma * intra, rel=1e-4)
+    same = DISTLoss(t)(torch.tensor(TEACHER), torch.tensor(TEACHER), torch.tensor(TARGET))
+    assert same["dist"].item() == pytest.approx(0.0, abs=1e-3)  # float32: 1 - rho to ~1e-6, times 4 T^2
+
+
+@pytest.mark.parametrize("loss", [DKDLoss(), LogitStandardKDLoss(), DISTLoss()])
+def test_every_loss_trains_on_labels_alone_and_sends_no_gradient_to_the_teacher(loss):
+    student = torch.tensor(STUDENT, requires_grad=True)
+    teacher = torch.tensor(TEACHER, requires_grad=True)
+    assert set(run(loss, teacher=None)) == {"loss", "ce"}
+    loss(student, teacher, torch.tensor(TARGET))["loss"].backward()
+    assert teacher.grad is None and torch.isfinite(student.grad).all() and student.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize(
+    ("make", "match"),
+    [
+        (lambda: DKDLoss(temperature=0), "temperature must be a finite number > 0"),
+        (lambda: DKDLoss(beta=-1), r"loss weights must be finite and >= 0, got \{'beta': -1\}"),
+        (lambda: LogitStandardKDLoss(kd_weight=math.inf), "kd_weight"),
+        (lambda: DISTLoss(gamma=math.nan), "gamma"),
+    ],
+)
+def test_new_losses_refuse_bad_settings(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()

@@ -16,6 +16,7 @@ from distill.data.memory import (
     InMemoryDataModule,
     TensorImageDataset,
     random_crop,
+    random_erase,
     random_hflip,
 )
 
@@ -34,6 +35,7 @@ __all__ = [
     "as_batch",
     "locate_dataset",
     "random_crop",
+    "random_erase",
     "random_hflip",
     "read_idx",
 ]

@@ -8,6 +8,7 @@ one gather and a few elementwise kernels, with no host-to-device copy and no Dat
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -46,6 +47,32 @@ def random_hflip(images: torch.Tensor) -> torch.Tensor:
     return torch.where(flip[:, None, None, None], images.flip(-1), images)
 
 
+def random_erase(
+    images: torch.Tensor, probability: float, area: tuple[float, float] = (0.02, 1 / 3), ratio: float = 3.3
+) -> torch.Tensor:
+    """Random erasing (Zhong et al., AAAI 2020) of a normalised (N, C, H, W) batch, vectorised.
+
+    With ``probability``, each image gets one rectangle of ``area`` (a fraction of the image, uniform) and
+    aspect ratio log-uniform in [1 / ``ratio``, ``ratio``] filled with standard normal noise, as timm's
+    ``RandomErasing(mode="pixel")`` does; a rectangle larger than the image is cut to it rather than drawn
+    again (timm loops over the images of a batch in Python; this is one set of tensor ops).
+    """
+    n, _, h, w = images.shape
+    device = images.device
+    size = torch.empty(n, device=device).uniform_(*area) * (h * w)
+    aspect = torch.empty(n, device=device).uniform_(-math.log(ratio), math.log(ratio)).exp()
+    eh = (size * aspect).sqrt().round().clamp(1, h)
+    ew = (size / aspect).sqrt().round().clamp(1, w)
+    top = (torch.rand(n, device=device) * (h - eh + 1)).floor()
+    left = (torch.rand(n, device=device) * (w - ew + 1)).floor()
+    rows = torch.arange(h, device=device)[None, :]
+    cols = torch.arange(w, device=device)[None, :]
+    in_rows = (rows >= top[:, None]) & (rows < (top + eh)[:, None])
+    in_cols = (cols >= left[:, None]) & (cols < (left + ew)[:, None])
+    erased = in_rows[:, :, None] & in_cols[:, None, :] & (torch.rand(n, device=device) < probability)[:, None, None]
+    return torch.where(erased[:, None], torch.randn_like(images), images)
+
+
 class BatchTransform:
     """uint8 (N, C, H, W) batch -> normalised float batch, optionally augmented and resized.
 
@@ -56,6 +83,7 @@ class BatchTransform:
         padding: zero padding of the random crop.
         flip: allow horizontal flips (off for data where left/right matters).
         resize: resize to ``resize`` x ``resize`` (bilinear) after augmentation.
+        erasing: probability of :func:`random_erase` on each image, after normalising and resizing.
     """
 
     def __init__(
@@ -66,6 +94,7 @@ class BatchTransform:
         padding: int = 4,
         flip: bool = True,
         resize: int | None = None,
+        erasing: float = 0.0,
     ) -> None:
         self.mean = torch.tensor(mean).view(1, -1, 1, 1)
         self.std = torch.tensor(std).view(1, -1, 1, 1)
@@ -73,6 +102,12 @@ class BatchTransform:
         self.padding = padding
         self.flip = flip
         self.resize = resize
+        self.erasing = erasing
+
+    @property
+    def is_random(self) -> bool:
+        """Whether a batch comes out differently each time (its teacher logits cannot be cached)."""
+        return self.augment or self.erasing > 0
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         if self.augment:
@@ -86,6 +121,8 @@ class BatchTransform:
         x = (x - self.mean) / self.std
         if self.resize is not None and x.shape[-2:] != (self.resize, self.resize):
             x = F.interpolate(x, size=(self.resize, self.resize), mode="bilinear", align_corners=False)
+        if self.erasing > 0:
+            x = random_erase(x, self.erasing)
         return x
 
 
@@ -188,6 +225,8 @@ class InMemoryDataModule(SplitDataModule):
         eval_batch_size: validation/test batch size (default: ``batch_size``).
         val_size: validation images taken from the training set: a count, or a fraction in (0, 1).
         augment: random crop (with padding) and horizontal flip on the training split.
+        random_erasing: probability of random erasing (Zhong et al., AAAI 2020) of each training image,
+            on the batch, where it is built (:func:`random_erase`); 0 turns it off.
         resize: resize images to ``resize`` x ``resize`` (e.g. 224 for ImageNet-sized teachers).
         num_workers: DataLoader worker processes (batches are built with tensor ops; 0 is usually fastest).
         split_seed: seed of the train/validation split.
@@ -211,6 +250,7 @@ class InMemoryDataModule(SplitDataModule):
         eval_batch_size: int | None = None,
         val_size: int | float = 5000,
         augment: bool = False,
+        random_erasing: float = 0.0,
         resize: int | None = None,
         num_workers: int = 0,
         split_seed: int = 0,
@@ -219,7 +259,10 @@ class InMemoryDataModule(SplitDataModule):
         super().__init__(batch_size, eval_batch_size, val_size, num_workers, split_seed)
         if resize is not None and resize < 1:
             raise ValueError(f"resize must be a positive size in pixels, got {resize}")
+        if not 0 <= random_erasing <= 1:
+            raise ValueError(f"random_erasing is a probability in [0, 1], got {random_erasing}")
         self.augment, self.resize, self.on_device = augment, resize, on_device
+        self.random_erasing = random_erasing
         self.device = torch.device("cpu")  # where the splits are; set at setup
         self.batches_on_device = False  # DeviceBatches rather than DataLoaders; set at setup
         self.train_set: TensorImageDataset | None = None
@@ -244,6 +287,7 @@ class InMemoryDataModule(SplitDataModule):
             padding=self.crop_padding,
             flip=self.hflip,
             resize=self.resize,
+            erasing=self.random_erasing if train else 0.0,
         )
 
     def setup(self, stage: str | None = None) -> None:
