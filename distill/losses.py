@@ -29,7 +29,27 @@ from torch import nn
 __all__ = ["DISTLoss", "DKDLoss", "KDLoss", "LogitStandardKDLoss"]
 
 
-class KDLoss(nn.Module):
+class _DistillationLoss(nn.Module):
+    """What every loss here shares: float32 logits, no gradient into the teacher's, cross-entropy alone
+    without a teacher; the distillation terms come from :meth:`terms`."""
+
+    def forward(
+        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, target: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        student_logits = student_logits.float()
+        ce = F.cross_entropy(student_logits, target)
+        if teacher_logits is None:
+            return {"loss": ce, "ce": ce}
+        return self.terms(student_logits, teacher_logits.detach().float(), target, ce)
+
+    def terms(
+        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, ce: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """The named terms, ``loss`` among them, from float32 logits and the cross-entropy ``ce``."""
+        raise NotImplementedError
+
+
+class KDLoss(_DistillationLoss):
     """Soft-label KL at temperature T mixed with hard-label cross-entropy.
 
     Called as ``loss(student_logits, teacher_logits, target)``, it returns a dict of named terms:
@@ -44,24 +64,18 @@ class KDLoss(nn.Module):
 
     def __init__(self, temperature: float = 4.0, alpha: float = 0.9) -> None:
         super().__init__()
-        if not 0 < temperature < math.inf:
-            raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-        self.temperature = float(temperature)
+        self.temperature = _check_temperature(temperature)
         self.alpha = float(alpha)
 
-    def forward(
-        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, target: torch.Tensor
+    def terms(
+        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, ce: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        student_logits = student_logits.float()
-        ce = F.cross_entropy(student_logits, target)
-        if teacher_logits is None:
-            return {"loss": ce, "ce": ce}
         t = self.temperature
         kd = F.kl_div(
             F.log_softmax(student_logits / t, dim=-1),
-            F.log_softmax(teacher_logits.detach().float() / t, dim=-1),
+            F.log_softmax(teacher_logits / t, dim=-1),
             reduction="batchmean",
             log_target=True,
         ) * (t * t)
@@ -88,7 +102,7 @@ def _kl(log_p_teacher: torch.Tensor, log_p_student: torch.Tensor) -> torch.Tenso
     return F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True)
 
 
-class DKDLoss(nn.Module):
+class DKDLoss(_DistillationLoss):
     """Decoupled Knowledge Distillation (Zhao et al., CVPR 2022).
 
     With p = softmax(z / T): TCKD is the KL between the teacher's and the student's binary distributions
@@ -110,16 +124,12 @@ class DKDLoss(nn.Module):
         self.temperature = _check_temperature(temperature)
         self.alpha, self.beta, self.ce_weight = float(alpha), float(beta), float(ce_weight)
 
-    def forward(
-        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, target: torch.Tensor
+    def terms(
+        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, ce: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        student_logits = student_logits.float()
-        ce = F.cross_entropy(student_logits, target)
-        if teacher_logits is None:
-            return {"loss": ce, "ce": ce}
         t = self.temperature
         is_target = F.one_hot(target, student_logits.shape[-1]).bool()
-        s, z = student_logits / t, teacher_logits.detach().float() / t
+        s, z = student_logits / t, teacher_logits / t
 
         def binary(logits: torch.Tensor) -> torch.Tensor:  # log [p_target, 1 - p_target]
             log_p = F.log_softmax(logits, dim=-1)
@@ -140,7 +150,7 @@ class DKDLoss(nn.Module):
         return f"temperature={self.temperature}, alpha={self.alpha}, beta={self.beta}, ce_weight={self.ce_weight}"
 
 
-class LogitStandardKDLoss(nn.Module):
+class LogitStandardKDLoss(_DistillationLoss):
     """KD on z-score standardised logits (Sun et al., CVPR 2024, "Logit Standardization in KD").
 
     Each image's logits become (z - mean(z)) / std(z) (std with Bessel's correction, as the authors' code)
@@ -165,15 +175,11 @@ class LogitStandardKDLoss(nn.Module):
         """Each row's z-score (the 1e-7 keeps constant logits finite, as in the authors' code)."""
         return (logits - logits.mean(-1, keepdim=True)) / (1e-7 + logits.std(-1, keepdim=True))
 
-    def forward(
-        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, target: torch.Tensor
+    def terms(
+        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, ce: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        student_logits = student_logits.float()
-        ce = F.cross_entropy(student_logits, target)
-        if teacher_logits is None:
-            return {"loss": ce, "ce": ce}
         t = self.temperature
-        log_pt = F.log_softmax(self.standardize(teacher_logits.detach().float()) / t, dim=-1)
+        log_pt = F.log_softmax(self.standardize(teacher_logits) / t, dim=-1)
         log_ps = F.log_softmax(self.standardize(student_logits) / t, dim=-1)
         kd = _kl(log_pt, log_ps) * t * t
         return {"loss": self.ce_weight * ce + self.kd_weight * kd, "kd": kd, "ce": ce}
@@ -182,7 +188,7 @@ class LogitStandardKDLoss(nn.Module):
         return f"temperature={self.temperature}, kd_weight={self.kd_weight}, ce_weight={self.ce_weight}"
 
 
-class DISTLoss(nn.Module):
+class DISTLoss(_DistillationLoss):
     """DIST (Huang et al., NeurIPS 2022, "Knowledge Distillation from A Stronger Teacher").
 
     With Y = softmax(z / T) for the batch (images x classes) and rho the Pearson correlation:
@@ -211,16 +217,12 @@ class DISTLoss(nn.Module):
         a, b = a - a.mean(1, keepdim=True), b - b.mean(1, keepdim=True)
         return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
 
-    def forward(
-        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, target: torch.Tensor
+    def terms(
+        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, ce: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        student_logits = student_logits.float()
-        ce = F.cross_entropy(student_logits, target)
-        if teacher_logits is None:
-            return {"loss": ce, "ce": ce}
         t = self.temperature
         y_s = F.softmax(student_logits / t, dim=-1)
-        y_t = F.softmax(teacher_logits.detach().float() / t, dim=-1)
+        y_t = F.softmax(teacher_logits / t, dim=-1)
         inter = (1 - self.pearson(y_s, y_t).mean()) * t * t
         intra = (1 - self.pearson(y_s.T, y_t.T).mean()) * t * t
         dist = self.beta * inter + self.gamma * intra
