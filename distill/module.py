@@ -299,6 +299,8 @@ class DistillModule(LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._start_epoch("train")
+        if hasattr(self.loss, "set_epoch"):  # a loss that ramps a term in over epochs (DKDLoss)
+            self.loss.set_epoch(self.current_epoch)
         for logger in self.loggers:  # the last epoch's rows reach the disk before this epoch can be killed
             logger.save()
 

@@ -141,13 +141,19 @@ def build_datamodule(cfg: dict[str, Any], source: str) -> Any:
         raise ValueError(f"{source} has no data section with a class_path (see configs/fmnist/kd.yaml)")
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(LightningDataModule, "data")
-    try:
-        datamodule = parser.instantiate_classes(parser.parse_object({"data": data})).data
-    except Exception as err:  # noqa: BLE001 - jsonargparse and the datamodule raise many kinds
-        raise ValueError(f"{source}: its data section does not build: {str(err).splitlines()[0]}") from None
-    if getattr(datamodule, "augment", False) or getattr(datamodule, "random_erasing", 0):  # kept as attributes
-        data.setdefault("init_args", {}).update(augment=False, random_erasing=0.0)
-        datamodule = parser.instantiate_classes(parser.parse_object({"data": data})).data
+
+    def build() -> Any:
+        try:
+            return parser.instantiate_classes(parser.parse_object({"data": data})).data
+        except Exception as err:  # noqa: BLE001 - jsonargparse and the datamodule raise many kinds
+            raise ValueError(f"{source}: its data section does not build: {str(err).splitlines()[0]}") from None
+
+    datamodule = build()
+    random = {"augment": False, "random_erasing": 0.0}  # the settings that make batches random, as attributes
+    on = {k: off for k, off in random.items() if getattr(datamodule, k, off) != off}
+    if on:
+        data.setdefault("init_args", {}).update(on)
+        datamodule = build()
     return datamodule
 
 

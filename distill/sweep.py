@@ -77,6 +77,13 @@ def sweep(
             was given; sweep.csv and sweep.md then hold the finished ones and sweep.md lists the rest.
     """
     base = job_recipe(recipe, overrides)
+    loss = base["model"].get("loss") if isinstance(base.get("model"), dict) else None
+    loss_class = loss.get("class_path") if isinstance(loss, dict) else None
+    if loss_class is not None and str(loss_class).rsplit(".", 1)[-1] != "KDLoss":
+        raise ValueError(
+            f"distill sweep tunes KDLoss's temperature and alpha, but {recipe} trains with {loss_class}: its trials "
+            f"would train KDLoss instead. Sweep a recipe whose model.loss is distill.KDLoss."
+        )
     space = _grid(temperatures, alphas, seeds, base)
     if heartbeat_interval < 1 or (max_trials is not None and max_trials < 1) or not study_name:
         raise ValueError(

@@ -229,3 +229,4 @@ def test_each_kd_loss_is_chosen_on_the_command_line_and_trains(
     logged = {k.split("/")[1] for k in cli.trainer.callback_metrics if k.startswith("train/")}
     assert terms | {"loss", "acc"} <= logged and math.isfinite(float(cli.trainer.callback_metrics["train/loss"]))
     assert all(torch.equal(v, teacher[k]) for k, v in cli.model.teacher.state_dict().items())
+    assert getattr(cli.model.loss, "epoch", 0) == 0  # DKD's ramp was told the epoch

@@ -29,6 +29,7 @@ from distill.data import (
     random_erase,
 )
 from distill.data.fashion_mnist import FASHION_MNIST_FILES
+from distill.recipes import build_datamodule
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +147,8 @@ def test_random_erasing_fills_one_rectangle_of_each_chosen_image_with_noise():
         box = image[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
         assert box.all() and image.sum() == box.numel()  # one filled rectangle
         assert 0.02 * 600 * 0.8 <= box.numel() <= 600 / 3 * 1.3  # its area, up to rounding its sides
+        if box.shape[0] < 20 and box.shape[1] < 30 and box.numel() >= 20:  # not cut to the image, not tiny
+            assert 0.3 * 0.6 <= box.shape[0] / box.shape[1] <= 3.34 / 0.6  # its aspect, up to rounding
     assert torch.equal((erased != 7.0).any(1), (erased != 7.0).all(1))
     assert abs(erased[erased != 7.0].std().item() - 1.0) < 0.05  # standard normal noise
     assert torch.equal(random_erase(images, probability=0.0), images)
@@ -280,3 +283,9 @@ def test_image_folder(tmp_path: Path):
     assert ImageFolderDataModule(str(tmp_path), val_size=0.25).split_indices(12)[1].tolist() == (
         fmnist(val_size=0.25).split_indices(12)[1].tolist()
     )
+    # What export --int8 calibrates on: the recipe's datamodule with its random settings off (it has no erasing).
+    folder = build_datamodule({"data": {"class_path": "distill.data.ImageFolderDataModule",
+                                        "init_args": {"root": str(tmp_path), "image_size": 32}}}, "recipe")  # fmt: skip
+    assert isinstance(folder, ImageFolderDataModule) and not folder.augment
+    erasing = {"class_path": "distill.data.FashionMNISTDataModule", "init_args": {"random_erasing": 0.5}}
+    assert build_datamodule({"data": erasing}, "recipe").random_erasing == 0.0

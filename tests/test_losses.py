@@ -198,3 +198,15 @@ def test_every_loss_trains_on_labels_alone_and_sends_no_gradient_to_the_teacher(
 def test_new_losses_refuse_bad_settings(make, match):
     with pytest.raises(ValueError, match=match):
         make()
+
+
+def test_the_defaults_are_the_papers_and_dkd_ramps_in_over_its_warmup_epochs():
+    dkd, ls, dist = DKDLoss(), LogitStandardKDLoss(), DISTLoss()
+    assert (dkd.temperature, dkd.alpha, dkd.beta, dkd.ce_weight, dkd.warmup_epochs) == (4.0, 1.0, 8.0, 1.0, 20.0)
+    assert (ls.temperature, ls.kd_weight, ls.ce_weight) == (2.0, 9.0, 0.1)
+    assert (dist.temperature, dist.beta, dist.gamma, dist.ce_weight) == (4.0, 2.0, 2.0, 1.0)
+    full = run(dkd)  # used alone: at full strength
+    assert full["loss"].item() == pytest.approx(mean_ce() + full["dkd"].item(), rel=1e-6)
+    for epoch, weight in ((0, 1 / 20), (9, 10 / 20), (19, 1.0), (50, 1.0)):
+        dkd.set_epoch(epoch)
+        assert run(dkd)["loss"].item() == pytest.approx(mean_ce() + weight * full["dkd"].item(), rel=1e-6)

@@ -70,6 +70,7 @@ def test_grid_completes_and_a_rerun_trains_nothing(tmp_path: Path, small_teacher
         ({"alphas": [1.5]}, r"Alphas must be in \[0, 1\]"),
         ({"storage": "postgresql://nobody@127.0.0.1:1/nothing"}, "Cannot open the sweep storage"),
         ({"storage": "not a url"}, "Cannot open the sweep storage"),
+        ({"overrides": {"model": {"loss": {"class_path": "distill.DKDLoss"}}}}, r"trains with distill\.DKDLoss"),
     ],
 )
 def test_bad_input(tmp_path: Path, small_teacher_checkpoint: Path, kwargs: dict, match: str):

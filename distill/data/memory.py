@@ -48,19 +48,20 @@ def random_hflip(images: torch.Tensor) -> torch.Tensor:
 
 
 def random_erase(
-    images: torch.Tensor, probability: float, area: tuple[float, float] = (0.02, 1 / 3), ratio: float = 3.3
+    images: torch.Tensor, probability: float, area: tuple[float, float] = (0.02, 1 / 3), min_aspect: float = 0.3
 ) -> torch.Tensor:
     """Random erasing (Zhong et al., AAAI 2020) of a normalised (N, C, H, W) batch, vectorised.
 
     With ``probability``, each image gets one rectangle of ``area`` (a fraction of the image, uniform) and
-    aspect ratio log-uniform in [1 / ``ratio``, ``ratio``] filled with standard normal noise, as timm's
-    ``RandomErasing(mode="pixel")`` does; a rectangle larger than the image is cut to it rather than drawn
-    again (timm loops over the images of a batch in Python; this is one set of tensor ops).
+    aspect ratio log-uniform in [``min_aspect``, 1 / ``min_aspect``] filled with standard normal noise: timm's
+    ``RandomErasing(mode="pixel")`` and its defaults (the paper's largest area is 0.4). A rectangle larger
+    than the image is cut to it rather than drawn again (timm loops over the images of a batch in Python;
+    this is one set of tensor ops).
     """
     n, _, h, w = images.shape
     device = images.device
     size = torch.empty(n, device=device).uniform_(*area) * (h * w)
-    aspect = torch.empty(n, device=device).uniform_(-math.log(ratio), math.log(ratio)).exp()
+    aspect = torch.empty(n, device=device).uniform_(math.log(min_aspect), -math.log(min_aspect)).exp()
     eh = (size * aspect).sqrt().round().clamp(1, h)
     ew = (size / aspect).sqrt().round().clamp(1, w)
     top = (torch.rand(n, device=device) * (h - eh + 1)).floor()
