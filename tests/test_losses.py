@@ -210,3 +210,17 @@ def test_the_defaults_are_the_papers_and_dkd_ramps_in_over_its_warmup_epochs():
     for epoch, weight in ((0, 1 / 20), (9, 10 / 20), (19, 1.0), (50, 1.0)):
         dkd.set_epoch(epoch)
         assert run(dkd)["loss"].item() == pytest.approx(mean_ce() + weight * full["dkd"].item(), rel=1e-6)
+
+
+def test_label_smoothing_mixes_the_uniform_distribution_into_the_labels():
+    eps = 0.1
+    by_hand = sum(
+        (1 - eps) * -math.log(softmax(s)[y]) + eps * sum(-math.log(p) for p in softmax(s)) / len(s)
+        for s, y in zip(STUDENT, TARGET, strict=True)
+    ) / len(TARGET)
+    alone = run(KDLoss(label_smoothing=eps), teacher=None)  # a teacher's training: CE alone
+    assert alone["loss"].item() == pytest.approx(by_hand, rel=1e-5)
+    kd = run(KDLoss(2.0, 0.7, label_smoothing=eps))
+    assert kd["loss"].item() == pytest.approx(0.7 * kd["kd"].item() + 0.3 * by_hand, rel=1e-5)
+    with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\), got 1"):
+        KDLoss(label_smoothing=1)
