@@ -219,3 +219,28 @@ def test_epoch_means_weigh_each_batch_by_its_size(tmp_path: Path):
     for name, total in sums.items():
         assert logged[f"val/{name}"] == pytest.approx(total / count, rel=1e-5)
     assert logged["val/loss"] != pytest.approx(sum(batch_means) / 16, rel=1e-5)  # not the mean of batch means
+
+
+def test_an_ema_of_the_student_is_validated_saved_and_reloaded(tmp_path: Path):
+    """Lightning's EMAWeightAveraging on a DistillModule (issue 17): validation and checkpoints see the EMA."""
+    from pytorch_lightning.callbacks import EMAWeightAveraging, ModelCheckpoint
+
+    from distill.pruning import ChannelPruning, PruningSchedule
+
+    torch.manual_seed(0)
+    model = DistillModule(student(), lr=0.05)
+    callbacks = [EMAWeightAveraging(decay=0.5), ModelCheckpoint(tmp_path, "{epoch}", save_top_k=-1)]
+    trainer = tiny_trainer(tmp_path, max_epochs=2, limit_train_batches=5, callbacks=callbacks,
+                           enable_checkpointing=True)  # fmt: skip
+    trainer.fit(model, datamodule=fmnist())
+    first = tmp_path / "epoch=0.ckpt"  # written during training
+    saved = torch.load(first, map_location="cpu", weights_only=True)
+    ema = {k.removeprefix("student."): v for k, v in saved["state_dict"].items() if k.startswith("student.")}
+    raw = {k.removeprefix("student."): v for k, v in saved["current_model_state"].items() if k.startswith("student.")}
+    reloaded = load_student(first).state_dict()  # the averaged student, from the file alone
+    assert all(torch.equal(v, ema[k]) for k, v in reloaded.items())
+    assert any(not torch.equal(v, raw[k]) for k, v in reloaded.items() if v.is_floating_point())
+
+    pruning = ChannelPruning("l1", PruningSchedule(ratio=0.2))
+    with pytest.raises(ValueError, match="ChannelPruning cannot train beside EMAWeightAveraging"):
+        tiny_trainer(tmp_path, callbacks=[EMAWeightAveraging(), pruning]).fit(model, datamodule=fmnist())

@@ -15,6 +15,7 @@ from typing import Any
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning import Callback
+from pytorch_lightning.callbacks import WeightAveraging
 from pytorch_lightning.strategies import DDPStrategy
 from pytorch_lightning.utilities import rank_zero_info
 from torch import nn
@@ -232,6 +233,14 @@ class ChannelPruning(Callback):
         return PruningStep(ratio=float(step)) if isinstance(step, (int, float)) and step > 0 else step or None
 
     # ---------------------------------------------------------------- hooks
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        averaging = [type(c).__name__ for c in trainer.callbacks if isinstance(c, WeightAveraging)]
+        if averaging:
+            raise ValueError(
+                f"ChannelPruning cannot train beside {averaging[0]}: the averaged copy keeps the unpruned shapes. "
+                f"Average the weights in a fine-tuning run after pruning (e.g. prune-distill's rounds)."
+            )
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.initial:  # restored from a checkpoint: keep the sizes from before the first step
             return
