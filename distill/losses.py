@@ -119,7 +119,8 @@ class DKDLoss(_DistillationLoss):
     (softmax of z / T with the target left out). ``dkd = T^2 * (alpha * TCKD + beta * NCKD)`` and
     ``loss = ce_weight * CE + min((epoch + 1) / warmup_epochs, 1) * dkd``, the ramp of the authors' code
     (mdistiller; ``DistillModule`` tells the loss its epoch; used alone, the term is at full strength).
-    Terms ``loss``, ``dkd``, ``tckd``, ``nckd`` (both times T^2), ``ce``.
+    Terms ``loss``, ``dkd``, ``tckd``, ``nckd`` (both times T^2), ``ce``. With label probabilities as the
+    target (mixup), the target class is the most probable one.
 
     Args:
         temperature: T > 0.
@@ -160,7 +161,8 @@ class DKDLoss(_DistillationLoss):
         self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, target: torch.Tensor, ce: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         t = self.temperature
-        is_target = F.one_hot(target, student_logits.shape[-1]).bool()
+        label = target.argmax(-1) if target.is_floating_point() else target  # mixup's label probabilities
+        is_target = F.one_hot(label, student_logits.shape[-1]).bool()
         s, z = student_logits / t, teacher_logits / t
 
         def binary(logits: torch.Tensor) -> torch.Tensor:  # log [p_target, 1 - p_target]

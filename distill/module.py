@@ -72,6 +72,11 @@ class DistillModule(LightningModule):
             ``None`` (default): on when training on a GPU, off on the CPU.
         compile: ``torch.compile`` the student and the teacher in place (``nn.Module.compile``: checkpoint keys
             do not change). The first steps are slow while it compiles; a pruned student recompiles.
+        mixup: mixup/cutmix of each training batch, ``timm.data.Mixup``'s arguments (``mixup_alpha``,
+            ``cutmix_alpha``, ``prob``, ``switch_prob``, ...; its ``label_smoothing`` defaults to 0 here). The
+            teacher sees the student's mixed images ("consistent" teaching, Beyer et al., CVPR 2022), the loss
+            gets the mixed label probabilities as its target, and cached teacher logits are not used for
+            training batches. A batch of odd size is left unmixed (timm mixes image pairs).
     """
 
     def __init__(
@@ -90,6 +95,7 @@ class DistillModule(LightningModule):
         teacher_checkpoint: str | dict[str, Any] | list[str | dict[str, Any]] | None = None,
         channels_last: bool | None = None,
         compile: bool = False,
+        mixup: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if optimizer not in OPTIMIZERS:
@@ -126,12 +132,14 @@ class DistillModule(LightningModule):
                 "teacher_checkpoint": teacher_checkpoint,
                 "channels_last": channels_last,
                 "compile": compile,
+                "mixup": mixup,
             }
         )
         self.student = student
         self._built_spec = copy.deepcopy(getattr(student, "model_spec", None))  # before any pruning
         self._set_teacher(teacher)
         self.loss = loss if loss is not None else KDLoss()
+        self.mixer = _mixer(mixup, getattr(student, "num_classes", None))
         self.metrics = nn.ModuleDict()  # accuracies per model and stage, made at setup
         self.loss_means = nn.ModuleDict()  # "{stage}/{term}": the epoch's mean of a loss term, made at first use
         self.input_shape: list[int] | None = None  # (C, H, W) of the data, known at setup
@@ -249,10 +257,14 @@ class DistillModule(LightningModule):
         batch = as_batch(batch)
         x, y = batch.x.contiguous(memory_format=self.memory_format), batch.y
         teacher_logits = batch.teacher_logits  # served by distill.cache.TeacherLogitCache, else computed here
+        target = y
+        if stage == "train" and self.mixer is not None and len(y) % 2 == 0:
+            x, target = self.mixer(x.clone(), y)  # the teacher sees the mixed images too
+            y, teacher_logits = target.argmax(-1), None
         if teacher_logits is None and self.teacher is not None:
             teacher_logits = self.teacher(x)
         logits = self.student(x)
-        terms = self.loss(logits, teacher_logits, y)
+        terms = self.loss(logits, teacher_logits, target)
         if stage == "train" and (self.global_step + 1) % self._log_every == 0:  # the steps the loggers write
             # Shown by the progress bar, which reads it as a Python float: a GPU sync, so not at every step.
             self.log("train/loss_step", terms["loss"].detach(), prog_bar=True, on_step=True, on_epoch=False)
@@ -383,6 +395,20 @@ class DistillModule(LightningModule):
 def _device_of(model: nn.Module) -> torch.device:
     """Where the model's parameters are (in ``setup`` they may not have moved to ``self.device`` yet)."""
     return next(model.parameters(), torch.empty(0)).device
+
+
+def _mixer(options: dict[str, Any] | None, num_classes: int | None) -> Any:
+    """``timm.data.Mixup`` with ``options`` (label smoothing 0 unless given), or ``None``."""
+    if not options:
+        return None
+    from timm.data import Mixup
+
+    if num_classes is None:
+        raise ValueError("mixup needs a student with num_classes (its targets are label probabilities)")
+    try:
+        return Mixup(**{"label_smoothing": 0.0, **options, "num_classes": num_classes})
+    except TypeError as err:
+        raise ValueError(f"mixup takes timm.data.Mixup's arguments (mixup_alpha, cutmix_alpha, ...): {err}") from None
 
 
 def _batch_mean() -> MeanMetric:

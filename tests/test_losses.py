@@ -224,3 +224,12 @@ def test_label_smoothing_mixes_the_uniform_distribution_into_the_labels():
     assert kd["loss"].item() == pytest.approx(0.7 * kd["kd"].item() + 0.3 * by_hand, rel=1e-5)
     with pytest.raises(ValueError, match=r"label_smoothing must be in \[0, 1\), got 1"):
         KDLoss(label_smoothing=1)
+
+
+@pytest.mark.parametrize("loss", [KDLoss(), DKDLoss(), LogitStandardKDLoss(), DISTLoss()])
+def test_label_probabilities_as_targets_give_what_the_labels_give(loss):
+    """Mixup hands the loss label probabilities: one-hot rows must give the integer labels' terms."""
+    labels = run(loss)
+    probabilities = loss(torch.tensor(STUDENT), torch.tensor(TEACHER), torch.eye(3)[torch.tensor(TARGET)])
+    for name, value in labels.items():
+        assert probabilities[name].item() == pytest.approx(value.item(), rel=1e-6), name

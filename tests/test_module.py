@@ -244,3 +244,28 @@ def test_an_ema_of_the_student_is_validated_saved_and_reloaded(tmp_path: Path):
     pruning = ChannelPruning("l1", PruningSchedule(ratio=0.2))
     with pytest.raises(ValueError, match="ChannelPruning cannot train beside EMAWeightAveraging"):
         tiny_trainer(tmp_path, callbacks=[EMAWeightAveraging(), pruning]).fit(model, datamodule=fmnist())
+
+
+def test_mixup_gives_the_teacher_the_students_mixed_images_and_the_loss_label_probabilities(tmp_path: Path):
+    """timm's Mixup on each training batch (issue 17): the same mixed images reach both models."""
+    seen: dict[str, list] = {"student": [], "teacher": [], "target": []}
+
+    class Recording(KDLoss):
+        def forward(self, student_logits, teacher_logits, target):
+            seen["target"].append(target)
+            return super().forward(student_logits, teacher_logits, target)
+
+    torch.manual_seed(0)
+    teacher = FrozenTeacher(create_student("test_studentnet", num_classes=10, in_chans=1))
+    model = DistillModule(student(), teacher, loss=Recording(), mixup={"mixup_alpha": 1.0, "cutmix_alpha": 1.0})
+    model.student.register_forward_pre_hook(lambda _, args: seen["student"].append(args[0].clone()))
+    teacher.model.register_forward_pre_hook(lambda _, args: seen["teacher"].append(args[0].clone()))
+    tiny_trainer(tmp_path, limit_train_batches=2, limit_val_batches=0).fit(model, datamodule=fmnist())
+    batches = {k: [v for v in values if len(v) == 32] for k, values in seen.items()}  # not setup's dummy batch
+    assert len(batches["target"]) == 2
+    for x_s, x_t, target in zip(batches["student"], batches["teacher"], batches["target"], strict=True):
+        assert torch.equal(x_s, x_t)  # one view for both models
+        assert target.shape == (32, 10) and torch.allclose(target.sum(-1), torch.ones(32))
+        assert (target.max(-1).values < 1).any()  # images mixed with another class (pairs of one class sum to 1)
+    with pytest.raises(ValueError, match=r"mixup takes timm\.data\.Mixup's arguments"):
+        DistillModule(student(), mixup={"alpha": 1.0})
