@@ -188,11 +188,21 @@ def _read_safetensors(path: Path) -> dict[str, Any]:
 
 
 def _unsafe_globals(path: Path) -> list[str]:
-    """Every import a torch file's pickle asks for that :func:`read_checkpoint` does not admit: read from its
-    opcodes (``pickletools``: nothing is loaded or run), for every protocol torch's own scan stops at."""
-    from torch._weights_only_unpickler import _get_allowed_globals
+    """Every import a torch file's pickle asks for that :func:`read_checkpoint` does not admit: torch's own
+    scan, or where it stops (pickle protocol 4+, legacy files) the file's opcodes (``pickletools``); nothing
+    is loaded or run."""
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # noqa: BLE001 - torch's scan raises on opcodes it does not know
+        pass
+    try:
+        from torch._weights_only_unpickler import _get_allowed_globals  # what torch admits; private
 
-    admitted = set(_get_allowed_globals()) | {f"{g.__module__}.{g.__qualname__}" for g in SAFE_GLOBALS}
+        admitted = set(_get_allowed_globals())
+    except (ImportError, AttributeError):
+        admitted = set()
+    admitted |= {f"{g.__module__}.{g.__qualname__}" for g in SAFE_GLOBALS}
     return [name for name in _pickle_imports(path) if name not in admitted]
 
 

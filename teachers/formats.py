@@ -65,18 +65,16 @@ class TeacherFile:
 def teacher_file(state: Mapping[str, Any], use_ema: bool, source: str) -> TeacherFile:
     """The weights ``state`` (a checkpoint read safely) holds (its EMA weights with ``use_ema``) and the
     architecture timm's training scripts record in it (``args``, as ``train.py`` builds its model from them)."""
+    container = next((state[k] for k in _WEIGHT_KEYS if isinstance(state.get(k), Mapping)), state)
     if use_ema:
-        container = next((state[k] for k in EMA_KEYS if isinstance(state.get(k), Mapping)), None)
+        plain, container = container, next((state[k] for k in EMA_KEYS if isinstance(state.get(k), Mapping)), None)
         if container is None:
-            weights = next((state[k] for k in _WEIGHT_KEYS if isinstance(state.get(k), Mapping)), state)
-            ema = sorted({p for p in _prefixes(weights) if "ema" in p.lower()})
+            ema = sorted({p for p in _prefixes(plain) if "ema" in p.lower()})
             hint = f"; its weights under {', '.join(map(repr, ema))} may be: pass prefix= instead" if ema else ""
             raise ValueError(
                 f"{source} holds no EMA weights (no {' or '.join(EMA_KEYS)}; it holds {_keys(state)}){hint}: "
                 f"drop use_ema."
             )
-    else:
-        container = next((state[k] for k in _WEIGHT_KEYS if isinstance(state.get(k), Mapping)), state)
     weights = {k: v for k, v in container.items() if isinstance(v, torch.Tensor)}
     if not weights:
         raise ValueError(f"{source} holds no tensors where weights are kept (it holds {_keys(state)}).")
