@@ -48,8 +48,8 @@ def test_a_latency_target_is_met_as_measured_and_the_student_runs_faster():
     model = net()
     start = copy.deepcopy(model)
     before = meter().quietest(start)  # the search times the student again: a busy first timing would meet it
-    report = prune_student(model, X1, POLICY, target_latency_ms=0.8 * before, latency=meter())
-    assert report.latency_ms is not None and report.latency_ms <= 0.8 * before  # as the search measured it
+    report = prune_student(model, X1, POLICY, target_latency_ms=0.6 * before, latency=meter())  # CI read 25% slow
+    assert report.latency_ms is not None and report.latency_ms <= 0.6 * before  # as the search measured it
     assert report.params_after < report.params_before
     assert all(c % CHANNEL_MULTIPLE == 0 for c in model.channels)
     ms = meter()({"start": start, "pruned": model})  # timed again, side by side; a generous margin
