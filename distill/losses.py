@@ -20,7 +20,9 @@ Each paper's defaults are the ones its authors' code uses on CIFAR-100.
 
 from __future__ import annotations
 
+import inspect
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +37,12 @@ class _DistillationLoss(nn.Module):
     :meth:`terms`."""
 
     label_smoothing = 0.0
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        """``{"class_path", "init_args"}``: what rebuilds this loss (``DistillModule`` records it in checkpoints)."""
+        names = [n for n in inspect.signature(type(self).__init__).parameters if n != "self"]
+        return {"class_path": f"distill.{type(self).__name__}", "init_args": {n: getattr(self, n) for n in names}}
 
     def forward(
         self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, target: torch.Tensor

@@ -20,6 +20,7 @@ from torch import nn
 from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
+from distill import losses
 from distill.data.batch import Batch, as_batch
 from distill.losses import KDLoss
 from distill.optim import OPTIMIZERS, SCHEDULES, build_optimizer, check_resume_settings, lr_factor, param_groups
@@ -55,7 +56,8 @@ class DistillModule(LightningModule):
         teacher: a frozen teacher (``teachers.load_teacher``, ``teachers.TeacherEnsemble``); ``None`` trains
             on labels only, or loads the teacher from ``teacher_checkpoint`` at setup.
         loss: the training loss; default ``KDLoss(temperature=4.0, alpha=0.9)`` (cross-entropy alone
-            when there is no teacher).
+            when there is no teacher). Checkpoints record the settings of :mod:`distill.losses`' classes
+            (``loss_spec``), so ``load_from_checkpoint(path)`` rebuilds the same loss.
         optimizer: ``sgd`` (Nesterov momentum), ``adamw`` or ``adam``.
         lr: peak learning rate.
         weight_decay: weight decay of conv and linear weights (none on biases and BatchNorm).
@@ -65,6 +67,8 @@ class DistillModule(LightningModule):
         min_lr_ratio: final learning rate of the cosine schedule, relative to ``lr``.
         student_spec: rebuild the student from this ``{"name", "kwargs"}`` spec when ``student`` is not given
             (checkpoints record it; you rarely set it by hand).
+        loss_spec: rebuild the loss from this ``{"class_path", "init_args"}`` record when ``loss`` is not given
+            (checkpoints record it; only :mod:`distill.losses`' classes are rebuilt from it).
         teacher_checkpoint: the teacher's checkpoint file(s), or :func:`teachers.load_teacher`'s arguments
             where a file does not name its architecture. Recorded automatically from ``teacher``; when
             ``teacher`` is not given, the teacher is loaded from here at setup (a list gives an ensemble).
@@ -75,8 +79,8 @@ class DistillModule(LightningModule):
         mixup: mixup/cutmix of each training batch, ``timm.data.Mixup``'s arguments (``mixup_alpha``,
             ``cutmix_alpha``, ``prob``, ``switch_prob``, ...; its ``label_smoothing`` defaults to 0 here). The
             teacher sees the student's mixed images ("consistent" teaching, Beyer et al., CVPR 2022), the loss
-            gets the mixed label probabilities as its target, and cached teacher logits are not used for
-            training batches. A batch of odd size is left unmixed (timm mixes image pairs).
+            gets the mixed label probabilities as its target, and ``TeacherLogitCache`` leaves the training
+            split live. A batch of odd size is left unmixed (timm mixes image pairs).
     """
 
     def __init__(
@@ -92,6 +96,7 @@ class DistillModule(LightningModule):
         warmup_epochs: float = 0.0,
         min_lr_ratio: float = 0.0,
         student_spec: dict[str, Any] | None = None,
+        loss_spec: dict[str, Any] | None = None,
         teacher_checkpoint: str | dict[str, Any] | list[str | dict[str, Any]] | None = None,
         channels_last: bool | None = None,
         compile: bool = False,
@@ -117,6 +122,8 @@ class DistillModule(LightningModule):
             student = build_student(student_spec)
         if teacher is not None:
             teacher_checkpoint = teacher_checkpoints(teacher) or teacher_checkpoint
+        if loss is None:
+            loss = _recorded_loss(loss_spec) if loss_spec is not None else KDLoss()
         # Hyperparameters are plain values only, so checkpoints load with weights_only=True and
         # `load_from_checkpoint(path)` rebuilds the student from `student_spec`.
         self.save_hyperparameters(
@@ -129,6 +136,7 @@ class DistillModule(LightningModule):
                 "warmup_epochs": warmup_epochs,
                 "min_lr_ratio": min_lr_ratio,
                 "student_spec": getattr(student, "model_spec", student_spec),
+                "loss_spec": _loss_record(loss),
                 "teacher_checkpoint": teacher_checkpoint,
                 "channels_last": channels_last,
                 "compile": compile,
@@ -138,7 +146,7 @@ class DistillModule(LightningModule):
         self.student = student
         self._built_spec = copy.deepcopy(getattr(student, "model_spec", None))  # before any pruning
         self._set_teacher(teacher)
-        self.loss = loss if loss is not None else KDLoss()
+        self.loss = loss
         self.mixer = _mixer(mixup, getattr(student, "num_classes", None))
         self.metrics = nn.ModuleDict()  # accuracies per model and stage, made at setup
         self.loss_means = nn.ModuleDict()  # "{stage}/{term}": the epoch's mean of a loss term, made at first use
@@ -390,6 +398,31 @@ class DistillModule(LightningModule):
             self.student = student.to(_device_of(self.student))
         if fitting:
             restore_rng_states(checkpoint)
+
+
+def _loss_record(loss: nn.Module) -> dict[str, Any]:
+    """The loss's ``{"class_path", "init_args"}``; ``init_args`` is ``None`` for a class that cannot say its own."""
+    if type(loss).__module__ == losses.__name__ and type(loss).__name__ in losses.__all__:
+        return loss.spec
+    return {"class_path": f"{type(loss).__module__}.{type(loss).__qualname__}", "init_args": None}
+
+
+def _recorded_loss(spec: Mapping[str, Any]) -> nn.Module:
+    """The loss a checkpoint records (only distill's classes: a checkpoint names no other code to run)."""
+    class_path = str(spec.get("class_path"))
+    name = class_path.rsplit(".", 1)[-1]
+    if spec.get("init_args") is None:  # a loss of the user's own: its settings are not in the file
+        rank_zero_warn(
+            f"The checkpoint was trained with {class_path}, whose settings it does not record: this module uses "
+            f"KDLoss(); pass loss=... (e.g. to load_from_checkpoint) to train or validate with the original."
+        )
+        return KDLoss()
+    if not class_path.startswith("distill.") or name not in losses.__all__:
+        raise ValueError(
+            f"loss_spec names {class_path}; only distill's losses ({', '.join(losses.__all__)}) are rebuilt from a "
+            f"record. Give model.loss instead."
+        )
+    return getattr(losses, name)(**spec["init_args"])
 
 
 def _device_of(model: nn.Module) -> torch.device:

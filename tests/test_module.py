@@ -11,7 +11,7 @@ import pytest
 import torch
 from helpers import fmnist, tiny_trainer
 
-from distill import DistillModule, KDLoss
+from distill import DistillModule, DKDLoss, KDLoss
 from distill.optim import lr_factor
 from students import create_student, load_student
 from teachers import FrozenTeacher, TeacherEnsemble, load_teacher
@@ -51,7 +51,8 @@ def test_without_teacher_it_is_supervised_training(tmp_path: Path):
 
 
 def test_checkpoint_holds_the_student_only_and_reloads_in_a_fresh_process(tmp_path: Path, teacher_checkpoint: Path):
-    model = DistillModule(student(), load_teacher(checkpoint=teacher_checkpoint), lr=0.01)
+    loss = DKDLoss(temperature=3.0, beta=2.0)
+    model = DistillModule(student(), load_teacher(checkpoint=teacher_checkpoint), loss=loss, lr=0.01)
     trainer = tiny_trainer(tmp_path)
     trainer.fit(model, datamodule=fmnist())
     path = tmp_path / "kd.ckpt"
@@ -68,17 +69,27 @@ def test_checkpoint_holds_the_student_only_and_reloads_in_a_fresh_process(tmp_pa
     code = (
         "import sys, torch; from students import load_student; from distill import DistillModule\n"
         "x = torch.load(sys.argv[2]); a = load_student(sys.argv[1])(x)\n"
-        "b = DistillModule.load_from_checkpoint(sys.argv[1]).eval()(x)\n"
-        "torch.save(torch.stack([a, b]), sys.argv[3])"
+        "m = DistillModule.load_from_checkpoint(sys.argv[1]).eval(); b = m(x)\n"
+        "torch.save(torch.stack([a, b]), sys.argv[3]); open(sys.argv[4], 'w').write(repr(m.loss))"
     )
     subprocess.run(
-        [sys.executable, "-c", code, str(path), str(tmp_path / "x.pt"), str(tmp_path / "y.pt")],
+        [sys.executable, "-c", code, str(path), str(tmp_path / "x.pt"), str(tmp_path / "y.pt"), tmp_path / "loss"],
         check=True,
         cwd=Path(__file__).parents[1],
     )
     outputs = torch.load(tmp_path / "y.pt")
     torch.testing.assert_close(outputs[0], expected, rtol=0, atol=0)
     torch.testing.assert_close(outputs[1], expected, rtol=0, atol=0)
+    assert (tmp_path / "loss").read_text() == repr(loss)  # the same loss class and settings, to train on
+
+
+def test_a_loss_the_checkpoint_cannot_record_is_named_when_reloaded():
+    custom = DistillModule(student(), loss=torch.nn.Identity())
+    assert custom.hparams.loss_spec == {"class_path": "torch.nn.modules.linear.Identity", "init_args": None}
+    with pytest.warns(UserWarning, match=r"trained with torch.nn.modules.linear.Identity.*pass loss="):
+        assert isinstance(DistillModule(student(), loss_spec=custom.hparams.loss_spec).loss, KDLoss)
+    with pytest.raises(ValueError, match=r"loss_spec names os.system; only distill's losses"):
+        DistillModule(student(), loss_spec={"class_path": "os.system", "init_args": {"command": "touch x"}})
 
 
 def test_training_resumes_from_a_checkpoint_without_teacher_weights(tmp_path: Path, teacher_checkpoint: Path):
