@@ -70,8 +70,8 @@ class TeacherLogitCache(Callback):
     ``DistillModule`` uses the logits that come with a batch (``Batch.teacher_logits``, set here through
     ``TensorImageDataset.teacher_logits``) instead of running the teacher. Splits
     with random augmentation (the training split of a datamodule with ``augment=True`` or
-    ``random_erasing``) keep the live teacher. Datasets that are not in memory (``ImageFolderDataModule``)
-    are left alone.
+    ``random_erasing``, or of a ``DistillModule`` with ``mixup``) keep the live teacher. Datasets that are
+    not in memory (``ImageFolderDataModule``) are left alone.
 
     Args:
         cache_dir: folder for the cache files (``<key>.pt``), shared by runs, trials and processes;
@@ -109,6 +109,9 @@ class TeacherLogitCache(Callback):
                 continue
             if dataset.transform.is_random:
                 rank_zero_info(f"TeacherLogitCache: the {split} split is augmented, its teacher logits stay live")
+                continue
+            if split == "train" and getattr(pl_module, "mixer", None) is not None:  # cached logits go unused
+                rank_zero_info("TeacherLogitCache: training batches are mixed (mixup), their teacher logits stay live")
                 continue
             teacher_key = teacher_key or teacher_fingerprint(teacher)
             key = hashlib.sha256((teacher_key + split_fingerprint(dataset)).encode()).hexdigest()[:32]

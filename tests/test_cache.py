@@ -19,8 +19,11 @@ def student() -> torch.nn.Module:
     return create_student("test_studentnet", num_classes=10, in_chans=1, num_pools=3)
 
 
-def run(tmp_path: Path, small_teacher_checkpoint: Path, callbacks: list, **data) -> tuple[DistillModule, dict]:
-    model = DistillModule(student(), load_teacher(checkpoint=small_teacher_checkpoint), loss=KDLoss(4.0, 0.7), lr=0.01)
+def run(
+    tmp_path: Path, small_teacher_checkpoint: Path, callbacks: list, mixup: dict | None = None, **data
+) -> tuple[DistillModule, dict]:
+    teacher = load_teacher(checkpoint=small_teacher_checkpoint)
+    model = DistillModule(student(), teacher, loss=KDLoss(4.0, 0.7), lr=0.01, mixup=mixup)
     torch.manual_seed(0)
     trainer = tiny_trainer(tmp_path, max_epochs=2, callbacks=callbacks)
     datamodule = fmnist(**data)
@@ -74,7 +77,7 @@ def test_cache_is_reused_and_keyed_by_teacher_and_data(tmp_path: Path, small_tea
     assert len(recomputed.hits) == 2 and torch.equal(torch.load(files[0], weights_only=True)["logits"], good["logits"])
 
 
-@pytest.mark.parametrize("augmentation", [{"augment": True}, {"random_erasing": 0.5}])
+@pytest.mark.parametrize("augmentation", [{"augment": True}, {"random_erasing": 0.5}, {"mixup": {"mixup_alpha": 1.0}}])
 def test_augmented_training_split_stays_live(tmp_path: Path, small_teacher_checkpoint: Path, augmentation: dict):
     cache = TeacherLogitCache(None)
     model, _ = run(tmp_path, small_teacher_checkpoint, [cache], **augmentation)

@@ -15,14 +15,29 @@ import yaml
 from helpers import start_distill, tiny_kd_recipe
 
 from distill.cli import main
-from distill.recipes import relocate
+from distill.recipes import merge, relocate
 
 ROOT = Path(__file__).parents[1]
 
 
-def recipe(tmp_path: Path, teacher: Path, name: str, epochs: int = 4) -> Path:
+# Issue 17's recipe levers, all on: random augmentation, mixup/cutmix (random per batch), an EMA of the
+# student (state of its own in the checkpoint) and DKD (a loss ramped in by epoch).
+LEVERS = {
+    "data": {"init_args": {"augment": True, "random_erasing": 0.5}},
+    "model": {
+        "mixup": {"mixup_alpha": 0.8, "cutmix_alpha": 1.0},
+        "loss": {"class_path": "distill.DKDLoss", "init_args": {"warmup_epochs": 3}},
+    },
+}
+EMA = {"class_path": "EMAWeightAveraging", "init_args": {"decay": 0.9}}
+
+
+def recipe(tmp_path: Path, teacher: Path, name: str, epochs: int = 4, levers: bool = False) -> Path:
     """The tiny KD recipe writing into ``tmp_path/name``, with epochs long enough to be killed in."""
     cfg = yaml.safe_load(tiny_kd_recipe(tmp_path, teacher, limit_train_batches=60, max_epochs=epochs).read_text())
+    if levers:
+        cfg = merge(cfg, LEVERS)
+        cfg["trainer"]["callbacks"].append(EMA)
     cfg = relocate(cfg, tmp_path / name)
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -30,7 +45,10 @@ def recipe(tmp_path: Path, teacher: Path, name: str, epochs: int = 4) -> Path:
 
 
 def weights(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, weights_only=True)["state_dict"]
+    """The checkpoint's tensors: the student, and with an EMA the raw weights and the average's state too."""
+    checkpoint = torch.load(path, weights_only=True)
+    states = ("state_dict", "current_model_state", "averaging_state")
+    return {f"{s}.{k}": v for s in states for k, v in checkpoint.get(s, {}).items() if isinstance(v, torch.Tensor)}
 
 
 def rows(path: Path) -> list[dict[str, str]]:
@@ -39,10 +57,13 @@ def rows(path: Path) -> list[dict[str, str]]:
 
 
 @pytest.mark.slow
-def test_a_fit_killed_mid_epoch_resumes_to_the_same_weights_and_metrics(tmp_path: Path, small_teacher_checkpoint):
-    main(["fit", "--config", str(recipe(tmp_path, small_teacher_checkpoint, "whole"))])
+@pytest.mark.parametrize("levers", [False, True], ids=["kd", "levers"])
+def test_a_fit_killed_mid_epoch_resumes_to_the_same_weights_and_metrics(
+    tmp_path: Path, small_teacher_checkpoint, levers: bool
+):
+    main(["fit", "--config", str(recipe(tmp_path, small_teacher_checkpoint, "whole", levers=levers))])
 
-    config = recipe(tmp_path, small_teacher_checkpoint, "killed")
+    config = recipe(tmp_path, small_teacher_checkpoint, "killed", levers=levers)
     worker = start_distill("fit", "--config", str(config))
     last = tmp_path / "killed" / "last.ckpt"
     deadline = time.time() + 300
@@ -62,6 +83,7 @@ def test_a_fit_killed_mid_epoch_resumes_to_the_same_weights_and_metrics(tmp_path
     main(["fit", "--config", str(config), "--ckpt_path", "last"])  # Lightning finds last.ckpt
     a, b = weights(tmp_path / "whole" / "last.ckpt"), weights(last)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit for bit
+    assert any(k.startswith("current_model_state.") for k in a) == levers  # the EMA's raw weights compared too
     whole, resumed = rows(tmp_path / "whole" / "metrics.csv"), rows(tmp_path / "killed" / "metrics.csv")
     assert {r["epoch"] for r in whole} == {"", "0", "1", "2", "3"} and resumed == whole  # every row, none twice
 
