@@ -33,7 +33,7 @@ JOBS: dict[str, tuple[Callable[..., Any], str]] = {
         quickstart,
         "the whole job on Fashion-MNIST: teacher, KD student, prune-distill to a latency, table",
     ),
-    "sweep": (sweep, "distill over a grid of temperatures (alphas, seeds); resumable, many workers"),
+    "sweep": (sweep, "distill over a grid of losses, temperatures (alphas, seeds); resumable, many workers"),
     "prune-distill": (prune_distill, "prune and distill the student round by round down to a size or latency target"),
     "export": (export, "export a (pruned) student to ONNX, int8 ONNX, torch.export .pt2; each checked against it"),
 }

@@ -1,7 +1,7 @@
 """The jobs' reports: a CSV of every run, a Markdown table with a verdict, and a plot.
 
 Each job writes them into its run directory atomically (:mod:`distill.rundir`) and prints the table.
-``distill sweep`` summarises seeds per (temperature, alpha); ``distill prune-distill`` tabulates its
+``distill sweep`` summarises seeds per (loss, temperature, alpha); ``distill prune-distill`` tabulates its
 rounds beside its baselines, plotted against latency; ``distill quickstart`` puts its four models in one table.
 """
 
@@ -30,6 +30,7 @@ __all__ = [
 
 SWEEP_COLUMNS = (
     "kind",
+    "loss",
     "temperature",
     "alpha",
     "seed",
@@ -103,21 +104,30 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def _summarise(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict | None, dict | None]:
-    """Mean and spread over seeds per (temperature, alpha), the best on validation, and the CE-only student."""
+    """Mean and spread over seeds per (loss, temperature, alpha), the best on validation, and the CE-only student."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if r["kind"] == "kd":
-            groups.setdefault((r["temperature"], r["alpha"]), []).append(r)
+            groups.setdefault((r["loss"], r["temperature"], r["alpha"]), []).append(r)
 
     def stats(members: list[dict[str, Any]]) -> dict[str, Any]:
         val, val_sd = _mean_std([m["val_acc"] for m in members])
         test, test_sd = _mean_std([m["test_acc"] for m in members])
         return {"n": len(members), "val": val, "val_sd": val_sd, "test": test, "test_sd": test_sd}
 
-    table = [{"temperature": t, "alpha": a, **stats(members)} for (t, a), members in sorted(groups.items())]
+    table = [
+        {"loss": loss, "temperature": t, "alpha": a, **stats(members)}
+        for (loss, t, a), members in sorted(groups.items(), key=lambda item: (item[0][0], item[0][1], item[0][2] or 0))
+    ]
     best = max(table, key=lambda r: (r["val"], -r["temperature"]), default=None)
     ce_rows = [r for r in rows if r["kind"] == "ce"]
     return table, best, stats(ce_rows) if ce_rows else None
+
+
+def _setting(row: dict[str, Any]) -> str:
+    """``DKDLoss, T=4`` or ``KDLoss, T=4, alpha=0.9``."""
+    alpha = f", alpha={row['alpha']:g}" if row["alpha"] != "" else ""
+    return f"{row['loss']}, T={row['temperature']:g}{alpha}"
 
 
 def sweep_report(out: Path, rows: list[dict[str, Any]], settings: dict[str, Any], missing: list[str]) -> None:
@@ -128,10 +138,13 @@ def sweep_report(out: Path, rows: list[dict[str, Any]], settings: dict[str, Any]
     def accuracies(r: dict[str, Any]) -> list[str]:
         return [f"{r['val']:.4f} ± {r['val_sd']:.4f}", f"{r['test']:.4f} ± {r['test_sd']:.4f}"]
 
-    lines = [[f"{r['temperature']:g}", f"{r['alpha']:g}", r["n"], *accuracies(r)] for r in table]
-    lines += [["CE only", "-", ce["n"], *accuracies(ce)]] if ce else []
-    header = ["T", "alpha", "seeds", "val acc (mean ± std)", "test acc (mean ± std)"]
-    text = markdown_table(header, "rrrrr", lines)
+    def alpha(r: dict[str, Any]) -> str:
+        return "-" if r["alpha"] == "" else f"{r['alpha']:g}"
+
+    lines = [[r["loss"], f"{r['temperature']:g}", alpha(r), r["n"], *accuracies(r)] for r in table]
+    lines += [["CE only", "-", "-", ce["n"], *accuracies(ce)]] if ce else []
+    header = ["loss", "T", "alpha", "seeds", "val acc (mean ± std)", "test acc (mean ± std)"]
+    text = markdown_table(header, "lrrrrr", lines)
     verdict = []
     if missing:
         verdict.append(
@@ -140,7 +153,7 @@ def sweep_report(out: Path, rows: list[dict[str, Any]], settings: dict[str, Any]
         )
     if best:
         verdict.append(
-            f"Best on validation{' so far' if missing else ''}: T={best['temperature']:g}, alpha={best['alpha']:g} "
+            f"Best on validation{' so far' if missing else ''}: {_setting(best)} "
             f"(val {best['val']:.4f}); its test accuracy: {best['test']:.4f} ± {best['test_sd']:.4f}."
         )
         if ce:
@@ -148,7 +161,7 @@ def sweep_report(out: Path, rows: list[dict[str, Any]], settings: dict[str, Any]
                 f"Against the CE-only student: {100 * (best['test'] - ce['test']):+.2f} points of test accuracy."
             )
     md = (
-        f"# Temperature sweep\n\n{text}\n\n{' '.join(verdict)}\n\n"
+        f"# Distillation sweep\n\n{text}\n\n{' '.join(verdict)}\n\n"
         "The setting is chosen on the validation split; the test split only reports it.\n\n"
         "Reproduce (resumes if the run directory exists):\n\n```bash\ndistill sweep --config sweep.yaml\n```\n\n"
         f"with `sweep.yaml`:\n\n```yaml\n{yaml.safe_dump(settings, sort_keys=False)}```\n"
@@ -160,15 +173,15 @@ def sweep_report(out: Path, rows: list[dict[str, Any]], settings: dict[str, Any]
 
 def _sweep_plot(path: Path, table: list[dict[str, Any]], ce: dict | None) -> None:
     fig, ax = _axes()
-    for alpha in sorted({r["alpha"] for r in table}):
-        rows = [r for r in table if r["alpha"] == alpha]
+    for loss, alpha in sorted({(r["loss"], r["alpha"]) for r in table}, key=lambda la: (la[0], la[1] or 0)):
+        rows = [r for r in table if (r["loss"], r["alpha"]) == (loss, alpha)]
         ts = [r["temperature"] for r in rows]
+        name = loss if alpha == "" else f"{loss}, alpha={alpha:g}"
         style = {"marker": "o", "capsize": 3}
         line = ax.errorbar(ts, [r["val"] for r in rows], yerr=[r["val_sd"] for r in rows], **style,
-                           label=f"KD val, alpha={alpha:g}")  # fmt: skip
+                           label=f"{name}: val")  # fmt: skip
         ax.errorbar(ts, [r["test"] for r in rows], yerr=[r["test_sd"] for r in rows], **{**style, "marker": "s"},
-                    linestyle="--", color=line[0].get_color(), alpha=0.7,
-                    label=f"KD test, alpha={alpha:g}")  # fmt: skip
+                    linestyle="--", color=line[0].get_color(), alpha=0.7, label=f"{name}: test")  # fmt: skip
     if ce:
         ax.axhline(ce["val"], color="gray", label=f"CE only val ({ce['n']} seeds)")
         ax.axhline(ce["test"], color="gray", linestyle="--", label="CE only test")

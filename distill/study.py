@@ -205,8 +205,9 @@ def finished_rows(study: Any, space: dict[str, list], kind: str) -> list[dict[st
         rows.append(
             {
                 "kind": kind,
+                "loss": t.params.get("loss", ""),
                 "temperature": t.params.get("temperature", ""),
-                "alpha": t.params.get("alpha", 0.0),
+                "alpha": t.params["alpha"] if t.params.get("loss") == "KDLoss" else "",  # the others have none
                 "seed": t.params["seed"],
                 "val_acc": a["val_acc"],
                 "test_acc": a["test_acc"],
@@ -236,6 +237,8 @@ def missing_points(study: Any, space: dict[str, list], kind: str, running_only: 
         status = (
             f"running in trial {running[0]}" if running else f"failed in trial {failed[-1]}" if failed else "not run"
         )
-        label = ", ".join(f"{name}={value:g}" for name, value in sorted(point.items()))
+        label = ", ".join(
+            f"{name}={value if isinstance(value, str) else format(value, 'g')}" for name, value in sorted(point.items())
+        )
         missing.append(f"{kind} {label}: {status}")
     return missing

@@ -1,8 +1,9 @@
-"""``distill sweep``: distill from one teacher over a grid of temperatures (and alphas, seeds).
+"""``distill sweep``: distill from one teacher over a grid of losses, temperatures (and alphas, seeds).
 
 The best temperature depends on the student: Hinton et al. (2015) found small students prefer
 T of about 2.5 to 4, seed 002 reports 1 to 20. Every trial is a full Lightning run of the same recipe
-(same data split, same epochs) with another ``KDLoss(temperature, alpha)`` and seed; a CE-only student
+(same data split, same epochs) with another loss (``KDLoss`` or the logit objectives of
+:mod:`distill.losses`: DKD, logit standardisation, DIST), temperature, alpha and seed; a CE-only student
 per seed is the baseline. The setting is chosen on the validation split; the test accuracy of the
 chosen setting is reported, and the test set never chooses anything.
 
@@ -19,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from distill import losses as loss_classes
 from distill.recipes import FitResult, check_recipe, fit_recipe, job_recipe, relocate, teacher_cache, with_callbacks
 from distill.report import sweep_report
 from distill.rundir import IncompleteRun
@@ -30,6 +32,7 @@ __all__ = ["sweep"]
 def sweep(
     recipe: str = "configs/fmnist/kd.yaml",
     temperatures: list[float] | None = None,
+    losses: list[str] | None = None,
     alphas: list[float] | None = None,
     seeds: list[int] | None = None,
     baseline: bool = True,
@@ -42,15 +45,19 @@ def sweep(
     max_trials: int | None = None,
     wait: bool = True,
 ) -> list[dict[str, Any]]:
-    """Distill over a grid of temperatures, alphas and seeds; write sweep.csv, sweep.png, sweep.md.
+    """Distill over a grid of losses, temperatures, alphas and seeds; write sweep.csv, sweep.png, sweep.md.
 
     Run it again to resume: finished trials are skipped, killed or crashed ones run again. Start the
     same command on several GPUs or machines (with a shared ``storage``) to split the grid.
 
     Args:
         recipe: the KD recipe every trial runs (a ``distill fit`` config with a teacher).
-        temperatures: KD temperatures T > 0 (default: 1, 2, 4, 8, 16, 20).
-        alphas: weights of the soft term, in [0, 1] (default: the recipe's, or 0.9).
+        temperatures: KD temperatures T > 0 (default: 1, 2, 4, 8, 16, 20), given to every loss.
+        losses: the distillation losses to compare, by class name: ``KDLoss``, ``DKDLoss``,
+            ``LogitStandardKDLoss``, ``DISTLoss`` (default: the recipe's). Each takes the recipe's settings
+            of that class where the recipe trains with it, else its paper's defaults, and the grid's temperature.
+        alphas: weights of KDLoss's soft term, in [0, 1] (default: the recipe's, or 0.9); the other losses
+            have their own weights, so several alphas need ``losses: [KDLoss]``.
         seeds: seeds; the mean and spread over them are reported (default: 0).
         baseline: also train the CE-only student (no teacher) once per seed.
         overrides: values merged into the recipe for every trial, e.g. ``{"trainer": {"max_epochs": 30}}``
@@ -77,14 +84,7 @@ def sweep(
             was given; sweep.csv and sweep.md then hold the finished ones and sweep.md lists the rest.
     """
     base = job_recipe(recipe, overrides)
-    loss = base["model"].get("loss") if isinstance(base.get("model"), dict) else None
-    loss_class = loss.get("class_path") if isinstance(loss, dict) else None
-    if loss_class is not None and str(loss_class).rsplit(".", 1)[-1] != "KDLoss":
-        raise ValueError(
-            f"distill sweep tunes KDLoss's temperature and alpha, but {recipe} trains with {loss_class}: its trials "
-            f"would train KDLoss instead. Sweep a recipe whose model.loss is distill.KDLoss."
-        )
-    space = _grid(temperatures, alphas, seeds, base)
+    space = _grid(temperatures, losses, alphas, seeds, base, recipe)
     if heartbeat_interval < 1 or (max_trials is not None and max_trials < 1) or not study_name:
         raise ValueError(
             f"need heartbeat_interval >= 1 second, max_trials >= 1 (or unset) and a study_name; got "
@@ -96,6 +96,7 @@ def sweep(
     settings = {
         "recipe": recipe,
         "temperatures": space["temperature"],
+        "losses": space["loss"],
         "alphas": space["alpha"],
         "seeds": space["seed"],
         "baseline": baseline,
@@ -132,7 +133,7 @@ def sweep(
         time.sleep(min(heartbeat_interval, 5))  # the storage is cheap to ask; finish soon after the others
     rows = [row for study, grid, kind, _ in grids for row in finished_rows(study, grid, kind)]
     missing = [point for study, grid, kind, _ in grids for point in missing_points(study, grid, kind)]
-    rows.sort(key=lambda r: (r["kind"] != "ce", r["temperature"] or 0, r["alpha"], r["seed"]))
+    rows.sort(key=lambda r: (r["kind"] != "ce", r["loss"], r["temperature"] or 0, r["alpha"] or 0, r["seed"]))
     sweep_report(out, rows, settings, missing)
     if missing and max_trials is not None:  # this worker did its share; the report says what is left
         print(f"{len(missing)} grid point(s) left for other workers or a rerun: see {out}/sweep.md", flush=True)
@@ -146,45 +147,82 @@ def sweep(
 
 # ---------------------------------------------------------------------------- input checks
 def _grid(
-    temperatures: list[float] | None, alphas: list[float] | None, seeds: list[int] | None, cfg: dict[str, Any]
+    temperatures: list[float] | None,
+    losses: list[str] | None,
+    alphas: list[float] | None,
+    seeds: list[int] | None,
+    cfg: dict[str, Any],
+    recipe: str,
 ) -> dict[str, list]:
+    own = _recipe_loss(cfg)
+    own_class = own.get("class_path", "distill.KDLoss").rsplit(".", 1)[-1]
+    if own_class not in loss_classes.__all__:
+        raise ValueError(
+            f"distill sweep trains the losses of distill.losses ({', '.join(loss_classes.__all__)}), but {recipe} "
+            f"trains with {own['class_path']}: its trials would not train the recipe's loss. Sweep a recipe whose "
+            f"model.loss is one of them."
+        )
     if temperatures is None:
         temperatures = [1.0, 2.0, 4.0, 8.0, 16.0, 20.0]
+    losses = [own_class] if losses is None else [str(name).rsplit(".", 1)[-1] for name in losses]
     if alphas is None:
-        loss = cfg["model"].get("loss")
-        init_args = loss.get("init_args") if isinstance(loss, dict) else None
-        alphas = [float(init_args.get("alpha", 0.9)) if isinstance(init_args, dict) else 0.9]
+        init_args = own.get("init_args") or {}
+        alphas = [float(init_args.get("alpha", 0.9)) if own_class == "KDLoss" else 0.9]
     seeds = [0] if seeds is None else seeds
-    for name, values in (("temperatures", temperatures), ("alphas", alphas), ("seeds", seeds)):
+    for name, values in (("temperatures", temperatures), ("losses", losses), ("alphas", alphas), ("seeds", seeds)):
         if len(values) == 0:
             raise ValueError(f"The grid is empty: give at least one value in {name}.")
     bad_t = [t for t in temperatures if not 0 < t < math.inf]
     if bad_t:
         raise ValueError(f"Temperatures must be finite and > 0, got {bad_t} in {list(temperatures)}.")
+    unknown = [name for name in losses if name not in loss_classes.__all__]
+    if unknown:
+        raise ValueError(f"Unknown loss {unknown[0]!r} in losses: choose from {', '.join(loss_classes.__all__)}.")
     bad_a = [a for a in alphas if not 0.0 <= a <= 1.0]
     if bad_a:
         raise ValueError(f"Alphas must be in [0, 1], got {bad_a} in {list(alphas)}.")
+    others = sorted(set(losses) - {"KDLoss"})
+    if len(set(alphas)) > 1 and others:
+        raise ValueError(
+            f"alphas weigh KDLoss's soft term, and {others[0]} has no such weight: sweep several alphas with "
+            f"losses: [KDLoss] alone."
+        )
     return {
+        "loss": sorted(set(losses), key=loss_classes.__all__.index),
         "temperature": sorted({float(t) for t in temperatures}),
         "alpha": sorted({float(a) for a in alphas}),
         "seed": sorted({int(s) for s in seeds}),
     }
 
 
+def _recipe_loss(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The recipe's ``model.loss`` as ``{class_path, init_args}`` (``{}`` where it keeps the default KDLoss)."""
+    loss = cfg["model"].get("loss") if isinstance(cfg.get("model"), dict) else None
+    if isinstance(loss, str):
+        return {"class_path": loss}
+    return loss if isinstance(loss, dict) and loss.get("class_path") else {}
+
+
 # ------------------------------------------------------------------------------- one trial
 def _trial_dir(out: Path, kind: str, params: dict[str, Any]) -> Path:
     if kind == "ce":
         return out / "baseline" / f"seed{params['seed']}"
-    return out / "trials" / f"T{params['temperature']:g}_alpha{params['alpha']:g}_seed{params['seed']}"
+    alpha = f"_alpha{params['alpha']:g}" if params["loss"] == "KDLoss" else ""
+    return out / "trials" / f"{params['loss']}_T{params['temperature']:g}{alpha}_seed{params['seed']}"
 
 
 def _run_kd(base: dict[str, Any], params: dict[str, Any], out: Path, cache: str | None) -> FitResult:
-    """One KD trial: the recipe with this grid point's temperature, alpha and seed."""
+    """One distillation trial: the recipe with this grid point's loss, temperature, alpha and seed."""
     trial_dir = _trial_dir(out, "kd", params)
     cfg = relocate(base, trial_dir)
     cfg["seed_everything"] = params["seed"]
-    loss = {"temperature": params["temperature"], "alpha": params["alpha"]}
-    cfg["model"]["loss"] = {"class_path": "distill.KDLoss", "init_args": loss}
+    own = _recipe_loss(base)
+    same = own.get("class_path", "distill.KDLoss").rsplit(".", 1)[-1] == params["loss"]
+    init_args = dict(own.get("init_args") or {}) if same else {}
+    init_args["temperature"] = params["temperature"]
+    if params["loss"] == "KDLoss":
+        init_args["alpha"] = params["alpha"]
+    cfg["model"]["loss"] = {"class_path": f"distill.{params['loss']}", "init_args": init_args}
     if cache is not None:
         with_callbacks(cfg, teacher_cache(cache))
     return fit_recipe(cfg)

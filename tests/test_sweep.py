@@ -19,6 +19,7 @@ import yaml
 from helpers import start_distill, tiny_kd_recipe
 
 from distill.cli import main
+from distill.module import DistillModule
 from distill.sweep import sweep
 
 ROOT = Path(__file__).parents[1]
@@ -51,14 +52,42 @@ def test_grid_completes_and_a_rerun_trains_nothing(tmp_path: Path, small_teacher
     assert all(0.0 <= float(r["val_acc"]) <= 1.0 and 0.0 <= float(r["test_acc"]) <= 1.0 for r in table)
     assert (run_dir / "sweep.png").read_bytes()[:4] == b"\x89PNG"
     md = (run_dir / "sweep.md").read_text()
-    assert "| 2 | 0.9 | 1 |" in md and "| 4 | 0.9 | 1 |" in md and "| CE only |" in md
-    assert "Best on validation: T=" in md and "distill sweep --config sweep.yaml" in md
+    assert "| KDLoss | 2 | 0.9 | 1 |" in md and "| KDLoss | 4 | 0.9 | 1 |" in md and "| CE only |" in md
+    assert "Best on validation: KDLoss, T=" in md and "distill sweep --config sweep.yaml" in md
     assert list((run_dir / "cache").glob("*.pt"))  # the teacher's logits were computed once and kept
 
     before = len(trials(run_dir)), len(trials(run_dir, "sweep-ce"))
     again = sweep(str(recipe), temperatures=[2.0, 4.0], seeds=[0], run_dir=str(run_dir))
     assert (len(trials(run_dir)), len(trials(run_dir, "sweep-ce"))) == before
     assert again == rows
+
+
+def test_a_losses_axis_trains_each_loss_with_the_recipes_settings_of_its_class(
+    tmp_path: Path, small_teacher_checkpoint: Path
+):
+    recipe = tiny_recipe(tmp_path, small_teacher_checkpoint, limit_train_batches=1)
+    cfg = yaml.safe_load(recipe.read_text())
+    cfg["model"]["loss"] = {"class_path": "distill.DKDLoss", "init_args": {"temperature": 1.0, "beta": 2.0}}
+    recipe.write_text(yaml.safe_dump(cfg))
+    run_dir = tmp_path / "sweep"
+    losses = ["KDLoss", "distill.DKDLoss", "LogitStandardKDLoss", "DISTLoss"]
+    rows = sweep(str(recipe), temperatures=[2.0], losses=losses, baseline=False, run_dir=str(run_dir))
+
+    assert [(r["loss"], r["temperature"], r["alpha"]) for r in rows] == [
+        ("DISTLoss", 2.0, ""),
+        ("DKDLoss", 2.0, ""),
+        ("KDLoss", 2.0, 0.9),
+        ("LogitStandardKDLoss", 2.0, ""),
+    ]
+    trained = {r["loss"]: DistillModule.load_from_checkpoint(r["checkpoint"], map_location="cpu").loss for r in rows}
+    assert {name: type(loss).__name__ for name, loss in trained.items()} == {name: name for name in trained}
+    assert all(loss.temperature == 2.0 for loss in trained.values())  # the grid's T, not the recipe's 1.0
+    assert trained["DKDLoss"].beta == 2.0  # the recipe's setting of its own class
+    assert (trained["KDLoss"].alpha, trained["DISTLoss"].beta, trained["LogitStandardKDLoss"].kd_weight) == (0.9, 2, 9)
+    md = (run_dir / "sweep.md").read_text()
+    assert "| DKDLoss | 2 | - | 1 |" in md and "| KDLoss | 2 | 0.9 | 1 |" in md
+    with open(run_dir / "sweep.csv") as f:
+        assert sorted(r["loss"] for r in csv.DictReader(f)) == sorted(trained)
 
 
 @pytest.mark.parametrize(
@@ -70,7 +99,10 @@ def test_grid_completes_and_a_rerun_trains_nothing(tmp_path: Path, small_teacher
         ({"alphas": [1.5]}, r"Alphas must be in \[0, 1\]"),
         ({"storage": "postgresql://nobody@127.0.0.1:1/nothing"}, "Cannot open the sweep storage"),
         ({"storage": "not a url"}, "Cannot open the sweep storage"),
-        ({"overrides": {"model": {"loss": {"class_path": "distill.DKDLoss"}}}}, r"trains with distill\.DKDLoss"),
+        ({"overrides": {"model": {"loss": {"class_path": "torch.nn.MSELoss"}}}}, r"trains with torch\.nn\.MSELoss"),
+        ({"losses": ["Hinton"]}, "Unknown loss 'Hinton' in losses: choose from DISTLoss, DKDLoss, KDLoss"),
+        ({"losses": []}, "The grid is empty: give at least one value in losses"),
+        ({"losses": ["KDLoss", "DKDLoss"], "alphas": [0.5, 0.9]}, "DKDLoss has no such weight: sweep several alphas"),
     ],
 )
 def test_bad_input(tmp_path: Path, small_teacher_checkpoint: Path, kwargs: dict, match: str):
@@ -136,7 +168,8 @@ def test_a_killed_trial_runs_again(tmp_path: Path, small_teacher_checkpoint: Pat
     worker = _worker(config, tmp_path / "killed.log")
     deadline = time.time() + 120
     while time.time() < deadline:  # wait until the trial is training
-        if (run_dir / "sweep.db").exists() and (run_dir / "trials" / "T4_alpha0.9_seed0" / "metrics.csv").exists():
+        trial = run_dir / "trials" / "KDLoss_T4_alpha0.9_seed0"
+        if (run_dir / "sweep.db").exists() and (trial / "metrics.csv").exists():
             break
         time.sleep(0.2)
     os.killpg(worker.pid, signal.SIGKILL)
@@ -148,7 +181,7 @@ def test_a_killed_trial_runs_again(tmp_path: Path, small_teacher_checkpoint: Pat
         main(["sweep", "--config", str(config), "--wait", "false", "--heartbeat_interval", "60"])  # not stale yet
     assert stopped.value.code == 3
     assert "Incomplete: 1 grid point(s) not finished" in (run_dir / "sweep.md").read_text()
-    assert "kd alpha=0.9, seed=0, temperature=4: running in trial 0" in (run_dir / "sweep.md").read_text()
+    assert "kd alpha=0.9, loss=KDLoss, seed=0, temperature=4: running in trial 0" in (run_dir / "sweep.md").read_text()
     with open(run_dir / "sweep.csv") as f:
         assert list(csv.DictReader(f)) == []
 
@@ -156,7 +189,7 @@ def test_a_killed_trial_runs_again(tmp_path: Path, small_teacher_checkpoint: Pat
     sweep(**settings)
     states = [t.state.name for t in trials(run_dir)]
     assert states.count("FAIL") == 1 and states.count("COMPLETE") == 1
-    assert completed(run_dir) == [(("alpha", 0.9), ("seed", 0), ("temperature", 4.0))]
+    assert completed(run_dir) == [(("alpha", 0.9), ("loss", "KDLoss"), ("seed", 0), ("temperature", 4.0))]
     assert "Incomplete" not in (run_dir / "sweep.md").read_text()
 
 
@@ -169,7 +202,7 @@ def test_a_worker_with_max_trials_does_its_share_and_each_trial_keeps_its_config
     assert "Incomplete: 1 grid point(s) not finished" in (tmp_path / "sweep" / "sweep.md").read_text()
     assert len(sweep(str(recipe), **options)) == 2
     for seed in (0, 1):  # "T4_alpha0.9_seed0".with_suffix(".yaml") was "T4_alpha0.yaml" for both
-        cfg = yaml.safe_load((tmp_path / "sweep" / "trials" / f"T4_alpha0.9_seed{seed}.yaml").read_text())
+        cfg = yaml.safe_load((tmp_path / "sweep" / "trials" / f"KDLoss_T4_alpha0.9_seed{seed}.yaml").read_text())
         assert cfg["seed_everything"] == seed
 
 
@@ -227,13 +260,13 @@ def test_two_workers_on_postgresql_one_killed_train_every_point_once(
     doomed, survivor = (_worker(config, tmp_path / f"{name}.log") for name in ("doomed", "survivor"))
     study = None
     deadline = time.time() + 300
-    # Kill the first worker while both train a grid point: each trial holds its three parameters, which
+    # Kill the first worker while both train a grid point: each trial holds its four parameters, which
     # it takes after its first heartbeat. (A worker killed between optuna's ask() and that heartbeat
     # leaves a trial with no parameters that optuna never marks failed; its grid point is trained anyway.)
     while time.time() < deadline:
         try:
             study = study or optuna.load_study(study_name="sweep", storage=postgres)
-            if sum(t.state.name == "RUNNING" and len(t.params) == 3 for t in study.trials) == 2:
+            if sum(t.state.name == "RUNNING" and len(t.params) == 4 for t in study.trials) == 2:
                 break
         except KeyError:  # the study is not created yet
             pass
