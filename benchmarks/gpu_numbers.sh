@@ -3,6 +3,8 @@
 #   bash benchmarks/gpu_numbers.sh speed    # throughput.py and latency.py
 #   bash benchmarks/gpu_numbers.sh train    # the teacher, then the KD student (configs/fmnist/{teacher,kd}.yaml)
 #   bash benchmarks/gpu_numbers.sh sweep    # both temperature sweeps, 6 workers each (needs `train`)
+#   bash benchmarks/gpu_numbers.sh levers   # issue 17: each recipe lever against the KD recipe, 6 workers (needs `train`)
+#   bash benchmarks/gpu_numbers.sh losses   # issue 17: KD, DKD, logit standardisation, DIST, 6 workers (needs `train`)
 #   bash benchmarks/gpu_numbers.sh prune    # prune-distill to 100k and to 50k, side by side (needs `train`)
 #   bash benchmarks/gpu_numbers.sh front    # prune-distill to a latency on the GPU against the width family (issue 15)
 #   bash benchmarks/gpu_numbers.sh sweep prune   # the stages in turn
@@ -16,6 +18,17 @@ export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} PYTHONUNBUFFERED=1
 distill=(python -m distill.cli)
 collect() {  # into $OUT, named after their path: runs/fmnist/kd/x.csv -> kd_x.csv
   if [ -n "${OUT:-}" ]; then for f in "$@"; do cp "$f" "$OUT/$(echo "${f#runs/fmnist/}" | tr / _)"; done; fi
+}
+sweep_workers() {  # sweep_workers CONFIG RUN [OVERRIDES]: 6 workers share the grid; then its table
+  local opts=() worker
+  [ -n "${3:-}" ] && opts=(--overrides "$3")
+  for worker in 1 2 3 4 5 6; do
+    "${distill[@]}" sweep --config "configs/fmnist/$1.yaml" "${opts[@]}" >"runs/logs/$2.$worker.log" 2>&1 &
+    sleep 1
+  done
+}
+report() {  # report RUN: the sweep's table, and its files into $OUT
+  cat "runs/fmnist/$1/sweep.md" && collect "runs/fmnist/$1/sweep.csv" "runs/fmnist/$1/sweep.png"
 }
 
 for stage in "$@"; do
@@ -32,18 +45,17 @@ for stage in "$@"; do
   sweep)
     # SWEEP_OVERRIDES / SWEEP_OVERRIDES_W050 replace the configs' overrides (e.g. fewer epochs);
     # benchmarks/RESULTS.md gives the values of each recorded run.
-    opts=() opts05=()
-    [ -n "${SWEEP_OVERRIDES:-}" ] && opts=(--overrides "$SWEEP_OVERRIDES")
-    [ -n "${SWEEP_OVERRIDES_W050:-}" ] && opts05=(--overrides "$SWEEP_OVERRIDES_W050")
-    for worker in 1 2 3 4 5 6; do
-      "${distill[@]}" sweep --config configs/fmnist/sweep_temperature.yaml "${opts[@]}" >runs/logs/s10.$worker.log 2>&1 &
-      "${distill[@]}" sweep --config configs/fmnist/sweep_temperature_w050.yaml "${opts05[@]}" >runs/logs/s05.$worker.log 2>&1 &
-      sleep 1
-    done
+    sweep_workers sweep_temperature s10 "${SWEEP_OVERRIDES:-}"
+    sweep_workers sweep_temperature_w050 s05 "${SWEEP_OVERRIDES_W050:-}"
     wait || true
-    for run in sweep_temperature sweep_temperature_w050; do
-      cat runs/fmnist/$run/sweep.md && collect runs/fmnist/$run/sweep.csv runs/fmnist/$run/sweep.png
-    done
+    report sweep_temperature && report sweep_temperature_w050
+    ;;
+  levers | losses)
+    # LEVERS_OVERRIDES / LOSSES_OVERRIDES replace the configs' overrides (e.g. fewer epochs: see RESULTS.md)
+    if [ "$stage" = levers ]; then sweep_workers sweep_levers levers "${LEVERS_OVERRIDES:-}"
+    else sweep_workers sweep_losses losses "${LOSSES_OVERRIDES:-}"; fi
+    wait || true
+    report "sweep_$stage"
     ;;
   prune)
     # PRUNE_ARGS adds options to both runs (e.g. a shorter schedule); RESULTS.md gives the recorded values.
@@ -64,6 +76,6 @@ for stage in "$@"; do
       --start-epochs 20 --out runs/fmnist/latency_front ${FRONT_ARGS:-} 2>&1 | tee runs/logs/front.log
     collect runs/logs/front.log
     ;;
-  *) echo "unknown stage $stage (speed, train, sweep, prune, front)" >&2; exit 2 ;;
+  *) echo "unknown stage $stage (speed, train, sweep, levers, losses, prune, front)" >&2; exit 2 ;;
   esac
 done

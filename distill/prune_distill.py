@@ -156,7 +156,8 @@ def prune_distill(
             ``onnxruntime`` (CPU), ``onnxruntime-int8``, ``torch-cpu`` (eager) or ``torch-cuda``.
         latency_batch_size: images per forward of that measurement.
         latency_threads: CPU threads of that measurement (default: torch's, usually the machine's cores).
-        overrides: values merged into the recipe for every phase (e.g. ``{"data": {"init_args": {...}}}``).
+        overrides: values merged into the recipe for every phase (e.g. ``{"data": {"init_args": {...}}}``; a key
+            ending in ``+`` extends a list: ``{"trainer": {"callbacks+": [...]}}``).
         run_dir: folder for the phases, ``rounds.csv``, ``pareto.png``, ``summary.md`` and the best student.
         seed: base seed; phase k runs with ``seed + k``.
         cache_teacher_logits: compute the teacher's logits once per deterministic split for all phases.

@@ -64,10 +64,16 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
 
 
 def merge(base: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
-    """A copy of ``base`` with ``overrides`` merged in, key by key (dicts merge, other values replace)."""
+    """A copy of ``base`` with ``overrides`` merged in, key by key (dicts merge, other values replace); a key
+    ending in ``+`` extends the list under the key without it, as ``--trainer.callbacks+=`` on the command line."""
     out = copy.deepcopy(base)
     for key, value in (overrides or {}).items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        if isinstance(key, str) and key.endswith("+") and isinstance(value, list):
+            existing = out.get(key[:-1]) or []
+            if not isinstance(existing, list):
+                raise ValueError(f"{key!r} extends a list, but {key[:-1]!r} holds {existing!r}")
+            out[key[:-1]] = [*existing, *copy.deepcopy(value)]
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
             out[key] = merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)

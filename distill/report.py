@@ -1,7 +1,7 @@
 """The jobs' reports: a CSV of every run, a Markdown table with a verdict, and a plot.
 
 Each job writes them into its run directory atomically (:mod:`distill.rundir`) and prints the table.
-``distill sweep`` summarises seeds per (loss, temperature, alpha); ``distill prune-distill`` tabulates its
+``distill sweep`` summarises seeds per (variant, loss, temperature, alpha); ``distill prune-distill`` tabulates its
 rounds beside its baselines, plotted against latency; ``distill quickstart`` puts its four models in one table.
 """
 
@@ -30,6 +30,7 @@ __all__ = [
 
 SWEEP_COLUMNS = (
     "kind",
+    "variant",
     "loss",
     "temperature",
     "alpha",
@@ -104,11 +105,12 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def _summarise(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict | None, dict | None]:
-    """Mean and spread over seeds per (loss, temperature, alpha), the best on validation, and the CE-only student."""
+    """Mean and spread over seeds per (variant, loss, temperature, alpha) in the rows' order, the best on
+    validation, and the CE-only student."""
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
         if r["kind"] == "kd":
-            groups.setdefault((r["loss"], r["temperature"], r["alpha"]), []).append(r)
+            groups.setdefault((r["variant"], r["loss"], r["temperature"], r["alpha"]), []).append(r)
 
     def stats(members: list[dict[str, Any]]) -> dict[str, Any]:
         val, val_sd = _mean_std([m["val_acc"] for m in members])
@@ -116,35 +118,56 @@ def _summarise(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], dict |
         return {"n": len(members), "val": val, "val_sd": val_sd, "test": test, "test_sd": test_sd}
 
     table = [
-        {"loss": loss, "temperature": t, "alpha": a, **stats(members)}
-        for (loss, t, a), members in sorted(groups.items(), key=lambda item: (item[0][0], item[0][1], item[0][2] or 0))
+        {"variant": v, "loss": loss, "temperature": t, "alpha": a, **stats(members)}
+        for (v, loss, t, a), members in groups.items()
     ]
     best = max(table, key=lambda r: (r["val"], -r["temperature"]), default=None)
     ce_rows = [r for r in rows if r["kind"] == "ce"]
     return table, best, stats(ce_rows) if ce_rows else None
 
 
-def _setting(row: dict[str, Any]) -> str:
-    """``DKDLoss, T=4`` or ``KDLoss, T=4, alpha=0.9``."""
-    alpha = f", alpha={row['alpha']:g}" if row["alpha"] != "" else ""
-    return f"{row['loss']}, T={row['temperature']:g}{alpha}"
+def _setting(row: dict[str, Any], variant: bool = True, temperature: bool = True) -> str:
+    """``ema, DKDLoss, T=4`` or ``KDLoss, T=4, alpha=0.9``: what a table row trained."""
+    parts = [row["variant"]] if variant else []
+    parts.append(row["loss"])
+    parts += [f"T={row['temperature']:g}"] if temperature else []
+    parts += [f"alpha={row['alpha']:g}"] if row["alpha"] != "" else []
+    return ", ".join(parts)
 
 
 def sweep_report(out: Path, rows: list[dict[str, Any]], settings: dict[str, Any], missing: list[str]) -> None:
     """``sweep.csv``, ``sweep.md`` (with what is missing, if anything) and ``sweep.png`` in ``out``."""
     table, best, ce = _summarise(rows)
     write_csv(out / "sweep.csv", SWEEP_COLUMNS, rows)
+    variants = list(dict.fromkeys(r["variant"] for r in table))
+    reference = (
+        {(r["loss"], r["temperature"], r["alpha"]): r for r in table if r["variant"] == variants[0]} if table else {}
+    )
 
     def accuracies(r: dict[str, Any]) -> list[str]:
         return [f"{r['val']:.4f} ± {r['val_sd']:.4f}", f"{r['test']:.4f} ± {r['test_sd']:.4f}"]
 
+    def versus(r: dict[str, Any]) -> list[str]:  # the test accuracy's difference from the first variant, in points
+        if len(variants) < 2:
+            return []
+        ref = reference.get((r["loss"], r["temperature"], r["alpha"]))
+        return ["-" if ref is None or ref is r else f"{100 * (r['test'] - ref['test']):+.2f}"]
+
     def alpha(r: dict[str, Any]) -> str:
         return "-" if r["alpha"] == "" else f"{r['alpha']:g}"
 
-    lines = [[r["loss"], f"{r['temperature']:g}", alpha(r), r["n"], *accuracies(r)] for r in table]
-    lines += [["CE only", "-", "-", ce["n"], *accuracies(ce)]] if ce else []
+    several = len(variants) > 1
+    lines = [[*([r["variant"]] if several else []), r["loss"], f"{r['temperature']:g}", alpha(r), r["n"],
+              *accuracies(r), *versus(r)] for r in table]  # fmt: skip
+    lines += (
+        [[*(["-"] if several else []), "CE only", "-", "-", ce["n"], *accuracies(ce), *(["-"] if several else [])]]
+        if ce
+        else []
+    )
     header = ["loss", "T", "alpha", "seeds", "val acc (mean ± std)", "test acc (mean ± std)"]
-    text = markdown_table(header, "lrrrrr", lines)
+    if several:
+        header = ["variant", *header, f"test vs {variants[0]} (points)"]
+    text = markdown_table(header, "l" * several + "lrrrrr" + "r" * several, lines)
     verdict = []
     if missing:
         verdict.append(
@@ -153,7 +176,7 @@ def sweep_report(out: Path, rows: list[dict[str, Any]], settings: dict[str, Any]
         )
     if best:
         verdict.append(
-            f"Best on validation{' so far' if missing else ''}: {_setting(best)} "
+            f"Best on validation{' so far' if missing else ''}: {_setting(best, several)} "
             f"(val {best['val']:.4f}); its test accuracy: {best['test']:.4f} ± {best['test_sd']:.4f}."
         )
         if ce:
@@ -167,32 +190,41 @@ def sweep_report(out: Path, rows: list[dict[str, Any]], settings: dict[str, Any]
         f"with `sweep.yaml`:\n\n```yaml\n{yaml.safe_dump(settings, sort_keys=False)}```\n"
     )
     atomic_write(out / "sweep.md", lambda f: f.write(md))
-    _sweep_plot(out / "sweep.png", table, ce)
+    _sweep_plot(out / "sweep.png", table, ce, several)
     _written(out, text, " ".join(verdict), "sweep.{csv,png,md}")
 
 
-def _sweep_plot(path: Path, table: list[dict[str, Any]], ce: dict | None) -> None:
+def _sweep_plot(path: Path, table: list[dict[str, Any]], ce: dict | None, variants: bool) -> None:
+    """Accuracy against T, a line per setting; with one T, a point per setting."""
     fig, ax = _axes()
-    for loss, alpha in sorted({(r["loss"], r["alpha"]) for r in table}, key=lambda la: (la[0], la[1] or 0)):
-        rows = [r for r in table if (r["loss"], r["alpha"]) == (loss, alpha)]
-        ts = [r["temperature"] for r in rows]
-        name = loss if alpha == "" else f"{loss}, alpha={alpha:g}"
-        style = {"marker": "o", "capsize": 3}
-        line = ax.errorbar(ts, [r["val"] for r in rows], yerr=[r["val_sd"] for r in rows], **style,
-                           label=f"{name}: val")  # fmt: skip
-        ax.errorbar(ts, [r["test"] for r in rows], yerr=[r["test_sd"] for r in rows], **{**style, "marker": "s"},
-                    linestyle="--", color=line[0].get_color(), alpha=0.7, label=f"{name}: test")  # fmt: skip
+    temperatures = sorted({r["temperature"] for r in table})
+    over_t = len(temperatures) > 1
+    series: dict[str, list[dict[str, Any]]] = {}
+    for r in table:
+        series.setdefault(_setting(r, variants, temperature=False), []).append(r)
+    style = {"marker": "o", "capsize": 3, "linestyle": "-" if over_t else "none"}
+    for i, (name, rows) in enumerate(series.items()):
+        xs = [r["temperature"] for r in rows] if over_t else [i]
+        line = ax.errorbar(xs, [r["val"] for r in rows], yerr=[r["val_sd"] for r in rows], **style,
+                           label=f"{name}: val" if over_t else ("val" if i == 0 else None))  # fmt: skip
+        ax.errorbar(xs, [r["test"] for r in rows], yerr=[r["test_sd"] for r in rows],
+                    **{**style, "marker": "s", "linestyle": "--" if over_t else "none"},
+                    color=line[0].get_color(), alpha=0.7,
+                    label=f"{name}: test" if over_t else ("test" if i == 0 else None))  # fmt: skip
     if ce:
         ax.axhline(ce["val"], color="gray", label=f"CE only val ({ce['n']} seeds)")
         ax.axhline(ce["test"], color="gray", linestyle="--", label="CE only test")
         ax.axhspan(ce["test"] - ce["test_sd"], ce["test"] + ce["test_sd"], color="gray", alpha=0.15)
-    temperatures = sorted({r["temperature"] for r in table})
-    if len(temperatures) > 1:
+    if over_t:
         ax.set_xscale("log", base=2)
         ax.set_xticks(temperatures, [f"{t:g}" for t in temperatures])
         ax.minorticks_off()
-    _finish(fig, ax, path, "temperature T", "accuracy (mean ± std over seeds)",
-            "Knowledge distillation: accuracy vs temperature")  # fmt: skip
+        xlabel, title = "temperature T", "Knowledge distillation: accuracy vs temperature"
+    else:
+        ax.set_xticks(range(len(series)), list(series), rotation=30, ha="right")
+        xlabel = f"setting (T={temperatures[0]:g})" if temperatures else "setting"
+        title = "Knowledge distillation: accuracy per setting"
+    _finish(fig, ax, path, xlabel, "accuracy (mean ± std over seeds)", title)
 
 
 # --------------------------------------------------------------------------- prune-distill

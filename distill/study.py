@@ -205,6 +205,7 @@ def finished_rows(study: Any, space: dict[str, list], kind: str) -> list[dict[st
         rows.append(
             {
                 "kind": kind,
+                "variant": t.params.get("variant", ""),
                 "loss": t.params.get("loss", ""),
                 "temperature": t.params.get("temperature", ""),
                 "alpha": t.params["alpha"] if t.params.get("loss") == "KDLoss" else "",  # the others have none

@@ -21,7 +21,17 @@ from typing import Any
 import yaml
 
 from distill import losses as loss_classes
-from distill.recipes import FitResult, check_recipe, fit_recipe, job_recipe, relocate, teacher_cache, with_callbacks
+from distill.recipes import (
+    FitResult,
+    check_recipe,
+    check_teacher,
+    fit_recipe,
+    job_recipe,
+    merge,
+    relocate,
+    teacher_cache,
+    with_callbacks,
+)
 from distill.report import sweep_report
 from distill.rundir import IncompleteRun
 from distill.study import finished_rows, missing_points, open_storage, open_study, work
@@ -37,6 +47,7 @@ def sweep(
     seeds: list[int] | None = None,
     baseline: bool = True,
     overrides: dict[str, Any] | None = None,
+    variants: dict[str, dict[str, Any]] | None = None,
     run_dir: str = "runs/sweep",
     storage: str | None = None,
     study_name: str = "sweep",
@@ -45,7 +56,7 @@ def sweep(
     max_trials: int | None = None,
     wait: bool = True,
 ) -> list[dict[str, Any]]:
-    """Distill over a grid of losses, temperatures, alphas and seeds; write sweep.csv, sweep.png, sweep.md.
+    """Distill over a grid of recipe variants, losses, temperatures, alphas and seeds; write sweep.{csv,png,md}.
 
     Run it again to resume: finished trials are skipped, killed or crashed ones run again. Start the
     same command on several GPUs or machines (with a shared ``storage``) to split the grid.
@@ -61,7 +72,13 @@ def sweep(
         seeds: seeds; the mean and spread over them are reported (default: 0).
         baseline: also train the CE-only student (no teacher) once per seed.
         overrides: values merged into the recipe for every trial, e.g. ``{"trainer": {"max_epochs": 30}}``
-            or ``{"model": {"student": {"init_args": {"width_mult": 0.5}}}}``.
+            or ``{"model": {"student": {"init_args": {"width_mult": 0.5}}}}``. A key ending in ``+`` extends a
+            list, as ``--trainer.callbacks+=`` does on the command line: ``{"trainer": {"callbacks+": [...]}}``.
+        variants: recipe variants to compare, by name: the overrides merged into the recipe (after
+            ``overrides``) for that variant's trials, e.g. ``{"recipe": {}, "erasing": {"data": {"init_args":
+            {"random_erasing": 0.25}}}}``. Each variant trains every grid point with the same seeds, and the
+            report gives each one's difference from the first (default: the recipe alone, named ``recipe``).
+            A variant's ``model.loss`` is refused: compare losses with ``losses``.
         run_dir: folder for the trials, the study's SQLite file and the results.
         storage: SQLAlchemy URL of the study storage (default: ``sqlite:///<run_dir>/sweep.db``). Use a
             server database (``postgresql://user:pass@host/db``) for workers on several machines.
@@ -84,14 +101,16 @@ def sweep(
             was given; sweep.csv and sweep.md then hold the finished ones and sweep.md lists the rest.
     """
     base = job_recipe(recipe, overrides)
-    space = _grid(temperatures, losses, alphas, seeds, base, recipe)
+    recipes = _variants(variants, base, recipe)
+    space = {"variant": list(recipes), **_grid(temperatures, losses, alphas, seeds, base, recipe)}
     if heartbeat_interval < 1 or (max_trials is not None and max_trials < 1) or not study_name:
         raise ValueError(
             f"need heartbeat_interval >= 1 second, max_trials >= 1 (or unset) and a study_name; got "
             f"heartbeat_interval={heartbeat_interval}, max_trials={max_trials}, study_name={study_name!r}"
         )
     out = Path(run_dir).resolve()
-    check_recipe(base)  # the teacher loads and fits the data: no trial will fail on it
+    for cfg in recipes.values():
+        check_recipe(cfg)  # the teacher loads and fits the data: no trial will fail on it
     url = storage or f"sqlite:///{out / 'sweep.db'}"
     settings = {
         "recipe": recipe,
@@ -101,6 +120,7 @@ def sweep(
         "seeds": space["seed"],
         "baseline": baseline,
         "overrides": overrides or {},
+        "variants": variants or {},
     }
     cache = str(out / "cache") if cache_teacher_logits else None
 
@@ -108,12 +128,12 @@ def sweep(
         out.mkdir(parents=True, exist_ok=True)  # the SQLite file goes there
     rdb = open_storage(url, heartbeat_interval)
     ce_space = {"seed": space["seed"]}
-    kd = open_study(rdb, url, study_name, space, base)
+    kd = open_study(rdb, url, study_name, space, recipes)
     ce = open_study(rdb, url, f"{study_name}-ce", ce_space, base) if baseline else None
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))  # only once it was accepted
 
-    grids = [(kd, space, "kd", lambda params: _run_kd(base, params, out, cache))]
+    grids = [(kd, space, "kd", lambda params: _run_kd(recipes[params["variant"]], params, out, cache))]
     if ce is not None:
         grids.append((ce, ce_space, "ce", lambda params: _run_ce(base, params, out)))
     announced = False
@@ -133,7 +153,9 @@ def sweep(
         time.sleep(min(heartbeat_interval, 5))  # the storage is cheap to ask; finish soon after the others
     rows = [row for study, grid, kind, _ in grids for row in finished_rows(study, grid, kind)]
     missing = [point for study, grid, kind, _ in grids for point in missing_points(study, grid, kind)]
-    rows.sort(key=lambda r: (r["kind"] != "ce", r["loss"], r["temperature"] or 0, r["alpha"] or 0, r["seed"]))
+    order = {name: i for i, name in enumerate(recipes)}
+    rows.sort(key=lambda r: (r["kind"] != "ce", order.get(r["variant"], -1), r["loss"], r["temperature"] or 0,
+                             r["alpha"] or 0, r["seed"]))  # fmt: skip
     sweep_report(out, rows, settings, missing)
     if missing and max_trials is not None:  # this worker did its share; the report says what is left
         print(f"{len(missing)} grid point(s) left for other workers or a rerun: see {out}/sweep.md", flush=True)
@@ -195,6 +217,25 @@ def _grid(
     }
 
 
+def _variants(variants: dict[str, Any] | None, base: dict[str, Any], recipe: str) -> dict[str, dict[str, Any]]:
+    """Each variant's recipe: ``base`` with the variant's overrides merged in, checked like the recipe."""
+    if variants is None:
+        return {"recipe": base}
+    if not isinstance(variants, dict) or not variants:
+        raise ValueError(f"variants must map names to overrides, e.g. {{recipe: {{}}, ema: {{...}}}}; got {variants!r}")
+    recipes = {}
+    for name, changes in variants.items():
+        if not isinstance(name, str) or not name or not all(c.isalnum() or c in "-_." for c in name) or name[0] == ".":
+            raise ValueError(f"variant names are folder names (letters, digits, '-', '_', '.'); got {name!r}")
+        if changes is not None and not isinstance(changes, dict):
+            raise ValueError(f"variant {name!r} must be a mapping of overrides, got {changes!r}")
+        if "loss" in ((changes or {}).get("model") or {}):
+            raise ValueError(f"variant {name!r} sets model.loss: compare losses with the losses axis instead")
+        recipes[name] = merge(base, changes)
+        check_teacher(recipes[name], f"{recipe} (variant {name!r})")
+    return recipes
+
+
 def _recipe_loss(cfg: dict[str, Any]) -> dict[str, Any]:
     """The recipe's ``model.loss`` as ``{class_path, init_args}`` (``{}`` where it keeps the default KDLoss)."""
     loss = cfg["model"].get("loss") if isinstance(cfg.get("model"), dict) else None
@@ -208,7 +249,8 @@ def _trial_dir(out: Path, kind: str, params: dict[str, Any]) -> Path:
     if kind == "ce":
         return out / "baseline" / f"seed{params['seed']}"
     alpha = f"_alpha{params['alpha']:g}" if params["loss"] == "KDLoss" else ""
-    return out / "trials" / f"{params['loss']}_T{params['temperature']:g}{alpha}_seed{params['seed']}"
+    name = f"{params['loss']}_T{params['temperature']:g}{alpha}_seed{params['seed']}"
+    return out / "trials" / params["variant"] / name
 
 
 def _run_kd(base: dict[str, Any], params: dict[str, Any], out: Path, cache: str | None) -> FitResult:

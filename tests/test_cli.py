@@ -15,6 +15,7 @@ import yaml
 from distill import DistillModule
 from distill.cli import main
 from distill.lightning_cli import DistillCLI
+from distill.recipes import load_recipe, merge
 from students import load_student
 from teachers import FrozenTeacher, TeacherEnsemble
 
@@ -55,6 +56,27 @@ def test_every_config_instantiates(config: Path, tmp_path: Path, teacher_checkpo
     if teacher is not None:
         assert isinstance(cli.model.teacher, (FrozenTeacher, TeacherEnsemble))
         assert cli.model.hparams.teacher_checkpoint
+
+
+VARIANTS = [(c, v) for c in JOBS for v in (yaml.safe_load(c.read_text()).get("variants") or {})]
+
+
+@pytest.mark.parametrize(("config", "variant"), VARIANTS, ids=[f"{c.name}:{v}" for c, v in VARIANTS])
+def test_every_sweep_variant_instantiates(config: Path, variant: str, tmp_path: Path, teacher_checkpoint: Path):
+    job = yaml.safe_load(config.read_text())
+    cfg = merge(merge(load_recipe(str(ROOT / job["recipe"])), job.get("overrides")), job["variants"][variant])
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(cfg))
+    cli = DistillCLI(args=["--config", str(_localise(recipe, tmp_path, teacher_checkpoint))], run=False)
+    assert isinstance(cli.model, DistillModule)
+    callbacks = {type(c).__name__ for c in cli.trainer.callbacks}
+    assert "ModelCheckpoint" in callbacks  # a variant extends the recipe's callbacks, never replaces them
+    if variant in ("ema", "all"):
+        assert "EMAWeightAveraging" in callbacks
+    if variant in ("mixup", "all"):
+        assert cli.model.mixer is not None
+    if variant in ("erasing", "all"):
+        assert cli.datamodule.random_erasing > 0
 
 
 @pytest.mark.parametrize("config", list(JOBS), ids=[str(c.relative_to(ROOT)) for c in JOBS])

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 import yaml
 from helpers import start_distill, tiny_kd_recipe
 
@@ -90,6 +91,35 @@ def test_a_losses_axis_trains_each_loss_with_the_recipes_settings_of_its_class(
         assert sorted(r["loss"] for r in csv.DictReader(f)) == sorted(trained)
 
 
+def test_variants_train_the_same_grid_each_with_its_own_overrides(tmp_path: Path, small_teacher_checkpoint: Path):
+    recipe = tiny_recipe(tmp_path, small_teacher_checkpoint, limit_train_batches=1)
+    ema = {"class_path": "EMAWeightAveraging", "init_args": {"decay": 0.9}}
+    variants = {
+        "recipe": {},
+        "erasing": {"data": {"init_args": {"random_erasing": 0.5}}},
+        "ema": {"trainer": {"callbacks+": [ema]}},  # appended to the recipe's callbacks
+    }
+    run_dir = tmp_path / "sweep"
+    rows = sweep(str(recipe), temperatures=[4.0], variants=variants, baseline=False, run_dir=str(run_dir))
+
+    assert [r["variant"] for r in rows] == ["recipe", "erasing", "ema"]  # in the order given
+    trials_dir = run_dir / "trials"
+    config = {v: yaml.safe_load((trials_dir / v / "KDLoss_T4_alpha0.9_seed0.yaml").read_text()) for v in variants}
+    callbacks = {v: [c["class_path"].rsplit(".", 1)[-1] for c in config[v]["trainer"]["callbacks"]] for v in variants}
+    assert callbacks["ema"] == [*callbacks["recipe"][:-1], "EMAWeightAveraging", "TeacherLogitCache"]
+    assert "ModelCheckpoint" in callbacks["recipe"] and "EMAWeightAveraging" not in callbacks["recipe"]
+    assert config["erasing"]["data"]["init_args"]["random_erasing"] == 0.5
+    assert config["recipe"]["data"]["init_args"]["random_erasing"] == 0.0
+    ema_checkpoint = torch.load(rows[2]["checkpoint"], weights_only=True)
+    assert "current_model_state" in ema_checkpoint  # trained with the average, saved in the student's place
+    md = (run_dir / "sweep.md").read_text()
+    assert "| variant | loss | T | alpha | seeds | val acc (mean ± std) | test acc (mean ± std) | test vs recipe" in md
+    delta = 100 * (rows[1]["test_acc"] - rows[0]["test_acc"])
+    assert "| erasing | KDLoss | 4 | 0.9 | 1 | " in md and f"{delta:+.2f} |" in md
+    with pytest.raises(ValueError, match=r"created for another recipe"):  # a variant's overrides are the study's
+        sweep(str(recipe), temperatures=[4.0], variants={**variants, "ema": {}}, baseline=False, run_dir=str(run_dir))
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
@@ -103,6 +133,10 @@ def test_a_losses_axis_trains_each_loss_with_the_recipes_settings_of_its_class(
         ({"losses": ["Hinton"]}, "Unknown loss 'Hinton' in losses: choose from DISTLoss, DKDLoss, KDLoss"),
         ({"losses": []}, "The grid is empty: give at least one value in losses"),
         ({"losses": ["KDLoss", "DKDLoss"], "alphas": [0.5, 0.9]}, "DKDLoss has no such weight: sweep several alphas"),
+        ({"variants": {"a/b": {}}}, "variant names are folder names"),
+        ({"variants": {}}, "variants must map names to overrides"),
+        ({"variants": {"dkd": {"model": {"loss": {"class_path": "distill.DKDLoss"}}}}}, "compare losses with the"),
+        ({"variants": {"x": {"trainer": {"max_epochs+": [1]}}}}, "'max_epochs\\+' extends a list"),
     ],
 )
 def test_bad_input(tmp_path: Path, small_teacher_checkpoint: Path, kwargs: dict, match: str):
@@ -168,7 +202,7 @@ def test_a_killed_trial_runs_again(tmp_path: Path, small_teacher_checkpoint: Pat
     worker = _worker(config, tmp_path / "killed.log")
     deadline = time.time() + 120
     while time.time() < deadline:  # wait until the trial is training
-        trial = run_dir / "trials" / "KDLoss_T4_alpha0.9_seed0"
+        trial = run_dir / "trials" / "recipe" / "KDLoss_T4_alpha0.9_seed0"
         if (run_dir / "sweep.db").exists() and (trial / "metrics.csv").exists():
             break
         time.sleep(0.2)
@@ -181,7 +215,10 @@ def test_a_killed_trial_runs_again(tmp_path: Path, small_teacher_checkpoint: Pat
         main(["sweep", "--config", str(config), "--wait", "false", "--heartbeat_interval", "60"])  # not stale yet
     assert stopped.value.code == 3
     assert "Incomplete: 1 grid point(s) not finished" in (run_dir / "sweep.md").read_text()
-    assert "kd alpha=0.9, loss=KDLoss, seed=0, temperature=4: running in trial 0" in (run_dir / "sweep.md").read_text()
+    assert (
+        "kd alpha=0.9, loss=KDLoss, seed=0, temperature=4, variant=recipe: running in trial 0"
+        in (run_dir / "sweep.md").read_text()
+    )
     with open(run_dir / "sweep.csv") as f:
         assert list(csv.DictReader(f)) == []
 
@@ -189,7 +226,9 @@ def test_a_killed_trial_runs_again(tmp_path: Path, small_teacher_checkpoint: Pat
     sweep(**settings)
     states = [t.state.name for t in trials(run_dir)]
     assert states.count("FAIL") == 1 and states.count("COMPLETE") == 1
-    assert completed(run_dir) == [(("alpha", 0.9), ("loss", "KDLoss"), ("seed", 0), ("temperature", 4.0))]
+    assert completed(run_dir) == [
+        (("alpha", 0.9), ("loss", "KDLoss"), ("seed", 0), ("temperature", 4.0), ("variant", "recipe"))
+    ]
     assert "Incomplete" not in (run_dir / "sweep.md").read_text()
 
 
@@ -202,7 +241,9 @@ def test_a_worker_with_max_trials_does_its_share_and_each_trial_keeps_its_config
     assert "Incomplete: 1 grid point(s) not finished" in (tmp_path / "sweep" / "sweep.md").read_text()
     assert len(sweep(str(recipe), **options)) == 2
     for seed in (0, 1):  # "T4_alpha0.9_seed0".with_suffix(".yaml") was "T4_alpha0.yaml" for both
-        cfg = yaml.safe_load((tmp_path / "sweep" / "trials" / f"KDLoss_T4_alpha0.9_seed{seed}.yaml").read_text())
+        cfg = yaml.safe_load(
+            (tmp_path / "sweep" / "trials" / "recipe" / f"KDLoss_T4_alpha0.9_seed{seed}.yaml").read_text()
+        )
         assert cfg["seed_everything"] == seed
 
 
@@ -260,13 +301,13 @@ def test_two_workers_on_postgresql_one_killed_train_every_point_once(
     doomed, survivor = (_worker(config, tmp_path / f"{name}.log") for name in ("doomed", "survivor"))
     study = None
     deadline = time.time() + 300
-    # Kill the first worker while both train a grid point: each trial holds its four parameters, which
+    # Kill the first worker while both train a grid point: each trial holds its five parameters, which
     # it takes after its first heartbeat. (A worker killed between optuna's ask() and that heartbeat
     # leaves a trial with no parameters that optuna never marks failed; its grid point is trained anyway.)
     while time.time() < deadline:
         try:
             study = study or optuna.load_study(study_name="sweep", storage=postgres)
-            if sum(t.state.name == "RUNNING" and len(t.params) == 4 for t in study.trials) == 2:
+            if sum(t.state.name == "RUNNING" and len(t.params) == 5 for t in study.trials) == 2:
                 break
         except KeyError:  # the study is not created yet
             pass
