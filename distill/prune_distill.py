@@ -76,6 +76,7 @@ def prune_distill(
     target_params: int | None = None,
     target_macs: int | None = None,
     target_latency_ms: float | None = None,
+    target_latency: float | None = None,
     student_checkpoint: str | None = None,
     initial_epochs: int | None = None,
     slimming_epochs: int = 0,
@@ -115,6 +116,9 @@ def prune_distill(
         target_latency_ms: or once a batch runs in at most this many milliseconds on ``latency_runtime``
             (``latency_batch_size`` images, ``latency_threads``), as measured there: which layers lose channels
             is then chosen by importance per millisecond saved (:mod:`distill.pruning.search`).
+        target_latency: or once a batch runs in at most this fraction (0 to 1) of the starting student's time:
+            the milliseconds are fixed when the run starts, from the timing that checks the target (side by side
+            with the smallest layout), and kept in ``run_dir`` for a resumed run.
         student_checkpoint: a trained student to start from (``distill fit`` checkpoint); without it the
             recipe's student is distilled first for ``initial_epochs``.
         initial_epochs: epochs of that first distillation (default: the recipe's ``max_epochs``).
@@ -168,7 +172,7 @@ def prune_distill(
     settings = dict(locals())  # the arguments: a run directory resumes only with the same ones
     check_options(target_params, target_macs, importance, schedule, ratio, rounds, max_rounds, epochs_per_round,
                   final_epochs, initial_epochs, slimming_epochs, slimming_lambda, finetune_lr, min_fraction, round_to,
-                  seed, target_latency_ms)  # fmt: skip
+                  seed, target_latency_ms, target_latency)  # fmt: skip
     check_latency_options(latency_runtime, latency_batch_size, export_onnx, latency_threads)
     # Every check runs before the run directory is touched: a refused run writes nothing and locks nothing.
     base = job_recipe(recipe, overrides)
@@ -186,9 +190,9 @@ def prune_distill(
     meter = LatencyMeter(tuple(x.shape[1:]), latency_runtime, latency_batch_size, latency_threads)
     policy = PruningPolicy(importance, global_ranking, min_fraction=min_fraction, round_to=round_to,
                            ignored_layers=ignored_layers or ())  # fmt: skip
-    floors = check_reachable(start, x, policy, target_params, target_macs, schedule, ratio, max_rounds,
-                             target_latency_ms, meter, has_timed_start(Path(run_dir)))  # fmt: skip
-    target = _Target(target_params, target_macs, target_latency_ms, x)
+    floors, checked_ms = check_reachable(start, x, policy, target_params, target_macs, schedule, ratio, max_rounds,
+                                         target_latency_ms, meter, has_timed_start(Path(run_dir)),
+                                         target_latency)  # fmt: skip
 
     out = Path(run_dir).resolve()
     run = RunState(out, "prune-distill")
@@ -197,6 +201,12 @@ def prune_distill(
     run.hold(settings, recorded, compared_as_contents=("run_dir", "recipe", "student_checkpoint"))
     (out / "prune_distill.yaml").write_text(yaml.safe_dump(run.state["settings"], sort_keys=False))
     phases = _Phases(run, base, data, seed, out / "cache" if cache_teacher_logits else None, meter)
+    if target_latency_ms is not None or target_latency is not None:  # the start's time, from the target's check
+        start_ms = run.state.setdefault("start_latency_ms", checked_ms)  # a resumed run keeps its own
+        target_latency_ms = target_latency_ms or round(target_latency * start_ms, 3)
+        run.state["target_latency_ms"] = target_latency_ms
+        run.save()
+    target = _Target(target_params, target_macs, target_latency_ms, x)
 
     # ---------------------------------------------------------------- the starting student
     if student_checkpoint is not None:
@@ -214,9 +224,7 @@ def prune_distill(
     if done:
         current = done[-1]["checkpoint"]
     lr = None if lr_rewinding else (finetune_lr or float(base["model"].get("lr", 2e-3)) / 10)
-    if target.latency_ms is not None:  # round goals from the start's latency, measured once (rounds resume on it)
-        start_ms = run.state.setdefault("start_latency_ms", meter({"start": load_student(trained_start)})["start"])
-        run.save()
+    if target.latency_ms is not None:  # round goals from the start's latency, timed by the target's check
         goals = latency_goals(schedule, rounds, ratio, start_ms, target.latency_ms)
         while k < len(goals):
             k += 1
@@ -274,15 +282,19 @@ def check_options(
     round_to: int = CHANNEL_MULTIPLE,
     seed: int = 0,
     target_latency_ms: float | None = None,
+    target_latency: float | None = None,
 ) -> None:
     """Refuse options of :func:`prune_distill` that are wrong on their own, before any phase starts.
 
     Each of them reaches a later phase's config; refused there, it would have stopped a run half-way.
     """
-    if sum(t is not None for t in (target_params, target_macs, target_latency_ms)) != 1:
-        raise ValueError("give exactly one of target_params, target_macs or target_latency_ms")
+    if sum(t is not None for t in (target_params, target_macs, target_latency_ms, target_latency)) != 1:
+        raise ValueError("give exactly one of target_params, target_macs, target_latency_ms or target_latency")
     if target_latency_ms is not None and not 0 < target_latency_ms < math.inf:
         raise ValueError(f"target_latency_ms must be a positive number of milliseconds, got {target_latency_ms}")
+    if target_latency is not None and not 0 < target_latency < 1:
+        raise ValueError(f"target_latency is a fraction of the student's time: need 0 < target_latency < 1, got "
+                         f"{target_latency}")  # fmt: skip
     if schedule not in ROUND_SCHEDULES:
         raise ValueError(f"Unknown schedule {schedule!r}; choose one of {', '.join(ROUND_SCHEDULES)}")
     if importance not in CRITERIA:
@@ -341,25 +353,30 @@ def check_reachable(
     target_latency_ms: float | None = None,
     latency: LatencyMeter | None = None,
     timed_before: bool = False,
-) -> dict[str, int]:
-    """Refuse a target that pruning ``student`` under ``policy`` cannot reach; return each group's floor.
+    target_latency: float | None = None,
+) -> tuple[dict[str, int], float | None]:
+    """Refuse a target that pruning ``student`` under ``policy`` cannot reach; return each group's floor, and
+    the student's milliseconds where a latency target was timed now.
 
     The target must be below the student's size, reachable with every layer at its floor (of the channels
-    before pruning starts), and, for the fixed schedule, within ``max_rounds`` rounds. A latency target is
-    checked by timing the student and its smallest layout with ``latency``, unless ``timed_before`` (a run
-    resuming with the same settings passed that check when it started; timings near the target would flip).
+    before pruning starts), and, for the fixed schedule, within ``max_rounds`` rounds. A latency target (or
+    ``target_latency``, a fraction of the student's time) is checked by timing the student and its smallest
+    layout with ``latency``, unless ``timed_before`` (a run resuming with the same settings passed that check
+    when it started; timings near the target would flip).
     """
     floors = policy.floors(channel_counts(student, x, policy.ignored_layers))
-    if target_latency_ms is not None and timed_before:
-        return floors
-    if target_latency_ms is not None:
-        start_ms, _ = check_latency_target(student, x, policy, target_latency_ms, latency, floors)
-        if schedule == "fixed" and len(latency_goals(schedule, 1, ratio, start_ms, target_latency_ms)) > max_rounds:
+    by_latency = target_latency_ms is not None or target_latency is not None
+    if by_latency and timed_before:
+        return floors, None
+    if by_latency:
+        start_ms, _ = check_latency_target(student, x, policy, target_latency_ms, latency, floors, target_latency)
+        goal = target_latency_ms or round(target_latency * start_ms, 3)
+        if schedule == "fixed" and len(latency_goals(schedule, 1, ratio, start_ms, goal)) > max_rounds:
             raise ValueError(
                 f"the fixed schedule needs more than max_rounds={max_rounds} rounds of ratio={ratio} to go from "
-                f"{start_ms:.3f} to {target_latency_ms:.3f} ms: raise ratio or max_rounds, or use geometric"
+                f"{start_ms:.3f} to {goal:.3f} ms: raise ratio or max_rounds, or use geometric"
             )
-        return floors
+        return floors, start_ms
     by_params = target_params is not None
     target = target_params if by_params else target_macs
     unit = "parameters" if by_params else "MACs"
@@ -374,7 +391,7 @@ def check_reachable(
                 f"the fixed schedule needs at least {needed} rounds of ratio={ratio} to reach {target:,} {unit} from "
                 f"{start_size:,}, more than max_rounds={max_rounds}: raise ratio or max_rounds, or use geometric"
             )
-    return floors
+    return floors, None
 
 
 def latency_goals(schedule: str, rounds: int, ratio: float, start_ms: float, target_ms: float) -> list[float]:

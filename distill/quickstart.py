@@ -100,8 +100,8 @@ def quickstart(
             (more accurate, about 30x slower on a CPU).
         teacher_epochs: epochs of teacher training.
         student_epochs: epochs of distillation.
-        target_latency: the latency target as a fraction of the distilled StudentNet's own (the quietest of three
-            timings on ``latency_runtime`` before pruning, recorded in ``run_dir``: a rerun keeps it).
+        target_latency: the latency target as a fraction of the distilled StudentNet's own (prune-distill's
+            ``target_latency``: fixed from the timing that checks it when pruning starts, and kept for a rerun).
         target_latency_ms: or the target in milliseconds per batch of ``latency_batch_size``.
         prune_rounds: rounds of the (geometric) pruning schedule.
         epochs_per_round: distillation epochs after each pruning step.
@@ -161,12 +161,9 @@ def quickstart(
     policy = PruningPolicy(importance, min_fraction=0.1, round_to=CHANNEL_MULTIPLE, ignored_layers=ignored_layers)
     x = torch.zeros(1, data.in_chans, *data.input_size)
     meter = LatencyMeter(tuple(x.shape[1:]), latency_runtime, latency_batch_size)
-    relative = None
-    if target_latency_ms is None:
-        relative = _relative_target(out / "latency.json", model.student, meter, target_latency)
-    target_ms = target_latency_ms or relative["target_ms"]
-    check_reachable(model.student, x, policy, None, None, target_latency_ms=target_ms, latency=meter,
-                    timed_before=has_timed_start(out / "prune_distill"))  # fmt: skip
+    relative = None if target_latency_ms is not None else target_latency  # a fraction, or the milliseconds
+    check_reachable(model.student, x, policy, None, None, target_latency_ms=target_latency_ms, latency=meter,
+                    timed_before=has_timed_start(out / "prune_distill"), target_latency=relative)  # fmt: skip
 
     # The run in this folder: its settings, with the recipes' contents standing for their paths.
     del settings["run_dir"]
@@ -177,8 +174,6 @@ def quickstart(
     refuse_changes(out, "quickstart", changed, "finished stages are then reused")
     teacher = fit_recipe(teacher_cfg, out / "teacher.yaml")
     atomic_write(record, lambda f: json.dump(settings, f, indent=1))  # this folder holds these settings' run
-    if relative is not None:
-        atomic_write(out / "latency.json", lambda f: json.dump(relative, f, indent=1))
 
     teacher_spec = {"class_path": "teachers.load_teacher", "init_args": {"checkpoint": teacher.checkpoint}}
     student_cfg["model"]["teacher"] = teacher_spec
@@ -189,7 +184,8 @@ def quickstart(
     rows = prune_distill(
         recipe=str(out / "student.yaml"),
         student_checkpoint=student.checkpoint,
-        target_latency_ms=target_ms,
+        target_latency_ms=target_latency_ms,
+        target_latency=relative,
         importance=importance,
         lr_rewinding=lr_rewinding,
         ignored_layers=list(ignored_layers),
@@ -236,7 +232,7 @@ def quickstart(
         "out of the training set. The int8 row is measured in ONNX Runtime, the others in PyTorch. Latency: "
         f"median milliseconds per batch of {latency_batch_size} of each model's ONNX file in ONNX Runtime on this "
         f"machine's CPU ({torch.get_num_threads()} threads), all measured side by side. "
-        f"Latency target: {target_ms:.3f} ms ({latency_runtime}, batch {latency_batch_size}). "
+        f"Latency target: {state['target_latency_ms']:.3f} ms ({latency_runtime}, batch {latency_batch_size}). "
         f"Rounds and the accuracy-vs-latency plot: {out / 'prune_distill'}/"
         "summary.md and pareto.png.\n\nReproduce: `distill fit --config "
         f"{out / 'teacher' / 'config.yaml'}`, `distill fit --config {out / 'student' / 'config.yaml'}`, then "
@@ -303,15 +299,3 @@ def _resize(
     if data_root is not None:
         data["root"] = data_root
     return cfg
-
-
-def _relative_target(record: Path, student: torch.nn.Module, meter: LatencyMeter, fraction: float) -> dict[str, Any]:
-    """``fraction`` of ``student``'s milliseconds on ``meter``: as recorded in ``record`` by an earlier run of these
-    settings (a target re-measured on a noisy machine would change prune-distill's settings), or measured now,
-    the quietest of three timings (one taken in a busy moment put the target above the student's later timings)."""
-    setup = {"fraction": fraction, "measured on": meter.describe()}
-    saved = json.loads(record.read_text()) if record.is_file() else {}
-    if saved.get("setup") != setup:
-        ms = meter.quietest(student)
-        saved = {"setup": setup, "student_ms": ms, "target_ms": round(fraction * ms, 3)}
-    return saved

@@ -118,7 +118,11 @@ def test_a_killed_run_resumes_at_its_last_round_with_the_same_result(tmp_path: P
         ({"target_params": 300, "min_fraction": 0.5}, ValueError, "cannot be met without emptying a layer"),
         ({"schedule": "linear"}, ValueError, "Unknown schedule 'linear'; choose one of fixed, geometric"),
         ({"importance": "weights"}, ValueError, "Unknown importance criterion 'weights'"),
-        ({"target_macs": 1000}, ValueError, "exactly one of target_params, target_macs or target_latency_ms"),
+        (
+            {"target_macs": 1000},
+            ValueError,
+            "exactly one of target_params, target_macs, target_latency_ms or target_latency",
+        ),
         ({"target_latency_ms": -1.0, "target_params": None}, ValueError, "target_latency_ms must be a positive"),
         ({"baselines": ["resnet10t"]}, ValueError, "is a timm model name: it needs a timm student recipe"),
         ({"student_checkpoint": "nowhere.ckpt"}, FileNotFoundError, "Student checkpoint 'nowhere.ckpt' does not exist"),

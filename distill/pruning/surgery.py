@@ -499,13 +499,16 @@ def check_latency_target(
     model: nn.Module,
     example_input: torch.Tensor,
     policy: PruningPolicy | None,
-    target_latency_ms: float,
+    target_latency_ms: float | None,
     latency: LatencyMeasure,
     floors: Floors = None,
+    fraction: float | None = None,
 ) -> tuple[float, float]:
     """Refuse a latency target that pruning ``model`` cannot reach; the student's and its smallest layout's ms.
 
     Both are timed side by side by ``latency``: the student, and a copy with every prunable layer at its floor.
+    A ``fraction`` of the student's time (with ``target_latency_ms=None``) is a target of that timing's, so a
+    busy moment cannot put it above the student.
     """
     policy = policy or PruningPolicy()
     scores, floors, slices = _scored(model, example_input, resolve_importance("l1"), policy, floors)  # any: size
@@ -513,6 +516,8 @@ def check_latency_target(
     smallest = _check_plan(model, example_input, plan, policy.ignored_layers)
     ms = latency({"student": model, "smallest": smallest})
     where = getattr(latency, "describe", lambda: "the runtime")()
+    if fraction is not None:
+        target_latency_ms = round(fraction * ms["student"], 3)
     if target_latency_ms >= ms["student"]:
         raise ValueError(
             f"target {target_latency_ms:.3f} ms is not below the student's {ms['student']:.3f} ms ({where}): "
