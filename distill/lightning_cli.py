@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import torch
-from jsonargparse import ArgumentParser, Namespace
+from jsonargparse import ArgumentParser, Namespace, set_parsing_settings
 from pytorch_lightning import Callback, LightningDataModule, Trainer
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import CSVLogger
@@ -27,6 +27,10 @@ from distill.rundir import atomic_path
 from students.checkpoint import is_training_checkpoint, read_checkpoint
 
 __all__ = ["DistillCLI", "JobParser", "default_precision", "keep_logged_rows"]
+
+# Values typed Any (a job's overrides and variants, a checkpoint's recorded specs) stay data: a ``class_path`` in
+# them is never built into an object (jsonargparse 5's default) by the parser, from a config or a checkpoint.
+set_parsing_settings(instantiate_subclass_spec_in_any=False)
 
 
 class _OneLineErrors:

@@ -422,7 +422,10 @@ def _recorded_loss(spec: Mapping[str, Any]) -> nn.Module:
             f"loss_spec names {class_path}; only distill's losses ({', '.join(losses.__all__)}) are rebuilt from a "
             f"record. Give model.loss instead."
         )
-    return getattr(losses, name)(**spec["init_args"])
+    try:
+        return getattr(losses, name)(**spec["init_args"])
+    except TypeError as err:  # settings the class does not take
+        raise ValueError(f"loss_spec {dict(spec)} does not build {name}: {err}") from None
 
 
 def _device_of(model: nn.Module) -> torch.device:

@@ -333,11 +333,13 @@ def check_latency_options(runtime: str, batch_size: int, needs_onnx: bool, threa
 
 
 def has_timed_start(run_dir: Path) -> bool:
-    """Whether ``run_dir`` holds a run that timed its start (it passed the latency check; its settings are
-    compared when it is taken up, and a run with others is refused then)."""
+    """Whether ``run_dir`` holds a run that timed its start and trained since (it passed the latency check; its
+    settings are compared when it is taken up, and a run with others is refused then). A run that trained
+    nothing starts afresh with new settings (:meth:`RunState.hold`), so its start is timed and checked again."""
     try:
-        return "start_latency_ms" in json.loads((run_dir / "state.json").read_text())
-    except (OSError, ValueError, TypeError):
+        state = json.loads((run_dir / "state.json").read_text())
+        return "start_latency_ms" in state and any(key != "start" for key in state["phases"])
+    except (OSError, ValueError, TypeError, KeyError):
         return False
 
 

@@ -161,6 +161,9 @@ def quickstart(
     policy = PruningPolicy(importance, min_fraction=0.1, round_to=CHANNEL_MULTIPLE, ignored_layers=ignored_layers)
     x = torch.zeros(1, data.in_chans, *data.input_size)
     meter = LatencyMeter(tuple(x.shape[1:]), latency_runtime, latency_batch_size)
+    legacy = json.loads((out / "latency.json").read_text()) if (out / "latency.json").is_file() else {}
+    if target_latency_ms is None and legacy.get("setup", {}).get("fraction") == target_latency:
+        target_latency_ms = legacy["target_ms"]  # fixed there by an earlier quickstart: its run resumes on it
     relative = None if target_latency_ms is not None else target_latency  # a fraction, or the milliseconds
     check_reachable(model.student, x, policy, None, None, target_latency_ms=target_latency_ms, latency=meter,
                     timed_before=has_timed_start(out / "prune_distill"), target_latency=relative)  # fmt: skip

@@ -68,7 +68,9 @@ def merge(base: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, A
     ending in ``+`` extends the list under the key without it, as ``--trainer.callbacks+=`` on the command line."""
     out = copy.deepcopy(base)
     for key, value in (overrides or {}).items():
-        if isinstance(key, str) and key.endswith("+") and isinstance(value, list):
+        if isinstance(key, str) and key.endswith("+"):
+            if not isinstance(value, list):
+                raise ValueError(f"{key!r} extends a list: give a list, got {value!r}")
             existing = out.get(key[:-1]) or []
             if not isinstance(existing, list):
                 raise ValueError(f"{key!r} extends a list, but {key[:-1]!r} holds {existing!r}")

@@ -139,7 +139,7 @@ def sweep_report(out: Path, rows: list[dict[str, Any]], settings: dict[str, Any]
     """``sweep.csv``, ``sweep.md`` (with what is missing, if anything) and ``sweep.png`` in ``out``."""
     table, best, ce = _summarise(rows)
     write_csv(out / "sweep.csv", SWEEP_COLUMNS, rows)
-    variants = list(dict.fromkeys(r["variant"] for r in table))
+    variants = list(settings.get("variants") or {"recipe": {}})  # as configured: the first is the reference
     reference = (
         {(r["loss"], r["temperature"], r["alpha"]): r for r in table if r["variant"] == variants[0]} if table else {}
     )

@@ -120,6 +120,12 @@ def open_study(rdb: Any, url: str, name: str, space: dict[str, list], cfg: dict[
         stored = study.user_attrs.get(key)
         if stored is None or (stored != value and not started):
             study.set_user_attr(key, value)
+        elif key == "grid" and set(stored) != set(value):  # an axis added since (variant, loss: issue 17)
+            raise ValueError(
+                f"The study {name!r} in {url} was made by an earlier distill sweep, whose grid has the axes "
+                f"{', '.join(sorted(stored))} (now {', '.join(sorted(value))}): its trials cannot be taken up. Use a "
+                f"new run_dir (or study_name); the old results stay in that folder's sweep.csv."
+            )
         elif stored != value:
             changed = ", ".join(k for k in value if stored.get(k) != value[k]) if key == "inputs" else ""
             what = {

@@ -2,10 +2,11 @@
 
 The best temperature depends on the student: Hinton et al. (2015) found small students prefer
 T of about 2.5 to 4, seed 002 reports 1 to 20. Every trial is a full Lightning run of the same recipe
-(same data split, same epochs) with another loss (``KDLoss`` or the logit objectives of
-:mod:`distill.losses`: DKD, logit standardisation, DIST), temperature, alpha and seed; a CE-only student
-per seed is the baseline. The setting is chosen on the validation split; the test accuracy of the
-chosen setting is reported, and the test set never chooses anything.
+(same data split, same epochs; a named variant of it where ``variants`` are given) with another loss
+(``KDLoss`` or the logit objectives of :mod:`distill.losses`: DKD, logit standardisation, DIST),
+temperature, alpha and seed; a CE-only student per seed (the recipe without variants) is the baseline.
+The setting is chosen on the validation split; the test accuracy of the chosen setting is reported, and
+the test set never chooses anything.
 
 Trials live in an optuna study shared by any number of workers running the same command; each grid
 point is trained exactly once (:mod:`distill.study` says how).
@@ -120,7 +121,7 @@ def sweep(
         "seeds": space["seed"],
         "baseline": baseline,
         "overrides": overrides or {},
-        "variants": variants or {},
+        "variants": variants,
     }
     cache = str(out / "cache") if cache_teacher_logits else None
 
@@ -206,8 +207,8 @@ def _grid(
     others = sorted(set(losses) - {"KDLoss"})
     if len(set(alphas)) > 1 and others:
         raise ValueError(
-            f"alphas weigh KDLoss's soft term, and {others[0]} has no such weight: sweep several alphas with "
-            f"losses: [KDLoss] alone."
+            f"alphas weigh KDLoss's soft term, which {others[0]} does not have (its settings are the recipe's or "
+            f"its defaults): sweep several alphas with losses: [KDLoss] alone."
         )
     return {
         "loss": sorted(set(losses), key=loss_classes.__all__.index),

@@ -14,7 +14,7 @@ from helpers import tiny_kd_recipe
 
 from distill.export import export_onnx
 from distill.latency import LatencyMeter
-from distill.prune_distill import latency_goals, prune_distill
+from distill.prune_distill import has_timed_start, latency_goals, prune_distill
 from distill.pruning import CHANNEL_MULTIPLE, PruningPolicy, check_latency_target, prune_student
 from students import StudentNet, load_student, save_student
 
@@ -97,6 +97,20 @@ def test_unreachable_latency_targets_are_refused_with_what_was_measured():
         check_latency_target(net(), X1, POLICY, 1e6, meter())
     with pytest.raises(ValueError, match="needs a positive, finite target_latency_ms and latency="):
         prune_student(net(), X1, POLICY, target_latency_ms=1.0)
+    with pytest.raises(ValueError, match="give target_latency_ms or fraction"):
+        check_latency_target(net(), X1, POLICY, None, meter())
+    start, smallest = check_latency_target(net(), X1, POLICY, None, meter(), fraction=0.9)  # of the same timing
+    assert smallest < 0.9 * start
+
+
+def test_a_run_that_trained_nothing_times_its_start_again(tmp_path: Path):
+    """A run killed before its first phase ended starts afresh with new settings: its timing is not reused."""
+    state = {"settings": {}, "phases": {"start": {}}, "start_latency_ms": 1.0}
+    (tmp_path / "state.json").write_text(json.dumps(state))
+    assert not has_timed_start(tmp_path)
+    state["phases"]["initial"] = {"checkpoint": "initial/best.ckpt"}
+    (tmp_path / "state.json").write_text(json.dumps(state))
+    assert has_timed_start(tmp_path)
 
 
 def test_latency_goals_step_geometrically_and_end_at_the_target():

@@ -58,9 +58,10 @@ def test_grid_completes_and_a_rerun_trains_nothing(tmp_path: Path, small_teacher
     assert list((run_dir / "cache").glob("*.pt"))  # the teacher's logits were computed once and kept
 
     before = len(trials(run_dir)), len(trials(run_dir, "sweep-ce"))
-    again = sweep(str(recipe), temperatures=[2.0, 4.0], seeds=[0], run_dir=str(run_dir))
+    main(["sweep", "--config", str(run_dir / "sweep.yaml"), "--run_dir", str(run_dir)])  # sweep.md's reproduce
     assert (len(trials(run_dir)), len(trials(run_dir, "sweep-ce"))) == before
-    assert again == rows
+    with open(run_dir / "sweep.csv") as f:
+        assert len(list(csv.DictReader(f))) == len(rows)
 
 
 def test_a_losses_axis_trains_each_loss_with_the_recipes_settings_of_its_class(
@@ -93,31 +94,41 @@ def test_a_losses_axis_trains_each_loss_with_the_recipes_settings_of_its_class(
 
 def test_variants_train_the_same_grid_each_with_its_own_overrides(tmp_path: Path, small_teacher_checkpoint: Path):
     recipe = tiny_recipe(tmp_path, small_teacher_checkpoint, limit_train_batches=1)
-    ema = {"class_path": "EMAWeightAveraging", "init_args": {"decay": 0.9}}
+    ema = {"class_path": "pytorch_lightning.callbacks.EMAWeightAveraging", "init_args": {"decay": 0.9}}
     variants = {
         "recipe": {},
         "erasing": {"data": {"init_args": {"random_erasing": 0.5}}},
         "ema": {"trainer": {"callbacks+": [ema]}},  # appended to the recipe's callbacks
     }
     run_dir = tmp_path / "sweep"
-    rows = sweep(str(recipe), temperatures=[4.0], variants=variants, baseline=False, run_dir=str(run_dir))
+    settings = {"recipe": str(recipe), "temperatures": [4.0], "variants": variants, "baseline": False}
+    config = tmp_path / "variants.yaml"
+    config.write_text(yaml.safe_dump({**settings, "run_dir": str(run_dir)}, sort_keys=False))  # the order matters
+    main(["sweep", "--config", str(config)])  # a class_path in a variant stays data (not built by the parser)
+    with open(run_dir / "sweep.csv") as f:
+        rows = [{**r, "test_acc": float(r["test_acc"])} for r in csv.DictReader(f)]
 
     assert [r["variant"] for r in rows] == ["recipe", "erasing", "ema"]  # in the order given
     trials_dir = run_dir / "trials"
-    config = {v: yaml.safe_load((trials_dir / v / "KDLoss_T4_alpha0.9_seed0.yaml").read_text()) for v in variants}
-    callbacks = {v: [c["class_path"].rsplit(".", 1)[-1] for c in config[v]["trainer"]["callbacks"]] for v in variants}
+    trial = {v: yaml.safe_load((trials_dir / v / "KDLoss_T4_alpha0.9_seed0.yaml").read_text()) for v in variants}
+    callbacks = {v: [c["class_path"].rsplit(".", 1)[-1] for c in trial[v]["trainer"]["callbacks"]] for v in variants}
     assert callbacks["ema"] == [*callbacks["recipe"][:-1], "EMAWeightAveraging", "TeacherLogitCache"]
     assert "ModelCheckpoint" in callbacks["recipe"] and "EMAWeightAveraging" not in callbacks["recipe"]
-    assert config["erasing"]["data"]["init_args"]["random_erasing"] == 0.5
-    assert config["recipe"]["data"]["init_args"]["random_erasing"] == 0.0
+    assert trial["erasing"]["data"]["init_args"]["random_erasing"] == 0.5
+    assert trial["recipe"]["data"]["init_args"]["random_erasing"] == 0.0
     ema_checkpoint = torch.load(rows[2]["checkpoint"], weights_only=True)
     assert "current_model_state" in ema_checkpoint  # trained with the average, saved in the student's place
     md = (run_dir / "sweep.md").read_text()
     assert "| variant | loss | T | alpha | seeds | val acc (mean ± std) | test acc (mean ± std) | test vs recipe" in md
     delta = 100 * (rows[1]["test_acc"] - rows[0]["test_acc"])
     assert "| erasing | KDLoss | 4 | 0.9 | 1 | " in md and f"{delta:+.2f} |" in md
-    with pytest.raises(ValueError, match=r"created for another recipe"):  # a variant's overrides are the study's
-        sweep(str(recipe), temperatures=[4.0], variants={**variants, "ema": {}}, baseline=False, run_dir=str(run_dir))
+    main(["sweep", "--config", str(config), "--wait", "false"])  # run again: the same study, nothing to train
+    assert len(trials(run_dir)) == 3
+    changed = {**settings, "variants": {**variants, "ema": {}}, "run_dir": str(run_dir)}
+    config.write_text(yaml.safe_dump(changed, sort_keys=False))
+    with pytest.raises(SystemExit) as refused:  # a variant's overrides are part of the study
+        main(["sweep", "--config", str(config)])
+    assert refused.value.code == 2 and len(trials(run_dir)) == 3
 
 
 @pytest.mark.parametrize(
@@ -132,7 +143,7 @@ def test_variants_train_the_same_grid_each_with_its_own_overrides(tmp_path: Path
         ({"overrides": {"model": {"loss": {"class_path": "torch.nn.MSELoss"}}}}, r"trains with torch\.nn\.MSELoss"),
         ({"losses": ["Hinton"]}, "Unknown loss 'Hinton' in losses: choose from DISTLoss, DKDLoss, KDLoss"),
         ({"losses": []}, "The grid is empty: give at least one value in losses"),
-        ({"losses": ["KDLoss", "DKDLoss"], "alphas": [0.5, 0.9]}, "DKDLoss has no such weight: sweep several alphas"),
+        ({"losses": ["KDLoss", "DKDLoss"], "alphas": [0.5, 0.9]}, "which DKDLoss does not have .*sweep several alphas"),
         ({"variants": {"a/b": {}}}, "variant names are folder names"),
         ({"variants": {}}, "variants must map names to overrides"),
         ({"variants": {"dkd": {"model": {"loss": {"class_path": "distill.DKDLoss"}}}}}, "compare losses with the"),

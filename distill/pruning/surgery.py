@@ -510,6 +510,8 @@ def check_latency_target(
     A ``fraction`` of the student's time (with ``target_latency_ms=None``) is a target of that timing's, so a
     busy moment cannot put it above the student.
     """
+    if (target_latency_ms is None) == (fraction is None):
+        raise ValueError(f"give target_latency_ms or fraction, got {target_latency_ms} and {fraction}")
     policy = policy or PruningPolicy()
     scores, floors, slices = _scored(model, example_input, resolve_importance("l1"), policy, floors)  # any: size
     plan = plan_pruning(scores, 1.0 - 1e-9, floors, False, policy.round_to, slices)
