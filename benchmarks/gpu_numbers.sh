@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_numbers.sh sweep    # both temperature sweeps, 6 workers each (needs `train`)
 #   bash benchmarks/gpu_numbers.sh levers   # issue 17: each recipe lever against the KD recipe, 6 workers (needs `train`)
 #   bash benchmarks/gpu_numbers.sh losses   # issue 17: KD, DKD, logit standardisation, DIST, 6 workers (needs `train`)
+#   bash benchmarks/gpu_numbers.sh teachers # issue 17: a label-smoothed teacher and a 2-teacher ensemble (needs `train`)
 #   bash benchmarks/gpu_numbers.sh prune    # prune-distill to 100k and to 50k, side by side (needs `train`)
 #   bash benchmarks/gpu_numbers.sh front    # prune-distill to a latency on the GPU against the width family (issue 15)
 #   bash benchmarks/gpu_numbers.sh sweep prune   # the stages in turn
@@ -50,10 +51,14 @@ for stage in "$@"; do
     wait || true
     report sweep_temperature && report sweep_temperature_w050
     ;;
-  levers | losses)
-    # LEVERS_OVERRIDES / LOSSES_OVERRIDES replace the configs' overrides (e.g. fewer epochs: see RESULTS.md)
-    if [ "$stage" = levers ]; then sweep_workers sweep_levers levers "${LEVERS_OVERRIDES:-}"
-    else sweep_workers sweep_losses losses "${LOSSES_OVERRIDES:-}"; fi
+  levers | losses | teachers)
+    # LEVERS_OVERRIDES / LOSSES_OVERRIDES / TEACHERS_OVERRIDES replace the configs' overrides (e.g. fewer epochs)
+    if [ "$stage" = teachers ]; then  # the two other teachers, side by side (30 epochs each), and their table
+      [ -f runs/fmnist/teacher_ls/best.ckpt ] && [ -f runs/fmnist/teacher_seed1/best.ckpt ] ||
+        python benchmarks/fmnist_recipes.py --teachers teacher_seed1 teacher_ls --students 2>&1 | tee runs/logs/teachers.log
+    fi
+    overrides_var="$(echo "$stage" | tr a-z A-Z)_OVERRIDES"
+    sweep_workers "sweep_$stage" "$stage" "${!overrides_var:-}"
     wait || true
     report "sweep_$stage"
     ;;
@@ -76,6 +81,6 @@ for stage in "$@"; do
       --start-epochs 20 --out runs/fmnist/latency_front ${FRONT_ARGS:-} 2>&1 | tee runs/logs/front.log
     collect runs/logs/front.log
     ;;
-  *) echo "unknown stage $stage (speed, train, sweep, levers, losses, prune, front)" >&2; exit 2 ;;
+  *) echo "unknown stage $stage (speed, train, sweep, levers, losses, teachers, prune, front)" >&2; exit 2 ;;
   esac
 done

@@ -64,8 +64,9 @@ def load_recipe(path: str | Path) -> dict[str, Any]:
 
 
 def merge(base: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
-    """A copy of ``base`` with ``overrides`` merged in, key by key (dicts merge, other values replace); a key
-    ending in ``+`` extends the list under the key without it, as ``--trainer.callbacks+=`` on the command line."""
+    """A copy of ``base`` with ``overrides`` merged in, key by key (dicts merge, other values replace), as on the
+    command line: a key ending in ``+`` extends the list under the key without it (``--trainer.callbacks+=``), and
+    a mapping naming another ``class_path`` replaces the one it overrides (its ``init_args`` start afresh)."""
     out = copy.deepcopy(base)
     for key, value in (overrides or {}).items():
         if isinstance(key, str) and key.endswith("+"):
@@ -75,11 +76,17 @@ def merge(base: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, A
             if not isinstance(existing, list):
                 raise ValueError(f"{key!r} extends a list, but {key[:-1]!r} holds {existing!r}")
             out[key[:-1]] = [*existing, *copy.deepcopy(value)]
-        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+        elif isinstance(value, dict) and isinstance(out.get(key), dict) and not _other_class(out[key], value):
             out[key] = merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
     return out
+
+
+def _other_class(base: dict[str, Any], override: dict[str, Any]) -> bool:
+    """Whether ``override`` names another class than ``base`` (``distill.KDLoss`` and ``KDLoss`` are one)."""
+    name = str(override.get("class_path", "")).rsplit(".", 1)[-1]
+    return bool(name) and name != str(base.get("class_path", "")).rsplit(".", 1)[-1]
 
 
 def relocate(cfg: dict[str, Any], out: Path) -> dict[str, Any]:

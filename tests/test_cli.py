@@ -77,6 +77,8 @@ def test_every_sweep_variant_instantiates(config: Path, variant: str, tmp_path: 
         assert cli.model.mixer is not None
     if variant in ("erasing", "all"):
         assert cli.datamodule.random_erasing > 0
+    if variant == "ensemble":  # another class_path replaces the recipe's teacher
+        assert isinstance(cli.model.teacher, TeacherEnsemble) and len(cli.model.teacher.teachers) == 2
 
 
 @pytest.mark.parametrize("config", list(JOBS), ids=[str(c.relative_to(ROOT)) for c in JOBS])
