@@ -164,9 +164,9 @@ def quickstart(
     legacy = json.loads((out / "latency.json").read_text()) if (out / "latency.json").is_file() else {}
     if target_latency_ms is None and legacy.get("setup", {}).get("fraction") == target_latency:
         target_latency_ms = legacy["target_ms"]  # fixed there by an earlier quickstart: its run resumes on it
-    relative = None if target_latency_ms is not None else target_latency  # a fraction, or the milliseconds
+    fraction = None if target_latency_ms is not None else target_latency  # prune-distill's target_latency
     check_reachable(model.student, x, policy, None, None, target_latency_ms=target_latency_ms, latency=meter,
-                    timed_before=has_timed_start(out / "prune_distill"), target_latency=relative)  # fmt: skip
+                    timed_before=has_timed_start(out / "prune_distill"), target_latency=fraction)  # fmt: skip
 
     # The run in this folder: its settings, with the recipes' contents standing for their paths.
     del settings["run_dir"]
@@ -188,7 +188,7 @@ def quickstart(
         recipe=str(out / "student.yaml"),
         student_checkpoint=student.checkpoint,
         target_latency_ms=target_latency_ms,
-        target_latency=relative,
+        target_latency=fraction,
         importance=importance,
         lr_rewinding=lr_rewinding,
         ignored_layers=list(ignored_layers),

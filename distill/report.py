@@ -147,8 +147,10 @@ def sweep_report(out: Path, rows: list[dict[str, Any]], settings: dict[str, Any]
     def accuracies(r: dict[str, Any]) -> list[str]:
         return [f"{r['val']:.4f} ± {r['val_sd']:.4f}", f"{r['test']:.4f} ± {r['test_sd']:.4f}"]
 
+    several = len(variants) > 1
+
     def versus(r: dict[str, Any]) -> list[str]:  # the test accuracy's difference from the first variant, in points
-        if len(variants) < 2:
+        if not several:
             return []
         ref = reference.get((r["loss"], r["temperature"], r["alpha"]))
         return ["-" if ref is None or ref is r else f"{100 * (r['test'] - ref['test']):+.2f}"]
@@ -156,7 +158,6 @@ def sweep_report(out: Path, rows: list[dict[str, Any]], settings: dict[str, Any]
     def alpha(r: dict[str, Any]) -> str:
         return "-" if r["alpha"] == "" else f"{r['alpha']:g}"
 
-    several = len(variants) > 1
     lines = [[*([r["variant"]] if several else []), r["loss"], f"{r['temperature']:g}", alpha(r), r["n"],
               *accuracies(r), *versus(r)] for r in table]  # fmt: skip
     lines += (

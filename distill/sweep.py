@@ -177,20 +177,18 @@ def _grid(
     cfg: dict[str, Any],
     recipe: str,
 ) -> dict[str, list]:
-    own = _recipe_loss(cfg)
-    own_class = own.get("class_path", "distill.KDLoss").rsplit(".", 1)[-1]
+    own_path, own_class, own_args = _recipe_loss(cfg)
     if own_class not in loss_classes.__all__:
         raise ValueError(
             f"distill sweep trains the losses of distill.losses ({', '.join(loss_classes.__all__)}), but {recipe} "
-            f"trains with {own['class_path']}: its trials would not train the recipe's loss. Sweep a recipe whose "
+            f"trains with {own_path}: its trials would not train the recipe's loss. Sweep a recipe whose "
             f"model.loss is one of them."
         )
     if temperatures is None:
         temperatures = [1.0, 2.0, 4.0, 8.0, 16.0, 20.0]
     losses = [own_class] if losses is None else [str(name).rsplit(".", 1)[-1] for name in losses]
     if alphas is None:
-        init_args = own.get("init_args") or {}
-        alphas = [float(init_args.get("alpha", 0.9)) if own_class == "KDLoss" else 0.9]
+        alphas = [float(own_args.get("alpha", 0.9)) if own_class == "KDLoss" else 0.9]
     seeds = [0] if seeds is None else seeds
     for name, values in (("temperatures", temperatures), ("losses", losses), ("alphas", alphas), ("seeds", seeds)):
         if len(values) == 0:
@@ -237,12 +235,13 @@ def _variants(variants: dict[str, Any] | None, base: dict[str, Any], recipe: str
     return recipes
 
 
-def _recipe_loss(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The recipe's ``model.loss`` as ``{class_path, init_args}`` (``{}`` where it keeps the default KDLoss)."""
+def _recipe_loss(cfg: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
+    """The recipe's ``model.loss``: its class path, class name and init args (``DistillModule``'s KDLoss if unset)."""
     loss = cfg["model"].get("loss") if isinstance(cfg.get("model"), dict) else None
-    if isinstance(loss, str):
-        return {"class_path": loss}
-    return loss if isinstance(loss, dict) and loss.get("class_path") else {}
+    loss = {"class_path": loss} if isinstance(loss, str) else loss
+    if not (isinstance(loss, dict) and loss.get("class_path")):
+        loss = {"class_path": "distill.KDLoss"}
+    return loss["class_path"], str(loss["class_path"]).rsplit(".", 1)[-1], dict(loss.get("init_args") or {})
 
 
 # ------------------------------------------------------------------------------- one trial
@@ -259,9 +258,8 @@ def _run_kd(base: dict[str, Any], params: dict[str, Any], out: Path, cache: str 
     trial_dir = _trial_dir(out, "kd", params)
     cfg = relocate(base, trial_dir)
     cfg["seed_everything"] = params["seed"]
-    own = _recipe_loss(base)
-    same = own.get("class_path", "distill.KDLoss").rsplit(".", 1)[-1] == params["loss"]
-    init_args = dict(own.get("init_args") or {}) if same else {}
+    _, own_class, own_args = _recipe_loss(base)
+    init_args = own_args if own_class == params["loss"] else {}
     init_args["temperature"] = params["temperature"]
     if params["loss"] == "KDLoss":
         init_args["alpha"] = params["alpha"]
