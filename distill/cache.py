@@ -25,7 +25,7 @@ from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from distill.data.memory import TensorImageDataset
-from distill.rundir import atomic_path
+from distill.rundir import atomic_path, file_lock
 from students.checkpoint import read_checkpoint
 
 __all__ = ["TeacherLogitCache", "compute_logits", "split_fingerprint", "teacher_fingerprint"]
@@ -127,22 +127,36 @@ class TeacherLogitCache(Callback):
         pl_module: pl.LightningModule,
         split: str,
     ) -> torch.Tensor:
-        path = None if self.cache_dir is None else self.cache_dir / f"{key}.pt"
-        if path is not None and path.is_file():
-            try:
-                cached = read_checkpoint(path)
-            except ValueError as err:
-                rank_zero_warn(f"TeacherLogitCache: {err} It is computed again.")
-                cached = {}
-            logits = cached.get("logits")
-            if cached.get("key") == key and isinstance(logits, torch.Tensor) and logits.shape[:1] == (len(dataset),):
+        if self.cache_dir is None:
+            return self._compute(teacher, dataset, trainer, pl_module)
+        path = self.cache_dir / f"{key}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with file_lock(path):  # workers started together: one fills the file, the others wait and read it
+            logits = _read_cached(path, key, len(dataset))
+            if logits is not None:
                 self.hits.append(split)
                 return logits
-        device = next(pl_module.student.parameters()).device
-        context = trainer.precision_plugin.forward_context
-        logits = compute_logits(teacher, dataset, device, self.batch_size, context)
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with atomic_path(path) as partial:  # parallel workers never read half a file
+            logits = self._compute(teacher, dataset, trainer, pl_module)
+            with atomic_path(path) as partial:  # a reader without the lock never sees half a file
                 torch.save({"key": key, "logits": logits}, partial)
         return logits
+
+    def _compute(
+        self, teacher: nn.Module, dataset: TensorImageDataset, trainer: pl.Trainer, pl_module: pl.LightningModule
+    ) -> torch.Tensor:
+        device = next(pl_module.student.parameters()).device
+        return compute_logits(teacher, dataset, device, self.batch_size, trainer.precision_plugin.forward_context)
+
+
+def _read_cached(path: Path, key: str, rows: int) -> torch.Tensor | None:
+    """The logits in ``path`` when it holds ``key``'s, one row per image; else ``None``."""
+    if not path.is_file():
+        return None
+    try:
+        cached = read_checkpoint(path)
+    except ValueError as err:
+        rank_zero_warn(f"TeacherLogitCache: {err} It is computed again.")
+        return None
+    logits = cached.get("logits")
+    valid = cached.get("key") == key and isinstance(logits, torch.Tensor) and logits.shape[:1] == (rows,)
+    return logits if valid else None

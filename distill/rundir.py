@@ -16,7 +16,20 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["IncompleteRun", "RunState", "atomic_path", "atomic_write", "changed_settings", "refuse_changes"]
+try:
+    import fcntl
+except ImportError:  # Windows: no file locks
+    fcntl = None
+
+__all__ = [
+    "IncompleteRun",
+    "RunState",
+    "atomic_path",
+    "atomic_write",
+    "changed_settings",
+    "file_lock",
+    "refuse_changes",
+]
 
 
 @contextlib.contextmanager
@@ -32,6 +45,24 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``<path>.lock`` (processes and threads on one machine wait their turn).
+
+    A no-op where the platform has no ``fcntl`` (Windows) or the folder does not exist.
+    """
+    lock = Path(f"{path}.lock")
+    if fcntl is None or not lock.parent.is_dir():
+        yield
+        return
+    with open(lock, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def atomic_write(path: Path, write: Callable[[Any], Any]) -> None:

@@ -22,17 +22,13 @@ import json
 import random
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-try:
-    import fcntl
-except ImportError:  # Windows: no file locks; the retries below still cover most races
-    fcntl = None
-
 from distill.recipes import FitResult, input_digests
+from distill.rundir import file_lock
 
 __all__ = ["finished_rows", "missing_points", "open_storage", "open_study", "work"]
 
@@ -83,19 +79,11 @@ def _sqlite_file(path: Path) -> bool:
         return f.read(16) in (b"", b"SQLite format 3\0")
 
 
-@contextlib.contextmanager
-def _creation_lock(url: str) -> Iterator[None]:
-    """An exclusive file lock beside an SQLite storage file (workers on one machine); nothing otherwise."""
+def _creation_lock(url: str) -> contextlib.AbstractContextManager:
+    """An exclusive file lock beside an SQLite storage file (workers on one machine; no file locks on Windows:
+    the retries in ``open_storage`` still cover most races); nothing otherwise."""
     path = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else None
-    if path is None or fcntl is None or not Path(path).parent.is_dir():
-        yield
-        return
-    with open(f"{path}.lock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    return file_lock(path) if path is not None else contextlib.nullcontext()
 
 
 def open_study(rdb: Any, url: str, name: str, space: dict[str, list], cfg: dict[str, Any]) -> Any:

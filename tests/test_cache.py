@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from helpers import fmnist, tiny_trainer
 
@@ -75,6 +77,25 @@ def test_cache_is_reused_and_keyed_by_teacher_and_data(tmp_path: Path, small_tea
     with pytest.warns(UserWarning, match="not a readable torch file.* It is computed again"):
         run(tmp_path / "d", small_teacher_checkpoint, [recomputed])
     assert len(recomputed.hits) == 2 and torch.equal(torch.load(files[0], weights_only=True)["logits"], good["logits"])
+
+
+def test_workers_started_together_fill_the_cache_once(tmp_path: Path, small_teacher_checkpoint: Path):
+    """Sweep workers that need the same logits at once: one computes them, the others wait and read its file."""
+    dm = fmnist()
+    dm.setup("fit")
+    teacher = load_teacher(checkpoint=small_teacher_checkpoint)
+    images_seen = []
+    teacher.register_forward_hook(lambda _m, args, _o: images_seen.append(len(args[0])))
+    module = DistillModule(student(), teacher)
+    trainer = pl.Trainer(accelerator="cpu", logger=False)
+    caches = [TeacherLogitCache(str(tmp_path / "cache")) for _ in range(3)]
+    key = teacher_fingerprint(teacher) + split_fingerprint(dm.train_set)
+    with ThreadPoolExecutor(len(caches)) as pool:  # each cache opens its own lock file handle, as processes do
+        fills = [pool.submit(c._load_or_compute, key, teacher, dm.train_set, trainer, module, "train") for c in caches]
+        logits = [f.result() for f in fills]
+    assert sum(images_seen) == len(dm.train_set)  # the teacher ran over the split once
+    assert sorted(len(c.hits) for c in caches) == [0, 1, 1]
+    assert all(torch.equal(x, logits[0]) for x in logits)
 
 
 @pytest.mark.parametrize("augmentation", [{"augment": True}, {"random_erasing": 0.5}, {"mixup": {"mixup_alpha": 1.0}}])
