@@ -10,7 +10,7 @@ import copy
 import math
 from collections.abc import Mapping
 from functools import partial
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import torch
 from pytorch_lightning import LightningModule
@@ -38,6 +38,9 @@ from students.checkpoint import (
 from teachers import TeacherEnsemble, load_teachers, teacher_checkpoints
 
 __all__ = ["DistillModule", "check_resume_settings"]  # check_resume_settings lives in distill.optim
+
+#: ``torch.compile``'s modes (``compile=True`` is ``"default"``).
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
 
 
 class DistillModule(LightningModule):
@@ -75,7 +78,9 @@ class DistillModule(LightningModule):
         channels_last: store conv weights and inputs channels-last (NHWC), which tensor-core kernels prefer.
             ``None`` (default): on when training on a GPU, off on the CPU.
         compile: ``torch.compile`` the student and the teacher in place (``nn.Module.compile``: checkpoint keys
-            do not change). The first steps are slow while it compiles; a pruned student recompiles.
+            do not change). The first steps are slow while it compiles; a pruned student recompiles. ``True``
+            uses torch's default mode; a mode name picks another: ``"reduce-overhead"`` replays CUDA graphs
+            (fewer kernel launches, for small models on a GPU), ``"max-autotune"`` also searches kernels.
         mixup: mixup/cutmix of each training batch, ``timm.data.Mixup``'s arguments (``mixup_alpha``,
             ``cutmix_alpha``, ``prob``, ``switch_prob``, ...; its ``label_smoothing`` defaults to 0 here). The
             teacher sees the student's mixed images ("consistent" teaching, Beyer et al., CVPR 2022), the loss
@@ -99,7 +104,7 @@ class DistillModule(LightningModule):
         loss_spec: dict[str, Any] | None = None,
         teacher_checkpoint: str | dict[str, Any] | list[str | dict[str, Any]] | None = None,
         channels_last: bool | None = None,
-        compile: bool = False,
+        compile: bool | CompileMode = False,
         mixup: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
@@ -116,6 +121,9 @@ class DistillModule(LightningModule):
                 f"0 <= min_lr_ratio <= 1; got {', '.join(f'{k}={v}' for k, v in numbers.items())}, "
                 f"min_lr_ratio={min_lr_ratio}"
             )
+        if isinstance(compile, str) and compile not in get_args(CompileMode):
+            modes = ", ".join(get_args(CompileMode))
+            raise ValueError(f"compile must be true, false or a torch.compile mode ({modes}); got {compile!r}")
         if student is None:
             if student_spec is None:
                 raise ValueError("DistillModule needs a student (a module) or a student_spec to build one from")
@@ -195,8 +203,9 @@ class DistillModule(LightningModule):
                 continue
             if channels_last:
                 model.to(memory_format=torch.channels_last)
-            if self.hparams.get("compile") and getattr(model, "_compiled_call_impl", None) is None:
-                model.compile()
+            compile = self.hparams.get("compile")
+            if compile and getattr(model, "_compiled_call_impl", None) is None:
+                model.compile(mode=compile if isinstance(compile, str) else None)
 
     def check_data(self, datamodule: Any) -> int:
         """Load the teacher if only its checkpoint is known; run student and teacher on a dummy batch shaped

@@ -103,15 +103,25 @@ def test_channels_last_holds_through_pruning(tmp_path: Path, teacher_checkpoint:
 @pytest.mark.slow
 def test_compiled_student_and_teacher_train_like_eager(tmp_path: Path, teacher_checkpoint: Path):
     results = {}
-    for compile in (False, True):
+    for compile in (False, "reduce-overhead"):  # a mode (CUDA graphs on a GPU, the default kernels on the CPU)
         model = DistillModule(student(), load_teacher(checkpoint=teacher_checkpoint), lr=0.01, compile=compile)
         torch.manual_seed(0)
         trainer = tiny_trainer(tmp_path / str(compile), limit_train_batches=2, limit_val_batches=1)
         trainer.fit(model, datamodule=fmnist())
-        assert (model.student._compiled_call_impl is not None) == compile
+        assert (model.student._compiled_call_impl is not None) == bool(compile)
         results[compile] = (model.student.state_dict(), float(trainer.callback_metrics["train/loss"]))
-    assert results[True][0].keys() == results[False][0].keys()  # compiled in place: checkpoint keys unchanged
-    assert results[True][1] == pytest.approx(results[False][1], rel=1e-3)
+    compiled, eager = results["reduce-overhead"], results[False]
+    assert compiled[0].keys() == eager[0].keys()  # compiled in place: checkpoint keys unchanged
+    assert compiled[1] == pytest.approx(eager[1], rel=1e-3)
+
+
+def test_compile_takes_a_mode_and_refuses_an_unknown_one():
+    args = ["--config", str(ROOT / "configs" / "debug.yaml"), "--model.compile", "reduce-overhead"]
+    assert DistillCLI(args=args, run=False).model.hparams.compile == "reduce-overhead"
+    args[-1] = "true"
+    assert DistillCLI(args=args, run=False).model.hparams.compile is True
+    with pytest.raises(ValueError, match=r"torch\.compile mode .*got 'fast'"):
+        DistillModule(student(), compile="fast")
 
 
 def test_precision_defaults_to_the_device():
