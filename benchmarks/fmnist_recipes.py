@@ -41,6 +41,7 @@ def fit(recipe: str, epochs: int, args: argparse.Namespace) -> float:
     if done.returncode != 0:
         tail = "".join(log.read_text().splitlines(keepends=True)[-15:])
         raise RuntimeError(f"{recipe} failed (exit {done.returncode}); end of {log}:\n{tail}")
+    (ROOT / "runs" / "fmnist" / recipe / "finished").touch()  # every epoch ran (a killed run leaves a best.ckpt too)
     return time.time() - start
 
 

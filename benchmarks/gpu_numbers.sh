@@ -1,32 +1,77 @@
 #!/usr/bin/env bash
 # The GPU numbers of benchmarks/RESULTS.md (issues 4, 5 and 6), in stages, on one machine:
-#   bash benchmarks/gpu_numbers.sh speed    # throughput.py and latency.py
+#   bash benchmarks/gpu_numbers.sh speed    # throughput.py (eager, then compiled) and latency.py
+#   bash benchmarks/gpu_numbers.sh teacher  # the teacher alone (configs/fmnist/teacher.yaml)
 #   bash benchmarks/gpu_numbers.sh train    # the teacher, then the KD student (configs/fmnist/{teacher,kd}.yaml)
-#   bash benchmarks/gpu_numbers.sh sweep    # both temperature sweeps, 6 workers each (needs `train`)
-#   bash benchmarks/gpu_numbers.sh levers   # issue 17: each recipe lever against the KD recipe, 6 workers (needs `train`)
-#   bash benchmarks/gpu_numbers.sh losses   # issue 17: KD, DKD, logit standardisation, DIST, 6 workers (needs `train`)
-#   bash benchmarks/gpu_numbers.sh teachers # issue 17: a label-smoothed teacher and a 2-teacher ensemble (needs `train`)
-#   bash benchmarks/gpu_numbers.sh prune    # prune-distill to 100k and to 50k, side by side (needs `train`)
+#   bash benchmarks/gpu_numbers.sh sweep    # both temperature sweeps
+#   bash benchmarks/gpu_numbers.sh levers   # issue 17: each recipe lever against the KD recipe
+#   bash benchmarks/gpu_numbers.sh losses   # issue 17: KD, DKD, logit standardisation, DIST
+#   bash benchmarks/gpu_numbers.sh teachers # issue 17: a label-smoothed teacher and a 2-teacher ensemble
+#   bash benchmarks/gpu_numbers.sh prune    # prune-distill to 100k and to 50k, side by side (from `train`'s student)
 #   bash benchmarks/gpu_numbers.sh front    # prune-distill to a latency on the GPU against the width family (issue 15)
 #   bash benchmarks/gpu_numbers.sh sweep prune   # the stages in turn
-# Each stage skips what is already done (the sweeps and prune-distill resume). Logs go to runs/logs/;
-# when $OUT is set (the project's GPU tool), the tables and plots are copied there.
+# Each stage first trains the teachers (and students) it starts from, unless fmnist_recipes.py finished them, and
+# skips what is already done (the sweeps and prune-distill resume). Logs go to runs/logs/;
+# when $OUT is set (the project's GPU tool), the tables and plots are copied there. Fashion-MNIST's four
+# .gz files carried in .data/fashion-mnist/ are copied to where the data module looks (~/.cache/distill).
+# RECIPES_ARGS adds options to benchmarks/fmnist_recipes.py (wherever a stage trains a recipe); a dry run on a CPU:
+#   RECIPES_ARGS="--teacher-epochs 1 --student-epochs 1 --limit 0.01" LEVERS_OVERRIDES=... bash benchmarks/gpu_numbers.sh train levers
 set -euo pipefail
+stages="speed teacher train sweep levers losses teachers prune front"
+[ $# -gt 0 ] || { echo "usage: bash benchmarks/gpu_numbers.sh STAGE... (stages: $stages)" >&2; exit 2; }
+for stage in "$@"; do  # all checked before anything runs
+  case "$stage" in *[!a-z]* | "") known=no ;; *) case " $stages " in *" $stage "*) known=yes ;; *) known=no ;; esac ;; esac
+  [ $known = yes ] || { echo "unknown stage '$stage': choose from $stages" >&2; exit 2; }
+done
 cd "$(dirname "$0")/.."
 mkdir -p runs/logs
+if [ -d .data/fashion-mnist ]; then mkdir -p ~/.cache/distill/fashion-mnist && cp -u .data/fashion-mnist/*.gz ~/.cache/distill/fashion-mnist/; fi
 # Every process is Python-bound on the CPU: a few threads each, or parallel runs stall one another.
+# A sweep's trials are shared by WORKERS processes on the one GPU (default 6; up to one per CPU core,
+# e.g. WORKERS=15 OMP_NUM_THREADS=1 runs all 15 trials of `levers` at once on a 16-core machine).
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2} PYTHONUNBUFFERED=1
+WORKERS=${WORKERS:-6}
 distill=(python -m distill.cli)
+runs=()  # the runs started in the background, for wait_runs
+wait_runs() {  # wait for them (a failed run shows in its log and its table)
+  [ ${#runs[@]} -eq 0 ] || wait "${runs[@]}" || true
+  runs=()
+}
 collect() {  # into $OUT, named after their path: runs/fmnist/kd/x.csv -> kd_x.csv
   if [ -n "${OUT:-}" ]; then for f in "$@"; do cp "$f" "$OUT/$(echo "${f#runs/fmnist/}" | tr / _)"; done; fi
 }
-sweep_workers() {  # sweep_workers CONFIG RUN [OVERRIDES]: 6 workers share the grid; then its table
+sweep_workers() {  # sweep_workers CONFIG RUN [OVERRIDES]: $WORKERS workers share the grid
   local opts=() worker
   [ -n "${3:-}" ] && opts=(--overrides "$3")
-  for worker in 1 2 3 4 5 6; do
+  for worker in $(seq "$WORKERS"); do
     "${distill[@]}" sweep --config "configs/fmnist/$1.yaml" "${opts[@]}" >"runs/logs/$2.$worker.log" 2>&1 &
+    runs+=($!)
     sleep 1
   done
+}
+logs_tail() {  # the end of every log into $OUT (progress bars included: how far each run got, and how fast)
+  local f
+  for f in runs/logs/*.log runs/fmnist/*.log runs/fmnist/*/metrics.csv; do
+    [ -f "$f" ] && printf '== %s\n%s\n' "$f" "$(tail -c 1500 "$f" | tr '\r' '\n' | tail -n 8)"
+  done >"$OUT/logs_tail.txt" || true
+}
+# Every 30 s and at the end, so that a call stopped at its time limit still tells how far each run got.
+if [ -n "${OUT:-}" ]; then
+  (exec >/dev/null 2>&1; while sleep 30; do logs_tail; done) &
+  reporter=$!
+  trap 'kill $reporter 2>/dev/null || true; logs_tail' EXIT
+fi
+untrained() {  # the recipes among "$@" that benchmarks/fmnist_recipes.py has not finished training
+  local recipe
+  for recipe in "$@"; do [ -f "runs/fmnist/$recipe/finished" ] || echo "$recipe"; done
+}
+recipes() {  # recipes LOG TEACHERS STUDENTS: train those not trained yet (benchmarks/fmnist_recipes.py), print the table
+  local teachers students
+  # shellcheck disable=SC2086
+  teachers=$(untrained $2) students=$(untrained $3)
+  [ -z "$teachers$students" ] && return
+  # shellcheck disable=SC2086
+  python benchmarks/fmnist_recipes.py --teachers $teachers --students $students ${RECIPES_ARGS:-} 2>&1 | tee "runs/logs/$1.log"
 }
 report() {  # report RUN: the sweep's table, and its files into $OUT
   cat "runs/fmnist/$1/sweep.md" && collect "runs/fmnist/$1/sweep.csv" "runs/fmnist/$1/sweep.png"
@@ -37,39 +82,48 @@ for stage in "$@"; do
   speed)
     OMP_NUM_THREADS=4 python benchmarks/throughput.py 2>&1 | tee runs/logs/throughput.log | grep -v "^Loading\|stopped\|LitLogger\|available"
     OMP_NUM_THREADS=4 python benchmarks/latency.py 2>&1 | tee runs/logs/latency.log
-    collect runs/logs/throughput.log runs/logs/latency.log
+    # torch.compile of the project's path against the same (eager) plain loop: COMPILE_MODES, e.g. "" to skip
+    for mode in ${COMPILE_MODES-default reduce-overhead}; do
+      OMP_NUM_THREADS=4 python benchmarks/throughput.py --settings plain project --repeats 2 --compile "$mode" 2>&1 |
+        tee "runs/logs/throughput_$mode.log" | grep -v "^Loading\|stopped\|LitLogger\|available" ||
+        echo "compile=$mode failed: see runs/logs/throughput_$mode.log"
+    done
+    collect runs/logs/throughput*.log runs/logs/latency.log
     ;;
-  train)
-    # the teacher (30 epochs), then the KD student (60 epochs), and their table
-    [ -f runs/fmnist/kd/best.ckpt ] || python benchmarks/fmnist_recipes.py --teachers teacher --students kd 2>&1 | tee runs/logs/train.log
-    ;;
+  teacher) recipes teacher teacher "" ;;
+  train) recipes train teacher kd ;;  # the teacher (30 epochs), then the KD student (60 epochs)
   sweep)
     # SWEEP_OVERRIDES / SWEEP_OVERRIDES_W050 replace the configs' overrides (e.g. fewer epochs);
     # benchmarks/RESULTS.md gives the values of each recorded run.
+    recipes teacher teacher ""
     sweep_workers sweep_temperature s10 "${SWEEP_OVERRIDES:-}"
     sweep_workers sweep_temperature_w050 s05 "${SWEEP_OVERRIDES_W050:-}"
-    wait || true
+    wait_runs
     report sweep_temperature && report sweep_temperature_w050
     ;;
   levers | losses | teachers)
     # LEVERS_OVERRIDES / LOSSES_OVERRIDES / TEACHERS_OVERRIDES replace the configs' overrides (e.g. fewer epochs)
-    if [ "$stage" = teachers ]; then  # the two other teachers, side by side (30 epochs each), and their table
-      [ -f runs/fmnist/teacher_ls/best.ckpt ] && [ -f runs/fmnist/teacher_seed1/best.ckpt ] ||
-        python benchmarks/fmnist_recipes.py --teachers teacher_seed1 teacher_ls --students 2>&1 | tee runs/logs/teachers.log
+    if [ "$stage" = teachers ]; then  # the two other teachers (30 epochs each), side by side
+      recipes teachers "teacher teacher_seed1 teacher_ls" ""
+    else
+      recipes teacher teacher ""
     fi
     overrides_var="$(echo "$stage" | tr a-z A-Z)_OVERRIDES"
     sweep_workers "sweep_$stage" "$stage" "${!overrides_var:-}"
-    wait || true
+    wait_runs
     report "sweep_$stage"
     ;;
   prune)
     # PRUNE_ARGS adds options to both runs (e.g. a shorter schedule); RESULTS.md gives the recorded values.
+    recipes train teacher kd  # both start from the KD student
     # shellcheck disable=SC2086
     "${distill[@]}" prune-distill --config configs/fmnist/prune_distill.yaml ${PRUNE_ARGS:-} >runs/logs/p100.log 2>&1 &
+    runs+=($!)
     # shellcheck disable=SC2086
     "${distill[@]}" prune-distill --config configs/fmnist/prune_distill.yaml ${PRUNE_ARGS:-} --target_params 50000 \
       --run_dir runs/fmnist/prune_distill_50k >runs/logs/p50.log 2>&1 &
-    wait || true
+    runs+=($!)
+    wait_runs
     for run in prune_distill prune_distill_50k; do
       cat runs/fmnist/$run/summary.md && collect runs/fmnist/$run/rounds.csv runs/fmnist/$run/pareto.png
     done
@@ -81,6 +135,5 @@ for stage in "$@"; do
       --start-epochs 20 --out runs/fmnist/latency_front ${FRONT_ARGS:-} 2>&1 | tee runs/logs/front.log
     collect runs/logs/front.log
     ;;
-  *) echo "unknown stage $stage (speed, train, sweep, levers, losses, teachers, prune, front)" >&2; exit 2 ;;
   esac
 done

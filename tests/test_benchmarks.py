@@ -59,3 +59,15 @@ def test_timm_zoo_prints_its_table():
     assert row["model"] == "test_convnext" and row["tp alone"] == "ok" and row["reload"] == "bit-exact"
     assert row["l1"].startswith("ok, ") and row["taylor"].startswith("ok, ") and row["onnx"].startswith("ok, ")
     assert row["train"].startswith("ok, loss") and rows[-1][3:9] == ["**1/1**"] * 6
+
+
+def test_gpu_numbers_refuses_an_unknown_stage_before_running_anything(tmp_path: Path):
+    """The GPU script checks every stage first: a typo after a long stage would otherwise waste the lease."""
+    script = tmp_path / "benchmarks" / "gpu_numbers.sh"
+    script.parent.mkdir()
+    script.write_text((ROOT / "benchmarks" / "gpu_numbers.sh").read_text())
+    for stages, message in ((["teacher", "lever"], "unknown stage 'lever': choose from speed teacher"), ([], "usage")):
+        env = {"OUT": str(tmp_path), "PATH": "/usr/bin:/bin"}
+        done = subprocess.run(["bash", str(script), *stages], capture_output=True, text=True, env=env)
+        assert done.returncode == 2 and done.stderr.startswith(message) and done.stderr.count("\n") == 1
+        assert [p.name for p in tmp_path.iterdir()] == ["benchmarks"]  # no runs/, no logs, nothing trained
