@@ -22,7 +22,7 @@ import torch
 from distill.lightning_cli import default_precision
 
 ROOT = Path(__file__).resolve().parents[1]
-TEACHERS = ("teacher", "teacher_seed1", "teacher_ls")
+TEACHERS = ("teacher", "teacher_seed1", "teacher_ls", "teacher_re")
 STUDENTS = ("kd", "ensemble_kd", "student_ce")
 
 

@@ -6,7 +6,7 @@
 #   bash benchmarks/gpu_numbers.sh sweep    # both temperature sweeps
 #   bash benchmarks/gpu_numbers.sh levers   # issue 17: each recipe lever against the KD recipe
 #   bash benchmarks/gpu_numbers.sh losses   # issue 17: KD, DKD, logit standardisation, DIST
-#   bash benchmarks/gpu_numbers.sh teachers # issue 17: a label-smoothed teacher and a 2-teacher ensemble
+#   bash benchmarks/gpu_numbers.sh teachers # issue 17: label-smoothed and random-erasing teachers, a 2-teacher ensemble
 #   bash benchmarks/gpu_numbers.sh prune    # prune-distill to 100k and to 50k, side by side (from `train`'s student)
 #   bash benchmarks/gpu_numbers.sh front    # prune-distill to a latency on the GPU against the width family (issue 15)
 #   bash benchmarks/gpu_numbers.sh sweep prune   # the stages in turn
@@ -103,8 +103,8 @@ for stage in "$@"; do
     ;;
   levers | losses | teachers)
     # LEVERS_OVERRIDES / LOSSES_OVERRIDES / TEACHERS_OVERRIDES replace the configs' overrides (e.g. fewer epochs)
-    if [ "$stage" = teachers ]; then  # the two other teachers (30 epochs each), side by side
-      recipes teachers "teacher teacher_seed1 teacher_ls" ""
+    if [ "$stage" = teachers ]; then  # the other teachers (30 epochs each), side by side
+      recipes teachers "teacher teacher_seed1 teacher_ls teacher_re" ""
     else
       recipes teacher teacher ""
     fi

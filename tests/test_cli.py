@@ -56,6 +56,10 @@ def test_every_config_instantiates(config: Path, tmp_path: Path, teacher_checkpo
     if teacher is not None:
         assert isinstance(cli.model.teacher, (FrozenTeacher, TeacherEnsemble))
         assert cli.model.hparams.teacher_checkpoint
+    if config.name == "teacher_re.yaml":  # issue 17's teacher levers
+        assert cli.datamodule.random_erasing == 0.5
+    if config.name == "teacher_ls.yaml":
+        assert cli.model.loss.label_smoothing == 0.1
 
 
 VARIANTS = [(c, v) for c in JOBS for v in (yaml.safe_load(c.read_text()).get("variants") or {})]
