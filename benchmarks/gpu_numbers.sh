@@ -25,7 +25,11 @@ for stage in "$@"; do  # all checked before anything runs
 done
 cd "$(dirname "$0")/.."
 mkdir -p runs/logs
-if [ -d .data/fashion-mnist ]; then mkdir -p ~/.cache/distill/fashion-mnist && cp -u .data/fashion-mnist/*.gz ~/.cache/distill/fashion-mnist/; fi
+if [ -d .data/fashion-mnist ]; then
+  mkdir -p ~/.cache/distill/fashion-mnist && cp -u .data/fashion-mnist/*.gz ~/.cache/distill/fashion-mnist/
+elif ! ls /usr/share/datasets/fashion-mnist/*.gz ~/.cache/distill/fashion-mnist/*.gz >/dev/null 2>&1; then
+  echo "warning: no Fashion-MNIST here (carry its four .gz files in .data/fashion-mnist): runs will try to download it" >&2
+fi
 # Every process is Python-bound on the CPU: a few threads each, or parallel runs stall one another.
 # A sweep's trials are shared by WORKERS processes on the one GPU (default 6; up to one per CPU core,
 # e.g. WORKERS=15 OMP_NUM_THREADS=1 runs all 15 trials of `levers` at once on a 16-core machine).
@@ -37,8 +41,11 @@ wait_runs() {  # wait for them (a failed run shows in its log and its table)
   [ ${#runs[@]} -eq 0 ] || wait "${runs[@]}" || true
   runs=()
 }
-collect() {  # into $OUT, named after their path: runs/fmnist/kd/x.csv -> kd_x.csv
-  if [ -n "${OUT:-}" ]; then for f in "$@"; do cp "$f" "$OUT/$(echo "${f#runs/fmnist/}" | tr / _)"; done; fi
+collect() {  # into $OUT, named after their path: runs/fmnist/kd/x.csv -> kd_x.csv (a missing file is skipped)
+  local f
+  if [ -n "${OUT:-}" ]; then
+    for f in "$@"; do [ ! -f "$f" ] || cp "$f" "$OUT/$(echo "${f#runs/fmnist/}" | tr / _)"; done
+  fi
 }
 sweep_workers() {  # sweep_workers CONFIG RUN [OVERRIDES]: $WORKERS workers share the grid
   local opts=() worker
@@ -72,9 +79,11 @@ recipes() {  # recipes LOG TEACHERS STUDENTS: train those not trained yet (bench
   [ -z "$teachers$students" ] && return
   # shellcheck disable=SC2086
   python benchmarks/fmnist_recipes.py --teachers $teachers --students $students ${RECIPES_ARGS:-} 2>&1 | tee "runs/logs/$1.log"
+  collect runs/fmnist/recipes.md
 }
 report() {  # report RUN: the sweep's table, and its files into $OUT
-  cat "runs/fmnist/$1/sweep.md" && collect "runs/fmnist/$1/sweep.csv" "runs/fmnist/$1/sweep.png"
+  if [ -f "runs/fmnist/$1/sweep.md" ]; then cat "runs/fmnist/$1/sweep.md"; else echo "no table: see runs/logs/"; fi
+  collect "runs/fmnist/$1/sweep.csv" "runs/fmnist/$1/sweep.png"
 }
 
 for stage in "$@"; do
@@ -102,7 +111,8 @@ for stage in "$@"; do
     report sweep_temperature && report sweep_temperature_w050
     ;;
   levers | losses | teachers)
-    # LEVERS_OVERRIDES / LOSSES_OVERRIDES / TEACHERS_OVERRIDES replace the configs' overrides (e.g. fewer epochs)
+    # LEVERS_OVERRIDES / LOSSES_OVERRIDES / TEACHERS_OVERRIDES replace the configs' overrides (e.g. fewer epochs;
+    # repeat the others: sweep_losses.yaml's `data: {init_args: {augment: false}}` keeps the teacher's logits cached)
     if [ "$stage" = teachers ]; then  # the other teachers (30 epochs each), side by side
       recipes teachers "teacher teacher_seed1 teacher_ls teacher_re" ""
     else
@@ -125,7 +135,8 @@ for stage in "$@"; do
     runs+=($!)
     wait_runs
     for run in prune_distill prune_distill_50k; do
-      cat runs/fmnist/$run/summary.md && collect runs/fmnist/$run/rounds.csv runs/fmnist/$run/pareto.png
+      cat runs/fmnist/$run/summary.md || echo "no summary: see runs/logs/"
+      collect runs/fmnist/$run/rounds.csv runs/fmnist/$run/pareto.png
     done
     ;;
   front)
