@@ -133,6 +133,22 @@ def _key(params: dict[str, Any], space: dict[str, list]) -> tuple:
     return tuple(params.get(name) for name in sorted(space))
 
 
+def _trial_key(trial: Any, sampler: Any, space: dict[str, list]) -> tuple | None:
+    """The grid point a trial trains, known from its creation: a running trial's parameters are recorded only
+    when its objective asks for them, so another worker that looked in between took the point as free and
+    trained it too. Before that, the point is the one queued with it (``fixed_params``) or the one
+    ``GridSampler`` gave it (``grid_id``, an index into its shuffled grid)."""
+    if all(name in trial.params for name in space):
+        return _key(trial.params, space)
+    fixed = trial.system_attrs.get("fixed_params")
+    if fixed is not None:
+        return _key(fixed, space)
+    grid_id = trial.system_attrs.get("grid_id")
+    if grid_id is not None and hasattr(sampler, "_all_grids"):
+        return _key(dict(zip(sampler._param_names, sampler._all_grids[grid_id], strict=True)), space)
+    return None
+
+
 def _points(space: dict[str, list]) -> list[dict[str, Any]]:
     names = sorted(space)
     return [dict(zip(names, values, strict=True)) for values in itertools.product(*(space[n] for n in names))]
@@ -146,8 +162,11 @@ def work(
     from optuna.storages import fail_stale_trials
     from optuna.trial import TrialState
 
+    def point_of(t: Any) -> tuple | None:
+        return _trial_key(t, study.sampler, space)
+
     def states(point: dict[str, Any]) -> set:
-        return {t.state for t in study.get_trials(deepcopy=False) if _key(t.params, space) == _key(point, space)}
+        return {t.state for t in study.get_trials(deepcopy=False) if point_of(t) == _key(point, space)}
 
     with warnings.catch_warnings():  # a killed worker's trial: failed and queued again by the storage callback
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -158,16 +177,14 @@ def work(
             study.enqueue_trial(point)
 
     def left_to_start() -> bool:
-        taken = {
-            _key(t.params, space)
-            for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
-        }
+        started = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+        taken = {point_of(t) for t in started}
         return any(_key(p, space) not in taken for p in _points(space))
 
     def objective(trial: Any) -> float:
         params = {name: trial.suggest_categorical(name, values) for name, values in space.items()}
         for other in study.get_trials(deepcopy=False):
-            if other.number == trial.number or _key(other.params, space) != _key(params, space):
+            if other.number == trial.number or point_of(other) != _key(params, space):
                 continue
             if other.state == TrialState.COMPLETE or (
                 other.state == TrialState.RUNNING and other.number < trial.number

@@ -21,6 +21,8 @@ from helpers import start_distill, tiny_kd_recipe
 
 from distill.cli import main
 from distill.module import DistillModule
+from distill.recipes import FitResult
+from distill.study import open_storage, open_study, work
 from distill.sweep import sweep
 
 ROOT = Path(__file__).parents[1]
@@ -195,6 +197,25 @@ def test_two_workers_train_each_grid_point_once(tmp_path: Path, small_teacher_ch
     assert all("Written:" in log for log in logs)
     with open(run_dir / "sweep.csv") as f:
         assert len(list(csv.DictReader(f))) == 4
+
+
+def test_a_point_another_worker_just_took_is_not_trained_again(tmp_path: Path):
+    """Another worker has started a trial but not yet asked for its parameters (they are recorded then): its
+    grid point is taken all the same. Before, this worker trained both points (a CI run caught it)."""
+    space = {"seed": [0], "temperature": [1.0, 2.0]}
+    url = f"sqlite:///{tmp_path / 'sweep.db'}"
+    study = open_study(open_storage(url, heartbeat_interval=30), url, "sweep", space, {})
+    other = study.ask()  # the other worker's trial, between its creation and its first suggest_* call
+    assert other.params == {} and other.number == 0
+    trained = []
+
+    def run(params: dict) -> FitResult:
+        trained.append(params["temperature"])
+        return FitResult("best.ckpt", 0.5, 0.5, None, 1, 1, 0.0, "studentnet")
+
+    work(study, space, run, max_trials=None)
+    taken = other.suggest_categorical("temperature", space["temperature"])  # the point the other worker trains
+    assert trained == [t for t in space["temperature"] if t != taken]
 
 
 @pytest.mark.slow
