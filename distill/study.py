@@ -239,7 +239,7 @@ def missing_points(study: Any, space: dict[str, list], kind: str, running_only: 
     trials = study.get_trials(deepcopy=False)
     missing = []
     for point in _points(space):
-        mine = [t for t in trials if _key(t.params, space) == _key(point, space)]
+        mine = [t for t in trials if _trial_key(t, study.sampler, space) == _key(point, space)]
         if any(t.state == TrialState.COMPLETE for t in mine):
             continue
         running = [t.number for t in mine if t.state == TrialState.RUNNING]

@@ -22,7 +22,7 @@ from helpers import start_distill, tiny_kd_recipe
 from distill.cli import main
 from distill.module import DistillModule
 from distill.recipes import FitResult
-from distill.study import open_storage, open_study, work
+from distill.study import missing_points, open_storage, open_study, work
 from distill.sweep import sweep
 
 ROOT = Path(__file__).parents[1]
@@ -214,6 +214,7 @@ def test_a_point_another_worker_just_took_is_not_trained_again(tmp_path: Path):
         return FitResult("best.ckpt", 0.5, 0.5, None, 1, 1, 0.0, "studentnet")
 
     work(study, space, run, max_trials=None)
+    assert missing_points(study, space, "kd", running_only=True)  # the worker waits for it, not "incomplete"
     taken = other.suggest_categorical("temperature", space["temperature"])  # the point the other worker trains
     assert trained == [t for t in space["temperature"] if t != taken]
 
