@@ -31,6 +31,7 @@ import statistics
 import tempfile
 import time
 import warnings
+from typing import get_args
 
 import pytorch_lightning as pl
 import torch
@@ -40,6 +41,7 @@ from distill import DistillModule, KDLoss
 from distill.cache import TeacherLogitCache
 from distill.data import FashionMNISTDataModule, random_crop, random_hflip
 from distill.lightning_cli import default_precision
+from distill.module import CompileMode
 from distill.optim import lr_factor
 from students import StudentNet, create_student
 from teachers import FrozenTeacher, load_teacher
@@ -191,6 +193,7 @@ def main() -> None:
         nargs="?",
         const=True,
         default=False,
+        choices=[True, *get_args(CompileMode)],
         help="torch.compile student and teacher in the project runs; a mode may follow (reduce-overhead: CUDA graphs)",
     )
     parser.add_argument("--data-root", default=None)
