@@ -20,8 +20,7 @@ set -euo pipefail
 stages="speed teacher train sweep levers losses teachers prune front"
 [ $# -gt 0 ] || { echo "usage: bash benchmarks/gpu_numbers.sh STAGE... (stages: $stages)" >&2; exit 2; }
 for stage in "$@"; do  # all checked before anything runs
-  case "$stage" in *[!a-z]* | "") known=no ;; *) case " $stages " in *" $stage "*) known=yes ;; *) known=no ;; esac ;; esac
-  [ $known = yes ] || { echo "unknown stage '$stage': choose from $stages" >&2; exit 2; }
+  [[ $stage =~ ^[a-z]+$ && " $stages " == *" $stage "* ]] || { echo "unknown stage '$stage': choose from $stages" >&2; exit 2; }
 done
 cd "$(dirname "$0")/.."
 mkdir -p runs/logs
