@@ -14,6 +14,8 @@
 # skips what is already done (the sweeps and prune-distill resume). Logs go to runs/logs/;
 # when $OUT is set (the project's GPU tool), the tables and plots are copied there. Fashion-MNIST's four
 # .gz files carried in .data/fashion-mnist/ are copied to where the data module looks (~/.cache/distill).
+# A teacher or KD student trained here goes into $OUT in parts (benchmarks/carry.py); copied into .data/carry/ and
+# carried with the next call, it is unpacked first, and that call starts from it instead of training it again.
 # RECIPES_ARGS adds options to benchmarks/fmnist_recipes.py (wherever a stage trains a recipe); a dry run on a CPU:
 #   RECIPES_ARGS="--teacher-epochs 1 --student-epochs 1 --limit 0.01" LEVERS_OVERRIDES=... bash benchmarks/gpu_numbers.sh train levers
 set -euo pipefail
@@ -28,6 +30,9 @@ if [ -d .data/fashion-mnist ]; then
   mkdir -p ~/.cache/distill/fashion-mnist && cp -u .data/fashion-mnist/*.gz ~/.cache/distill/fashion-mnist/
 elif ! ls /usr/share/datasets/fashion-mnist/*.gz ~/.cache/distill/fashion-mnist/*.gz >/dev/null 2>&1; then
   echo "warning: no Fashion-MNIST here (carry its four .gz files in .data/fashion-mnist): runs will try to download it" >&2
+fi
+if [ -d .data/carry ]; then  # recipes an earlier call trained: its teacher (and student), not trained again
+  python benchmarks/carry.py unpack .data/carry
 fi
 # Every process is Python-bound on the CPU: a few threads each, or parallel runs stall one another.
 # A sweep's trials are shared by WORKERS processes on the one GPU (default 6; up to one per CPU core,
@@ -79,6 +84,18 @@ recipes() {  # recipes LOG TEACHERS STUDENTS: train those not trained yet (bench
   # shellcheck disable=SC2086
   python benchmarks/fmnist_recipes.py --teachers $teachers --students $students ${RECIPES_ARGS:-} 2>&1 | tee "runs/logs/$1.log"
   collect runs/fmnist/recipes.md
+  # shellcheck disable=SC2086
+  carry_out $teachers $students
+}
+carry_out() {  # carry_out RECIPE...: the teacher and the KD student among them into $OUT, for the next call
+  local recipe
+  [ -n "${OUT:-}" ] || return 0
+  for recipe in "$@"; do
+    case $recipe in  # the teacher's 45 MB of float32 weights: in float16, two parts; the student's 1 MB: as it is
+    teacher) python benchmarks/carry.py pack "$OUT" teacher --half ;;
+    kd) python benchmarks/carry.py pack "$OUT" kd ;;
+    esac
+  done
 }
 report() {  # report RUN: the sweep's table, and its files into $OUT
   if [ -f "runs/fmnist/$1/sweep.md" ]; then cat "runs/fmnist/$1/sweep.md"; else echo "no table: see runs/logs/"; fi

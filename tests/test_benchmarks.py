@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import ast
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
+from helpers import fmnist
 
 from distill.profile import count_macs, count_params
 from students import StudentNet
+from students.checkpoint import read_checkpoint
+from teachers import load_teacher
 
 ROOT = Path(__file__).parents[1]
 
@@ -71,3 +75,60 @@ def test_gpu_numbers_refuses_an_unknown_stage_before_running_anything(tmp_path: 
         done = subprocess.run(["bash", str(script), *stages], capture_output=True, text=True, env=env)
         assert done.returncode == 2 and done.stderr.startswith(message) and done.stderr.count("\n") == 1
         assert [p.name for p in tmp_path.iterdir()] == ["benchmarks"]  # no runs/, no logs, nothing trained
+
+
+def carry(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "benchmarks/carry.py", *args], capture_output=True, text=True, cwd=ROOT)
+
+
+def test_carry_brings_a_teacher_to_the_next_gpu_call_in_parts_and_refuses_an_incomplete_set(
+    teacher_checkpoint: Path, tmp_path: Path
+):
+    """gpu_numbers.sh packs the trained teacher into $OUT (8 files of 16 MiB come back), the next call unpacks it."""
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    (runs / "teacher").mkdir(parents=True)
+    (runs / "teacher" / "best.ckpt").write_bytes(teacher_checkpoint.read_bytes())
+    refused = carry("--runs", str(runs), "pack", str(out), "teacher")
+    assert refused.returncode != 0 and refused.stderr.strip().endswith("is missing): train it first")
+    assert not out.exists()  # a killed run's checkpoint is not carried as done
+
+    (runs / "teacher" / "finished").touch()
+    part_mib = teacher_checkpoint.stat().st_size / 2**20 / 10  # packed: a third of the weights, half of their bytes
+    done = carry("--runs", str(runs), "pack", str(out), "teacher", "--half", "--part-mib", str(part_mib))
+    assert done.returncode == 0, done.stderr
+    parts = sorted(p.name for p in out.iterdir())
+    n = len(parts)
+    assert n >= 2 and parts == [f"teacher.ckpt.{i}-of-{n}" for i in range(1, n + 1)]
+    assert all((out / p).stat().st_size <= part_mib * 2**20 for p in parts)
+
+    for broken, message in (("missing", "not 1 to"), ("truncated", "do not make a checkpoint")):
+        folder = tmp_path / broken
+        shutil.copytree(out, folder)
+        last = folder / parts[-1]
+        if broken == "missing":
+            last.unlink()
+        else:
+            last.write_bytes(last.read_bytes()[:-100])
+        failed = carry("--runs", str(tmp_path / "next"), "unpack", str(folder))
+        assert failed.returncode == 1 and message in failed.stderr and failed.stderr.count("\n") == 1, failed.stderr
+        assert not (tmp_path / "next").exists()  # nothing written
+
+    done = carry("--runs", str(tmp_path / "next"), "unpack", str(out))
+    assert done.returncode == 0 and "unpacked teacher" in done.stdout, done.stderr
+    carried = tmp_path / "next" / "teacher" / "best.ckpt"
+    assert (tmp_path / "next" / "teacher" / "finished").is_file()
+    before, after = read_checkpoint(teacher_checkpoint), read_checkpoint(carried)
+    assert "optimizer_states" in before and set(after) == set(before) - {"optimizer_states", "lr_schedulers"}
+    assert after["epoch"] == before["epoch"] and after["hyper_parameters"] == before["hyper_parameters"]
+    assert {k for k, v in after["state_dict"].items() if v.dtype == torch.float16} == {
+        k for k, v in before["state_dict"].items() if v.is_floating_point() and v.dim() >= 2
+    }  # convolutions and the classifier halved; BatchNorm and biases kept in float32
+
+    data = fmnist(batch_size=256)
+    data.setup("test")
+    x = next(iter(data.test_dataloader()))[0]
+    with torch.no_grad():
+        full, half = load_teacher(checkpoint=teacher_checkpoint)(x), load_teacher(checkpoint=carried)(x)
+    assert (full - half).abs().max() < 1e-2 * full.abs().max()
+    assert (full.argmax(1) == half.argmax(1)).float().mean() >= 0.99
+    assert carry("--runs", str(tmp_path / "next"), "unpack", str(out)).stdout.startswith("unpacked nothing")

@@ -1,0 +1,145 @@
+"""Carry finished recipes from one GPU call to the next, in files small enough to come back from ``$OUT``.
+
+A GPU call starts on a bare machine and sends back at most 8 files of at most 16 MiB each (the project's
+device tool, ``/work/.library/device/README.md``). The teacher's ``best.ckpt`` (45 MB of float32 weights, twice
+that with its optimizer state) did not come back, so every call trained the teacher again, about 2.5 of a
+session's 15 minutes, and each session's students learned from a different teacher.
+
+``pack`` writes a finished recipe's ``best.ckpt`` without what only resuming its training needs (optimizer and
+scheduler states; its epoch, best score and hyper-parameters stay), with ``--half`` its weight matrices and
+kernels in float16 (the GPU runs them in bfloat16, which keeps fewer mantissa bits), in parts named
+``<recipe>.ckpt.<i>-of-<n>``. ``unpack`` joins a folder's parts back into ``runs/fmnist/<recipe>/best.ckpt``
+and marks the recipe finished, so ``benchmarks/gpu_numbers.sh`` does not train it again; it checks every
+recipe's parts first and writes nothing if any is missing or unreadable.
+
+    python benchmarks/carry.py pack "$OUT" teacher --half    # on the GPU machine: gpu_numbers.sh does it
+    cp <the call's files_at>/*.ckpt.*-of-* .data/carry/       # here, then carry .data with the next call
+    python benchmarks/carry.py unpack .data/carry             # there: gpu_numbers.sh does it first
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import math
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from students.checkpoint import read_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+#: What only resuming a fit needs: dropped by ``pack``.
+RESUME_ONLY = ("optimizer_states", "lr_schedulers")
+#: Below the device tool's 16 MiB per returned file.
+PART_MIB = 15
+_PART = re.compile(r"(?P<recipe>[A-Za-z0-9_]+)\.ckpt\.(?P<i>[0-9]+)-of-(?P<n>[0-9]+)")
+
+
+def packed_bytes(checkpoint: dict, half: bool) -> bytes:
+    """``checkpoint`` without :data:`RESUME_ONLY`, with ``half`` its floating tensors of 2+ dimensions in float16."""
+    slim = {k: v for k, v in checkpoint.items() if k not in RESUME_ONLY}
+    if half:
+        slim["state_dict"] = {
+            k: v.half() if v.is_floating_point() and v.dim() >= 2 else v for k, v in slim["state_dict"].items()
+        }
+    buffer = io.BytesIO()
+    torch.save(slim, buffer)
+    return buffer.getvalue()
+
+
+def pack(out: Path, recipes: list[str], half: bool, runs: Path, part_mib: float = PART_MIB) -> list[Path]:
+    """Write each finished recipe's checkpoint into ``out`` as parts of at most ``part_mib`` MiB."""
+    for recipe in recipes:
+        if not (runs / recipe / "finished").is_file():
+            raise SystemExit(f"{recipe} is not finished ({runs / recipe / 'finished'} is missing): train it first")
+    size = int(part_mib * 2**20)
+    written = []
+    out.mkdir(parents=True, exist_ok=True)
+    for recipe in recipes:
+        data = packed_bytes(read_checkpoint(runs / recipe / "best.ckpt"), half)
+        for old in out.glob(f"{recipe}.ckpt.*-of-*"):
+            old.unlink()
+        n = math.ceil(len(data) / size)
+        for i in range(n):
+            path = out / f"{recipe}.ckpt.{i + 1}-of-{n}"
+            path.write_bytes(data[i * size : (i + 1) * size])
+            written.append(path)
+    return written
+
+
+def _groups(folder: Path) -> dict[str, list[Path]]:
+    """The parts in ``folder`` by recipe, in order; refuses a recipe with a part missing or of another count."""
+    found: dict[str, dict[int, Path]] = {}
+    counts: dict[str, set[int]] = {}
+    for path in folder.iterdir():
+        match = _PART.fullmatch(path.name)
+        if match:
+            found.setdefault(match["recipe"], {})[int(match["i"])] = path
+            counts.setdefault(match["recipe"], set()).add(int(match["n"]))
+    groups = {}
+    for recipe, parts in sorted(found.items()):
+        n = max(counts[recipe])
+        missing = [i for i in range(1, n + 1) if i not in parts]
+        if missing or len(counts[recipe]) > 1 or len(parts) != n:
+            raise SystemExit(
+                f"{folder}: {recipe}.ckpt has parts {sorted(parts)} of {sorted(counts[recipe])}, not 1 to {n} of one "
+                f"packing: copy all the parts one call returned, and only those"
+            )
+        groups[recipe] = [parts[i] for i in range(1, n + 1)]
+    return groups
+
+
+def unpack(folder: Path, runs: Path) -> list[str]:
+    """Join the parts in ``folder`` into ``runs/<recipe>/best.ckpt`` of every recipe not finished there yet."""
+    if not folder.is_dir():
+        raise SystemExit(f"{folder} is not a folder of packed parts")
+    joined = {}
+    for recipe, parts in _groups(folder).items():
+        if (runs / recipe / "finished").is_file():
+            continue  # trained or unpacked on this machine already: kept
+        data = b"".join(p.read_bytes() for p in parts)
+        with tempfile.NamedTemporaryFile(suffix=".ckpt") as check:
+            check.write(data)
+            check.flush()
+            try:
+                if "state_dict" not in read_checkpoint(check.name):
+                    raise ValueError("it holds no state_dict")
+            except ValueError as err:
+                raise SystemExit(f"{folder}: the parts of {recipe}.ckpt do not make a checkpoint: {err}") from None
+        joined[recipe] = data
+    for recipe, data in joined.items():  # all checked: now write
+        run = runs / recipe
+        run.mkdir(parents=True, exist_ok=True)
+        tmp = run / "best.ckpt.unpacking"
+        tmp.write_bytes(data)
+        tmp.replace(run / "best.ckpt")
+        (run / "finished").touch()
+    return list(joined)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "fmnist", help="where the recipes' runs are")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("pack", help="write finished recipes' checkpoints into OUT, in parts")
+    p.add_argument("out", type=Path)
+    p.add_argument("recipes", nargs="+", help="e.g. teacher kd (each must be finished: runs/fmnist/<recipe>/finished)")
+    p.add_argument("--half", action="store_true", help="weights of 2+ dimensions in float16 (the teacher: 22 MB)")
+    p.add_argument("--part-mib", type=float, default=PART_MIB, help=f"largest part, MiB (default {PART_MIB})")
+    u = sub.add_parser("unpack", help="join the parts in FOLDER into runs/fmnist/<recipe>/best.ckpt")
+    u.add_argument("folder", type=Path)
+    args = parser.parse_args(argv)
+    if args.command == "pack":
+        for path in pack(args.out, args.recipes, args.half, args.runs, args.part_mib):
+            print(f"packed {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    else:
+        recipes = unpack(args.folder, args.runs)
+        print(f"unpacked {', '.join(recipes) or 'nothing (every recipe there is finished here)'} into {args.runs}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
