@@ -71,6 +71,37 @@ def pack(out: Path, recipes: list[str], half: bool, runs: Path, part_mib: float 
     return written
 
 
+def compare(original: Path, carried: Path) -> str:
+    """How far the carried checkpoint's predictions are from the original's on the test split, beside how far the
+    original's own move under bfloat16 autocast (how the GPU runs the teacher)."""
+    from distill.data import FashionMNISTDataModule
+    from teachers import load_teacher
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    data = FashionMNISTDataModule(batch_size=1000)
+    data.setup("test")
+    models = [load_teacher(checkpoint=path).to(device) for path in (original, carried)]
+    logits: list[list[torch.Tensor]] = [[], [], []]
+    labels = []
+    with torch.no_grad():
+        for x, y, *_ in data.test_dataloader():
+            x = x.to(device)
+            logits[0].append(models[0](x).float())
+            logits[1].append(models[1](x).float())
+            with torch.autocast(device, dtype=torch.bfloat16):
+                logits[2].append(models[0](x).float())
+            labels.append(y.to(device))
+    (full, half, bf16), y = (torch.cat(z) for z in logits), torch.cat(labels)
+    differ = [int((z.argmax(1) != full.argmax(1)).sum()) for z in (half, bf16)]
+    gaps = [float((z - full).abs().max()) for z in (half, bf16)]
+    return (
+        f"{len(y)} test images: accuracy {float((full.argmax(1) == y).float().mean()):.4f} as trained, "
+        f"{float((half.argmax(1) == y).float().mean()):.4f} carried; {differ[0]} predictions differ, logits at most "
+        f"{gaps[0]:.1e} apart (up to {float(full.abs().max()):.1f}); under bfloat16 autocast ({device}) "
+        f"{differ[1]} differ, {gaps[1]:.1e} apart"
+    )
+
+
 def _groups(folder: Path) -> dict[str, list[Path]]:
     """The parts in ``folder`` by recipe, in order; refuses a recipe with a part missing or of another count."""
     found: dict[str, dict[int, Path]] = {}
@@ -93,13 +124,14 @@ def _groups(folder: Path) -> dict[str, list[Path]]:
     return groups
 
 
-def unpack(folder: Path, runs: Path) -> list[str]:
-    """Join the parts in ``folder`` into ``runs/<recipe>/best.ckpt`` of every recipe not finished there yet."""
+def unpack(folder: Path, runs: Path, only: str | None = None) -> list[str]:
+    """Join the parts in ``folder`` into ``runs/<recipe>/best.ckpt`` of every recipe (or ``only`` one) not finished
+    there yet."""
     if not folder.is_dir():
         raise SystemExit(f"{folder} is not a folder of packed parts")
     joined = {}
     for recipe, parts in _groups(folder).items():
-        if (runs / recipe / "finished").is_file():
+        if (runs / recipe / "finished").is_file() or only not in (None, recipe):
             continue  # trained or unpacked on this machine already: kept
         data = b"".join(p.read_bytes() for p in parts)
         with tempfile.NamedTemporaryFile(suffix=".ckpt") as check:
@@ -130,12 +162,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("recipes", nargs="+", help="e.g. teacher kd (each must be finished: runs/fmnist/<recipe>/finished)")
     p.add_argument("--half", action="store_true", help="weights of 2+ dimensions in float16 (the teacher: 22 MB)")
     p.add_argument("--part-mib", type=float, default=PART_MIB, help=f"largest part, MiB (default {PART_MIB})")
+    p.add_argument("--check", action="store_true", help="compare the packed teacher with it on the test split")
     u = sub.add_parser("unpack", help="join the parts in FOLDER into runs/fmnist/<recipe>/best.ckpt")
     u.add_argument("folder", type=Path)
     args = parser.parse_args(argv)
     if args.command == "pack":
         for path in pack(args.out, args.recipes, args.half, args.runs, args.part_mib):
             print(f"packed {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+        for recipe in args.recipes if args.check else []:
+            with tempfile.TemporaryDirectory() as tmp:
+                unpack(args.out, Path(tmp), only=recipe)
+                print(f"{recipe}: {compare(args.runs / recipe / 'best.ckpt', Path(tmp) / recipe / 'best.ckpt')}")
     else:
         recipes = unpack(args.folder, args.runs)
         print(f"unpacked {', '.join(recipes) or 'nothing (every recipe there is finished here)'} into {args.runs}")

@@ -91,9 +91,11 @@ carry_out() {  # carry_out RECIPE...: the teacher and the KD student among them 
   local recipe
   [ -n "${OUT:-}" ] || return 0
   for recipe in "$@"; do
-    case $recipe in  # the teacher's 45 MB of float32 weights: in float16, two parts; the student's 1 MB: as it is
-    teacher) python benchmarks/carry.py pack "$OUT" teacher --half ;;
-    kd) python benchmarks/carry.py pack "$OUT" kd ;;
+    # the teacher's 45 MB of float32 weights in float16, 2 parts (--check: how much that changes its predictions);
+    # the student's 1 MB as it is
+    case $recipe in
+    teacher) python benchmarks/carry.py pack "$OUT" teacher --half --check 2>&1 | tee -a runs/logs/carry.log ;;
+    kd) python benchmarks/carry.py pack "$OUT" kd 2>&1 | tee -a runs/logs/carry.log ;;
     esac
   done
 }
