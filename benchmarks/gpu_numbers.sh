@@ -28,7 +28,7 @@ cd "$(dirname "$0")/.."
 mkdir -p runs/logs
 if [ -d .data/fashion-mnist ]; then
   mkdir -p ~/.cache/distill/fashion-mnist && cp -u .data/fashion-mnist/*.gz ~/.cache/distill/fashion-mnist/
-elif ! ls /usr/share/datasets/fashion-mnist/*.gz ~/.cache/distill/fashion-mnist/*.gz >/dev/null 2>&1; then
+elif [ -z "$(ls /usr/share/datasets/fashion-mnist/*.gz ~/.cache/distill/fashion-mnist/*.gz 2>/dev/null)" ]; then
   echo "warning: no Fashion-MNIST here (carry its four .gz files in .data/fashion-mnist): runs will try to download it" >&2
 fi
 if [ -d .data/carry ]; then  # recipes an earlier call trained: its teacher (and student), not trained again
