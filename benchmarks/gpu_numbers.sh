@@ -7,6 +7,7 @@
 #   bash benchmarks/gpu_numbers.sh levers   # issue 17: each recipe lever against the KD recipe
 #   bash benchmarks/gpu_numbers.sh losses   # issue 17: KD, DKD, logit standardisation, DIST
 #   bash benchmarks/gpu_numbers.sh teachers # issue 17: label-smoothed and random-erasing teachers, a 2-teacher ensemble
+#   bash benchmarks/gpu_numbers.sh small    # issue 17: StudentNet at 100k and 50k parameters, with 3 pools and with 2
 #   bash benchmarks/gpu_numbers.sh prune    # prune-distill to 100k and to 50k, side by side (from `train`'s student)
 #   bash benchmarks/gpu_numbers.sh front    # prune-distill to a latency on the GPU against the width family (issue 15)
 #   bash benchmarks/gpu_numbers.sh sweep prune   # the stages in turn
@@ -19,7 +20,7 @@
 # RECIPES_ARGS adds options to benchmarks/fmnist_recipes.py (wherever a stage trains a recipe); a dry run on a CPU:
 #   RECIPES_ARGS="--teacher-epochs 1 --student-epochs 1 --limit 0.01" LEVERS_OVERRIDES=... bash benchmarks/gpu_numbers.sh train levers
 set -euo pipefail
-stages="speed teacher train sweep levers losses teachers prune front"
+stages="speed teacher train sweep levers losses teachers small prune front"
 [ $# -gt 0 ] || { echo "usage: bash benchmarks/gpu_numbers.sh STAGE... (stages: $stages)" >&2; exit 2; }
 for stage in "$@"; do  # all checked before anything runs
   [[ $stage =~ ^[a-z]+$ && " $stages " == *" $stage "* ]] || { echo "unknown stage '$stage': choose from $stages" >&2; exit 2; }
@@ -128,8 +129,8 @@ for stage in "$@"; do
     wait_runs
     report sweep_temperature && report sweep_temperature_w050
     ;;
-  levers | losses | teachers)
-    # LEVERS_OVERRIDES / LOSSES_OVERRIDES / TEACHERS_OVERRIDES replace the configs' overrides (e.g. fewer epochs;
+  levers | losses | teachers | small)
+    # LEVERS_OVERRIDES / LOSSES_OVERRIDES / TEACHERS_OVERRIDES / SMALL_OVERRIDES replace the configs' overrides (e.g. fewer epochs;
     # repeat the others: sweep_losses.yaml's `data: {init_args: {augment: false}}` keeps the teacher's logits cached)
     if [ "$stage" = teachers ]; then  # the other teachers (30 epochs each), side by side
       recipes teachers "teacher teacher_seed1 teacher_ls teacher_re" ""

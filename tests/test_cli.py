@@ -16,7 +16,7 @@ from distill import DistillModule
 from distill.cli import main
 from distill.lightning_cli import DistillCLI
 from distill.recipes import load_recipe, merge
-from students import load_student
+from students import load_student, width_for_params
 from teachers import FrozenTeacher, TeacherEnsemble
 
 ROOT = Path(__file__).parents[1]
@@ -81,6 +81,13 @@ def test_every_sweep_variant_instantiates(config: Path, variant: str, tmp_path: 
         assert cli.model.mixer is not None
     if variant in ("erasing", "all"):
         assert cli.datamodule.random_erasing > 0
+    if config.name == "sweep_small.yaml":  # the widest StudentNet within each budget of issue 17's targets
+        budget = {"p100k": 100_000, "p50k": 50_000}[variant.split("_")[0]]
+        student = cli.model.student
+        assert student.num_pools == (2 if variant.endswith("pools2") else 3)
+        assert sum(p.numel() for p in student.parameters()) <= budget
+        width = job["variants"][variant]["model"]["student"]["init_args"]["width_mult"]
+        assert width == width_for_params(budget, num_classes=10, in_chans=1)
     if variant == "ensemble":  # another class_path replaces the recipe's teacher
         assert isinstance(cli.model.teacher, TeacherEnsemble) and len(cli.model.teacher.teachers) == 2
 
