@@ -8,9 +8,10 @@ session's 15 minutes, and each session's students learned from a different teach
 ``pack`` writes a finished recipe's ``best.ckpt`` without what only resuming its training needs (optimizer and
 scheduler states; its epoch, best score and hyper-parameters stay), with ``--half`` its weight matrices and
 kernels in float16 (the GPU runs them in bfloat16, which keeps fewer mantissa bits), in parts named
-``<recipe>.ckpt.<i>-of-<n>``. ``unpack`` joins a folder's parts back into ``runs/fmnist/<recipe>/best.ckpt``
-and marks the recipe finished, so ``benchmarks/gpu_numbers.sh`` does not train it again; it checks every
-recipe's parts first and writes nothing if any is missing or unreadable.
+``<recipe>.ckpt.<hash>.<i>-of-<n>`` (the hash: 8 hex digits of the packed file's SHA-256). ``unpack`` joins a
+folder's parts back into ``runs/fmnist/<recipe>/best.ckpt`` and marks the recipe finished, so
+``benchmarks/gpu_numbers.sh`` does not train it again. It checks every recipe first (all its parts, of one
+packing, joined into the file packed, a checkpoint) and writes nothing if any fails.
 
     python benchmarks/carry.py pack "$OUT" teacher --half    # on the GPU machine: gpu_numbers.sh does it
     cp <the call's files_at>/*.ckpt.*-of-* .data/carry/       # here, then carry .data with the next call
@@ -20,6 +21,7 @@ recipe's parts first and writes nothing if any is missing or unreadable.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import math
 import re
@@ -36,7 +38,8 @@ ROOT = Path(__file__).resolve().parents[1]
 RESUME_ONLY = ("optimizer_states", "lr_schedulers")
 #: Below the device tool's 16 MiB per returned file.
 PART_MIB = 15
-_PART = re.compile(r"(?P<recipe>[A-Za-z0-9_]+)\.ckpt\.(?P<i>[0-9]+)-of-(?P<n>[0-9]+)")
+_RECIPE = re.compile(r"[A-Za-z0-9_]+")
+_PART = re.compile(r"(?P<recipe>[A-Za-z0-9_]+)\.ckpt\.(?P<hash>[0-9a-f]{8})\.(?P<i>[0-9]+)-of-(?P<n>[0-9]+)")
 
 
 def packed_bytes(checkpoint: dict, half: bool) -> bytes:
@@ -54,6 +57,8 @@ def packed_bytes(checkpoint: dict, half: bool) -> bytes:
 def pack(out: Path, recipes: list[str], half: bool, runs: Path, part_mib: float = PART_MIB) -> list[Path]:
     """Write each finished recipe's checkpoint into ``out`` as parts of at most ``part_mib`` MiB."""
     for recipe in recipes:
+        if not _RECIPE.fullmatch(recipe):
+            raise SystemExit(f"recipe names are letters, digits and '_' (they name the parts), got {recipe!r}")
         if not (runs / recipe / "finished").is_file():
             raise SystemExit(f"{recipe} is not finished ({runs / recipe / 'finished'} is missing): train it first")
     size = int(part_mib * 2**20)
@@ -63,9 +68,9 @@ def pack(out: Path, recipes: list[str], half: bool, runs: Path, part_mib: float 
         data = packed_bytes(read_checkpoint(runs / recipe / "best.ckpt"), half)
         for old in out.glob(f"{recipe}.ckpt.*-of-*"):
             old.unlink()
-        n = math.ceil(len(data) / size)
+        n, digest = math.ceil(len(data) / size), hashlib.sha256(data).hexdigest()[:8]
         for i in range(n):
-            path = out / f"{recipe}.ckpt.{i + 1}-of-{n}"
+            path = out / f"{recipe}.ckpt.{digest}.{i + 1}-of-{n}"
             path.write_bytes(data[i * size : (i + 1) * size])
             written.append(path)
     return written
@@ -102,25 +107,27 @@ def compare(original: Path, carried: Path) -> str:
     )
 
 
-def _groups(folder: Path) -> dict[str, list[Path]]:
-    """The parts in ``folder`` by recipe, in order; refuses a recipe with a part missing or of another count."""
-    found: dict[str, dict[int, Path]] = {}
-    counts: dict[str, set[int]] = {}
+def _groups(folder: Path) -> dict[str, tuple[str, list[Path]]]:
+    """The hash and the parts, in order, of each recipe in ``folder``; refuses a recipe whose parts are not all
+    those of one packing."""
+    found: dict[str, set[tuple[str, int, int]]] = {}
+    paths = {}
     for path in folder.iterdir():
         match = _PART.fullmatch(path.name)
         if match:
-            found.setdefault(match["recipe"], {})[int(match["i"])] = path
-            counts.setdefault(match["recipe"], set()).add(int(match["n"]))
+            key = (match["hash"], int(match["i"]), int(match["n"]))
+            found.setdefault(match["recipe"], set()).add(key)
+            paths[match["recipe"], key] = path
     groups = {}
-    for recipe, parts in sorted(found.items()):
-        n = max(counts[recipe])
-        missing = [i for i in range(1, n + 1) if i not in parts]
-        if missing or len(counts[recipe]) > 1 or len(parts) != n:
+    for recipe, keys in sorted(found.items()):
+        digest, _, n = min(keys)
+        if keys != {(digest, i, n) for i in range(1, n + 1)}:
+            names = ", ".join(sorted(paths[recipe, k].name for k in keys))
             raise SystemExit(
-                f"{folder}: {recipe}.ckpt has parts {sorted(parts)} of {sorted(counts[recipe])}, not 1 to {n} of one "
-                f"packing: copy all the parts one call returned, and only those"
+                f"{folder}: the parts of {recipe}.ckpt are not those of one packing ({names}): copy all the parts one "
+                f"call returned, and only those"
             )
-        groups[recipe] = [parts[i] for i in range(1, n + 1)]
+        groups[recipe] = (digest, [paths[recipe, (digest, i, n)] for i in range(1, n + 1)])
     return groups
 
 
@@ -130,10 +137,12 @@ def unpack(folder: Path, runs: Path, only: str | None = None) -> list[str]:
     if not folder.is_dir():
         raise SystemExit(f"{folder} is not a folder of packed parts")
     joined = {}
-    for recipe, parts in _groups(folder).items():
+    for recipe, (digest, parts) in _groups(folder).items():
         if (runs / recipe / "finished").is_file() or only not in (None, recipe):
             continue  # trained or unpacked on this machine already: kept
         data = b"".join(p.read_bytes() for p in parts)
+        if hashlib.sha256(data).hexdigest()[:8] != digest:
+            raise SystemExit(f"{folder}: the parts of {recipe}.ckpt do not join into the file packed (hash {digest})")
         with tempfile.NamedTemporaryFile(suffix=".ckpt") as check:
             check.write(data)
             check.flush()
@@ -175,7 +184,8 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"{recipe}: {compare(args.runs / recipe / 'best.ckpt', Path(tmp) / recipe / 'best.ckpt')}")
     else:
         recipes = unpack(args.folder, args.runs)
-        print(f"unpacked {', '.join(recipes) or 'nothing (every recipe there is finished here)'} into {args.runs}")
+        none = "nothing (every recipe there is finished here)" if _groups(args.folder) else "nothing (no parts there)"
+        print(f"unpacked {', '.join(recipes) or none} into {args.runs}")
 
 
 if __name__ == "__main__":

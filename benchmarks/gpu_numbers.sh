@@ -33,7 +33,7 @@ elif [ -z "$(ls /usr/share/datasets/fashion-mnist/*.gz ~/.cache/distill/fashion-
   echo "warning: no Fashion-MNIST here (carry its four .gz files in .data/fashion-mnist): runs will try to download it" >&2
 fi
 if [ -d .data/carry ]; then  # recipes an earlier call trained: its teacher (and student), not trained again
-  python benchmarks/carry.py unpack .data/carry
+  python benchmarks/carry.py unpack .data/carry || echo "warning: nothing unpacked; the stages train what they need" >&2
 fi
 # Every process is Python-bound on the CPU: a few threads each, or parallel runs stall one another.
 # A sweep's trials are shared by WORKERS processes on the one GPU (default 6; up to one per CPU core,
@@ -71,33 +71,50 @@ logs_tail() {  # the end of every log into $OUT (progress bars included: how far
 if [ -n "${OUT:-}" ]; then
   (exec >/dev/null 2>&1; while sleep 30; do logs_tail; done) &
   reporter=$!
-  trap 'kill $reporter 2>/dev/null || true; logs_tail' EXIT
+  too_many() {  # the device tool returns at most 8 files from $OUT
+    local n
+    n=$(find "$OUT" -type f | wc -l)
+    [ "$n" -le 8 ] || echo "warning: $n files in \$OUT, more than the 8 that come back: run fewer stages per call" >&2
+  }
+  trap 'kill $reporter 2>/dev/null || true; logs_tail; too_many' EXIT
 fi
 untrained() {  # the recipes among "$@" that benchmarks/fmnist_recipes.py has not finished training
   local recipe
   for recipe in "$@"; do [ -f "runs/fmnist/$recipe/finished" ] || echo "$recipe"; done
 }
 recipes() {  # recipes LOG TEACHERS STUDENTS: train those not trained yet (benchmarks/fmnist_recipes.py), print the table
-  local teachers students
+  local teachers students status=0
   # shellcheck disable=SC2086
   teachers=$(untrained $2) students=$(untrained $3)
-  [ -z "$teachers$students" ] && return
-  # shellcheck disable=SC2086
-  python benchmarks/fmnist_recipes.py --teachers $teachers --students $students ${RECIPES_ARGS:-} 2>&1 | tee "runs/logs/$1.log"
+  # the teachers first, and into $OUT before the students train: a call stopped meanwhile still returns them
+  if [ -n "$teachers" ]; then
+    # shellcheck disable=SC2086
+    python benchmarks/fmnist_recipes.py --teachers $teachers --students ${RECIPES_ARGS:-} 2>&1 |
+      tee -a "runs/logs/$1.log" || status=$?
+    # shellcheck disable=SC2086
+    carry_out $teachers
+  fi
+  if [ -n "$students" ] && [ $status -eq 0 ]; then
+    # shellcheck disable=SC2086
+    python benchmarks/fmnist_recipes.py --teachers --students $students ${RECIPES_ARGS:-} 2>&1 |
+      tee -a "runs/logs/$1.log" || status=$?
+    # shellcheck disable=SC2086
+    carry_out $students
+  fi
   collect runs/fmnist/recipes.md
-  # shellcheck disable=SC2086
-  carry_out $teachers $students
+  return $status
 }
-carry_out() {  # carry_out RECIPE...: the teacher and the KD student among them into $OUT, for the next call
+carry_out() {  # carry_out RECIPE...: the finished teacher and KD student among them into $OUT, for the next call
   local recipe
   [ -n "${OUT:-}" ] || return 0
   for recipe in "$@"; do
+    [ -f "runs/fmnist/$recipe/finished" ] || continue
     # the teacher's 45 MB of float32 weights in float16, 2 parts (--check: how much that changes its predictions);
-    # the student's 1 MB as it is
+    # the student's 1 MB as it is. A failure costs the next call the recipe, not this call its stage.
     case $recipe in
     teacher) python benchmarks/carry.py pack "$OUT" teacher --half --check 2>&1 | tee -a runs/logs/carry.log ;;
     kd) python benchmarks/carry.py pack "$OUT" kd 2>&1 | tee -a runs/logs/carry.log ;;
-    esac
+    esac || echo "packing $recipe failed: see runs/logs/carry.log"
   done
 }
 report() {  # report RUN: the sweep's table, and its files into $OUT

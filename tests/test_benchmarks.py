@@ -97,16 +97,24 @@ def test_carry_brings_a_teacher_to_the_next_gpu_call_in_parts_and_refuses_an_inc
     done = carry("--runs", str(runs), "pack", str(out), "teacher", "--half", "--part-mib", str(part_mib))
     assert done.returncode == 0, done.stderr
     parts = sorted(p.name for p in out.iterdir())
-    n = len(parts)
-    assert n >= 2 and parts == [f"teacher.ckpt.{i}-of-{n}" for i in range(1, n + 1)]
+    n, digest = len(parts), parts[0].split(".")[2]  # teacher.ckpt.<8 hex digits of the packed file's sha256>.1-of-n
+    assert n >= 2 and parts == [f"teacher.ckpt.{digest}.{i}-of-{n}" for i in range(1, n + 1)]
     assert all((out / p).stat().st_size <= part_mib * 2**20 for p in parts)
+    other = tmp_path / "other"  # another packing of the same teacher (in float32): parts of another file
+    carry("--runs", str(runs), "pack", str(other), "teacher", "--part-mib", str(part_mib))
 
-    for broken, message in (("missing", "not 1 to"), ("truncated", "do not make a checkpoint")):
+    for broken, message in (
+        ("missing", "not those of one packing"),
+        ("mixed", "not those of one packing"),
+        ("truncated", "do not join into the file packed"),
+    ):
         folder = tmp_path / broken
         shutil.copytree(out, folder)
         last = folder / parts[-1]
         if broken == "missing":
             last.unlink()
+        elif broken == "mixed":
+            shutil.copy(sorted(other.iterdir())[-1], folder)
         else:
             last.write_bytes(last.read_bytes()[:-100])
         failed = carry("--runs", str(tmp_path / "next"), "unpack", str(folder))
