@@ -31,6 +31,7 @@ from pathlib import Path
 
 import torch
 
+from distill.rundir import atomic_path
 from students.checkpoint import read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,9 +156,8 @@ def unpack(folder: Path, runs: Path, only: str | None = None) -> list[str]:
     for recipe, data in joined.items():  # all checked: now write
         run = runs / recipe
         run.mkdir(parents=True, exist_ok=True)
-        tmp = run / "best.ckpt.unpacking"
-        tmp.write_bytes(data)
-        tmp.replace(run / "best.ckpt")
+        with atomic_path(run / "best.ckpt") as partial:
+            partial.write_bytes(data)
         (run / "finished").touch()
     return list(joined)
 
