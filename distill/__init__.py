@@ -1,10 +1,12 @@
 """distill: knowledge distillation and structured pruning of vision students, on PyTorch Lightning."""
 
 from distill.data import CIFAR10DataModule, CIFAR100DataModule, FashionMNISTDataModule, ImageFolderDataModule
+from distill.ema import EMA
 from distill.losses import DISTLoss, DKDLoss, KDLoss, LogitStandardKDLoss
 from distill.module import DistillModule
 
 __all__ = [
+    "EMA",
     "CIFAR10DataModule",
     "CIFAR100DataModule",
     "DISTLoss",

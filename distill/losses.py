@@ -175,7 +175,7 @@ class DKDLoss(_DistillationLoss):
 
         def binary(logits: torch.Tensor) -> torch.Tensor:  # log [p_target, 1 - p_target]
             log_p = F.log_softmax(logits, dim=-1)
-            log_target = log_p[is_target]
+            log_target = log_p.gather(-1, label.unsqueeze(-1)).squeeze(-1)  # not log_p[is_target]: a GPU sync
             log_rest = torch.logsumexp(log_p.masked_fill(is_target, -math.inf), dim=-1)
             return torch.stack([log_target, log_rest], dim=-1)
 

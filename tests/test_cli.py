@@ -76,7 +76,7 @@ def test_every_sweep_variant_instantiates(config: Path, variant: str, tmp_path: 
     callbacks = {type(c).__name__ for c in cli.trainer.callbacks}
     assert "ModelCheckpoint" in callbacks  # a variant extends the recipe's callbacks, never replaces them
     if variant in ("ema", "all"):
-        assert "EMAWeightAveraging" in callbacks
+        assert "EMA" in callbacks
     if variant in ("mixup", "all"):
         assert cli.model.mixer is not None
     if variant in ("erasing", "all"):

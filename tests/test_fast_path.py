@@ -7,15 +7,19 @@ code as on a GPU, and must give the DataLoader path's batches exactly.
 from __future__ import annotations
 
 import ast
+import linecache
 import subprocess
 import sys
+import traceback
 from pathlib import Path
 
 import pytest
 import torch
 from helpers import fmnist, tiny_trainer
+from pytorch_lightning import Callback
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from distill import DistillModule, KDLoss
+from distill import EMA, DistillModule, DISTLoss, DKDLoss, KDLoss, LogitStandardKDLoss
 from distill.data import Batch, DeviceBatches
 from distill.lightning_cli import DistillCLI, default_precision
 from distill.profile import count_macs, count_params
@@ -74,6 +78,75 @@ def test_on_device_path_trains_exactly_like_the_dataloader_path(tmp_path: Path, 
     # On the CPU even the augmentation draws come from the same generator in the same order.
     for key, value in weights[False].items():
         assert torch.equal(value, weights[True][key]), key
+
+
+class DeviceReads(TorchDispatchMode):
+    """The ops of a training step that would make the CPU wait for a GPU, run here on the CPU.
+
+    Reading a value (``.item()``, ``bool()``, ``float()``: ``_local_scalar_dense``) and every op whose output size
+    depends on the data (``nonzero``, masks as indices, ``unique``, ``masked_select``). Two reads happen on the CPU
+    only and are left out: ``one_hot``'s range checks (skipped on CUDA) and the optimizers' step counts (host
+    tensors on a GPU too).
+    """
+
+    DATA_SIZED = {"nonzero", "unique", "_unique", "_unique2", "unique_dim", "unique_consecutive", "masked_select"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counting = False
+        self.reads: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        masked = name.startswith(("index", "_index_put")) and any(
+            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else ()) or ()
+        )
+        if self.counting and (name == "_local_scalar_dense" or name in self.DATA_SIZED or masked):
+            wrappers = ("torch/utils/_python_dispatch", "torch/_dynamo/", "torch/_compile.py", "test_fast_path.py")
+            caller = next(f for f in reversed(traceback.extract_stack()) if not any(w in f.filename for w in wrappers))
+            source = linecache.getline(caller.filename, caller.lineno)
+            if "one_hot(" not in source and caller.name != "_get_value":  # optimizer.py: a step count
+                self.reads.append(f"{name} at {Path(caller.filename).name}:{caller.lineno} {source.strip()}")
+        return func(*args, **(kwargs or {}))
+
+
+class StepsAfterTheFirst(Callback):
+    """Counts from the second training batch to the end of the last one's hooks (validation not included)."""
+
+    def __init__(self, mode: DeviceReads) -> None:
+        self.mode = mode
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.mode.counting = batch_idx >= 1
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self.mode.counting = False
+
+
+@pytest.mark.parametrize(
+    ("loss", "mixed"),
+    [
+        (KDLoss, True),
+        (DKDLoss, True),
+        (LogitStandardKDLoss, True),
+        (DISTLoss, True),
+        (KDLoss, False),
+        (DKDLoss, False),
+    ],
+)
+def test_a_training_step_never_makes_the_cpu_wait_for_the_gpu(
+    tmp_path: Path, teacher_checkpoint: Path, loss, mixed: bool
+):
+    """With the levers on (augmentation, random erasing, the EMA; mixup or labels) and batches built on the device."""
+    torch.manual_seed(0)
+    mixup = {"mixup_alpha": 0.8, "cutmix_alpha": 1.0} if mixed else None
+    model = DistillModule(student(), load_teacher(checkpoint=teacher_checkpoint), loss=loss(), lr=0.01, mixup=mixup)
+    mode = DeviceReads()
+    trainer = tiny_trainer(tmp_path, limit_train_batches=4, callbacks=[EMA(decay=0.9), StepsAfterTheFirst(mode)])
+    with mode:
+        trainer.fit(model, datamodule=fmnist(augment=True, random_erasing=0.5, on_device=True))
+    assert trainer.global_step == 4 and not mode.counting
+    assert mode.reads == []
 
 
 def test_channels_last_holds_through_pruning(tmp_path: Path, teacher_checkpoint: Path):
@@ -145,8 +218,18 @@ def test_throughput_benchmark_prints_its_table():
     rows = [
         line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| project") or "| plain" in line
     ]
-    assert rows == ["plain", "project", "project-noaug", "project-cache"]
+    assert rows == ["plain", "project", "project-noaug", "project-cache", "project-ema", "project-ema-lightning"]
     assert "cache / live teacher" in out and "cache: filled" in out
+
+
+def test_ema_benchmark_prints_its_table():
+    out = _run("ema_update.py", "--device", "cpu", "--students", "studentnet", "--updates", "2", "--rounds", "1")
+    rows = {r["implementation"]: r for _, table in _tables(out) for r in table}
+    assert rows.keys() == {"Lightning EMAWeightAveraging", "distill.EMA"}
+    assert rows["Lightning EMAWeightAveraging"]["device reads per update"] == "2"
+    assert (
+        rows["distill.EMA"]["device reads per update"] == "0" and int(rows["distill.EMA"]["aten ops per update"]) <= 3
+    )
 
 
 def _tables(out: str) -> list[tuple[str, list[dict[str, str]]]]:

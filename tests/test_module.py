@@ -233,28 +233,44 @@ def test_epoch_means_weigh_each_batch_by_its_size(tmp_path: Path):
 
 
 def test_an_ema_of_the_student_is_validated_saved_and_reloaded(tmp_path: Path):
-    """Lightning's EMAWeightAveraging on a DistillModule (issue 17): validation and checkpoints see the EMA."""
-    from pytorch_lightning.callbacks import EMAWeightAveraging, ModelCheckpoint
+    """distill.EMA on a DistillModule (issue 17): the average by hand; validation and checkpoints see it."""
+    from pytorch_lightning.callbacks import Callback, ModelCheckpoint
 
+    from distill import EMA
     from distill.pruning import ChannelPruning, PruningSchedule
+
+    class Steps(Callback):  # the student after each optimizer step
+        def __init__(self) -> None:
+            self.weights: list[dict[str, torch.Tensor]] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.weights.append({k: v.clone() for k, v in pl_module.student.state_dict().items()})
 
     torch.manual_seed(0)
     model = DistillModule(student(), lr=0.05)
-    callbacks = [EMAWeightAveraging(decay=0.5), ModelCheckpoint(tmp_path, "{epoch}", save_top_k=-1)]
+    steps = Steps()
+    callbacks = [EMA(decay=0.75), steps, ModelCheckpoint(tmp_path, "{epoch}", save_top_k=-1)]
     trainer = tiny_trainer(tmp_path, max_epochs=2, limit_train_batches=5, callbacks=callbacks,
                            enable_checkpointing=True)  # fmt: skip
     trainer.fit(model, datamodule=fmnist())
-    first = tmp_path / "epoch=0.ckpt"  # written during training
+    first = tmp_path / "epoch=0.ckpt"  # written during training, after 5 steps
     saved = torch.load(first, map_location="cpu", weights_only=True)
     ema = {k.removeprefix("student."): v for k, v in saved["state_dict"].items() if k.startswith("student.")}
     raw = {k.removeprefix("student."): v for k, v in saved["current_model_state"].items() if k.startswith("student.")}
+    for key, value in ema.items():  # the first step copied, then average + 0.25 * (weights - average) per step
+        expected = steps.weights[0][key].clone()
+        for weights in steps.weights[1:5]:
+            expected = expected + 0.25 * (weights[key] - expected) if expected.is_floating_point() else weights[key]
+        torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-6, msg=key)
+        assert torch.equal(raw[key], steps.weights[4][key])  # the trained weights, for resuming
+    assert int(saved["averaging_state"]["n_averaged"]) == 5
     reloaded = load_student(first).state_dict()  # the averaged student, from the file alone
     assert all(torch.equal(v, ema[k]) for k, v in reloaded.items())
     assert any(not torch.equal(v, raw[k]) for k, v in reloaded.items() if v.is_floating_point())
 
     pruning = ChannelPruning("l1", PruningSchedule(ratio=0.2))
-    with pytest.raises(ValueError, match="ChannelPruning cannot train beside EMAWeightAveraging"):
-        tiny_trainer(tmp_path, callbacks=[EMAWeightAveraging(), pruning]).fit(model, datamodule=fmnist())
+    with pytest.raises(ValueError, match="ChannelPruning cannot train beside EMA"):
+        tiny_trainer(tmp_path, callbacks=[EMA(), pruning]).fit(model, datamodule=fmnist())
 
 
 def test_mixup_gives_the_teacher_the_students_mixed_images_and_the_loss_label_probabilities(tmp_path: Path):

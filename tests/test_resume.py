@@ -29,7 +29,7 @@ LEVERS = {
         "loss": {"class_path": "distill.DKDLoss", "init_args": {"warmup_epochs": 3}},
     },
 }
-EMA = {"class_path": "EMAWeightAveraging", "init_args": {"decay": 0.9}}
+EMA = {"class_path": "distill.EMA", "init_args": {"decay": 0.9}}
 
 
 def recipe(tmp_path: Path, teacher: Path, name: str, epochs: int = 4, levers: bool = False) -> Path:

@@ -96,7 +96,7 @@ def test_a_losses_axis_trains_each_loss_with_the_recipes_settings_of_its_class(
 
 def test_variants_train_the_same_grid_each_with_its_own_overrides(tmp_path: Path, small_teacher_checkpoint: Path):
     recipe = tiny_recipe(tmp_path, small_teacher_checkpoint, limit_train_batches=1)
-    ema = {"class_path": "pytorch_lightning.callbacks.EMAWeightAveraging", "init_args": {"decay": 0.9}}
+    ema = {"class_path": "distill.EMA", "init_args": {"decay": 0.9}}
     variants = {
         "recipe": {},
         "erasing": {"data": {"init_args": {"random_erasing": 0.5}}},
@@ -114,8 +114,8 @@ def test_variants_train_the_same_grid_each_with_its_own_overrides(tmp_path: Path
     trials_dir = run_dir / "trials"
     trial = {v: yaml.safe_load((trials_dir / v / "KDLoss_T4_alpha0.9_seed0.yaml").read_text()) for v in variants}
     callbacks = {v: [c["class_path"].rsplit(".", 1)[-1] for c in trial[v]["trainer"]["callbacks"]] for v in variants}
-    assert callbacks["ema"] == [*callbacks["recipe"][:-1], "EMAWeightAveraging", "TeacherLogitCache"]
-    assert "ModelCheckpoint" in callbacks["recipe"] and "EMAWeightAveraging" not in callbacks["recipe"]
+    assert callbacks["ema"] == [*callbacks["recipe"][:-1], "EMA", "TeacherLogitCache"]
+    assert "ModelCheckpoint" in callbacks["recipe"] and "EMA" not in callbacks["recipe"]
     assert trial["erasing"]["data"]["init_args"]["random_erasing"] == 0.5
     assert trial["recipe"]["data"]["init_args"]["random_erasing"] == 0.0
     ema_checkpoint = torch.load(rows[2]["checkpoint"], weights_only=True)
