@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU numbers of benchmarks/RESULTS.md (issues 4, 5 and 6), in stages, on one machine:
-#   bash benchmarks/gpu_numbers.sh speed    # throughput.py (eager, then compiled) and latency.py
+#   bash benchmarks/gpu_numbers.sh speed    # throughput.py (eager, then compiled), latency.py, ema_update.py
 #   bash benchmarks/gpu_numbers.sh teacher  # the teacher alone (configs/fmnist/teacher.yaml)
 #   bash benchmarks/gpu_numbers.sh train    # the teacher, then the KD student (configs/fmnist/{teacher,kd}.yaml)
 #   bash benchmarks/gpu_numbers.sh sweep    # both temperature sweeps
@@ -127,13 +127,14 @@ for stage in "$@"; do
   speed)
     OMP_NUM_THREADS=4 python benchmarks/throughput.py 2>&1 | tee runs/logs/throughput.log | grep -v "^Loading\|stopped\|LitLogger\|available"
     OMP_NUM_THREADS=4 python benchmarks/latency.py 2>&1 | tee runs/logs/latency.log
+    python benchmarks/ema_update.py 2>&1 | tee runs/logs/ema_update.log  # distill.EMA against Lightning's, per update
     # torch.compile of the project's path against the same (eager) plain loop: COMPILE_MODES, e.g. "" to skip
     for mode in ${COMPILE_MODES-default reduce-overhead}; do
       OMP_NUM_THREADS=4 python benchmarks/throughput.py --settings plain project --repeats 2 --compile "$mode" 2>&1 |
         tee "runs/logs/throughput_$mode.log" | grep -v "^Loading\|stopped\|LitLogger\|available" ||
         echo "compile=$mode failed: see runs/logs/throughput_$mode.log"
     done
-    collect runs/logs/throughput*.log runs/logs/latency.log
+    collect runs/logs/throughput*.log runs/logs/latency.log runs/logs/ema_update.log
     ;;
   teacher) recipes teacher teacher "" ;;
   train) recipes train teacher kd ;;  # the teacher (30 epochs), then the KD student (60 epochs)

@@ -15,6 +15,9 @@ stem, at one batch size, precision and device. The teacher's weights are random 
 - ``project-noaug`` and ``project-cache``: the same without augmentation, with the live teacher and
   with ``TeacherLogitCache`` (one cache file for all repeats: the first run fills it before its
   first epoch, the others load it; the fill time is printed apart).
+- ``project-ema`` and ``project-ema-lightning``: ``project`` with an EMA of the student (decay 0.999),
+  ``distill.EMA`` (one foreach update, no device reads) and Lightning's ``EMAWeightAveraging`` (torch's
+  ``AveragedModel``: tensor by tensor, two device reads per step).
 
 Each run trains two epochs and times the second (the first warms up cuDNN and the allocator). The
 settings run ``--repeats`` times, interleaved, and the median is reported, with the ratios
@@ -36,8 +39,9 @@ from typing import get_args
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
+from pytorch_lightning.callbacks import EMAWeightAveraging
 
-from distill import DistillModule, KDLoss
+from distill import EMA, DistillModule, KDLoss
 from distill.cache import TeacherLogitCache
 from distill.data import FashionMNISTDataModule, random_crop, random_hflip
 from distill.lightning_cli import default_precision
@@ -46,7 +50,7 @@ from distill.optim import lr_factor
 from students import StudentNet, create_student
 from teachers import FrozenTeacher, load_teacher
 
-SETTINGS = ("plain", "project", "project-noaug", "project-cache")
+SETTINGS = ("plain", "project", "project-noaug", "project-cache", "project-ema", "project-ema-lightning")
 LR, WEIGHT_DECAY, TEMPERATURE, ALPHA = 3e-3, 0.05, 4.0, 0.9
 
 
@@ -145,11 +149,16 @@ class EpochTimer(pl.Callback):
 
 
 def project_epoch_time(
-    args: argparse.Namespace, device: torch.device, teacher: torch.nn.Module, augment: bool, cache: str | None
+    args: argparse.Namespace,
+    device: torch.device,
+    teacher: torch.nn.Module,
+    augment: bool,
+    cache: str | None,
+    ema: type[EMAWeightAveraging] | None = None,
 ) -> tuple[float, int, float]:
     """Two epochs of ``Trainer.fit``; the wall time of the second, its image count, the time before the first."""
     timer = EpochTimer()
-    callbacks = [timer] + ([TeacherLogitCache(cache)] if cache else [])
+    callbacks = [timer] + ([TeacherLogitCache(cache)] if cache else []) + ([ema(decay=0.999)] if ema else [])
     trainer = pl.Trainer(
         accelerator=device.type,
         devices=1,
@@ -211,6 +220,10 @@ def main() -> None:
         "project": lambda: project_epoch_time(args, device, teacher, augment=True, cache=None),
         "project-noaug": lambda: project_epoch_time(args, device, teacher, augment=False, cache=None),
         "project-cache": lambda: project_epoch_time(args, device, teacher, augment=False, cache=cache_dir.name),
+        "project-ema": lambda: project_epoch_time(args, device, teacher, augment=True, cache=None, ema=EMA),
+        "project-ema-lightning": lambda: project_epoch_time(
+            args, device, teacher, augment=True, cache=None, ema=EMAWeightAveraging
+        ),
     }
     results: dict[str, list[tuple[float, int]]] = {name: [] for name in args.settings}
     setup: dict[str, list[float]] = {name: [] for name in args.settings}
@@ -230,14 +243,15 @@ def main() -> None:
         f"{args.teacher_kwargs or ''}, "
         f"torch {torch.__version__}, compile={args.compile}, {time.strftime('%Y-%m-%d')}, median of {args.repeats}\n"
     )
-    print("| setting | augment | teacher | img/s | s per 60k images | vs plain |")
-    print("|---|---|---|---:|---:|---:|")
+    print("| setting | augment | teacher | img/s | s per 60k images | vs plain | vs project |")
+    print("|---|---|---|---:|---:|---:|---:|")
     speed = {n: statistics.median(images / seconds for seconds, images in r) for n, r in results.items()}
     for name in args.settings:
         aug = "no" if name in ("project-noaug", "project-cache") else "yes"
         source = "cached logits" if name == "project-cache" else "live"
         ratio = f"{speed[name] / speed['plain']:.3f}" if "plain" in speed else "-"
-        print(f"| {name} | {aug} | {source} | {speed[name]:,.0f} | {60000 / speed[name]:.2f} | {ratio} |")
+        project = f"{speed[name] / speed['project']:.3f}" if "project" in speed else "-"
+        print(f"| {name} | {aug} | {source} | {speed[name]:,.0f} | {60000 / speed[name]:.2f} | {ratio} | {project} |")
     if "project-cache" in speed and "project-noaug" in speed:
         print(f"\ncache / live teacher (no augmentation): {speed['project-cache'] / speed['project-noaug']:.2f}x")
     if "project-cache" in setup:
