@@ -17,9 +17,11 @@ import pytest
 import torch
 from helpers import fmnist, tiny_trainer
 from pytorch_lightning import Callback
+from pytorch_lightning.loggers import CSVLogger
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from distill import EMA, DistillModule, DISTLoss, DKDLoss, KDLoss, LogitStandardKDLoss
+from distill.cache import TeacherLogitCache
 from distill.data import Batch, DeviceBatches
 from distill.lightning_cli import DistillCLI, default_precision
 from distill.profile import count_macs, count_params
@@ -93,7 +95,7 @@ class DeviceReads(TorchDispatchMode):
 
     def __init__(self) -> None:
         super().__init__()
-        self.counting = False
+        self.counting: str | None = None  # what runs: "training" or "validation" (None: not counted)
         self.reads: list[str] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -106,46 +108,62 @@ class DeviceReads(TorchDispatchMode):
             caller = next(f for f in reversed(traceback.extract_stack()) if not any(w in f.filename for w in wrappers))
             source = linecache.getline(caller.filename, caller.lineno)
             if "one_hot(" not in source and caller.name != "_get_value":  # optimizer.py: a step count
-                self.reads.append(f"{name} at {Path(caller.filename).name}:{caller.lineno} {source.strip()}")
+                where = f"{Path(caller.filename).name}:{caller.lineno} {source.strip()}"
+                self.reads.append(f"{self.counting}: {name} at {where}")
         return func(*args, **(kwargs or {}))
 
 
-class StepsAfterTheFirst(Callback):
-    """Counts from the second training batch to the end of the last one's hooks (validation not included)."""
+class BatchesAfterTheFirst(Callback):
+    """Counts from the second batch of training, and of validation, to the end of each one's last batch."""
 
     def __init__(self, mode: DeviceReads) -> None:
         self.mode = mode
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self.mode.counting = batch_idx >= 1
+        self.mode.counting = "training" if batch_idx >= 1 else None
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        self.mode.counting = "validation" if batch_idx >= 1 else None
 
     def on_validation_start(self, trainer, pl_module) -> None:
-        self.mode.counting = False
+        self.mode.counting = None
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:  # before the module logs the epoch's metrics
+        self.mode.counting = None
 
 
 @pytest.mark.parametrize(
-    ("loss", "mixed"),
+    ("loss", "lever"),
     [
-        (KDLoss, True),
-        (DKDLoss, True),
-        (LogitStandardKDLoss, True),
-        (DISTLoss, True),
-        (KDLoss, False),
-        (DKDLoss, False),
+        (KDLoss, "mixup"),
+        (DKDLoss, "mixup"),
+        (LogitStandardKDLoss, "mixup"),
+        (DISTLoss, "mixup"),
+        (KDLoss, "labels"),
+        (DKDLoss, "labels"),
+        (KDLoss, "cached logits"),
     ],
 )
-def test_a_training_step_never_makes_the_cpu_wait_for_the_gpu(
-    tmp_path: Path, teacher_checkpoint: Path, loss, mixed: bool
+def test_a_step_never_makes_the_cpu_wait_for_the_gpu(
+    tmp_path: Path, teacher_checkpoint: Path, small_teacher_checkpoint: Path, loss, lever: str
 ):
-    """With the levers on (augmentation, random erasing, the EMA; mixup or labels) and batches built on the device."""
+    """Training and validation steps, batches built on the device, with every lever: augmentation, random erasing,
+    the EMA, and mixup, plain labels, or the teacher's cached logits (no augmentation: the sweeps' path); the
+    progress bar and a logger on, as in a user's run."""
     torch.manual_seed(0)
-    mixup = {"mixup_alpha": 0.8, "cutmix_alpha": 1.0} if mixed else None
-    model = DistillModule(student(), load_teacher(checkpoint=teacher_checkpoint), loss=loss(), lr=0.01, mixup=mixup)
+    cached = lever == "cached logits"
+    teacher = load_teacher(checkpoint=small_teacher_checkpoint if cached else teacher_checkpoint)
+    mixup = {"mixup_alpha": 0.8, "cutmix_alpha": 1.0} if lever == "mixup" else None
+    model = DistillModule(student(), teacher, loss=loss(), lr=0.01, mixup=mixup)
     mode = DeviceReads()
-    trainer = tiny_trainer(tmp_path, limit_train_batches=4, callbacks=[EMA(decay=0.9), StepsAfterTheFirst(mode)])
+    callbacks = [EMA(decay=0.9), BatchesAfterTheFirst(mode)] + ([TeacherLogitCache(tmp_path)] if cached else [])
+    logger = CSVLogger(tmp_path)  # with the progress bar: both read values only every log_every_n_steps (50)
+    trainer = tiny_trainer(tmp_path, limit_train_batches=4, limit_val_batches=3, callbacks=callbacks, logger=logger,
+                           enable_progress_bar=True)  # fmt: skip
     with mode:
-        trainer.fit(model, datamodule=fmnist(augment=True, random_erasing=0.5, on_device=True))
-    assert trainer.global_step == 4 and not mode.counting
+        trainer.fit(model, datamodule=fmnist(augment=not cached, random_erasing=0.0 if cached else 0.5, on_device=True))
+    assert trainer.global_step == 4 and mode.counting is None
+    assert cached == any(tmp_path.glob("*.pt"))  # the cache was filled and read
     assert mode.reads == []
 
 
