@@ -29,8 +29,10 @@ class EMA(EMAWeightAveraging):
         update_every_n_steps: update after every n-th optimizer step.
         update_starting_at_step: first step updated (earlier: none).
         update_starting_at_epoch: from this epoch on, also update at the end of each epoch.
-        device: where the average lives (default: the model's device).
-        use_buffers: average the buffers too (BatchNorm statistics), as Lightning does by default.
+        device: where the average lives (default: the model's device). Another device than the model's costs a
+            copy of every tensor at each update.
+        use_buffers: average the buffers too (BatchNorm statistics), as Lightning does by default; ``False``
+            copies them from the model at each update, as torch's ``AveragedModel`` does.
     """
 
     def __init__(
@@ -39,7 +41,7 @@ class EMA(EMAWeightAveraging):
         update_every_n_steps: int = 1,
         update_starting_at_step: int | None = None,
         update_starting_at_epoch: int | None = None,
-        device: str | None = None,
+        device: str | int | None = None,
         use_buffers: bool = True,
     ) -> None:
         if not 0 <= decay <= 1:
@@ -66,39 +68,45 @@ class EMA(EMAWeightAveraging):
 class _LerpAverage(AveragedModel):
     """``AveragedModel`` updated by one foreach lerp, its count ``n_averaged`` also kept on the host.
 
-    The tensor lists are gathered at the first update after building or loading (parameters keep their identity
-    through a fit: Lightning swaps and loads values in place, and ChannelPruning refuses to run beside an EMA).
+    The tensor pairs are gathered at the first update after building or loading: parameters keep their identity
+    through a fit (Lightning swaps and loads values in place, and ChannelPruning refuses to run beside an EMA).
+    The average is copied from the model when fit starts, before the module's setup may store it channels-last;
+    the first update gives each averaged tensor its model tensor's layout, so the lerp runs on matching tensors.
     """
 
     def __init__(self, model: nn.Module, device: torch.device | int | None, use_buffers: bool, decay: float) -> None:
         super().__init__(model, device=device, use_buffers=use_buffers)
         self.decay = decay
         self.host_count: int | None = None
-        self.floating: list[tuple[torch.Tensor, torch.Tensor]] = []  # (average's tensor, model's tensor)
-        self.rest: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.averaged: list[tuple[torch.Tensor, torch.Tensor]] = []  # (average's tensor, model's tensor)
+        self.copied: list[tuple[torch.Tensor, torch.Tensor]] = []  # integer buffers, and buffers not averaged
+        self.converted = False  # the model's tensors need another device or dtype than the average's
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         self.host_count = None
         return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
-    def tensors(self, model: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        if self.use_buffers:
-            return [*self.module.parameters(), *self.module.buffers()], [*model.parameters(), *model.buffers()]
-        return list(self.module.parameters()), list(model.parameters())
+    def gather(self, model: nn.Module) -> None:
+        """The pairs of tensors to average and to copy, the average's layout matched to the model's."""
+        params = list(zip(self.module.parameters(), model.parameters(), strict=True))
+        buffers = list(zip(self.module.buffers(), model.buffers(), strict=True))
+        pairs = params + buffers if self.use_buffers else params
+        self.averaged = [(a, m) for a, m in pairs if a.is_floating_point()]
+        self.copied = [(a, m) for a, m in pairs if not a.is_floating_point()] + ([] if self.use_buffers else buffers)
+        self.converted = any((a.device, a.dtype) != (m.device, m.dtype) for a, m in self.averaged + self.copied)
+        for a, m in self.averaged + self.copied:
+            if (a.device, a.dtype) == (m.device, m.dtype) and a.stride() != m.stride():
+                a.data = torch.empty_like(m).copy_(a)  # e.g. channels-last, set on the model after the copy
 
     @torch.no_grad()
     def update_parameters(self, model: nn.Module) -> None:
         if self.host_count is None:
             self.host_count = int(self.n_averaged)  # one device read per fit
-            ours, theirs = self.tensors(model)
-            self.floating = [(a, m) for a, m in zip(ours, theirs, strict=True) if a.is_floating_point()]
-            self.rest = [(a, m) for a, m in zip(ours, theirs, strict=True) if not a.is_floating_point()]
-        # floating-point tensors move towards the model's (from the second update on); integer buffers (BatchNorm's
-        # batch count) are copied
-        for pairs, lerp in ((self.floating, self.host_count > 0), (self.rest, False)):
-            if pairs:
+            self.gather(model)
+        for pairs, lerp in ((self.averaged, self.host_count > 0), (self.copied, False)):
+            if pairs:  # the first update copies everything
                 ours = [a for a, _ in pairs]
-                theirs = [m if m.device == a.device else m.to(a.device) for a, m in pairs]
+                theirs = [m.to(a.device, a.dtype) for a, m in pairs] if self.converted else [m for _, m in pairs]
                 if lerp:
                     torch._foreach_lerp_(ours, theirs, 1.0 - self.decay)
                 else:

@@ -15,8 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from helpers import fmnist, tiny_trainer
-from pytorch_lightning import Callback
+from pytorch_lightning import Callback, seed_everything
 from pytorch_lightning.loggers import CSVLogger
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -83,33 +84,52 @@ def test_on_device_path_trains_exactly_like_the_dataloader_path(tmp_path: Path, 
 
 
 class DeviceReads(TorchDispatchMode):
-    """The ops of a training step that would make the CPU wait for a GPU, run here on the CPU.
+    """The ops of a step that would make the CPU wait for a GPU, run here on the CPU.
 
     Reading a value (``.item()``, ``bool()``, ``float()``: ``_local_scalar_dense``) and every op whose output size
-    depends on the data (``nonzero``, masks as indices, ``unique``, ``masked_select``). Two reads happen on the CPU
-    only and are left out: ``one_hot``'s range checks (skipped on CUDA) and the optimizers' step counts (host
-    tensors on a GPU too).
+    depends on the data (``nonzero``, boolean masks as indices, ``unique``, ``masked_select``). Two reads happen on
+    the CPU only and are left out: ``one_hot``'s range checks when it is given the class count (skipped for CUDA
+    tensors) and the reads of the optimizer's step counts (host tensors on a GPU too; fused optimizers read
+    none). Blind to copies between devices (``.cpu()``, ``.tolist()``, ``torch.tensor(x, device=...)``), which
+    the CPU cannot tell from no-ops.
     """
 
     DATA_SIZED = {"nonzero", "unique", "_unique", "_unique2", "unique_dim", "unique_consecutive", "masked_select"}
+    INDEXING = {"index", "index_put", "index_put_", "_index_put_impl_"}
 
     def __init__(self) -> None:
         super().__init__()
         self.counting: str | None = None  # what runs: "training" or "validation" (None: not counted)
+        self.host_tensors: set[int] = set()  # ids of the optimizer's step counts
         self.reads: list[str] = []
+
+    def __enter__(self):
+        one_hot = F.one_hot
+
+        def checked_on_the_host(tensor: torch.Tensor, num_classes: int = -1) -> torch.Tensor:
+            counting, self.counting = self.counting, self.counting if num_classes < 1 else None
+            try:
+                return one_hot(tensor, num_classes)
+            finally:
+                self.counting = counting
+
+        self.restore = lambda: setattr(F, "one_hot", one_hot)
+        F.one_hot = checked_on_the_host
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        self.restore()
+        return super().__exit__(*exc)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
-        masked = name.startswith(("index", "_index_put")) and any(
-            isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] if len(args) > 1 else ()) or ()
-        )
-        if self.counting and (name == "_local_scalar_dense" or name in self.DATA_SIZED or masked):
+        masked = name in self.INDEXING and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1])
+        read = name == "_local_scalar_dense" and id(args[0]) not in self.host_tensors
+        if self.counting and (read or name in self.DATA_SIZED or masked):
             wrappers = ("torch/utils/_python_dispatch", "torch/_dynamo/", "torch/_compile.py", "test_fast_path.py")
             caller = next(f for f in reversed(traceback.extract_stack()) if not any(w in f.filename for w in wrappers))
-            source = linecache.getline(caller.filename, caller.lineno)
-            if "one_hot(" not in source and caller.name != "_get_value":  # optimizer.py: a step count
-                where = f"{Path(caller.filename).name}:{caller.lineno} {source.strip()}"
-                self.reads.append(f"{self.counting}: {name} at {where}")
+            where = f"{Path(caller.filename).name}:{caller.lineno} {linecache.getline(caller.filename, caller.lineno)}"
+            self.reads.append(f"{self.counting}: {name} at {where.strip()}")
         return func(*args, **(kwargs or {}))
 
 
@@ -121,6 +141,8 @@ class BatchesAfterTheFirst(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self.mode.counting = "training" if batch_idx >= 1 else None
+        states = [state for optimizer in trainer.optimizers for state in optimizer.state.values()]
+        self.mode.host_tensors = {id(state["step"]) for state in states if "step" in state}
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
         self.mode.counting = "validation" if batch_idx >= 1 else None
@@ -150,7 +172,7 @@ def test_a_step_never_makes_the_cpu_wait_for_the_gpu(
     """Training and validation steps, batches built on the device, with every lever: augmentation, random erasing,
     the EMA, and mixup, plain labels, or the teacher's cached logits (no augmentation: the sweeps' path); the
     progress bar and a logger on, as in a user's run."""
-    torch.manual_seed(0)
+    seed_everything(0)  # numpy's generator too: timm's Mixup draws mixup or cutmix from it
     cached = lever == "cached logits"
     teacher = load_teacher(checkpoint=small_teacher_checkpoint if cached else teacher_checkpoint)
     mixup = {"mixup_alpha": 0.8, "cutmix_alpha": 1.0} if lever == "mixup" else None

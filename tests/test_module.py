@@ -232,6 +232,39 @@ def test_epoch_means_weigh_each_batch_by_its_size(tmp_path: Path):
     assert logged["val/loss"] != pytest.approx(sum(batch_means) / 16, rel=1e-5)  # not the mean of batch means
 
 
+@pytest.mark.parametrize("case", ["buffers averaged", "buffers copied", "bfloat16 model", "channels-last model"])
+def test_the_ema_update_is_torchs_average(case: str):
+    """distill.EMA's update against torch's AveragedModel with the EMA function, as Lightning's callback builds it."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_avg_fn
+
+    from distill.ema import _LerpAverage
+
+    torch.manual_seed(0)
+    model = student()
+    use_buffers = case != "buffers copied"
+    ours = _LerpAverage(model, None, use_buffers=use_buffers, decay=0.75)
+    theirs = AveragedModel(model, use_buffers=use_buffers, avg_fn=get_ema_avg_fn(0.75))
+    if case == "bfloat16 model":  # true-precision training converts the model after the average was copied
+        model.to(torch.bfloat16)
+    if case == "channels-last model":  # as DistillModule's setup does on a GPU, after the callbacks' setup
+        model.to(memory_format=torch.channels_last)
+    for _ in range(4):
+        with torch.no_grad():
+            for tensor in [*model.parameters(), *model.buffers()]:
+                tensor.add_(torch.randn_like(tensor.float()).to(tensor.dtype) if tensor.is_floating_point() else 1)
+        ours.update_parameters(model)
+        theirs.update_parameters(model)
+    for (key, a), b in zip(ours.state_dict().items(), theirs.state_dict().values(), strict=True):
+        if key.endswith("num_batches_tracked") and use_buffers:
+            assert torch.equal(a, model.state_dict()[key.removeprefix("module.")])  # copied, not averaged
+        else:
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=key)
+    if case == "channels-last model":  # the average took the model's layout: the lerp runs on matching tensors
+        pairs = list(zip(ours.module.parameters(), model.parameters(), strict=True))
+        assert any(m.stride() != torch.empty(m.shape).stride() for _, m in pairs)
+        assert all(a.stride() == m.stride() for a, m in pairs)
+
+
 def test_an_ema_of_the_student_is_validated_saved_and_reloaded(tmp_path: Path):
     """distill.EMA on a DistillModule (issue 17): the average by hand; validation and checkpoints see it."""
     from pytorch_lightning.callbacks import Callback, ModelCheckpoint
