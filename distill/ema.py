@@ -70,12 +70,17 @@ class _LerpAverage(AveragedModel):
 
     The tensor pairs are gathered at the first update after building or loading: parameters keep their identity
     through a fit (Lightning swaps and loads values in place, and ChannelPruning refuses to run beside an EMA).
-    The average is copied from the model when fit starts, before the module's setup may store it channels-last;
-    the first update gives each averaged tensor its model tensor's layout, so the lerp runs on matching tensors.
+    The average is copied from the model (without a DistillModule's teacher) when fit starts, before the module's
+    setup may store it channels-last; the first update gives each averaged tensor its model tensor's layout, so the
+    lerp runs on matching tensors.
     """
 
     def __init__(self, model: nn.Module, device: torch.device | int | None, use_buffers: bool, decay: float) -> None:
-        super().__init__(model, device=device, use_buffers=use_buffers)
+        held = {key: model.__dict__.pop(key) for key in ("_teacher",) if key in model.__dict__}
+        try:  # DistillModule's held teacher is not copied: it is never averaged, and may be large
+            super().__init__(model, device=device, use_buffers=use_buffers)
+        finally:
+            model.__dict__.update(held)
         self.decay = decay
         self.host_count: int | None = None
         self.averaged: list[tuple[torch.Tensor, torch.Tensor]] = []  # (average's tensor, model's tensor)

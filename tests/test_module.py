@@ -265,6 +265,16 @@ def test_the_ema_update_is_torchs_average(case: str):
         assert all(a.stride() == m.stride() for a, m in pairs)
 
 
+def test_the_ema_does_not_copy_the_teacher():
+    from distill.ema import _LerpAverage
+
+    teacher = FrozenTeacher(student())
+    model = DistillModule(student(), teacher)
+    average = _LerpAverage(model, None, use_buffers=True, decay=0.9)
+    assert model.teacher is teacher and average.module.teacher is None  # held by the model, absent from the copy
+    assert average.module.state_dict().keys() == model.state_dict().keys()  # what checkpoints and swaps rely on
+
+
 def test_an_ema_of_the_student_is_validated_saved_and_reloaded(tmp_path: Path):
     """distill.EMA on a DistillModule (issue 17): the average by hand; validation and checkpoints see it."""
     from pytorch_lightning.callbacks import Callback, ModelCheckpoint
