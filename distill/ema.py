@@ -1,4 +1,4 @@
-"""An exponential moving average of the student's weights (Polyak averaging), updated without waiting for the GPU."""
+"""An exponential moving average of the student's weights (Polyak & Juditsky 1992), updated without GPU syncs."""
 
 from __future__ import annotations
 
@@ -61,7 +61,7 @@ class EMA(EMAWeightAveraging):
             if is_overridden("configure_model", pl_module):
                 rank_zero_warn("EMA averages the layers configure_model builds, unsharded: memory may run out")
                 pl_module.configure_model()
-            device = self._device or pl_module.device
+            device = pl_module.device if self._device is None else self._device  # not `or`: device 0 is falsy
             self._average_model = _LerpAverage(pl_module, device, self._use_buffers, self.decay)
 
 
