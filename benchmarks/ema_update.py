@@ -45,6 +45,10 @@ def averages(model: torch.nn.Module, decay: float) -> dict[str, AveragedModel]:
     }
 
 
+def _kwargs(student: str) -> dict:
+    return {"small_input": True} if student.startswith("timm/") else {"num_pools": 3}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -52,7 +56,14 @@ def main() -> None:
     parser.add_argument("--updates", type=int, default=500, help="updates per timed round")
     parser.add_argument("--rounds", type=int, default=5, help="rounds per implementation, interleaved")
     args = parser.parse_args()
-    device = torch.device(args.device)
+    if args.updates < 1 or args.rounds < 1:
+        parser.error(f"--updates and --rounds must be at least 1, got {args.updates} and {args.rounds}")
+    torch.manual_seed(0)
+    try:  # every student and the device, before anything is timed
+        device = torch.device(args.device)
+        models = {s: create_student(s, num_classes=10, in_chans=1, **_kwargs(s)).to(device) for s in args.students}
+    except (ValueError, RuntimeError) as err:
+        parser.error(str(err).splitlines()[0])
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
@@ -60,10 +71,7 @@ def main() -> None:
           f"of {args.updates} updates\n")  # fmt: skip
     print("| student | tensors | implementation | aten ops per update | device reads per update | us per update |")
     print("|---|---:|---|---:|---:|---:|")
-    for student in args.students:
-        torch.manual_seed(0)
-        kwargs = {"small_input": True} if student.startswith("timm/") else {"num_pools": 3}
-        model = create_student(student, num_classes=10, in_chans=1, **kwargs).to(device)
+    for student, model in models.items():
         tensors = len([*model.parameters(), *model.buffers()])
         impls = averages(model, decay=0.999)
         counts = {}
