@@ -5,7 +5,10 @@ Importing this module registers ``test_studentnet``; the tests and the scripts t
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -50,9 +53,10 @@ def fmnist(**kwargs) -> FashionMNISTDataModule:
 
 
 def tiny_kd_recipe(tmp_path: Path, teacher: Path, warmup_epochs: float | None = None, **trainer) -> Path:
-    """configs/fmnist/kd.yaml shrunk for tests: the tiny StudentNet, a few batches, the given teacher."""
+    """configs/fmnist/kd.yaml shrunk for tests: the tiny StudentNet, one epoch of a few batches, the given teacher."""
     cfg = yaml.safe_load((Path(__file__).parents[1] / "configs" / "fmnist" / "kd.yaml").read_text())
-    small = {"limit_train_batches": 3, "limit_val_batches": 2, "limit_test_batches": 2, "accelerator": "cpu"}
+    small = {"max_epochs": 1, "limit_train_batches": 3, "limit_val_batches": 2, "limit_test_batches": 2,
+             "accelerator": "cpu"}  # fmt: skip
     cfg["trainer"].update(small, enable_progress_bar=False, enable_model_summary=False)
     cfg["trainer"].update(trainer)
     cfg["model"]["student"]["init_args"] = {"base": 2, "num_pools": 3}
@@ -63,6 +67,37 @@ def tiny_kd_recipe(tmp_path: Path, teacher: Path, warmup_epochs: float | None = 
     path = tmp_path / "kd_tiny.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
+
+
+def run_script(script: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """``python SCRIPT ARGS`` from the repository root, run in this process (a process per call cost 5 s of imports).
+
+    The script runs as ``__main__`` with that ``sys.argv``; its output is captured, a ``SystemExit`` becomes the
+    status the interpreter would give (its message on stderr), and the working directory, ``sys.argv``, torch's
+    threads and random state are put back after it. Any other exception propagates. With ``check``, a non-zero
+    status raises ``subprocess.CalledProcessError``, as ``subprocess.run(..., check=True)`` does.
+    """
+    root = Path(__file__).parents[1]
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    argv, cwd, threads = sys.argv, os.getcwd(), torch.get_num_threads()
+    try:
+        sys.argv = [str(root / script), *args]
+        os.chdir(root)
+        with torch.random.fork_rng(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                runpy.run_path(str(root / script), run_name="__main__")
+            except SystemExit as stop:
+                code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+                if isinstance(stop.code, str):
+                    print(stop.code, file=sys.stderr)
+    finally:
+        sys.argv = argv
+        os.chdir(cwd)
+        torch.set_num_threads(threads)
+    done = subprocess.CompletedProcess([sys.executable, script, *args], code, out.getvalue(), err.getvalue())
+    if check:
+        done.check_returncode()
+    return done
 
 
 def start_distill(*args: str, log: Path | None = None, threads: int | None = None) -> subprocess.Popen:

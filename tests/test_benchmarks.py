@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import ast
-import contextlib
-import importlib.util
-import io
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import torch
-from helpers import fmnist
+from helpers import fmnist, run_script
 
 from distill.profile import count_macs, count_params
 from students import StudentNet
@@ -32,9 +28,7 @@ def markdown_rows(out: str) -> tuple[list[str], list[list[str]]]:
 
 def test_pruning_speed_prints_its_table():
     args = ["--criteria", "l1", "hrank", "--ratios", "0.5", "--round-to", "1", "--rounds", "1", "--repeats", "1"]
-    out = subprocess.run(
-        [sys.executable, "benchmarks/pruning_speed.py", *args], capture_output=True, text=True, check=True, cwd=ROOT
-    ).stdout
+    out = run_script("benchmarks/pruning_speed.py", *args).stdout
     header, rows = markdown_rows(out)
     col = {name: header.index(name) for name in ("criterion", "pruned", "round_to", "channels", "params", "MACs")}
     assert [(row[col["criterion"]], row[col["pruned"]], row[col["round_to"]]) for row in rows] == [
@@ -57,10 +51,7 @@ def test_pruning_speed_prints_its_table():
 
 
 def test_timm_zoo_prints_its_table():
-    out = subprocess.run(
-        [sys.executable, "benchmarks/timm_zoo.py", "--models", "test_convnext"],
-        capture_output=True, text=True, check=True, cwd=ROOT,
-    ).stdout  # fmt: skip
+    out = run_script("benchmarks/timm_zoo.py", "--models", "test_convnext").stdout
     header, rows = markdown_rows(out)
     row = dict(zip(header, rows[0], strict=True))
     assert row["model"] == "test_convnext" and row["tp alone"] == "ok" and row["reload"] == "bit-exact"
@@ -81,19 +72,8 @@ def test_gpu_numbers_refuses_an_unknown_stage_before_running_anything(tmp_path: 
 
 
 def carry(*args: str) -> subprocess.CompletedProcess:
-    """``python benchmarks/carry.py ARGS`` in this process (its ``main``; a process per call cost 5 s of imports)."""
-    spec = importlib.util.spec_from_file_location("carry", ROOT / "benchmarks" / "carry.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    out, err, code = io.StringIO(), io.StringIO(), 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            module.main(list(args))
-        except SystemExit as stop:  # as the interpreter reports it: a message on stderr and status 1, or a status
-            code = stop.code if isinstance(stop.code, int) else 1
-            if isinstance(stop.code, str):
-                print(stop.code, file=sys.stderr)
-    return subprocess.CompletedProcess(["carry.py", *args], code, out.getvalue(), err.getvalue())
+    """``python benchmarks/carry.py ARGS``, in this process."""
+    return run_script("benchmarks/carry.py", *args, check=False)
 
 
 def test_carry_brings_a_teacher_to_the_next_gpu_call_in_parts_and_refuses_an_incomplete_set(

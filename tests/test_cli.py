@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import run_script
 
 from distill import DistillModule
 from distill.cli import main
@@ -93,15 +94,12 @@ def test_every_sweep_variant_instantiates(config: Path, variant: str, tmp_path: 
 
 
 @pytest.mark.parametrize("config", list(JOBS), ids=[str(c.relative_to(ROOT)) for c in JOBS])
-def test_every_job_config_parses(config: Path):
-    out = subprocess.run(
-        [sys.executable, "-m", "distill.cli", JOBS[config], "--config", str(config), "--print_config"],
-        capture_output=True,
-        text=True,
-        check=True,
-        cwd=ROOT,
-    ).stdout
-    settings = yaml.safe_load(out)
+def test_every_job_config_parses(config: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(ROOT)  # in-process (a fresh interpreter per config cost 5 s each; the help test runs one)
+    with pytest.raises(SystemExit) as printed:
+        main([JOBS[config], "--config", str(config), "--print_config"])
+    assert printed.value.code in (0, None)
+    settings = yaml.safe_load(capsys.readouterr().out)
     assert (ROOT / settings["recipe"]).is_file()
     if JOBS[config] == "sweep":
         assert settings["temperatures"] and settings["seeds"]
@@ -228,7 +226,7 @@ def test_prune_recovery_benchmark_runs_on_a_quickstart(quickstart_run: tuple[Pat
     args = ["--quickstart", str(qs), "--start-epochs", "2", "--extra-epochs", "2"]
     args += ["--target-params", "150000", "--variants", "rounds_finetune", "oneshot_rewind_seed_layers"]
     args += ["--out", str(tmp_path / "recovery")]
-    subprocess.run([sys.executable, "benchmarks/prune_recovery.py", *args], capture_output=True, check=True, cwd=ROOT)
+    run_script("benchmarks/prune_recovery.py", *args)
     table = (tmp_path / "recovery" / "table.md").read_text().splitlines()
     rows = [line.split("|")[1].strip() for line in table[4:] if line.startswith("| ")]  # after the header
     thin = "thin StudentNet, KD from scratch"
@@ -236,8 +234,8 @@ def test_prune_recovery_benchmark_runs_on_a_quickstart(quickstart_run: tuple[Pat
     assert rows[2] in (f"{thin}, 3 epochs", f"{thin}, 4 epochs")  # the start's best epoch, plus 2
     assert rows[3] == f"{thin}, 2 epochs (the variants' extra epochs only)"
     assert (qs / "student_2_epochs" / "best.ckpt").is_file()  # the longer start, shared by seeds, in the quickstart
-    twice = [sys.executable, "benchmarks/prune_recovery.py", "--seed-table", *[str(tmp_path / "recovery")] * 2]
-    seeds = subprocess.run(twice, capture_output=True, text=True, check=True, cwd=ROOT).stdout.splitlines()
+    twice = ["--seed-table", *[str(tmp_path / "recovery")] * 2]
+    seeds = run_script("benchmarks/prune_recovery.py", *twice).stdout.splitlines()
     first = [c.strip() for c in seeds[2].strip("|").split("|")]
     one = [c.strip() for c in table[4].strip("|").split("|")]  # the same variant's row in the one-run table
     assert seeds[0].startswith("| 2 seeds |") and first[0] == "rounds_finetune"

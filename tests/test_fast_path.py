@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import ast
 import linecache
-import subprocess
-import sys
 import traceback
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import fmnist, tiny_trainer
+from helpers import fmnist, run_script, tiny_trainer
 from pytorch_lightning import Callback, seed_everything
 from pytorch_lightning.loggers import CSVLogger
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -248,8 +246,7 @@ def test_precision_defaults_to_the_device():
 
 
 def _run(script: str, *args: str) -> str:
-    cmd = [sys.executable, f"benchmarks/{script}", *args]
-    return subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    return run_script(f"benchmarks/{script}", *args).stdout
 
 
 def test_throughput_benchmark_prints_its_table():

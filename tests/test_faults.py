@@ -260,7 +260,7 @@ def earlier_runs(root: Path) -> dict[str, str]:
     cfg = relocate(yaml.safe_load(recipe.read_text()), runs / "fit")
     recipe.write_text(yaml.safe_dump(cfg))
     main(["fit", "--config", str(recipe)])
-    sweep(str(recipe), temperatures=[2.0], baseline=False, run_dir=str(runs / "sweep"))
+    sweep(str(recipe), temperatures=[2.0], baseline=False, run_dir=str(runs / "sweep"), cache_teacher_logits=False)
     shutil.copy(recipe, inputs / "prune.yaml")
     prune_distill(
         str(inputs / "prune.yaml"),
