@@ -117,8 +117,8 @@ def prune_distill(
             (``latency_batch_size`` images, ``latency_threads``), as measured there: which layers lose channels
             is then chosen by importance per millisecond saved (:mod:`distill.pruning.search`).
         target_latency: or once a batch runs in at most this fraction (0 to 1) of the starting student's time:
-            the milliseconds are fixed when the run starts, from the timing that checks the target (side by side
-            with the smallest layout), and kept in ``run_dir`` for a resumed run.
+            the milliseconds are fixed when the run starts, from the timings that check the target (side by side
+            with the smallest layout, the least of three), and kept in ``run_dir`` for a resumed run.
         student_checkpoint: a trained student to start from (``distill fit`` checkpoint); without it the
             recipe's student is distilled first for ``initial_epochs``.
         initial_epochs: epochs of that first distillation (default: the recipe's ``max_epochs``).

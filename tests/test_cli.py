@@ -173,7 +173,7 @@ def quickstart_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict
         teacher_model="test_resnet",
         teacher_epochs=1,
         student_epochs=1,
-        target_latency=0.6,  # the target comes from one timing: below the student even if that one reads 60% high
+        target_latency=0.6,  # of the quietest of three timings (one alone read 33% high once), well below the student
         prune_rounds=1,
         final_epochs=0,
         limit_train_batches=3,
@@ -198,7 +198,7 @@ def test_quickstart_end_to_end(quickstart_run: tuple[Path, dict, dict]):
     student_ckpt = torch.load(results["student"]["checkpoint"], weights_only=True)
     assert student_ckpt["hyper_parameters"]["teacher_checkpoint"] == results["teacher"]["checkpoint"]
     assert results["pruned"]["params"] < results["student"]["params"]
-    pruning = json.loads((qs / "prune_distill" / "state.json").read_text())  # 0.6 of the student's ms, timed once
+    pruning = json.loads((qs / "prune_distill" / "state.json").read_text())  # 0.6 of the student's ms as checked
     assert pruning["target_latency_ms"] == round(0.6 * pruning["start_latency_ms"], 3)
     assert pruning["pruned"]["1"]["searched_ms"] <= pruning["target_latency_ms"]  # met as the search measured it
     summary = (qs / "summary.md").read_text()

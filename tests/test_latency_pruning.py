@@ -103,6 +103,22 @@ def test_unreachable_latency_targets_are_refused_with_what_was_measured():
     assert smallest < 0.9 * start
 
 
+def test_a_fraction_target_comes_from_the_quietest_of_three_timings():
+    """A busy moment only adds time: a fraction of one slow reading of the student could be its own time."""
+    readings = iter([{"student": 4.0, "smallest": 1.5}, {"student": 3.0, "smallest": 1.0}, {"student": 3.2,
+                     "smallest": 1.1}])  # fmt: skip
+    calls = []
+
+    def busy_then_quiet(models: dict) -> dict[str, float]:
+        calls.append(sorted(models))
+        return next(readings)
+
+    start, smallest = check_latency_target(net(), X1, POLICY, None, busy_then_quiet, fraction=0.75)
+    assert (start, smallest) == (3.0, 1.0) and calls == [["smallest", "student"]] * 3
+    readings = iter([{"student": 3.0, "smallest": 1.0}])  # a target in milliseconds: timed once
+    assert check_latency_target(net(), X1, POLICY, 2.0, busy_then_quiet) == (3.0, 1.0) and len(calls) == 4
+
+
 def test_a_run_that_trained_nothing_times_its_start_again(tmp_path: Path):
     """A run killed before its first phase ended starts afresh with new settings: its timing is not reused."""
     state = {"settings": {}, "phases": {"start": {}}, "start_latency_ms": 1.0}

@@ -508,7 +508,9 @@ def check_latency_target(
 
     Both are timed side by side by ``latency``: the student, and a copy with every prunable layer at its floor.
     A ``fraction`` of the student's time (with ``target_latency_ms=None``) is a target of that timing's, so a
-    busy moment cannot put it above the student.
+    busy moment cannot put it above the student; and of the least of three such timings, since a busy moment
+    only adds time (one timing on a shared 2-core CI machine read the student 33% slow: a target of 0.75 of it
+    was the student's own time, and the search had nothing to prune).
     """
     if (target_latency_ms is None) == (fraction is None):
         raise ValueError(f"give target_latency_ms or fraction, got {target_latency_ms} and {fraction}")
@@ -516,7 +518,8 @@ def check_latency_target(
     scores, floors, slices = _scored(model, example_input, resolve_importance("l1"), policy, floors)  # any: size
     plan = plan_pruning(scores, 1.0 - 1e-9, floors, False, policy.round_to, slices)
     smallest = _check_plan(model, example_input, plan, policy.ignored_layers)
-    ms = latency({"student": model, "smallest": smallest})
+    timings = [latency({"student": model, "smallest": smallest}) for _ in range(1 if fraction is None else 3)]
+    ms = {name: min(t[name] for t in timings) for name in ("student", "smallest")}
     where = getattr(latency, "describe", lambda: "the runtime")()
     if fraction is not None:
         target_latency_ms = round(fraction * ms["student"], 3)
