@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import math
 import shutil
 import subprocess
 from pathlib import Path
@@ -57,6 +58,16 @@ def test_timm_zoo_prints_its_table():
     assert row["model"] == "test_convnext" and row["tp alone"] == "ok" and row["reload"] == "bit-exact"
     assert row["l1"].startswith("ok, ") and row["taylor"].startswith("ok, ") and row["onnx"].startswith("ok, ")
     assert row["train"].startswith("ok, loss") and rows[-1][3:9] == ["**1/1**"] * 6
+
+
+def test_layout_benchmark_prints_its_table():
+    args = ["--teacher", "test_resnet", "--batch-size", "16", "--batches", "1", "--repeats", "1"]
+    header, rows = markdown_rows(run_script("benchmarks/layout.py", *args).stdout)
+    assert header == ["step", "contiguous ms", "channels-last ms", "contiguous / channels-last"]
+    names = ["teacher (test_resnet), labels", "StudentNet 1.0, labels", "KD: StudentNet 1.0 from test_resnet"]
+    assert [row[0] for row in rows] == names
+    for _, nchw, nhwc, ratio in rows:
+        assert float(nhwc) > 0 and math.isclose(float(nchw) / float(nhwc), float(ratio), rel_tol=0.05)  # rounded ms
 
 
 def test_gpu_numbers_refuses_an_unknown_stage_before_running_anything(tmp_path: Path):
