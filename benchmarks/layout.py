@@ -1,10 +1,12 @@
 """Training step time with contiguous (NCHW) against channels-last (NHWC) weights and inputs (``channels_last``).
 
     python benchmarks/layout.py --device cpu                 # the quickstart's models and batch on this CPU
+    python benchmarks/layout.py --device cpu --small-input   # the teacher of configs/fmnist/teacher.yaml
     python benchmarks/layout.py --device cpu --batches 2 --repeats 1 --teacher test_resnet --batch-size 16
 
 Three steps through ``Trainer.fit`` of ``DistillModule``, as the recipes run them: the teacher trained on labels
-(a timm model, the quickstart's ResNet-18 with the standard stem by default), StudentNet 1.0 (``num_pools=3``)
+(a timm model: the quickstart's ResNet-18 with the standard stem by default, or with ``--small-input`` the
+small-image stem of ``configs/fmnist/teacher.yaml``), StudentNet 1.0 (``num_pools=3``)
 trained on labels alone, and a KD step (StudentNet from that teacher, live, random weights: speed does not depend
 on them). Each step times ``--batches`` batches of Fashion-MNIST (without augmentation) after one untimed batch,
 in both layouts, interleaved ``--repeats`` times; the table gives the medians and their ratio.
@@ -51,7 +53,8 @@ def step_ms(module: DistillModule, args: argparse.Namespace) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
-    parser.add_argument("--teacher", default="resnet18", help="timm name of the teacher (standard stem)")
+    parser.add_argument("--teacher", default="resnet18", help="timm name of the teacher")
+    parser.add_argument("--small-input", action="store_true", help="the teacher's small-image stem (teacher.yaml's)")
     parser.add_argument("--batch-size", type=int, default=256, help="the quickstart's")
     parser.add_argument("--batches", type=int, default=8, help="timed batches per run")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved runs of each layout")
@@ -61,7 +64,8 @@ def main() -> None:
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\).*")
     torch.manual_seed(0)
-    teacher = create_student(f"timm/{args.teacher}", num_classes=10, in_chans=1).eval()
+    stem = {"small_input": True} if args.small_input else {}
+    teacher = create_student(f"timm/{args.teacher}", num_classes=10, in_chans=1, **stem).eval()
     student = StudentNet(num_classes=10, in_chans=1, num_pools=3)
 
     def steps(channels_last: bool) -> dict[str, nn.Module]:
@@ -78,7 +82,8 @@ def main() -> None:
         for channels_last in (False, True):
             for name, module in steps(channels_last).items():
                 times.setdefault((name, channels_last), []).append(step_ms(module, args))
-    print(f"\n{args.device}, {torch.get_num_threads()} threads, batch {args.batch_size}, float32, median of "
+    print(f"\n{args.device}, {torch.get_num_threads()} threads, batch {args.batch_size}, float32, teacher "
+          f"{args.teacher} ({'small-image' if args.small_input else 'standard'} stem), median of "
           f"{args.repeats} interleaved runs of {args.batches} batches\n")  # fmt: skip
     print("| step | contiguous ms | channels-last ms | contiguous / channels-last |\n|---|---:|---:|---:|")
     for name in dict.fromkeys(name for name, _ in times):
