@@ -61,11 +61,16 @@ def main() -> None:
     args = parser.parse_args()
     if min(args.batch_size, args.batches, args.repeats) < 1:
         parser.error("--batch-size, --batches and --repeats must be >= 1")
+    if args.device == "gpu" and not torch.cuda.is_available():
+        parser.error("--device gpu needs a CUDA GPU; this machine has none (use --device cpu)")
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\).*")
     torch.manual_seed(0)
     stem = {"small_input": True} if args.small_input else {}
-    teacher = create_student(f"timm/{args.teacher}", num_classes=10, in_chans=1, **stem).eval()
+    try:  # before anything is timed
+        teacher = create_student(f"timm/{args.teacher}", num_classes=10, in_chans=1, **stem).eval()
+    except ValueError as err:
+        parser.error(str(err).splitlines()[0])
     student = StudentNet(num_classes=10, in_chans=1, num_pools=3)
 
     def steps(channels_last: bool) -> dict[str, nn.Module]:

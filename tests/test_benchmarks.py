@@ -68,6 +68,8 @@ def test_layout_benchmark_prints_its_table():
     assert [row[0] for row in rows] == names
     for _, nchw, nhwc, ratio in rows:
         assert float(nhwc) > 0 and math.isclose(float(nchw) / float(nhwc), float(ratio), rel_tol=0.05)  # rounded ms
+    refused = run_script("benchmarks/layout.py", "--teacher", "no_such_model", check=False)  # before any timing
+    assert refused.returncode == 2 and refused.stderr.splitlines()[-1].startswith("layout.py: error: 'no_such_model'")
 
 
 def test_gpu_numbers_refuses_an_unknown_stage_before_running_anything(tmp_path: Path):
