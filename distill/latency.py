@@ -164,11 +164,6 @@ class LatencyMeter:
         return compare_latency(models, self.input_shape, self.runtime, self.batch_size, self.threads, self.warmup,
                                self.rounds, self.repeats)  # fmt: skip
 
-    def quietest(self, model: nn.Module | str | Path, calls: int = 3) -> float:
-        """The least of ``calls`` separate timings of one model: a busy moment only adds time, so this is the
-        figure to derive a target from (one timing on a shared 2-core CI machine read 25% high)."""
-        return min(self({"model": model})["model"] for _ in range(calls))
-
     def describe(self) -> str:
         """E.g. ``onnxruntime, batch 64, 2 threads``."""
         return f"{self.runtime}, batch {self.batch_size}, {self.threads or torch.get_num_threads()} threads"

@@ -32,12 +32,19 @@ from torch import nn
 
 from distill.pruning.policy import removal_order
 
-__all__ = ["LatencyMeasure", "latency_plan"]
+__all__ = ["LatencyMeasure", "latency_plan", "quietest"]
 
 #: Times named models side by side: ``{name: module} -> {name: milliseconds}`` (:class:`distill.latency.LatencyMeter`).
 LatencyMeasure = Callable[[Mapping[str, nn.Module]], Mapping[str, float]]
 #: Channels to remove, by group name (as :func:`distill.pruning.surgery.plan_pruning` returns).
 Plan = dict[str, list[int]]
+
+
+def quietest(measure: LatencyMeasure, models: Mapping[str, nn.Module], calls: int = 3) -> dict[str, float]:
+    """Each model's least milliseconds over ``calls`` side-by-side timings by ``measure``: a busy moment only adds
+    time, so this is the figure to derive a target from (one timing on a shared 2-core CI machine read 33% high)."""
+    timings = [measure(models) for _ in range(calls)]
+    return {name: min(t[name] for t in timings) for name in models}
 
 
 def latency_plan(

@@ -33,7 +33,7 @@ from torch import nn
 from distill.profile import count_macs, count_params, eval_mode, forget_eval_caches
 from distill.pruning.importance import DataDrivenImportance, Importance, producer, resolve_importance
 from distill.pruning.policy import PruningPolicy, removal_order
-from distill.pruning.search import LatencyMeasure, latency_plan
+from distill.pruning.search import LatencyMeasure, latency_plan, quietest
 from students import build_student, describe_spec, load_weights, mark_pruned, shape_attributes
 
 __all__ = [
@@ -518,8 +518,7 @@ def check_latency_target(
     scores, floors, slices = _scored(model, example_input, resolve_importance("l1"), policy, floors)  # any: size
     plan = plan_pruning(scores, 1.0 - 1e-9, floors, False, policy.round_to, slices)
     smallest = _check_plan(model, example_input, plan, policy.ignored_layers)
-    timings = [latency({"student": model, "smallest": smallest}) for _ in range(1 if fraction is None else 3)]
-    ms = {name: min(t[name] for t in timings) for name in ("student", "smallest")}
+    ms = quietest(latency, {"student": model, "smallest": smallest}, calls=1 if fraction is None else 3)
     where = getattr(latency, "describe", lambda: "the runtime")()
     if fraction is not None:
         target_latency_ms = round(fraction * ms["student"], 3)
