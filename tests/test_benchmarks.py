@@ -72,6 +72,24 @@ def test_layout_benchmark_prints_its_table():
     assert refused.returncode == 2 and refused.stderr.splitlines()[-1].startswith("layout.py: error: 'no_such_model'")
 
 
+def test_latency_search_benchmark_prints_each_search_and_refuses_bad_input(tmp_path: Path):
+    out = run_script("benchmarks/latency_search.py", "--width", "0.5", "--fraction", "0.8", "--searches", "1").stdout
+    target = float(out.split("target ")[1].split(" ms")[0])
+    header, [row] = markdown_rows(out)
+    row = dict(zip(header, row, strict=True))
+    path = [float(ms) for ms in row["ms at each timing"].split()]
+    assert len(path) == int(row["timings"]) and path[-1] == round(float(row["search's ms"]), 2)
+    assert float(row["search's ms"]) <= target and 0 < float(row["re-timed / start"]) < 1
+    channels = ast.literal_eval(row["channels"])
+    model = StudentNet(channels=channels, num_classes=10, in_chans=1, num_pools=3)
+    assert row["params"] == f"{count_params(model):,}" and all(c % 8 == 0 for c in channels)
+    for args, message in ((["--fraction", "1.5"], "need 0 < --fraction < 1"),
+                          (["--checkpoint", str(tmp_path / "none.ckpt")], "Checkpoint")):  # fmt: skip
+        refused = run_script("benchmarks/latency_search.py", *args, check=False)
+        assert refused.returncode == 2
+        assert refused.stderr.splitlines()[-1].startswith(f"latency_search.py: error: {message}")
+
+
 def test_gpu_numbers_refuses_an_unknown_stage_before_running_anything(tmp_path: Path):
     """The GPU script checks every stage first: a typo after a long stage would otherwise waste the lease."""
     script = tmp_path / "benchmarks" / "gpu_numbers.sh"

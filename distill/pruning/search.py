@@ -11,8 +11,13 @@ whose importance per millisecond saved is lowest:
 1. time the current layout and, for each group, the layout with that group cut by a probe (a quarter of
    its channels, in multiples of ``round_to``), side by side: each group's latency saved per channel;
 2. rank every chunk of ``round_to`` channels, lowest-importance first within its group, by the fraction of
-   its group's importance it holds divided by the latency it saves, and remove chunks in that order until
-   the predicted saving reaches the target;
+   its group's importance it holds divided by the latency it saves, and remove chunks in that order, none
+   past its group's probe (the saving was measured that far), until the predicted saving reaches the
+   step's aim: half the gap to the target, or all of it once that is within 5% of the target (NetAdapt's
+   small steps). The gap is from the least reading of the student so far (a busy moment only adds time).
+   Aiming at the whole gap in one step overshot to 0.32-0.48 of the start for a 0.75 target (RESULTS.md,
+   "The latency search lands near its target"): one busy timing inflates the gap, and one noisy probe
+   that reads a layer almost free sent the layer to its floor;
 3. time the result; repeat from 1 at the new layout until it runs at or under the target (a round in
    which no probe runs faster is measured once more before the search gives up: timings are noisy).
 
@@ -36,6 +41,8 @@ __all__ = ["LatencyMeasure", "latency_plan", "quietest"]
 
 #: Times named models side by side: ``{name: module} -> {name: milliseconds}`` (:class:`distill.latency.LatencyMeter`).
 LatencyMeasure = Callable[[Mapping[str, nn.Module]], Mapping[str, float]]
+#: A gap within this fraction of the target is closed in one step (a smaller one by halves would take many).
+CLOSE = 0.05
 #: Channels to remove, by group name (as :func:`distill.pruning.surgery.plan_pruning` returns).
 Plan = dict[str, list[int]]
 
@@ -56,7 +63,8 @@ def latency_plan(
     measure: LatencyMeasure,
     apply: Callable[[nn.Module, Plan], None],
     probe: float = 0.25,
-    max_steps: int = 8,
+    aim: float = 0.5,
+    max_steps: int = 12,
     slices: Mapping[str, int] | None = None,
 ) -> tuple[Plan, float]:
     """The channels to remove so that ``model`` runs in at most ``target_ms``, and its measured milliseconds.
@@ -70,6 +78,8 @@ def latency_plan(
         measure: times named models side by side.
         apply: removes a plan's channels from a model in place.
         probe: fraction of a group's channels cut to measure what the group costs.
+        aim: fraction of the remaining gap to the target each step sets out to save (at least 5% of the
+            target, and at most the gap; 1 aims at the whole gap every step).
         max_steps: measured steps before giving up.
         slices: each group's equal slices that lose the same positions (a grouped conv, attention heads;
             :func:`distill.pruning.surgery.channel_slices`); default 1.
@@ -101,7 +111,7 @@ def latency_plan(
         apply(trial, plan_for(counts))
         return trial
 
-    now, retried = math.inf, False
+    now, last, retried = math.inf, math.inf, False
     for _ in range(max_steps):
         probes = {}
         for g, k in keep.items():
@@ -124,20 +134,23 @@ def latency_plan(
                 f"{target_ms:.3f} ms cannot be reached (lower the floors, prune more layers, or raise the target)"
             )
         chunks = []  # (importance per ms saved, group, kept count after the chunk), cheapest first per group
-        for g, rate in per_channel.items():
+        for g, rate in per_channel.items():  # no further than the probe: the saving was measured that far
             k, position = keep[g], n[g] - keep[g]
-            while (below := smaller(g, k)) < k:
+            while (below := smaller(g, k)) < k and below >= probes[g]:
                 lost = sum(share[g][position : position + k - below])
                 chunks.append((lost / (rate * (k - below)), g, below))
                 position, k = position + k - below, below
         chunks.sort(key=lambda c: c[0])
-        saved, need = 0.0, now - target_ms
+        last = min(now, last)  # a busy moment only adds time, and losing channels did not slow the student down
+        gap = last - target_ms
+        saved, need = 0.0, min(gap, max(aim * gap, CLOSE * target_ms))
         for _, g, below in chunks:  # within a group chunks are sorted already: shares only grow
             if below < keep[g]:
                 saved += per_channel[g] * (keep[g] - below)
                 keep[g] = below
             if saved >= need:
                 break
+        retried = False
     raise ValueError(
         f"the latency search stopped after {max_steps} measured steps at {now:.3f} ms, above the target "
         f"{target_ms:.3f} ms (the runtime's timings may be too noisy at this size; raise the target)"

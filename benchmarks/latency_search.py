@@ -1,0 +1,76 @@
+"""How close the latency search lands to its target: searches of one student, each re-timed against its start.
+
+    python benchmarks/latency_search.py                            # StudentNet 1.0 to 0.75 of its ms, 3 searches
+    python benchmarks/latency_search.py --checkpoint runs/quickstart/student.ckpt --fraction 0.6
+
+The student (``--checkpoint``, else a StudentNet of ``--width`` with seeded random weights) is timed three times
+beside its smallest layout and the target is ``--fraction`` of its least reading, as ``distill prune-distill``
+derives a fractional target. Each search (``prune_student`` to that target: ``l1``, ``min_fraction`` 0.1,
+``round_to`` 8, the quickstart's policy) reports the timings it took, its seconds, the milliseconds it measured
+and the layout (with the student's milliseconds at each timing); then the pruned student is timed beside its
+start three times, and the least ratio of the two is what it runs at as a fraction of the start (the target's
+fraction is what it should be: a lower one overshot).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import time
+
+import torch
+
+from distill.latency import LatencyMeter
+from distill.pruning import CHANNEL_MULTIPLE, PruningPolicy, check_latency_target, prune_student
+from distill.report import markdown_table
+from students import StudentNet, load_student
+
+POLICY = PruningPolicy("l1", min_fraction=0.1, round_to=CHANNEL_MULTIPLE)
+X1 = torch.zeros(1, 1, 28, 28)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", help="a 1x28x28 student saved by the project (default: a random StudentNet)")
+    parser.add_argument("--width", type=float, default=1.0, help="width_mult of the random StudentNet")
+    parser.add_argument("--fraction", type=float, default=0.75, help="the target, a fraction of the start's ms")
+    parser.add_argument("--searches", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    if not 0 < args.fraction < 1 or args.searches < 1:
+        parser.error(f"need 0 < --fraction < 1 and --searches >= 1, got {args.fraction} and {args.searches}")
+    torch.manual_seed(args.seed)
+    meter = LatencyMeter((1, 28, 28))
+    try:
+        start = (load_student(args.checkpoint) if args.checkpoint else
+                 StudentNet(num_classes=10, in_chans=1, num_pools=3, width_mult=args.width)).eval()  # fmt: skip
+        start_ms, _ = check_latency_target(start, X1, POLICY, None, meter, fraction=args.fraction)
+    except (OSError, ValueError) as err:
+        parser.error(str(err).splitlines()[0])
+    target = round(args.fraction * start_ms, 3)
+    print(f"start {start_ms:.3f} ms ({meter.describe()}), target {target:.3f} ms ({args.fraction} of it)\n")
+    rows, calls = [], []
+
+    def counted(models: dict) -> dict[str, float]:  # the meter, keeping each timing's size and student's ms
+        timed = meter(models)
+        calls.append((len(models), timed.get("current", math.nan)))
+        return timed
+
+    for k in range(args.searches):
+        calls.clear()
+        model, began = copy.deepcopy(start), time.perf_counter()
+        report = prune_student(model, X1, POLICY, target_latency_ms=target, latency=counted)
+        seconds = time.perf_counter() - began
+        ratio = min(t["pruned"] / t["start"] for t in (meter({"start": start, "pruned": model}) for _ in range(3)))
+        path = " ".join(f"{now:.2f}" for _, now in calls)
+        rows.append([k, len(calls), sum(n for n, _ in calls), path, f"{seconds:.0f}", f"{report.latency_ms:.3f}",
+                     f"{report.latency_ms / target:.2f}", f"{ratio:.3f}", f"{report.params_after:,}",
+                     str(model.channels)])  # fmt: skip
+    header = ["search", "timings", "models timed", "ms at each timing", "s", "search's ms", "/ target",
+              "re-timed / start", "params", "channels"]  # fmt: skip
+    print(markdown_table(header, "rrrlrrrrrl", rows))
+
+
+if __name__ == "__main__":
+    main()
