@@ -63,7 +63,7 @@ def main() -> None:
         report = prune_student(model, X1, POLICY, target_latency_ms=target, latency=counted)
         seconds = time.perf_counter() - began
         ratio = min(t["pruned"] / t["start"] for t in (meter({"start": start, "pruned": model}) for _ in range(3)))
-        path = " ".join(f"{now:.2f}" for _, now in calls)
+        path = " ".join(f"{now:.3f}" for _, now in calls)
         rows.append([k, len(calls), sum(n for n, _ in calls), path, f"{seconds:.0f}", f"{report.latency_ms:.3f}",
                      f"{report.latency_ms / target:.2f}", f"{ratio:.3f}", f"{report.params_after:,}",
                      str(model.channels)])  # fmt: skip

@@ -77,8 +77,8 @@ def test_latency_search_benchmark_prints_each_search_and_refuses_bad_input(tmp_p
     target = float(out.split("target ")[1].split(" ms")[0])
     header, [row] = markdown_rows(out)
     row = dict(zip(header, row, strict=True))
-    path = [float(ms) for ms in row["ms at each timing"].split()]
-    assert len(path) == int(row["timings"]) and path[-1] == round(float(row["search's ms"]), 2)
+    path = row["ms at each timing"].split()
+    assert len(path) == int(row["timings"]) and path[-1] == row["search's ms"]
     assert float(row["search's ms"]) <= target and 0 < float(row["re-timed / start"]) < 1
     channels = ast.literal_eval(row["channels"])
     model = StudentNet(channels=channels, num_classes=10, in_chans=1, num_pools=3)

@@ -13,11 +13,13 @@ whose importance per millisecond saved is lowest:
 2. rank every chunk of ``round_to`` channels, lowest-importance first within its group, by the fraction of
    its group's importance it holds divided by the latency it saves, and remove chunks in that order, none
    past its group's probe (the saving was measured that far), until the predicted saving reaches the
-   step's aim: half the gap to the target, or all of it once that is within 5% of the target (NetAdapt's
+   step's aim: half the gap to the target, but at least 5% of the target and at most the gap (NetAdapt's
    small steps). The gap is from the least reading of the student so far (a busy moment only adds time).
-   Aiming at the whole gap in one step overshot to 0.32-0.48 of the start for a 0.75 target (RESULTS.md,
+   Aiming at the whole gap in one step overshot to 0.32-0.55 of the start for a 0.75 target (RESULTS.md,
    "The latency search lands near its target"): one busy timing inflates the gap, and one noisy probe
-   that reads a layer almost free sent the layer to its floor;
+   that reads a layer almost free sent the layer to its floor. The last two of ``max_steps`` steps aim at
+   the whole gap from their own reading, past the probes, as the search once did: a run in a long slow
+   phase ends past its target rather than failing;
 3. time the result; repeat from 1 at the new layout until it runs at or under the target (a round in
    which no probe runs faster is measured once more before the search gives up: timings are noisy).
 
@@ -43,6 +45,9 @@ __all__ = ["LatencyMeasure", "latency_plan", "quietest"]
 LatencyMeasure = Callable[[Mapping[str, nn.Module]], Mapping[str, float]]
 #: A gap within this fraction of the target is closed in one step (a smaller one by halves would take many).
 CLOSE = 0.05
+#: The last steps of a search aim at the whole gap from the current reading, past the probes: when the machine
+#: stays slow for minutes, the careful steps would cut a chunk at a time until ``max_steps`` ended the run.
+HURRY = 2
 #: Channels to remove, by group name (as :func:`distill.pruning.surgery.plan_pruning` returns).
 Plan = dict[str, list[int]]
 
@@ -112,7 +117,8 @@ def latency_plan(
         return trial
 
     now, last, retried = math.inf, math.inf, False
-    for _ in range(max_steps):
+    for taken in range(max_steps):
+        hurry = taken >= max_steps - HURRY  # a long slow phase: end as the whole-gap search did, past the target
         probes = {}
         for g, k in keep.items():
             cut = k
@@ -136,14 +142,14 @@ def latency_plan(
         chunks = []  # (importance per ms saved, group, kept count after the chunk), cheapest first per group
         for g, rate in per_channel.items():  # no further than the probe: the saving was measured that far
             k, position = keep[g], n[g] - keep[g]
-            while (below := smaller(g, k)) < k and below >= probes[g]:
+            while (below := smaller(g, k)) < k and (hurry or below >= probes[g]):
                 lost = sum(share[g][position : position + k - below])
                 chunks.append((lost / (rate * (k - below)), g, below))
                 position, k = position + k - below, below
         chunks.sort(key=lambda c: c[0])
         last = min(now, last)  # a busy moment only adds time, and losing channels did not slow the student down
-        gap = last - target_ms
-        saved, need = 0.0, min(gap, max(aim * gap, CLOSE * target_ms))
+        gap = (now if hurry else last) - target_ms
+        saved, need = 0.0, gap if hurry else min(gap, max(aim * gap, CLOSE * target_ms))
         for _, g, below in chunks:  # within a group chunks are sorted already: shares only grow
             if below < keep[g]:
                 saved += per_channel[g] * (keep[g] - below)
