@@ -5,11 +5,12 @@
 
 The student (``--checkpoint``, else a StudentNet of ``--width`` with seeded random weights) is timed three times
 beside its smallest layout and the target is ``--fraction`` of its least reading, as ``distill prune-distill``
-derives a fractional target. Each search (``prune_student`` to that target: ``l1``, ``min_fraction`` 0.1,
-``round_to`` 8, the quickstart's policy) reports the timings it took, its seconds, the milliseconds it measured
-and the layout (with the student's milliseconds at each timing); then the pruned student is timed beside its
-start three times, and the least ratio of the two is what it runs at as a fraction of the start (the target's
-fraction is what it should be: a lower one overshot).
+derives a fractional target (each timing ``--rounds`` rounds, ``LatencyMeter``'s 15 by default). Each search
+(``prune_student`` to that target: ``l1``, ``min_fraction`` 0.1, ``round_to`` 8, the quickstart's policy)
+reports the timings it took, its seconds, the milliseconds it measured and the layout (with the student's
+milliseconds at each timing); then the pruned student is timed beside its start three times, and the least ratio
+of the two is what it runs at as a fraction of the start (the target's fraction is what it should be: a lower
+one overshot).
 """
 
 from __future__ import annotations
@@ -37,11 +38,13 @@ def main() -> None:
     parser.add_argument("--fraction", type=float, default=0.75, help="the target, a fraction of the start's ms")
     parser.add_argument("--searches", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rounds", type=int, default=LatencyMeter.rounds, help="timing rounds of each call")
     args = parser.parse_args()
-    if not 0 < args.fraction < 1 or args.searches < 1:
-        parser.error(f"need 0 < --fraction < 1 and --searches >= 1, got {args.fraction} and {args.searches}")
+    if not 0 < args.fraction < 1 or args.searches < 1 or args.rounds < 1:
+        parser.error(f"need 0 < --fraction < 1, --searches >= 1 and --rounds >= 1, got {args.fraction}, "
+                     f"{args.searches} and {args.rounds}")  # fmt: skip
     torch.manual_seed(args.seed)
-    meter = LatencyMeter((1, 28, 28))
+    meter = LatencyMeter((1, 28, 28), rounds=args.rounds)
     try:
         start = (load_student(args.checkpoint) if args.checkpoint else
                  StudentNet(num_classes=10, in_chans=1, num_pools=3, width_mult=args.width)).eval()  # fmt: skip

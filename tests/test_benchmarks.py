@@ -73,7 +73,8 @@ def test_layout_benchmark_prints_its_table():
 
 
 def test_latency_search_benchmark_prints_each_search_and_refuses_bad_input(tmp_path: Path):
-    out = run_script("benchmarks/latency_search.py", "--width", "0.5", "--fraction", "0.8", "--searches", "1").stdout
+    args = ["--width", "0.5", "--fraction", "0.8", "--searches", "1"]  # all eight layers searched, 15 rounds a timing
+    out = run_script("benchmarks/latency_search.py", *args).stdout
     target = float(out.split("target ")[1].split(" ms")[0])
     header, [row] = markdown_rows(out)
     row = dict(zip(header, row, strict=True))
@@ -83,7 +84,7 @@ def test_latency_search_benchmark_prints_each_search_and_refuses_bad_input(tmp_p
     channels = ast.literal_eval(row["channels"])
     model = StudentNet(channels=channels, num_classes=10, in_chans=1, num_pools=3)
     assert row["params"] == f"{count_params(model):,}" and all(c % 8 == 0 for c in channels)
-    for args, message in ((["--fraction", "1.5"], "need 0 < --fraction < 1"),
+    for args, message in ((["--fraction", "1.5"], "need 0 < --fraction < 1"), (["--rounds", "0"], "need 0 <"),
                           (["--checkpoint", str(tmp_path / "none.ckpt")], "Checkpoint")):  # fmt: skip
         refused = run_script("benchmarks/latency_search.py", *args, check=False)
         assert refused.returncode == 2

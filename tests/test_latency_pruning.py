@@ -21,6 +21,8 @@ from students import StudentNet, load_student, save_student
 
 X1 = torch.zeros(1, 1, 28, 28)
 POLICY = PruningPolicy("l1", min_fraction=0.1, round_to=CHANNEL_MULTIPLE)
+#: Layers the slower searches leave alone: 4 models a timing instead of 9 (the quickstart's test prunes all eight).
+OUTER = ["cnn.0.0", "cnn.1.3", "cnn.2.3", "cnn.3.3", "cnn.7.3"]
 
 
 def net(**kwargs) -> StudentNet:
@@ -50,10 +52,11 @@ def test_a_latency_target_is_met_as_measured_and_the_student_runs_faster():
     start = copy.deepcopy(model)
     # the search times the student again: a busy first timing would meet it
     before = quietest(meter(), {"start": start})["start"]
-    report = prune_student(model, X1, POLICY, target_latency_ms=0.6 * before, latency=meter())  # CI read 25% slow
+    middle = PruningPolicy("l1", min_fraction=0.1, ignored_layers=OUTER)
+    report = prune_student(model, X1, middle, target_latency_ms=0.6 * before, latency=meter())  # CI read 25% slow
     assert report.latency_ms is not None and report.latency_ms <= 0.6 * before  # as the search measured it
     assert report.params_after < report.params_before
-    assert all(c % CHANNEL_MULTIPLE == 0 for c in model.channels)
+    assert all(c % CHANNEL_MULTIPLE == 0 for c in model.channels) and model.channels[:4] == start.channels[:4]
     ms = meter()({"start": start, "pruned": model})  # timed again, side by side; a generous margin
     assert ms["pruned"] < 0.95 * ms["start"]
     assert model(torch.randn(2, 1, 28, 28)).shape == (2, 10)
@@ -213,7 +216,7 @@ def test_prune_distill_to_a_latency_target_with_bracketing_widths_resumes_and_re
         "recipe": str(tiny_kd_recipe(tmp_path, small_teacher_checkpoint)),
         "overrides": {"model": {"student": {"init_args": {"base": 16, "width_mult": 1.0}}}},  # the seed's 256k
         "target_latency": 0.8,  # of the start's time in the check's timing; the smallest layout runs in about 0.34
-        "ignored_layers": ["cnn.0.0", "cnn.1.3", "cnn.2.3", "cnn.3.3", "cnn.7.3"],  # 4 models a timing, not 9
+        "ignored_layers": OUTER,
         "initial_epochs": 1,
         "epochs_per_round": 1,
         "rounds": 2,
