@@ -106,7 +106,7 @@ def test_a_long_slow_phase_ends_past_the_target_instead_of_failing():
 
     model = net(channels=[16, 32, 64, 128, 200, 192, 192, 256])  # 5.84 "ms"
     report = prune_student(model, X1, POLICY, target_latency_ms=5.8, latency=slow_after_first)
-    assert len(calls) == 12 and report.latency_ms <= 5.8 and middle_widths(model) < 5.0, model.channels
+    assert 10 <= len(calls) <= 12 and report.latency_ms <= 5.8 and middle_widths(model) < 5.0, model.channels
 
 
 def test_a_step_cuts_a_layer_no_further_than_its_probe_measured():
