@@ -4,6 +4,7 @@ from distill.data import CIFAR10DataModule, CIFAR100DataModule, FashionMNISTData
 from distill.ema import EMA
 from distill.losses import DISTLoss, DKDLoss, KDLoss, LogitStandardKDLoss
 from distill.module import DistillModule
+from distill.predictions import PredictionWriter
 
 __all__ = [
     "EMA",
@@ -16,5 +17,6 @@ __all__ = [
     "ImageFolderDataModule",
     "KDLoss",
     "LogitStandardKDLoss",
+    "PredictionWriter",
 ]
 __version__ = "0.1.0"

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from jsonargparse import CLI
-from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from distill.export import export
 from distill.lightning_cli import DistillCLI, JobParser
@@ -49,11 +49,13 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     Bad input (a missing file, a wrong class count, an invalid option) ends with one clear message
     and exit status 2, a job that ended with work unfinished (a sweep whose other workers still run) with
-    status 3; set ``DISTILL_DEBUG=1`` to see the traceback instead.
+    status 3, a run stopped by SIGTERM (``kill``, ``timeout``, a scheduler) with 143 (Lightning ends it with
+    status 0); set ``DISTILL_DEBUG=1`` to see the traceback instead.
     """
     args = list(sys.argv[1:] if argv is None else argv)
     # Lightning 2.6 on torch 2.14 warns about its own use of torch's pytree API at every run.
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")  # `distill --help`
     try:
         if args and args[0] in JOBS:
             run_job(args[0], args[1:])
@@ -65,7 +67,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                 raise
         else:
             DistillCLI(args=None if argv is None else args)  # None: LightningCLI reads sys.argv itself
-    except (ValueError, OSError, IncompleteRun, MisconfigurationException, MissingExtra) as err:
+    except SIGTERMException:  # Lightning stopped the run cleanly (checkpoints, logs) and exits with 0
+        print("distill: stopped by SIGTERM. To resume, run a job's command again, or a fit's with --ckpt_path "
+              "<its folder>/last.ckpt", file=sys.stderr)  # fmt: skip
+        raise SystemExit(143) from None
+    except (ValueError, OSError, IncompleteRun, MisconfigurationException, MissingExtra, ModuleNotFoundError) as err:
         if os.environ.get("DISTILL_DEBUG"):
             raise
         status = getattr(err, "exit_status", 2)

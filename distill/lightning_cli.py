@@ -19,10 +19,12 @@ from typing import Any, NoReturn
 import torch
 from jsonargparse import ArgumentParser, Namespace, set_parsing_settings
 from pytorch_lightning import Callback, LightningDataModule, Trainer
+from pytorch_lightning.callbacks import BasePredictionWriter
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import CSVLogger
 
 from distill.module import DistillModule, check_resume_settings
+from distill.predictions import PredictionWriter
 from distill.rundir import atomic_path
 from students.checkpoint import is_training_checkpoint, read_checkpoint
 
@@ -90,7 +92,7 @@ class _Trainer(Trainer):
         interval = kwargs.get("val_check_interval")
         wrong += [f"val_check_interval={interval}"] if isinstance(interval, (int, float)) and interval <= 0 else []
         if wrong:  # Lightning divides by some of them at fit time, after the run folder is touched
-            raise ValueError(f"trainer: {', '.join(wrong)} is out of range (see `distill fit --trainer.help Trainer`)")
+            raise ValueError(f"trainer: {', '.join(wrong)} is out of range (its options: `distill fit --help`)")
         super().__init__(
             limit_train_batches=limit_train_batches,
             limit_val_batches=limit_val_batches,
@@ -206,7 +208,12 @@ class DistillCLI(LightningCLI):
         keep_logged_rows(self.trainer, lambda _row: True)  # evaluation rows go after the training's
 
     before_test = before_validate
-    before_predict = before_validate
+
+    def before_predict(self) -> None:
+        """Predictions go to ``predictions.csv`` (:class:`PredictionWriter`) unless the config names a writer."""
+        self.before_validate()
+        if not any(isinstance(c, BasePredictionWriter) for c in self.trainer.callbacks):
+            self.trainer.callbacks.append(PredictionWriter())
 
 
 #: Data attributes linked into the student's arguments.

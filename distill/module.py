@@ -326,6 +326,10 @@ class DistillModule(LightningModule):
     def test_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
         self._shared_step(batch, "test")
 
+    def predict_step(self, batch: Batch | tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        """The student's logits for the batch's images (``distill predict`` writes them: PredictionWriter)."""
+        return self.student(as_batch(batch).x.contiguous(memory_format=self.memory_format))
+
     def on_train_epoch_start(self) -> None:
         self._start_epoch("train")
         if hasattr(self.loss, "set_epoch"):  # a loss that ramps a term in over epochs (DKDLoss)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import subprocess
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import run_script
+from helpers import fmnist, run_script
 
 from distill import DistillModule
 from distill.cli import main
@@ -121,6 +122,26 @@ def test_debug_recipe_runs(tmp_path: Path):
     (checkpoint,) = (tmp_path / "checkpoints").glob("*.ckpt")
     assert torch.load(checkpoint, weights_only=True)["global_step"] == 5  # limit_train_batches: 5
     assert load_student(checkpoint).channels == [2, 4, 8, 16, 32, 32, 32, 32]  # StudentNet, base 2
+
+
+def test_predict_writes_each_test_images_class_and_probability(tmp_path: Path):
+    """``distill predict --ckpt_path``: the checkpoint's student on the test split, a CSV row per image, in order."""
+    args = ["--config", str(ROOT / "configs" / "debug.yaml"), "--trainer.default_root_dir", str(tmp_path)]
+    main(["fit", *args, "--trainer.enable_checkpointing", "true"])
+    (checkpoint,) = (tmp_path / "checkpoints").glob("*.ckpt")
+    main(["predict", *args, "--ckpt_path", str(checkpoint), "--trainer.limit_predict_batches", "2"])
+    with open(tmp_path / "predictions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    data = fmnist(batch_size=32)
+    data.setup("test")
+    x, y = next(iter(data.test_dataloader()))[:2]
+    student = load_student(checkpoint)
+    with torch.no_grad():
+        probability, predicted = student(x).softmax(-1).max(-1)
+    assert len(rows) == 64 and [int(r["index"]) for r in rows] == list(range(64))
+    assert [int(r["label"]) for r in rows[:32]] == y.tolist()
+    assert [int(r["predicted"]) for r in rows[:32]] == predicted.tolist()
+    assert [float(r["probability"]) for r in rows[:32]] == pytest.approx(probability.tolist(), abs=1e-5)
 
 
 def test_a_limit_of_one_batch_is_one_batch(tmp_path: Path):

@@ -77,3 +77,7 @@ class SplitDataModule(LightningDataModule):
 
     def test_dataloader(self) -> Iterable[Batch]:
         return self._loader(self.test_set, train=False)
+
+    def predict_dataloader(self) -> Iterable[Batch]:
+        """The test split: ``distill predict`` writes the student's prediction for each of its images."""
+        return self._loader(self.test_set, train=False)

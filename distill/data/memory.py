@@ -327,6 +327,3 @@ class InMemoryDataModule(SplitDataModule):
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         size = self.batch_size if train else self.eval_batch_size
         return DeviceBatches(dataset, size, shuffle=train, rank=rank, world_size=world)
-
-    def predict_dataloader(self) -> Iterable[Batch]:
-        return self._loader(self.test_set, train=False)
