@@ -184,10 +184,12 @@ def sweep_report(out: Path, rows: list[dict[str, Any]], settings: dict[str, Any]
             verdict.append(
                 f"Against the CE-only student: {100 * (best['test'] - ce['test']):+.2f} points of test accuracy."
             )
+    password = ", with the storage's password in place of `***`" if "***" in str(settings.get("storage")) else ""
     md = (
         f"# Distillation sweep\n\n{text}\n\n{' '.join(verdict)}\n\n"
         "The setting is chosen on the validation split; the test split only reports it.\n\n"
-        "Reproduce (resumes if the run directory exists):\n\n```bash\ndistill sweep --config sweep.yaml\n```\n\n"
+        f"Reproduce (resumes if the run directory exists), from `{Path.cwd()}`{password}:\n\n```bash\n"
+        f"distill sweep --config {out / 'sweep.yaml'}\n```\n\n"
         f"with `sweep.yaml`:\n\n```yaml\n{yaml.safe_dump(settings, sort_keys=False)}```\n"
     )
     atomic_write(out / "sweep.md", lambda f: f.write(md))
@@ -289,7 +291,8 @@ def prune_distill_report(
         f"# Prune-then-distill\n\n{text}\n\n{verdict}{shipped}\n\n"
         "Accuracies: the best validation epoch of each phase; test is reported, never used to choose. Latency: "
         f"every student timed side by side in interleaved rounds ({where}), median.\n\n"
-        "Reproduce (resumes if the run directory exists): `distill prune-distill --config prune_distill.yaml`.\n"
+        f"Reproduce (resumes if the run directory exists), from `{Path.cwd()}`: `distill prune-distill --config "
+        f"{out / 'prune_distill.yaml'}`.\n"
     )
     atomic_write(out / "summary.md", lambda f: f.write(md))
     _written(out, text, verdict + shipped, "{rounds.csv,pareto.png,summary.md}")

@@ -122,7 +122,13 @@ def sweep(
         "baseline": baseline,
         "overrides": overrides or {},
         "variants": variants,
+        "run_dir": str(out),  # sweep.yaml resumes this sweep wherever it is run from
+        "study_name": study_name,
     }
+    if storage is not None:  # its password stays out of the run's files
+        from sqlalchemy.engine import make_url  # optuna's storage layer
+
+        settings["storage"] = make_url(storage).render_as_string(hide_password=True)
     cache = str(out / "cache") if cache_teacher_logits else None
 
     if storage is None:

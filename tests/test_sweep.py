@@ -56,11 +56,11 @@ def test_grid_completes_and_a_rerun_trains_nothing(tmp_path: Path, small_teacher
     assert (run_dir / "sweep.png").read_bytes()[:4] == b"\x89PNG"
     md = (run_dir / "sweep.md").read_text()
     assert "| KDLoss | 2 | 0.9 | 1 |" in md and "| KDLoss | 4 | 0.9 | 1 |" in md and "| CE only |" in md
-    assert "Best on validation: KDLoss, T=" in md and "distill sweep --config sweep.yaml" in md
+    assert "Best on validation: KDLoss, T=" in md and f"distill sweep --config {run_dir / 'sweep.yaml'}\n" in md
     assert list((run_dir / "cache").glob("*.pt"))  # the teacher's logits were computed once and kept
 
     before = len(trials(run_dir)), len(trials(run_dir, "sweep-ce"))
-    main(["sweep", "--config", str(run_dir / "sweep.yaml"), "--run_dir", str(run_dir)])  # sweep.md's reproduce
+    main(["sweep", "--config", str(run_dir / "sweep.yaml")])  # sweep.md's reproduce: resumes, trains nothing
     assert (len(trials(run_dir)), len(trials(run_dir, "sweep-ce"))) == before
     with open(run_dir / "sweep.csv") as f:
         assert len(list(csv.DictReader(f))) == len(rows)
@@ -355,3 +355,4 @@ def test_two_workers_on_postgresql_one_killed_train_every_point_once(
     with open(run_dir / "sweep.csv") as f:
         assert len(list(csv.DictReader(f))) == 3
     assert "Incomplete" not in (run_dir / "sweep.md").read_text()
+    assert yaml.safe_load((run_dir / "sweep.yaml").read_text())["storage"] == postgres  # sweep.md's reproduce
