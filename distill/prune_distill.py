@@ -65,7 +65,7 @@ from distill.recipes import (
     with_callbacks,
 )
 from distill.report import phase_label, prune_distill_report
-from distill.rundir import RunState
+from distill.rundir import RunState, check_run_dir
 from students import StudentNet, load_student, read_checkpoint, save_student, width_for_params
 
 __all__ = ["check_latency_options", "check_options", "check_reachable", "has_timed_start", "prune_distill"]
@@ -174,6 +174,7 @@ def prune_distill(
                   final_epochs, initial_epochs, slimming_epochs, slimming_lambda, finetune_lr, min_fraction, round_to,
                   seed, target_latency_ms, target_latency)  # fmt: skip
     check_latency_options(latency_runtime, latency_batch_size, export_onnx, latency_threads)
+    check_run_dir(Path(run_dir), "prune-distill")
     # Every check runs before the run directory is touched: a refused run writes nothing and locks nothing.
     base = job_recipe(recipe, overrides)
     if student_checkpoint is not None and not Path(student_checkpoint).is_file():

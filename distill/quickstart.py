@@ -52,7 +52,7 @@ from distill.recipes import (
     with_callbacks,
 )
 from distill.report import against_baselines, quickstart_table
-from distill.rundir import RunState, atomic_write, changed_settings, refuse_changes
+from distill.rundir import RunState, atomic_write, changed_settings, check_run_dir, refuse_changes
 from students import load_student
 
 __all__ = ["quickstart"]
@@ -129,6 +129,7 @@ def quickstart(
     """
     settings = json.loads(json.dumps(dict(locals()), default=list))
     out = Path(run_dir)
+    check_run_dir(out, "quickstart")
     if not 0 < target_latency < 1:
         raise ValueError(f"target_latency is a fraction of the student's latency: need 0 < target_latency < 1, got "
                          f"{target_latency}")  # fmt: skip

@@ -27,6 +27,7 @@ __all__ = [
     "atomic_path",
     "atomic_write",
     "changed_settings",
+    "check_run_dir",
     "file_lock",
     "refuse_changes",
 ]
@@ -80,6 +81,24 @@ class IncompleteRun(RuntimeError):
 def changed_settings(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """The settings whose values differ between a recorded run and this one (a missing one reads as None)."""
     return sorted(k for k in stored.keys() | current.keys() if stored.get(k) != current.get(k))
+
+
+#: The file each command leaves at the top of its run directory, by which another job's run there is known.
+RUN_MARKERS = {"quickstart": "quickstart.json", "sweep": "sweep.yaml", "prune-distill": "prune_distill.yaml",
+               "fit": "config.yaml"}  # fmt: skip
+
+
+def check_run_dir(folder: Path, job: str) -> None:
+    """Refuse a ``run_dir`` for ``job`` that is a file, or that holds another command's run: the jobs share file
+    names (``summary.md``, ``state.json``, ``cache/``), and one would overwrite the other's."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"run_dir {folder} is a file, not a folder: give a folder (it is created if missing)")
+    for other, marker in RUN_MARKERS.items():
+        if other != job and (folder / marker).is_file():
+            raise ValueError(
+                f"run_dir {folder} holds a {other} run ({marker}): {job} would overwrite its files. Use another "
+                f"run_dir."
+            )
 
 
 def refuse_changes(folder: Path, job: str, changed: Iterable[str], then: str) -> None:

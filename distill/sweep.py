@@ -34,7 +34,7 @@ from distill.recipes import (
     with_callbacks,
 )
 from distill.report import sweep_report
-from distill.rundir import IncompleteRun
+from distill.rundir import IncompleteRun, check_run_dir
 from distill.study import finished_rows, missing_points, open_storage, open_study, work
 
 __all__ = ["sweep"]
@@ -110,6 +110,7 @@ def sweep(
             f"heartbeat_interval={heartbeat_interval}, max_trials={max_trials}, study_name={study_name!r}"
         )
     out = Path(run_dir).resolve()
+    check_run_dir(out, "sweep")
     for cfg in recipes.values():
         check_recipe(cfg)  # the teacher loads and fits the data: no trial will fail on it
     url = storage or f"sqlite:///{out / 'sweep.db'}"

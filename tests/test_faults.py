@@ -243,6 +243,11 @@ FAULTS = [
     Fault("quickstart target above the student", (*QUICK, "--target_latency_ms", "1e6"), "is not below the student"),
     Fault("quickstart target unreachable", (*QUICK, "--target_latency_ms", "1e-6"), "ms cannot be met"),
     Fault("quickstart target fraction 1", (*QUICK, "--target_latency", "1.0"), "need 0 < target_latency < 1"),
+    # ---- a job's run_dir: a file, or another command's run (their files share names: summary.md, cache/)
+    Fault("prune-distill run_dir a file", (*PRUNE[:-1], "{inputs}/teacher.ckpt"), "is a file, not a folder"),
+    Fault("prune-distill into a sweep's folder", (*PRUNE[:-1], "{runs}/sweep"), "holds a sweep run (sweep.yaml)"),
+    Fault("sweep into prune-distill's folder", (*NEW_SWEEP[:-1], "{runs}/prune"), "holds a prune-distill run"),
+    Fault("quickstart into a fit's folder", ("quickstart", "--run_dir", "{runs}/fit", *QUICK[3:]), "holds a fit run"),
 ]
 
 
