@@ -137,6 +137,9 @@ def quickstart(
                   final_epochs=final_epochs, target_latency_ms=target_latency_ms or 1.0)  # fmt: skip
     if teacher_epochs < 1 or student_epochs < 1:
         raise ValueError(f"need teacher_epochs >= 1 and student_epochs >= 1, got {teacher_epochs} and {student_epochs}")
+    if not (limit_train_batches > 0 and limit_eval_batches > 0):  # every stage trains, validates and tests
+        raise ValueError(f"need limit_train_batches > 0 and limit_eval_batches > 0, got {limit_train_batches} and "
+                         f"{limit_eval_batches}")  # fmt: skip
     common = {
         "batch_size": batch_size,
         "augment": augment,

@@ -243,6 +243,7 @@ FAULTS = [
     Fault("quickstart target above the student", (*QUICK, "--target_latency_ms", "1e6"), "is not below the student"),
     Fault("quickstart target unreachable", (*QUICK, "--target_latency_ms", "1e-6"), "ms cannot be met"),
     Fault("quickstart target fraction 1", (*QUICK, "--target_latency", "1.0"), "need 0 < target_latency < 1"),
+    Fault("quickstart no training batch", (*QUICK, "--limit_train_batches", "0"), "need limit_train_batches > 0"),
     # ---- a job's run_dir: a file, or another command's run (their files share names: summary.md, cache/)
     Fault("prune-distill run_dir a file", (*PRUNE[:-1], "{inputs}/teacher.ckpt"), "is a file, not a folder"),
     Fault("prune-distill into a sweep's folder", (*PRUNE[:-1], "{runs}/sweep"), "holds a sweep run (sweep.yaml)"),
