@@ -188,6 +188,14 @@ class DistillCLI(LightningCLI):
             self.model.check_checkpoint(checkpoint, source)  # the architecture first: the bigger difference
             if self._settings is not None:
                 check_resume_settings(checkpoint, self._settings, source)
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        evaluates = self.subcommand in ("validate", "test", "predict") and config.get("ckpt_path") is None
+        if evaluates and not _loads_weights(config.get("model", Namespace()).get("student")):
+            raise ValueError(
+                f"distill {self.subcommand} without --ckpt_path would {self.subcommand} the recipe's student as "
+                f"built, with random weights: give --ckpt_path <run>/best.ckpt (written by `distill fit`), or "
+                f"set model.student to students.load_student"
+            )
 
     def _check_links(self) -> None:
         """Refuse a student ``num_classes``/``in_chans`` given against the data: the link would override it."""
@@ -218,6 +226,19 @@ class DistillCLI(LightningCLI):
 
 #: Data attributes linked into the student's arguments.
 _LINKED = ("num_classes", "in_chans")
+
+
+def _loads_weights(spec: Any) -> bool:
+    """Whether a ``model.student`` spec builds a student with trained weights: a checkpoint loaded
+    (``students.load_student``, not ``from_scratch``; a teacher's loader) or timm's pretrained ones."""
+    spec = spec.as_dict() if isinstance(spec, Namespace) else spec
+    if not isinstance(spec, dict):
+        return False
+    args = spec.get("init_args") or {}
+    name = str(spec.get("class_path", "")).rsplit(".", 1)[-1]
+    if name in ("load_student", "load_teacher", "load_teachers"):
+        return not args.get("from_scratch", False)
+    return bool(args.get("pretrained")) or "checkpoint_path" in (args.get("model_kwargs") or {})
 
 
 class _ResumedRows(Callback):

@@ -119,6 +119,7 @@ FAULTS = [
     Fault("resume from a student file", ("fit", *RESUME, BEST), "student's weights"),
     Fault("test a student file", ("test", *RESUME, BEST), "not a checkpoint written by `distill fit`"),
     Fault("test another architecture", ("test", *RESUME, "{inputs}/resnet.ckpt"), "timm"),
+    Fault("test without a checkpoint", ("test", *FIT[1:]), "without --ckpt_path would test the recipe's student"),
     Fault("validate with val_size 1.5", ("validate", *FIT[1:], "--data.init_args.val_size", "1.5"), "1.5"),
     # ---- distill sweep
     Fault("sweep temperature 0", (*SWEEP, "--temperatures", "[0]"), "Temperatures must be finite and > 0"),
