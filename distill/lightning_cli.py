@@ -41,16 +41,18 @@ class _OneLineErrors:
     Abbreviated options are refused: ``--trainer.max_epoch`` must not silently mean ``--trainer.max_epochs``.
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, source: str | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
+        self.source = source  # what is parsed, when not the command line: a job's recipe file
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         if not self.exit_on_error or os.environ.get("DISTILL_DEBUG"):
             super().error(message, ex)
         text = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
         command = self.prog.replace(" [options]", "")
-        print(f"distill: error: {text} (options: {command} --help)", file=sys.stderr)
+        where = f"{self.source}: " if self.source else ""
+        print(f"distill: error: {where}{text} (options: {command} --help)", file=sys.stderr)
         raise SystemExit(2)
 
 

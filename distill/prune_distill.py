@@ -179,7 +179,7 @@ def prune_distill(
     base = job_recipe(recipe, overrides)
     if student_checkpoint is not None and not Path(student_checkpoint).is_file():
         raise FileNotFoundError(f"Student checkpoint {student_checkpoint!r} does not exist. Fix the path, or omit it.")
-    model, data = check_recipe(base)
+    model, data = check_recipe(base, f"recipe {recipe}" + (" with its overrides" if overrides else ""))
     if student_checkpoint is not None:
         start = load_student(student_checkpoint)
         DistillModule(start).check_data(data)  # its classes and input channels fit the data

@@ -161,7 +161,8 @@ def quickstart(
     )
     student_cfg = _resize(load_recipe(kd_config), out / "student", epochs=student_epochs, **common)
     student_cfg["model"].pop("teacher", None)  # the teacher trained below
-    model, data = check_recipe(student_cfg)  # before anything trains: the student, the data, the target
+    # before anything trains: the student, the data, the target
+    model, data = check_recipe(student_cfg, f"kd_config {kd_config}")
     check_latency_options(latency_runtime, latency_batch_size, needs_onnx=True)  # the table times ONNX files
     policy = PruningPolicy(importance, min_fraction=0.1, round_to=CHANNEL_MULTIPLE, ignored_layers=ignored_layers)
     x = torch.zeros(1, data.in_chans, *data.input_size)

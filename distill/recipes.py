@@ -172,18 +172,20 @@ def build_datamodule(cfg: dict[str, Any], source: str) -> Any:
     return datamodule
 
 
-def check_recipe(cfg: dict[str, Any]) -> tuple[Any, Any]:
+def check_recipe(cfg: dict[str, Any], source: str | None = None) -> tuple[Any, Any]:
     """Build a recipe's model and datamodule and check them against each other, as ``distill fit`` would.
 
     Jobs call it before they create a run folder or a study, so that a recipe ``distill fit`` would refuse
     (a teacher that does not load or does not fit the data, a bad data or Trainer setting) writes nothing.
+    ``source`` (e.g. ``recipe configs/fmnist/kd.yaml``) begins the line of an option it does not know.
 
     Returns:
         The ``DistillModule`` and the datamodule, set up for fitting.
     """
     with warnings.catch_warnings():  # the job's own argv is in sys.argv; the config given here is the recipe
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
-        cli = DistillCLI(args=copy.deepcopy(cfg), run=False)  # checks data and models, builds the Trainer
+        parser = {"prog": "distill fit", "source": source}  # a typo's line names the file and `distill fit --help`
+        cli = DistillCLI(args=copy.deepcopy(cfg), run=False, parser_kwargs=parser)  # checks data, models, Trainer
     best = cli.trainer.checkpoint_callback
     _check_best_is_chosen(best is not None and best.monitor is not None, cli.trainer.limit_val_batches)
     return cli.model, cli.datamodule

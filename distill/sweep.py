@@ -111,8 +111,9 @@ def sweep(
         )
     out = Path(run_dir).resolve()
     check_run_dir(out, "sweep")
-    for cfg in recipes.values():
-        check_recipe(cfg)  # the teacher loads and fits the data: no trial will fail on it
+    for name, cfg in recipes.items():  # the teacher loads and fits the data: no trial will fail on it
+        check_recipe(cfg, f"recipe {recipe}" + (f", variant {name}" if variants else "") +
+                     (" with its overrides" if overrides else ""))  # fmt: skip
     url = storage or f"sqlite:///{out / 'sweep.db'}"
     settings = {
         "recipe": recipe,

@@ -244,6 +244,11 @@ FAULTS = [
     Fault("quickstart target above the student", (*QUICK, "--target_latency_ms", "1e6"), "is not below the student"),
     Fault("quickstart target unreachable", (*QUICK, "--target_latency_ms", "1e-6"), "ms cannot be met"),
     Fault("quickstart target fraction 1", (*QUICK, "--target_latency", "1.0"), "need 0 < target_latency < 1"),
+    Fault(
+        "prune-distill recipe with an unknown option",
+        (*NEW_PRUNE, "--overrides", "{{trainer: {{max_epoch: 1}}}}"),
+        "prune.yaml with its overrides: Group 'trainer' does not accept option 'max_epoch' (options: distill fit",
+    ),
     Fault("quickstart no training batch", (*QUICK, "--limit_train_batches", "0"), "need limit_train_batches > 0"),
     # ---- a job's run_dir: a file, or another command's run (their files share names: summary.md, cache/)
     Fault("prune-distill run_dir a file", (*PRUNE[:-1], "{inputs}/teacher.ckpt"), "is a file, not a folder"),
