@@ -8,6 +8,7 @@ into options and ``--help``.
 
 from __future__ import annotations
 
+import difflib
 import os
 import sys
 import warnings
@@ -57,6 +58,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")  # `distill --help`
     try:
+        commands = ["fit", "validate", "test", "predict", *JOBS]
+        if args and not args[0].startswith("-") and args[0] not in commands:  # Lightning's list omits the jobs
+            close = difflib.get_close_matches(args[0], commands, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise ValueError(f"unknown command {args[0]!r}: {hint}choose from {', '.join(commands)}")
         if args and args[0] in JOBS:
             run_job(args[0], args[1:])
         elif not args or args[0] in ("-h", "--help"):

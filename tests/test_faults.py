@@ -64,6 +64,7 @@ QUICK = ("quickstart", "--run_dir", "{runs}/quickstart", "--teacher_model", "tes
 QUICK += ("--teacher_config", "{repo}/configs/fmnist/teacher.yaml", "--kd_config", "{repo}/configs/fmnist/kd.yaml")
 
 FAULTS = [
+    Fault("mistyped command", ("prune-distil", *NEW), "unknown command 'prune-distil': did you mean prune-distill?"),
     # ---- distill fit: the config file
     Fault("config file missing", ("fit", "--config", "{inputs}/missing.yaml"), "File does not exist"),
     Fault("config YAML syntax error", ("fit", "--config", "{inputs}/syntax.yaml"), "did not find expected"),
