@@ -127,10 +127,6 @@ def sweep(
         "run_dir": str(out),  # sweep.yaml resumes this sweep wherever it is run from
         "study_name": study_name,
     }
-    if storage is not None:  # its password stays out of the run's files
-        from sqlalchemy.engine import make_url  # optuna's storage layer
-
-        settings["storage"] = make_url(storage).render_as_string(hide_password=True)
     cache = str(out / "cache") if cache_teacher_logits else None
 
     if storage is None:
@@ -139,6 +135,10 @@ def sweep(
     ce_space = {"seed": space["seed"]}
     kd = open_study(rdb, url, study_name, space, recipes)
     ce = open_study(rdb, url, f"{study_name}-ce", ce_space, base) if baseline else None
+    if storage is not None:  # opened above, so a URL; its password stays out of the run's files
+        from sqlalchemy.engine import make_url  # optuna's storage layer
+
+        settings["storage"] = make_url(storage).render_as_string(hide_password=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))  # only once it was accepted
 
