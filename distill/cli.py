@@ -19,7 +19,7 @@ from jsonargparse import CLI
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from distill.export import export
-from distill.lightning_cli import DistillCLI, JobParser
+from distill.lightning_cli import DistillCLI, JobParser, stop_if_terminated
 from distill.prune_distill import prune_distill
 from distill.quantize import MissingExtra
 from distill.quickstart import quickstart
@@ -72,11 +72,10 @@ def main(argv: Sequence[str] | None = None) -> None:
                 print("\nother commands:\n" + "\n".join(f"  {n:<15s}{doc}" for n, (_, doc) in JOBS.items()))
                 raise
         else:
-            DistillCLI(args=None if argv is None else args)  # None: LightningCLI reads sys.argv itself
+            cli = DistillCLI(args=None if argv is None else args)  # None: LightningCLI reads sys.argv itself
+            stop_if_terminated(cli.trainer)
     except SIGTERMException:  # Lightning stopped the run cleanly (checkpoints, logs) and exits with 0
-        print("distill: stopped by SIGTERM. To resume, run a job's command again, or a fit's with --ckpt_path "
-              "<its folder>/last.ckpt", file=sys.stderr)  # fmt: skip
-        raise SystemExit(143) from None
+        _stopped()
     except (ValueError, OSError, IncompleteRun, MisconfigurationException, MissingExtra, ModuleNotFoundError) as err:
         if os.environ.get("DISTILL_DEBUG"):
             raise
@@ -85,6 +84,16 @@ def main(argv: Sequence[str] | None = None) -> None:
             err = err.__cause__
         print(f"distill: error: {err} (DISTILL_DEBUG=1 shows the traceback)", file=sys.stderr)
         raise SystemExit(status) from None
+    except RuntimeError as err:  # a SIGTERM to the process group stops the DataLoader's workers first
+        if "is killed by signal: Terminated" not in str(err) or os.environ.get("DISTILL_DEBUG"):
+            raise
+        _stopped()
+
+
+def _stopped() -> None:
+    print("distill: stopped by SIGTERM. To resume, run a job's command again, or a fit's with --ckpt_path "
+          "<its folder>/last.ckpt", file=sys.stderr)  # fmt: skip
+    raise SystemExit(143) from None
 
 
 if __name__ == "__main__":

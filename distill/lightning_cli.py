@@ -19,9 +19,10 @@ from typing import Any, NoReturn
 import torch
 from jsonargparse import ArgumentParser, Namespace, set_parsing_settings
 from pytorch_lightning import Callback, LightningDataModule, Trainer
-from pytorch_lightning.callbacks import BasePredictionWriter
+from pytorch_lightning.callbacks import BasePredictionWriter, ModelCheckpoint
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from distill.module import DistillModule, check_resume_settings
 from distill.predictions import PredictionWriter
@@ -165,7 +166,18 @@ class DistillCLI(LightningCLI):
         self.check_run()
         if self.subcommand not in (None, "fit"):
             self.save_config_callback = None
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        last = self.subcommand in _EVALUATE and config.get("ckpt_path") == "last"
+        if last and not _loads_weights(config.model.student):
+            found = [p for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)
+                     for p in c._find_last_checkpoints(trainer)]  # fmt: skip
+            if not found:  # Lightning warns and goes on with the recipe's random weights
+                raise ValueError(
+                    "--ckpt_path last: the recipe's checkpoint folder holds no last checkpoint, and the student "
+                    "as built has random weights: give the path of a checkpoint written by `distill fit`"
+                )
+        return trainer
 
     def check_run(self) -> None:
         """Set up the data and check the student, the teacher and ``--ckpt_path`` against it; write nothing.
@@ -191,7 +203,7 @@ class DistillCLI(LightningCLI):
             if self._settings is not None:
                 check_resume_settings(checkpoint, self._settings, source)
         config = self.config[self.subcommand] if self.subcommand else self.config
-        evaluates = self.subcommand in ("validate", "test", "predict") and config.get("ckpt_path") is None
+        evaluates = self.subcommand in _EVALUATE and config.get("ckpt_path") is None
         if evaluates and not _loads_weights(config.get("model", Namespace()).get("student")):
             raise ValueError(
                 f"distill {self.subcommand} without --ckpt_path would {self.subcommand} the recipe's student as "
@@ -226,8 +238,20 @@ class DistillCLI(LightningCLI):
             self.trainer.callbacks.append(PredictionWriter())
 
 
+def stop_if_terminated(trainer: Any) -> None:
+    """Raise Lightning's ``SIGTERMException`` if ``trainer`` received a SIGTERM it did not act on.
+
+    Lightning stops at the next check of its loops, but none follows the last epoch, the last evaluation batch
+    or any prediction batch: a SIGTERM there is forgotten, and the next Trainer of a job clears it.
+    """
+    if getattr(trainer, "received_sigterm", False):
+        raise SIGTERMException
+
+
 #: Data attributes linked into the student's arguments.
 _LINKED = ("num_classes", "in_chans")
+#: The subcommands that evaluate a student's weights: refused on the random ones of a recipe's student.
+_EVALUATE = ("validate", "test", "predict")
 
 
 def _loads_weights(spec: Any) -> bool:
@@ -238,8 +262,10 @@ def _loads_weights(spec: Any) -> bool:
         return False
     args = spec.get("init_args") or {}
     name = str(spec.get("class_path", "")).rsplit(".", 1)[-1]
-    if name in ("load_student", "load_teacher", "load_teachers"):
+    if name == "load_student":
         return not args.get("from_scratch", False)
+    if name == "load_teachers" or (name == "load_teacher" and args.get("checkpoint")):
+        return True
     return bool(args.get("pretrained")) or "checkpoint_path" in (args.get("model_kwargs") or {})
 
 

@@ -7,6 +7,7 @@ Lightning's ``predict`` keeps what ``predict_step`` returns in memory and leaves
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,8 @@ __all__ = ["PredictionWriter"]
 
 class PredictionWriter(BasePredictionWriter):
     """Write ``predictions.csv``: for each image of the predict split (the datamodule's test split), in
-    order, its index, its label, the student's predicted class and that class's softmax probability.
+    order, its index, its label, the student's predicted class and that class's softmax probability. Under
+    DDP each process writes the images it was given (``predictions.rank{r}.csv``), indexed in the split.
 
     The file is written once the split is done, in one step (an interrupted run leaves none behind).
 
@@ -49,16 +51,25 @@ class PredictionWriter(BasePredictionWriter):
     ) -> None:
         probability, predicted = prediction.detach().float().softmax(-1).max(-1)
         labels = as_batch(batch).y
-        self._rows.append(torch.stack([labels.float(), predicted.float(), probability], 1).cpu())
+        if batch_indices is not None and len(batch_indices) == len(labels):  # Lightning's, from the sampler (DDP)
+            index = torch.as_tensor(list(batch_indices), dtype=torch.float64)
+        else:  # in-memory batches on the device: this process's share is every world_size-th image from its rank
+            done = sum(len(r) for r in self._rows)
+            place = torch.arange(done, done + len(labels), dtype=torch.float64)
+            index = trainer.global_rank + trainer.world_size * place
+        row = torch.stack([index, labels.double().cpu(), predicted.double().cpu(), probability.double().cpu()], 1)
+        self._rows.append(row)
 
     def on_predict_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         path = self.output(trainer)
         path.parent.mkdir(parents=True, exist_ok=True)
         rows = torch.cat(self._rows).tolist() if self._rows else []
+        size = len(getattr(trainer.predict_dataloaders, "dataset", ())) or math.inf
+        rows = sorted(r for r in rows if r[0] < size)  # split evenly across processes, the last images came twice
         with atomic_path(path) as partial, open(partial, "w", newline="") as f:
             table = csv.writer(f)
             table.writerow(["index", "label", "predicted", "probability"])
-            table.writerows([i, int(label), int(predicted), f"{p:.6f}"] for i, (label, predicted, p) in enumerate(rows))
+            table.writerows([int(i), int(label), int(predicted), f"{p:.6f}"] for i, label, predicted, p in rows)
         print(f"\nWritten: {path} ({len(rows):,} predictions)")
         self._rows = []
 

@@ -20,7 +20,7 @@ import yaml
 from jsonargparse import ArgumentParser
 from pytorch_lightning import LightningDataModule
 
-from distill.lightning_cli import DistillCLI
+from distill.lightning_cli import DistillCLI, stop_if_terminated
 from distill.rundir import atomic_write
 
 __all__ = [
@@ -282,6 +282,7 @@ def fit_recipe(cfg: dict[str, Any], config_path: Path | None = None) -> FitResul
         # The folder is the job's own, and the CLI has just saved config.yaml in it: not a stale run
         warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
         cli = DistillCLI(args={"fit": copy.deepcopy(cfg)})  # refused input writes nothing, this file included
+    stop_if_terminated(cli.trainer)
     wall = time.time() - start
     config_path = config_path or sibling_config(Path(folder))
     config_path.parent.mkdir(parents=True, exist_ok=True)
@@ -289,6 +290,7 @@ def fit_recipe(cfg: dict[str, Any], config_path: Path | None = None) -> FitResul
     checkpoint = cli.trainer.checkpoint_callback
     best = checkpoint.best_model_path
     metrics = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=best, verbose=False)
+    stop_if_terminated(cli.trainer)
     student = cli.model.student
     teacher_acc = metrics[0].get("test/teacher_acc")
     result = FitResult(

@@ -184,7 +184,8 @@ def sweep_report(out: Path, rows: list[dict[str, Any]], settings: dict[str, Any]
             verdict.append(
                 f"Against the CE-only student: {100 * (best['test'] - ce['test']):+.2f} points of test accuracy."
             )
-    password = ", with the storage's password in place of `***`" if "***" in str(settings.get("storage")) else ""
+    masked = any(m in str(settings.get("storage")) for m in ("***", "%2A%2A%2A"))  # the URL's password, hidden
+    password = ", with the storage's password in place of `***`" if masked else ""
     md = (
         f"# Distillation sweep\n\n{text}\n\n{' '.join(verdict)}\n\n"
         "The setting is chosen on the validation split; the test split only reports it.\n\n"

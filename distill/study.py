@@ -27,6 +27,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from pytorch_lightning.utilities.exceptions import SIGTERMException
+
 from distill.recipes import FitResult, input_digests
 from distill.rundir import file_lock
 
@@ -191,7 +193,11 @@ def work(
             ):
                 trial.set_user_attr("duplicate_of", other.number)
                 raise optuna.TrialPruned(f"grid point {params} is taken by trial {other.number}")
-        result = run(params)
+        try:
+            result = run(params)
+        except SIGTERMException:  # optuna leaves it RUNNING until its heartbeat is stale: a rerun would wait for it
+            study.tell(trial, state=TrialState.FAIL)  # queued again by the next worker, at once
+            raise
         for key, value in asdict(result).items():
             trial.set_user_attr(key, value)
         return result.val_acc

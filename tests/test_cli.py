@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from helpers import fmnist, run_script
+from helpers import fmnist, run_script, tiny_kd_recipe
 
 from distill import DistillModule
 from distill.cli import main
 from distill.lightning_cli import DistillCLI
-from distill.recipes import load_recipe, merge
+from distill.recipes import load_recipe, merge, relocate
 from students import load_student, width_for_params
 from teachers import FrozenTeacher, TeacherEnsemble
 
@@ -142,6 +142,22 @@ def test_predict_writes_each_test_images_class_and_probability(tmp_path: Path):
     assert [int(r["label"]) for r in rows[:32]] == y.tolist()
     assert [int(r["predicted"]) for r in rows[:32]] == predicted.tolist()
     assert [float(r["probability"]) for r in rows[:32]] == pytest.approx(probability.tolist(), abs=1e-5)
+    on_device = (tmp_path / "predictions.csv").read_text()
+    main(["predict", *args, "--ckpt_path", str(checkpoint), "--trainer.limit_predict_batches", "2",
+          "--data.init_args.on_device", "true"])  # fmt: skip
+    assert (tmp_path / "predictions.csv").read_text() == on_device  # batches served on the device: same rows
+
+
+def test_evaluating_without_trained_weights_is_refused(tmp_path: Path, small_teacher_checkpoint: Path):
+    """``test`` with no ``--ckpt_path``, or ``last`` where there is none, would score random weights."""
+    config = tmp_path / "kd.yaml"
+    config.write_text(yaml.safe_dump(relocate(load_recipe(tiny_kd_recipe(tmp_path, small_teacher_checkpoint)),
+                                              tmp_path / "never_fitted")))  # fmt: skip
+    for ckpt, message in (([], "without --ckpt_path would test"), (["--ckpt_path", "last"], "no last checkpoint")):
+        result = subprocess.run([sys.executable, "-m", "distill.cli", "test", "--config", str(config), *ckpt],
+                                capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+        assert result.returncode == 2 and message in result.stderr.splitlines()[-1], result.stderr
+        assert not (tmp_path / "never_fitted").exists()
 
 
 def test_a_limit_of_one_batch_is_one_batch(tmp_path: Path):

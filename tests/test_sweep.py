@@ -232,16 +232,26 @@ def test_a_killed_trial_runs_again(tmp_path: Path, small_teacher_checkpoint: Pat
     }
     config = tmp_path / "sweep.yaml"
     config.write_text(yaml.safe_dump(settings))
-    worker = _worker(config, tmp_path / "killed.log")
-    deadline = time.time() + 120
-    while time.time() < deadline:  # wait until the trial is training
-        trial = run_dir / "trials" / "recipe" / "KDLoss_T4_alpha0.9_seed0"
-        if (run_dir / "sweep.db").exists() and (trial / "metrics.csv").exists():
-            break
-        time.sleep(0.2)
-    os.killpg(worker.pid, signal.SIGKILL)
-    worker.wait()
-    assert [t.state.name for t in trials(run_dir)] == ["RUNNING"]
+
+    def stop_while_training(kill: signal.Signals, log: str) -> int:
+        worker = _worker(config, tmp_path / log)
+        deadline = time.time() + 120
+        while time.time() < deadline:  # wait until the trial is training
+            metrics = run_dir / "trials" / "recipe" / "KDLoss_T4_alpha0.9_seed0" / "metrics.csv"
+            if (run_dir / "sweep.db").exists() and metrics.exists():
+                break
+            time.sleep(0.2)
+        os.killpg(worker.pid, kill)
+        return worker.wait()
+
+    # Stopped by SIGTERM (a scheduler): status 143, and its trial failed at once, so the next worker takes it now.
+    assert stop_while_training(signal.SIGTERM, "stopped.log") == 143
+    assert [t.state.name for t in trials(run_dir)] == ["FAIL"]
+    (run_dir / "trials" / "recipe" / "KDLoss_T4_alpha0.9_seed0" / "metrics.csv").unlink()
+
+    # Killed (SIGKILL: no word to optuna): its trial stays RUNNING until its heartbeat is stale.
+    stop_while_training(signal.SIGKILL, "killed.log")
+    assert [t.state.name for t in trials(run_dir)] == ["FAIL", "RUNNING"]
 
     # At once, within the heartbeat grace period: the grid is not done, and the report and exit status say so.
     with pytest.raises(SystemExit) as stopped:
@@ -249,7 +259,7 @@ def test_a_killed_trial_runs_again(tmp_path: Path, small_teacher_checkpoint: Pat
     assert stopped.value.code == 3
     assert "Incomplete: 1 grid point(s) not finished" in (run_dir / "sweep.md").read_text()
     assert (
-        "kd alpha=0.9, loss=KDLoss, seed=0, temperature=4, variant=recipe: running in trial 0"
+        "kd alpha=0.9, loss=KDLoss, seed=0, temperature=4, variant=recipe: running in trial 1"
         in (run_dir / "sweep.md").read_text()
     )
     with open(run_dir / "sweep.csv") as f:
@@ -258,7 +268,7 @@ def test_a_killed_trial_runs_again(tmp_path: Path, small_teacher_checkpoint: Pat
     # At once again, waiting (the default): the dead worker's trial goes stale and runs here.
     sweep(**settings)
     states = [t.state.name for t in trials(run_dir)]
-    assert states.count("FAIL") == 1 and states.count("COMPLETE") == 1
+    assert states.count("FAIL") == 2 and states.count("COMPLETE") == 1
     assert completed(run_dir) == [
         (("alpha", 0.9), ("loss", "KDLoss"), ("seed", 0), ("temperature", 4.0), ("variant", "recipe"))
     ]

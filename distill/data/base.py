@@ -57,8 +57,9 @@ class SplitDataModule(LightningDataModule):
 
     def _loader(self, dataset: Dataset | None, train: bool) -> Iterable[Batch]:
         if dataset is None:
-            raise RuntimeError(
-                f"{type(self).__name__}: this split is not set up (setup() not called for its stage, or no such split)"
+            raise ValueError(  # one line from `distill test|predict` on data without a test split
+                f"{type(self).__name__}: this split is not set up (no such split, e.g. no test_dir; or setup() was "
+                f"not called for its stage)"
             )
         return DataLoader(
             dataset,
