@@ -167,17 +167,29 @@ class DistillCLI(LightningCLI):
         if self.subcommand not in (None, "fit"):
             self.save_config_callback = None
         trainer = super().instantiate_trainer(**kwargs)
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        last = self.subcommand in _EVALUATE and config.get("ckpt_path") == "last"
-        if last and not _loads_weights(config.model.student):
-            found = [p for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)
-                     for p in c._find_last_checkpoints(trainer)]  # fmt: skip
-            if not found:  # Lightning warns and goes on with the recipe's random weights
-                raise ValueError(
-                    "--ckpt_path last: the recipe's checkpoint folder holds no last checkpoint, and the student "
-                    "as built has random weights: give the path of a checkpoint written by `distill fit`"
-                )
+        self._check_weights(trainer)
         return trainer
+
+    def _check_weights(self, trainer: Trainer) -> None:
+        """Refuse to evaluate the random weights of a recipe's student: ``validate``/``test``/``predict`` with no
+        ``--ckpt_path``, or with ``last`` where there is none (Lightning warns and goes on), unless the student
+        spec loads trained weights itself."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        ckpt_path = config.get("ckpt_path")
+        if self.subcommand not in _EVALUATE or ckpt_path not in (None, "last") or _loads_weights(config.model.student):
+            return
+        if ckpt_path is None:
+            raise ValueError(
+                f"distill {self.subcommand} without --ckpt_path would {self.subcommand} the recipe's student as "
+                f"built, with random weights: give --ckpt_path <run>/best.ckpt (written by `distill fit`), or "
+                f"set model.student to students.load_student"
+            )
+        if not any(c._find_last_checkpoints(trainer) for c in trainer.checkpoint_callbacks
+                   if isinstance(c, ModelCheckpoint)):  # fmt: skip
+            raise ValueError(
+                "--ckpt_path last: the recipe's checkpoint folder holds no last checkpoint, and the student "
+                "as built has random weights: give the path of a checkpoint written by `distill fit`"
+            )
 
     def check_run(self) -> None:
         """Set up the data and check the student, the teacher and ``--ckpt_path`` against it; write nothing.
@@ -202,14 +214,6 @@ class DistillCLI(LightningCLI):
             self.model.check_checkpoint(checkpoint, source)  # the architecture first: the bigger difference
             if self._settings is not None:
                 check_resume_settings(checkpoint, self._settings, source)
-        config = self.config[self.subcommand] if self.subcommand else self.config
-        evaluates = self.subcommand in _EVALUATE and config.get("ckpt_path") is None
-        if evaluates and not _loads_weights(config.get("model", Namespace()).get("student")):
-            raise ValueError(
-                f"distill {self.subcommand} without --ckpt_path would {self.subcommand} the recipe's student as "
-                f"built, with random weights: give --ckpt_path <run>/best.ckpt (written by `distill fit`), or "
-                f"set model.student to students.load_student"
-            )
 
     def _check_links(self) -> None:
         """Refuse a student ``num_classes``/``in_chans`` given against the data: the link would override it."""

@@ -38,6 +38,7 @@ class PredictionWriter(BasePredictionWriter):
 
     def on_predict_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         self._rows = []
+        self.output(trainer).parent.mkdir(parents=True, exist_ok=True)  # a folder that cannot be made: say so now
 
     def write_on_batch_end(
         self,
@@ -62,7 +63,6 @@ class PredictionWriter(BasePredictionWriter):
 
     def on_predict_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         path = self.output(trainer)
-        path.parent.mkdir(parents=True, exist_ok=True)
         rows = torch.cat(self._rows).tolist() if self._rows else []
         size = len(getattr(trainer.predict_dataloaders, "dataset", ())) or math.inf
         rows = sorted(r for r in rows if r[0] < size)  # split evenly across processes, the last images came twice

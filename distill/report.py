@@ -13,6 +13,7 @@ import statistics
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import yaml
 
@@ -184,7 +185,7 @@ def sweep_report(out: Path, rows: list[dict[str, Any]], settings: dict[str, Any]
             verdict.append(
                 f"Against the CE-only student: {100 * (best['test'] - ce['test']):+.2f} points of test accuracy."
             )
-    masked = any(m in str(settings.get("storage")) for m in ("***", "%2A%2A%2A"))  # the URL's password, hidden
+    masked = "***" in unquote(str(settings.get("storage")))  # the URL's password, hidden (in its query: quoted)
     password = ", with the storage's password in place of `***`" if masked else ""
     md = (
         f"# Distillation sweep\n\n{text}\n\n{' '.join(verdict)}\n\n"

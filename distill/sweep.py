@@ -138,9 +138,9 @@ def sweep(
     if storage is not None:  # opened above, so a URL; its password stays out of the run's files
         from sqlalchemy.engine import make_url  # optuna's storage layer
 
-        url = make_url(storage)
-        query = {k: "***" if "password" in k.lower() else v for k, v in url.query.items()}
-        settings["storage"] = url.update_query_dict(query).render_as_string(hide_password=True)
+        parsed = make_url(storage)
+        query = {k: "***" if "password" in k.lower() else v for k, v in parsed.query.items()}
+        settings["storage"] = parsed.update_query_dict(query).render_as_string(hide_password=True)
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))  # only once it was accepted
 
