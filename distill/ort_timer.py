@@ -26,9 +26,15 @@ def interleaved(
     rounds: int,
     repeats: int,
     sync: Callable[[], object] = lambda: None,
+    pause: float = 0.0,
 ) -> dict[str, float]:
     """Median milliseconds per call of each callable: ``warmup`` untimed calls each, then ``rounds`` rounds
-    that time ``repeats`` back-to-back calls of every callable in turn, after a 20 ms untimed pause."""
+    that time ``repeats`` back-to-back calls of every callable in turn.
+
+    ``pause``: untimed seconds before each callable's calls. None is needed with ONNX Runtime's one shared
+    pool: a model times the same alone or beside others without it, and a 20 ms pause doubled the time of a
+    timing for the same spread (RESULTS.md, "The timer's pause").
+    """
     times: dict[str, list[float]] = {name: [] for name in calls}
     for call in calls.values():
         for _ in range(warmup):
@@ -36,7 +42,8 @@ def interleaved(
     for _ in range(rounds):
         for name, call in calls.items():
             sync()
-            time.sleep(0.02)  # the previous calls' threads go idle: one model or many, timed alike
+            if pause:
+                time.sleep(pause)
             start = time.perf_counter()
             for _ in range(repeats):
                 call()
@@ -60,7 +67,7 @@ def _time_files(request: dict) -> dict[str, float]:
         session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
         feed = {session.get_inputs()[0].name: x}
         calls[name] = lambda session=session, feed=feed: session.run(None, feed)
-    return interleaved(calls, request["warmup"], request["rounds"], request["repeats"])
+    return interleaved(calls, request["warmup"], request["rounds"], request["repeats"], pause=request.get("pause", 0.0))
 
 
 if __name__ == "__main__":
