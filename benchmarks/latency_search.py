@@ -2,6 +2,7 @@
 
     python benchmarks/latency_search.py                            # StudentNet 1.0 to 0.75 of its ms, 3 searches
     python benchmarks/latency_search.py --checkpoint runs/quickstart/student.ckpt --fraction 0.6
+    python benchmarks/latency_search.py --modes fixed relative     # the two ways to time a fraction, in turn
 
 The student (``--checkpoint``, else a StudentNet of ``--width`` with seeded random weights) is timed three times
 beside its smallest layout and the target is ``--fraction`` of its least reading, as ``distill prune-distill``
@@ -11,6 +12,11 @@ reports the timings it took, its seconds, the milliseconds it measured and the l
 milliseconds at each timing); then the pruned student is timed beside its start three times, and the least ratio
 of the two is what it runs at as a fraction of the start (the target's fraction is what it should be: a lower
 one overshot).
+
+``--modes``: how the search reads the student against the target. ``relative`` (prune-distill's way) times every
+candidate beside the start and scales by the start's reading (:func:`distill.latency.relative_to`); ``fixed``
+compares raw milliseconds with the target fixed by the check. Several modes take turns, search by search, and a
+second table sums each up.
 """
 
 from __future__ import annotations
@@ -18,17 +24,25 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import statistics
 import time
 
 import torch
 
-from distill.latency import LatencyMeter
+from distill.latency import LatencyMeter, relative_to
+from distill.profile import count_params
 from distill.pruning import CHANNEL_MULTIPLE, PruningPolicy, check_latency_target, prune_student
 from distill.report import markdown_table
 from students import StudentNet, load_student
 
 POLICY = PruningPolicy("l1", min_fraction=0.1, round_to=CHANNEL_MULTIPLE)
 X1 = torch.zeros(1, 1, 28, 28)
+
+
+def failed(rows: list[list]) -> str:
+    """`` (+N failed)`` for the searches of ``rows`` that gave up, else nothing."""
+    n = sum(r[8] == "failed" for r in rows)
+    return f" (+{n} failed)" if n else ""
 
 
 def main() -> None:
@@ -39,6 +53,8 @@ def main() -> None:
     parser.add_argument("--searches", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=LatencyMeter.rounds, help="timing rounds of each call")
+    parser.add_argument("--modes", nargs="+", choices=("relative", "fixed"), default=["relative"],
+                        help="each search's way to read the student (several: in turn)")  # fmt: skip
     args = parser.parse_args()
     if not 0 < args.fraction < 1 or args.searches < 1 or args.rounds < 1:
         parser.error(f"need 0 < --fraction < 1, --searches >= 1 and --rounds >= 1, got {args.fraction}, "
@@ -61,18 +77,44 @@ def main() -> None:
         return timed
 
     for k in range(args.searches):
-        calls.clear()
-        model, began = copy.deepcopy(start), time.perf_counter()
-        report = prune_student(model, X1, POLICY, target_latency_ms=target, latency=counted)
-        seconds = time.perf_counter() - began
-        ratio = min(t["pruned"] / t["start"] for t in (meter({"start": start, "pruned": model}) for _ in range(3)))
-        path = " ".join(f"{now:.3f}" for _, now in calls)
-        rows.append([k, len(calls), sum(n for n, _ in calls), path, f"{seconds:.0f}", f"{report.latency_ms:.3f}",
-                     f"{report.latency_ms / target:.2f}", f"{ratio:.3f}", f"{report.params_after:,}",
-                     str(model.channels)])  # fmt: skip
-    header = ["search", "timings", "models timed", "ms at each timing", "s", "search's ms", "/ target",
+        for mode in args.modes:
+            calls.clear()
+            model, began = copy.deepcopy(start), time.perf_counter()
+            measure = relative_to(counted, start, start_ms) if mode == "relative" else counted
+            try:
+                report = prune_student(model, X1, POLICY, target_latency_ms=target, latency=measure)
+            except ValueError as err:  # the search gave up: a result too (the model is left as it was)
+                print(f"search {k} ({mode}) failed: {err}", flush=True)
+                report = None
+            seconds, path = time.perf_counter() - began, " ".join(f"{now:.3f}" for _, now in calls)
+            if report is None:
+                found = ("failed", "", "failed")
+            else:
+                ratio = min(
+                    t["pruned"] / t["start"] for t in (meter({"start": start, "pruned": model}) for _ in range(3))
+                )
+                found = (f"{report.latency_ms:.3f}", f"{report.latency_ms / target:.2f}", f"{ratio:.3f}")
+            rows.append([k, mode, len(calls), sum(n for n, _ in calls), path, f"{seconds:.0f}", *found,
+                         f"{count_params(model):,}", str(model.channels)])  # fmt: skip
+    header = ["search", "mode", "timings", "models timed", "ms at each timing", "s", "search's ms", "/ target",
               "re-timed / start", "params", "channels"]  # fmt: skip
-    print(markdown_table(header, "rrrlrrrrrl", rows))
+    print(markdown_table(header, "rlrrlrrrrrl", rows))
+    summary = []
+    for mode in args.modes:
+        mine = [r for r in rows if r[1] == mode]
+        ratios = sorted(float(r[8]) for r in mine if r[8] != "failed")
+        if not ratios:
+            summary.append([mode, len(mine), "all failed", "", "", "", ""])
+            continue
+        distance = statistics.mean(abs(x - args.fraction) for x in ratios)
+        landed = " ".join(f"{x:.3f}" for x in ratios) + failed(mine)
+        summary.append([mode, len(mine), landed, f"{statistics.median(ratios):.3f}", f"{distance:.3f}",
+                        f"{statistics.mean(r[2] for r in mine):.1f}",
+                        f"{statistics.mean(float(r[5]) for r in mine):.0f}"])  # fmt: skip
+    header = ["mode", "searches", "re-timed / start, sorted", "median", f"mean distance from {args.fraction:g}",
+              "timings per search", "s per search"]  # fmt: skip
+    print()
+    print(markdown_table(header, "lrlrrrr", summary))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +26,15 @@ from distill.ort_timer import interleaved
 from distill.profile import eval_mode
 from distill.quantize import quantize_onnx, require_onnxruntime
 
-__all__ = ["RUNTIMES", "LatencyMeter", "check_runtime", "compare_latency", "measure_latency"]
+__all__ = [
+    "REFERENCE",
+    "RUNTIMES",
+    "LatencyMeter",
+    "check_runtime",
+    "compare_latency",
+    "measure_latency",
+    "relative_to",
+]
 
 #: Where a student's latency is measured (``runtime`` of :func:`measure_latency`).
 RUNTIMES = ("onnxruntime", "onnxruntime-int8", "torch-cpu", "torch-cuda")
@@ -167,6 +175,31 @@ class LatencyMeter:
     def describe(self) -> str:
         """E.g. ``onnxruntime, batch 64, 2 threads``."""
         return f"{self.runtime}, batch {self.batch_size}, {self.threads or torch.get_num_threads()} threads"
+
+
+#: The reference's name in :func:`relative_to`'s calls (a space: no module path has one).
+REFERENCE = "reference model"
+
+
+def relative_to(
+    measure: Callable[[Mapping[str, nn.Module]], Mapping[str, float]], reference: nn.Module, reference_ms: float
+) -> Callable[[Mapping[str, nn.Module]], dict[str, float]]:
+    """``measure`` with ``reference`` timed beside the models in every call, and their milliseconds scaled by
+    ``reference_ms`` over the reference's time in that call.
+
+    A target that is a fraction of a student's time (prune-distill's ``target_latency``) is then compared with
+    the student timed in the same rounds, not with one earlier timing of it: on a shared CPU a slow phase lasts
+    minutes and reads every model up to 3-4x slower, so a target fixed in milliseconds from a quiet check
+    could not be met in a slow phase, and one fixed in a slow phase asked for almost no pruning.
+    """
+
+    def timed(models: Mapping[str, nn.Module]) -> dict[str, float]:
+        if REFERENCE in models:
+            raise ValueError(f"{REFERENCE!r} names the reference model; name the models otherwise")
+        ms = measure({REFERENCE: reference, **models})
+        return {name: ms[name] * reference_ms / ms[REFERENCE] for name in models}
+
+    return timed
 
 
 def _export_for_timing(model: nn.Module, x: torch.Tensor, path: Path) -> None:

@@ -37,7 +37,7 @@ import torch
 import yaml
 
 from distill.export import export_onnx as to_onnx
-from distill.latency import LatencyMeter, check_runtime, compare_latency
+from distill.latency import LatencyMeter, check_runtime, compare_latency, relative_to
 from distill.module import DistillModule
 from distill.profile import count_macs, count_params
 from distill.pruning import (
@@ -116,9 +116,11 @@ def prune_distill(
         target_latency_ms: or once a batch runs in at most this many milliseconds on ``latency_runtime``
             (``latency_batch_size`` images, ``latency_threads``), as measured there: which layers lose channels
             is then chosen by importance per millisecond saved (:mod:`distill.pruning.search`).
-        target_latency: or once a batch runs in at most this fraction (0 to 1) of the starting student's time:
-            the milliseconds are fixed when the run starts, from the timings that check the target (side by side
-            with the smallest layout, the least of three), and kept in ``run_dir`` for a resumed run.
+        target_latency: or once a batch runs in at most this fraction (0 to 1) of the starting student's time.
+            The search times every candidate beside the starting student's layout and compares their ratio
+            with the fraction, so a slow phase of the machine moves both alike (:func:`distill.latency.
+            relative_to`); its milliseconds are the start's quietest of the three timings that check the
+            target (beside the smallest layout), kept in ``run_dir`` for a resumed run.
         student_checkpoint: a trained student to start from (``distill fit`` checkpoint); without it the
             recipe's student is distilled first for ``initial_epochs``.
         initial_epochs: epochs of that first distillation (default: the recipe's ``max_epochs``).
@@ -227,10 +229,12 @@ def prune_distill(
     lr = None if lr_rewinding else (finetune_lr or float(base["model"].get("lr", 2e-3)) / 10)
     if target.latency_ms is not None:  # round goals from the start's latency, timed by the target's check
         goals = latency_goals(schedule, rounds, ratio, start_ms, target.latency_ms)
+        # a fraction of the start's time: every timing beside the start, so that a slow phase moves both alike
+        search = meter if target_latency is None else relative_to(meter, start, start_ms)
         while k < len(goals):
             k += 1
             pruned = phases.prune(load_student(current), k, policy, floors,
-                                  {"target_latency_ms": goals[k - 1], "latency": meter})  # fmt: skip
+                                  {"target_latency_ms": goals[k - 1], "latency": search})  # fmt: skip
             current = phases.run("round", k, epochs_per_round, pruned, lr=lr)
     else:
         steps = round_schedule(schedule, rounds, ratio, max_rounds, target_params, target_macs)

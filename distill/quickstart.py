@@ -101,8 +101,7 @@ def quickstart(
         teacher_epochs: epochs of teacher training.
         student_epochs: epochs of distillation.
         target_latency: the latency target as a fraction of the distilled StudentNet's own (prune-distill's
-            ``target_latency``: fixed from the quietest of the timings that check it when pruning starts, and kept
-            for a rerun).
+            ``target_latency``: every candidate of the search timed beside the student, and kept for a rerun).
         target_latency_ms: or the target in milliseconds per batch of ``latency_batch_size``.
         prune_rounds: rounds of the (geometric) pruning schedule.
         epochs_per_round: distillation epochs after each pruning step.

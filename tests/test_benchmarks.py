@@ -21,7 +21,8 @@ ROOT = Path(__file__).parents[1]
 
 def markdown_rows(out: str) -> tuple[list[str], list[list[str]]]:
     """The header and the rows of the first Markdown table in ``out``, as lists of cell texts."""
-    lines = [line for line in out.splitlines() if line.startswith("| ")]
+    table = out[out.index("\n| ") + 1 :].split("\n\n")[0]  # from the first table's header to its end
+    lines = [line for line in table.splitlines() if line.startswith("| ")]
     header, *rows = ([cell.strip() for cell in line.strip().strip("|").split("|")] for line in lines)
     assert all(len(row) == len(header) for row in rows)
     return header, rows
@@ -74,16 +75,21 @@ def test_layout_benchmark_prints_its_table():
 
 def test_latency_search_benchmark_prints_each_search_and_refuses_bad_input(tmp_path: Path):
     args = ["--width", "0.5", "--fraction", "0.85", "--searches", "1", "--rounds", "8"]  # all eight layers searched
-    out = run_script("benchmarks/latency_search.py", *args).stdout
+    out = run_script("benchmarks/latency_search.py", *args, "--modes", "relative", "fixed").stdout
     target = float(out.split("target ")[1].split(" ms")[0])
-    header, [row] = markdown_rows(out)
-    row = dict(zip(header, row, strict=True))
-    path = row["ms at each timing"].split()
-    assert len(path) == int(row["timings"]) and path[-1] == row["search's ms"]
-    assert float(row["search's ms"]) <= target and 0 < float(row["re-timed / start"]) < 1
-    channels = ast.literal_eval(row["channels"])
+    header, rows = markdown_rows(out)
+    relative, fixed = (dict(zip(header, row, strict=True)) for row in rows)
+    assert (relative["mode"], fixed["mode"]) == ("relative", "fixed")
+    path = fixed["ms at each timing"].split()  # the student's ms as timed; the fixed search compares them as they are
+    assert len(path) == int(fixed["timings"]) and path[-1] == fixed["search's ms"]
+    assert len(relative["ms at each timing"].split()) == int(relative["timings"])
+    for row in (relative, fixed):
+        assert float(row["search's ms"]) <= target and 0 < float(row["re-timed / start"]) < 1
+    summary = out.split("\n\n")[-1]
+    assert summary.startswith("| mode | searches |") and "| relative | 1 |" in summary and "| fixed | 1 |" in summary
+    channels = ast.literal_eval(fixed["channels"])
     model = StudentNet(channels=channels, num_classes=10, in_chans=1, num_pools=3)
-    assert row["params"] == f"{count_params(model):,}" and all(c % 8 == 0 for c in channels)
+    assert fixed["params"] == f"{count_params(model):,}" and all(c % 8 == 0 for c in channels)
     for args, message in ((["--fraction", "1.5"], "need 0 < --fraction < 1"), (["--rounds", "0"], "need 0 <"),
                           (["--checkpoint", str(tmp_path / "none.ckpt")], "Checkpoint")):  # fmt: skip
         refused = run_script("benchmarks/latency_search.py", *args, check=False)

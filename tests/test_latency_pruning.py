@@ -13,7 +13,7 @@ import torch
 from helpers import tiny_kd_recipe
 
 from distill.export import export_onnx
-from distill.latency import LatencyMeter
+from distill.latency import REFERENCE, LatencyMeter, relative_to
 from distill.prune_distill import has_timed_start, latency_goals, prune_distill
 from distill.pruning import CHANNEL_MULTIPLE, PruningPolicy, check_latency_target, prune_student
 from distill.pruning.search import quietest
@@ -93,6 +93,28 @@ def test_a_busy_timing_does_not_make_the_search_overshoot(busy_call: int, slow: 
     report = prune_student(model, X1, POLICY, target_latency_ms=target, latency=busy)
     assert 0.95 * target <= report.latency_ms == middle_widths(model) <= target, (model.channels, report)
     assert len(calls) <= 8
+
+
+@pytest.mark.parametrize("speed", [0.5, 2.0])
+def test_a_fraction_of_the_start_holds_through_a_slow_or_fast_phase(speed: float):
+    """From the check on, every model reads ``speed`` times its "ms" (a phase of a shared machine lasts minutes).
+    Timed beside the start's layout, the search still lands within 5% of 0.75 of the start; compared with the
+    check's milliseconds, a fast phase met the target unpruned and a slow one cut to about 0.4 of the start."""
+
+    def phase(models: dict) -> dict[str, float]:
+        return {name: middle_widths(m) * speed for name, m in models.items()}
+
+    start, target = net(), 0.75 * 7.68  # the check timed the start at 7.68 "ms", before the phase
+    model = net()
+    report = prune_student(model, X1, POLICY, target_latency_ms=target, latency=relative_to(phase, start, 7.68))
+    assert report.latency_ms == pytest.approx(middle_widths(model))  # in the start's units, the phase divided out
+    assert 0.95 * target <= middle_widths(model) <= target, model.channels
+    plain = net()
+    if speed < 1:
+        prune_student(plain, X1, POLICY, target_latency_ms=target, latency=phase)
+        assert middle_widths(plain) == 7.68
+    with pytest.raises(ValueError, match="names the reference model"):
+        relative_to(phase, start, 7.68)({REFERENCE: plain})
 
 
 def test_a_long_slow_phase_ends_past_the_target_instead_of_failing():
