@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import itertools
 import math
 import shutil
 import subprocess
@@ -21,8 +22,10 @@ ROOT = Path(__file__).parents[1]
 
 def markdown_rows(out: str) -> tuple[list[str], list[list[str]]]:
     """The header and the rows of the first Markdown table in ``out``, as lists of cell texts."""
-    table = out[out.index("\n| ") + 1 :].split("\n\n")[0]  # from the first table's header to its end
-    lines = [line for line in table.splitlines() if line.startswith("| ")]
+    lines = out.splitlines()
+    first = next(i for i, line in enumerate(lines) if line.startswith("| "))
+    table = itertools.takewhile(lambda line: line.startswith("|"), lines[first:])  # to the table's end
+    lines = [line for line in table if line.startswith("| ")]
     header, *rows = ([cell.strip() for cell in line.strip().strip("|").split("|")] for line in lines)
     assert all(len(row) == len(header) for row in rows)
     return header, rows
