@@ -33,7 +33,8 @@ def interleaved(
 
     ``pause``: untimed seconds before each callable's calls. None is needed with ONNX Runtime's one shared
     pool: a model times the same alone or beside others without it, and a 20 ms pause doubled the time of a
-    timing for the same spread (RESULTS.md, "The timer's pause").
+    timing for the same spread (RESULTS.md, "The timer's pause"). Eager PyTorch in the calling process keeps
+    a 20 ms pause: without it StudentNet read 1.15x faster alone than beside others.
     """
     times: dict[str, list[float]] = {name: [] for name in calls}
     for call in calls.values():

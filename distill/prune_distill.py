@@ -265,7 +265,11 @@ def prune_distill(
     front = phases.time_side_by_side()
     rows = [{**r, "latency_ms": front[r["checkpoint"]]} for r in phases.rows]
     best = next(r for r in rows if r["checkpoint"] == best["checkpoint"])
-    prune_distill_report(out, rows, best, target.describe(), onnx_diff, deployed, meter.describe(), meter.batch_size)
+    aim = target.describe()
+    if target_latency is not None:  # the fraction of the start as timed beside the others here, as the search did
+        start_row = next(r for r in rows if r["phase"] in ("start", "initial"))
+        aim |= {"value": round(target_latency * start_row["latency_ms"], 3), "fraction": target_latency}
+    prune_distill_report(out, rows, best, aim, onnx_diff, deployed, meter.describe(), meter.batch_size)
     return rows
 
 

@@ -83,16 +83,15 @@ def test_latency_search_benchmark_prints_each_search_and_refuses_bad_input(tmp_p
     header, rows = markdown_rows(out)
     relative, fixed = (dict(zip(header, row, strict=True)) for row in rows)
     assert (relative["mode"], fixed["mode"]) == ("relative", "fixed")
-    path = fixed["ms at each timing"].split()  # the student's ms as timed; the fixed search compares them as they are
-    assert len(path) == int(fixed["timings"]) and path[-1] == fixed["search's ms"]
     assert len(relative["ms at each timing"].split()) == int(relative["timings"])
-    for row in (relative, fixed):
-        assert float(row["search's ms"]) <= target and 0 < float(row["re-timed / start"]) < 1
+    assert float(relative["search's ms"]) <= target and 0 < float(relative["re-timed / start"]) < 1
+    path = fixed["ms at each timing"].split()  # the student's ms as timed: a noisy phase may meet the target unpruned,
+    assert len(path) == int(fixed["timings"]) and fixed["search's ms"] in (path[-1], "failed")  # or fail the search
     summary = out.split("\n\n")[-1]
     assert summary.startswith("| mode | searches |") and "| relative | 1 |" in summary and "| fixed | 1 |" in summary
-    channels = ast.literal_eval(fixed["channels"])
+    channels = ast.literal_eval(relative["channels"])
     model = StudentNet(channels=channels, num_classes=10, in_chans=1, num_pools=3)
-    assert fixed["params"] == f"{count_params(model):,}" and all(c % 8 == 0 for c in channels)
+    assert relative["params"] == f"{count_params(model):,}" and all(c % 8 == 0 for c in channels)
     for args, message in ((["--fraction", "1.5"], "need 0 < --fraction < 1"), (["--rounds", "0"], "need 0 <"),
                           (["--checkpoint", str(tmp_path / "none.ckpt")], "Checkpoint")):  # fmt: skip
         refused = run_script("benchmarks/latency_search.py", *args, check=False)

@@ -243,6 +243,7 @@ def test_quickstart_end_to_end(quickstart_run: tuple[Path, dict, dict]):
     assert pruning["target_latency_ms"] == round(0.6 * pruning["start_latency_ms"], 3)
     assert pruning["pruned"]["1"]["searched_ms"] <= pruning["target_latency_ms"]  # met as the search measured it
     summary = (qs / "summary.md").read_text()
+    assert "Latency target: 0.6 of the student's time, " in summary  # as timed in its table, beside the pruned
     for row in ("| teacher | test_resnet |", "| student | studentnet |", "| pruned |", "| pruned, int8 |",
                 *(f"| {w} |" for w in widths)):  # fmt: skip
         assert row in summary

@@ -217,7 +217,7 @@ def test_compiled_student_and_teacher_train_like_eager(tmp_path: Path, teacher_c
     for compile in (False, "reduce-overhead"):  # a mode (CUDA graphs on a GPU, the default kernels on the CPU)
         model = DistillModule(student(), load_teacher(checkpoint=teacher_checkpoint), lr=0.01, compile=compile)
         torch.manual_seed(0)
-        trainer = tiny_trainer(tmp_path / str(compile), limit_train_batches=2, limit_val_batches=0)  # no eval graphs
+        trainer = tiny_trainer(tmp_path / str(compile), limit_train_batches=2, limit_val_batches=1)
         trainer.fit(model, datamodule=fmnist())
         assert (model.student._compiled_call_impl is not None) == bool(compile)
         results[compile] = (model.student.state_dict(), float(trainer.callback_metrics["train/loss"]))
