@@ -18,8 +18,9 @@ whose importance per millisecond saved is lowest:
    Aiming at the whole gap in one step overshot to 0.32-0.55 of the start for a 0.75 target (RESULTS.md,
    "The latency search lands near its target"): one busy timing inflates the gap, and one noisy probe
    that reads a layer almost free sent the layer to its floor. The last two cuts (of ``max_steps`` timings)
-   aim at the whole gap from their own reading, past the probes, as the search once did: a run in a long slow
-   phase ends past its target rather than failing;
+   aim at the whole gap from their own reading and 2.5% of the target past it, past the probes: a run in a long
+   slow phase ends past its target rather than failing (aimed at the target itself, two readings 1% over it in
+   a row failed a search);
 3. time the result; repeat from 1 at the new layout until it runs at or under the target (a round in
    which no probe runs faster is measured once more before the search gives up: timings are noisy).
 
@@ -152,7 +153,8 @@ def latency_plan(
         chunks.sort(key=lambda c: c[0])
         last = min(now, last)  # a busy moment only adds time, and losing channels did not slow the student down
         gap = (now if hurry else last) - target_ms
-        saved, need = 0.0, gap if hurry else min(gap, max(aim * gap, CLOSE * target_ms))
+        need = gap + CLOSE / 2 * target_ms if hurry else min(gap, max(aim * gap, CLOSE * target_ms))
+        saved = 0.0
         for _, g, below in chunks:  # within a group chunks are sorted already: shares only grow
             if below < keep[g]:
                 saved += per_channel[g] * (keep[g] - below)
