@@ -51,6 +51,10 @@ class _OneLineErrors:
         if not self.exit_on_error or os.environ.get("DISTILL_DEBUG"):
             super().error(message, ex)
         text = " ".join(line.strip() for line in str(message).splitlines() if line.strip())
+        if text.startswith("Unexpected config:"):  # jsonargparse's words for a file that is not a mapping
+            got = text.removeprefix("Unexpected config:").strip()
+            text = (f"a config file must map options to values (e.g. 'trainer: {{max_epochs: 2}}'); this one is "
+                    f"{'empty' if not got else repr(got[:60])}")  # fmt: skip
         command = self.prog.replace(" [options]", "")
         where = f"{self.source}: " if self.source else ""
         print(f"distill: error: {where}{text} (options: {command} --help)", file=sys.stderr)

@@ -69,8 +69,8 @@ FAULTS = [
     Fault("config file missing", ("fit", "--config", "{inputs}/missing.yaml"), "File does not exist"),
     Fault("config YAML syntax error", ("fit", "--config", "{inputs}/syntax.yaml"), "did not find expected"),
     Fault("config with a python tag", ("fit", "--config", "{inputs}/tag.yaml"), "could not determine a constructor"),
-    Fault("config empty", ("fit", "--config", "{inputs}/empty.yaml"), "Unexpected config"),
-    Fault("config a YAML list", ("fit", "--config", "{inputs}/list.yaml"), "Unexpected config"),
+    Fault("config empty", ("fit", "--config", "{inputs}/empty.yaml"), "must map options to values (e.g. 'trainer:"),
+    Fault("config a YAML list", ("fit", "--config", "{inputs}/list.yaml"), "this one is '- trainer - model'"),
     Fault("unknown option", (*FIT, "--trainer.max_epoch", "3"), "max_epoch"),
     Fault("option of the wrong type", (*FIT, "--trainer.max_epochs", "abc"), "Given value: abc"),
     # ---- distill fit: model settings
