@@ -15,7 +15,10 @@ returning a dict of named terms whose ``loss`` is optimised (``teacher_logits=No
 - :class:`DISTLoss`: DIST (Huang et al., NeurIPS 2022, "Knowledge Distillation from A Stronger Teacher"):
   Pearson correlation of the probabilities between classes (per image) and between images (per class).
 
-Each paper's defaults are the ones its authors' code uses on CIFAR-100.
+Each paper's defaults are the ones its authors' code uses on CIFAR-100. A weight is named after the term it
+weighs (``tckd_weight``, ``inter_weight``, ...; KD's ``alpha`` is Hinton's), and a setting two losses share means
+the same in both (``temperature``, ``ce_weight``): ``--model.loss`` given on the command line keeps the config's
+settings that the new class has (jsonargparse), so none of them carries over into a weight of another term.
 """
 
 from __future__ import annotations
@@ -124,7 +127,7 @@ class DKDLoss(_DistillationLoss):
 
     With p = softmax(z / T): TCKD is the KL between the teacher's and the student's binary distributions
     [p_target, 1 - p_target]; NCKD the KL between their distributions over the non-target classes
-    (softmax of z / T with the target left out). ``dkd = T^2 * (alpha * TCKD + beta * NCKD)`` and
+    (softmax of z / T with the target left out). ``dkd = T^2 * (tckd_weight * TCKD + nckd_weight * NCKD)`` and
     ``loss = ce_weight * CE + min((epoch + 1) / warmup_epochs, 1) * dkd``, the ramp of the authors' code
     (mdistiller; ``DistillModule`` tells the loss its epoch; used alone, the term is at full strength).
     Terms ``loss``, ``dkd``, ``tckd``, ``nckd`` (both times T^2), ``ce``. With label probabilities as the
@@ -132,9 +135,9 @@ class DKDLoss(_DistillationLoss):
 
     Args:
         temperature: T > 0.
-        alpha: weight of TCKD (1.0 in the paper and mdistiller).
-        beta: weight of NCKD: 8.0 is mdistiller's CIFAR-100 default (ResNet32x4 teacher); its other
-            CIFAR-100 pairs use 6 or 2, ImageNet 0.5 with T = 1.
+        tckd_weight: weight of TCKD (the paper's alpha: 1.0 there and in mdistiller).
+        nckd_weight: weight of NCKD (the paper's beta): 8.0 is mdistiller's CIFAR-100 default (ResNet32x4
+            teacher); its other CIFAR-100 pairs use 6 or 2, ImageNet 0.5 with T = 1.
         ce_weight: weight of the cross-entropy with the labels.
         warmup_epochs: epochs over which the DKD term ramps in linearly (mdistiller's 20; 0: none).
     """
@@ -142,15 +145,18 @@ class DKDLoss(_DistillationLoss):
     def __init__(
         self,
         temperature: float = 4.0,
-        alpha: float = 1.0,
-        beta: float = 8.0,
+        tckd_weight: float = 1.0,
+        nckd_weight: float = 8.0,
         ce_weight: float = 1.0,
         warmup_epochs: float = 20.0,
     ) -> None:
         super().__init__()
-        _check_weights(alpha=alpha, beta=beta, ce_weight=ce_weight, warmup_epochs=warmup_epochs)
+        _check_weights(
+            tckd_weight=tckd_weight, nckd_weight=nckd_weight, ce_weight=ce_weight, warmup_epochs=warmup_epochs
+        )
         self.temperature = _check_temperature(temperature)
-        self.alpha, self.beta, self.ce_weight = float(alpha), float(beta), float(ce_weight)
+        self.tckd_weight, self.nckd_weight = float(tckd_weight), float(nckd_weight)
+        self.ce_weight = float(ce_weight)
         self.warmup_epochs = float(warmup_epochs)
         self.epoch: int | None = None
 
@@ -185,12 +191,13 @@ class DKDLoss(_DistillationLoss):
         tckd = _kl(binary(z), binary(s)) * t * t
         log_zt, log_zs = others(z), others(s)
         nckd = (log_zt.exp() * (log_zt - log_zs)).sum(-1).mean() * t * t
-        dkd = self.alpha * tckd + self.beta * nckd
+        dkd = self.tckd_weight * tckd + self.nckd_weight * nckd
         return {"loss": self.ce_weight * ce + self.ramp * dkd, "dkd": dkd, "tckd": tckd, "nckd": nckd, "ce": ce}
 
     def extra_repr(self) -> str:
         return (
-            f"temperature={self.temperature}, alpha={self.alpha}, beta={self.beta}, ce_weight={self.ce_weight}, "
+            f"temperature={self.temperature}, tckd_weight={self.tckd_weight}, nckd_weight={self.nckd_weight}, "
+            f"ce_weight={self.ce_weight}, "
             f"warmup_epochs={self.warmup_epochs}"
         )
 
@@ -243,23 +250,26 @@ class DISTLoss(_DistillationLoss):
     With Y = softmax(z / T) for the batch (images x classes) and rho the Pearson correlation:
     inter = 1 - mean over images of rho(Y_s[i, :], Y_t[i, :]) (the classes' ranking in each image), intra =
     1 - mean over classes of rho(Y_s[:, c], Y_t[:, c]) (the images' ranking in each class).
-    ``loss = ce_weight * CE + T^2 * (beta * inter + gamma * intra)``; terms ``loss``, ``dist``, ``inter``,
-    ``intra`` (both times T^2), ``ce``. Matching relations, not values, tolerates a teacher much stronger
+    ``loss = ce_weight * CE + T^2 * (inter_weight * inter + intra_weight * intra)``; terms ``loss``, ``dist``,
+    ``inter``, ``intra`` (both times T^2), ``ce``. Matching relations, not values, tolerates a teacher much stronger
     than the student. The intra relation is over the images of one (device) batch: with fewer than 3 it
     says little (with 1 it is a constant T^2, with no gradient).
 
     Args:
         temperature: T > 0 (the paper's CIFAR-100 setting 4; its released ImageNet code uses 1).
-        beta: weight of the inter-class relation (the paper's CIFAR-100 setting 2; ImageNet 1).
-        gamma: weight of the intra-class relation (2 on CIFAR-100; ImageNet 1).
+        inter_weight: weight of the inter-class relation (the paper's beta: 2 on CIFAR-100, 1 on ImageNet).
+        intra_weight: weight of the intra-class relation (the paper's gamma: 2 on CIFAR-100, 1 on ImageNet).
         ce_weight: weight of the cross-entropy.
     """
 
-    def __init__(self, temperature: float = 4.0, beta: float = 2.0, gamma: float = 2.0, ce_weight: float = 1.0):
+    def __init__(
+        self, temperature: float = 4.0, inter_weight: float = 2.0, intra_weight: float = 2.0, ce_weight: float = 1.0
+    ) -> None:
         super().__init__()
-        _check_weights(beta=beta, gamma=gamma, ce_weight=ce_weight)
+        _check_weights(inter_weight=inter_weight, intra_weight=intra_weight, ce_weight=ce_weight)
         self.temperature = _check_temperature(temperature)
-        self.beta, self.gamma, self.ce_weight = float(beta), float(gamma), float(ce_weight)
+        self.inter_weight, self.intra_weight = float(inter_weight), float(intra_weight)
+        self.ce_weight = float(ce_weight)
 
     @staticmethod
     def pearson(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
@@ -275,8 +285,11 @@ class DISTLoss(_DistillationLoss):
         y_t = F.softmax(teacher_logits / t, dim=-1)
         inter = (1 - self.pearson(y_s, y_t).mean()) * t * t
         intra = (1 - self.pearson(y_s.T, y_t.T).mean()) * t * t
-        dist = self.beta * inter + self.gamma * intra
+        dist = self.inter_weight * inter + self.intra_weight * intra
         return {"loss": self.ce_weight * ce + dist, "dist": dist, "inter": inter, "intra": intra, "ce": ce}
 
     def extra_repr(self) -> str:
-        return f"temperature={self.temperature}, beta={self.beta}, gamma={self.gamma}, ce_weight={self.ce_weight}"
+        return (
+            f"temperature={self.temperature}, inter_weight={self.inter_weight}, intra_weight={self.intra_weight}, "
+            f"ce_weight={self.ce_weight}"
+        )

@@ -297,8 +297,13 @@ def check_options(
 
     Each of them reaches a later phase's config; refused there, it would have stopped a run half-way.
     """
-    if sum(t is not None for t in (target_params, target_macs, target_latency_ms, target_latency)) != 1:
-        raise ValueError("give exactly one of target_params, target_macs, target_latency_ms or target_latency")
+    targets = {"target_params": target_params, "target_macs": target_macs, "target_latency_ms": target_latency_ms,
+               "target_latency": target_latency}  # fmt: skip
+    given = {name: value for name, value in targets.items() if value is not None}
+    if len(given) != 1:
+        got = " and ".join(f"{name}={value}" for name, value in given.items())
+        fix = f"; got {got}: keep one, set the others to null (e.g. --{next(iter(given))} null)" if given else ""
+        raise ValueError(f"give exactly one of target_params, target_macs, target_latency_ms or target_latency{fix}")
     if target_latency_ms is not None and not 0 < target_latency_ms < math.inf:
         raise ValueError(f"target_latency_ms must be a positive number of milliseconds, got {target_latency_ms}")
     if target_latency is not None and not 0 < target_latency < 1:

@@ -92,7 +92,8 @@ def quickstart(
         run_dir: output folder: ``teacher.yaml`` and ``student.yaml`` (the configs that ran), ``teacher/``
             and ``student/`` (checkpoints, metrics.csv, config.yaml), ``prune_distill/`` (rounds, the best
             student as .ckpt, .onnx and .int8.onnx, rounds.csv, pareto.png), ``deployed.json`` (the ONNX
-            files' sizes and latencies) and ``summary.md``.
+            files' sizes and latencies), ``summary.md``, ``quickstart.json`` (the settings, to refuse a rerun with
+            others) and ``cache/`` (the teacher's logits, computed once).
         teacher_config: the teacher recipe to start from.
         kd_config: the distillation recipe to start from.
         teacher_model: timm name of the teacher.

@@ -291,9 +291,9 @@ def test_prune_recovery_benchmark_runs_on_a_quickstart(quickstart_run: tuple[Pat
 @pytest.mark.parametrize(
     ("loss", "setting", "terms"),
     [
-        ("distill.DKDLoss", ("--model.loss.beta", "4"), {"dkd", "tckd", "nckd", "ce"}),
+        ("distill.DKDLoss", ("--model.loss.nckd_weight", "4"), {"dkd", "tckd", "nckd", "ce"}),
         ("distill.LogitStandardKDLoss", ("--model.loss.kd_weight", "4"), {"kd", "ce"}),
-        ("distill.DISTLoss", ("--model.loss.gamma", "4"), {"dist", "inter", "intra", "ce"}),
+        ("distill.DISTLoss", ("--model.loss.intra_weight", "4"), {"dist", "inter", "intra", "ce"}),
     ],
 )
 def test_each_kd_loss_is_chosen_on_the_command_line_and_trains(
@@ -304,6 +304,9 @@ def test_each_kd_loss_is_chosen_on_the_command_line_and_trains(
             "--trainer.enable_progress_bar", "false", "--data.init_args.batch_size", "32"]  # fmt: skip
     cli = DistillCLI(args=["--config", str(config), "--model.loss", loss, *setting, *tiny], run=False)
     assert type(cli.model.loss).__name__ == loss.split(".")[1] and getattr(cli.model.loss, setting[0][13:]) == 4.0
+    # kd.yaml's KDLoss settings that the new class has carry over (jsonargparse): only the temperature, no weight
+    defaults = type(cli.model.loss)().spec["init_args"] | {"temperature": 4.0, setting[0][13:]: 4.0}
+    assert cli.model.loss.spec["init_args"] == defaults
     teacher = {k: v.clone() for k, v in cli.model.teacher.state_dict().items()}
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     logged = {k.split("/")[1] for k in cli.trainer.callback_metrics if k.startswith("train/")}

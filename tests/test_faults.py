@@ -169,7 +169,7 @@ FAULTS = [
     Fault("prune target unreachable", (*NEW_PRUNE[:4], "10", *NEW_PRUNE[5:]), "target 10 parameters cannot"),
     Fault("prune unknown schedule", (*PRUNE, "--schedule", "linear"), "Unknown schedule 'linear'"),
     Fault("prune unknown criterion", (*PRUNE, "--importance", "weights"), "Unknown importance criterion"),
-    Fault("prune two targets", (*PRUNE, "--target_macs", "1000"), "exactly one of target_params, target_macs,"),
+    Fault("prune two targets", (*PRUNE, "--target_macs", "1000"), "keep one, set the others to null (e.g. --target_"),
     Fault(
         "prune target_latency 1.5", (*PRUNE[:3], "--target_latency", "1.5", *PRUNE[5:]), "need 0 < target_latency < 1"
     ),

@@ -115,15 +115,15 @@ def dkd_by_hand(t: float) -> tuple[float, float]:
 
 
 def test_dkd_matches_the_paper_and_sums_to_kd_at_the_classic_weights():
-    t, alpha, beta = 4.0, 1.0, 8.0
-    terms = run(DKDLoss(t, alpha, beta, ce_weight=0.5))
+    t, alpha, beta = 4.0, 1.0, 8.0  # the paper's names of tckd_weight and nckd_weight
+    terms = run(DKDLoss(t, tckd_weight=alpha, nckd_weight=beta, ce_weight=0.5))
     tckd, nckd = dkd_by_hand(t)
     assert terms["tckd"].item() == pytest.approx(tckd, rel=1e-5)
     assert terms["nckd"].item() == pytest.approx(nckd, rel=1e-5)
     assert terms["loss"].item() == pytest.approx(0.5 * mean_ce() + alpha * tckd + beta * nckd, rel=1e-5)
     # KD = TCKD + (1 - p_target^T) NCKD (eq. 6): with beta = 1 - p_target^T per image, DKD is KD again
     for s, z, y in zip(STUDENT, TEACHER, TARGET, strict=True):
-        one = DKDLoss(t, 1.0, 1 - softmax([v / t for v in z])[y], ce_weight=0.0)
+        one = DKDLoss(t, tckd_weight=1.0, nckd_weight=1 - softmax([v / t for v in z])[y], ce_weight=0.0)
         args = (torch.tensor([s]), torch.tensor([z]), torch.tensor([y]))
         assert one(*args)["loss"].item() == pytest.approx(KDLoss(t, 1.0)(*args)["kd"].item(), rel=1e-5)
 
@@ -153,7 +153,7 @@ def test_logit_standardisation_matches_the_paper_and_ignores_the_logits_scale():
 
 
 def test_dist_matches_the_paper():
-    t, beta, gamma = 4.0, 2.0, 2.0
+    t, beta, gamma = 4.0, 2.0, 2.0  # the paper's names of inter_weight and intra_weight
 
     def pearson(a: list[float], b: list[float]) -> float:
         ma, mb = sum(a) / len(a), sum(b) / len(b)
@@ -168,7 +168,9 @@ def test_dist_matches_the_paper():
     inter = (1 - sum(pearson(a, b) for a, b in zip(y_s, y_t, strict=True)) / len(y_s)) * t * t
     columns = range(len(y_s[0]))
     intra = (1 - sum(pearson([r[c] for r in y_s], [r[c] for r in y_t]) for c in columns) / len(columns)) * t * t
-    terms = DISTLoss(t, beta, gamma)(torch.tensor(student), torch.tensor(teacher), torch.tensor(target))
+    terms = DISTLoss(t, inter_weight=beta, intra_weight=gamma)(
+        torch.tensor(student), torch.tensor(teacher), torch.tensor(target)
+    )
     ce = sum(-math.log(softmax(s)[y]) for s, y in zip(student, target, strict=True)) / len(target)
     assert intra > 0.01 and terms["inter"].item() == pytest.approx(inter, rel=1e-4)
     assert terms["intra"].item() == pytest.approx(intra, rel=1e-4)
@@ -190,9 +192,9 @@ def test_every_loss_trains_on_labels_alone_and_sends_no_gradient_to_the_teacher(
     ("make", "match"),
     [
         (lambda: DKDLoss(temperature=0), "temperature must be a finite number > 0"),
-        (lambda: DKDLoss(beta=-1), r"loss weights must be finite and >= 0, got \{'beta': -1\}"),
+        (lambda: DKDLoss(nckd_weight=-1), r"loss weights must be finite and >= 0, got \{'nckd_weight': -1\}"),
         (lambda: LogitStandardKDLoss(kd_weight=math.inf), "kd_weight"),
-        (lambda: DISTLoss(gamma=math.nan), "gamma"),
+        (lambda: DISTLoss(intra_weight=math.nan), "intra_weight"),
     ],
 )
 def test_new_losses_refuse_bad_settings(make, match):
@@ -202,9 +204,15 @@ def test_new_losses_refuse_bad_settings(make, match):
 
 def test_the_defaults_are_the_papers_and_dkd_ramps_in_over_its_warmup_epochs():
     dkd, ls, dist = DKDLoss(), LogitStandardKDLoss(), DISTLoss()
-    assert (dkd.temperature, dkd.alpha, dkd.beta, dkd.ce_weight, dkd.warmup_epochs) == (4.0, 1.0, 8.0, 1.0, 20.0)
+    assert (dkd.temperature, dkd.tckd_weight, dkd.nckd_weight, dkd.ce_weight, dkd.warmup_epochs) == (
+        4.0,
+        1.0,
+        8.0,
+        1.0,
+        20.0,
+    )
     assert (ls.temperature, ls.kd_weight, ls.ce_weight) == (2.0, 9.0, 0.1)
-    assert (dist.temperature, dist.beta, dist.gamma, dist.ce_weight) == (4.0, 2.0, 2.0, 1.0)
+    assert (dist.temperature, dist.inter_weight, dist.intra_weight, dist.ce_weight) == (4.0, 2.0, 2.0, 1.0)
     full = run(dkd)  # used alone: at full strength
     assert full["loss"].item() == pytest.approx(mean_ce() + full["dkd"].item(), rel=1e-6)
     for epoch, weight in ((0, 1 / 20), (9, 10 / 20), (19, 1.0), (50, 1.0)):

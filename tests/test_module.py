@@ -51,7 +51,7 @@ def test_without_teacher_it_is_supervised_training(tmp_path: Path):
 
 
 def test_checkpoint_holds_the_student_only_and_reloads_in_a_fresh_process(tmp_path: Path, teacher_checkpoint: Path):
-    loss = DKDLoss(temperature=3.0, beta=2.0)
+    loss = DKDLoss(temperature=3.0, nckd_weight=2.0)
     model = DistillModule(student(), load_teacher(checkpoint=teacher_checkpoint), loss=loss, lr=0.01)
     trainer = tiny_trainer(tmp_path)
     trainer.fit(model, datamodule=fmnist())

@@ -71,7 +71,7 @@ def test_a_losses_axis_trains_each_loss_with_the_recipes_settings_of_its_class(
 ):
     recipe = tiny_recipe(tmp_path, small_teacher_checkpoint, limit_train_batches=1)
     cfg = yaml.safe_load(recipe.read_text())
-    cfg["model"]["loss"] = {"class_path": "distill.DKDLoss", "init_args": {"temperature": 1.0, "beta": 2.0}}
+    cfg["model"]["loss"] = {"class_path": "distill.DKDLoss", "init_args": {"temperature": 1.0, "nckd_weight": 2.0}}
     recipe.write_text(yaml.safe_dump(cfg))
     run_dir = tmp_path / "sweep"
     losses = ["KDLoss", "distill.DKDLoss", "LogitStandardKDLoss", "DISTLoss"]
@@ -86,8 +86,9 @@ def test_a_losses_axis_trains_each_loss_with_the_recipes_settings_of_its_class(
     trained = {r["loss"]: DistillModule.load_from_checkpoint(r["checkpoint"], map_location="cpu").loss for r in rows}
     assert {name: type(loss).__name__ for name, loss in trained.items()} == {name: name for name in trained}
     assert all(loss.temperature == 2.0 for loss in trained.values())  # the grid's T, not the recipe's 1.0
-    assert trained["DKDLoss"].beta == 2.0  # the recipe's setting of its own class
-    assert (trained["KDLoss"].alpha, trained["DISTLoss"].beta, trained["LogitStandardKDLoss"].kd_weight) == (0.9, 2, 9)
+    assert trained["DKDLoss"].nckd_weight == 2.0  # the recipe's setting of its own class
+    kd, dist, standard = trained["KDLoss"], trained["DISTLoss"], trained["LogitStandardKDLoss"]
+    assert (kd.alpha, dist.inter_weight, standard.kd_weight) == (0.9, 2, 9)  # the other classes' defaults
     md = (run_dir / "sweep.md").read_text()
     assert "| DKDLoss | 2 | - | 1 |" in md and "| KDLoss | 2 | 0.9 | 1 |" in md
     with open(run_dir / "sweep.csv") as f:
