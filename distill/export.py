@@ -29,7 +29,7 @@ from torch import nn
 from distill.profile import eval_mode
 from distill.quantize import QuantOptions, quantize_checked, require_onnxruntime
 from distill.recipes import build_datamodule, load_recipe
-from distill.rundir import atomic_path
+from distill.rundir import atomic_path, check_output
 from students.checkpoint import INPUT_SHAPE_KEY, load_student, read_checkpoint, recorded_input_shape
 
 __all__ = ["export", "export_onnx", "export_pt2", "export_torchscript"]
@@ -174,12 +174,12 @@ def export(
             "recipe and the calibration options only apply to int8: add int8=<file.int8.onnx> (--int8), or drop them"
         )
     outputs = {fmt: Path(p) for fmt, p in asked.items() if p is not None}
-    _check_outputs(Path(checkpoint), outputs)
+    recipe_path = (Path(recipe) if recipe else Path(checkpoint).parent / "config.yaml") if int8 is not None else None
+    _check_outputs(Path(checkpoint), outputs, recipe_path)
     if onnx is not None or int8 is not None:
         require_onnxruntime()
     datamodule = None
-    if int8 is not None:  # the data is found before anything is written
-        recipe_path = Path(recipe) if recipe else Path(checkpoint).parent / "config.yaml"
+    if recipe_path is not None:  # int8: the data is found before anything is written
         if recipe is None and not recipe_path.is_file():
             raise ValueError(
                 f"int8 needs calibration images: no config.yaml beside {checkpoint}; pass recipe=<the distill fit "
@@ -268,20 +268,17 @@ def int8_line(path: Path, result: dict[str, Any], max_drop: float) -> str:
     )
 
 
-def _check_outputs(checkpoint: Path, outputs: dict[str, Path]) -> None:
-    """Refuse output paths that would overwrite the checkpoint or each other, or cannot be written."""
+def _check_outputs(checkpoint: Path, outputs: dict[str, Path], recipe: Path | None) -> None:
+    """Refuse output paths that would overwrite the checkpoint, the recipe or each other, or cannot be written."""
     seen: dict[Path, str] = {}
     for fmt, path in outputs.items():
         if path.resolve() in seen:
             raise ValueError(f"{seen[path.resolve()]} and {fmt} name the same file {path}: give each its own")
         seen[path.resolve()] = fmt
+    inputs = {"the checkpoint being exported": checkpoint, "the recipe int8 calibrates on": recipe}
     for fmt, path in outputs.items():
-        if path.resolve() == checkpoint.resolve():
-            raise ValueError(f"{fmt}={str(path)!r} is the checkpoint being exported; it would be overwritten")
-        if path.is_dir():
-            name = {"onnx": "student.onnx", "int8": "student.int8.onnx", "pt2": "student.pt2"}.get(fmt, "student.pt")
-            example = path / name
-            raise ValueError(f"{fmt}={str(path)!r} is a folder: give a file name, e.g. {example}")
+        name = {"onnx": "student.onnx", "int8": "student.int8.onnx", "pt2": "student.pt2"}.get(fmt, "student.pt")
+        check_output(path, fmt, inputs, name)
         folder = next(p for p in path.resolve().parents if p.exists())  # the missing ones are created
         try:
             with tempfile.TemporaryFile(dir=folder):

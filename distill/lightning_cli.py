@@ -202,6 +202,7 @@ class DistillCLI(LightningCLI):
         torchrun would download at once); every rank checks them again in ``setup``.
         """
         self._check_links()
+        self._check_batches()
         if int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0))) == 0:  # one download per machine
             if self.datamodule is not None:
                 self.datamodule.prepare_data()
@@ -218,6 +219,15 @@ class DistillCLI(LightningCLI):
             self.model.check_checkpoint(checkpoint, source)  # the architecture first: the bigger difference
             if self._settings is not None:
                 check_resume_settings(checkpoint, self._settings, source)
+
+    def _check_batches(self) -> None:
+        """Refuse a run of no batch (``limit_*_batches`` 0, or ``max_epochs``/``max_steps`` 0 for fit): Lightning
+        runs it, writes a run folder's config and logs beside an earlier run's checkpoints, and reports nothing."""
+        stage = self.subcommand or "fit"
+        trainer = self._get(self.config_init, "trainer", default={}) or {}
+        for name in _BATCHES[stage]:
+            if trainer.get(name) == 0:
+                raise ValueError(f"trainer.{name}=0: distill {stage} would run no batch; give {name} > 0")
 
     def _check_links(self) -> None:
         """Refuse a student ``num_classes``/``in_chans`` given against the data: the link would override it."""
@@ -260,6 +270,13 @@ def stop_if_terminated(trainer: Any) -> None:
 _LINKED = ("num_classes", "in_chans")
 #: The subcommands that evaluate a student's weights: refused on the random ones of a recipe's student.
 _EVALUATE = ("validate", "test", "predict")
+#: The Trainer settings that leave each command no batch to run when they are 0.
+_BATCHES = {
+    "fit": ("limit_train_batches", "max_epochs", "max_steps"),
+    "validate": ("limit_val_batches",),
+    "test": ("limit_test_batches",),
+    "predict": ("limit_predict_batches",),
+}
 
 
 def _loads_weights(spec: Any) -> bool:

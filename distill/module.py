@@ -247,6 +247,9 @@ class DistillModule(LightningModule):
                 raise ValueError(
                     f"The {role} predicts {out.shape[-1]} classes but {data_desc} has {datamodule.num_classes}. {fix}"
                 )
+        batch_size = getattr(datamodule, "batch_size", None)
+        if self.mixer is not None and isinstance(batch_size, int) and batch_size % 2:
+            raise ValueError(f"mixup mixes each batch with itself reversed: give an even batch_size, got {batch_size}")
         target = torch.zeros(len(outputs["student"]), dtype=torch.long, device=outputs["student"].device)
         try:
             terms = self.loss(outputs["student"], outputs.get("teacher"), target)
@@ -454,10 +457,41 @@ def _mixer(options: dict[str, Any] | None, num_classes: int | None) -> Any:
 
     if num_classes is None:
         raise ValueError("mixup needs a student with num_classes (its targets are label probabilities)")
+    minmax = options.get("cutmix_minmax")
+    if minmax is not None and not (isinstance(minmax, (list, tuple)) and len(minmax) == 2):  # timm asserts it
+        raise ValueError(f"mixup: cutmix_minmax must be [min, max] with 0 <= min <= max <= 1, got {minmax!r}")
     try:
-        return Mixup(**{"label_smoothing": 0.0, **options, "num_classes": num_classes})
+        mixer = Mixup(**{"label_smoothing": 0.0, **options, "num_classes": num_classes})
     except TypeError as err:
         raise ValueError(f"mixup takes timm.data.Mixup's arguments (mixup_alpha, cutmix_alpha, ...): {err}") from None
+    _check_mixer(mixer)
+    return mixer
+
+
+def _check_mixer(mixer: Any) -> None:
+    """Refuse settings timm's ``Mixup`` takes but fails on at the first step (an assertion) or applies wrongly."""
+
+    def number(value: Any, low: float, high: float, high_open: bool = False) -> bool:
+        return isinstance(value, (int, float)) and low <= value <= high and not (high_open and value == high)
+
+    bad = []
+    for name in ("mixup_alpha", "cutmix_alpha"):
+        if not number(getattr(mixer, name), 0.0, math.inf, high_open=True):
+            bad.append(f"{name} must be a finite number >= 0, got {getattr(mixer, name)!r}")
+    minmax = mixer.cutmix_minmax
+    if minmax is not None and not (number(minmax[0], 0, 1) and number(minmax[1], minmax[0], 1)):
+        bad.append(f"cutmix_minmax must be [min, max] with 0 <= min <= max <= 1, got {minmax!r}")
+    if not bad and mixer.mixup_alpha == 0 and mixer.cutmix_alpha == 0:
+        bad.append("mixup_alpha, cutmix_alpha or cutmix_minmax must be set (> 0): this mixes nothing")
+    for name, value in (("prob", mixer.mix_prob), ("switch_prob", mixer.switch_prob)):
+        if not number(value, 0.0, 1.0):
+            bad.append(f"{name} must be in [0, 1], got {value!r}")
+    if not number(mixer.label_smoothing, 0.0, 1.0, high_open=True):
+        bad.append(f"label_smoothing must be in [0, 1), got {mixer.label_smoothing!r}")
+    if mixer.mode not in ("batch", "pair", "elem"):
+        bad.append(f"mode must be batch, pair or elem, got {mixer.mode!r}")
+    if bad:
+        raise ValueError(f"mixup: {bad[0]}")
 
 
 def _batch_mean() -> MeanMetric:

@@ -15,7 +15,7 @@ import torch
 from pytorch_lightning.callbacks import BasePredictionWriter
 
 from distill.data.batch import as_batch
-from distill.rundir import atomic_path
+from distill.rundir import atomic_path, check_output
 
 __all__ = ["PredictionWriter"]
 
@@ -38,7 +38,11 @@ class PredictionWriter(BasePredictionWriter):
 
     def on_predict_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         self._rows = []
-        self.output(trainer).parent.mkdir(parents=True, exist_ok=True)  # a folder that cannot be made: say so now
+        path = self.output(trainer)  # a path that cannot or must not be written: say so before predicting
+        check_output(
+            path, "PredictionWriter path", {"the checkpoint predicted with": trainer.ckpt_path}, "predictions.csv"
+        )
+        path.parent.mkdir(parents=True, exist_ok=True)
 
     def write_on_batch_end(
         self,

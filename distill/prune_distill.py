@@ -67,6 +67,7 @@ from distill.recipes import (
 from distill.report import phase_label, prune_distill_report
 from distill.rundir import RunState, check_run_dir
 from students import StudentNet, load_student, read_checkpoint, save_student, width_for_params
+from students.timm_models import check_timm_name
 
 __all__ = ["check_latency_options", "check_options", "check_reachable", "has_timed_start", "prune_distill"]
 
@@ -432,6 +433,8 @@ def check_baselines(recipe: dict[str, Any], baselines: list[float | str] | None)
             raise ValueError(f"baseline {b!r} is a width_mult: it needs a StudentNet recipe, not {student}")
         if not isinstance(b, str) and not 0 < b < math.inf:
             raise ValueError(f"baseline {b!r} is not a positive width_mult")
+        if isinstance(b, str):
+            check_timm_name(b)  # before any phase trains: a misspelt name would stop the run at its baselines
 
 
 class _Target:

@@ -94,9 +94,10 @@ def relocate(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
     cfg = copy.deepcopy(cfg)
     trainer = cfg.setdefault("trainer", {})
     trainer["default_root_dir"] = str(out)
-    logger = trainer.get("logger")
-    if isinstance(logger, dict):
-        logger.setdefault("init_args", {})["save_dir"] = str(out)
+    loggers = trainer.get("logger")
+    for logger in loggers if isinstance(loggers, list) else [loggers]:  # Lightning takes one logger or a list
+        if isinstance(logger, dict):
+            logger.setdefault("init_args", {})["save_dir"] = str(out)
     for callback in trainer.get("callbacks") or []:
         if isinstance(callback, dict) and callback.get("class_path", "").endswith("ModelCheckpoint"):
             callback.setdefault("init_args", {})["dirpath"] = str(out)

@@ -27,6 +27,7 @@ __all__ = [
     "atomic_path",
     "atomic_write",
     "changed_settings",
+    "check_output",
     "check_run_dir",
     "file_lock",
     "refuse_changes",
@@ -46,6 +47,21 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
+
+
+def check_output(path: str | Path, option: str, inputs: dict[str, str | Path | None], example: str) -> None:
+    """Refuse an output ``path`` that the rename of :func:`atomic_path` would wrongly replace: a folder (``example``:
+    a file name to suggest in it), a device, pipe or socket (as root, ``--onnx /dev/null`` replaced ``/dev/null``
+    with a file), or one of the command's ``inputs`` (by description: ``{"the checkpoint being exported": path}``),
+    which it reads and must not destroy."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{option}={str(path)!r} is a folder: give a file name, e.g. {path / example}")
+    if path.exists() and not path.is_file():
+        raise ValueError(f"{option}={str(path)!r} is not a regular file (a device, pipe or socket): give a file name")
+    for what, used in inputs.items():
+        if used is not None and path.resolve() == Path(used).resolve():
+            raise ValueError(f"{option}={str(path)!r} is {what}; it would be overwritten: give another file name")
 
 
 @contextlib.contextmanager

@@ -212,6 +212,9 @@ def _grid(
     bad_a = [a for a in alphas if not 0.0 <= a <= 1.0]
     if bad_a:
         raise ValueError(f"Alphas must be in [0, 1], got {bad_a} in {list(alphas)}.")
+    bad_s = [s for s in seeds if not 0 <= s < 2**32]  # the seeds Lightning's seed_everything takes
+    if bad_s:
+        raise ValueError(f"Seeds must be integers in [0, 2**32), got {bad_s} in {list(seeds)}.")
     others = sorted(set(losses) - {"KDLoss"})
     if len(set(alphas)) > 1 and others:
         raise ValueError(
@@ -238,6 +241,8 @@ def _variants(variants: dict[str, Any] | None, base: dict[str, Any], recipe: str
             raise ValueError(f"variant names are folder names (letters, digits, '-', '_', '.'); got {name!r}")
         if changes is not None and not isinstance(changes, dict):
             raise ValueError(f"variant {name!r} must be a mapping of overrides, got {changes!r}")
+        if not isinstance((changes or {}).get("model", {}), dict):
+            raise ValueError(f"variant {name!r}: model must be a mapping of overrides, got {changes['model']!r}")
         if "loss" in ((changes or {}).get("model") or {}):
             raise ValueError(f"variant {name!r} sets model.loss: compare losses with the losses axis instead")
         recipes[name] = merge(base, changes)

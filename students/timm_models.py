@@ -8,7 +8,7 @@ import timm
 from timm.models.resnet import ResNet
 from torch import nn
 
-__all__ = ["TIMM_PREFIX", "adapt_resnet_to_small_input", "create_timm_model"]
+__all__ = ["TIMM_PREFIX", "adapt_resnet_to_small_input", "check_timm_name", "create_timm_model"]
 
 #: Prefix that marks a timm model name in :func:`students.create_student` (``timm/resnet18``).
 TIMM_PREFIX = "timm/"
@@ -37,6 +37,17 @@ def adapt_resnet_to_small_input(model: nn.Module) -> nn.Module:
     return model
 
 
+def check_timm_name(name: str) -> str:
+    """``name`` without its ``timm/`` prefix; refused in one line when timm has no such model."""
+    timm_name = name[len(TIMM_PREFIX) :] if name.startswith(TIMM_PREFIX) else name
+    if not timm_name.startswith("hf-hub:") and not timm.is_model(timm_name.split(".")[0]):
+        raise ValueError(
+            f"{timm_name!r} is not a timm model. List the available ones with "
+            f"`python -c \"import timm; print(timm.list_models('*{timm_name[:6]}*'))\"`."
+        )
+    return timm_name
+
+
 def create_timm_model(
     name: str,
     num_classes: int = 1000,
@@ -57,12 +68,7 @@ def create_timm_model(
         small_input: for ResNets, use a 3x3 stride-1 stem without max-pool (small images such as 28x28).
         model_kwargs: further keyword arguments for ``timm.create_model`` (e.g. ``drop_rate``).
     """
-    timm_name = name[len(TIMM_PREFIX) :] if name.startswith(TIMM_PREFIX) else name
-    if not timm_name.startswith("hf-hub:") and not timm.is_model(timm_name.split(".")[0]):
-        raise ValueError(
-            f"{timm_name!r} is not a timm model. List the available ones with "
-            f"`python -c \"import timm; print(timm.list_models('*{timm_name[:6]}*'))\"`."
-        )
+    timm_name = check_timm_name(name)
     model = timm.create_model(
         timm_name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **(model_kwargs or {})
     )

@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import io
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +57,7 @@ PRUNE += ("--epochs_per_round", "1", "--rounds", "1", "--final_epochs", "0", "--
 PRUNE += ("--export_onnx", "false", "--latency_runtime", "torch-cpu", "--run_dir", "{runs}/prune")
 NEW_PRUNE = (*PRUNE[:-2], *NEW)
 BEST = "{runs}/prune/best_student.ckpt"  # the student prune-distill wrote
+PREDICT = (*RESUME, "{runs}/fit/best.ckpt", "--trainer.callbacks+=distill.PredictionWriter", "--trainer.callbacks.path")
 EXPORT = ("export", BEST)
 TO_ONNX = ("--onnx", "{runs}/export/student.onnx")
 TO_INT8 = ("--int8", "{runs}/export/student.int8.onnx")
@@ -80,9 +82,29 @@ FAULTS = [
     Fault("KD alpha outside [0, 1]", (*FIT, "--model.loss.init_args.alpha", "1.5"), "alpha must be in [0, 1]"),
     Fault("student in_chans against the data", (*FIT, "--model.student.init_args.in_chans", "3"), "contradicts"),
     Fault("a loss of another signature", (*FIT, "--model.loss", "torch.nn.CrossEntropyLoss"), "must be called as"),
+    Fault("mixup alpha -1", (*FIT, "--model.mixup", "{{mixup_alpha: -1}}"), "mixup: mixup_alpha must be a finite"),
+    Fault("mixup that mixes nothing", (*FIT, "--model.mixup", "{{mixup_alpha: 0}}"), "this mixes nothing"),
+    Fault("mixup cutmix_minmax of one", (*FIT, "--model.mixup", "{{cutmix_minmax: [0.1]}}"), "must be [min, max]"),
+    Fault("mixup unknown mode", (*FIT, "--model.mixup", "{{mode: bogus}}"), "mode must be batch, pair or elem"),
+    Fault(
+        "mixup with an odd batch size",
+        (*FIT, "--model.mixup", "{{mixup_alpha: 0.8}}", "--data.init_args.batch_size", "33"),
+        "give an even batch_size, got 33",
+    ),
     # ---- distill fit: the Trainer and callbacks
     Fault("trainer setting Lightning refuses", (*FIT, "--trainer.gradient_clip_algorithm", "bogus"), "bogus"),
     Fault("validation every 0 epochs", (*FIT, "--trainer.check_val_every_n_epoch", "0"), "check_val_every_n_epoch=0"),
+    Fault(
+        "fit of 0 epochs beside a run", (*FIT, "--trainer.max_epochs", "0"), "max_epochs=0: distill fit would run no"
+    ),
+    Fault(
+        "fit of 0 batches",
+        (*FIT, "--trainer.limit_train_batches", "0.0"),
+        "limit_train_batches=0: distill fit would run",
+    ),
+    Fault(
+        "test of 0 batches", ("test", *RESUME, "{runs}/fit/best.ckpt", "--trainer.limit_test_batches", "0"), "no batch"
+    ),
     Fault("gradients accumulated over 0 batches", (*FIT, "--trainer.accumulate_grad_batches", "0"), "accumulate"),
     Fault("pruning callback, unknown layer", ("fit", "--config", "{inputs}/prune_layer.yaml"), "names no layer"),
     Fault("pruning callback, unreachable target", ("fit", "--config", "{inputs}/prune_target.yaml"), "cannot be met"),
@@ -121,12 +143,22 @@ FAULTS = [
     Fault("test a student file", ("test", *RESUME, BEST), "not a checkpoint written by `distill fit`"),
     Fault("test another architecture", ("test", *RESUME, "{inputs}/resnet.ckpt"), "timm"),
     Fault("test without a checkpoint", ("test", *FIT[1:]), "without --ckpt_path would test the recipe's student"),
+    Fault(
+        "predictions onto their checkpoint",
+        ("predict", *PREDICT, "{runs}/fit/best.ckpt"),
+        "is the checkpoint predicted",
+    ),
+    Fault("predictions into a folder", ("predict", *PREDICT, "{runs}/fit"), "is a folder: give a file name, e.g. "),
     Fault("validate with val_size 1.5", ("validate", *FIT[1:], "--data.init_args.val_size", "1.5"), "1.5"),
     # ---- distill sweep
     Fault("sweep temperature 0", (*SWEEP, "--temperatures", "[0]"), "Temperatures must be finite and > 0"),
     Fault("sweep empty grid", (*SWEEP, "--temperatures", "[]"), "The grid is empty"),
     Fault("sweep alpha 1.5", (*SWEEP_T2, "--alphas", "[1.5]"), "Alphas must be in [0, 1]"),
     Fault("sweep no seeds", (*SWEEP_T2, "--seeds", "[]"), "The grid is empty"),
+    Fault("prune-distill of 0 batches", (*NEW_PRUNE, "--overrides", "{{trainer: {{limit_train_batches: 0}}}}"), "=0"),
+    Fault("sweep of 0 epochs", (*NEW_SWEEP, "--overrides", "{{trainer: {{max_epochs: 0}}}}"), "max_epochs=0"),
+    Fault("sweep seed -1", (*SWEEP_T2, "--seeds", "[-1]"), "Seeds must be integers in [0, 2**32), got [-1]"),
+    Fault("sweep variant's model a number", (*NEW_SWEEP, "--variants", "{{a: {{model: 5}}}}"), "must be a mapping"),
     Fault("sweep changed grid", (*SWEEP, "--temperatures", "[2, 8]"), "created for the grid"),
     Fault(
         "sweep changed recipe",
@@ -223,6 +255,10 @@ FAULTS = [
         "differ",
     ),
     Fault("export pt2 onto its checkpoint", (*EXPORT, "--pt2", BEST), "would be overwritten"),
+    Fault("export int8 onto its recipe", (*EXPORT, "--int8", "{recipe}", "--recipe", "{recipe}"), "int8 calibrates on"),
+    Fault(
+        "export onto a pipe", (*EXPORT, "--onnx", "{inputs}/pipe"), "is not a regular file (a device, pipe or socket)"
+    ),
     Fault("export int8 without a recipe", (*EXPORT, *TO_INT8), "no config.yaml beside"),
     Fault("export int8, recipe missing", (*EXPORT, *TO_INT8, "--recipe", "{inputs}/missing.yaml"), "not found"),
     Fault("export int8, unknown calibration", (*EXPORT, *INT8, "--calibration_method", "mse"), "calibration_method"),
@@ -300,6 +336,7 @@ def earlier_runs(root: Path) -> dict[str, str]:
     (inputs / "empty.yaml").write_text("")
     (inputs / "list.yaml").write_text("- trainer\n- model\n")
     (inputs / "text.ckpt").write_text("a checkpoint, surely\n")
+    os.mkfifo(inputs / "pipe")  # not a regular file: an output there would replace it (as root, /dev/null too)
     (inputs / "random.ckpt").write_bytes(torch.randint(0, 256, (5000,), dtype=torch.uint8).numpy().tobytes())
     torch.save({"state_dict": {}, "payload": RunsCode(str(inputs / "code_ran"))}, inputs / "evil.ckpt")
     save_student(StudentNet(base=2, num_classes=5, in_chans=1, num_pools=3), inputs / "classes5.ckpt")

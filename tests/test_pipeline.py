@@ -18,7 +18,7 @@ import yaml
 from helpers import start_distill, tiny_kd_recipe
 
 from distill.export import export
-from distill.prune_distill import prune_distill
+from distill.prune_distill import check_baselines, prune_distill
 from distill.recipes import fit_recipe, relocate
 from students import UNSCALED_LAYERS, load_student
 
@@ -133,6 +133,30 @@ def test_a_killed_run_resumes_at_its_last_round_with_the_same_result(tmp_path: P
 def test_bad_input(tmp_path: Path, small_teacher_checkpoint: Path, kwargs: dict, error: type, match: str):
     with pytest.raises(error, match=match):
         prune_distill(**options(tmp_path, small_teacher_checkpoint, baseline=False, export_onnx=False, **kwargs))
+
+
+def test_timm_baselines_are_checked_by_name_before_anything_trains():
+    recipe = {"model": {"student": {"class_path": "students.create_timm_model", "init_args": {"name": "test_resnet"}}}}
+    check_baselines(recipe, ["test_resnet", "timm/test_convnext"])  # timm models: taken
+    with pytest.raises(ValueError, match="'resnet9000' is not a timm model"):  # was found after every phase trained
+        check_baselines(recipe, ["test_resnet", "resnet9000"])
+
+
+def test_a_trial_logs_into_its_own_folder_with_one_logger_or_a_list(tmp_path: Path):
+    """relocate moved a single logger only: a sweep of a recipe with a list of loggers rewrote the recipe's run."""
+    csv_logger = {"class_path": "pytorch_lightning.loggers.CSVLogger", "init_args": {"save_dir": "runs/kd"}}
+    checkpoint = {"class_path": "pytorch_lightning.callbacks.ModelCheckpoint", "init_args": {"dirpath": "runs/kd"}}
+    for logger in (
+        csv_logger,
+        [csv_logger, {**csv_logger, "class_path": "pytorch_lightning.loggers.TensorBoardLogger"}],
+    ):
+        recipe = {"trainer": {"logger": logger, "callbacks": [checkpoint]}}
+        moved = relocate(recipe, tmp_path / "trial")["trainer"]
+        loggers = moved["logger"] if isinstance(moved["logger"], list) else [moved["logger"]]
+        assert [entry["init_args"]["save_dir"] for entry in loggers] == [str(tmp_path / "trial")] * len(loggers)
+        assert moved["callbacks"][0]["init_args"]["dirpath"] == str(tmp_path / "trial")
+        assert moved["default_root_dir"] == str(tmp_path / "trial") and recipe["trainer"]["callbacks"] == [checkpoint]
+    assert csv_logger["init_args"]["save_dir"] == "runs/kd"  # the recipe itself is left as it was
 
 
 def test_missing_teacher_and_changed_settings(tmp_path: Path, small_teacher_checkpoint: Path):
