@@ -25,7 +25,7 @@ class EMA(EMAWeightAveraging):
     the count is kept on the host as well and read from the device once per fit.
 
     Args:
-        decay: weight of the average at each update.
+        decay: weight of the average at each update, in [0, 1).
         update_every_n_steps: update after every n-th optimizer step.
         update_starting_at_step: first step updated (earlier: none).
         update_starting_at_epoch: from this epoch on, also update at the end of each epoch.
@@ -44,8 +44,8 @@ class EMA(EMAWeightAveraging):
         device: str | int | None = None,
         use_buffers: bool = True,
     ) -> None:
-        if not 0 <= decay <= 1:
-            raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
+        if not 0 <= decay < 1:  # 1 would keep the first step's weights, and evaluate and checkpoint those
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
         super().__init__(
             device=device,
             use_buffers=use_buffers,

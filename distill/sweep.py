@@ -196,7 +196,7 @@ def _grid(
         )
     if temperatures is None:
         temperatures = [1.0, 2.0, 4.0, 8.0, 16.0, 20.0]
-    losses = [own_class] if losses is None else [str(name).rsplit(".", 1)[-1] for name in losses]
+    losses = [own_class] if losses is None else [_loss_name(name) for name in losses]
     if alphas is None:
         alphas = [float(own_args.get("alpha", 0.9)) if own_class == "KDLoss" else 0.9]
     seeds = [0] if seeds is None else seeds
@@ -227,6 +227,12 @@ def _grid(
         "alpha": sorted({float(a) for a in alphas}),
         "seed": sorted({int(s) for s in seeds}),
     }
+
+
+def _loss_name(name: Any) -> str:
+    """``DKDLoss`` for ``DKDLoss``, ``distill.DKDLoss`` or ``distill.losses.DKDLoss``; another path as given."""
+    module, _, short = str(name).rpartition(".")
+    return short if module in ("", "distill", "distill.losses") else str(name)
 
 
 def _variants(variants: dict[str, Any] | None, base: dict[str, Any], recipe: str) -> dict[str, dict[str, Any]]:

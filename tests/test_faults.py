@@ -105,6 +105,9 @@ FAULTS = [
     Fault(
         "test of 0 batches", ("test", *RESUME, "{runs}/fit/best.ckpt", "--trainer.limit_test_batches", "0"), "no batch"
     ),
+    Fault(
+        "EMA that never moves", (*FIT, "--trainer.callbacks+=distill.EMA", "--trainer.callbacks.decay", "1"), "[0, 1)"
+    ),
     Fault("gradients accumulated over 0 batches", (*FIT, "--trainer.accumulate_grad_batches", "0"), "accumulate"),
     Fault("pruning callback, unknown layer", ("fit", "--config", "{inputs}/prune_layer.yaml"), "names no layer"),
     Fault("pruning callback, unreachable target", ("fit", "--config", "{inputs}/prune_target.yaml"), "cannot be met"),

@@ -145,6 +145,7 @@ def test_variants_train_the_same_grid_each_with_its_own_overrides(tmp_path: Path
         ({"storage": "not a url"}, "Cannot open the sweep storage"),
         ({"overrides": {"model": {"loss": {"class_path": "torch.nn.MSELoss"}}}}, r"trains with torch\.nn\.MSELoss"),
         ({"losses": ["Hinton"]}, "Unknown loss 'Hinton' in losses: choose from DISTLoss, DKDLoss, KDLoss"),
+        ({"losses": ["evil.module.KDLoss"]}, "Unknown loss 'evil.module.KDLoss'"),  # was taken as distill's KDLoss
         ({"losses": []}, "The grid is empty: give at least one value in losses"),
         ({"losses": ["KDLoss", "DKDLoss"], "alphas": [0.5, 0.9]}, "which DKDLoss does not have .*sweep several alphas"),
         ({"variants": {"a/b": {}}}, "variant names are folder names"),
