@@ -76,6 +76,13 @@ class _ArgumentParser(_OneLineErrors, LightningArgumentParser):
 class JobParser(_OneLineErrors, ArgumentParser):
     """The parser of the jobs (``distill sweep``, ``prune-distill``, ...)."""
 
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        fit_keys = ("'trainer.", "'model.", "'data.", "'seed_everything'", "'optimizer", "'lr_scheduler")
+        if str(message).startswith(tuple(f"Option {key}" for key in fit_keys)) and "not accepted" in str(message):
+            recipe = "--recipe" if any(a.dest == "recipe" for a in self._actions) else "--kd_config or --teacher_config"
+            message = f"{message}: that config is a distill fit recipe; give it to this command as {recipe}"
+        super().error(message, ex)
+
 
 class _Trainer(Trainer):
     """Lightning's Trainer, with ``limit_*_batches: 1`` meaning one batch, as Lightning documents.
@@ -207,7 +214,7 @@ class DistillCLI(LightningCLI):
             if self.datamodule is not None:
                 self.datamodule.prepare_data()
                 self.datamodule.setup(self.subcommand or "fit")
-            self.model.check_data(self.datamodule)
+            self.model.check_data(self.datamodule, fitting=self.subcommand in (None, "fit"))
             if self.datamodule is not None and hasattr(self.datamodule, "input_size"):
                 x = torch.zeros(1, self.datamodule.in_chans, *self.datamodule.input_size)
                 trainer_config = self._get(self.config_init, "trainer", default={}) or {}
@@ -227,7 +234,8 @@ class DistillCLI(LightningCLI):
         trainer = self._get(self.config_init, "trainer", default={}) or {}
         for name in _BATCHES[stage]:
             if trainer.get(name) == 0:
-                raise ValueError(f"trainer.{name}=0: distill {stage} would run no batch; give {name} > 0")
+                no_limit = " (or -1: no limit)" if name.startswith("max_") else ""
+                raise ValueError(f"trainer.{name}=0: distill {stage} would run no batch; give {name} > 0{no_limit}")
 
     def _check_links(self) -> None:
         """Refuse a student ``num_classes``/``in_chans`` given against the data: the link would override it."""

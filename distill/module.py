@@ -179,7 +179,7 @@ class DistillModule(LightningModule):
     # ------------------------------------------------------------------ setup
     def setup(self, stage: str) -> None:
         datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        num_classes = self.check_data(datamodule)
+        num_classes = self.check_data(datamodule, fitting=stage == "fit")
         if not self.metrics:
             self.metrics = nn.ModuleDict(
                 {f"student_{s}": _accuracy(num_classes, f"{s}/") for s in ("train", "val", "test")}
@@ -207,12 +207,13 @@ class DistillModule(LightningModule):
             if compile and getattr(model, "_compiled_call_impl", None) is None:
                 model.compile(mode=compile if isinstance(compile, str) else None)
 
-    def check_data(self, datamodule: Any) -> int:
+    def check_data(self, datamodule: Any, fitting: bool = True) -> int:
         """Load the teacher if only its checkpoint is known; run student and teacher on a dummy batch shaped
         like ``datamodule``'s and fail early and clearly on a mismatch. Returns the number of classes.
 
         ``distill fit`` calls it before the Trainer exists, so that bad input changes nothing on disk;
-        ``setup`` calls it again for runs started from Python.
+        ``setup`` calls it again for runs started from Python. ``fitting``: the data is for training (mixup
+        needs even batches; evaluation never mixes).
         """
         if self.teacher is None and self.hparams.teacher_checkpoint:
             self._set_teacher(load_teachers(self.hparams.teacher_checkpoint).to(_device_of(self.student)))
@@ -248,7 +249,7 @@ class DistillModule(LightningModule):
                     f"The {role} predicts {out.shape[-1]} classes but {data_desc} has {datamodule.num_classes}. {fix}"
                 )
         batch_size = getattr(datamodule, "batch_size", None)
-        if self.mixer is not None and isinstance(batch_size, int) and batch_size % 2:
+        if fitting and self.mixer is not None and isinstance(batch_size, int) and batch_size % 2:
             raise ValueError(f"mixup mixes each batch with itself reversed: give an even batch_size, got {batch_size}")
         target = torch.zeros(len(outputs["student"]), dtype=torch.long, device=outputs["student"].device)
         try:
@@ -423,6 +424,13 @@ def _loss_record(loss: nn.Module) -> dict[str, Any]:
     return {"class_path": f"{type(loss).__module__}.{type(loss).__qualname__}", "init_args": None}
 
 
+#: Loss settings renamed after the term they weigh (2026-12-06), by class: the old name, the new one.
+_RENAMED_LOSS_ARGS = {
+    "DKDLoss": {"alpha": "tckd_weight", "beta": "nckd_weight"},
+    "DISTLoss": {"beta": "inter_weight", "gamma": "intra_weight"},
+}
+
+
 def _recorded_loss(spec: Mapping[str, Any]) -> nn.Module:
     """The loss a checkpoint records (only distill's classes: a checkpoint names no other code to run)."""
     class_path = str(spec.get("class_path"))
@@ -438,8 +446,9 @@ def _recorded_loss(spec: Mapping[str, Any]) -> nn.Module:
             f"loss_spec names {class_path}; only distill's losses ({', '.join(losses.__all__)}) are rebuilt from a "
             f"record. Give model.loss instead."
         )
+    renamed = _RENAMED_LOSS_ARGS.get(name, {})  # a checkpoint of before the rename loads as it trained
     try:
-        return getattr(losses, name)(**spec["init_args"])
+        return getattr(losses, name)(**{renamed.get(k, k): v for k, v in spec["init_args"].items()})
     except TypeError as err:  # settings the class does not take
         raise ValueError(f"loss_spec {dict(spec)} does not build {name}: {err}") from None
 

@@ -39,9 +39,9 @@ class PredictionWriter(BasePredictionWriter):
     def on_predict_epoch_start(self, trainer: Any, pl_module: Any) -> None:
         self._rows = []
         path = self.output(trainer)  # a path that cannot or must not be written: say so before predicting
-        check_output(
-            path, "PredictionWriter path", {"the checkpoint predicted with": trainer.ckpt_path}, "predictions.csv"
-        )
+        inputs = {"the checkpoint predicted with": trainer.ckpt_path}
+        for target in {Path(self.path) if self.path else path, path}:  # a folder is checked before a rank's suffix
+            check_output(target, "PredictionWriter path", inputs, "predictions.csv")
         path.parent.mkdir(parents=True, exist_ok=True)
 
     def write_on_batch_end(

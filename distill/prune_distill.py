@@ -303,7 +303,8 @@ def check_options(
     given = {name: value for name, value in targets.items() if value is not None}
     if len(given) != 1:
         got = " and ".join(f"{name}={value}" for name, value in given.items())
-        fix = f"; got {got}: keep one, set the others to null (e.g. --{next(iter(given))} null)" if given else ""
+        ways = ", or ".join(" ".join(f"--{o} null" for o in given if o != n) + f" keeps {n}" for n in given)
+        fix = f"; got {got}: keep one ({ways})" if given else ""
         raise ValueError(f"give exactly one of target_params, target_macs, target_latency_ms or target_latency{fix}")
     if target_latency_ms is not None and not 0 < target_latency_ms < math.inf:
         raise ValueError(f"target_latency_ms must be a positive number of milliseconds, got {target_latency_ms}")

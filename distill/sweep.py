@@ -262,7 +262,7 @@ def _recipe_loss(cfg: dict[str, Any]) -> tuple[str, str, dict[str, Any]]:
     loss = {"class_path": loss} if isinstance(loss, str) else loss
     if not (isinstance(loss, dict) and loss.get("class_path")):
         loss = {"class_path": "distill.KDLoss"}
-    return loss["class_path"], str(loss["class_path"]).rsplit(".", 1)[-1], dict(loss.get("init_args") or {})
+    return loss["class_path"], _loss_name(loss["class_path"]), dict(loss.get("init_args") or {})
 
 
 # ------------------------------------------------------------------------------- one trial

@@ -103,7 +103,9 @@ FAULTS = [
         "limit_train_batches=0: distill fit would run",
     ),
     Fault(
-        "test of 0 batches", ("test", *RESUME, "{runs}/fit/best.ckpt", "--trainer.limit_test_batches", "0"), "no batch"
+        "test of 0 batches",
+        ("test", *RESUME, "{runs}/fit/best.ckpt", "--trainer.limit_test_batches", "0"),
+        "limit_test_batches=0: distill test would run no batch",
     ),
     Fault(
         "EMA that never moves", (*FIT, "--trainer.callbacks+=distill.EMA", "--trainer.callbacks.decay", "1"), "[0, 1)"
@@ -158,8 +160,18 @@ FAULTS = [
     Fault("sweep empty grid", (*SWEEP, "--temperatures", "[]"), "The grid is empty"),
     Fault("sweep alpha 1.5", (*SWEEP_T2, "--alphas", "[1.5]"), "Alphas must be in [0, 1]"),
     Fault("sweep no seeds", (*SWEEP_T2, "--seeds", "[]"), "The grid is empty"),
-    Fault("prune-distill of 0 batches", (*NEW_PRUNE, "--overrides", "{{trainer: {{limit_train_batches: 0}}}}"), "=0"),
+    Fault(
+        "prune-distill of 0 batches",
+        (*NEW_PRUNE, "--overrides", "{{trainer: {{limit_train_batches: 0}}}}"),
+        "limit_train_batches=0: distill fit",
+    ),
+    Fault(
+        "sweep of a recipe's outside loss",
+        (*NEW_SWEEP, "--overrides", "{{model: {{loss: evil.module.KDLoss}}}}"),
+        "evil",
+    ),
     Fault("sweep of 0 epochs", (*NEW_SWEEP, "--overrides", "{{trainer: {{max_epochs: 0}}}}"), "max_epochs=0"),
+    Fault("sweep of a fit recipe as --config", ("sweep", "--config", "{recipe}", *NEW), "to this command as --recipe"),
     Fault("sweep seed -1", (*SWEEP_T2, "--seeds", "[-1]"), "Seeds must be integers in [0, 2**32), got [-1]"),
     Fault("sweep variant's model a number", (*NEW_SWEEP, "--variants", "{{a: {{model: 5}}}}"), "must be a mapping"),
     Fault("sweep changed grid", (*SWEEP, "--temperatures", "[2, 8]"), "created for the grid"),
@@ -204,7 +216,11 @@ FAULTS = [
     Fault("prune target unreachable", (*NEW_PRUNE[:4], "10", *NEW_PRUNE[5:]), "target 10 parameters cannot"),
     Fault("prune unknown schedule", (*PRUNE, "--schedule", "linear"), "Unknown schedule 'linear'"),
     Fault("prune unknown criterion", (*PRUNE, "--importance", "weights"), "Unknown importance criterion"),
-    Fault("prune two targets", (*PRUNE, "--target_macs", "1000"), "keep one, set the others to null (e.g. --target_"),
+    Fault(
+        "prune two targets",
+        (*PRUNE, "--target_macs", "1000"),
+        "keep one (--target_macs null keeps target_params, or --target_params null keeps target_macs)",
+    ),
     Fault(
         "prune target_latency 1.5", (*PRUNE[:3], "--target_latency", "1.5", *PRUNE[5:]), "need 0 < target_latency < 1"
     ),

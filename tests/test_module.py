@@ -92,6 +92,23 @@ def test_a_loss_the_checkpoint_cannot_record_is_named_when_reloaded():
         DistillModule(student(), loss_spec={"class_path": "os.system", "init_args": {"command": "touch x"}})
 
 
+def test_a_checkpoint_of_before_the_loss_weights_were_renamed_loads_as_it_trained():
+    spec = {"class_path": "distill.DKDLoss", "init_args": {"temperature": 3.0, "alpha": 0.5, "beta": 2.0}}
+    dkd = DistillModule(student(), loss_spec=spec).loss
+    assert (dkd.temperature, dkd.tckd_weight, dkd.nckd_weight) == (3.0, 0.5, 2.0)
+    dist = DistillModule(student(), loss_spec={"class_path": "distill.DISTLoss", "init_args": {"gamma": 3.0}}).loss
+    assert (dist.inter_weight, dist.intra_weight) == (2.0, 3.0)
+
+
+def test_mixup_needs_even_training_batches_only():
+    model = DistillModule(student(), mixup={"mixup_alpha": 0.8})
+    odd = fmnist(batch_size=33)
+    odd.setup("fit")
+    model.check_data(odd, fitting=False)  # evaluation never mixes
+    with pytest.raises(ValueError, match="give an even batch_size, got 33"):  # every batch odd: it never mixed
+        model.check_data(odd)
+
+
 def test_training_resumes_from_a_checkpoint_without_teacher_weights(tmp_path: Path, teacher_checkpoint: Path):
     def make() -> DistillModule:
         return DistillModule(student(), load_teacher(checkpoint=teacher_checkpoint), lr=0.01)
