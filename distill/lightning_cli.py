@@ -236,6 +236,13 @@ class DistillCLI(LightningCLI):
             if trainer.get(name) == 0:
                 no_limit = " (or -1: no limit)" if name.startswith("max_") else ""
                 raise ValueError(f"trainer.{name}=0: distill {stage} would run no batch; give {name} > 0{no_limit}")
+        if stage != "fit" or trainer.get("limit_val_batches") != 0:
+            return
+        for callback in trainer.get("callbacks") or []:  # Lightning warns and saves no best: an earlier one would stay
+            if isinstance(callback, ModelCheckpoint) and str(callback.monitor).startswith("val"):
+                raise ValueError(f"trainer.limit_val_batches=0: nothing logs {callback.monitor}, which the "
+                                 f"ModelCheckpoint keeps the best checkpoint by; give limit_val_batches > 0, or drop "
+                                 f"its monitor")  # fmt: skip
 
     def _check_links(self) -> None:
         """Refuse a student ``num_classes``/``in_chans`` given against the data: the link would override it."""

@@ -97,6 +97,7 @@ FAULTS = [
     Fault(
         "fit of 0 epochs beside a run", (*FIT, "--trainer.max_epochs", "0"), "max_epochs=0: distill fit would run no"
     ),
+    Fault("fit of 0 validation batches", (*FIT, "--trainer.limit_val_batches", "0"), "nothing logs val/acc, which"),
     Fault(
         "fit of 0 batches",
         (*FIT, "--trainer.limit_train_batches", "0.0"),
@@ -201,7 +202,7 @@ FAULTS = [
     Fault(
         "sweep without validation",
         (*OVERRIDE, "{{trainer: {{limit_val_batches: 0}}}}"),
-        "chooses each run's best checkpoint",
+        "nothing logs val/acc, which the ModelCheckpoint",
     ),
     Fault("sweep overrides model: 5", (*OVERRIDE, "{{model: 5}}"), "needs 'model' as a mapping"),
     Fault(
