@@ -112,9 +112,13 @@ def _check_temperature(temperature: float) -> float:
 
 
 def _check_weights(**weights: float) -> None:
+    """Each weight finite and >= 0, and one of the terms' weights (all but ``warmup_epochs``) above 0."""
     bad = {k: v for k, v in weights.items() if not 0 <= v < math.inf}
     if bad:
         raise ValueError(f"loss weights must be finite and >= 0, got {bad}")
+    terms = {k: v for k, v in weights.items() if k.endswith("_weight")}
+    if terms and not any(terms.values()):
+        raise ValueError(f"every term's weight is 0 ({', '.join(terms)}): the loss would be 0 and train nothing")
 
 
 def _kl(log_p_teacher: torch.Tensor, log_p_student: torch.Tensor) -> torch.Tensor:

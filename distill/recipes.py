@@ -46,6 +46,8 @@ __all__ = [
 def load_recipe(path: str | Path) -> dict[str, Any]:
     """The recipe at ``path`` as a dict, with a clear error when it is missing or not a YAML mapping."""
     file = Path(path)
+    if file.is_dir():
+        raise ValueError(f"Recipe {str(path)!r} is a folder: give its YAML file (e.g. {file / 'config.yaml'})")
     if not file.is_file():
         raise FileNotFoundError(f"Recipe {str(path)!r} not found. Run from the repository root or pass its path.")
     try:

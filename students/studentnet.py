@@ -31,8 +31,8 @@ def studentnet_channels(base: int = 16, width_mult: float = 1.0) -> list[int]:
     """Per-layer widths of seed 004: ``base * [1, 2, 4, 8, 16, 16, 16, 16]``, layers 3..6 times ``width_mult``."""
     if base < 1:
         raise ValueError(f"base must be a positive number of channels, got {base}")
-    if width_mult <= 0:
-        raise ValueError(f"width_mult must be > 0, got {width_mult}")
+    if not 0 < width_mult < math.inf:
+        raise ValueError(f"width_mult must be a finite number > 0, got {width_mult}")
     channels = [base * m for m in _MULTIPLIERS]
     for i in _SCALED_LAYERS:
         channels[i] = max(1, int(channels[i] * width_mult))

@@ -194,6 +194,7 @@ def test_every_loss_trains_on_labels_alone_and_sends_no_gradient_to_the_teacher(
         (lambda: DKDLoss(temperature=0), "temperature must be a finite number > 0"),
         (lambda: DKDLoss(nckd_weight=-1), r"loss weights must be finite and >= 0, got \{'nckd_weight': -1\}"),
         (lambda: LogitStandardKDLoss(kd_weight=math.inf), "kd_weight"),
+        (lambda: DISTLoss(inter_weight=0, intra_weight=0, ce_weight=0), "every term's weight is 0 .*train nothing"),
         (lambda: DISTLoss(intra_weight=math.nan), "intra_weight"),
     ],
 )
