@@ -65,7 +65,7 @@ from distill.recipes import (
     with_callbacks,
 )
 from distill.report import phase_label, prune_distill_report
-from distill.rundir import RunState, check_run_dir
+from distill.rundir import RunState, check_run_dir, release_run_dir
 from students import StudentNet, load_student, read_checkpoint, save_student, width_for_params
 from students.timm_models import check_timm_name
 
@@ -271,6 +271,7 @@ def prune_distill(
         start_row = next(r for r in rows if r["phase"] in ("start", "initial"))
         aim |= {"value": round(target_latency * start_row["latency_ms"], 3), "fraction": target_latency}
     prune_distill_report(out, rows, best, aim, onnx_diff, deployed, meter.describe(), meter.batch_size)
+    release_run_dir(out)  # held since run.hold (a run that failed keeps it until its process ends)
     return rows
 
 

@@ -52,7 +52,15 @@ from distill.recipes import (
     with_callbacks,
 )
 from distill.report import against_baselines, quickstart_table
-from distill.rundir import RunState, atomic_write, changed_settings, check_run_dir, refuse_changes
+from distill.rundir import (
+    RunState,
+    atomic_write,
+    changed_settings,
+    check_run_dir,
+    hold_run_dir,
+    refuse_changes,
+    release_run_dir,
+)
 from students import load_student
 
 __all__ = ["quickstart"]
@@ -162,7 +170,8 @@ def quickstart(
     )
     student_cfg = _resize(load_recipe(kd_config), out / "student", epochs=student_epochs, **common)
     student_cfg["model"].pop("teacher", None)  # the teacher trained below
-    # before anything trains: the student, the data, the target
+    # before anything trains: the teacher, the student, the data, the target
+    check_recipe(teacher_cfg, f"teacher_config {teacher_config}")
     model, data = check_recipe(student_cfg, f"kd_config {kd_config}")
     check_latency_options(latency_runtime, latency_batch_size, needs_onnx=True)  # the table times ONNX files
     policy = PruningPolicy(importance, min_fraction=0.1, round_to=CHANNEL_MULTIPLE, ignored_layers=ignored_layers)
@@ -182,6 +191,7 @@ def quickstart(
     record = out / "quickstart.json"
     changed = changed_settings(json.loads(record.read_text()), settings) if record.is_file() else []
     refuse_changes(out, "quickstart", changed, "finished stages are then reused")
+    hold_run_dir(out, "quickstart")  # until the end: another quickstart in this folder is refused
     teacher = fit_recipe(teacher_cfg, out / "teacher.yaml")
     atomic_write(record, lambda f: json.dump(settings, f, indent=1))  # this folder holds these settings' run
 
@@ -254,6 +264,7 @@ def quickstart(
     )
     (out / "summary.md").write_text(summary)
     print("\n" + table + f"\n\n{verdict}\n\nWritten: {out / 'summary.md'}, {out / 'prune_distill' / 'pareto.png'}")
+    release_run_dir(out)
     return results
 
 

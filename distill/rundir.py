@@ -30,7 +30,9 @@ __all__ = [
     "check_output",
     "check_run_dir",
     "file_lock",
+    "hold_run_dir",
     "refuse_changes",
+    "release_run_dir",
 ]
 
 
@@ -117,6 +119,43 @@ def check_run_dir(folder: Path, job: str) -> None:
             )
 
 
+_HELD: dict[Path, Any] = {}  # the run folders this process holds, and their open lock files
+
+
+def hold_run_dir(folder: Path, job: str) -> None:
+    """Create ``folder`` and hold it for this process until :func:`release_run_dir` (or the process ends): a job
+    started there by another process is refused, where two of them trained into the same files at once (one
+    crashed, the other lost rows of its metrics). Holding a folder this process holds already is a no-op."""
+    folder = folder.resolve()
+    folder.mkdir(parents=True, exist_ok=True)
+    if folder in _HELD or fcntl is None:
+        return
+    handle = open(folder / ".distill.lock", "a+")  # noqa: SIM115  (open while the folder is held)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        owner = handle.read().strip()
+        handle.close()
+        raise ValueError(
+            f"run_dir {folder} is in use by another {job} process{f' (pid {owner})' if owner else ''}: wait for it "
+            f"to end, or use another run_dir"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"{os.getpid()}\n")
+    handle.flush()
+    _HELD[folder] = handle
+
+
+def release_run_dir(folder: Path) -> None:
+    """Let other processes run jobs in ``folder`` again (see :func:`hold_run_dir`)."""
+    handle = _HELD.pop(folder.resolve(), None)
+    if handle is not None:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
 def refuse_changes(folder: Path, job: str, changed: Iterable[str], then: str) -> None:
     """Refuse to resume the ``job`` run in ``folder`` with the ``changed`` settings; ``then``: what rerunning does."""
     changed = list(changed)
@@ -139,7 +178,23 @@ class RunState:
         self.folder = folder
         self.job = job
         self.path = folder / "state.json"
-        self.state: dict[str, Any] = json.loads(self.path.read_text()) if self.path.is_file() else {"phases": {}}
+        marker = RUN_MARKERS.get(job)
+        if not self.path.is_file() and marker is not None and (folder / marker).is_file():
+            raise ValueError(f"{folder} holds a {job} run ({marker}) without its state.json: restore the file, or use "
+                             f"a new run_dir (a run here would train over that run's files)")  # fmt: skip
+        self.state: dict[str, Any] = self._read() if self.path.is_file() else {"phases": {}}
+
+    def _read(self) -> dict[str, Any]:
+        try:
+            state = json.loads(self.path.read_text())
+        except (ValueError, UnicodeDecodeError) as err:
+            state, why = None, f"not JSON: {err}"
+        else:
+            why = "not a mapping with the finished phases"
+        if not (isinstance(state, dict) and isinstance(state.get("phases"), dict)):
+            raise ValueError(f"{self.path} is not the state of a {self.job} run ({why}): restore it, or use a new "
+                             f"run_dir")  # fmt: skip
+        return state
 
     @property
     def phases(self) -> dict[str, dict[str, Any]]:
@@ -175,7 +230,7 @@ class RunState:
         if changed or moved:
             self.state = {"phases": {}}  # nothing trained yet: start afresh with these settings
         self.state["settings"], self.state["inputs"] = settings, inputs
-        self.folder.mkdir(parents=True, exist_ok=True)
+        hold_run_dir(self.folder, self.job)
         self.save()
 
     def record(self, key: str, row: dict[str, Any]) -> None:

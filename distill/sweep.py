@@ -115,6 +115,7 @@ def sweep(
         check_recipe(cfg, f"recipe {recipe}" + (f", variant {name}" if variants else "") +
                      (" with its overrides" if overrides else ""))  # fmt: skip
     url = storage or f"sqlite:///{out / 'sweep.db'}"
+    _check_storage(storage, out)
     settings = {
         "recipe": recipe,
         "temperatures": space["temperature"],
@@ -179,6 +180,39 @@ def sweep(
 
 
 # ---------------------------------------------------------------------------- input checks
+def _check_storage(storage: str | None, out: Path) -> None:
+    """Refuse a storage that would lose the trials or start the grid again over a sweep's files: in memory, another
+    storage than the run's, or the run's default ``sweep.db`` gone or emptied."""
+    if storage is not None and storage.split("?")[0] in ("sqlite://", "sqlite:///:memory:"):
+        raise ValueError(
+            "an in-memory sweep storage is lost when the worker ends and no other worker sees it: give a file "
+            "(sqlite:///path/sweep.db, the default) or a server database"
+        )
+    record = out / "sweep.yaml"
+    if not record.is_file():
+        return
+    recorded = (yaml.safe_load(record.read_text()) or {}).get("storage")
+    if storage is None and recorded is None:
+        db = out / "sweep.db"
+        if not db.is_file() or db.stat().st_size == 0:
+            raise ValueError(
+                f"{out} holds a sweep (sweep.yaml) whose sweep.db is missing or empty: restore it, or use a new "
+                f"run_dir (its grid would train again over the trials' files)"
+            )
+        return
+    from sqlalchemy.engine import make_url  # optuna's storage layer
+
+    try:
+        shown = None if storage is None else make_url(storage).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001 - not a URL: open_storage says so
+        return
+    if (shown or "").split("?")[0] != (recorded or "").split("?")[0]:  # the query's passwords are masked in the record
+        raise ValueError(
+            f"{out} holds a sweep stored in {recorded or 'its sweep.db'}: give that storage again (or none, for "
+            f"sweep.db), or use a new run_dir"
+        )
+
+
 def _grid(
     temperatures: list[float] | None,
     losses: list[str] | None,

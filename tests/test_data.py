@@ -274,6 +274,9 @@ def test_image_folder(tmp_path: Path):
     assert batch.x.shape == (3, 3, 32, 32) and batch.y.max() < 3
     with pytest.raises(FileNotFoundError, match="training folder"):
         ImageFolderDataModule(str(tmp_path / "nowhere"))
+    (tmp_path / "one" / "train" / "apple").mkdir(parents=True)  # val/acc read 1.000 and KD's soft term 0
+    with pytest.raises(ValueError, match=r"holds one class folder \(apple\); a classifier needs at least two"):
+        ImageFolderDataModule(str(tmp_path / "one"))
     # The split follows the shared rule: a float is a fraction, so 5000.0 is refused, as by every datamodule.
     for val_size in (5000.0, 1.5, 0, True):
         with pytest.raises(ValueError, match="val_size must be a number of images"):

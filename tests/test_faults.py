@@ -172,6 +172,11 @@ FAULTS = [
         (*NEW_SWEEP, "--overrides", "{{model: {{loss: evil.module.KDLoss}}}}"),
         "evil",
     ),
+    Fault("sweep storage in memory", (*STORAGE, "sqlite://"), "an in-memory sweep storage is lost when the worker"),
+    Fault("sweep in another storage", (*SWEEP_T2, "--storage", "sqlite:///{runs}/other.db"), "stored in its sweep.db"),
+    Fault("sweep of an emptied sweep.db", (*SWEEP_T2[:4], "{inputs}/emptied_sweep", *SWEEP_T2[5:]), "missing or empty"),
+    Fault("prune-distill without its state.json", (*PRUNE[:-1], "{inputs}/stateless_prune"), "without its state.json"),
+    Fault("prune-distill state.json a list", (*PRUNE[:-1], "{inputs}/corrupt_prune"), "is not the state of a prune"),
     Fault("sweep of 0 epochs", (*NEW_SWEEP, "--overrides", "{{trainer: {{max_epochs: 0}}}}"), "max_epochs=0"),
     Fault("sweep of a fit recipe as --config", ("sweep", "--config", "{recipe}", *NEW), "to this command as --recipe"),
     Fault("sweep seed -1", (*SWEEP_T2, "--seeds", "[-1]"), "Seeds must be integers in [0, 2**32), got [-1]"),
@@ -390,6 +395,14 @@ def earlier_runs(root: Path) -> dict[str, str]:
         with_callback = yaml.safe_load(recipe.read_text())
         with_callback["trainer"]["callbacks"].append(callback)
         (inputs / f"{name}.yaml").write_text(yaml.safe_dump(with_callback))
+    for name, state in (("stateless_prune", None), ("corrupt_prune", "[1, 2, 3]")):  # a run's record lost
+        (inputs / name).mkdir()
+        shutil.copy(runs / "prune" / "prune_distill.yaml", inputs / name)
+        if state is not None:
+            (inputs / name / "state.json").write_text(state)
+    (inputs / "emptied_sweep").mkdir()
+    shutil.copy(runs / "sweep" / "sweep.yaml", inputs / "emptied_sweep")
+    (inputs / "emptied_sweep" / "sweep.db").write_bytes(b"")
     no_student = yaml.safe_load((Path(__file__).parents[1] / "configs" / "fmnist" / "teacher.yaml").read_text())
     del no_student["model"]["student"]
     (inputs / "no_student.yaml").write_text(yaml.safe_dump(no_student))

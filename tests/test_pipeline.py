@@ -100,10 +100,13 @@ def test_a_killed_run_resumes_at_its_last_round_with_the_same_result(tmp_path: P
         if state_file.exists() and "round1" in json.loads(state_file.read_text())["phases"]:
             break
         time.sleep(0.1)
+    before = state_file.read_bytes()
+    with pytest.raises(ValueError, match=rf"is in use by another prune-distill process \(pid {worker.pid}\)"):
+        prune_distill(**settings)  # two at once trained into the same files: one crashed, one lost metrics rows
     os.killpg(worker.pid, signal.SIGKILL)
     worker.wait()
     done = json.loads(state_file.read_text())["phases"]
-    assert "round1" in done and "round3" not in done
+    assert "round1" in done and "round3" not in done and "round1" in json.loads(before)["phases"]
 
     resumed = prune_distill(**settings)
     assert [r["params"] for r in resumed] == [r["params"] for r in reference]

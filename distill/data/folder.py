@@ -69,6 +69,9 @@ class ImageFolderDataModule(SplitDataModule):
                 f"<root>/<train_dir>/<class>/<image files>; set root and train_dir."
             )
         self.classes, _ = find_classes(str(train_path))
+        if len(self.classes) < 2:  # a classifier of one class is always right, and KD's soft term is 0
+            raise ValueError(f"ImageFolderDataModule: {train_path} holds one class folder ({self.classes[0]}); a "
+                             f"classifier needs at least two, one folder each")  # fmt: skip
         self.num_classes = len(self.classes)
         self.train_dir, self.val_dir, self.test_dir = train_dir, val_dir, test_dir
         self.image_size, self.augment = image_size, augment
