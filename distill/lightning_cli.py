@@ -24,6 +24,7 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from distill.data.base import SplitDataModule
 from distill.module import DistillModule, check_resume_settings
 from distill.predictions import PredictionWriter
 from distill.rundir import atomic_path
@@ -179,7 +180,35 @@ class DistillCLI(LightningCLI):
             self.save_config_callback = None
         trainer = super().instantiate_trainer(**kwargs)
         self._check_weights(trainer)
+        self._check_resumed_split(trainer)
         return trainer
+
+    def _check_resumed_split(self, trainer: Trainer) -> None:
+        """Refuse to resume a fit on another train/validation split than its checkpoint's: images it trained on
+        would be validated on, and choose its best checkpoint, without a word."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        if self.subcommand not in (None, "fit") or not isinstance(self.datamodule, SplitDataModule):
+            return
+        if self._checkpoint is not None:
+            source, checkpoint = self._checkpoint
+        elif config.get("ckpt_path") == "last":
+            found = [p for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)
+                     for p in c._find_last_checkpoints(trainer)]  # fmt: skip
+            if not found:
+                return
+            path = max(found, key=os.path.getmtime)  # the one Lightning resumes from
+            source, checkpoint = f"--ckpt_path last ({path})", read_checkpoint(path)
+        else:
+            return
+        recorded, current = type(self.datamodule).split_of(checkpoint), self.datamodule.state_dict()["split"]
+        if recorded is not None and recorded != current:
+            changed = ", ".join(f"{k}={recorded[k]!r}" for k in recorded if recorded[k] != current.get(k))
+            raise ValueError(
+                f"{source} was trained on the split of {changed}, but this run's data splits otherwise "
+                f"({', '.join(f'{k}={current[k]!r}' for k in current if recorded.get(k) != current[k])}): its "
+                f"validation images would include images it trained on. Resume with the original split, or start "
+                f"a new run."
+            )
 
     def _check_weights(self, trainer: Trainer) -> None:
         """Refuse to evaluate the random weights of a recipe's student: ``validate``/``test``/``predict`` with no

@@ -57,6 +57,7 @@ PRUNE += ("--epochs_per_round", "1", "--rounds", "1", "--final_epochs", "0", "--
 PRUNE += ("--export_onnx", "false", "--latency_runtime", "torch-cpu", "--run_dir", "{runs}/prune")
 NEW_PRUNE = (*PRUNE[:-2], *NEW)
 BEST = "{runs}/prune/best_student.ckpt"  # the student prune-distill wrote
+SPLIT_SEED = ("--data.init_args.split_seed", "1")
 PREDICT = (*RESUME, "{runs}/fit/best.ckpt", "--trainer.callbacks+=distill.PredictionWriter", "--trainer.callbacks.path")
 EXPORT = ("export", BEST)
 TO_ONNX = ("--onnx", "{runs}/export/student.onnx")
@@ -146,6 +147,8 @@ FAULTS = [
     Fault("resume from a malicious pickle", ("fit", *RESUME, "{inputs}/evil.ckpt"), "refused as unsafe"),
     Fault("resume another architecture", ("fit", *RESUME, "{inputs}/resnet.ckpt"), "holds the student timm/"),
     Fault("resume with another lr", ("fit", *RESUME, "{runs}/fit/last.ckpt", "--model.lr", "0.5"), "lr=0.5"),
+    Fault("resume on another split", ("fit", *RESUME, "{runs}/fit/last.ckpt", *SPLIT_SEED), "split of split_seed=0"),
+    Fault("resume last on another split", ("fit", *RESUME, "last", "--data.init_args.val_size", "600"), "val_size=500"),
     Fault("resume from a student file", ("fit", *RESUME, BEST), "student's weights"),
     Fault("test a student file", ("test", *RESUME, BEST), "not a checkpoint written by `distill fit`"),
     Fault("test another architecture", ("test", *RESUME, "{inputs}/resnet.ckpt"), "timm"),

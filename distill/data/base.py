@@ -47,6 +47,16 @@ class SplitDataModule(LightningDataModule):
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
 
+    def state_dict(self) -> dict[str, Any]:
+        """What Lightning saves of the datamodule in each checkpoint: the settings of the train/validation split,
+        which a resumed fit must keep (``distill fit`` checks them before it trains: see ``split_of``)."""
+        return {"split": {"val_size": self.val_size, "split_seed": self.split_seed}}
+
+    @classmethod
+    def split_of(cls, checkpoint: dict[str, Any]) -> dict[str, Any] | None:
+        """The split settings a checkpoint of a run on this datamodule records (``None`` for older ones)."""
+        return (checkpoint.get(cls.__qualname__) or {}).get("split")
+
     def split_indices(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Train and validation indices of an ``n``-image training set (fixed by ``split_seed``)."""
         return split_indices(n, self.val_size, self.split_seed)
