@@ -237,7 +237,8 @@ class DistillModule(LightningModule):
             except RuntimeError as err:
                 raise ValueError(
                     f"The {role} cannot process a {tuple(shape)} batch from {data_desc}: {err}. "
-                    f"Build the {role} with in_chans={datamodule.in_chans}."
+                    f"Build the {role} with in_chans={datamodule.in_chans}, for inputs of "
+                    f"{datamodule.input_size[0]}x{datamodule.input_size[1]} (or give the data a size it takes)."
                 ) from None
             if out.shape[-1] != datamodule.num_classes:
                 fix = (

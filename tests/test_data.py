@@ -274,6 +274,9 @@ def test_image_folder(tmp_path: Path):
     assert batch.x.shape == (3, 3, 32, 32) and batch.y.max() < 3
     with pytest.raises(FileNotFoundError, match="training folder"):
         ImageFolderDataModule(str(tmp_path / "nowhere"))
+    for size in (0, -5, 2.5):  # 0 was refused as if the student needed in_chans=3
+        with pytest.raises(ValueError, match=f"image_size must be a number of pixels >= 1, got {size}"):
+            ImageFolderDataModule(str(tmp_path), image_size=size)
     (tmp_path / "one" / "train" / "apple").mkdir(parents=True)  # val/acc read 1.000 and KD's soft term 0
     with pytest.raises(ValueError, match=r"holds one class folder \(apple\); a classifier needs at least two"):
         ImageFolderDataModule(str(tmp_path / "one"))

@@ -74,6 +74,8 @@ class ImageFolderDataModule(SplitDataModule):
                              f"classifier needs at least two, one folder each")  # fmt: skip
         self.num_classes = len(self.classes)
         self.train_dir, self.val_dir, self.test_dir = train_dir, val_dir, test_dir
+        if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+            raise ValueError(f"ImageFolderDataModule: image_size must be a number of pixels >= 1, got {image_size!r}")
         self.image_size, self.augment = image_size, augment
         self.mean, self.std = tuple(mean), tuple(std)
 
