@@ -201,11 +201,11 @@ class DistillCLI(LightningCLI):
         else:
             return
         recorded, current = type(self.datamodule).split_of(checkpoint), self.datamodule.state_dict()["split"]
-        if recorded is not None and recorded != current:
-            changed = ", ".join(f"{k}={recorded[k]!r}" for k in recorded if recorded[k] != current.get(k))
+        changed = [k for k in current if recorded is not None and recorded.get(k) != current[k]]
+        if changed:
+            was, now = (", ".join(f"{k}={split.get(k)!r}" for k in changed) for split in (recorded, current))
             raise ValueError(
-                f"{source} was trained on the split of {changed}, but this run's data splits otherwise "
-                f"({', '.join(f'{k}={current[k]!r}' for k in current if recorded.get(k) != current[k])}): its "
+                f"{source} was trained on the split of {was}, but this run's data splits otherwise ({now}): its "
                 f"validation images would include images it trained on. Resume with the original split, or start "
                 f"a new run."
             )

@@ -467,8 +467,9 @@ def _mixer(options: dict[str, Any] | None, num_classes: int | None) -> Any:
 
     if num_classes is None:
         raise ValueError("mixup needs a student with num_classes (its targets are label probabilities)")
-    minmax = options.get("cutmix_minmax")
-    if minmax is not None and not (isinstance(minmax, (list, tuple)) and len(minmax) == 2):  # timm asserts it
+    minmax = options.get("cutmix_minmax")  # timm asserts its length; checked here with its range
+    if minmax is not None and not (isinstance(minmax, (list, tuple)) and len(minmax) == 2 and
+                                   _within(minmax[0], 0, 1) and _within(minmax[1], minmax[0], 1)):  # fmt: skip
         raise ValueError(f"mixup: cutmix_minmax must be [min, max] with 0 <= min <= max <= 1, got {minmax!r}")
     try:
         mixer = Mixup(**{"label_smoothing": 0.0, **options, "num_classes": num_classes})
@@ -478,30 +479,25 @@ def _mixer(options: dict[str, Any] | None, num_classes: int | None) -> Any:
     return mixer
 
 
+def _within(value: Any, low: float, high: float, high_open: bool = False) -> bool:
+    """Whether ``value`` is a number in ``[low, high]`` (``[low, high)`` with ``high_open``; NaN is not)."""
+    return isinstance(value, (int, float)) and low <= value <= high and not (high_open and value == high)
+
+
 def _check_mixer(mixer: Any) -> None:
     """Refuse settings timm's ``Mixup`` takes but fails on at the first step (an assertion) or applies wrongly."""
-
-    def number(value: Any, low: float, high: float, high_open: bool = False) -> bool:
-        return isinstance(value, (int, float)) and low <= value <= high and not (high_open and value == high)
-
-    bad = []
     for name in ("mixup_alpha", "cutmix_alpha"):
-        if not number(getattr(mixer, name), 0.0, math.inf, high_open=True):
-            bad.append(f"{name} must be a finite number >= 0, got {getattr(mixer, name)!r}")
-    minmax = mixer.cutmix_minmax
-    if minmax is not None and not (number(minmax[0], 0, 1) and number(minmax[1], minmax[0], 1)):
-        bad.append(f"cutmix_minmax must be [min, max] with 0 <= min <= max <= 1, got {minmax!r}")
-    if not bad and mixer.mixup_alpha == 0 and mixer.cutmix_alpha == 0:
-        bad.append("mixup_alpha, cutmix_alpha or cutmix_minmax must be set (> 0): this mixes nothing")
+        if not _within(getattr(mixer, name), 0.0, math.inf, high_open=True):
+            raise ValueError(f"mixup: {name} must be a finite number >= 0, got {getattr(mixer, name)!r}")
+    if mixer.mixup_alpha == 0 and mixer.cutmix_alpha == 0:
+        raise ValueError("mixup: mixup_alpha, cutmix_alpha or cutmix_minmax must be set (> 0): this mixes nothing")
     for name, value in (("prob", mixer.mix_prob), ("switch_prob", mixer.switch_prob)):
-        if not number(value, 0.0, 1.0):
-            bad.append(f"{name} must be in [0, 1], got {value!r}")
-    if not number(mixer.label_smoothing, 0.0, 1.0, high_open=True):
-        bad.append(f"label_smoothing must be in [0, 1), got {mixer.label_smoothing!r}")
+        if not _within(value, 0.0, 1.0):
+            raise ValueError(f"mixup: {name} must be in [0, 1], got {value!r}")
+    if not _within(mixer.label_smoothing, 0.0, 1.0, high_open=True):
+        raise ValueError(f"mixup: label_smoothing must be in [0, 1), got {mixer.label_smoothing!r}")
     if mixer.mode not in ("batch", "pair", "elem"):
-        bad.append(f"mode must be batch, pair or elem, got {mixer.mode!r}")
-    if bad:
-        raise ValueError(f"mixup: {bad[0]}")
+        raise ValueError(f"mixup: mode must be batch, pair or elem, got {mixer.mode!r}")
 
 
 def _batch_mean() -> MeanMetric:

@@ -137,11 +137,7 @@ def sweep(
     kd = open_study(rdb, url, study_name, space, recipes)
     ce = open_study(rdb, url, f"{study_name}-ce", ce_space, base) if baseline else None
     if storage is not None:  # opened above, so a URL; its password stays out of the run's files
-        from sqlalchemy.engine import make_url  # optuna's storage layer
-
-        parsed = make_url(storage)
-        query = {k: "***" if "password" in k.lower() else v for k, v in parsed.query.items()}
-        settings["storage"] = parsed.update_query_dict(query).render_as_string(hide_password=True)
+        settings["storage"] = _shown(storage)
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))  # only once it was accepted
 
@@ -200,17 +196,24 @@ def _check_storage(storage: str | None, out: Path) -> None:
                 f"run_dir (its grid would train again over the trials' files)"
             )
         return
-    from sqlalchemy.engine import make_url  # optuna's storage layer
-
     try:
-        shown = None if storage is None else make_url(storage).render_as_string(hide_password=True)
+        shown = None if storage is None else _shown(storage)
     except Exception:  # noqa: BLE001 - not a URL: open_storage says so
         return
-    if (shown or "").split("?")[0] != (recorded or "").split("?")[0]:  # the query's passwords are masked in the record
+    if shown != recorded:
         raise ValueError(
             f"{out} holds a sweep stored in {recorded or 'its sweep.db'}: give that storage again (or none, for "
             f"sweep.db), or use a new run_dir"
         )
+
+
+def _shown(storage: str) -> str:
+    """The storage URL as ``sweep.yaml`` records it: its passwords masked, in the URL and in its query."""
+    from sqlalchemy.engine import make_url  # optuna's storage layer
+
+    parsed = make_url(storage)
+    query = {k: "***" if "password" in k.lower() else v for k, v in parsed.query.items()}
+    return parsed.update_query_dict(query).render_as_string(hide_password=True)
 
 
 def _grid(
