@@ -106,8 +106,11 @@ class KDLoss(_DistillationLoss):
 
 
 def _check_temperature(temperature: float) -> float:
-    if not 0 < temperature < math.inf:
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+    """T > 0 whose square (the soft terms' factor) is a normal float32: past it the loss is NaN or 0."""
+    f32 = torch.finfo(torch.float32)
+    if not (0 < temperature < math.inf and f32.tiny <= temperature * temperature <= f32.max):
+        raise ValueError(f"temperature must be a number > 0 whose square a float32 holds (about 1e-19 to 1e19), got "
+                         f"{temperature}")  # fmt: skip
     return float(temperature)
 
 

@@ -77,10 +77,12 @@ def test_gradient_reaches_the_student_only():
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
-        ({"temperature": 0.0}, "temperature must be a finite number > 0"),
+        ({"temperature": 0.0}, "temperature must be a number > 0"),
         ({"temperature": -1.0}, "temperature"),
-        ({"temperature": float("inf")}, "temperature must be a finite number > 0"),
-        ({"temperature": float("nan")}, "temperature must be a finite number > 0"),
+        ({"temperature": float("inf")}, "temperature must be a number > 0"),
+        ({"temperature": float("nan")}, "temperature must be a number > 0"),
+        ({"temperature": 1e200}, "whose square a float32 holds"),  # T^2 * KL was inf * 0: a NaN loss
+        ({"temperature": 1e-30}, "whose square a float32 holds"),  # T^2 was 0 in float32: no soft term
         ({"alpha": 1.5}, r"alpha must be in \[0, 1\]"),
         ({"alpha": -0.1}, "alpha"),
         ({"alpha": float("nan")}, "alpha"),
@@ -191,7 +193,7 @@ def test_every_loss_trains_on_labels_alone_and_sends_no_gradient_to_the_teacher(
 @pytest.mark.parametrize(
     ("make", "match"),
     [
-        (lambda: DKDLoss(temperature=0), "temperature must be a finite number > 0"),
+        (lambda: DKDLoss(temperature=0), "temperature must be a number > 0"),
         (lambda: DKDLoss(nckd_weight=-1), r"loss weights must be finite and >= 0, got \{'nckd_weight': -1\}"),
         (lambda: LogitStandardKDLoss(kd_weight=math.inf), "kd_weight"),
         (lambda: DISTLoss(inter_weight=0, intra_weight=0, ce_weight=0), "every term's weight is 0 .*train nothing"),
