@@ -180,14 +180,15 @@ class DistillCLI(LightningCLI):
             self.save_config_callback = None
         trainer = super().instantiate_trainer(**kwargs)
         self._check_weights(trainer)
-        self._check_resumed_split(trainer)
+        self._check_resumed(trainer)
         return trainer
 
-    def _check_resumed_split(self, trainer: Trainer) -> None:
-        """Refuse to resume a fit on another train/validation split than its checkpoint's: images it trained on
-        would be validated on, and choose its best checkpoint, without a word."""
+    def _check_resumed(self, trainer: Trainer) -> None:
+        """Refuse to resume a fit on another train/validation split, or with another teacher, than its checkpoint's:
+        images it trained on would be validated on and choose its best checkpoint, or the targets it learns would
+        change half-way through, without a word."""
         config = self.config[self.subcommand] if self.subcommand else self.config
-        if self.subcommand not in (None, "fit") or not isinstance(self.datamodule, SplitDataModule):
+        if self.subcommand not in (None, "fit"):
             return
         if self._checkpoint is not None:
             source, checkpoint = self._checkpoint
@@ -200,6 +201,9 @@ class DistillCLI(LightningCLI):
             source, checkpoint = f"--ckpt_path last ({path})", read_checkpoint(path)
         else:
             return
+        self._check_resumed_teacher(source, checkpoint)
+        if not isinstance(self.datamodule, SplitDataModule):
+            return
         recorded, current = type(self.datamodule).split_of(checkpoint), self.datamodule.state_dict()["split"]
         changed = [k for k in current if recorded is not None and recorded.get(k) != current[k]]
         if changed:
@@ -209,6 +213,25 @@ class DistillCLI(LightningCLI):
                 f"validation images would include images it trained on. Resume with the original split, or start "
                 f"a new run."
             )
+
+    def _check_resumed_teacher(self, source: str, checkpoint: dict[str, Any]) -> None:
+        """Refuse a resumed fit whose teacher is not the one its checkpoint records (compared by path)."""
+        hparams = checkpoint.get("hyper_parameters") or {}
+        if "teacher_checkpoint" not in hparams:  # not written by DistillModule
+            return
+        recorded, current = hparams["teacher_checkpoint"], self.model.hparams.get("teacher_checkpoint")
+        given = self._settings or {}
+        if given.get("teacher") is None and given.get("teacher_checkpoint") is not None:
+            current = given["teacher_checkpoint"]  # LightningCLI put the checkpoint's in its place
+        if _resolved(recorded) == _resolved(current):
+            return
+        was = f"distilled from the teacher {recorded}" if recorded else "trained without a teacher"
+        now = f"the teacher {current}" if current else "no teacher"
+        raise ValueError(
+            f"{source} was {was}, but this run has {now}: its targets would change half-way through the run. Resume "
+            f"with the original teacher (model.teacher), or start a new run (to start from its weights: model.student "
+            f"students.load_student with init_args {{path: ..., train: true}})"
+        )
 
     def _check_weights(self, trainer: Trainer) -> None:
         """Refuse to evaluate the random weights of a recipe's student: ``validate``/``test``/``predict`` with no
@@ -239,6 +262,11 @@ class DistillCLI(LightningCLI):
         """
         self._check_links()
         self._check_batches()
+        if self._checkpoint is not None:  # before the data: a checkpoint of other data would blame its teacher
+            source, checkpoint = self._checkpoint
+            self.model.check_checkpoint(checkpoint, source)  # the architecture first: the bigger difference
+            if self._settings is not None:
+                check_resume_settings(checkpoint, self._settings, source)
         if int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0))) == 0:  # one download per machine
             if self.datamodule is not None:
                 self.datamodule.prepare_data()
@@ -250,11 +278,6 @@ class DistillCLI(LightningCLI):
                 for callback in trainer_config.get("callbacks") or []:
                     if callable(getattr(callback, "check", None)):  # e.g. ChannelPruning: layers, target
                         callback.check(self.model.student, x)
-        if self._checkpoint is not None:
-            source, checkpoint = self._checkpoint
-            self.model.check_checkpoint(checkpoint, source)  # the architecture first: the bigger difference
-            if self._settings is not None:
-                check_resume_settings(checkpoint, self._settings, source)
 
     def _check_batches(self) -> None:
         """Refuse a run of no batch (``limit_*_batches`` 0, or ``max_epochs``/``max_steps`` 0 for fit): Lightning
@@ -321,6 +344,17 @@ _BATCHES = {
     "test": ("limit_test_batches",),
     "predict": ("limit_predict_batches",),
 }
+
+
+def _resolved(source: Any) -> Any:
+    """A teacher's record with each path of an existing file made absolute (how it was spelt does not matter)."""
+    if isinstance(source, dict):
+        return {k: _resolved(v) for k, v in source.items()}
+    if isinstance(source, list):
+        return [_resolved(v) for v in source]
+    if isinstance(source, str) and Path(source).is_file():
+        return str(Path(source).resolve())
+    return source
 
 
 def _loads_weights(spec: Any) -> bool:

@@ -390,8 +390,9 @@ class DistillModule(LightningModule):
         if spec is not None and own is not None and not is_pruned_from(spec, own):
             raise ValueError(
                 f"{source} holds the student {describe_spec(spec)}, but this run builds {describe_spec(own)}. "
-                f"Resume with the config that wrote it (config.yaml in its folder); to start from its weights "
-                f"instead, set model.student to students.load_student with init_args {{path: ..., train: true}}."
+                f"Use the config that wrote it (config.yaml in its folder; its data and student); to train from "
+                f"its weights instead, set model.student to students.load_student with init_args {{path: ..., "
+                f"train: true}}."
             )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -74,7 +74,7 @@ def quickstart(
     teacher_small_input: bool = False,
     teacher_epochs: int = 2,
     student_epochs: int = 2,
-    target_latency: float = 0.75,
+    target_latency: float | None = None,
     target_latency_ms: float | None = None,
     prune_rounds: int = 1,
     epochs_per_round: int = 1,
@@ -110,9 +110,10 @@ def quickstart(
         teacher_epochs: epochs of teacher training.
         student_epochs: epochs of distillation.
         target_latency: the latency target as a fraction of the distilled StudentNet's own (prune-distill's
-            ``target_latency``: every candidate of the search timed beside the student, and kept for a rerun;
-            with ``target_latency_ms`` the search compares milliseconds as they are timed).
-        target_latency_ms: or the target in milliseconds per batch of ``latency_batch_size``.
+            ``target_latency``: every candidate of the search timed beside the student, and kept for a rerun).
+            Default: 0.75, unless ``target_latency_ms`` is given.
+        target_latency_ms: or the target in milliseconds per batch of ``latency_batch_size`` (the search compares
+            milliseconds as they are timed); give one of the two.
         prune_rounds: rounds of the (geometric) pruning schedule.
         epochs_per_round: distillation epochs after each pruning step.
         final_epochs: distillation epochs after the last round.
@@ -136,10 +137,15 @@ def quickstart(
         checkpoint (or ONNX file), and the size (``onnx_kib``) and ONNX Runtime latency (``latency_ms``) of its
         ONNX file.
     """
+    if target_latency is not None and target_latency_ms is not None:
+        raise ValueError(f"give one latency target: target_latency={target_latency} (a fraction of the student's) "
+                         f"or target_latency_ms={target_latency_ms}, not both")  # fmt: skip
+    if target_latency is None and target_latency_ms is None:
+        target_latency = 0.75
     settings = json.loads(json.dumps(dict(locals()), default=list))
     out = Path(run_dir)
     check_run_dir(out, "quickstart")
-    if not 0 < target_latency < 1:
+    if target_latency is not None and not 0 < target_latency < 1:
         raise ValueError(f"target_latency is a fraction of the student's latency: need 0 < target_latency < 1, got "
                          f"{target_latency}")  # fmt: skip
     check_options(None, None, importance, "geometric", rounds=prune_rounds, epochs_per_round=epochs_per_round,

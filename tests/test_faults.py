@@ -58,6 +58,8 @@ PRUNE += ("--export_onnx", "false", "--latency_runtime", "torch-cpu", "--run_dir
 NEW_PRUNE = (*PRUNE[:-2], *NEW)
 BEST = "{runs}/prune/best_student.ckpt"  # the student prune-distill wrote
 SPLIT_SEED = ("--data.init_args.split_seed", "1")
+OTHER_TEACHER = ("--model.teacher.init_args.checkpoint", "{inputs}/teacher_copy.ckpt")  # the same file elsewhere
+NO_TEACHER = ("--config", "{inputs}/no_teacher.yaml", "--ckpt_path")  # the recipe without its teacher
 PREDICT = (*RESUME, "{runs}/fit/best.ckpt", "--trainer.callbacks+=distill.PredictionWriter", "--trainer.callbacks.path")
 EXPORT = ("export", BEST)
 TO_ONNX = ("--onnx", "{runs}/export/student.onnx")
@@ -149,6 +151,9 @@ FAULTS = [
     Fault("resume with another lr", ("fit", *RESUME, "{runs}/fit/last.ckpt", "--model.lr", "0.5"), "lr=0.5"),
     Fault("resume on another split", ("fit", *RESUME, "{runs}/fit/last.ckpt", *SPLIT_SEED), "split of split_seed=0"),
     Fault("resume last on another split", ("fit", *RESUME, "last", "--data.init_args.val_size", "600"), "val_size=500"),
+    Fault("resume with another teacher", ("fit", *RESUME, "{runs}/fit/last.ckpt", *OTHER_TEACHER), "teacher_copy.ckpt"),
+    Fault("resume last without the teacher", ("fit", *NO_TEACHER, "last"), "but this run has no teacher"),
+    Fault("validate another dataset's run", ("validate", *NO_TEACHER, "{inputs}/five.ckpt"), "holds the student"),
     Fault("resume from a student file", ("fit", *RESUME, BEST), "student's weights"),
     Fault("test a student file", ("test", *RESUME, BEST), "not a checkpoint written by `distill fit`"),
     Fault("test another architecture", ("test", *RESUME, "{inputs}/resnet.ckpt"), "timm"),
@@ -311,6 +316,7 @@ FAULTS = [
     Fault("quickstart target above the student", (*QUICK, "--target_latency_ms", "1e6"), "is not below the student"),
     Fault("quickstart target unreachable", (*QUICK, "--target_latency_ms", "1e-6"), "ms cannot be met"),
     Fault("quickstart target fraction 1", (*QUICK, "--target_latency", "1.0"), "need 0 < target_latency < 1"),
+    Fault("quickstart two targets", (*QUICK, "--target_latency", "0.5", "--target_latency_ms", "1"), "not both"),
     Fault(
         "prune-distill recipe with an unknown option",
         (*NEW_PRUNE, "--overrides", "{{trainer: {{max_epoch: 1}}}}"),
@@ -406,6 +412,16 @@ def earlier_runs(root: Path) -> dict[str, str]:
     (inputs / "emptied_sweep").mkdir()
     shutil.copy(runs / "sweep" / "sweep.yaml", inputs / "emptied_sweep")
     (inputs / "emptied_sweep" / "sweep.db").write_bytes(b"")
+    shutil.copy(inputs / "teacher.ckpt", inputs / "teacher_copy.ckpt")
+    no_teacher = yaml.safe_load(recipe.read_text())
+    del no_teacher["model"]["teacher"]
+    (inputs / "no_teacher.yaml").write_text(yaml.safe_dump(no_teacher))
+    five = StudentNet(base=2, num_classes=5, in_chans=1, num_pools=3)  # a run of a 5-class dataset, as written
+    save_student(five, inputs / "teacher5.ckpt")
+    other = torch.load(runs / "fit" / "best.ckpt", weights_only=True)
+    other["hyper_parameters"] |= {"student_spec": five.model_spec, "teacher_checkpoint": str(inputs / "teacher5.ckpt")}
+    other["state_dict"] = {f"student.{k}": v for k, v in five.state_dict().items()}
+    torch.save(other, inputs / "five.ckpt")
     no_student = yaml.safe_load((Path(__file__).parents[1] / "configs" / "fmnist" / "teacher.yaml").read_text())
     del no_student["model"]["student"]
     (inputs / "no_student.yaml").write_text(yaml.safe_dump(no_student))
