@@ -20,6 +20,7 @@ import contextlib
 import itertools
 import json
 import random
+import sqlite3
 import time
 import warnings
 from collections.abc import Callable
@@ -45,6 +46,12 @@ def open_storage(url: str, heartbeat_interval: int) -> Any:
     if path is not None and path.exists() and not _sqlite_file(path):  # checked before its lock file is made
         raise ValueError(
             f"The sweep storage {url!r} names {path}, which is not an SQLite database: choose another file"
+        )
+    damage = _sqlite_damage(path) if path is not None else None
+    if damage is not None:  # optuna would fail mid-query, after the worker had started
+        raise ValueError(
+            f"The sweep storage {path} is damaged (SQLite: {damage}): restore it from a copy, or use a new run_dir "
+            f"(the finished trials' results stay in trials/)."
         )
     engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else {}
     with _creation_lock(url):  # workers started together would race to create the tables
@@ -79,6 +86,18 @@ def _sqlite_file(path: Path) -> bool:
         return False
     with open(path, "rb") as f:
         return f.read(16) in (b"", b"SQLite format 3\0")
+
+
+def _sqlite_damage(path: Path) -> str | None:
+    """What SQLite's ``quick_check`` finds wrong in the database file at ``path``; ``None`` if it is sound (or new)."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return None
+    try:
+        with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=60)) as db:
+            found = [row[0] for row in db.execute("PRAGMA quick_check").fetchall()]
+    except sqlite3.DatabaseError as err:
+        return str(err)
+    return None if found == ["ok"] else "; ".join(" ".join(line.split()) for line in found[:3])
 
 
 def _creation_lock(url: str) -> contextlib.AbstractContextManager:

@@ -183,6 +183,9 @@ FAULTS = [
     Fault("sweep storage in memory", (*STORAGE, "sqlite://"), "an in-memory sweep storage is lost when the worker"),
     Fault("sweep in another storage", (*SWEEP_T2, "--storage", "sqlite:///{runs}/other.db"), "stored in its sweep.db"),
     Fault("sweep of an emptied sweep.db", (*SWEEP_T2[:4], "{inputs}/emptied_sweep", *SWEEP_T2[5:]), "missing or empty"),
+    Fault(
+        "sweep of a damaged sweep.db", (*SWEEP_T2[:4], "{inputs}/damaged_sweep", *SWEEP_T2[5:]), "is damaged (SQLite"
+    ),
     Fault("prune-distill without its state.json", (*PRUNE[:-1], "{inputs}/stateless_prune"), "without its state.json"),
     Fault("prune-distill state.json a list", (*PRUNE[:-1], "{inputs}/corrupt_prune"), "is not the state of a prune"),
     Fault("sweep of 0 epochs", (*NEW_SWEEP, "--overrides", "{{trainer: {{max_epochs: 0}}}}"), "max_epochs=0"),
@@ -412,6 +415,11 @@ def earlier_runs(root: Path) -> dict[str, str]:
     (inputs / "emptied_sweep").mkdir()
     shutil.copy(runs / "sweep" / "sweep.yaml", inputs / "emptied_sweep")
     (inputs / "emptied_sweep" / "sweep.db").write_bytes(b"")
+    (inputs / "damaged_sweep").mkdir()
+    shutil.copy(runs / "sweep" / "sweep.yaml", inputs / "damaged_sweep")
+    db = bytearray((runs / "sweep" / "sweep.db").read_bytes())
+    db[4096:8192] = bytes((b * 7 + 13) % 256 for b in db[4096:8192])  # a page scrambled: optuna failed mid-query
+    (inputs / "damaged_sweep" / "sweep.db").write_bytes(bytes(db))
     shutil.copy(inputs / "teacher.ckpt", inputs / "teacher_copy.ckpt")
     no_teacher = yaml.safe_load(recipe.read_text())
     del no_teacher["model"]["teacher"]
