@@ -174,6 +174,10 @@ class RunState:
         job: the job's name, for messages.
     """
 
+    #: What stands for the run directory in the paths ``state.json`` records: a folder moved or copied resumes on its
+    #: own files.
+    HERE = "<run_dir>"
+
     def __init__(self, folder: Path, job: str) -> None:
         self.folder = folder
         self.job = job
@@ -194,7 +198,7 @@ class RunState:
         if not (isinstance(state, dict) and isinstance(state.get("phases"), dict)):
             raise ValueError(f"{self.path} is not the state of a {self.job} run ({why}): restore it, or use a new "
                              f"run_dir")  # fmt: skip
-        return state
+        return _rerooted(state, self.HERE, str(self.folder.resolve()))
 
     @property
     def phases(self) -> dict[str, dict[str, Any]]:
@@ -239,4 +243,16 @@ class RunState:
         self.save()
 
     def save(self) -> None:
-        atomic_write(self.path, lambda f: json.dump(self.state, f, indent=1))
+        state = _rerooted(self.state, str(self.folder.resolve()), self.HERE)
+        atomic_write(self.path, lambda f: json.dump(state, f, indent=1))
+
+
+def _rerooted(value: Any, old: str, new: str) -> Any:
+    """``value`` with each string in it (mapping keys too) that is a path under ``old`` moved under ``new``."""
+    if isinstance(value, dict):
+        return {_rerooted(k, old, new): _rerooted(v, old, new) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rerooted(v, old, new) for v in value]
+    if isinstance(value, str) and value.startswith(old + os.sep):
+        return new + value[len(old) :]
+    return value

@@ -6,6 +6,7 @@ import csv
 import hashlib
 import json
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -20,6 +21,7 @@ from helpers import start_distill, tiny_kd_recipe
 from distill.export import export
 from distill.prune_distill import check_baselines, prune_distill
 from distill.recipes import fit_recipe, relocate
+from distill.rundir import RunState
 from students import UNSCALED_LAYERS, load_student
 
 ROOT = Path(__file__).parents[1]
@@ -76,7 +78,7 @@ def test_loop_stops_at_the_target_with_results_baseline_and_onnx(tmp_path: Path,
     int8 = json.loads((run / "state.json").read_text())["int8"]  # quantized, measured in ONNX Runtime
     assert int8["int8_bytes"] == (run / "best_student.int8.onnx").stat().st_size < int8["float_bytes"]
     assert int8["float_latency_ms"] > 0 and int8["int8_latency_ms"] > 0
-    best = next(r for r in rows if r["checkpoint"] == json.loads((run / "state.json").read_text())["best"])
+    best = next(r for r in rows if r["checkpoint"] == RunState(run, "prune-distill").state["best"])
     assert abs(int8["float_val_acc"] - best["val_acc"]) <= 1 / 64  # the same 2 batches of 32 as in PyTorch
     assert "| best_student.int8.onnx |" in summary and "best_student.int8.onnx (" in summary
 
@@ -184,6 +186,11 @@ def test_a_run_holds_its_settings_once_it_trained_and_compares_contents_not_path
     rows = prune_distill(**settings)
     spelled = {"run_dir": os.path.relpath(run), "recipe": str(Path(os.path.relpath(settings["recipe"])))}
     assert prune_distill(**{**settings, **spelled}) == rows  # the same run, its paths written another way
+    moved = tmp_path / "moved"  # a run directory moved (or copied) elsewhere resumes on its own files
+    shutil.move(run, moved)
+    rerooted = [{**r, "checkpoint": r["checkpoint"].replace(str(run.resolve()), str(moved.resolve()))} for r in rows]
+    assert prune_distill(**{**settings, "run_dir": str(moved)}) == rerooted
+    shutil.move(moved, run)
 
     state = json.loads((run / "state.json").read_text())
     state["phases"] = {}  # as a run killed (or refused late) before its first phase ended leaves it
