@@ -180,8 +180,26 @@ class DistillCLI(LightningCLI):
             self.save_config_callback = None
         trainer = super().instantiate_trainer(**kwargs)
         self._check_weights(trainer)
+        self._check_log_folder(trainer)
         self._check_resumed(trainer)
         return trainer
+
+    def _check_log_folder(self, trainer: Trainer) -> None:
+        """Refuse to evaluate another run's checkpoint into the log folder of the recipe's run (a ``CSVLogger`` of a
+        fixed version): its ``metrics.csv`` would take rows of another model, and ``predictions.csv`` be replaced."""
+        if self.subcommand not in _EVALUATE or self._checkpoint is None:
+            return
+        checkpoint = Path(self.config[self.subcommand].ckpt_path).resolve()
+        for logger in trainer.loggers:
+            folder = Path(logger.log_dir).resolve() if isinstance(logger, CSVLogger) else None
+            if folder is None or checkpoint.is_relative_to(folder):
+                continue
+            if (folder / "metrics.csv").is_file() or (folder / "config.yaml").is_file():
+                raise ValueError(
+                    f"{self._checkpoint[0]} is not the run in {folder}, whose metrics.csv would take rows of another "
+                    f"model: give this {self.subcommand} a folder of its own, e.g. "
+                    f"--trainer.logger.init_args.save_dir {checkpoint.parent}"
+                )
 
     def _check_resumed(self, trainer: Trainer) -> None:
         """Refuse to resume a fit on another train/validation split, or with another teacher, than its checkpoint's:

@@ -81,7 +81,7 @@ FAULTS = [
     # ---- distill fit: model settings
     Fault("negative learning rate", (*FIT, "--model.lr", "-1"), "need finite lr > 0"),
     Fault("unknown optimizer", (*FIT, "--model.optimizer", "lion"), "lion"),
-    Fault("KD temperature 0", (*FIT, "--model.loss.init_args.temperature", "0"), "temperature must be a finite"),
+    Fault("KD temperature 0", (*FIT, "--model.loss.init_args.temperature", "0"), "temperature must be a number > 0"),
     Fault("KD alpha outside [0, 1]", (*FIT, "--model.loss.init_args.alpha", "1.5"), "alpha must be in [0, 1]"),
     Fault("StudentNet width NaN", (*FIT, "--model.student.init_args.width_mult", ".nan"), "finite number > 0, got nan"),
     Fault("student in_chans against the data", (*FIT, "--model.student.init_args.in_chans", "3"), "contradicts"),
@@ -157,6 +157,8 @@ FAULTS = [
     Fault("resume from a student file", ("fit", *RESUME, BEST), "student's weights"),
     Fault("test a student file", ("test", *RESUME, BEST), "not a checkpoint written by `distill fit`"),
     Fault("test another architecture", ("test", *RESUME, "{inputs}/resnet.ckpt"), "timm"),
+    Fault("test another run's checkpoint", ("test", *RESUME, "{runs}/prune/initial/best.ckpt"), "is not the run in"),
+    Fault("predict another run's checkpoint", ("predict", *RESUME, "{runs}/prune/initial/best.ckpt"), "save_dir"),
     Fault("test without a checkpoint", ("test", *FIT[1:]), "without --ckpt_path would test the recipe's student"),
     Fault(
         "predictions onto their checkpoint",
