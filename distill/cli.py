@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 import sys
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import torch
 from jsonargparse import CLI
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 
@@ -84,10 +86,26 @@ def main(argv: Sequence[str] | None = None) -> None:
             err = err.__cause__
         print(f"distill: error: {err} (DISTILL_DEBUG=1 shows the traceback)", file=sys.stderr)
         raise SystemExit(status) from None
-    except RuntimeError as err:  # a SIGTERM to the process group stops the DataLoader's workers first
-        if "is killed by signal: Terminated" not in str(err) or os.environ.get("DISTILL_DEBUG"):
+    except RuntimeError as err:
+        if os.environ.get("DISTILL_DEBUG"):
             raise
-        _stopped()
+        if "is killed by signal: Terminated" in str(err):  # a SIGTERM to the process group stops DataLoader workers
+            _stopped()
+        if not isinstance(err, torch.OutOfMemoryError) and "can't allocate memory" not in str(err):
+            raise
+        fix = "lower the batch size (data batch_size, latency_batch_size) or the input size"
+        print(f"distill: error: out of memory ({_allocation(err)}): {fix} (DISTILL_DEBUG=1 shows the traceback)",
+              file=sys.stderr)  # fmt: skip
+        raise SystemExit(2) from None
+
+
+def _allocation(err: RuntimeError) -> str:
+    """What an allocator failed to allocate, from its message (the CPU's in bytes, CUDA's in GiB)."""
+    size = re.search(r"[Tt]ried to allocate ([\d.]+) ?([A-Za-z]*)", str(err))
+    if size is None:
+        return str(err).splitlines()[0][:200]
+    amount, unit = size.groups()
+    return f"{int(amount) / 2**30:.1f} GiB asked for" if unit == "bytes" else f"{amount} {unit} asked for"
 
 
 def _stopped() -> None:
