@@ -84,7 +84,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         status = getattr(err, "exit_status", 2)
         while err.__cause__ is not None:  # jsonargparse wraps errors raised while building objects
             err = err.__cause__
-        print(f"distill: error: {err} (DISTILL_DEBUG=1 shows the traceback)", file=sys.stderr)
+        message = str(err)
+        if "\nOriginal Traceback" in message:  # raised in a DataLoader worker: its own line is the last
+            message = message.strip().splitlines()[-1].split(": ", 1)[-1]
+        print(f"distill: error: {message} (DISTILL_DEBUG=1 shows the traceback)", file=sys.stderr)
         raise SystemExit(status) from None
     except RuntimeError as err:
         if os.environ.get("DISTILL_DEBUG"):

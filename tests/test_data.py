@@ -12,10 +12,12 @@ import numpy as np
 import pytest
 import torch
 import torchvision.datasets
+import yaml
 from helpers import RunsCode, fmnist
 from lightning_fabric.utilities.apply_func import move_data_to_device
 from torch.utils.data._utils.pin_memory import pin_memory
 
+from distill.cli import main
 from distill.data import (
     Batch,
     BatchTransform,
@@ -295,3 +297,30 @@ def test_image_folder(tmp_path: Path):
     assert isinstance(folder, ImageFolderDataModule) and not folder.augment
     erasing = {"class_path": "distill.data.FashionMNISTDataModule", "init_args": {"random_erasing": 0.5}}
     assert build_datamodule({"data": erasing}, "recipe").random_erasing == 0.0
+
+
+def test_an_unreadable_image_found_by_a_worker_is_named_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for cls in ("apple", "bread"):
+        (tmp_path / "train" / cls).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(
+                tmp_path / "train" / cls / f"{i}.png"
+            )
+    broken = tmp_path / "train" / "bread" / "3.png"
+    broken.write_bytes(b"half a download")  # found only when a worker decodes it, mid-epoch
+    data = {"root": str(tmp_path), "test_dir": None, "image_size": 16, "batch_size": 4, "val_size": 2, "num_workers": 1}
+    cfg = {
+        "trainer": {"max_epochs": 1, "accelerator": "cpu", "logger": False, "enable_checkpointing": False,
+                    "enable_progress_bar": False, "enable_model_summary": False},
+        "model": {"student": {"class_path": "students.StudentNet", "init_args": {"base": 2, "num_pools": 2}}},
+        "data": {"class_path": "distill.data.ImageFolderDataModule", "init_args": data},
+    }  # fmt: skip
+    (tmp_path / "fit.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--config", str(tmp_path / "fit.yaml")])
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("distill: error:")]
+    assert stop.value.code == 2 and len(lines) == 1
+    assert f"{broken} is not a readable image (PIL cannot tell its format): remove or replace it" in lines[0]

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import find_classes
+from torchvision.datasets.folder import default_loader, find_classes
 
 from distill.data.base import SplitDataModule
 from distill.data.batch import collate_samples
@@ -96,7 +96,7 @@ class ImageFolderDataModule(SplitDataModule):
         path = self.root / split_dir
         if not path.is_dir():
             raise FileNotFoundError(f"ImageFolderDataModule: split folder {path} does not exist.")
-        dataset = ImageFolder(str(path), transform=self._transform(train))
+        dataset = ImageFolder(str(path), transform=self._transform(train), loader=read_image)
         if dataset.classes != self.classes:
             raise ValueError(f"{path} has classes {dataset.classes}, but {self.train_dir} has {self.classes}")
         return dataset
@@ -117,3 +117,12 @@ class ImageFolderDataModule(SplitDataModule):
 
     def loader_options(self) -> dict[str, Any]:
         return {"collate_fn": collate_samples, "pin_memory": torch.cuda.is_available()}
+
+
+def read_image(path: str) -> Any:
+    """torchvision's image loader (PIL), naming the file it could not read."""
+    try:
+        return default_loader(path)
+    except (OSError, SyntaxError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
+        why = "PIL cannot tell its format" if "cannot identify image file" in str(err) else str(err)
+        raise ValueError(f"{path} is not a readable image ({why}): remove or replace it") from None
