@@ -25,10 +25,11 @@ from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from distill.data.base import SplitDataModule
-from distill.module import DistillModule, check_resume_settings
+from distill.module import TEACHER_DIGEST_KEY, DistillModule, check_resume_settings
 from distill.predictions import PredictionWriter
 from distill.rundir import atomic_path
 from students.checkpoint import is_training_checkpoint, read_checkpoint
+from teachers import teacher_checkpoints
 
 __all__ = ["DistillCLI", "JobParser", "default_precision", "keep_logged_rows"]
 
@@ -233,22 +234,24 @@ class DistillCLI(LightningCLI):
             )
 
     def _check_resumed_teacher(self, source: str, checkpoint: dict[str, Any]) -> None:
-        """Refuse a resumed fit whose teacher is not the one its checkpoint records (compared by path)."""
-        hparams = checkpoint.get("hyper_parameters") or {}
-        if "teacher_checkpoint" not in hparams:  # not written by DistillModule
+        """Refuse a resumed fit whose teacher is not the one its checkpoint was trained with (by the digest of its
+        weights, wherever its file lies; a checkpoint written before the digest was recorded is not checked)."""
+        if TEACHER_DIGEST_KEY not in checkpoint:
             return
-        recorded, current = hparams["teacher_checkpoint"], self.model.hparams.get("teacher_checkpoint")
-        given = self._settings or {}
-        if given.get("teacher") is None and given.get("teacher_checkpoint") is not None:
-            current = given["teacher_checkpoint"]  # LightningCLI put the checkpoint's in its place
-        if _resolved(recorded) == _resolved(current):
+        recorded, teacher = checkpoint[TEACHER_DIGEST_KEY], self.model.teacher
+        if teacher is None and self.model.hparams.get("teacher_checkpoint"):
+            return  # not loaded by this process (a DDP rank past the first): the first one checks it
+        if recorded == self.model.teacher_digest:
             return
-        was = f"distilled from the teacher {recorded}" if recorded else "trained without a teacher"
-        now = f"the teacher {current}" if current else "no teacher"
+        named = teacher_checkpoints(teacher) if teacher is not None else None
+        now = "no teacher" if teacher is None else f"the teacher {named}" if named else "a teacher of no file"
+        was = "distilled from another teacher" if teacher is not None else "distilled from a teacher"
+        was = "trained without a teacher" if recorded is None else was
         raise ValueError(
-            f"{source} was {was}, but this run has {now}: its targets would change half-way through the run. Resume "
-            f"with the original teacher (model.teacher), or start a new run (to start from its weights: model.student "
-            f"students.load_student with init_args {{path: ..., train: true}})"
+            f"{source} was {was}, but this run has {now}{' (their weights differ)' if recorded and teacher else ''}: "
+            f"its targets would change half-way through the run. Resume with the original teacher, or start a new "
+            f"run (to start from its weights: model.student students.load_student with init_args {{path: ..., "
+            f"train: true}})"
         )
 
     def _check_weights(self, trainer: Trainer) -> None:
@@ -362,17 +365,6 @@ _BATCHES = {
     "test": ("limit_test_batches",),
     "predict": ("limit_predict_batches",),
 }
-
-
-def _resolved(source: Any) -> Any:
-    """A teacher's record with each path of an existing file made absolute (how it was spelt does not matter)."""
-    if isinstance(source, dict):
-        return {k: _resolved(v) for k, v in source.items()}
-    if isinstance(source, list):
-        return [_resolved(v) for v in source]
-    if isinstance(source, str) and Path(source).is_file():
-        return str(Path(source).resolve())
-    return source
 
 
 def _loads_weights(spec: Any) -> bool:

@@ -35,9 +35,12 @@ from students.checkpoint import (
     recorded_spec,
     restore_rng_states,
 )
-from teachers import TeacherEnsemble, load_teachers, teacher_checkpoints
+from teachers import TeacherEnsemble, load_teachers, teacher_checkpoints, weights_digest
 
-__all__ = ["DistillModule", "check_resume_settings"]  # check_resume_settings lives in distill.optim
+__all__ = ["TEACHER_DIGEST_KEY", "DistillModule", "check_resume_settings"]  # check_resume_settings: distill.optim
+
+#: The checkpoint key of the teacher's :func:`teachers.weights_digest` (``None``: trained without a teacher).
+TEACHER_DIGEST_KEY = "teacher_digest"
 
 #: ``torch.compile``'s modes (``compile=True`` is ``"default"``).
 CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
@@ -169,6 +172,15 @@ class DistillModule(LightningModule):
 
     def _set_teacher(self, teacher: nn.Module | None) -> None:
         object.__setattr__(self, "_teacher", teacher)  # bypass nn.Module registration on purpose
+        object.__setattr__(self, "_teacher_digest", None)  # its weights_digest, taken before any cast or compile
+
+    @property
+    def teacher_digest(self) -> str | None:
+        """:func:`teachers.weights_digest` of the teacher as loaded (``None`` without one); checkpoints record it, so
+        that a fit resumed with another teacher is refused."""
+        if self.teacher is not None and self._teacher_digest is None:
+            object.__setattr__(self, "_teacher_digest", weights_digest(self.teacher))
+        return self._teacher_digest
 
     def _apply(self, fn: Any, recurse: bool = True) -> DistillModule:
         """Move and cast the held teacher together with the module (``.to(device)``, ``.half()``, ...)."""
@@ -219,6 +231,7 @@ class DistillModule(LightningModule):
             self._set_teacher(load_teachers(self.hparams.teacher_checkpoint).to(_device_of(self.student)))
         if isinstance(self.teacher, TeacherEnsemble) and self.teacher.temperature is None:
             self.teacher.temperature = getattr(self.loss, "temperature", None)
+        _ = self.teacher_digest  # taken now: a precision plugin may cast the teacher after setup
         student_classes = getattr(self.student, "num_classes", None)
         if datamodule is None or not hasattr(datamodule, "input_size"):
             if student_classes is None:
@@ -396,8 +409,10 @@ class DistillModule(LightningModule):
             )
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Record the student's architecture (it changes when pruned), the input shape and the RNG states."""
+        """Record the student's architecture (it changes when pruned), the input shape, the teacher's digest and the
+        RNG states."""
         record_student(checkpoint, self.student, self.input_shape)
+        checkpoint[TEACHER_DIGEST_KEY] = self.teacher_digest
         record_rng_states(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["FrozenModule", "FrozenTeacher"]
+__all__ = ["FrozenModule", "FrozenTeacher", "weights_digest"]
 
 
 class FrozenModule(nn.Module):
@@ -56,3 +57,14 @@ class FrozenTeacher(FrozenModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             return self.model(x)
+
+
+def weights_digest(module: nn.Module) -> str:
+    """SHA-256 of a module's architecture (its ``repr``) and of every tensor of its ``state_dict`` as stored: the same
+    teacher has the same digest wherever its file lies, and a teacher retrained in place has another."""
+    digest = hashlib.sha256(repr(module).encode())
+    for name, tensor in module.state_dict().items():
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}:{flat.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(flat.view(torch.uint8).numpy())
+    return digest.hexdigest()

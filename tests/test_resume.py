@@ -106,3 +106,27 @@ def test_evaluating_in_the_training_folder_keeps_its_metrics_and_config(tmp_path
     assert [{k: r[k] for k in trained[0]} for r in after[: len(trained)]] == trained  # the training's rows first
     assert "test/acc" in after[len(trained)] and after[-1].get("val/acc")
     assert hashlib.sha256((run / "config.yaml").read_bytes()).hexdigest() == saved  # still the training's config
+
+
+def test_a_resumed_fit_keeps_its_teacher_by_its_weights_wherever_its_file_lies(
+    tmp_path: Path, small_teacher_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+):
+    config = recipe(tmp_path, small_teacher_checkpoint, "run", epochs=1)
+    main(["fit", "--config", str(config), "--trainer.limit_train_batches", "2"])
+    moved = tmp_path / "elsewhere" / "teacher.ckpt"
+    moved.parent.mkdir()
+    moved.write_bytes(small_teacher_checkpoint.read_bytes())
+    monkeypatch.chdir(moved.parent)  # the same teacher, moved, and spelt relative to another folder
+    resume = ["fit", "--config", str(config), "--ckpt_path", str(tmp_path / "run" / "last.ckpt")]
+    resume += ["--trainer.limit_train_batches", "2", "--model.teacher.init_args.checkpoint", "teacher.ckpt"]
+    main([*resume, "--trainer.max_epochs", "2"])
+    assert torch.load(tmp_path / "run" / "last.ckpt", weights_only=True)["epoch"] == 1  # resumed, trained on
+
+    retrained = torch.load(moved, weights_only=True)  # a teacher retrained in place: the same path, other weights
+    first = next(iter(retrained["state_dict"]))
+    retrained["state_dict"][first] = retrained["state_dict"][first] + 1.0
+    torch.save(retrained, moved)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        main([*resume, "--trainer.max_epochs", "3"])
+    assert stop.value.code == 2 and "was distilled from another teacher" in capsys.readouterr().err
