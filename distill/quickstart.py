@@ -195,7 +195,10 @@ def quickstart(
     settings |= {"teacher_config": file_digest(teacher_config), "kd_config": file_digest(kd_config)}
     settings["data_root"] = str(Path(data_root).resolve()) if data_root else None
     record = out / "quickstart.json"
-    changed = changed_settings(json.loads(record.read_text()), settings) if record.is_file() else []
+    recorded = json.loads(record.read_text()) if record.is_file() else settings
+    if recorded.get("target_latency_ms") is not None:  # recorded before the two targets excluded each other
+        recorded["target_latency"] = None
+    changed = changed_settings(recorded, settings)
     refuse_changes(out, "quickstart", changed, "finished stages are then reused")
     hold_run_dir(out, "quickstart")  # until the end: another quickstart in this folder is refused
     teacher = fit_recipe(teacher_cfg, out / "teacher.yaml")

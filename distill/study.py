@@ -95,7 +95,9 @@ def _sqlite_damage(path: Path) -> str | None:
     try:
         with contextlib.closing(sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=60)) as db:
             found = [row[0] for row in db.execute("PRAGMA quick_check").fetchall()]
-    except sqlite3.DatabaseError as err:
+    except sqlite3.OperationalError:  # locked, or a hot journal a read-only look cannot roll back: optuna's open can
+        return None
+    except sqlite3.DatabaseError as err:  # malformed, or not a database
         return str(err)
     return None if found == ["ok"] else "; ".join(" ".join(line.split()) for line in found[:3])
 
