@@ -187,19 +187,29 @@ class DistillCLI(LightningCLI):
 
     def _check_log_folder(self, trainer: Trainer) -> None:
         """Refuse to evaluate another run's checkpoint into the log folder of the recipe's run (a ``CSVLogger`` of a
-        fixed version): its ``metrics.csv`` would take rows of another model, and ``predictions.csv`` be replaced."""
+        fixed version): its ``metrics.csv`` would take rows of another model (and ``predict`` replace its
+        ``predictions.csv``). A checkpoint is the run's if it lies in that folder or in a ``ModelCheckpoint``'s."""
         if self.subcommand not in _EVALUATE or self._checkpoint is None:
             return
+        writers = [c for c in trainer.callbacks if isinstance(c, BasePredictionWriter)]
+        if self.subcommand == "predict" and writers and all(getattr(w, "path", None) for w in writers):
+            return  # the predictions go to files of their own, and predict logs no metrics
         checkpoint = Path(self.config[self.subcommand].ckpt_path).resolve()
+        own = [Path(c.dirpath).resolve() for c in trainer.checkpoint_callbacks if getattr(c, "dirpath", None)]
         for logger in trainer.loggers:
             folder = Path(logger.log_dir).resolve() if isinstance(logger, CSVLogger) else None
-            if folder is None or checkpoint.is_relative_to(folder):
+            if folder is None or any(checkpoint.is_relative_to(f) for f in (folder, *own)):
                 continue
             if (folder / "metrics.csv").is_file() or (folder / "config.yaml").is_file():
+                harm = (
+                    "predictions.csv would be replaced"
+                    if self.subcommand == "predict"
+                    else "metrics.csv would take rows"
+                )
                 raise ValueError(
-                    f"{self._checkpoint[0]} is not the run in {folder}, whose metrics.csv would take rows of another "
-                    f"model: give this {self.subcommand} a folder of its own, e.g. "
-                    f"--trainer.logger.init_args.save_dir {checkpoint.parent}"
+                    f"{self._checkpoint[0]} is not the run in {folder}, whose {harm} of another model: give this "
+                    f"{self.subcommand} a log folder of its own (the logger's save_dir, e.g. "
+                    f"--trainer.logger.init_args.save_dir {checkpoint.parent})"
                 )
 
     def _check_resumed(self, trainer: Trainer) -> None:

@@ -44,6 +44,14 @@ def recipe(tmp_path: Path, teacher: Path, name: str, epochs: int = 4, levers: bo
     return path
 
 
+def relocate_checkpoints(cfg: dict, folder: Path) -> dict:
+    """``cfg`` with its ModelCheckpoints writing into ``folder``."""
+    for callback in cfg["trainer"]["callbacks"]:
+        if callback["class_path"].endswith("ModelCheckpoint"):
+            callback["init_args"]["dirpath"] = str(folder)
+    return cfg
+
+
 def weights(path: Path) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors: the student, and with an EMA the raw weights and the average's state too."""
     checkpoint = torch.load(path, weights_only=True)
@@ -106,6 +114,18 @@ def test_evaluating_in_the_training_folder_keeps_its_metrics_and_config(tmp_path
     assert [{k: r[k] for k in trained[0]} for r in after[: len(trained)]] == trained  # the training's rows first
     assert "test/acc" in after[len(trained)] and after[-1].get("val/acc")
     assert hashlib.sha256((run / "config.yaml").read_bytes()).hexdigest() == saved  # still the training's config
+
+    # Another run's checkpoint: refused there (tests/test_faults.py), but its predictions may go to a file of their own.
+    other = yaml.safe_load(config.read_text())
+    other["trainer"]["logger"]["init_args"]["save_dir"] = str(tmp_path / "other" / "logs")  # its checkpoints elsewhere
+    other_config = tmp_path / "other.yaml"
+    other_config.write_text(yaml.safe_dump(relocate_checkpoints(other, tmp_path / "other" / "checkpoints")))
+    main(["fit", "--config", str(other_config), "--trainer.limit_train_batches", "2"])
+    main(["test", "--config", str(other_config), "--ckpt_path", str(tmp_path / "other" / "checkpoints" / "best.ckpt")])
+    predict = ["predict", "--config", str(config), "--ckpt_path", str(tmp_path / "other" / "checkpoints" / "best.ckpt")]
+    predict += ["--trainer.limit_predict_batches", "2", "--trainer.callbacks+=distill.PredictionWriter"]
+    main([*predict, "--trainer.callbacks.path", str(tmp_path / "p.csv")])
+    assert (tmp_path / "p.csv").is_file() and rows(run / "metrics.csv") == after
 
 
 def test_a_resumed_fit_keeps_its_teacher_by_its_weights_wherever_its_file_lies(
