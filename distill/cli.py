@@ -85,8 +85,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         while err.__cause__ is not None:  # jsonargparse wraps errors raised while building objects
             err = err.__cause__
         message = str(err)
-        if "\nOriginal Traceback" in message:  # raised in a DataLoader worker: its own line is the last
-            message = message.strip().splitlines()[-1].split(": ", 1)[-1]
+        if "\nOriginal Traceback" in message:  # raised in a DataLoader worker: its own message ends the traceback
+            raised = message.rfind(f"\n{type(err).__name__}: ")
+            message = " ".join(message[raised:].split(": ", 1)[-1].split())
         print(f"distill: error: {message} (DISTILL_DEBUG=1 shows the traceback)", file=sys.stderr)
         raise SystemExit(status) from None
     except RuntimeError as err:
@@ -108,7 +109,12 @@ def _allocation(err: RuntimeError) -> str:
     if size is None:
         return str(err).splitlines()[0][:200]
     amount, unit = size.groups()
-    return f"{int(amount) / 2**30:.1f} GiB asked for" if unit == "bytes" else f"{amount} {unit} asked for"
+    if unit != "bytes":
+        return f"{amount} {unit} asked for"
+    scale = max(k for k in range(6) if int(amount) >= 1024**k or k == 0)
+    if scale == 0:
+        return f"{amount} bytes asked for"
+    return f"{int(amount) / 1024**scale:.1f} {('bytes', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB')[scale]} asked for"
 
 
 def _stopped() -> None:

@@ -43,8 +43,8 @@ class TeacherEnsemble(FrozenModule):
             raise ValueError("TeacherEnsemble needs at least one teacher")
         if reduction not in ("logits", "probs"):
             raise ValueError(f"reduction must be 'logits' or 'probs', got {reduction!r}")
-        if temperature is not None and not 0 < temperature < math.inf:
-            raise ValueError(f"temperature must be a finite number > 0, got {temperature}")
+        if temperature is not None and not 1e-19 < temperature < 1e19:  # T * log p stays within float32
+            raise ValueError(f"temperature must be a finite number > 0 (1e-19 to 1e19), got {temperature}")
         if weights is None:
             weights = [1.0] * len(teachers)
         if len(weights) != len(teachers) or not all(0 <= w < math.inf for w in weights) or sum(weights) <= 0:

@@ -157,7 +157,11 @@ FAULTS = [
     Fault("resume from a student file", ("fit", *RESUME, BEST), "student's weights"),
     Fault("test a student file", ("test", *RESUME, BEST), "not a checkpoint written by `distill fit`"),
     Fault("test another architecture", ("test", *RESUME, "{inputs}/resnet.ckpt"), "timm"),
-    Fault("export at a size beyond memory", (*EXPORT, *TO_ONNX, "--input_size", "200000"), "out of memory (149.0 GiB"),
+    Fault(
+        "export at a size beyond memory",
+        (*EXPORT, *TO_ONNX, "--input_size", "1000000000"),
+        "out of memory (3552.7 PiB asked for)",
+    ),
     Fault("test another run's checkpoint", ("test", *RESUME, "{runs}/prune/initial/best.ckpt"), "is not the run in"),
     Fault("predict another run's checkpoint", ("predict", *RESUME, "{runs}/prune/initial/best.ckpt"), "save_dir"),
     Fault("test without a checkpoint", ("test", *FIT[1:]), "without --ckpt_path would test the recipe's student"),
@@ -311,8 +315,8 @@ FAULTS = [
     Fault("prune latency at batch 0", (*NEW_PRUNE, "--latency_batch_size", "0"), "latency_batch_size must be"),
     Fault(
         "prune latency at a batch beyond memory",
-        (*PRUNE[:3], "--target_latency", "0.8", *PRUNE[5:-2], *NEW, "--latency_batch_size", "100000000"),
-        "out of memory (292.1 GiB asked for): lower the batch size",
+        (*PRUNE[:3], "--target_latency", "0.8", *PRUNE[5:-2], *NEW, "--latency_batch_size", "1000000000000000"),
+        "out of memory (2785.3 PiB asked for): lower the batch size",
     ),
     # ---- distill quickstart: refused before the teacher trains
     Fault("quickstart 0 rounds", (*QUICK, "--prune_rounds", "0"), "rounds >= 1"),

@@ -136,6 +136,7 @@ def test_ensemble_is_frozen():
         ({"weights": [1.0, float("inf")]}, "non-negative"),
         ({"temperature": 0.0}, "temperature must be a finite number > 0"),
         ({"temperature": float("inf")}, "temperature must be a finite number > 0"),
+        ({"temperature": 1e200}, "temperature must be a finite number > 0"),  # its logits were -inf
     ],
 )
 def test_ensemble_bad_arguments(kwargs: dict, match: str):
