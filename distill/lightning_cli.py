@@ -27,7 +27,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from distill.data.base import SplitDataModule
 from distill.module import TEACHER_DIGEST_KEY, DistillModule, check_resume_settings
 from distill.predictions import PredictionWriter
-from distill.rundir import atomic_path
+from distill.rundir import atomic_path, check_run_dir
 from students.checkpoint import is_training_checkpoint, read_checkpoint
 from teachers import teacher_checkpoints
 
@@ -293,6 +293,9 @@ class DistillCLI(LightningCLI):
         """
         self._check_links()
         self._check_batches()
+        if self.subcommand in (None, "fit"):
+            for folder in self._output_folders():
+                check_run_dir(folder, "fit")  # a job's run folder: its record would be trained over
         if self._checkpoint is not None:  # before the data: a checkpoint of other data would blame its teacher
             source, checkpoint = self._checkpoint
             self.model.check_checkpoint(checkpoint, source)  # the architecture first: the bigger difference
@@ -309,6 +312,18 @@ class DistillCLI(LightningCLI):
                 for callback in trainer_config.get("callbacks") or []:
                     if callable(getattr(callback, "check", None)):  # e.g. ChannelPruning: layers, target
                         callback.check(self.model.student, x)
+
+    def _output_folders(self) -> set[Path]:
+        """The folders the Trainer would write into: its ``default_root_dir``, its ModelCheckpoints' and loggers'."""
+        trainer = self._get(self.config_init, "trainer", default={}) or {}
+        loggers = trainer.get("logger")
+        loggers = loggers if isinstance(loggers, list) else [loggers]
+        folders = [trainer.get("default_root_dir")]
+        folders += [
+            getattr(c, "dirpath", None) for c in trainer.get("callbacks") or [] if isinstance(c, ModelCheckpoint)
+        ]
+        folders += [logger.log_dir for logger in loggers if isinstance(logger, CSVLogger)]
+        return {Path(f) for f in folders if f}
 
     def _check_batches(self) -> None:
         """Refuse a run of no batch (``limit_*_batches`` 0, or ``max_epochs``/``max_steps`` 0 for fit): Lightning

@@ -108,15 +108,23 @@ RUN_MARKERS = {"quickstart": "quickstart.json", "sweep": "sweep.yaml", "prune-di
 
 def check_run_dir(folder: Path, job: str) -> None:
     """Refuse a ``run_dir`` for ``job`` that is a file, or that holds another command's run: the jobs share file
-    names (``summary.md``, ``state.json``, ``cache/``), and one would overwrite the other's."""
+    names (``summary.md``, ``state.json``, ``cache/``), and one would overwrite the other's. A job's run_dir that holds
+    fit runs in its sub-folders, but no run of that job, is refused too: its stages train into such folders."""
+    where = "the run folder" if job == "fit" else "run_dir"
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"run_dir {folder} is a file, not a folder: give a folder (it is created if missing)")
     for other, marker in RUN_MARKERS.items():
         if other != job and (folder / marker).is_file():
             raise ValueError(
-                f"run_dir {folder} holds a {other} run ({marker}): {job} would overwrite its files. Use another "
-                f"run_dir."
+                f"{where} {folder} holds a {other} run ({marker}): {job} would overwrite its files. Use another folder."
             )
+    own = job in RUN_MARKERS and ((folder / RUN_MARKERS[job]).is_file() or (folder / ".distill.lock").is_file())
+    fits = sorted(f"{p.parent.name}/" for p in folder.glob("*/config.yaml")) if job != "fit" and not own else []
+    if fits:  # e.g. `distill fit` of configs/fmnist/teacher.yaml wrote <run_dir>/teacher/, which quickstart trains into
+        raise ValueError(
+            f"{where} {folder} holds fit runs that no {job} made ({', '.join(fits)}): {job} would train over them. "
+            f"Use another folder."
+        )
 
 
 _HELD: dict[Path, Any] = {}  # the run folders this process holds, and their open lock files

@@ -151,6 +151,9 @@ FAULTS = [
     Fault("resume with another lr", ("fit", *RESUME, "{runs}/fit/last.ckpt", "--model.lr", "0.5"), "lr=0.5"),
     Fault("resume on another split", ("fit", *RESUME, "{runs}/fit/last.ckpt", *SPLIT_SEED), "split of split_seed=0"),
     Fault("resume last on another split", ("fit", *RESUME, "last", "--data.init_args.val_size", "600"), "val_size=500"),
+    Fault(
+        "fit into a prune-distill run", (*FIT, "--trainer.default_root_dir", "{runs}/prune"), "holds a prune-distill"
+    ),
     Fault("resume with another teacher", ("fit", *RESUME, "{runs}/fit/last.ckpt", *OTHER_TEACHER), "another teacher"),
     Fault("resume last without the teacher", ("fit", *NO_TEACHER, "last"), "but this run has no teacher"),
     Fault("validate another dataset's run", ("validate", *NO_TEACHER, "{inputs}/five.ckpt"), "holds the student"),
@@ -312,6 +315,7 @@ FAULTS = [
     Fault("export int8, int4 activations", (*EXPORT, *INT8, "--activations", "int4"), "activations must be"),
     Fault("export int8, 0 calibration images", (*EXPORT, *INT8, "--calibration_images", "0"), "calibration_images"),
     Fault("prune latency on a TPU", (*NEW_PRUNE, "--latency_runtime", "tpu"), "Unknown latency_runtime"),
+    Fault("prune-distill over fit runs", (*PRUNE[:-1], "{runs}"), "holds fit runs that no prune-distill made (fit/"),
     Fault("prune latency at batch 0", (*NEW_PRUNE, "--latency_batch_size", "0"), "latency_batch_size must be"),
     Fault(
         "prune latency at a batch beyond memory",
@@ -342,6 +346,9 @@ FAULTS = [
     Fault("prune-distill run_dir a file", (*PRUNE[:-1], "{inputs}/teacher.ckpt"), "is a file, not a folder"),
     Fault("prune-distill into a sweep's folder", (*PRUNE[:-1], "{runs}/sweep"), "holds a sweep run (sweep.yaml)"),
     Fault("sweep into prune-distill's folder", (*NEW_SWEEP[:-1], "{runs}/prune"), "holds a prune-distill run"),
+    Fault(
+        "quickstart over fit runs of its own", ("quickstart", "--run_dir", "{runs}", *QUICK[3:]), "no quickstart made"
+    ),
     Fault("quickstart into a fit's folder", ("quickstart", "--run_dir", "{runs}/fit", *QUICK[3:]), "holds a fit run"),
 ]
 
