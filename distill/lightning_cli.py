@@ -19,7 +19,7 @@ from typing import Any, NoReturn
 import torch
 from jsonargparse import ArgumentParser, Namespace, set_parsing_settings
 from pytorch_lightning import Callback, LightningDataModule, Trainer
-from pytorch_lightning.callbacks import BasePredictionWriter, ModelCheckpoint
+from pytorch_lightning.callbacks import BasePredictionWriter, ModelCheckpoint, WeightAveraging
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
@@ -231,6 +231,12 @@ class DistillCLI(LightningCLI):
         else:
             return
         self._check_resumed_teacher(source, checkpoint)
+        if "current_model_state" in checkpoint and not any(isinstance(c, WeightAveraging) for c in trainer.callbacks):
+            raise ValueError(  # Lightning warns, then trains on from the average and drops the weights it trained
+                f"{source} was trained with an average of its weights (distill.EMA): its state_dict holds the "
+                f"average, and its trained weights are kept apart for the averaging callback. Resume with that "
+                f"callback in trainer.callbacks (distill.EMA, its decay as before), or start a new run."
+            )
         if not isinstance(self.datamodule, SplitDataModule):
             return
         recorded, current = type(self.datamodule).split_of(checkpoint), self.datamodule.state_dict()["split"]

@@ -150,3 +150,24 @@ def test_a_resumed_fit_keeps_its_teacher_by_its_weights_wherever_its_file_lies(
     with pytest.raises(SystemExit) as stop:
         main([*resume, "--trainer.max_epochs", "3"])
     assert stop.value.code == 2 and "was distilled from another teacher" in capsys.readouterr().err
+
+
+def test_a_run_with_an_average_of_its_weights_resumes_only_with_it(
+    tmp_path: Path, small_teacher_checkpoint: Path, capsys: pytest.CaptureFixture
+):
+    cfg = yaml.safe_load(recipe(tmp_path, small_teacher_checkpoint, "run", epochs=1).read_text())
+    cfg["trainer"]["callbacks"].append(EMA)
+    with_ema, without = tmp_path / "ema.yaml", tmp_path / "no_ema.yaml"
+    with_ema.write_text(yaml.safe_dump(cfg))
+    cfg["trainer"]["callbacks"].remove(EMA)
+    without.write_text(yaml.safe_dump(cfg))
+    main(["fit", "--config", str(with_ema), "--trainer.limit_train_batches", "2"])
+    last = tmp_path / "run" / "last.ckpt"
+    before = last.read_bytes()
+    resume = ["--ckpt_path", "last", "--trainer.limit_train_batches", "2", "--trainer.max_epochs", "2"]
+    with pytest.raises(SystemExit) as stop:  # Lightning warned, then trained on from the average
+        main(["fit", "--config", str(without), *resume])
+    assert stop.value.code == 2 and "Resume with that callback" in capsys.readouterr().err
+    assert last.read_bytes() == before
+    main(["fit", "--config", str(with_ema), *resume])
+    assert torch.load(last, weights_only=True)["epoch"] == 1
