@@ -231,6 +231,8 @@ class DistillCLI(LightningCLI):
         else:
             return
         self._check_resumed_teacher(source, checkpoint)
+        mixup = (self._settings or self.model.hparams).get("mixup")  # the config's: LightningCLI merged the record's in
+        self.model.check_resumed_objective(checkpoint, source, mixup)
         if "current_model_state" in checkpoint and not any(isinstance(c, WeightAveraging) for c in trainer.callbacks):
             raise ValueError(  # Lightning warns, then trains on from the average and drops the weights it trained
                 f"{source} was trained with an average of its weights (distill.EMA): its state_dict holds the "

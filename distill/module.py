@@ -408,6 +408,23 @@ class DistillModule(LightningModule):
                 f"train: true}}."
             )
 
+    def check_resumed_objective(self, checkpoint: Mapping[str, Any], source: str, mixup: Any) -> None:
+        """Refuse to resume ``checkpoint`` with another loss (class or settings) or mixup (``mixup``: this run's, as
+        configured) than it was trained with: the objective would change half-way through the run."""
+        recorded = checkpoint.get("hyper_parameters") or {}
+        spec = recorded.get("loss_spec")
+        was = {"mixup": recorded.get("mixup")} if "mixup" in recorded else {}
+        if isinstance(spec, Mapping) and spec.get("init_args") is not None:  # a loss of the user's own says nothing
+            was["loss"] = _loss_record(_recorded_loss(spec))  # old checkpoints' settings under their new names
+        now = {"mixup": mixup, "loss": self.hparams.get("loss_spec")}
+        changed = [k for k in was if was[k] != now[k]]
+        if changed:
+            raise ValueError(
+                f"{source} was trained with {', '.join(f'{k}={was[k]}' for k in changed)}, but this run has "
+                f"{', '.join(f'{k}={now[k]}' for k in changed)}: the objective would change half-way through the run. "
+                f"Resume with the original settings, or start a new run."
+            )
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Record the student's architecture (it changes when pruned), the input shape, the teacher's digest and the
         RNG states."""

@@ -154,6 +154,16 @@ FAULTS = [
     Fault(
         "fit into a prune-distill run", (*FIT, "--trainer.default_root_dir", "{runs}/prune"), "holds a prune-distill"
     ),
+    Fault(
+        "resume at another temperature",
+        ("fit", *RESUME, "last", "--model.loss.init_args.temperature", "8"),
+        "temperature': 8",
+    ),
+    Fault(
+        "resume with mixup added",
+        ("fit", *RESUME, "{runs}/fit/last.ckpt", "--model.mixup", "{{mixup_alpha: 0.8}}"),
+        "change half-way",
+    ),
     Fault("resume with another teacher", ("fit", *RESUME, "{runs}/fit/last.ckpt", *OTHER_TEACHER), "another teacher"),
     Fault("resume last without the teacher", ("fit", *NO_TEACHER, "last"), "but this run has no teacher"),
     Fault("validate another dataset's run", ("validate", *NO_TEACHER, "{inputs}/five.ckpt"), "holds the student"),
