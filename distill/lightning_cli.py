@@ -196,21 +196,22 @@ class DistillCLI(LightningCLI):
             return  # the predictions go to files of their own, and predict logs no metrics
         checkpoint = Path(self.config[self.subcommand].ckpt_path).resolve()
         own = [Path(c.dirpath).resolve() for c in trainer.checkpoint_callbacks if getattr(c, "dirpath", None)]
-        for logger in trainer.loggers:
-            folder = Path(logger.log_dir).resolve() if isinstance(logger, CSVLogger) else None
-            if folder is None or any(checkpoint.is_relative_to(f) for f in (folder, *own)):
+        if self.subcommand == "predict":  # where PredictionWriter writes predictions.csv, logger or not
+            folders = [Path(trainer.log_dir or trainer.default_root_dir).resolve()]
+        else:
+            folders = [Path(logger.log_dir).resolve() for logger in trainer.loggers if isinstance(logger, CSVLogger)]
+        for folder in folders:
+            if any(checkpoint.is_relative_to(f) for f in (folder, *own)):
                 continue
-            if (folder / "metrics.csv").is_file() or (folder / "config.yaml").is_file():
-                harm = (
-                    "predictions.csv would be replaced"
+            if any((folder / name).is_file() for name in ("metrics.csv", "config.yaml", "predictions.csv")):
+                fix = (
+                    "predictions.csv would be replaced by another model's: give them a file of their own "
+                    "(--trainer.callbacks+=distill.PredictionWriter --trainer.callbacks.path <file>)"
                     if self.subcommand == "predict"
-                    else "metrics.csv would take rows"
+                    else f"metrics.csv would take rows of another model: give this {self.subcommand} a log folder of "
+                    f"its own (the logger's save_dir, e.g. --trainer.logger.init_args.save_dir {checkpoint.parent})"
                 )
-                raise ValueError(
-                    f"{self._checkpoint[0]} is not the run in {folder}, whose {harm} of another model: give this "
-                    f"{self.subcommand} a log folder of its own (the logger's save_dir, e.g. "
-                    f"--trainer.logger.init_args.save_dir {checkpoint.parent})"
-                )
+                raise ValueError(f"{self._checkpoint[0]} is not the run in {folder}, whose {fix}")
 
     def _check_resumed(self, trainer: Trainer) -> None:
         """Refuse to resume a fit on another train/validation split, or with another teacher, than its checkpoint's:

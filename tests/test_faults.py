@@ -175,8 +175,17 @@ FAULTS = [
         (*EXPORT, *TO_ONNX, "--input_size", "1000000000"),
         "out of memory (3552.7 PiB asked for)",
     ),
+    Fault(
+        "predict another run's checkpoint, no logger",
+        ("predict", *RESUME, "{runs}/prune/initial/best.ckpt", "--trainer.logger", "false"),
+        "predictions.csv would be replaced",
+    ),
     Fault("test another run's checkpoint", ("test", *RESUME, "{runs}/prune/initial/best.ckpt"), "is not the run in"),
-    Fault("predict another run's checkpoint", ("predict", *RESUME, "{runs}/prune/initial/best.ckpt"), "save_dir"),
+    Fault(
+        "predict another run's checkpoint",
+        ("predict", *RESUME, "{runs}/prune/initial/best.ckpt"),
+        "a file of their own",
+    ),
     Fault("test without a checkpoint", ("test", *FIT[1:]), "without --ckpt_path would test the recipe's student"),
     Fault(
         "predictions onto their checkpoint",
