@@ -95,7 +95,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise
         if "is killed by signal: Terminated" in str(err):  # a SIGTERM to the process group stops DataLoader workers
             _stopped()
-        if not isinstance(err, torch.OutOfMemoryError) and "can't allocate memory" not in str(err):
+        memory = ("can't allocate memory", "Storage size calculation overflowed")
+        if not isinstance(err, torch.OutOfMemoryError) and not any(m in str(err) for m in memory):
             raise
         fix = "lower the batch size (data batch_size, latency_batch_size) or the input size"
         print(f"distill: error: out of memory ({_allocation(err)}): {fix} (DISTILL_DEBUG=1 shows the traceback)",
@@ -106,6 +107,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 def _allocation(err: RuntimeError) -> str:
     """What an allocator failed to allocate, from its message (the CPU's in bytes, CUDA's in GiB)."""
     size = re.search(r"[Tt]ried to allocate ([\d.]+) ?([A-Za-z]*)", str(err))
+    if "overflowed" in str(err):
+        return "a tensor larger than any memory"
     if size is None:
         return str(err).splitlines()[0][:200]
     amount, unit = size.groups()

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -307,6 +308,9 @@ def check_options(
         ways = ", or ".join(" ".join(f"--{o} null" for o in given if o != n) + f" keeps {n}" for n in given)
         fix = f"; got {got}: keep one ({ways})" if given else ""
         raise ValueError(f"give exactly one of target_params, target_macs, target_latency_ms or target_latency{fix}")
+    for name, size in (("target_params", target_params), ("target_macs", target_macs)):
+        if size is not None and not size >= 1:  # -5 read "cannot be met ... still has 1,078"
+            raise ValueError(f"{name} must be a count >= 1, got {size}")
     if target_latency_ms is not None and not 0 < target_latency_ms < math.inf:
         raise ValueError(f"target_latency_ms must be a positive number of milliseconds, got {target_latency_ms}")
     if target_latency is not None and not 0 < target_latency < 1:
@@ -345,6 +349,9 @@ def check_latency_options(runtime: str, batch_size: int, needs_onnx: bool, threa
     check_runtime(runtime, batch_size, "latency_runtime", "latency_batch_size")
     if threads is not None and threads < 1:
         raise ValueError(f"latency_threads must be >= 1 (or omitted: torch's threads), got {threads}")
+    if threads is not None and threads > (os.cpu_count() or 1):  # 100000 threads ran out of memory in libgomp
+        raise ValueError(f"latency_threads={threads} is more than this machine's {os.cpu_count()} CPUs: give at most "
+                         f"that many (or omit it: torch's threads)")  # fmt: skip
     if needs_onnx:
         require_onnxruntime()
 

@@ -180,6 +180,9 @@ FAULTS = [
         ("predict", *RESUME, "{runs}/prune/initial/best.ckpt", "--trainer.logger", "false"),
         "predictions.csv would be replaced",
     ),
+    Fault(
+        "export at an overflowing size", (*EXPORT, *TO_ONNX, "--input_size", "100000000000"), "larger than any memory"
+    ),
     Fault("test another run's checkpoint", ("test", *RESUME, "{runs}/prune/initial/best.ckpt"), "is not the run in"),
     Fault(
         "predict another run's checkpoint",
@@ -335,6 +338,14 @@ FAULTS = [
     Fault("export int8, 0 calibration images", (*EXPORT, *INT8, "--calibration_images", "0"), "calibration_images"),
     Fault("prune latency on a TPU", (*NEW_PRUNE, "--latency_runtime", "tpu"), "Unknown latency_runtime"),
     Fault("prune-distill over fit runs", (*PRUNE[:-1], "{runs}"), "holds fit runs that no prune-distill made (fit/"),
+    Fault(
+        "prune to negative parameters",
+        (*PRUNE[:3], "--target_params=-5", *PRUNE[5:-2], *NEW),
+        "target_params must be a count >= 1",
+    ),
+    Fault(
+        "prune latency on more threads than CPUs", (*NEW_PRUNE, "--latency_threads", "100000"), "more than this machine"
+    ),
     Fault("prune latency at batch 0", (*NEW_PRUNE, "--latency_batch_size", "0"), "latency_batch_size must be"),
     Fault(
         "prune latency at a batch beyond memory",
