@@ -160,6 +160,8 @@ def sweep(
             announced = True
         time.sleep(min(heartbeat_interval, 5))  # the storage is cheap to ask; finish soon after the others
     rows = [row for study, grid, kind, _ in grids for row in finished_rows(study, grid, kind)]
+    for row in rows:  # in this run_dir: a sweep moved or copied elsewhere lists its own files, not the original's
+        row["checkpoint"] = str(_trial_dir(out, row["kind"], row) / Path(row["checkpoint"]).name)
     missing = [point for study, grid, kind, _ in grids for point in missing_points(study, grid, kind)]
     order = {name: i for i, name in enumerate(recipes)}
     rows.sort(key=lambda r: (r["kind"] != "ce", order.get(r["variant"], -1), r["loss"], r["temperature"] or 0,

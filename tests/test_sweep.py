@@ -65,6 +65,12 @@ def test_grid_completes_and_a_rerun_trains_nothing(tmp_path: Path, small_teacher
     with open(run_dir / "sweep.csv") as f:
         assert len(list(csv.DictReader(f))) == len(rows)
 
+    moved = tmp_path / "moved"  # a sweep moved elsewhere lists its own checkpoints, trains nothing
+    run_dir.rename(moved)
+    again = sweep(str(recipe), temperatures=[2.0, 4.0], seeds=[0], run_dir=str(moved))
+    assert [r["checkpoint"] for r in again] == [r["checkpoint"].replace(str(run_dir), str(moved)) for r in rows]
+    assert all(Path(r["checkpoint"]).is_file() for r in again)
+
 
 def test_a_losses_axis_trains_each_loss_with_the_recipes_settings_of_its_class(
     tmp_path: Path, small_teacher_checkpoint: Path
