@@ -338,6 +338,7 @@ FAULTS = [
     Fault("export int8, 0 calibration images", (*EXPORT, *INT8, "--calibration_images", "0"), "calibration_images"),
     Fault("prune latency on a TPU", (*NEW_PRUNE, "--latency_runtime", "tpu"), "Unknown latency_runtime"),
     Fault("prune-distill over fit runs", (*PRUNE[:-1], "{runs}"), "holds fit runs that no prune-distill made (fit/"),
+    Fault("prune with every layer ignored", (*NEW_PRUNE, "--ignored_layers", "[cnn]"), "no layer is left to prune"),
     Fault(
         "prune to negative parameters",
         (*PRUNE[:3], "--target_params=-5", *PRUNE[5:-2], *NEW),

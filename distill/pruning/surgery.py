@@ -359,6 +359,8 @@ def _scored(
     """Each group's channel scores, its floor (``floors``, or the policy's of its current channels), its slices."""
     groups, slices = _groups(model, example_input, policy.ignored_layers)
     scores = _score(criterion, groups)
+    if not groups:
+        raise ValueError(f"no layer is left to prune: ignored_layers={list(policy.ignored_layers)} covers them all")
     if not scores:
         raise ValueError("the criterion scored no layer (e.g. bn_scale on a model without BatchNorm)")
     own = policy.floors({name: len(s) for name, s in scores.items()})
@@ -559,8 +561,8 @@ def _check_smallest(
         unit = "parameters" if target_params is not None else "MACs"
         raise ValueError(
             f"target {target:,} {unit} cannot be met without emptying a layer: with every prunable layer at its "
-            f"floor the student still has {smallest:,}. Lower min_channels/min_fraction, prune more layers, "
-            f"or raise the target."
+            f"floor the student still has {smallest:,}. Lower min_channels/min_fraction (or round_to), prune more "
+            f"layers, or raise the target."
         )
 
 
