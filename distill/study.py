@@ -42,7 +42,7 @@ def open_storage(url: str, heartbeat_interval: int) -> Any:
     from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    path = Path(url.removeprefix("sqlite:///")) if url.startswith("sqlite:///") else None
+    path = _sqlite_path(url)
     if path is not None and path.exists() and not _sqlite_file(path):  # checked before its lock file is made
         raise ValueError(
             f"The sweep storage {url!r} names {path}, which is not an SQLite database: choose another file"
@@ -105,8 +105,22 @@ def _sqlite_damage(path: Path) -> str | None:
 def _creation_lock(url: str) -> contextlib.AbstractContextManager:
     """An exclusive file lock beside an SQLite storage file (workers on one machine; no file locks on Windows:
     the retries in ``open_storage`` still cover most races); nothing otherwise."""
-    path = url.removeprefix("sqlite:///") if url.startswith("sqlite:///") else None
+    path = _sqlite_path(url)
     return file_lock(path) if path is not None else contextlib.nullcontext()
+
+
+def _sqlite_path(url: str) -> Path | None:
+    """The file of an SQLite URL as SQLAlchemy reads it (``%3F`` decoded, ``?mode=ro`` a query, not part of the
+    name), so that every spelling of one database takes one lock; ``None`` for other URLs."""
+    if not url.startswith("sqlite:///"):
+        return None
+    from sqlalchemy.engine import make_url
+
+    try:
+        database = make_url(url).database
+    except Exception:  # noqa: BLE001 - not a URL: RDBStorage says so
+        return None
+    return Path(database) if database and database != ":memory:" else None
 
 
 def open_study(rdb: Any, url: str, name: str, space: dict[str, list], cfg: dict[str, Any]) -> Any:
