@@ -28,7 +28,7 @@ from distill.quickstart import quickstart
 from distill.rundir import IncompleteRun
 from distill.sweep import sweep
 
-__all__ = ["JOBS", "main", "run_job"]
+__all__ = ["JOBS", "main", "one_line", "run_job"]
 
 #: Subcommands beside Lightning's: the function each runs, and its line in ``distill --help``.
 JOBS: dict[str, tuple[Callable[..., Any], str]] = {
@@ -84,11 +84,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         status = getattr(err, "exit_status", 2)
         while err.__cause__ is not None:  # jsonargparse wraps errors raised while building objects
             err = err.__cause__
-        message = str(err)
-        if "\nOriginal Traceback" in message:  # raised in a DataLoader worker: its own message ends the traceback
-            raised = message.rfind(f"\n{type(err).__name__}: ")
-            message = " ".join(message[raised:].split(": ", 1)[-1].split())
-        print(f"distill: error: {message} (DISTILL_DEBUG=1 shows the traceback)", file=sys.stderr)
+        print(f"distill: error: {one_line(err)} (DISTILL_DEBUG=1 shows the traceback)", file=sys.stderr)
         raise SystemExit(status) from None
     except RuntimeError as err:
         if os.environ.get("DISTILL_DEBUG"):
@@ -102,6 +98,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"distill: error: out of memory ({_allocation(err)}): {fix} (DISTILL_DEBUG=1 shows the traceback)",
               file=sys.stderr)  # fmt: skip
         raise SystemExit(2) from None
+
+
+def one_line(err: BaseException) -> str:
+    """``err``'s message; of an error a DataLoader worker raised, the worker's own message (torch re-raises it with the
+    worker's traceback in front), on one line."""
+    message = str(err)
+    if "\nOriginal Traceback" not in message:
+        return message
+    raised = list(
+        re.finditer(rf"^(?:[\w.]+\.)?{type(err).__name__}: ", message, re.MULTILINE)
+    )  # PIL.UnidentifiedImageError
+    message = message[raised[-1].end() :] if raised else message.strip().splitlines()[-1]
+    return " ".join(message.split())
 
 
 def _allocation(err: RuntimeError) -> str:

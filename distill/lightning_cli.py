@@ -192,8 +192,9 @@ class DistillCLI(LightningCLI):
         if self.subcommand not in _EVALUATE or self._checkpoint is None:
             return
         writers = [c for c in trainer.callbacks if isinstance(c, BasePredictionWriter)]
-        if self.subcommand == "predict" and writers and all(getattr(w, "path", None) for w in writers):
-            return  # the predictions go to files of their own, and predict logs no metrics
+        default = not writers or any(isinstance(w, PredictionWriter) and not w.path for w in writers)
+        if self.subcommand == "predict" and not default:
+            return  # the predictions go to files of their own (or a writer of the user's), and predict logs no metrics
         checkpoint = Path(self.config[self.subcommand].ckpt_path).resolve()
         own = [Path(c.dirpath).resolve() for c in trainer.checkpoint_callbacks if getattr(c, "dirpath", None)]
         if self.subcommand == "predict":  # where PredictionWriter writes predictions.csv, logger or not
@@ -231,9 +232,9 @@ class DistillCLI(LightningCLI):
             source, checkpoint = f"--ckpt_path last ({path})", read_checkpoint(path)
         else:
             return
-        self._check_resumed_teacher(source, checkpoint)
         mixup = (self._settings or self.model.hparams).get("mixup")  # the config's: LightningCLI merged the record's in
         self.model.check_resumed_objective(checkpoint, source, mixup)
+        self._check_resumed_teacher(source, checkpoint)
         if "current_model_state" in checkpoint and not any(isinstance(c, WeightAveraging) for c in trainer.callbacks):
             raise ValueError(  # Lightning warns, then trains on from the average and drops the weights it trained
                 f"{source} was trained with an average of its weights (distill.EMA): its state_dict holds the "
@@ -255,7 +256,14 @@ class DistillCLI(LightningCLI):
     def _check_resumed_teacher(self, source: str, checkpoint: dict[str, Any]) -> None:
         """Refuse a resumed fit whose teacher is not the one its checkpoint was trained with (by the digest of its
         weights, wherever its file lies; a checkpoint written before the digest was recorded is not checked)."""
-        if TEACHER_DIGEST_KEY not in checkpoint:
+        given, merged = (self._settings or {}).get("teacher_checkpoint"), self.model.hparams.get("teacher_checkpoint")
+        if given is not None and (self._settings or {}).get("teacher") is None and given != merged:
+            raise ValueError(
+                f"{source} records teacher_checkpoint={merged!r}, which LightningCLI takes over this run's {given!r}: "
+                f"to resume with the teacher elsewhere, give it as model.teacher (teachers.load_teacher with "
+                f"init_args {{checkpoint: ...}}); its weights are checked against the run's"
+            )
+        if TEACHER_DIGEST_KEY not in checkpoint or not _first_local_rank():  # the first process loaded the teacher
             return
         recorded, teacher = checkpoint[TEACHER_DIGEST_KEY], self.model.teacher
         if teacher is None and self.model.hparams.get("teacher_checkpoint"):
@@ -310,7 +318,7 @@ class DistillCLI(LightningCLI):
             self.model.check_checkpoint(checkpoint, source)  # the architecture first: the bigger difference
             if self._settings is not None:
                 check_resume_settings(checkpoint, self._settings, source)
-        if int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0))) == 0:  # one download per machine
+        if _first_local_rank():  # one download per machine
             if self.datamodule is not None:
                 self.datamodule.prepare_data()
                 self.datamodule.setup(self.subcommand or "fit")
@@ -399,6 +407,11 @@ _BATCHES = {
     "test": ("limit_test_batches",),
     "predict": ("limit_predict_batches",),
 }
+
+
+def _first_local_rank() -> bool:
+    """Whether this is the first process on its machine (the one that checks data and models before the Trainer)."""
+    return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0))) == 0
 
 
 def _loads_weights(spec: Any) -> bool:

@@ -7,6 +7,7 @@ training, which is how this project trains teachers.
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 from collections.abc import Mapping
 from functools import partial
@@ -231,7 +232,8 @@ class DistillModule(LightningModule):
             self._set_teacher(load_teachers(self.hparams.teacher_checkpoint).to(_device_of(self.student)))
         if isinstance(self.teacher, TeacherEnsemble) and self.teacher.temperature is None:
             self.teacher.temperature = getattr(self.loss, "temperature", None)
-        _ = self.teacher_digest  # taken now: a precision plugin may cast the teacher after setup
+        if fitting:
+            _ = self.teacher_digest  # taken now, for the checkpoints: a precision plugin may cast the teacher later
         student_classes = getattr(self.student, "num_classes", None)
         if datamodule is None or not hasattr(datamodule, "input_size"):
             if student_classes is None:
@@ -413,10 +415,10 @@ class DistillModule(LightningModule):
         configured) than it was trained with: the objective would change half-way through the run."""
         recorded = checkpoint.get("hyper_parameters") or {}
         spec = recorded.get("loss_spec")
-        was = {"mixup": recorded.get("mixup")} if "mixup" in recorded else {}
+        was = {"mixup": _mixup_settings(recorded.get("mixup"))} if "mixup" in recorded else {}
         if isinstance(spec, Mapping) and spec.get("init_args") is not None:  # a loss of the user's own says nothing
             was["loss"] = _loss_record(_recorded_loss(spec))  # old checkpoints' settings under their new names
-        now = {"mixup": mixup, "loss": self.hparams.get("loss_spec")}
+        now = {"mixup": _mixup_settings(mixup), "loss": self.hparams.get("loss_spec")}
         changed = [k for k in was if was[k] != now[k]]
         if changed:
             raise ValueError(
@@ -510,6 +512,16 @@ def _mixer(options: dict[str, Any] | None, num_classes: int | None) -> Any:
         raise ValueError(f"mixup takes timm.data.Mixup's arguments (mixup_alpha, cutmix_alpha, ...): {err}") from None
     _check_mixer(mixer)
     return mixer
+
+
+def _mixup_settings(options: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``options`` with timm's ``Mixup`` defaults filled in (as :func:`_mixer` builds it), to compare two runs'."""
+    if not options:
+        return None
+    from timm.data import Mixup
+
+    defaults = {k: p.default for k, p in inspect.signature(Mixup).parameters.items() if p.default is not p.empty}
+    return {**defaults, "label_smoothing": 0.0, **options}
 
 
 def _within(value: Any, low: float, high: float, high_open: bool = False) -> bool:

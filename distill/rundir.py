@@ -112,7 +112,7 @@ def check_run_dir(folder: Path, job: str) -> None:
     fit runs in its sub-folders, but no run of that job, is refused too: its stages train into such folders."""
     where = "the run folder" if job == "fit" else "run_dir"
     if folder.exists() and not folder.is_dir():
-        raise ValueError(f"run_dir {folder} is a file, not a folder: give a folder (it is created if missing)")
+        raise ValueError(f"{where} {folder} is a file, not a folder: give a folder (it is created if missing)")
     for other, marker in RUN_MARKERS.items():
         if other != job and (folder / marker).is_file():
             raise ValueError(
@@ -136,7 +136,10 @@ def hold_run_dir(folder: Path, job: str) -> None:
     crashed, the other lost rows of its metrics). Holding a folder this process holds already is a no-op."""
     folder = folder.resolve()
     folder.mkdir(parents=True, exist_ok=True)
-    if folder in _HELD or fcntl is None:
+    if folder in _HELD:
+        return
+    if fcntl is None:  # no locks on Windows; the file still marks the folder as a job's own (check_run_dir)
+        (folder / ".distill.lock").write_text(f"{os.getpid()}\n")
         return
     handle = open(folder / ".distill.lock", "a+")  # noqa: SIM115  (open while the folder is held)
     try:

@@ -60,9 +60,10 @@ class FrozenTeacher(FrozenModule):
 
 
 def weights_digest(module: nn.Module) -> str:
-    """SHA-256 of a module's architecture (its ``repr``) and of every tensor of its ``state_dict`` as stored: the same
-    teacher has the same digest wherever its file lies, and a teacher retrained in place has another."""
-    digest = hashlib.sha256(repr(module).encode())
+    """SHA-256 of every tensor of a module's ``state_dict`` as stored (names, shapes and values) and of its own
+    settings (``extra_repr``: an ensemble's weights, reduction and temperature): the same teacher has the same digest
+    wherever its file lies, and a teacher retrained in place has another."""
+    digest = hashlib.sha256(f"{type(module).__name__}({module.extra_repr()})".encode())
     for name, tensor in module.state_dict().items():
         flat = tensor.detach().cpu().contiguous().reshape(-1)
         digest.update(f"{name}:{flat.dtype}:{tuple(tensor.shape)}".encode())

@@ -17,7 +17,7 @@ from helpers import RunsCode, fmnist
 from lightning_fabric.utilities.apply_func import move_data_to_device
 from torch.utils.data._utils.pin_memory import pin_memory
 
-from distill.cli import main
+from distill.cli import main, one_line
 from distill.data import (
     Batch,
     BatchTransform,
@@ -324,3 +324,19 @@ def test_an_unreadable_image_found_by_a_worker_is_named_in_one_line(tmp_path: Pa
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("distill: error:")]
     assert stop.value.code == 2 and len(lines) == 1
     assert f"{broken} is not a readable image (PIL cannot tell its format): remove or replace it" in lines[0]
+
+
+@pytest.mark.parametrize("raised", [ValueError("bad label 7\nin row 3"), "PIL"], ids=["builtin", "qualified name"])
+def test_a_workers_error_is_its_own_message_on_one_line(raised: Exception | str):
+    from PIL import UnidentifiedImageError
+    from torch._utils import ExceptionWrapper
+
+    raised = UnidentifiedImageError("cannot identify image file 'x.png'") if raised == "PIL" else raised
+    try:
+        raise raised
+    except Exception:  # noqa: BLE001 - as a DataLoader worker wraps whatever it caught
+        wrapped = ExceptionWrapper(where="in DataLoader worker process 0")
+    with pytest.raises(type(raised)) as caught:
+        wrapped.reraise()  # the main process's error: the worker's traceback, then its message
+    assert "Original Traceback" in str(caught.value)
+    assert one_line(caught.value) == " ".join(str(raised).split())

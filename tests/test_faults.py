@@ -165,6 +165,11 @@ FAULTS = [
         "change half-way",
     ),
     Fault("resume with another teacher", ("fit", *RESUME, "{runs}/fit/last.ckpt", *OTHER_TEACHER), "another teacher"),
+    Fault(
+        "resume naming teacher_checkpoint",
+        ("fit", *RESUME, "{runs}/fit/last.ckpt", "--model.teacher", "null", "--model.teacher_checkpoint", BEST),
+        "which LightningCLI takes over this run's",
+    ),
     Fault("resume last without the teacher", ("fit", *NO_TEACHER, "last"), "but this run has no teacher"),
     Fault("validate another dataset's run", ("validate", *NO_TEACHER, "{inputs}/five.ckpt"), "holds the student"),
     Fault("resume from a student file", ("fit", *RESUME, BEST), "student's weights"),

@@ -359,8 +359,10 @@ def _scored(
     """Each group's channel scores, its floor (``floors``, or the policy's of its current channels), its slices."""
     groups, slices = _groups(model, example_input, policy.ignored_layers)
     scores = _score(criterion, groups)
-    if not groups:
+    if not groups and policy.ignored_layers:
         raise ValueError(f"no layer is left to prune: ignored_layers={list(policy.ignored_layers)} covers them all")
+    if not groups:
+        raise ValueError("the model has no layer whose channels can be pruned")
     if not scores:
         raise ValueError("the criterion scored no layer (e.g. bn_scale on a model without BatchNorm)")
     own = policy.floors({name: len(s) for name, s in scores.items()})
