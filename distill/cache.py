@@ -27,20 +27,11 @@ from torch import nn
 from distill.data.memory import TensorImageDataset
 from distill.rundir import atomic_path, file_lock
 from students.checkpoint import read_checkpoint
+from teachers import weights_digest
 
-__all__ = ["TeacherLogitCache", "compute_logits", "split_fingerprint", "teacher_fingerprint"]
+__all__ = ["TeacherLogitCache", "compute_logits", "split_fingerprint"]
 
 _SPLITS = {"train": "train_set", "val": "val_set", "test": "test_set"}
-
-
-def teacher_fingerprint(teacher: nn.Module) -> str:
-    """SHA-256 of the teacher's weights, buffers and settings (``repr``, ensemble temperature)."""
-    digest = hashlib.sha256(repr(teacher).encode())
-    digest.update(repr(getattr(teacher, "temperature", None)).encode())
-    for name, tensor in sorted(teacher.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def split_fingerprint(dataset: TensorImageDataset) -> str:
@@ -113,7 +104,7 @@ class TeacherLogitCache(Callback):
             if split == "train" and getattr(pl_module, "mixer", None) is not None:  # cached logits go unused
                 rank_zero_info("TeacherLogitCache: training batches are mixed (mixup), their teacher logits stay live")
                 continue
-            teacher_key = teacher_key or teacher_fingerprint(teacher)
+            teacher_key = teacher_key or weights_digest(teacher)
             key = hashlib.sha256((teacher_key + split_fingerprint(dataset)).encode()).hexdigest()[:32]
             logits = self._load_or_compute(key, teacher, dataset, trainer, pl_module, split)
             dataset.teacher_logits = logits.to(dataset.device)  # on the GPU with the images, if they are there

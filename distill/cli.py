@@ -106,9 +106,10 @@ def one_line(err: BaseException) -> str:
     message = str(err)
     if "\nOriginal Traceback" not in message:
         return message
-    raised = list(
-        re.finditer(rf"^(?:[\w.]+\.)?{type(err).__name__}: ", message, re.MULTILINE)
-    )  # PIL.UnidentifiedImageError
+    own = re.compile(
+        rf"^(?:[\w.]+\.)?{type(err).__name__}: ", re.MULTILINE
+    )  # with its module: PIL.UnidentifiedImageError
+    raised = list(own.finditer(message))
     message = message[raised[-1].end() :] if raised else message.strip().splitlines()[-1]
     return " ".join(message.split())
 
@@ -123,10 +124,10 @@ def _allocation(err: RuntimeError) -> str:
     amount, unit = size.groups()
     if unit != "bytes":
         return f"{amount} {unit} asked for"
-    scale = max(k for k in range(6) if int(amount) >= 1024**k or k == 0)
-    if scale == 0:
-        return f"{amount} bytes asked for"
-    return f"{int(amount) / 1024**scale:.1f} {('bytes', 'KiB', 'MiB', 'GiB', 'TiB', 'PiB')[scale]} asked for"
+    for name, scale in (("PiB", 2**50), ("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if int(amount) >= scale:
+            return f"{int(amount) / scale:.1f} {name} asked for"
+    return f"{amount} bytes asked for"
 
 
 def _stopped() -> None:

@@ -224,8 +224,7 @@ class DistillCLI(LightningCLI):
         if self._checkpoint is not None:
             source, checkpoint = self._checkpoint
         elif config.get("ckpt_path") == "last":
-            found = [p for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)
-                     for p in c._find_last_checkpoints(trainer)]  # fmt: skip
+            found = _last_checkpoints(trainer)
             if not found:
                 return
             path = max(found, key=os.path.getmtime)  # the one Lightning resumes from
@@ -265,9 +264,7 @@ class DistillCLI(LightningCLI):
             )
         if TEACHER_DIGEST_KEY not in checkpoint or not _first_local_rank():  # the first process loaded the teacher
             return
-        recorded, teacher = checkpoint[TEACHER_DIGEST_KEY], self.model.teacher
-        if teacher is None and self.model.hparams.get("teacher_checkpoint"):
-            return  # not loaded by this process (a DDP rank past the first): the first one checks it
+        recorded, teacher = checkpoint[TEACHER_DIGEST_KEY], self.model.teacher  # loaded by check_run's check_data
         if recorded == self.model.teacher_digest:
             return
         named = teacher_checkpoints(teacher) if teacher is not None else None
@@ -295,8 +292,7 @@ class DistillCLI(LightningCLI):
                 f"built, with random weights: give --ckpt_path <run>/best.ckpt (written by `distill fit`), or "
                 f"set model.student to students.load_student"
             )
-        if not any(c._find_last_checkpoints(trainer) for c in trainer.checkpoint_callbacks
-                   if isinstance(c, ModelCheckpoint)):  # fmt: skip
+        if not _last_checkpoints(trainer):
             raise ValueError(
                 "--ckpt_path last: the recipe's checkpoint folder holds no last checkpoint, and the student "
                 "as built has random weights: give the path of a checkpoint written by `distill fit`"
@@ -407,6 +403,12 @@ _BATCHES = {
     "test": ("limit_test_batches",),
     "predict": ("limit_predict_batches",),
 }
+
+
+def _last_checkpoints(trainer: Trainer) -> list[str]:
+    """The last checkpoints the Trainer's ModelCheckpoints find (what ``--ckpt_path last`` resumes from)."""
+    return [p for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)
+            for p in c._find_last_checkpoints(trainer)]  # fmt: skip
 
 
 def _first_local_rank() -> bool:

@@ -507,7 +507,7 @@ def _mixer(options: dict[str, Any] | None, num_classes: int | None) -> Any:
                                    _within(minmax[0], 0, 1) and _within(minmax[1], minmax[0], 1)):  # fmt: skip
         raise ValueError(f"mixup: cutmix_minmax must be [min, max] with 0 <= min <= max <= 1, got {minmax!r}")
     try:
-        mixer = Mixup(**{"label_smoothing": 0.0, **options, "num_classes": num_classes})
+        mixer = Mixup(**{**_mixup_settings(options), "num_classes": num_classes})
     except TypeError as err:
         raise ValueError(f"mixup takes timm.data.Mixup's arguments (mixup_alpha, cutmix_alpha, ...): {err}") from None
     _check_mixer(mixer)
@@ -515,7 +515,8 @@ def _mixer(options: dict[str, Any] | None, num_classes: int | None) -> Any:
 
 
 def _mixup_settings(options: dict[str, Any] | None) -> dict[str, Any] | None:
-    """``options`` with timm's ``Mixup`` defaults filled in (as :func:`_mixer` builds it), to compare two runs'."""
+    """``options`` with timm's ``Mixup`` defaults filled in, label smoothing 0 unless given: what :func:`_mixer` builds
+    with, and what two runs' settings are compared by."""
     if not options:
         return None
     from timm.data import Mixup

@@ -11,9 +11,9 @@ import torch
 from helpers import fmnist, tiny_trainer
 
 from distill import DistillModule, KDLoss
-from distill.cache import TeacherLogitCache, split_fingerprint, teacher_fingerprint
+from distill.cache import TeacherLogitCache, split_fingerprint
 from students import create_student
-from teachers import load_teacher
+from teachers import load_teacher, weights_digest
 
 
 def student() -> torch.nn.Module:
@@ -58,7 +58,7 @@ def test_cache_is_reused_and_keyed_by_teacher_and_data(tmp_path: Path, small_tea
     other = load_teacher(checkpoint=small_teacher_checkpoint)  # the same teacher, one weight changed
     with torch.no_grad():
         next(other.parameters()).view(-1)[0] += 1.0
-    assert teacher_fingerprint(other) != teacher_fingerprint(load_teacher(checkpoint=small_teacher_checkpoint))
+    assert weights_digest(other) != weights_digest(load_teacher(checkpoint=small_teacher_checkpoint))
     dm = fmnist()
     dm.setup("fit")
     resized = fmnist(resize=32)
@@ -89,7 +89,7 @@ def test_workers_started_together_fill_the_cache_once(tmp_path: Path, small_teac
     module = DistillModule(student(), teacher)
     trainer = pl.Trainer(accelerator="cpu", logger=False)
     caches = [TeacherLogitCache(str(tmp_path / "cache")) for _ in range(3)]
-    key = teacher_fingerprint(teacher) + split_fingerprint(dm.train_set)
+    key = weights_digest(teacher) + split_fingerprint(dm.train_set)
     with ThreadPoolExecutor(len(caches)) as pool:  # each cache opens its own lock file handle, as processes do
         fills = [pool.submit(c._load_or_compute, key, teacher, dm.train_set, trainer, module, "train") for c in caches]
         logits = [f.result() for f in fills]
