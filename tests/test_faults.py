@@ -196,6 +196,11 @@ FAULTS = [
     ),
     Fault("test without a checkpoint", ("test", *FIT[1:]), "without --ckpt_path would test the recipe's student"),
     Fault(
+        "test last of a run never fitted",
+        ("test", "--config", "{inputs}/never.yaml", "--ckpt_path", "last"),
+        "no last checkpoint",
+    ),
+    Fault(
         "predictions onto their checkpoint",
         ("predict", *PREDICT, "{runs}/fit/best.ckpt"),
         "is the checkpoint predicted",
@@ -475,6 +480,7 @@ def earlier_runs(root: Path) -> dict[str, str]:
     db = bytearray((runs / "sweep" / "sweep.db").read_bytes())
     db[4096:8192] = bytes((b * 7 + 13) % 256 for b in db[4096:8192])  # a page scrambled: optuna failed mid-query
     (inputs / "damaged_sweep" / "sweep.db").write_bytes(bytes(db))
+    (inputs / "never.yaml").write_text(yaml.safe_dump(relocate(yaml.safe_load(recipe.read_text()), runs / "never")))
     no_teacher = yaml.safe_load(recipe.read_text())
     del no_teacher["model"]["teacher"]
     (inputs / "no_teacher.yaml").write_text(yaml.safe_dump(no_teacher))
