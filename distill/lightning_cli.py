@@ -240,17 +240,28 @@ class DistillCLI(LightningCLI):
                 f"average, and its trained weights are kept apart for the averaging callback. Resume with that "
                 f"callback in trainer.callbacks (distill.EMA, its decay as before), or start a new run."
             )
-        if not isinstance(self.datamodule, SplitDataModule):
-            return
-        recorded, current = type(self.datamodule).split_of(checkpoint), self.datamodule.state_dict()["split"]
-        changed = [k for k in current if recorded is not None and recorded.get(k) != current[k]]
-        if changed:
-            was, now = (", ".join(f"{k}={split.get(k)!r}" for k in changed) for split in (recorded, current))
-            raise ValueError(
-                f"{source} was trained on the split of {was}, but this run's data splits otherwise ({now}): its "
-                f"validation images would include images it trained on. Resume with the original split, or start "
-                f"a new run."
-            )
+        if isinstance(self.datamodule, SplitDataModule):
+            self._check_resumed_data(source, checkpoint)
+
+    def _check_resumed_data(self, source: str, checkpoint: dict[str, Any]) -> None:
+        """Refuse a resumed fit whose data splits otherwise, or makes other training batches (their size, their
+        augmentation, their input size), than its checkpoint's run: precision, ``compile`` and ``channels_last`` may
+        change (a run moved to another machine), what the student learns from may not."""
+        harm = {
+            "split": "its validation images would include images it trained on",
+            "batches": "the rest of the run would learn from other batches than the checkpoint's run did (and its "
+            "config.yaml describe them as the whole run's)",
+        }
+        current = self.datamodule.state_dict()
+        for key, consequence in harm.items():
+            recorded = type(self.datamodule).recorded(checkpoint, key)
+            changed = [k for k in current[key] if recorded is not None and recorded.get(k) != current[key][k]]
+            if changed:
+                was, now = (", ".join(f"{k}={of.get(k)!r}" for k in changed) for of in (recorded, current[key]))
+                raise ValueError(
+                    f"{source} was trained with data {was}, but this run's data has {now}: {consequence}. Resume "
+                    f"with the original data settings, or start a new run."
+                )
 
     def _check_resumed_teacher(self, source: str, checkpoint: dict[str, Any]) -> None:
         """Refuse a resumed fit whose teacher is not the one its checkpoint was trained with (by the digest of its

@@ -149,7 +149,25 @@ FAULTS = [
     Fault("resume from a malicious pickle", ("fit", *RESUME, "{inputs}/evil.ckpt"), "refused as unsafe"),
     Fault("resume another architecture", ("fit", *RESUME, "{inputs}/resnet.ckpt"), "holds the student timm/"),
     Fault("resume with another lr", ("fit", *RESUME, "{runs}/fit/last.ckpt", "--model.lr", "0.5"), "lr=0.5"),
-    Fault("resume on another split", ("fit", *RESUME, "{runs}/fit/last.ckpt", *SPLIT_SEED), "split of split_seed=0"),
+    Fault("resume on another split", ("fit", *RESUME, "{runs}/fit/last.ckpt", *SPLIT_SEED), "data split_seed=0, but"),
+    Fault(
+        "resume with another batch size",
+        ("fit", *RESUME, "{runs}/fit/last.ckpt", "--data.init_args.batch_size", "16"),
+        "trained with data batch_size=32, but this run's data has batch_size=16: the rest of the run would learn",
+    ),
+    Fault(
+        "resume with augmentation",
+        (
+            "fit",
+            *RESUME,
+            "{runs}/fit/last.ckpt",
+            "--data.init_args.augment",
+            "true",
+            "--data.init_args.random_erasing",
+            "0.5",
+        ),
+        "data augment=False, random_erasing=0.0, but this run's data has augment=True, random_erasing=0.5",
+    ),
     Fault("resume last on another split", ("fit", *RESUME, "last", "--data.init_args.val_size", "600"), "val_size=500"),
     Fault(
         "fit into a prune-distill run", (*FIT, "--trainer.default_root_dir", "{runs}/prune"), "holds a prune-distill"

@@ -139,7 +139,7 @@ def test_a_resumed_fit_keeps_its_teacher_by_its_weights_wherever_its_file_lies(
     monkeypatch.chdir(moved.parent)  # the same teacher, moved, and spelt relative to another folder
     resume = ["fit", "--config", str(config), "--ckpt_path", str(tmp_path / "run" / "last.ckpt")]
     resume += ["--trainer.limit_train_batches", "2", "--model.teacher.init_args.checkpoint", "teacher.ckpt"]
-    main([*resume, "--trainer.max_epochs", "2"])
+    main([*resume, "--trainer.max_epochs", "2", "--data.init_args.eval_batch_size", "16"])  # evaluation may change
     assert torch.load(tmp_path / "run" / "last.ckpt", weights_only=True)["epoch"] == 1  # resumed, trained on
 
     retrained = torch.load(moved, weights_only=True)  # a teacher retrained in place: the same path, other weights

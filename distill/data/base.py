@@ -48,14 +48,20 @@ class SplitDataModule(LightningDataModule):
         self.test_set: Dataset | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        """What Lightning saves of the datamodule in each checkpoint: the settings of the train/validation split,
-        which a resumed fit must keep (``distill fit`` checks them before it trains: see ``split_of``)."""
-        return {"split": {"val_size": self.val_size, "split_seed": self.split_seed}}
+        """What Lightning saves of the datamodule in each checkpoint, which a resumed fit must keep (``distill fit``
+        checks them before it trains: see ``recorded``): the settings of the train/validation ``split``, and the
+        ``batches`` training is made of (:meth:`batch_settings`)."""
+        return {"split": {"val_size": self.val_size, "split_seed": self.split_seed}, "batches": self.batch_settings()}
+
+    def batch_settings(self) -> dict[str, Any]:
+        """The settings that make the training batches: their size, and a subclass's augmentation and input size."""
+        return {"batch_size": self.batch_size}
 
     @classmethod
-    def split_of(cls, checkpoint: dict[str, Any]) -> dict[str, Any] | None:
-        """The split settings a checkpoint of a run on this datamodule records (``None`` for older ones)."""
-        return (checkpoint.get(cls.__qualname__) or {}).get("split")
+    def recorded(cls, checkpoint: dict[str, Any], key: str) -> dict[str, Any] | None:
+        """The ``key`` entry (``split``, ``batches``) of what a checkpoint of a run on this datamodule records
+        (``None`` where an older one has none)."""
+        return (checkpoint.get(cls.__qualname__) or {}).get(key)
 
     def split_indices(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Train and validation indices of an ``n``-image training set (fixed by ``split_seed``)."""

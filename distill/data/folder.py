@@ -83,6 +83,10 @@ class ImageFolderDataModule(SplitDataModule):
     def input_size(self) -> tuple[int, int]:
         return self.image_size, self.image_size
 
+    def batch_settings(self) -> dict[str, Any]:
+        return super().batch_settings() | {"augment": self.augment, "image_size": self.image_size,
+                                           "mean": list(self.mean), "std": list(self.std)}  # fmt: skip
+
     def _transform(self, train: bool) -> T.Compose:
         size = self.image_size
         steps = (

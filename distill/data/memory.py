@@ -276,6 +276,10 @@ class InMemoryDataModule(SplitDataModule):
         size = self.resize or self.native_size
         return size, size
 
+    def batch_settings(self) -> dict[str, Any]:
+        return super().batch_settings() | {"augment": self.augment, "random_erasing": self.random_erasing,
+                                           "resize": self.resize}  # fmt: skip
+
     def load_split(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 images (N, C, H, W) and int64 labels (N,) of the training or the test split."""
         raise NotImplementedError
