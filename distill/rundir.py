@@ -118,7 +118,7 @@ def check_run_dir(folder: Path, job: str) -> None:
             raise ValueError(
                 f"{where} {folder} holds a {other} run ({marker}): {job} would overwrite its files. Use another folder."
             )
-    own = job in RUN_MARKERS and ((folder / RUN_MARKERS[job]).is_file() or (folder / ".distill.lock").is_file())
+    own = job in RUN_MARKERS and ((folder / RUN_MARKERS[job]).is_file() or _holder(folder) in (job, ""))
     fits = sorted(f"{p.parent.name}/" for p in folder.glob("*/config.yaml")) if job != "fit" and not own else []
     if fits:  # e.g. `distill fit` of configs/fmnist/teacher.yaml wrote <run_dir>/teacher/, which quickstart trains into
         raise ValueError(
@@ -128,6 +128,18 @@ def check_run_dir(folder: Path, job: str) -> None:
 
 
 _HELD: dict[Path, Any] = {}  # the run folders this process holds, and their open lock files
+_LOCK = ".distill.lock"  # "<pid> <job>" of the process that holds (or last held) a run folder
+
+
+def _holder(folder: Path) -> str | None:
+    """The job whose process holds or last held ``folder`` (``""`` from a lock file without one), or None: no lock.
+
+    A job killed before its first record leaves only this file: the job it names resumes there, no other one."""
+    lock = folder / _LOCK
+    if not lock.is_file():
+        return None
+    words = lock.read_text(errors="replace").split()
+    return words[1] if len(words) > 1 else ""
 
 
 def hold_run_dir(folder: Path, job: str) -> None:
@@ -139,14 +151,14 @@ def hold_run_dir(folder: Path, job: str) -> None:
     if folder in _HELD:
         return
     if fcntl is None:  # no locks on Windows; the file still marks the folder as a job's own (check_run_dir)
-        (folder / ".distill.lock").write_text(f"{os.getpid()}\n")
+        (folder / _LOCK).write_text(f"{os.getpid()} {job}\n")
         return
-    handle = open(folder / ".distill.lock", "a+")  # noqa: SIM115  (open while the folder is held)
+    handle = open(folder / _LOCK, "a+")  # noqa: SIM115  (open while the folder is held)
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.seek(0)
-        owner = handle.read().strip()
+        owner = " ".join(handle.read().split()[:1])  # its pid
         handle.close()
         raise ValueError(
             f"run_dir {folder} is in use by another {job} process{f' (pid {owner})' if owner else ''}: wait for it "
@@ -154,7 +166,7 @@ def hold_run_dir(folder: Path, job: str) -> None:
         ) from None
     handle.seek(0)
     handle.truncate()
-    handle.write(f"{os.getpid()}\n")
+    handle.write(f"{os.getpid()} {job}\n")
     handle.flush()
     _HELD[folder] = handle
 

@@ -21,7 +21,7 @@ from helpers import start_distill, tiny_kd_recipe
 from distill.export import export
 from distill.prune_distill import check_baselines, prune_distill
 from distill.recipes import fit_recipe, relocate
-from distill.rundir import RunState
+from distill.rundir import RunState, check_run_dir, hold_run_dir, release_run_dir
 from students import UNSCALED_LAYERS, load_student
 
 ROOT = Path(__file__).parents[1]
@@ -115,6 +115,19 @@ def test_a_killed_run_resumes_at_its_last_round_with_the_same_result(tmp_path: P
     a = load_student(tmp_path / "run" / "best_student.ckpt").state_dict()
     b = load_student(tmp_path / "reference" / "best_student.ckpt").state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_folder_a_killed_job_left_with_its_lock_only_resumes_that_job_only(tmp_path: Path):
+    folder = tmp_path / "qs"  # a quickstart killed while its teacher trained: teacher/ and the lock file, no record
+    (folder / "teacher").mkdir(parents=True)
+    (folder / "teacher" / "config.yaml").write_text("trainer: {}\n")
+    hold_run_dir(folder, "quickstart")
+    release_run_dir(folder)  # the file stays, as a killed process leaves it
+    check_run_dir(folder, "quickstart")  # its own folder: it resumes
+    with pytest.raises(ValueError, match=r"holds fit runs that no prune-distill made \(teacher/\)"):
+        check_run_dir(folder, "prune-distill")  # it would have trained beside the teacher, and the quickstart's rerun
+    (folder / ".distill.lock").write_text("4242\n")  # been refused; a lock written before it named its job: any one's
+    check_run_dir(folder, "prune-distill")
 
 
 @pytest.mark.parametrize(
