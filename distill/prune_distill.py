@@ -61,6 +61,7 @@ from distill.recipes import (
     fit_recipe,
     input_digests,
     job_recipe,
+    recipe_identity,
     relocate,
     teacher_cache,
     with_callbacks,
@@ -202,7 +203,11 @@ def prune_distill(
     out = Path(run_dir).resolve()
     run = RunState(out, "prune-distill")
     inputs = input_digests(base) | ({student_checkpoint: file_digest(student_checkpoint)} if student_checkpoint else {})
-    recorded = {"recipe": json.dumps(base, sort_keys=True, default=str), "inputs": inputs}
+    legacy = json.dumps(base, sort_keys=True, default=str)  # as runs started before 2026-12-07 recorded it
+    identity = (
+        legacy if run.state.get("inputs", {}).get("recipe") == legacy else recipe_identity(base, Path(recipe).parent)
+    )
+    recorded = {"recipe": identity, "inputs": inputs}  # paths under the recipe's folder count from it: moved with it
     run.hold(settings, recorded, compared_as_contents=("run_dir", "recipe", "student_checkpoint"))
     (out / "prune_distill.yaml").write_text(yaml.safe_dump(run.state["settings"], sort_keys=False))
     phases = _Phases(run, base, data, seed, out / "cache" if cache_teacher_logits else None, meter)
@@ -568,7 +573,7 @@ class _Phases:
         else:
             cfg["model"]["warmup_epochs"] = min(float(cfg["model"].get("warmup_epochs", 0)), epochs / 4)
         with_callbacks(cfg, *(callbacks or []), *([teacher_cache(self.cache)] if self.cache is not None else []))
-        result = fit_recipe(cfg)
+        result = fit_recipe(cfg, root=self.out)
         return self._record(key, round_, phase, epochs, result.checkpoint, label, val_acc=result.val_acc,
                             test_acc=result.test_acc)  # fmt: skip
 

@@ -201,14 +201,14 @@ def quickstart(
     changed = changed_settings(recorded, settings)
     refuse_changes(out, "quickstart", changed, "finished stages are then reused")
     hold_run_dir(out, "quickstart")  # until the end: another quickstart in this folder is refused
-    teacher = fit_recipe(teacher_cfg, out / "teacher.yaml")
+    teacher = fit_recipe(teacher_cfg, out / "teacher.yaml", root=out)
     atomic_write(record, lambda f: json.dump(settings, f, indent=1))  # this folder holds these settings' run
 
     teacher_spec = {"class_path": "teachers.load_teacher", "init_args": {"checkpoint": teacher.checkpoint}}
     student_cfg["model"]["teacher"] = teacher_spec
     if not augment:  # deterministic inputs: the teacher's logits are computed once, for every run after this
         with_callbacks(student_cfg, teacher_cache(out / "cache"))
-    student = fit_recipe(student_cfg, out / "student.yaml")
+    student = fit_recipe(student_cfg, out / "student.yaml", root=out)
 
     rows = prune_distill(
         recipe=str(out / "student.yaml"),

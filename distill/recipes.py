@@ -21,7 +21,7 @@ from jsonargparse import ArgumentParser
 from pytorch_lightning import LightningDataModule
 
 from distill.lightning_cli import DistillCLI, stop_if_terminated
-from distill.rundir import atomic_write
+from distill.rundir import RunState, atomic_write, rerooted
 
 __all__ = [
     "FitResult",
@@ -36,6 +36,7 @@ __all__ = [
     "job_recipe",
     "load_recipe",
     "merge",
+    "recipe_identity",
     "relocate",
     "sibling_config",
     "teacher_cache",
@@ -233,10 +234,40 @@ def input_digests(cfg: dict[str, Any]) -> dict[str, str]:
     return {path: file_digest(path) for path in sorted(set(_inputs(cfg))) if Path(path).exists()}
 
 
-def fingerprint(cfg: dict[str, Any]) -> str:
-    """SHA-256 of a recipe's settings and of the files it reads: two runs with one fingerprint are the same run."""
-    text = json.dumps({"recipe": cfg, "inputs": input_digests(cfg)}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
+def fingerprint(cfg: dict[str, Any], root: Path | None = None) -> str:
+    """SHA-256 of a recipe's settings and of the files it reads: two runs with one fingerprint are the same run.
+
+    With a job's run directory ``root``, paths under it count from it, and each file the recipe reads counts by its
+    contents alone: the job's folder moved or copied elsewhere (its runs, its teacher) is the same run.
+    """
+    if root is None:  # as recorded before jobs gave their root (2026-12-07): those records still count
+        text = json.dumps({"recipe": cfg, "inputs": input_digests(cfg)}, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()
+    return hashlib.sha256(recipe_identity(cfg, root).encode()).hexdigest()
+
+
+def recipe_identity(cfg: dict[str, Any], root: Path) -> str:
+    """What makes a recipe the same recipe wherever its folder lies, as JSON: its settings, each file it reads by
+    its contents (its digest), and the paths under ``root`` counted from it."""
+    digests = input_digests(cfg)
+    recipe = _here(_by_contents(cfg, digests), root)
+    return json.dumps({"recipe": recipe, "inputs": sorted(digests.values())}, sort_keys=True, default=str)
+
+
+def _by_contents(node: Any, digests: dict[str, str]) -> Any:
+    """``node`` with every path of a file it reads (a key of ``digests``) given as that file's digest."""
+    if isinstance(node, dict):
+        return {k: _by_contents(v, digests) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_by_contents(v, digests) for v in node]
+    return f"sha256:{digests[node]}" if isinstance(node, str) and node in digests else node
+
+
+def _here(value: Any, root: Path) -> Any:
+    """``value`` with the paths under ``root`` (as spelt, or resolved) under :attr:`RunState.HERE`."""
+    for spelling in dict.fromkeys((str(root), str(root.resolve()))):
+        value = rerooted(value, spelling, RunState.HERE)
+    return value
 
 
 @dataclass
@@ -253,7 +284,7 @@ class FitResult:
     model_name: str
 
 
-def fit_recipe(cfg: dict[str, Any], config_path: Path | None = None) -> FitResult:
+def fit_recipe(cfg: dict[str, Any], config_path: Path | None = None, root: Path | None = None) -> FitResult:
     """Run ``distill fit`` on ``cfg``, write it to ``config_path``, then test the run's best checkpoint.
 
     ``config_path`` defaults to :func:`sibling_config` of the run's folder (``trainer.default_root_dir``).
@@ -262,6 +293,8 @@ def fit_recipe(cfg: dict[str, Any], config_path: Path | None = None) -> FitResul
     the test split is evaluated once, on it. The result is recorded in ``result.json`` in the run's
     folder with the recipe's :func:`fingerprint` and its checkpoint's digest: called again with the same
     recipe and input files (a job resumed after a crash), it returns that result instead of training again.
+    ``root``: the run directory of the job that runs the recipe; the record counts paths from it, so that the job's
+    folder moved elsewhere reuses its runs.
     """
     trainer = cfg.get("trainer", {})
     checkpoints = [
@@ -272,12 +305,16 @@ def fit_recipe(cfg: dict[str, Any], config_path: Path | None = None) -> FitResul
     _check_best_is_chosen(monitored, trainer.get("limit_val_batches"))  # before it trains, not after it
     folder = trainer.get("default_root_dir")
     record = Path(folder) / "result.json" if folder else None
-    key = fingerprint(cfg)
+    key = fingerprint(cfg, root)
     if record is not None and record.is_file():
         saved = json.loads(record.read_text())
+        if root is not None:
+            saved = rerooted(saved, RunState.HERE, str(root.resolve()))
         best = Path(saved.get("result", {}).get("checkpoint", ""))
-        if saved.get("fingerprint") == key and best.is_file() and file_digest(best) == saved.get("checkpoint_digest"):
+        same = saved.get("fingerprint") in (key, fingerprint(cfg))  # or recorded as it was before roots
+        if same and best.is_file() and file_digest(best) == saved.get("checkpoint_digest"):
             print(f"{folder}: already trained with this recipe and these inputs; its result is reused")
+            _write_config(cfg, config_path or sibling_config(Path(folder)))  # its paths, where the run now is
             return FitResult(**saved["result"])
     start = time.time()
     with warnings.catch_warnings():  # the job's own argv is in sys.argv; the args given here are the run's
@@ -287,9 +324,7 @@ def fit_recipe(cfg: dict[str, Any], config_path: Path | None = None) -> FitResul
         cli = DistillCLI(args={"fit": copy.deepcopy(cfg)})  # refused input writes nothing, this file included
     stop_if_terminated(cli.trainer)
     wall = time.time() - start
-    config_path = config_path or sibling_config(Path(folder))
-    config_path.parent.mkdir(parents=True, exist_ok=True)
-    config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    _write_config(cfg, config_path or sibling_config(Path(folder)))
     checkpoint = cli.trainer.checkpoint_callback
     best = checkpoint.best_model_path
     metrics = cli.trainer.test(cli.model, datamodule=cli.datamodule, ckpt_path=best, verbose=False)
@@ -308,8 +343,17 @@ def fit_recipe(cfg: dict[str, Any], config_path: Path | None = None) -> FitResul
     )
     if record is not None:  # replaces the record of an earlier recipe in the same folder
         saved = {"fingerprint": key, "checkpoint_digest": file_digest(best), "result": asdict(result)}
+        saved = saved if root is None else _here(saved, root)
         atomic_write(record, lambda f: json.dump(saved, f, indent=1))
     return result
+
+
+def _write_config(cfg: dict[str, Any], path: Path) -> None:
+    """Write the recipe that ran to ``path`` (unless it holds it already)."""
+    text = yaml.safe_dump(cfg, sort_keys=False)
+    if not path.is_file() or path.read_text() != text:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda f: f.write(text))
 
 
 def sibling_config(folder: Path) -> Path:

@@ -33,6 +33,7 @@ __all__ = [
     "hold_run_dir",
     "refuse_changes",
     "release_run_dir",
+    "rerooted",
 ]
 
 
@@ -221,7 +222,7 @@ class RunState:
         if not (isinstance(state, dict) and isinstance(state.get("phases"), dict)):
             raise ValueError(f"{self.path} is not the state of a {self.job} run ({why}): restore it, or use a new "
                              f"run_dir")  # fmt: skip
-        return _rerooted(state, self.HERE, str(self.folder.resolve()))
+        return rerooted(state, self.HERE, str(self.folder.resolve()))
 
     @property
     def phases(self) -> dict[str, dict[str, Any]]:
@@ -266,16 +267,17 @@ class RunState:
         self.save()
 
     def save(self) -> None:
-        state = _rerooted(self.state, str(self.folder.resolve()), self.HERE)
+        state = rerooted(self.state, str(self.folder.resolve()), self.HERE)
         atomic_write(self.path, lambda f: json.dump(state, f, indent=1))
 
 
-def _rerooted(value: Any, old: str, new: str) -> Any:
-    """``value`` with each string in it (mapping keys too) that is a path under ``old`` moved under ``new``."""
+def rerooted(value: Any, old: str, new: str) -> Any:
+    """``value`` with each string in it (mapping keys too) that is a path under ``old`` moved under ``new`` (e.g.
+    under :attr:`RunState.HERE`, which stands for the run directory in records that move with it)."""
     if isinstance(value, dict):
-        return {_rerooted(k, old, new): _rerooted(v, old, new) for k, v in value.items()}
+        return {rerooted(k, old, new): rerooted(v, old, new) for k, v in value.items()}
     if isinstance(value, list):
-        return [_rerooted(v, old, new) for v in value]
+        return [rerooted(v, old, new) for v in value]
     if isinstance(value, str) and value.startswith(old + os.sep):
         return new + value[len(old) :]
     return value

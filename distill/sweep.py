@@ -326,7 +326,7 @@ def _run_kd(base: dict[str, Any], params: dict[str, Any], out: Path, cache: str 
     cfg["model"]["loss"] = {"class_path": f"distill.{params['loss']}", "init_args": init_args}
     if cache is not None:
         with_callbacks(cfg, teacher_cache(cache))
-    return fit_recipe(cfg)
+    return fit_recipe(cfg, root=out)
 
 
 def _run_ce(base: dict[str, Any], params: dict[str, Any], out: Path) -> FitResult:
@@ -337,4 +337,4 @@ def _run_ce(base: dict[str, Any], params: dict[str, Any], out: Path) -> FitResul
     cfg["model"].pop("teacher", None)
     cfg["model"]["teacher_checkpoint"] = None
     cfg["model"]["loss"] = {"class_path": "distill.KDLoss", "init_args": {"temperature": 1.0, "alpha": 0.0}}
-    return fit_recipe(cfg)
+    return fit_recipe(cfg, root=out)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -242,6 +243,17 @@ def test_quickstart_end_to_end(quickstart_run: tuple[Path, dict, dict]):
     with pytest.raises(ValueError, match=r"other settings \(student_epochs changed\)"):
         quickstart(**{**settings, "student_epochs": 2})
     assert {p: p.read_bytes() for p in qs.rglob("*") if p.is_file()} == before
+
+    # Moved elsewhere, the run is the same run: nothing trains, and its results name its files where they are now.
+    elsewhere = shutil.copytree(qs, qs.parent / "moved")
+    hidden = qs.rename(qs.parent / "hidden")  # a path left to the old folder fails
+    try:
+        trained = {p: p.stat().st_mtime_ns for p in elsewhere.rglob("*.ckpt")}
+        moved = quickstart(**{**settings, "run_dir": str(elsewhere)})
+        assert {p: p.stat().st_mtime_ns for p in elsewhere.rglob("*.ckpt")} == trained
+        assert json.loads(json.dumps(results).replace(str(qs.resolve()), str(elsewhere.resolve()))) == moved
+    finally:
+        hidden.rename(qs)  # for the test below
 
 
 @pytest.mark.slow
