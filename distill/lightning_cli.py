@@ -118,6 +118,10 @@ class _Trainer(Trainer):
         )
 
 
+#: DistillModule's settings of how the student runs, not of what it learns: a resumed fit may change them.
+_MACHINE_SETTINGS = ("compile", "channels_last")
+
+
 def default_precision() -> str:
     """``bf16-mixed`` where a GPU with bfloat16 is present, else ``32-true`` (CPUs stay float32)."""
     return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
@@ -168,6 +172,15 @@ class DistillCLI(LightningCLI):
                 )
             self._checkpoint = (source, checkpoint)
             self._settings = config.model.as_dict() if subcommand == "fit" else None  # before its hparams merge in
+
+    def before_instantiate_classes(self) -> None:
+        """A resumed fit keeps this run's machine settings (``compile``, ``channels_last``), which LightningCLI would
+        take from the checkpoint's hyperparameters without a word: a run moved to another machine sets its own."""
+        if self._settings is not None:
+            model = self.config[self.config["subcommand"]].model
+            for key in _MACHINE_SETTINGS:
+                if key in self._settings:
+                    model[key] = self._settings[key]
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         """Check the run before the Trainer, its logger and its callbacks exist, then build them.
@@ -252,12 +265,12 @@ class DistillCLI(LightningCLI):
             "batches": "the rest of the run would learn from other batches than the checkpoint's run did (and its "
             "config.yaml describe them as the whole run's)",
         }
-        current = self.datamodule.state_dict()
+        state = self.datamodule.state_dict()
         for key, consequence in harm.items():
-            recorded = type(self.datamodule).recorded(checkpoint, key)
-            changed = [k for k in current[key] if recorded is not None and recorded.get(k) != current[key][k]]
+            recorded, current = type(self.datamodule).recorded(checkpoint, key), state.get(key) or {}
+            changed = [k for k in current if recorded is not None and recorded.get(k) != current[k]]
             if changed:
-                was, now = (", ".join(f"{k}={of.get(k)!r}" for k in changed) for of in (recorded, current[key]))
+                was, now = (", ".join(f"{k}={of.get(k)!r}" for k in changed) for of in (recorded, current))
                 raise ValueError(
                     f"{source} was trained with data {was}, but this run's data has {now}: {consequence}. Resume "
                     f"with the original data settings, or start a new run."

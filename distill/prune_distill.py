@@ -204,10 +204,8 @@ def prune_distill(
     run = RunState(out, "prune-distill")
     inputs = input_digests(base) | ({student_checkpoint: file_digest(student_checkpoint)} if student_checkpoint else {})
     legacy = json.dumps(base, sort_keys=True, default=str)  # as runs started before 2026-12-07 recorded it
-    identity = (
-        legacy if run.state.get("inputs", {}).get("recipe") == legacy else recipe_identity(base, Path(recipe).parent)
-    )
-    recorded = {"recipe": identity, "inputs": inputs}  # paths under the recipe's folder count from it: moved with it
+    identity = legacy if run.state.get("inputs", {}).get("recipe") == legacy else recipe_identity(base)
+    recorded = {"recipe": identity, "inputs": inputs}  # the files it reads by content: moved with it, the same recipe
     run.hold(settings, recorded, compared_as_contents=("run_dir", "recipe", "student_checkpoint"))
     (out / "prune_distill.yaml").write_text(yaml.safe_dump(run.state["settings"], sort_keys=False))
     phases = _Phases(run, base, data, seed, out / "cache" if cache_teacher_logits else None, meter)

@@ -234,23 +234,27 @@ def input_digests(cfg: dict[str, Any]) -> dict[str, str]:
     return {path: file_digest(path) for path in sorted(set(_inputs(cfg))) if Path(path).exists()}
 
 
-def fingerprint(cfg: dict[str, Any], root: Path | None = None) -> str:
-    """SHA-256 of a recipe's settings and of the files it reads: two runs with one fingerprint are the same run.
-
-    With a job's run directory ``root``, paths under it count from it, and each file the recipe reads counts by its
-    contents alone: the job's folder moved or copied elsewhere (its runs, its teacher) is the same run.
-    """
-    if root is None:  # as recorded before jobs gave their root (2026-12-07): those records still count
-        text = json.dumps({"recipe": cfg, "inputs": input_digests(cfg)}, sort_keys=True, default=str)
-        return hashlib.sha256(text.encode()).hexdigest()
-    return hashlib.sha256(recipe_identity(cfg, root).encode()).hexdigest()
+def fingerprint(cfg: dict[str, Any]) -> str:
+    """SHA-256 of :func:`recipe_identity`: two runs with one fingerprint are the same run."""
+    return hashlib.sha256(recipe_identity(cfg).encode()).hexdigest()
 
 
-def recipe_identity(cfg: dict[str, Any], root: Path) -> str:
-    """What makes a recipe the same recipe wherever its folder lies, as JSON: its settings, each file it reads by
-    its contents (its digest), and the paths under ``root`` counted from it."""
+def _legacy_fingerprint(cfg: dict[str, Any]) -> str:
+    """The fingerprint ``result.json`` recorded before 2026-12-07 (with every path as spelt): those records count."""
+    text = json.dumps({"recipe": cfg, "inputs": input_digests(cfg)}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def recipe_identity(cfg: dict[str, Any]) -> str:
+    """What makes a recipe the same recipe wherever it and its files lie, as JSON: its settings and each file it
+    reads by its contents (its digest), not by its path; not where it writes (its run folder, and the folder of a
+    teacher-logit cache, which gives the teacher's own logits). A job's folder moved elsewhere runs the same
+    recipes."""
     digests = input_digests(cfg)
-    recipe = _here(_by_contents(cfg, digests), root)
+    recipe = relocate(_by_contents(cfg, digests), Path("<out>"))
+    for callback in recipe["trainer"].get("callbacks") or []:
+        if isinstance(callback, dict) and str(callback.get("class_path", "")).endswith("TeacherLogitCache"):
+            callback.setdefault("init_args", {})["cache_dir"] = "<cache>"
     return json.dumps({"recipe": recipe, "inputs": sorted(digests.values())}, sort_keys=True, default=str)
 
 
@@ -294,7 +298,7 @@ def fit_recipe(cfg: dict[str, Any], config_path: Path | None = None, root: Path 
     folder with the recipe's :func:`fingerprint` and its checkpoint's digest: called again with the same
     recipe and input files (a job resumed after a crash), it returns that result instead of training again.
     ``root``: the run directory of the job that runs the recipe; the record counts paths from it, so that the job's
-    folder moved elsewhere reuses its runs.
+    folder moved elsewhere reuses its runs (the fingerprint holds no path: see :func:`recipe_identity`).
     """
     trainer = cfg.get("trainer", {})
     checkpoints = [
@@ -305,13 +309,13 @@ def fit_recipe(cfg: dict[str, Any], config_path: Path | None = None, root: Path 
     _check_best_is_chosen(monitored, trainer.get("limit_val_batches"))  # before it trains, not after it
     folder = trainer.get("default_root_dir")
     record = Path(folder) / "result.json" if folder else None
-    key = fingerprint(cfg, root)
+    key = fingerprint(cfg)
     if record is not None and record.is_file():
         saved = json.loads(record.read_text())
         if root is not None:
             saved = rerooted(saved, RunState.HERE, str(root.resolve()))
         best = Path(saved.get("result", {}).get("checkpoint", ""))
-        same = saved.get("fingerprint") in (key, fingerprint(cfg))  # or recorded as it was before roots
+        same = saved.get("fingerprint") in (key, _legacy_fingerprint(cfg))
         if same and best.is_file() and file_digest(best) == saved.get("checkpoint_digest"):
             print(f"{folder}: already trained with this recipe and these inputs; its result is reused")
             _write_config(cfg, config_path or sibling_config(Path(folder)))  # its paths, where the run now is

@@ -159,11 +159,11 @@ def hold_run_dir(folder: Path, job: str) -> None:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.seek(0)
-        owner = " ".join(handle.read().split()[:1])  # its pid
+        pid, other = ([*handle.read().split(), "", ""])[:2]  # "<pid> <job>", or "<pid>" from an older version
         handle.close()
         raise ValueError(
-            f"run_dir {folder} is in use by another {job} process{f' (pid {owner})' if owner else ''}: wait for it "
-            f"to end, or use another run_dir"
+            f"run_dir {folder} is in use by another {other or job} process{f' (pid {pid})' if pid else ''}: wait for "
+            f"it to end, or use another run_dir"
         ) from None
     handle.seek(0)
     handle.truncate()

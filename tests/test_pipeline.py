@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import hashlib
 import json
@@ -20,7 +21,7 @@ from helpers import start_distill, tiny_kd_recipe
 
 from distill.export import export
 from distill.prune_distill import check_baselines, prune_distill
-from distill.recipes import fit_recipe, relocate
+from distill.recipes import fit_recipe, recipe_identity, relocate, teacher_cache, with_callbacks
 from distill.rundir import RunState, check_run_dir, hold_run_dir, release_run_dir
 from students import UNSCALED_LAYERS, load_student
 
@@ -115,6 +116,28 @@ def test_a_killed_run_resumes_at_its_last_round_with_the_same_result(tmp_path: P
     a = load_student(tmp_path / "run" / "best_student.ckpt").state_dict()
     b = load_student(tmp_path / "reference" / "best_student.ckpt").state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_recipe_is_the_same_wherever_it_writes_and_its_files_lie_but_not_with_other_data(
+    tmp_path: Path, small_teacher_checkpoint: Path
+):
+    cfg = with_callbacks(yaml.safe_load(tiny_kd_recipe(tmp_path, small_teacher_checkpoint).read_text()),
+                         teacher_cache(tmp_path / "cache"))  # fmt: skip
+    moved = tmp_path / "moved" / "teacher.ckpt"
+    moved.parent.mkdir()
+    shutil.copy(small_teacher_checkpoint, moved)
+    elsewhere = with_callbacks(relocate(yaml.safe_load(tiny_kd_recipe(tmp_path, moved).read_text()), tmp_path / "b"),
+                               teacher_cache(tmp_path / "moved" / "cache"))  # fmt: skip
+    assert recipe_identity(cfg) == recipe_identity(elsewhere)
+    for other in ({"root": str(tmp_path / "data")}, {"batch_size": 16}):
+        changed = copy.deepcopy(cfg)
+        changed["data"]["init_args"].update(other)
+        assert recipe_identity(changed) != recipe_identity(cfg), other
+    retrained = torch.load(moved, weights_only=True)
+    first = next(iter(retrained["state_dict"]))
+    retrained["state_dict"][first] += 1
+    torch.save(retrained, moved)
+    assert recipe_identity(cfg) != recipe_identity(elsewhere)
 
 
 def test_a_folder_a_killed_job_left_with_its_lock_only_resumes_that_job_only(tmp_path: Path):

@@ -132,15 +132,17 @@ def test_a_resumed_fit_keeps_its_teacher_by_its_weights_wherever_its_file_lies(
     tmp_path: Path, small_teacher_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ):
     config = recipe(tmp_path, small_teacher_checkpoint, "run", epochs=1)
-    main(["fit", "--config", str(config), "--trainer.limit_train_batches", "2"])
+    main(["fit", "--config", str(config), "--trainer.limit_train_batches", "2", "--model.channels_last", "false"])
     moved = tmp_path / "elsewhere" / "teacher.ckpt"
     moved.parent.mkdir()
     moved.write_bytes(small_teacher_checkpoint.read_bytes())
     monkeypatch.chdir(moved.parent)  # the same teacher, moved, and spelt relative to another folder
     resume = ["fit", "--config", str(config), "--ckpt_path", str(tmp_path / "run" / "last.ckpt")]
     resume += ["--trainer.limit_train_batches", "2", "--model.teacher.init_args.checkpoint", "teacher.ckpt"]
-    main([*resume, "--trainer.max_epochs", "2", "--data.init_args.eval_batch_size", "16"])  # evaluation may change
-    assert torch.load(tmp_path / "run" / "last.ckpt", weights_only=True)["epoch"] == 1  # resumed, trained on
+    machine = ["--data.init_args.eval_batch_size", "16", "--model.channels_last", "true"]  # these may change
+    main([*resume, "--trainer.max_epochs", "2", *machine])
+    resumed = torch.load(tmp_path / "run" / "last.ckpt", weights_only=True)
+    assert resumed["epoch"] == 1 and resumed["hyper_parameters"]["channels_last"] is True  # not the checkpoint's
 
     retrained = torch.load(moved, weights_only=True)  # a teacher retrained in place: the same path, other weights
     first = next(iter(retrained["state_dict"]))
