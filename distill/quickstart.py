@@ -267,8 +267,8 @@ def quickstart(
         f"machine's CPU ({torch.get_num_threads()} threads), all measured side by side. "
         f"Latency target: {goal} ({latency_runtime}, batch {latency_batch_size}). "
         f"Rounds and the accuracy-vs-latency plot: {out / 'prune_distill'}/"
-        "summary.md and pareto.png.\n\nReproduce: `distill fit --config "
-        f"{out / 'teacher' / 'config.yaml'}`, `distill fit --config {out / 'student' / 'config.yaml'}`, then "
+        "summary.md and pareto.png.\n\nReproduce (the recipes as they ran, with this folder's paths): `distill fit "
+        f"--config {out / 'teacher.yaml'}`, `distill fit --config {out / 'student.yaml'}`, then "
         f"`distill prune-distill --config {out / 'prune_distill' / 'prune_distill.yaml'}`.\n"
     )
     (out / "summary.md").write_text(summary)

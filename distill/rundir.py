@@ -102,6 +102,8 @@ def changed_settings(stored: dict[str, Any], current: dict[str, Any]) -> list[st
     return sorted(k for k in stored.keys() | current.keys() if stored.get(k) != current.get(k))
 
 
+_LOCK = ".distill.lock"  # "<pid> <job>" of the process that holds (or last held) a run folder
+
 #: The file each command leaves at the top of its run directory, by which another job's run there is known.
 RUN_MARKERS = {"quickstart": "quickstart.json", "sweep": "sweep.yaml", "prune-distill": "prune_distill.yaml",
                "fit": "config.yaml"}  # fmt: skip
@@ -114,6 +116,9 @@ def check_run_dir(folder: Path, job: str) -> None:
     where = "the run folder" if job == "fit" else "run_dir"
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{where} {folder} is a file, not a folder: give a folder (it is created if missing)")
+    if (folder / _LOCK).exists() and not (folder / _LOCK).is_file():
+        raise ValueError(f"{where} {folder}: its {_LOCK} is not a file (jobs lock it): remove it, or use another "
+                         f"folder")  # fmt: skip
     for other, marker in RUN_MARKERS.items():
         if other != job and (folder / marker).is_file():
             raise ValueError(
@@ -129,7 +134,6 @@ def check_run_dir(folder: Path, job: str) -> None:
 
 
 _HELD: dict[Path, Any] = {}  # the run folders this process holds, and their open lock files
-_LOCK = ".distill.lock"  # "<pid> <job>" of the process that holds (or last held) a run folder
 
 
 def _holder(folder: Path) -> str | None:
@@ -140,7 +144,9 @@ def _holder(folder: Path) -> str | None:
     if not lock.is_file():
         return None
     words = lock.read_text(errors="replace").split()
-    return words[1] if len(words) > 1 else ""
+    if (len(words) == 1 and words[0].isdigit()) or not words:  # a pid alone, as written before 2026-12-07: any job's
+        return ""
+    return words[1] if len(words) == 2 and words[0].isdigit() else "?"  # not a lock of ours: nobody's
 
 
 def hold_run_dir(folder: Path, job: str) -> None:

@@ -151,6 +151,13 @@ def test_a_folder_a_killed_job_left_with_its_lock_only_resumes_that_job_only(tmp
         check_run_dir(folder, "prune-distill")  # it would have trained beside the teacher, and the quickstart's rerun
     (folder / ".distill.lock").write_text("4242\n")  # been refused; a lock written before it named its job: any one's
     check_run_dir(folder, "prune-distill")
+    (folder / ".distill.lock").write_text("not a lock of ours\n")  # nobody's
+    with pytest.raises(ValueError, match="holds fit runs that no quickstart made"):
+        check_run_dir(folder, "quickstart")
+    (folder / ".distill.lock").unlink()
+    (folder / ".distill.lock").mkdir()
+    with pytest.raises(ValueError, match=r"its \.distill\.lock is not a file \(jobs lock it\): remove it"):
+        check_run_dir(folder, "quickstart")
 
 
 @pytest.mark.parametrize(

@@ -140,6 +140,7 @@ def test_a_resumed_fit_keeps_its_teacher_by_its_weights_wherever_its_file_lies(
     resume = ["fit", "--config", str(config), "--ckpt_path", str(tmp_path / "run" / "last.ckpt")]
     resume += ["--trainer.limit_train_batches", "2", "--model.teacher.init_args.checkpoint", "teacher.ckpt"]
     machine = ["--data.init_args.eval_batch_size", "16", "--model.channels_last", "true"]  # these may change
+    machine += ["--data.init_args.resize", "28"]  # Fashion-MNIST's own size: the same batches
     main([*resume, "--trainer.max_epochs", "2", *machine])
     resumed = torch.load(tmp_path / "run" / "last.ckpt", weights_only=True)
     assert resumed["epoch"] == 1 and resumed["hyper_parameters"]["channels_last"] is True  # not the checkpoint's

@@ -277,8 +277,11 @@ class InMemoryDataModule(SplitDataModule):
         return size, size
 
     def batch_settings(self) -> dict[str, Any]:
-        return super().batch_settings() | {"augment": self.augment, "random_erasing": self.random_erasing,
-                                           "resize": self.resize}  # fmt: skip
+        return super().batch_settings() | {
+            "augment": self.augment,
+            "random_erasing": self.random_erasing,
+            "resize": self.input_size[0],
+        }  # fmt: skip  (None: the native size)
 
     def load_split(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 images (N, C, H, W) and int64 labels (N,) of the training or the test split."""
