@@ -27,7 +27,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from distill.data.base import SplitDataModule
 from distill.module import TEACHER_DIGEST_KEY, DistillModule, check_resume_settings
 from distill.predictions import PredictionWriter
-from distill.rundir import atomic_path, check_run_dir
+from distill.rundir import atomic_path, check_run_dir, rerooted
 from students.checkpoint import is_training_checkpoint, read_checkpoint
 from teachers import teacher_checkpoints
 
@@ -456,14 +456,34 @@ def _loads_weights(spec: Any) -> bool:
 
 
 class _ResumedRows(Callback):
-    """A fit keeps the metrics rows logged before the checkpoint it resumed from; a new fit keeps none.
+    """A fit keeps the metrics rows logged before the checkpoint it resumed from; a new fit keeps none. In a run
+    folder moved or copied with its checkpoints, it resumes knowing its best one.
 
-    Runs when training starts, once Lightning has resolved ``--ckpt_path`` (a path, ``last``, ``hpc``) and
-    restored ``global_step``: the rows of steps from there on are logged again by this run.
+    The rows: when training starts, once Lightning has resolved ``--ckpt_path`` (a path, ``last``, ``hpc``) and
+    restored ``global_step``, the rows of steps from there on are logged again by this run.
     """
+
+    def on_load_checkpoint(self, trainer: Trainer, pl_module: Any, checkpoint: dict[str, Any]) -> None:
+        _follow_moved_checkpoints(trainer, checkpoint)
 
     def on_train_start(self, trainer: Trainer, pl_module: Any) -> None:
         keep_logged_rows(trainer, lambda row: int(float(row.get("step") or 0)) < trainer.global_step)
+
+
+def _follow_moved_checkpoints(trainer: Trainer, checkpoint: dict[str, Any]) -> None:
+    """Move the recorded paths of each ``ModelCheckpoint`` whose folder holds the checkpoints it recorded elsewhere:
+    the run was moved or copied. Lightning's callback keeps only the old best path then, and forgets the best
+    score, so the next epoch took ``best.ckpt``, better or not. Lightning calls every callback's
+    ``on_load_checkpoint`` before any callback loads its state."""
+    states = checkpoint.get("callbacks") or {}
+    for callback in trainer.checkpoint_callbacks:
+        state = states.get(getattr(callback, "state_key", None))
+        if not isinstance(callback, ModelCheckpoint) or not isinstance(state, dict) or callback.dirpath is None:
+            continue
+        old, new, best = state.get("dirpath"), callback.dirpath, state.get("best_model_path")
+        if old is None or old == new or not best or not (Path(new) / Path(best).name).is_file():
+            continue  # the same folder, or a run resumed into a folder of its own: Lightning's way
+        states[callback.state_key] = rerooted(state, old, new) | {"dirpath": new}
 
 
 def keep_logged_rows(trainer: Any, keep: Callable[[dict[str, str]], bool]) -> None:

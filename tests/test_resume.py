@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -153,6 +154,25 @@ def test_a_resumed_fit_keeps_its_teacher_by_its_weights_wherever_its_file_lies(
     with pytest.raises(SystemExit) as stop:
         main([*resume, "--trainer.max_epochs", "3"])
     assert stop.value.code == 2 and "was distilled from another teacher" in capsys.readouterr().err
+
+
+def test_a_run_folder_copied_with_its_checkpoints_resumes_knowing_its_best(tmp_path: Path, small_teacher_checkpoint):
+    main(["fit", "--config", str(recipe(tmp_path, small_teacher_checkpoint, "a", epochs=1)),
+          "--trainer.limit_train_batches", "2"])  # fmt: skip
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(a, b)
+    last = torch.load(b / "last.ckpt", weights_only=True)
+    key = next(k for k, state in last["callbacks"].items() if k.startswith("ModelCheckpoint") and state["monitor"])
+    last["callbacks"][key]["best_model_score"] = torch.tensor(1.0)  # a best so far that no later epoch beats
+    torch.save(last, b / "last.ckpt")
+    before = {p: p.read_bytes() for p in a.rglob("*") if p.is_file()}
+    best = (b / "best.ckpt").read_bytes()
+    main(["fit", "--config", str(recipe(tmp_path, small_teacher_checkpoint, "b", epochs=2)), "--ckpt_path",
+          str(b / "last.ckpt"), "--trainer.limit_train_batches", "2"])  # fmt: skip
+    state = torch.load(b / "last.ckpt", weights_only=True)["callbacks"][key]
+    assert state["best_model_path"] == str((b / "best.ckpt").resolve()) and float(state["best_model_score"]) == 1.0
+    assert (b / "best.ckpt").read_bytes() == best  # Lightning forgot the score: its next epoch took best.ckpt
+    assert {p: p.read_bytes() for p in a.rglob("*") if p.is_file()} == before
 
 
 def test_a_run_with_an_average_of_its_weights_resumes_only_with_it(
