@@ -17,8 +17,13 @@
 # .gz files carried in .data/fashion-mnist/ are copied to where the data module looks (~/.cache/distill).
 # A teacher or KD student trained here goes into $OUT in parts (benchmarks/carry.py); copied into .data/carry/ and
 # carried with the next call, it is unpacked first, and that call starts from it instead of training it again.
-# RECIPES_ARGS adds options to benchmarks/fmnist_recipes.py (wherever a stage trains a recipe); a dry run on a CPU:
-#   RECIPES_ARGS="--teacher-epochs 1 --student-epochs 1 --limit 0.01" LEVERS_OVERRIDES=... bash benchmarks/gpu_numbers.sh train levers
+# RECIPES_ARGS adds options to benchmarks/fmnist_recipes.py (wherever a stage trains a recipe); a dry run on a CPU
+# (2 cores, 2026-12-07: `levers` 6.5 min, then `train prune` about 7 min, with PATH holding the venv's python):
+#   export RECIPES_ARGS="--teacher-epochs 1 --student-epochs 1 --limit 0.005" WORKERS=2 OMP_NUM_THREADS=1
+#   LEVERS_OVERRIDES='{trainer: {max_epochs: 1, limit_train_batches: 2, limit_val_batches: 1, limit_test_batches: 1}}' \
+#     bash benchmarks/gpu_numbers.sh levers
+#   PRUNE_ARGS='--rounds 1 --epochs_per_round 1 --final_epochs 0 --overrides {"trainer":{"limit_train_batches":2,"limit_val_batches":1,"limit_test_batches":1}}' \
+#     bash benchmarks/gpu_numbers.sh train prune
 set -euo pipefail
 stages="speed teacher train sweep levers losses teachers small prune front"
 [ $# -gt 0 ] || { echo "usage: bash benchmarks/gpu_numbers.sh STAGE... (stages: $stages)" >&2; exit 2; }
