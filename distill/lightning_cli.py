@@ -134,7 +134,7 @@ class DistillCLI(LightningCLI):
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("trainer_defaults", {"precision": default_precision(), "callbacks": [_ResumedRows()]})
+        kwargs.setdefault("trainer_defaults", {"precision": default_precision(), "callbacks": [_ResumedRun()]})
         kwargs.setdefault("parser_class", _ArgumentParser)
         kwargs.setdefault("trainer_class", _Trainer)
         kwargs.setdefault("subclass_mode_data", True)
@@ -391,7 +391,7 @@ class DistillCLI(LightningCLI):
                 )
 
     def before_fit(self) -> None:
-        """Keep the earlier rows of metrics.csv until the run is known: ``_ResumedRows`` trims them then."""
+        """Keep the earlier rows of metrics.csv until the run is known: ``_ResumedRun`` trims them then."""
         keep_logged_rows(self.trainer, lambda _row: True)
 
     def before_validate(self) -> None:
@@ -455,7 +455,7 @@ def _loads_weights(spec: Any) -> bool:
     return bool(args.get("pretrained")) or "checkpoint_path" in (args.get("model_kwargs") or {})
 
 
-class _ResumedRows(Callback):
+class _ResumedRun(Callback):
     """A fit keeps the metrics rows logged before the checkpoint it resumed from; a new fit keeps none. In a run
     folder moved or copied with its checkpoints, it resumes knowing its best one.
 

@@ -267,13 +267,6 @@ def _by_contents(node: Any, digests: dict[str, str]) -> Any:
     return f"sha256:{digests[node]}" if isinstance(node, str) and node in digests else node
 
 
-def _here(value: Any, root: Path) -> Any:
-    """``value`` with the paths under ``root`` (as spelt, or resolved) under :attr:`RunState.HERE`."""
-    for spelling in dict.fromkeys((str(root), str(root.resolve()))):
-        value = rerooted(value, spelling, RunState.HERE)
-    return value
-
-
 @dataclass
 class FitResult:
     """What one recipe run produced."""
@@ -347,7 +340,7 @@ def fit_recipe(cfg: dict[str, Any], config_path: Path | None = None, root: Path 
     )
     if record is not None:  # replaces the record of an earlier recipe in the same folder
         saved = {"fingerprint": key, "checkpoint_digest": file_digest(best), "result": asdict(result)}
-        saved = saved if root is None else _here(saved, root)
+        saved = saved if root is None else rerooted(saved, str(root.resolve()), RunState.HERE)  # Lightning's realpath
         atomic_write(record, lambda f: json.dump(saved, f, indent=1))
     return result
 

@@ -281,7 +281,7 @@ class InMemoryDataModule(SplitDataModule):
             "augment": self.augment,
             "random_erasing": self.random_erasing,
             "resize": self.input_size[0],
-        }  # fmt: skip  (None: the native size)
+        }  # fmt: skip  (the size the model sees: a resize to the native size makes the same batches)
 
     def load_split(self, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """uint8 images (N, C, H, W) and int64 labels (N,) of the training or the test split."""
