@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
+import io
 import pickle
 import shutil
 from pathlib import Path
@@ -340,3 +342,58 @@ def test_a_workers_error_is_its_own_message_on_one_line(raised: Exception | str)
         wrapped.reraise()  # the main process's error: the worker's traceback, then its message
     assert "Original Traceback" in str(caught.value)
     assert one_line(caught.value) == " ".join(str(raised).split())
+
+
+def _image_folder(root: Path, names: tuple[str, ...] = ("0", "1", "2", "3")) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for cls in ("apple", "bread"):
+        (root / "train" / cls).mkdir(parents=True)
+        for name in names:
+            pixels = rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)
+            Image.fromarray(pixels).save(root / "train" / cls / f"{name}.png")
+    return root
+
+
+def test_a_fit_resumes_on_its_image_folder_moved_but_not_on_other_images_or_another_datamodule(tmp_path: Path):
+    run = tmp_path / "run"
+    data = {
+        "root": str(_image_folder(tmp_path / "data")),
+        "test_dir": None,
+        "image_size": 16,
+        "batch_size": 4,
+        "val_size": 2,
+        "num_workers": 0,
+    }
+    cfg = {
+        "trainer": {"max_epochs": 1, "accelerator": "cpu", "default_root_dir": str(run), "enable_progress_bar": False,
+                    "enable_model_summary": False, "logger": {"class_path": "CSVLogger",
+                                                              "init_args": {"save_dir": str(run), "version": ""}},
+                    "callbacks": [{"class_path": "ModelCheckpoint", "init_args": {"dirpath": str(run),
+                                                                                  "save_last": True}}]},
+        "model": {"student": {"class_path": "students.StudentNet", "init_args": {"base": 2, "num_pools": 2}}},
+        "data": {"class_path": "distill.data.ImageFolderDataModule", "init_args": data},
+    }  # fmt: skip
+    (tmp_path / "fit.yaml").write_text(yaml.safe_dump(cfg))
+    main(["fit", "--config", str(tmp_path / "fit.yaml")])
+    resume = ["fit", "--config", str(tmp_path / "fit.yaml"), "--trainer.max_epochs", "2", "--ckpt_path"]
+    record = torch.load(run / "last.ckpt", weights_only=False)
+    other_class = dict(record, CIFAR10DataModule=record.pop("ImageFolderDataModule"))  # as a CIFAR-10 run records it
+    torch.save(other_class, tmp_path / "cifar.ckpt")
+    _image_folder(tmp_path / "renamed", names=("0", "1", "2", "x"))  # the same classes and count, one other file
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    for args, words in (
+        ([str(tmp_path / "cifar.ckpt")], "was trained on the data of CIFAR10DataModule, but this run's data is "
+                                         "ImageFolderDataModule"),
+        (["last", "--data.init_args.root", str(tmp_path / "renamed")], "was trained with data files='8 images in 2 "
+                                                                       "classes, listing "),
+    ):  # fmt: skip
+        with pytest.raises(SystemExit) as stop, contextlib.redirect_stderr(io.StringIO()) as err:
+            main([*resume, *args])
+        lines = [line for line in err.getvalue().splitlines() if line.startswith("distill: error:")]
+        assert stop.value.code == 2 and len(lines) == 1 and words in lines[0], err.getvalue()
+        assert "would learn from" in lines[0] and {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    shutil.copytree(tmp_path / "data", tmp_path / "moved")  # the same images elsewhere: the run goes on
+    main([*resume, "last", "--data.init_args.root", str(tmp_path / "moved")])
+    assert torch.load(run / "last.ckpt", weights_only=False)["epoch"] == 1

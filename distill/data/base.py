@@ -49,13 +49,22 @@ class SplitDataModule(LightningDataModule):
 
     def state_dict(self) -> dict[str, Any]:
         """What Lightning saves of the datamodule in each checkpoint, which a resumed fit must keep (``distill fit``
-        checks them before it trains: see ``recorded``): the settings of the train/validation ``split``, and the
-        ``batches`` training is made of (:meth:`batch_settings`)."""
-        return {"split": {"val_size": self.val_size, "split_seed": self.split_seed}, "batches": self.batch_settings()}
+        checks them before it trains: see ``recorded``): the settings of the train/validation ``split``, the
+        ``batches`` training is made of (:meth:`batch_settings`), and which ``images`` (:meth:`image_identity`)."""
+        return {
+            "split": {"val_size": self.val_size, "split_seed": self.split_seed},
+            "batches": self.batch_settings(),
+            "images": self.image_identity(),
+        }
 
     def batch_settings(self) -> dict[str, Any]:
         """The settings that make the training batches: their size, and a subclass's augmentation and input size."""
         return {"batch_size": self.batch_size}
+
+    def image_identity(self) -> dict[str, Any]:
+        """What tells this datamodule's training and validation images from another's of its class, wherever
+        they lie (an image folder's listing); empty where the class names them (Fashion-MNIST, CIFAR)."""
+        return {}
 
     @classmethod
     def recorded(cls, checkpoint: dict[str, Any], key: str) -> dict[str, Any] | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ import torch
 from torch.utils.data import Dataset, Subset
 from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import default_loader, find_classes
+from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader, find_classes, make_dataset
 
 from distill.data.base import SplitDataModule
 from distill.data.batch import collate_samples
@@ -78,6 +79,7 @@ class ImageFolderDataModule(SplitDataModule):
             raise ValueError(f"ImageFolderDataModule: image_size must be a number of pixels >= 1, got {image_size!r}")
         self.image_size, self.augment = image_size, augment
         self.mean, self.std = tuple(mean), tuple(std)
+        self._identity: dict[str, Any] | None = None  # the listing, read once
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -86,6 +88,26 @@ class ImageFolderDataModule(SplitDataModule):
     def batch_settings(self) -> dict[str, Any]:
         return super().batch_settings() | {"augment": self.augment, "image_size": self.image_size,
                                            "mean": list(self.mean), "std": list(self.std)}  # fmt: skip
+
+    def image_identity(self) -> dict[str, Any]:
+        """The training (and validation) folders' listing: how many images, and a digest of their class folders and
+        file names (not of their contents, nor of where ``root`` lies: a moved copy is the same data)."""
+        if self._identity is None:
+            listing, count = hashlib.sha256(), 0
+            for split in (self.train_dir, self.val_dir):
+                if split is None:
+                    continue
+                folder = self.root / split
+                if not folder.is_dir():
+                    continue
+                classes = {name: i for i, name in enumerate(self.classes)}
+                samples = make_dataset(str(folder), classes, IMG_EXTENSIONS, allow_empty=True)
+                for path, label in samples:
+                    listing.update(f"{split}/{Path(path).relative_to(folder).as_posix()}\0{label}\n".encode())
+                count += len(samples)
+            self._identity = {"files": f"{count:,} images in {len(self.classes)} classes, listing "
+                                       f"{listing.hexdigest()[:12]}"}  # fmt: skip
+        return self._identity
 
     def _transform(self, train: bool) -> T.Compose:
         size = self.image_size
