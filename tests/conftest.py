@@ -29,10 +29,10 @@ def teacher_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def small_teacher_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A cheap teacher (StudentNet, base 4) for tests whose teacher sees all 70k images (logit caches)."""
+    """A cheap teacher (StudentNet, base 2) for tests whose teacher sees all 70k images (logit caches)."""
     out = tmp_path_factory.mktemp("small_teacher")
     torch.manual_seed(0)
-    model = DistillModule(create_student("test_studentnet", base=4, num_classes=10, in_chans=1, num_pools=3), lr=0.01)
+    model = DistillModule(create_student("test_studentnet", base=2, num_classes=10, in_chans=1, num_pools=3), lr=0.01)
     trainer = tiny_trainer(out, limit_train_batches=4, limit_val_batches=1)
     trainer.fit(model, datamodule=fmnist())
     path = out / "teacher.ckpt"

@@ -70,13 +70,14 @@ def test_cache_is_reused_and_keyed_by_teacher_and_data(tmp_path: Path, small_tea
     run(tmp_path / "c", small_teacher_checkpoint, [fresh], val_size=600)  # another split: nothing reused
     assert fresh.hits == ["test"]
 
-    files = sorted(Path(cache_dir).glob("*.pt"), key=lambda p: p.stat().st_mtime)
-    good = torch.load(files[0], weights_only=True)
-    files[0].write_bytes(files[0].read_bytes()[:100])  # truncated, e.g. by a full disk
+    damaged = min(Path(cache_dir).glob("*.pt"), key=lambda p: p.stat().st_size)  # run a's 500 validation images
+    good = torch.load(damaged, weights_only=True)
+    damaged.write_bytes(damaged.read_bytes()[:100])  # truncated, e.g. by a full disk
     recomputed = TeacherLogitCache(cache_dir)
     with pytest.warns(UserWarning, match="not a readable torch file.* It is computed again"):
         run(tmp_path / "d", small_teacher_checkpoint, [recomputed])
-    assert len(recomputed.hits) == 2 and torch.equal(torch.load(files[0], weights_only=True)["logits"], good["logits"])
+    assert sorted(recomputed.hits) == ["test", "train"]
+    assert torch.equal(torch.load(damaged, weights_only=True)["logits"], good["logits"])
 
 
 def test_workers_started_together_fill_the_cache_once(tmp_path: Path, small_teacher_checkpoint: Path):

@@ -227,6 +227,13 @@ def test_quickstart_end_to_end(quickstart_run: tuple[Path, dict, dict]):
     pruning = json.loads((qs / "prune_distill" / "state.json").read_text())  # 0.6 of the student's ms as checked
     assert pruning["target_latency_ms"] == round(0.6 * pruning["start_latency_ms"], 3)
     assert pruning["pruned"]["1"]["searched_ms"] <= pruning["target_latency_ms"]  # met as the search measured it
+    bracket = pruning["bracket"]  # the widths timed just faster and just slower than the pruned student
+    assert sorted(bracket["widths"]) == sorted(float(w.removeprefix("width ")) for w in widths)
+    faster = [w for w in bracket["widths"] if bracket["ms"][f"{w:g}"] <= bracket["ms"]["pruned"]]
+    assert len(faster) <= 1 and len(bracket["widths"]) - len(faster) <= 1
+    for w in widths:  # each trained from scratch for the student's epochs and the rounds' (1 + 1)
+        assert results[w]["model_name"] == f"StudentNet {w.replace(' ', '_mult=')}, KD from scratch"
+        assert results[w]["epochs"] == 2
     summary = (qs / "summary.md").read_text()
     assert "Latency target: 0.6 of the student's time, " in summary  # as timed in its table, beside the pruned
     for row in ("| teacher | test_resnet |", "| student | studentnet |", "| pruned |", "| pruned, int8 |",

@@ -417,7 +417,7 @@ def earlier_runs(root: Path) -> dict[str, str]:
     inputs, runs = root / "inputs", root / "runs"
     inputs.mkdir(parents=True)
     torch.manual_seed(0)
-    teacher = DistillModule(create_student("test_studentnet", base=4, num_classes=10, in_chans=1, num_pools=3))
+    teacher = DistillModule(create_student("test_studentnet", base=2, num_classes=10, in_chans=1, num_pools=3))
     trainer = tiny_trainer(inputs, limit_train_batches=2, limit_val_batches=1)
     trainer.fit(teacher, datamodule=fmnist())
     trainer.save_checkpoint(inputs / "teacher.ckpt")

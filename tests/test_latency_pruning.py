@@ -21,7 +21,8 @@ from students import StudentNet, load_student, save_student
 
 X1 = torch.zeros(1, 1, 28, 28)
 POLICY = PruningPolicy("l1", min_fraction=0.1, round_to=CHANNEL_MULTIPLE)
-#: Layers the slower searches leave alone: 4 models a timing instead of 9 (the quickstart's test prunes all eight).
+#: Layers the slower searches leave alone: 4 models a timing instead of 9 (the latency-search benchmark's test
+#: prunes all eight).
 OUTER = ["cnn.0.0", "cnn.1.3", "cnn.2.3", "cnn.3.3", "cnn.7.3"]
 
 
@@ -262,6 +263,7 @@ def test_prune_distill_to_a_latency_target_with_bracketing_widths_resumes_and_re
         "rounds": 2,
         "final_epochs": 0,
         "retrain_from_scratch": True,
+        "baseline": False,  # the widths bracketing the pruned student: test_quickstart_end_to_end
         "export_onnx": False,
         "run_dir": str(tmp_path / "run"),
     }
@@ -276,18 +278,11 @@ def test_prune_distill_to_a_latency_target_with_bracketing_widths_resumes_and_re
     scratch = next(r for r in rows if r["phase"] == "scratch")
     assert load_student(scratch["checkpoint"]).channels == last.channels and scratch["epochs"] == 1 + 2
     assert all(c % CHANNEL_MULTIPLE == 0 for c in last.channels)
-    bracket = state["bracket"]  # the widths timed just faster and just slower than the pruned student
-    widths = [r["student"] for r in rows if r["phase"] == "baseline"]
-    assert 1 <= len(widths) <= 2 and all(r["epochs"] == 3 for r in rows if r["phase"] == "baseline")
-    for w in bracket["widths"]:
-        assert f"StudentNet width_mult={w:g}, KD from scratch" in widths
-    faster = [w for w in bracket["widths"] if bracket["ms"][f"{w:g}"] <= bracket["ms"]["pruned"]]
-    assert len(faster) <= 1 and len(bracket["widths"]) - len(faster) <= 1
     summary = (run / "summary.md").read_text()
     searched = [names for names in timed if "current" in names]  # the search's timings: each beside the start
     assert searched and all(REFERENCE in names for names in searched)
     assert "Best student for the target of 0.8 of the start's time" in summary
-    assert "retrained from scratch" in summary and "width_mult=" in summary
+    assert "retrained from scratch" in summary
     assert (run / "pareto.png").read_bytes()[:4] == b"\x89PNG"
 
     assert prune_distill(**settings) == rows  # finished: everything is reused, nothing measured again

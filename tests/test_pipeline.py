@@ -67,7 +67,7 @@ def test_loop_stops_at_the_target_with_results_baseline_and_onnx(tmp_path: Path,
     assert (run / "pareto.png").read_bytes()[:4] == b"\x89PNG"
     summary = (run / "summary.md").read_text()
     assert "Best student under 3,000 parameters" in summary and "| StudentNet width_mult=" in summary
-    assert "ms): prune-distill is" in summary or "No baseline runs as fast" in summary  # the verdict on latency
+    assert "): prune-distill is" in summary or "No baseline runs as fast" in summary  # the verdict on latency
     assert f"`distill prune-distill --config {run.resolve() / 'prune_distill.yaml'}`" in summary  # runs anywhere
 
     student = load_student(run / "best_student.ckpt")  # reloads without any callback or config
