@@ -185,7 +185,8 @@ def export(
                 f"int8 needs calibration images: no config.yaml beside {checkpoint}; pass recipe=<the distill fit "
                 f"config> (e.g. --recipe configs/fmnist/kd.yaml)"
             )
-        datamodule = build_datamodule(load_recipe(recipe_path), str(recipe_path))
+        where = str(recipe_path) if recipe else f"{recipe_path} (give --recipe to calibrate on data elsewhere)"
+        datamodule = build_datamodule(load_recipe(recipe_path), where)
     checkpoint_data = read_checkpoint(checkpoint)
     model = load_student(checkpoint)
     if input_size is not None:

@@ -20,6 +20,7 @@ import yaml
 from jsonargparse import ArgumentParser
 from pytorch_lightning import LightningDataModule
 
+from distill.data import SplitDataModule
 from distill.lightning_cli import DistillCLI, stop_if_terminated
 from distill.rundir import RunState, atomic_write, rerooted
 
@@ -165,7 +166,8 @@ def build_datamodule(cfg: dict[str, Any], source: str) -> Any:
         try:
             return parser.instantiate_classes(parser.parse_object({"data": data})).data
         except Exception as err:  # noqa: BLE001 - jsonargparse and the datamodule raise many kinds
-            raise ValueError(f"{source}: its data section does not build: {str(err).splitlines()[0]}") from None
+            why = " ".join(str(err.__cause__ or err).split())  # the datamodule's own error, where it raised one
+            raise ValueError(f"{source}: its data section does not build: {why}") from None
 
     datamodule = build()
     random = {"augment": False, "random_erasing": 0.0}  # the settings that make batches random, as attributes
@@ -192,6 +194,13 @@ def check_recipe(cfg: dict[str, Any], source: str | None = None) -> tuple[Any, A
         cli = DistillCLI(args=copy.deepcopy(cfg), run=False, parser_kwargs=parser)  # checks data, models, Trainer
     best = cli.trainer.checkpoint_callback
     _check_best_is_chosen(best is not None and best.monitor is not None, cli.trainer.limit_val_batches)
+    if isinstance(cli.datamodule, SplitDataModule):  # each run is tested when it ends: not after its training
+        cli.datamodule.setup("test")
+        if cli.datamodule.test_set is None:
+            raise ValueError(
+                f"{type(cli.datamodule).__name__} has no test split, and a job tests each run it trains: give the "
+                f"recipe's data a test split (e.g. test_dir)"
+            )
     return cli.model, cli.datamodule
 
 

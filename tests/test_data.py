@@ -33,6 +33,7 @@ from distill.data import (
     random_erase,
 )
 from distill.data.fashion_mnist import FASHION_MNIST_FILES
+from distill.data.folder import read_image
 from distill.recipes import build_datamodule
 
 
@@ -397,3 +398,80 @@ def test_a_fit_resumes_on_its_image_folder_moved_but_not_on_other_images_or_anot
     shutil.copytree(tmp_path / "data", tmp_path / "moved")  # the same images elsewhere: the run goes on
     main([*resume, "last", "--data.init_args.root", str(tmp_path / "moved")])
     assert torch.load(run / "last.ckpt", weights_only=False)["epoch"] == 1
+
+
+def test_image_folder_settings_that_would_mislead_are_refused_and_odd_files_are_read_as_meant(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    from PIL import Image
+
+    root = _image_folder(tmp_path / "data")
+    for settings, words in (
+        ({"mean": [0.5, 0.5]}, r"mean and std need 3 finite numbers each .* got mean=\[0.5, 0.5\]"),
+        ({"std": [0.2, 0.0, 0.2]}, "std > 0"),
+        ({"val_dir": "train"}, "val_dir='train' is the training folder: the model would be scored on images it"),
+        ({"test_dir": "./train/"}, "test_dir='./train/' is the training folder"),
+    ):
+        with pytest.raises(ValueError, match=words):
+            ImageFolderDataModule(str(root), **settings)
+
+    (root / "train" / "apple" / "._0.png").write_bytes(b"\0\5\26\7 a macOS resource fork")  # left by its archives
+    bits = {"apple": 10_000, "bread": 50_000}  # 16-bit grayscale: RGB conversion alone clips both to 255
+    for cls, value in bits.items():
+        Image.fromarray(np.full((20, 20), value, dtype=np.uint16)).save(root / "train" / cls / "deep.png")
+    dm = ImageFolderDataModule(str(root), image_size=16, batch_size=4, val_size=2, test_dir=None, num_workers=0)
+    dm.setup("fit")
+    files = [Path(path).name for path, _ in dm.train_set.dataset.samples]
+    assert "._0.png" not in files and len(files) == 10
+    read = {cls: np.asarray(read_image(str(root / "train" / cls / "deep.png"))) for cls in bits}
+    assert {cls: int(pixels.max()) for cls, pixels in read.items()} == {"apple": 39, "bread": 195}  # value / 257
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 20 x 20 is then a decompression bomb: PIL refuses it
+    with pytest.raises(ValueError, match=r"0.png is not a readable image \(Image size \(400 pixels\) exceeds limit"):
+        read_image(str(root / "train" / "apple" / "0.png"))
+
+    (root / "test" / "apple").mkdir(parents=True)
+    (root / "test" / "bread").mkdir()  # no images in it
+    Image.fromarray(np.zeros((20, 20, 3), dtype=np.uint8)).save(root / "test" / "apple" / "0.png")
+    with pytest.raises(ValueError, match=r"test: Found no valid file for the classes bread.*; put images in it, or"):
+        ImageFolderDataModule(str(root), image_size=16).setup("test")
+
+
+def test_a_job_checks_the_test_split_before_it_trains_and_export_names_why_its_data_does_not_build(tmp_path: Path):
+    from PIL import Image
+
+    root = _image_folder(tmp_path / "data")
+    (root / "test" / "apple").mkdir(parents=True)  # a test split without bread: found after training, before
+    Image.fromarray(np.zeros((20, 20, 3), dtype=np.uint8)).save(root / "test" / "apple" / "0.png")
+    data = {"root": str(root), "image_size": 16, "batch_size": 4, "val_size": 2, "num_workers": 0}
+    run = str(tmp_path / "run")  # the checkpoint beside its config.yaml, as configs/fmnist/kd.yaml writes them
+    best = {"class_path": "ModelCheckpoint", "init_args": {"monitor": "val/acc", "mode": "max", "dirpath": run}}
+    cfg = {
+        "trainer": {"max_epochs": 1, "accelerator": "cpu", "enable_progress_bar": False, "callbacks": [best],
+                    "logger": {"class_path": "CSVLogger", "init_args": {"save_dir": run, "name": "", "version": ""}}},
+        "model": {"student": {"class_path": "students.StudentNet", "init_args": {"base": 2, "num_pools": 2}}},
+        "data": {"class_path": "distill.data.ImageFolderDataModule", "init_args": data},
+    }  # fmt: skip
+    (tmp_path / "fit.yaml").write_text(yaml.safe_dump(cfg))
+    main(["fit", "--config", str(tmp_path / "fit.yaml")])  # fit does not test: its student is the jobs' teacher
+    checkpoint = next((tmp_path / "run").rglob("*.ckpt"))
+    cfg["model"]["teacher"] = {"class_path": "teachers.load_teacher", "init_args": {"checkpoint": str(checkpoint)}}
+    (tmp_path / "kd.yaml").write_text(yaml.safe_dump(cfg))
+    job = ["sweep", "--recipe", str(tmp_path / "kd.yaml"), "--temperatures", "[2]", "--baseline", "false"]
+    job += ["--run_dir", str(tmp_path / "sweep")]
+    no_test = ["--overrides", "{data: {init_args: {test_dir: null}}}"]
+    for args, words in (
+        ([], "test has classes ['apple'], but train has ['apple', 'bread']"),
+        (no_test, "ImageFolderDataModule has no test split, and a job tests each run it trains: give the recipe's"),
+    ):
+        with pytest.raises(SystemExit) as stop, contextlib.redirect_stderr(io.StringIO()) as err:
+            main([*job, *args])
+        lines = [line for line in err.getvalue().splitlines() if line.startswith("distill: error:")]
+        assert stop.value.code == 2 and len(lines) == 1 and words in lines[0], err.getvalue()
+        assert not (tmp_path / "sweep").exists()
+
+    root.rename(tmp_path / "moved")  # the data the run's config.yaml names is elsewhere now
+    with pytest.raises(SystemExit) as stop, contextlib.redirect_stderr(io.StringIO()) as err:
+        main(["export", str(checkpoint), "--int8", str(tmp_path / "student.int8.onnx")])
+    assert stop.value.code == 2
+    assert "(give --recipe to calibrate on data elsewhere): its data section does not build: ImageFolderDataModule: " \
+           f"training folder {root / 'train'} does not exist" in err.getvalue()  # fmt: skip

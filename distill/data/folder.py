@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset, Subset
 from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import IMG_EXTENSIONS, default_loader, find_classes, make_dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension, make_dataset
 
 from distill.data.base import SplitDataModule
 from distill.data.batch import collate_samples
@@ -79,6 +82,15 @@ class ImageFolderDataModule(SplitDataModule):
             raise ValueError(f"ImageFolderDataModule: image_size must be a number of pixels >= 1, got {image_size!r}")
         self.image_size, self.augment = image_size, augment
         self.mean, self.std = tuple(mean), tuple(std)
+        finite = all(math.isfinite(v) for v in self.mean + self.std)
+        if (len(self.mean), len(self.std)) != (self.in_chans,) * 2 or not finite or min(self.std) <= 0:
+            raise ValueError(f"ImageFolderDataModule: mean and std need {self.in_chans} finite numbers each (one per "
+                             f"RGB channel), std > 0; got mean={list(self.mean)}, std={list(self.std)}")  # fmt: skip
+        for name, split in (("val_dir", val_dir), ("test_dir", test_dir)):
+            if split is not None and (self.root / split).resolve() == train_path.resolve():
+                raise ValueError(f"ImageFolderDataModule: {name}={split!r} is the training folder: the model "
+                                 f"would be scored on images it trained on; give a folder of other images, or "
+                                 f"null")  # fmt: skip
         self._identity: dict[str, Any] | None = None  # the listing, read once
 
     @property
@@ -101,7 +113,7 @@ class ImageFolderDataModule(SplitDataModule):
                 if not folder.is_dir():
                     continue
                 classes = {name: i for i, name in enumerate(self.classes)}
-                samples = make_dataset(str(folder), classes, IMG_EXTENSIONS, allow_empty=True)
+                samples = make_dataset(str(folder), classes, is_valid_file=is_image_file, allow_empty=True)
                 for path, label in samples:
                     listing.update(f"{split}/{Path(path).relative_to(folder).as_posix()}\0{label}\n".encode())
                 count += len(samples)
@@ -122,7 +134,10 @@ class ImageFolderDataModule(SplitDataModule):
         path = self.root / split_dir
         if not path.is_dir():
             raise FileNotFoundError(f"ImageFolderDataModule: split folder {path} does not exist.")
-        dataset = ImageFolder(str(path), transform=self._transform(train), loader=read_image)
+        try:
+            dataset = ImageFolder(str(path), self._transform(train), loader=read_image, is_valid_file=is_image_file)
+        except FileNotFoundError as err:  # a class folder without images
+            raise ValueError(f"ImageFolderDataModule: {path}: {err}; put images in it, or remove it") from None
         if dataset.classes != self.classes:
             raise ValueError(f"{path} has classes {dataset.classes}, but {self.train_dir} has {self.classes}")
         return dataset
@@ -145,10 +160,26 @@ class ImageFolderDataModule(SplitDataModule):
         return {"collate_fn": collate_samples, "pin_memory": torch.cuda.is_available()}
 
 
+def is_image_file(path: str) -> bool:
+    """An image by its extension, as torchvision's ImageFolder takes it, but no hidden file: macOS's ``._name.png``
+    (resource forks, left by its archives) are not images."""
+    return has_file_allowed_extension(path, IMG_EXTENSIONS) and not Path(path).name.startswith(".")
+
+
 def read_image(path: str) -> Any:
-    """torchvision's image loader (PIL), naming the file it could not read."""
+    """An RGB PIL image, as torchvision's loader reads it, naming the file it could not read.
+
+    16-bit grayscale images are scaled to 8 bits first: PIL's RGB conversion clips them at 255, so every pixel
+    above it reads white. 32-bit integer and float images have no fixed range and are refused.
+    """
     try:
-        return default_loader(path)
-    except (OSError, SyntaxError, ValueError) as err:  # PIL's UnidentifiedImageError is an OSError
+        with open(path, "rb") as f, Image.open(f) as image:
+            if image.mode.startswith("I;16"):
+                image = Image.fromarray((np.asarray(image, dtype=np.float32) / 257).round().astype(np.uint8))
+            elif image.mode in ("I", "F"):
+                raise ValueError(f"{'32-bit integer' if image.mode == 'I' else 'float'} pixels have no fixed range; "
+                                 f"convert it to 8 or 16 bits")  # fmt: skip
+            return image.convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # UnidentifiedImageError: OSError
         why = "PIL cannot tell its format" if "cannot identify image file" in str(err) else str(err)
-        raise ValueError(f"{path} is not a readable image ({why}): remove or replace it") from None
+        raise ValueError(f"{path} is not a readable image ({' '.join(why.split())}): remove or replace it") from None
