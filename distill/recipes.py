@@ -33,6 +33,7 @@ __all__ = [
     "file_digest",
     "fingerprint",
     "fit_recipe",
+    "image_identity",
     "input_digests",
     "job_recipe",
     "load_recipe",
@@ -264,7 +265,22 @@ def recipe_identity(cfg: dict[str, Any]) -> str:
     for callback in recipe["trainer"].get("callbacks") or []:
         if isinstance(callback, dict) and str(callback.get("class_path", "")).endswith("TeacherLogitCache"):
             callback.setdefault("init_args", {})["cache_dir"] = "<cache>"
-    return json.dumps({"recipe": recipe, "inputs": sorted(digests.values())}, sort_keys=True, default=str)
+    identity = {"recipe": recipe, "inputs": sorted(digests.values())}
+    images = image_identity(cfg)
+    if images:  # an image folder's images: other files in the same folder are another run
+        identity["images"] = images
+    return json.dumps(identity, sort_keys=True, default=str)
+
+
+def image_identity(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The images a recipe's datamodule reads where its class does not name them: an image folder's listing
+    (:meth:`~distill.data.SplitDataModule.image_identity`). Empty for Fashion-MNIST and CIFAR, and for data that
+    does not build (jobs refuse it before they train)."""
+    try:
+        datamodule = build_datamodule(cfg, "recipe")
+    except ValueError:
+        return {}
+    return datamodule.image_identity() if isinstance(datamodule, SplitDataModule) else {}
 
 
 def _by_contents(node: Any, digests: dict[str, str]) -> Any:

@@ -30,7 +30,7 @@ from typing import Any
 
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from distill.recipes import FitResult, input_digests
+from distill.recipes import FitResult, image_identity, input_digests
 from distill.rundir import file_lock
 
 __all__ = ["finished_rows", "missing_points", "open_storage", "open_study", "work"]
@@ -139,6 +139,10 @@ def open_study(rdb: Any, url: str, name: str, space: dict[str, list], cfg: dict[
         "recipe": json.dumps(cfg, sort_keys=True, default=str),
         "inputs": input_digests(cfg),  # the teacher checkpoint's bytes: a retrained teacher is another sweep
     }
+    recipes = [cfg] if "data" in cfg else list(cfg.values())  # one recipe, or its variants by name
+    images = [image_identity(recipe) for recipe in recipes]
+    if any(images):  # image folders: other files in the same folder are another sweep
+        fingerprint["images"] = images
     # A study where nothing finished or runs (every trial failed: bad input found late) takes the new settings.
     started = any(t.state in (TrialState.COMPLETE, TrialState.RUNNING) for t in study.get_trials(deepcopy=False))
     for key, value in fingerprint.items():
@@ -157,6 +161,7 @@ def open_study(rdb: Any, url: str, name: str, space: dict[str, list], cfg: dict[
                 "grid": f"the grid {stored}",
                 "recipe": "another recipe (config or overrides)",
                 "inputs": f"other contents of {changed or 'its input files'}",
+                "images": f"other images (its data: {'; '.join(i['files'] for i in stored if 'files' in i)})",
             }[key]
             raise ValueError(
                 f"The study {name!r} in {url} was created for {what}; this run asks for "

@@ -34,7 +34,7 @@ from distill.data import (
 )
 from distill.data.fashion_mnist import FASHION_MNIST_FILES
 from distill.data.folder import read_image
-from distill.recipes import build_datamodule
+from distill.recipes import build_datamodule, recipe_identity
 
 
 @pytest.fixture(scope="module")
@@ -468,6 +468,19 @@ def test_a_job_checks_the_test_split_before_it_trains_and_export_names_why_its_d
         lines = [line for line in err.getvalue().splitlines() if line.startswith("distill: error:")]
         assert stop.value.code == 2 and len(lines) == 1 and words in lines[0], err.getvalue()
         assert not (tmp_path / "sweep").exists()
+
+    # Other images in the same folder are another run: a sweep's trials would be compared across them.
+    (root / "test" / "bread").mkdir()
+    Image.fromarray(np.zeros((20, 20, 3), dtype=np.uint8)).save(root / "test" / "bread" / "0.png")
+    main([*job, "--seeds", "[0]"])
+    identity = recipe_identity(cfg)  # what prune-distill and each job's fit record of the recipe
+    Image.fromarray(np.zeros((20, 20, 3), dtype=np.uint8)).save(root / "train" / "bread" / "added.png")
+    assert recipe_identity(cfg) != identity
+    before = {p: p.read_bytes() for p in (tmp_path / "sweep").rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit) as stop, contextlib.redirect_stderr(io.StringIO()) as err:
+        main([*job, "--seeds", "[0]"])
+    assert stop.value.code == 2 and "was created for other images (its data: 8 images in 2 classes" in err.getvalue()
+    assert {p: p.read_bytes() for p in (tmp_path / "sweep").rglob("*") if p.is_file()} == before
 
     root.rename(tmp_path / "moved")  # the data the run's config.yaml names is elsewhere now
     with pytest.raises(SystemExit) as stop, contextlib.redirect_stderr(io.StringIO()) as err:
