@@ -253,28 +253,34 @@ class DistillCLI(LightningCLI):
                 f"average, and its trained weights are kept apart for the averaging callback. Resume with that "
                 f"callback in trainer.callbacks (distill.EMA, its decay as before), or start a new run."
             )
+        if self.datamodule is not None:
+            self._check_resumed_data_class(source, checkpoint)
         if isinstance(self.datamodule, SplitDataModule):
             self._check_resumed_data(source, checkpoint)
 
+    def _check_resumed_data_class(self, source: str, checkpoint: dict[str, Any]) -> None:
+        """Refuse to resume a checkpoint of one of distill's datamodules (Lightning keeps a datamodule's state under
+        its class name) with data of another class: the rest of the run would learn from other images."""
+        this = type(self.datamodule).__qualname__
+        other = next((key for key, value in checkpoint.items() if key != this and isinstance(value, dict)
+                      and {"split", "batches"} <= value.keys()), None)  # fmt: skip
+        if other is not None and this not in checkpoint:
+            raise ValueError(
+                f"{source} was trained on the data of {other}, but this run's data is {this}: the rest of the run "
+                f"would learn from other images. Resume with the original data class_path, or start a new run."
+            )
+
     def _check_resumed_data(self, source: str, checkpoint: dict[str, Any]) -> None:
-        """Refuse a resumed fit whose data is another datamodule class, holds other images (an image folder's
-        listing), splits otherwise, or makes other training batches (their size, their augmentation, their input
-        size), than its checkpoint's run: precision, ``compile`` and ``channels_last`` may change (a run moved to
-        another machine), and so may where the data lies, but not what the student learns from."""
+        """Refuse a resumed fit whose data holds other images (an image folder's listing), splits otherwise, or
+        makes other training batches (their size, their augmentation, their input size), than its checkpoint's run:
+        precision, ``compile`` and ``channels_last`` may change (a run moved to another machine), and so may where
+        the data lies, but not what the student learns from."""
         harm = {
             "split": "its validation images would include images it trained on",
             "batches": "the rest of the run would learn from other batches than the checkpoint's run did (and its "
             "config.yaml describe them as the whole run's)",
             "images": "the rest of the run would learn from, and choose its best checkpoint on, other images",
         }
-        this = type(self.datamodule).__qualname__
-        other = next((key for key, value in checkpoint.items() if key != this and isinstance(value, dict)
-                      and {"split", "batches"} <= value.keys()), None)  # fmt: skip
-        if other is not None and this not in checkpoint:  # Lightning keeps a datamodule's state under its class name
-            raise ValueError(
-                f"{source} was trained on the data of {other}, but this run's data is {this}: the rest of the run "
-                f"would learn from other images. Resume with the original data class_path, or start a new run."
-            )
         state = self.datamodule.state_dict()
         for key, consequence in harm.items():
             recorded, current = type(self.datamodule).recorded(checkpoint, key), state.get(key) or {}

@@ -255,20 +255,21 @@ def _legacy_fingerprint(cfg: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def recipe_identity(cfg: dict[str, Any]) -> str:
+def recipe_identity(cfg: dict[str, Any], images: bool = True) -> str:
     """What makes a recipe the same recipe wherever it and its files lie, as JSON: its settings and each file it
     reads by its contents (its digest), not by its path; not where it writes (its run folder, and the folder of a
     teacher-logit cache, which gives the teacher's own logits). A job's folder moved elsewhere runs the same
-    recipes."""
+    recipes. ``images=False``: without an image folder's listing, as records written before 2026-12-07 (the
+    second session of that day) hold it."""
     digests = input_digests(cfg)
     recipe = relocate(_by_contents(cfg, digests), Path("<out>"))
     for callback in recipe["trainer"].get("callbacks") or []:
         if isinstance(callback, dict) and str(callback.get("class_path", "")).endswith("TeacherLogitCache"):
             callback.setdefault("init_args", {})["cache_dir"] = "<cache>"
     identity = {"recipe": recipe, "inputs": sorted(digests.values())}
-    images = image_identity(cfg)
-    if images:  # an image folder's images: other files in the same folder are another run
-        identity["images"] = images
+    listing = image_identity(cfg) if images else {}
+    if listing:  # an image folder's images: other files in the same folder are another run
+        identity["images"] = listing
     return json.dumps(identity, sort_keys=True, default=str)
 
 
@@ -333,7 +334,8 @@ def fit_recipe(cfg: dict[str, Any], config_path: Path | None = None, root: Path 
         if root is not None:
             saved = rerooted(saved, RunState.HERE, str(root.resolve()))
         best = Path(saved.get("result", {}).get("checkpoint", ""))
-        same = saved.get("fingerprint") in (key, _legacy_fingerprint(cfg))
+        before_images = hashlib.sha256(recipe_identity(cfg, images=False).encode()).hexdigest()  # no listing in it
+        same = saved.get("fingerprint") in (key, before_images, _legacy_fingerprint(cfg))
         if same and best.is_file() and file_digest(best) == saved.get("checkpoint_digest"):
             print(f"{folder}: already trained with this recipe and these inputs; its result is reused")
             _write_config(cfg, config_path or sibling_config(Path(folder)))  # its paths, where the run now is

@@ -139,9 +139,9 @@ def open_study(rdb: Any, url: str, name: str, space: dict[str, list], cfg: dict[
         "recipe": json.dumps(cfg, sort_keys=True, default=str),
         "inputs": input_digests(cfg),  # the teacher checkpoint's bytes: a retrained teacher is another sweep
     }
-    recipes = [cfg] if "data" in cfg else list(cfg.values())  # one recipe, or its variants by name
-    images = [image_identity(recipe) for recipe in recipes]
-    if any(images):  # image folders: other files in the same folder are another sweep
+    one = "class_path" in (cfg.get("data") or {})  # one recipe, or its variants by name
+    images = {name: image_identity(recipe) for name, recipe in ({"recipe": cfg} if one else cfg).items()}
+    if any(images.values()):  # image folders: other files in the same folder are another sweep
         fingerprint["images"] = images
     # A study where nothing finished or runs (every trial failed: bad input found late) takes the new settings.
     started = any(t.state in (TrialState.COMPLETE, TrialState.RUNNING) for t in study.get_trials(deepcopy=False))
@@ -161,7 +161,7 @@ def open_study(rdb: Any, url: str, name: str, space: dict[str, list], cfg: dict[
                 "grid": f"the grid {stored}",
                 "recipe": "another recipe (config or overrides)",
                 "inputs": f"other contents of {changed or 'its input files'}",
-                "images": f"other images (its data: {'; '.join(i['files'] for i in stored if 'files' in i)})",
+                "images": f"other images (its data: {'; '.join(i['files'] for i in stored.values() if i)})",
             }[key]
             raise ValueError(
                 f"The study {name!r} in {url} was created for {what}; this run asks for "

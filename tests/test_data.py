@@ -425,6 +425,14 @@ def test_image_folder_settings_that_would_mislead_are_refused_and_odd_files_are_
     assert "._0.png" not in files and len(files) == 10
     read = {cls: np.asarray(read_image(str(root / "train" / cls / "deep.png"))) for cls in bits}
     assert {cls: int(pixels.max()) for cls, pixels in read.items()} == {"apple": 39, "bread": 195}  # value / 257
+    Image.fromarray(np.full((4, 4), 50_000, dtype=np.uint16)).save(tmp_path / "deep.pgm")  # PIL reads it as mode I
+    assert (
+        Image.open(tmp_path / "deep.pgm").mode == "I"
+        and np.asarray(read_image(str(tmp_path / "deep.pgm"))).max() == 195
+    )
+    Image.fromarray(np.full((4, 4), -5, dtype=np.int32)).save(tmp_path / "signed.tif")
+    with pytest.raises(ValueError, match=r"signed.tif is not a readable image \(I pixels of -5 to -5 have no fixed"):
+        read_image(str(tmp_path / "signed.tif"))
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 20 x 20 is then a decompression bomb: PIL refuses it
     with pytest.raises(ValueError, match=r"0.png is not a readable image \(Image size \(400 pixels\) exceeds limit"):
         read_image(str(root / "train" / "apple" / "0.png"))
@@ -432,7 +440,7 @@ def test_image_folder_settings_that_would_mislead_are_refused_and_odd_files_are_
     (root / "test" / "apple").mkdir(parents=True)
     (root / "test" / "bread").mkdir()  # no images in it
     Image.fromarray(np.zeros((20, 20, 3), dtype=np.uint8)).save(root / "test" / "apple" / "0.png")
-    with pytest.raises(ValueError, match=r"test: Found no valid file for the classes bread.*; put images in it, or"):
+    with pytest.raises(ValueError, match=r"test: Found no valid file for the classes bread: put image files \(.jpg"):
         ImageFolderDataModule(str(root), image_size=16).setup("test")
 
 

@@ -114,8 +114,9 @@ class ImageFolderDataModule(SplitDataModule):
                     continue
                 classes = {name: i for i, name in enumerate(self.classes)}
                 samples = make_dataset(str(folder), classes, is_valid_file=is_image_file, allow_empty=True)
+                name = Path(split).as_posix()  # train/ and ./train are train
                 for path, label in samples:
-                    listing.update(f"{split}/{Path(path).relative_to(folder).as_posix()}\0{label}\n".encode())
+                    listing.update(f"{name}/{Path(path).relative_to(folder).as_posix()}\0{label}\n".encode())
                 count += len(samples)
             self._identity = {"files": f"{count:,} images in {len(self.classes)} classes, listing "
                                        f"{listing.hexdigest()[:12]}"}  # fmt: skip
@@ -137,7 +138,9 @@ class ImageFolderDataModule(SplitDataModule):
         try:
             dataset = ImageFolder(str(path), self._transform(train), loader=read_image, is_valid_file=is_image_file)
         except FileNotFoundError as err:  # a class folder without images
-            raise ValueError(f"ImageFolderDataModule: {path}: {err}; put images in it, or remove it") from None
+            why, kinds = str(err).rstrip(" ."), " ".join(IMG_EXTENSIONS)
+            raise ValueError(f"ImageFolderDataModule: {path}: {why}: put image files ({kinds}; not hidden ones) in "
+                             f"it, or remove it") from None  # fmt: skip
         if dataset.classes != self.classes:
             raise ValueError(f"{path} has classes {dataset.classes}, but {self.train_dir} has {self.classes}")
         return dataset
@@ -170,15 +173,17 @@ def read_image(path: str) -> Any:
     """An RGB PIL image, as torchvision's loader reads it, naming the file it could not read.
 
     16-bit grayscale images are scaled to 8 bits first: PIL's RGB conversion clips them at 255, so every pixel
-    above it reads white. 32-bit integer and float images have no fixed range and are refused.
+    above it reads white. PIL opens some as 32-bit integers (mode ``I``: PGM, PNG before Pillow 10.3); those
+    are taken as 16-bit when their values fit, and refused otherwise, as float images are (no fixed range).
     """
     try:
         with open(path, "rb") as f, Image.open(f) as image:
-            if image.mode.startswith("I;16"):
-                image = Image.fromarray((np.asarray(image, dtype=np.float32) / 257).round().astype(np.uint8))
-            elif image.mode in ("I", "F"):
-                raise ValueError(f"{'32-bit integer' if image.mode == 'I' else 'float'} pixels have no fixed range; "
-                                 f"convert it to 8 or 16 bits")  # fmt: skip
+            if image.mode.startswith("I") or image.mode == "F":
+                pixels = np.asarray(image, dtype=np.float64)
+                if image.mode == "F" or pixels.min() < 0 or pixels.max() > 65535:
+                    raise ValueError(f"{image.mode} pixels of {pixels.min():g} to {pixels.max():g} have no fixed "
+                                     f"range; convert it to 8 or 16 bits")  # fmt: skip
+                image = Image.fromarray((pixels / 257).round().astype(np.uint8))
             return image.convert("RGB")
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:  # UnidentifiedImageError: OSError
         why = "PIL cannot tell its format" if "cannot identify image file" in str(err) else str(err)
