@@ -395,8 +395,9 @@ def test_a_fit_resumes_on_its_image_folder_moved_but_not_on_other_images_or_anot
         lines = [line for line in err.getvalue().splitlines() if line.startswith("distill: error:")]
         assert stop.value.code == 2 and len(lines) == 1 and words in lines[0], err.getvalue()
         assert "would learn from" in lines[0] and {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
-    shutil.copytree(tmp_path / "data", tmp_path / "moved")  # the same images elsewhere: the run goes on
-    main([*resume, "last", "--data.init_args.root", str(tmp_path / "moved")])
+    shutil.copytree(tmp_path / "data" / "train", tmp_path / "moved" / "training")  # the same images elsewhere,
+    moved = ["--data.init_args.root", str(tmp_path / "moved"), "--data.init_args.train_dir", "training"]  # renamed
+    main([*resume, "last", *moved])  # the run goes on
     assert torch.load(run / "last.ckpt", weights_only=False)["epoch"] == 1
 
 

@@ -103,20 +103,18 @@ class ImageFolderDataModule(SplitDataModule):
 
     def image_identity(self) -> dict[str, Any]:
         """The training (and validation) folders' listing: how many images, and a digest of their class folders and
-        file names (not of their contents, nor of where ``root`` lies: a moved copy is the same data)."""
+        file names (not of their contents, nor of where ``root`` lies or what the split folders are called: a moved
+        or renamed copy is the same data)."""
         if self._identity is None:
             listing, count = hashlib.sha256(), 0
-            for split in (self.train_dir, self.val_dir):
-                if split is None:
-                    continue
-                folder = self.root / split
-                if not folder.is_dir():
+            for role, split in (("train", self.train_dir), ("val", self.val_dir)):
+                folder = self.root / split if split is not None else None
+                if folder is None or not folder.is_dir():
                     continue
                 classes = {name: i for i, name in enumerate(self.classes)}
                 samples = make_dataset(str(folder), classes, is_valid_file=is_image_file, allow_empty=True)
-                name = Path(split).as_posix()  # train/ and ./train are train
                 for path, label in samples:
-                    listing.update(f"{name}/{Path(path).relative_to(folder).as_posix()}\0{label}\n".encode())
+                    listing.update(f"{role}/{Path(path).relative_to(folder).as_posix()}\0{label}\n".encode())
                 count += len(samples)
             self._identity = {"files": f"{count:,} images in {len(self.classes)} classes, listing "
                                        f"{listing.hexdigest()[:12]}"}  # fmt: skip
