@@ -156,13 +156,15 @@ def open_study(rdb: Any, url: str, name: str, space: dict[str, list], cfg: dict[
                 f"new run_dir (or study_name); the old results stay in that folder's sweep.csv."
             )
         elif stored != value:
-            changed = ", ".join(k for k in value if stored.get(k) != value[k]) if key == "inputs" else ""
-            what = {
-                "grid": f"the grid {stored}",
-                "recipe": "another recipe (config or overrides)",
-                "inputs": f"other contents of {changed or 'its input files'}",
-                "images": f"other images (its data: {'; '.join(i['files'] for i in stored.values() if i)})",
-            }[key]
+            changed = [k for k in value if stored.get(k) != value[k]] if key in ("inputs", "images") else []
+            if key == "grid":
+                what = f"the grid {stored}"
+            elif key == "recipe":
+                what = "another recipe (config or overrides)"
+            elif key == "inputs":
+                what = f"other contents of {', '.join(changed) or 'its input files'}"
+            else:  # an image folder's listing, by variant
+                what = "other images (" + "; ".join(f"{k}: {(stored.get(k) or {}).get('files')}" for k in changed) + ")"
             raise ValueError(
                 f"The study {name!r} in {url} was created for {what}; this run asks for "
                 f"{value if key == 'grid' else 'a different one'}. Finished trials would not match. "

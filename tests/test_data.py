@@ -488,7 +488,7 @@ def test_a_job_checks_the_test_split_before_it_trains_and_export_names_why_its_d
     before = {p: p.read_bytes() for p in (tmp_path / "sweep").rglob("*") if p.is_file()}
     with pytest.raises(SystemExit) as stop, contextlib.redirect_stderr(io.StringIO()) as err:
         main([*job, "--seeds", "[0]"])
-    assert stop.value.code == 2 and "was created for other images (its data: 8 images in 2 classes" in err.getvalue()
+    assert stop.value.code == 2 and "was created for other images (recipe: 8 images in 2 classes" in err.getvalue()
     assert {p: p.read_bytes() for p in (tmp_path / "sweep").rglob("*") if p.is_file()} == before
 
     root.rename(tmp_path / "moved")  # the data the run's config.yaml names is elsewhere now
