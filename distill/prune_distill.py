@@ -204,9 +204,9 @@ def prune_distill(
     run = RunState(out, "prune-distill")
     inputs = input_digests(base) | ({student_checkpoint: file_digest(student_checkpoint)} if student_checkpoint else {})
     legacy = json.dumps(base, sort_keys=True, default=str)  # as runs started before 2026-12-07 recorded it
-    before_images = recipe_identity(base, images=False)  # as runs started before image folders' listings recorded it
-    identity = run.state.get("inputs", {}).get("recipe")
-    identity = identity if identity in (legacy, before_images) else recipe_identity(base)
+    identity, earlier = recipe_identity(base), run.state.get("inputs", {}).get("recipe")
+    if earlier not in (None, identity) and earlier in (legacy, recipe_identity(base, images=False)):
+        identity = earlier  # as a run started before recorded it: with paths, or without an image folder's listing
     recorded = {"recipe": identity, "inputs": inputs}  # the files it reads by content: moved with it, the same recipe
     run.hold(settings, recorded, compared_as_contents=("run_dir", "recipe", "student_checkpoint"))
     (out / "prune_distill.yaml").write_text(yaml.safe_dump(run.state["settings"], sort_keys=False))

@@ -244,9 +244,9 @@ def input_digests(cfg: dict[str, Any]) -> dict[str, str]:
     return {path: file_digest(path) for path in sorted(set(_inputs(cfg))) if Path(path).exists()}
 
 
-def fingerprint(cfg: dict[str, Any]) -> str:
+def fingerprint(cfg: dict[str, Any], images: bool = True) -> str:
     """SHA-256 of :func:`recipe_identity`: two runs with one fingerprint are the same run."""
-    return hashlib.sha256(recipe_identity(cfg).encode()).hexdigest()
+    return hashlib.sha256(recipe_identity(cfg, images).encode()).hexdigest()
 
 
 def _legacy_fingerprint(cfg: dict[str, Any]) -> str:
@@ -334,8 +334,8 @@ def fit_recipe(cfg: dict[str, Any], config_path: Path | None = None, root: Path 
         if root is not None:
             saved = rerooted(saved, RunState.HERE, str(root.resolve()))
         best = Path(saved.get("result", {}).get("checkpoint", ""))
-        before_images = hashlib.sha256(recipe_identity(cfg, images=False).encode()).hexdigest()  # no listing in it
-        same = saved.get("fingerprint") in (key, before_images, _legacy_fingerprint(cfg))
+        recorded = saved.get("fingerprint")  # older records: without an image folder's listing, or with paths
+        same = recorded == key or recorded == fingerprint(cfg, images=False) or recorded == _legacy_fingerprint(cfg)
         if same and best.is_file() and file_digest(best) == saved.get("checkpoint_digest"):
             print(f"{folder}: already trained with this recipe and these inputs; its result is reused")
             _write_config(cfg, config_path or sibling_config(Path(folder)))  # its paths, where the run now is

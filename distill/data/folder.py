@@ -106,12 +106,11 @@ class ImageFolderDataModule(SplitDataModule):
         file names (not of their contents, nor of where ``root`` lies or what the split folders are called: a moved
         or renamed copy is the same data)."""
         if self._identity is None:
-            listing, count = hashlib.sha256(), 0
+            listing, count, classes = hashlib.sha256(), 0, {name: i for i, name in enumerate(self.classes)}
             for role, split in (("train", self.train_dir), ("val", self.val_dir)):
                 folder = self.root / split if split is not None else None
                 if folder is None or not folder.is_dir():
                     continue
-                classes = {name: i for i, name in enumerate(self.classes)}
                 samples = make_dataset(str(folder), classes, is_valid_file=is_image_file, allow_empty=True)
                 for path, label in samples:
                     listing.update(f"{role}/{Path(path).relative_to(folder).as_posix()}\0{label}\n".encode())
