@@ -22,13 +22,14 @@ from pytorch_lightning import Callback, LightningDataModule, Trainer
 from pytorch_lightning.callbacks import BasePredictionWriter, ModelCheckpoint, WeightAveraging
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.utilities import rank_zero_warn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from distill.data.base import SplitDataModule
+from distill.data.base import SplitDataModule, model_data_mismatch
 from distill.module import TEACHER_DIGEST_KEY, DistillModule, check_resume_settings
 from distill.predictions import PredictionWriter
 from distill.rundir import atomic_path, check_run_dir, rerooted
-from students.checkpoint import is_training_checkpoint, read_checkpoint
+from students.checkpoint import is_training_checkpoint, read_checkpoint, recorded_data
 from teachers import teacher_checkpoints
 
 __all__ = ["DistillCLI", "JobParser", "default_precision", "keep_logged_rows"]
@@ -261,9 +262,7 @@ class DistillCLI(LightningCLI):
     def _check_resumed_data_class(self, source: str, checkpoint: dict[str, Any]) -> None:
         """Refuse to resume a checkpoint of one of distill's datamodules (Lightning keeps a datamodule's state under
         its class name) with data of another class: the rest of the run would learn from other images."""
-        this = type(self.datamodule).__qualname__
-        other = next((key for key, value in checkpoint.items() if key != this and isinstance(value, dict)
-                      and {"split", "batches"} <= value.keys()), None)  # fmt: skip
+        this, (other, _) = type(self.datamodule).__qualname__, recorded_data(checkpoint) or (None, None)
         if other is not None and this not in checkpoint:
             raise ValueError(
                 f"{source} was trained on the data of {other}, but this run's data is {this}: the rest of the run "
@@ -359,12 +358,30 @@ class DistillCLI(LightningCLI):
                 self.datamodule.prepare_data()
                 self.datamodule.setup(self.subcommand or "fit")
             self.model.check_data(self.datamodule, fitting=self.subcommand in (None, "fit"))
+            self._check_evaluated_data()
             if self.datamodule is not None and hasattr(self.datamodule, "input_size"):
                 x = torch.zeros(1, self.datamodule.in_chans, *self.datamodule.input_size)
                 trainer_config = self._get(self.config_init, "trainer", default={}) or {}
                 for callback in trainer_config.get("callbacks") or []:
                     if callable(getattr(callback, "check", None)):  # e.g. ChannelPruning: layers, target
                         callback.check(self.model.student, x)
+
+    def _check_evaluated_data(self) -> None:
+        """Refuse to evaluate a checkpoint on data of other classes or another normalisation than it was trained on
+        (its scores and predictions would mean nothing); warn at another input size."""
+        record = recorded_data(self._checkpoint[1]) if self._checkpoint else None
+        if self.subcommand not in _EVALUATE or record is None or self.datamodule is None:
+            return
+        wrong, worse = model_data_mismatch(record[1], self.datamodule)
+        source = self._checkpoint[0]
+        if wrong:
+            raise ValueError(
+                f"{source} was trained on {record[0]} data, and {wrong}: its {self.subcommand} results would mean "
+                f"nothing. Evaluate it on data with the classes and normalisation it was trained with."
+            )
+        if worse:
+            rank_zero_warn(f"{source} was trained on {record[0]} data, and {worse}: its scores here are not those at "
+                           f"its own size")  # fmt: skip
 
     def _output_folders(self) -> set[Path]:
         """The folders the Trainer would write into: its ``default_root_dir``, its ModelCheckpoints' and loggers'."""

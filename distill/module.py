@@ -22,6 +22,7 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from distill import losses
+from distill.data.base import model_data_mismatch
 from distill.data.batch import Batch, as_batch
 from distill.losses import KDLoss
 from distill.optim import OPTIMIZERS, SCHEDULES, build_optimizer, check_resume_settings, lr_factor, param_groups
@@ -264,6 +265,7 @@ class DistillModule(LightningModule):
                 raise ValueError(
                     f"The {role} predicts {out.shape[-1]} classes but {data_desc} has {datamodule.num_classes}. {fix}"
                 )
+        self._check_teacher_data(datamodule, data_desc)
         batch_size = getattr(datamodule, "batch_size", None)
         if fitting and self.mixer is not None and isinstance(batch_size, int) and batch_size % 2:
             raise ValueError(f"mixup mixes each batch with itself reversed: give an even batch_size, got {batch_size}")
@@ -279,6 +281,26 @@ class DistillModule(LightningModule):
                 f"target) and return a dict with 'loss', as distill.KDLoss does; got {str(terms).splitlines()[0]}"
             )
         return datamodule.num_classes
+
+    def _check_teacher_data(self, datamodule: Any, data_desc: str) -> None:
+        """Refuse a teacher trained on other classes or another normalisation than ``datamodule``'s (where its
+        checkpoint records its data, as ``distill fit`` writes it): its soft labels would teach wrong answers at
+        full confidence. Another input size only warns: a teacher scored at another resolution is a choice."""
+        teacher = self.teacher
+        for member in teacher.teachers if isinstance(teacher, TeacherEnsemble) else [teacher]:
+            if getattr(member, "data", None) is None:
+                continue
+            name, record = member.data
+            wrong, worse = model_data_mismatch(record, datamodule)
+            which = f"The teacher {member.checkpoint}" if member.checkpoint else "The teacher"
+            if wrong:
+                raise ValueError(
+                    f"{which} was trained on {name} data, and {wrong}: its soft labels on this data would be wrong. "
+                    f"Use a teacher trained on this data, or give the data the teacher's classes and normalisation."
+                )
+            if worse:
+                rank_zero_warn(f"{which} was trained on {name} data, and {worse}: a teacher usually scores lower at "
+                               f"another size than its own (val/teacher_acc shows how much)")  # fmt: skip
 
     # --------------------------------------------------------------- training
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -22,8 +22,10 @@ __all__ = ["PredictionWriter"]
 
 class PredictionWriter(BasePredictionWriter):
     """Write ``predictions.csv``: for each image of the predict split (the datamodule's test split), in
-    order, its index, its label, the student's predicted class and that class's softmax probability. Under
-    DDP each process writes the images it was given (``predictions.rank{r}.csv``), indexed in the split.
+    order, its index, its label, the student's predicted class and that class's softmax probability; the
+    names of both classes where the datamodule names its classes (``label_name``, ``predicted_name``), and the
+    image's ``file`` where the split is read from files (an image folder). Under DDP each process writes the
+    images it was given (``predictions.rank{r}.csv``), indexed in the split.
 
     The file is written once the split is done, in one step (an interrupted run leaves none behind).
 
@@ -70,10 +72,18 @@ class PredictionWriter(BasePredictionWriter):
         rows = torch.cat(self._rows).tolist() if self._rows else []
         size = len(getattr(trainer.predict_dataloaders, "dataset", ())) or math.inf
         rows = sorted(r for r in rows if r[0] < size)  # split evenly across processes, the last images came twice
+        names = getattr(trainer.datamodule, "classes", None)
+        files = getattr(getattr(trainer.predict_dataloaders, "dataset", None), "samples", None)  # ImageFolder's
+        header = ["index", "label", "predicted", "probability"]
+        header += ["label_name", "predicted_name"] if names else []
+        header += ["file"] if files else []
         with atomic_path(path) as partial, open(partial, "w", newline="") as f:
             table = csv.writer(f)
-            table.writerow(["index", "label", "predicted", "probability"])
-            table.writerows([int(i), int(label), int(predicted), f"{p:.6f}"] for i, label, predicted, p in rows)
+            table.writerow(header)
+            for i, label, predicted, p in rows:
+                i, label, predicted = int(i), int(label), int(predicted)
+                named = [names[label], names[predicted]] if names else []
+                table.writerow([i, label, predicted, f"{p:.6f}", *named, *([files[i][0]] if files else [])])
         print(f"\nWritten: {path} ({len(rows):,} predictions)")
         self._rows = []
 

@@ -50,6 +50,7 @@ __all__ = [
     "read_checkpoint",
     "record_rng_states",
     "record_student",
+    "recorded_data",
     "recorded_input_shape",
     "recorded_spec",
     "restore_rng_states",
@@ -91,6 +92,13 @@ def recorded_input_shape(checkpoint: Mapping[str, Any], source: str = "The check
     if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(n, int) and n > 0 for n in shape)):
         raise ValueError(f"{source} records the input shape {shape!r}, not [channels, height, width]: pass input_size")
     return shape
+
+
+def recorded_data(checkpoint: Mapping[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """The datamodule class name and record (``SplitDataModule.state_dict``) that a checkpoint of a run on one of
+    distill's datamodules holds (Lightning keeps it under the class name); ``None`` for any other."""
+    return next(((name, value) for name, value in checkpoint.items()
+                 if isinstance(value, dict) and {"split", "batches"} <= value.keys()), None)  # fmt: skip
 
 
 def is_training_checkpoint(checkpoint: Mapping[str, Any]) -> bool:

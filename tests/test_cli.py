@@ -143,6 +143,8 @@ def test_predict_writes_each_test_images_class_and_probability(tmp_path: Path):
     assert [int(r["label"]) for r in rows[:32]] == y.tolist()
     assert [int(r["predicted"]) for r in rows[:32]] == predicted.tolist()
     assert [float(r["probability"]) for r in rows[:32]] == pytest.approx(probability.tolist(), abs=1e-5)
+    names = [(r["label_name"], r["predicted_name"]) for r in rows[:32]]
+    assert names == [(data.classes[a], data.classes[b]) for a, b in zip(y.tolist(), predicted.tolist(), strict=True)]
     on_device = (tmp_path / "predictions.csv").read_text()
     main(["predict", *args, "--ckpt_path", str(checkpoint), "--trainer.limit_predict_batches", "2",
           "--data.init_args.on_device", "true"])  # fmt: skip

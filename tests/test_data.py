@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import gzip
 import hashlib
 import io
@@ -228,6 +229,7 @@ def test_cifar_is_read_by_torchvision_into_uint8_nchw(tmp_path: Path, monkeypatc
     assert torch.equal(dm.test_set.images, expected) and dm.test_set.images.is_contiguous()
     assert dm.test_set.labels.tolist() == entry["labels" if tv is torchvision.datasets.CIFAR10 else "fine_labels"]
     assert next(iter(dm.train_dataloader())).x.shape == (4, 3, 32, 32)
+    assert dm.state_dict()["classes"] == [f"class{i}" for i in range(10)]  # the meta file's, which checkpoints record
 
 
 def test_cifar_missing_names_the_fix(tmp_path: Path):
@@ -345,11 +347,13 @@ def test_a_workers_error_is_its_own_message_on_one_line(raised: Exception | str)
     assert one_line(caught.value) == " ".join(str(raised).split())
 
 
-def _image_folder(root: Path, names: tuple[str, ...] = ("0", "1", "2", "3")) -> Path:
+def _image_folder(
+    root: Path, names: tuple[str, ...] = ("0", "1", "2", "3"), classes: tuple[str, ...] = ("apple", "bread")
+) -> Path:
     from PIL import Image
 
     rng = np.random.default_rng(0)
-    for cls in ("apple", "bread"):
+    for cls in classes:
         (root / "train" / cls).mkdir(parents=True)
         for name in names:
             pixels = rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)
@@ -497,3 +501,64 @@ def test_a_job_checks_the_test_split_before_it_trains_and_export_names_why_its_d
     assert stop.value.code == 2
     assert "(give --recipe to calibrate on data elsewhere): its data section does not build: ImageFolderDataModule: " \
            f"training folder {root / 'train'} does not exist" in err.getvalue()  # fmt: skip
+
+
+def test_a_teacher_or_an_evaluated_checkpoint_is_held_to_the_classes_and_normalisation_of_its_data(tmp_path: Path):
+    """A teacher trained on folders of other names (same count) would teach wrong soft labels at full
+    confidence, and a checkpoint evaluated on them would score nothing meaningful; both are refused in one line."""
+    data = {"root": str(_image_folder(tmp_path / "data")), "test_dir": None, "image_size": 16, "batch_size": 4,
+            "val_size": 2, "num_workers": 0}  # fmt: skip
+    run = tmp_path / "run"
+    cfg = {
+        "trainer": {"max_epochs": 1, "accelerator": "cpu", "enable_progress_bar": False, "logger": False,
+                    "enable_model_summary": False, "callbacks": [{"class_path": "ModelCheckpoint",
+                                                                  "init_args": {"dirpath": str(run)}}]},
+        "model": {"student": {"class_path": "students.StudentNet", "init_args": {"base": 2, "num_pools": 2}}},
+        "data": {"class_path": "distill.data.ImageFolderDataModule", "init_args": data},
+    }  # fmt: skip
+    (tmp_path / "fit.yaml").write_text(yaml.safe_dump(cfg))
+    main(["fit", "--config", str(tmp_path / "fit.yaml")])
+    checkpoint = next(run.glob("*.ckpt"))
+    recorded = torch.load(checkpoint, weights_only=False)["ImageFolderDataModule"]
+    assert recorded["classes"] == ["apple", "bread"] and recorded["inputs"]["size"] == [16, 16]
+    cherry = str(_image_folder(tmp_path / "other", classes=("apple", "cherry")))
+    kd = dict(cfg, model={**cfg["model"], "teacher_checkpoint": str(checkpoint)})
+    kd["trainer"] = {**cfg["trainer"], "callbacks": [], "default_root_dir": str(tmp_path / "kd")}
+    (tmp_path / "kd.yaml").write_text(yaml.safe_dump(kd))
+    fit, validate = (["fit", "--config", str(tmp_path / "kd.yaml")],
+                     ["validate", "--config", str(tmp_path / "fit.yaml"), "--ckpt_path", str(checkpoint)])  # fmt: skip
+    classes = "class 1 is 'bread' there, 'cherry' here; 2 classes there"
+    normalisation = "its normalisation differs from this data's (mean [0.485, 0.456, 0.406] there, [0.5, 0.5, 0.5] here"
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    for args, words in (
+        ([*fit, "--data.init_args.root", cherry], f"teacher {checkpoint} was trained on ImageFolderDataModule data, "
+                                                  f"and its classes differ from this data's ({classes})"),
+        ([*fit, "--data.init_args.mean", "[0.5, 0.5, 0.5]"], normalisation),
+        ([*validate, "--data.init_args.root", cherry], f"{classes}): its validate results would mean nothing"),
+        ([*validate, "--data.init_args.mean", "[0.5, 0.5, 0.5]"], normalisation),
+    ):  # fmt: skip
+        with pytest.raises(SystemExit) as stop, contextlib.redirect_stderr(io.StringIO()) as err:
+            main(args)
+        lines = [line for line in err.getvalue().splitlines() if line.startswith("distill: error:")]
+        assert stop.value.code == 2 and len(lines) == 1 and words in lines[0], err.getvalue()
+        assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+    shutil.copytree(Path(data["root"]) / "train", Path(data["root"]) / "test")  # predictions name classes and files
+    writer = ["--trainer.callbacks+=distill.PredictionWriter", f"--trainer.callbacks.path={tmp_path / 'pred.csv'}"]
+    main(["predict", *validate[1:], "--data.init_args.test_dir", "test", *writer])
+    with open(tmp_path / "pred.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["label_name"], Path(r["file"]).relative_to(data["root"]).parts[:2]) for r in rows] == [
+        (cls, ("test", cls)) for cls in ("apple", "bread") for _ in range(4)
+    ] and all(r["predicted_name"] == ("apple", "bread")[int(r["predicted"])] for r in rows)
+
+    from distill import DistillModule  # another input size costs accuracy: a warning, and the run goes on
+    from students import StudentNet
+
+    larger = ImageFolderDataModule(data["root"], test_dir=None, image_size=20)
+    model = DistillModule(
+        StudentNet(num_classes=2, in_chans=3, base=2, num_pools=2), teacher_checkpoint=str(checkpoint)
+    )
+    with pytest.warns(UserWarning, match="was trained on ImageFolderDataModule data, and its images were 16x16, and "
+                                         "this data's are 20x20: a teacher usually scores lower"):  # fmt: skip
+        assert model.check_data(larger) == 2

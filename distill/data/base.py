@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 from distill.data.batch import Batch
 from distill.data.split import check_val_size, split_indices
 
-__all__ = ["SplitDataModule"]
+__all__ = ["SplitDataModule", "model_data_mismatch"]
 
 
 class SplitDataModule(LightningDataModule):
@@ -28,6 +28,9 @@ class SplitDataModule(LightningDataModule):
         num_workers: DataLoader worker processes.
         split_seed: seed of the train/validation split.
     """
+
+    #: The class names, in the order of the labels (``None`` where unknown, e.g. CIFAR before it is read).
+    classes: Sequence[str] | None = None
 
     def __init__(
         self, batch_size: int, eval_batch_size: int | None, val_size: int | float, num_workers: int, split_seed: int
@@ -50,11 +53,15 @@ class SplitDataModule(LightningDataModule):
     def state_dict(self) -> dict[str, Any]:
         """What Lightning saves of the datamodule in each checkpoint, which a resumed fit must keep (``distill fit``
         checks them before it trains: see ``recorded``): the settings of the train/validation ``split``, the
-        ``batches`` training is made of (:meth:`batch_settings`), and which ``images`` (:meth:`image_identity`)."""
+        ``batches`` training is made of (:meth:`batch_settings`), and which ``images`` (:meth:`image_identity`);
+        and what a model trained on it takes and predicts (:meth:`model_inputs`, ``classes``), which a teacher's
+        or an evaluated checkpoint's data is checked against (:func:`model_data_mismatch`)."""
         return {
             "split": {"val_size": self.val_size, "split_seed": self.split_seed},
             "batches": self.batch_settings(),
             "images": self.image_identity(),
+            "inputs": self.model_inputs(),
+            "classes": None if self.classes is None else list(self.classes),
         }
 
     def batch_settings(self) -> dict[str, Any]:
@@ -65,6 +72,13 @@ class SplitDataModule(LightningDataModule):
         """What tells this datamodule's training and validation images from another's of its class, wherever
         they lie (an image folder's listing); empty where the class names them (Fashion-MNIST, CIFAR)."""
         return {}
+
+    def model_inputs(self) -> dict[str, Any]:
+        """What the model sees of an image: its ``size`` (H, W) and the per-channel ``mean`` and ``std`` it is
+        normalised with (those this datamodule has)."""
+        named = {"size": getattr(self, "input_size", None), "mean": getattr(self, "mean", None),
+                 "std": getattr(self, "std", None)}  # fmt: skip
+        return {key: [float(v) if key != "size" else v for v in value] for key, value in named.items() if value}
 
     @classmethod
     def recorded(cls, checkpoint: dict[str, Any], key: str) -> dict[str, Any] | None:
@@ -107,3 +121,33 @@ class SplitDataModule(LightningDataModule):
     def predict_dataloader(self) -> Iterable[Batch]:
         """The test split: ``distill predict`` writes the student's prediction for each of its images."""
         return self._loader(self.test_set, train=False)
+
+
+def model_data_mismatch(recorded: Mapping[str, Any], datamodule: Any) -> tuple[str | None, str | None]:
+    """How ``datamodule`` differs from the data a model was trained on (the record of its checkpoint:
+    :func:`students.checkpoint.recorded_data`), as (what makes the model's outputs wrong, what makes them worse):
+    other class names, or another normalisation, give a classifier's outputs another meaning; another input size
+    only costs it accuracy. ``None`` where they agree, or where either side does not say (a checkpoint written
+    before these were recorded)."""
+    said = (getattr(datamodule, "classes", None), recorded.get("classes"))
+    now, was = (None if c is None else [str(name) for name in c] for c in said)
+    inputs_now = datamodule.model_inputs() if isinstance(datamodule, SplitDataModule) else {}
+    inputs_was = recorded.get("inputs") or {}
+    wrong = worse = None
+    if now is not None and was is not None and now != was:
+        at = next(
+            (i for i, pair in enumerate(zip(was, now, strict=False)) if pair[0] != pair[1]), min(len(was), len(now))
+        )
+        there, here = (repr(c[at]) if at < len(c) else "none" for c in (was, now))
+        wrong = (
+            f"its classes differ from this data's (class {at} is {there} there, {here} here; {len(was)} classes there)"
+        )
+    else:
+        changed = [k for k in ("mean", "std") if k in inputs_now and k in inputs_was and inputs_now[k] != inputs_was[k]]
+        if changed:
+            differ = ", ".join(f"{k} {inputs_was[k]} there, {inputs_now[k]} here" for k in changed)
+            wrong = f"its normalisation differs from this data's ({differ})"
+    size_now, size_was = (list(inputs.get("size") or ()) for inputs in (inputs_now, inputs_was))
+    if size_now and size_was and size_now != size_was:
+        worse = f"its images were {'x'.join(map(str, size_was))}, and this data's are {'x'.join(map(str, size_now))}"
+    return wrong, worse

@@ -75,6 +75,7 @@ class _CIFARDataModule(LocatedDataModule):
                 "truncated or other files), so none of it is unpickled (unpickling can run code). Delete it and "
                 "download the dataset again."
             ) from None
+        self.classes = list(split.classes)  # read from the dataset's meta file
         images = np.ascontiguousarray(split.data.transpose(0, 3, 1, 2))  # torchvision's (N, H, W, C) -> (N, C, H, W)
         return torch.from_numpy(images), torch.tensor(split.targets, dtype=torch.int64)
 
