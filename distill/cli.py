@@ -8,12 +8,15 @@ into options and ``--help``.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
 import re
+import signal
 import sys
+import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -60,22 +63,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")  # `distill --help`
     try:
-        commands = ["fit", "validate", "test", "predict", *JOBS]
-        if args and not args[0].startswith("-") and args[0] not in commands:  # Lightning's list omits the jobs
-            close = difflib.get_close_matches(args[0], commands, n=1)
-            hint = f"did you mean {close[0]}? " if close else ""
-            raise ValueError(f"unknown command {args[0]!r}: {hint}choose from {', '.join(commands)}")
-        if args and args[0] in JOBS:
-            run_job(args[0], args[1:])
-        elif not args or args[0] in ("-h", "--help"):
-            try:
-                DistillCLI(args=["--help"])
-            except SystemExit:
-                print("\nother commands:\n" + "\n".join(f"  {n:<15s}{doc}" for n, (_, doc) in JOBS.items()))
-                raise
-        else:
-            cli = DistillCLI(args=None if argv is None else args)  # None: LightningCLI reads sys.argv itself
-            stop_if_terminated(cli.trainer)
+        with _stop_on_sigterm():
+            _run(args, argv)
     except SIGTERMException:  # Lightning stopped the run cleanly (checkpoints, logs) and exits with 0
         _stopped()
     except (ValueError, OSError, IncompleteRun, MisconfigurationException, MissingExtra, ModuleNotFoundError) as err:
@@ -98,6 +87,51 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"distill: error: out of memory ({_allocation(err)}): {fix} (DISTILL_DEBUG=1 shows the traceback)",
               file=sys.stderr)  # fmt: skip
         raise SystemExit(2) from None
+
+
+def _run(args: list[str], argv: Sequence[str] | None) -> None:
+    """Run the command ``args`` names (``argv``: as given to :func:`main`)."""
+    commands = ["fit", "validate", "test", "predict", *JOBS]
+    if args and not args[0].startswith("-") and args[0] not in commands:  # Lightning's list omits the jobs
+        close = difflib.get_close_matches(args[0], commands, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise ValueError(f"unknown command {args[0]!r}: {hint}choose from {', '.join(commands)}")
+    if args and args[0] in JOBS:
+        run_job(args[0], args[1:])
+    elif not args or args[0] in ("-h", "--help"):
+        try:
+            DistillCLI(args=["--help"])
+        except SystemExit:
+            print("\nother commands:\n" + "\n".join(f"  {n:<15s}{doc}" for n, (_, doc) in JOBS.items()))
+            raise
+    else:
+        cli = DistillCLI(args=None if argv is None else args)  # None: LightningCLI reads sys.argv itself
+        stop_if_terminated(cli.trainer)
+
+
+@contextlib.contextmanager
+def _stop_on_sigterm() -> Iterator[None]:
+    """Stop with ``SIGTERMException`` on a SIGTERM that comes outside a Trainer run (a job's surgery, timing,
+    export or report; a fit's setup), as Lightning stops a Trainer run at its next check: a job writes its records
+    atomically, so its rerun resumes, and the user is told how. While a Trainer runs, Lightning's handler calls this
+    one after its own, and this one leaves the stop to it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pid = os.getpid()
+
+    def stop(_signum: int, _frame: Any) -> None:
+        if os.getpid() != pid:  # a forked DataLoader worker: it ends as the default action would end it
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+        elif signal.getsignal(signal.SIGTERM) is stop:  # not called by Lightning's handler: no Trainer runs
+            raise SIGTERMException
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def one_line(err: BaseException) -> str:

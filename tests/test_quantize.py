@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -174,6 +176,40 @@ def test_a_failed_export_leaves_the_earlier_files_as_they_were(tmp_path: Path, s
                recipe=str(recipe), input_size=32)  # fmt: skip
     assert sorted(p.name for p in out.iterdir()) == ["s.onnx"]  # nothing staged is left
     assert (out / "s.onnx").read_text() == "an earlier export\n"  # the new ONNX file passed, yet was not moved in
+
+
+def test_a_sigterm_outside_a_trainer_run_stops_with_the_resume_line_and_leaves_the_earlier_files(
+    tmp_path: Path, small_teacher_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """``kill``, ``timeout`` or a scheduler stopping a command between Trainer runs (here while it quantizes; in a
+    job, while it prunes, times or exports) ends it as Lightning ends a Trainer run: status 143 and how to resume."""
+    import distill.export
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "s.onnx").write_text("an earlier export\n")
+
+    def stopped(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return quantize_checked(*args, **kwargs)
+
+    def default_action(*_):  # without the command's own handler the test process would be killed
+        raise AssertionError("the SIGTERM reached the default action, which ends a process without a word")
+
+    monkeypatch.setattr(distill.export, "quantize_checked", stopped)
+    recipe = tiny_kd_recipe(tmp_path, small_teacher_checkpoint)
+    before = signal.signal(signal.SIGTERM, default_action)
+    try:
+        with pytest.raises(SystemExit) as stop, contextlib.redirect_stderr(io.StringIO()) as err:
+            main(["export", str(small_teacher_checkpoint), "--onnx", str(out / "s.onnx"), "--int8",
+                  str(out / "s.int8.onnx"), "--recipe", str(recipe)])  # fmt: skip
+        assert signal.getsignal(signal.SIGTERM) is default_action  # the command put the handler back
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert stop.value.code == 143 and err.getvalue().splitlines()[-1].startswith(
+        "distill: stopped by SIGTERM. To resume, run a job's command again"
+    )
+    assert sorted(p.name for p in out.iterdir()) == ["s.onnx"] and (out / "s.onnx").read_text() == "an earlier export\n"
 
 
 def test_the_int8_line_says_what_it_lost_and_warns_past_the_threshold(tmp_path: Path):
