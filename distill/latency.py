@@ -32,6 +32,7 @@ __all__ = [
     "LatencyMeter",
     "check_runtime",
     "compare_latency",
+    "export_for_timing",
     "measure_latency",
     "relative_to",
 ]
@@ -204,10 +205,11 @@ def relative_to(
     return timed
 
 
-def _export_for_timing(model: nn.Module, x: torch.Tensor, path: Path) -> None:
+def export_for_timing(model: nn.Module, x: torch.Tensor, path: str | Path) -> None:
     """Write ``model`` as ONNX to be timed: TorchScript-based export (0.05 s for a StudentNet, against 1.6 s
     for ``torch.export``; the pruning search times dozens of candidates). Both graphs ran alike in ONNX
-    Runtime (RESULTS.md, issue 15); where the older exporter is gone or fails, the shipping export is used."""
+    Runtime (``benchmarks/onnx_exporters.py``, RESULTS.md); where the older exporter is gone or fails, the shipping
+    export is used."""
     model = copy.deepcopy(model).cpu()  # the caller's module stays where it is
     try:
         with warnings.catch_warnings(), eval_mode(model):
@@ -224,7 +226,7 @@ def _onnx_file(model: nn.Module | str | Path, runtime: str, x: torch.Tensor, pat
     require_onnxruntime()
     if not isinstance(model, nn.Module):
         return Path(model)
-    _export_for_timing(model, x[:1], path)
+    export_for_timing(model, x[:1], path)
     if runtime == "onnxruntime-int8":
         calibration = [torch.randn(8, *x.shape[1:], generator=torch.Generator().manual_seed(i)) for i in range(4)]
         return quantize_onnx(path, path.with_suffix(".int8.onnx"), calibration)
