@@ -15,11 +15,13 @@ ONNX needs the ``onnx`` extra (``pip install "distill[onnx]"``: onnx, onnxruntim
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import shutil
 import sys
 import tempfile
 import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,14 +32,35 @@ from distill.profile import eval_mode
 from distill.quantize import QuantOptions, quantize_checked, require_onnxruntime
 from distill.recipes import build_datamodule, load_recipe
 from distill.rundir import atomic_path, check_output
-from students.checkpoint import INPUT_SHAPE_KEY, load_student, read_checkpoint, recorded_input_shape
+from students.checkpoint import INPUT_SHAPE_KEY, load_student, read_checkpoint, recorded_data, recorded_input_shape
 
-__all__ = ["export", "export_onnx", "export_pt2", "export_torchscript"]
+__all__ = ["deployment_metadata", "export", "export_onnx", "export_pt2", "export_torchscript"]
+
+
+def deployment_metadata(checkpoint: Mapping[str, Any], input_shape: Sequence[int]) -> dict[str, str]:
+    """What a shipped file must say to be fed and read, as its checkpoint records it: the ``input_size``
+    ``[channels, height, width]``, the ``mean`` and ``std`` each channel is normalised with and the class names in
+    the order of the outputs (``label_names``, as timm's ``pretrained_cfg`` calls them), each as JSON (ONNX model
+    metadata is strings). The last three only where the checkpoint records its data (``distill fit`` does)."""
+    _, record = recorded_data(checkpoint) or (None, {})
+    inputs = record.get("inputs") or {}
+    said = {"input_size": list(input_shape), "mean": inputs.get("mean"), "std": inputs.get("std"),
+            "label_names": record.get("classes")}  # fmt: skip
+    return {key: json.dumps(value) for key, value in said.items() if value is not None}
 
 
 @torch.no_grad()
-def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path, atol: float = 1e-4) -> float:
+def export_onnx(
+    model: nn.Module,
+    example_input: torch.Tensor,
+    path: str | Path,
+    atol: float = 1e-4,
+    metadata: Mapping[str, str] | None = None,
+) -> float:
     """Write ``model`` to ``path`` as ONNX (dynamic batch) and check it in ONNX Runtime.
+
+    ``metadata`` (:func:`deployment_metadata`) goes into the file's model metadata, which ONNX Runtime gives back
+    as ``InferenceSession(path).get_modelmeta().custom_metadata_map``.
 
     Returns:
         The largest absolute difference between ONNX Runtime's and PyTorch's logits, on a batch of
@@ -64,6 +87,12 @@ def export_onnx(model: nn.Module, example_input: torch.Tensor, path: str | Path,
             external_data=False,  # one self-contained file (students are small)
             verbose=False,
         )
+        if metadata:
+            import onnx
+
+            proto = onnx.load(str(partial))
+            onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props}, **metadata})
+            onnx.save(proto, str(partial))
         check = torch.randn(3, *x.shape[1:], generator=torch.Generator().manual_seed(0))
         expected = model(check).numpy()
         session = ort.InferenceSession(str(partial), providers=["CPUExecutionProvider"])
@@ -219,7 +248,8 @@ def export(
         with tempfile.TemporaryDirectory() as tmp:
             float_onnx = staged.get("onnx", Path(tmp) / "student.onnx")
             if "onnx" in outputs or "int8" in outputs:
-                results["onnx"] = export_onnx(model, example, float_onnx, atol)
+                metadata = deployment_metadata(checkpoint_data, shape)
+                results["onnx"] = export_onnx(model, example, float_onnx, atol, metadata)
             if "int8" in outputs:
                 results["int8"] = quantize_checked(float_onnx, staged["int8"], datamodule, options)
         if "pt2" in outputs:

@@ -452,14 +452,24 @@ def build_student(spec: Mapping[str, Any], state_dict: Mapping[str, torch.Tensor
     return model
 
 
-def save_student(model: nn.Module, path: str | Path, input_shape: Sequence[int] | None = None) -> Path:
-    """Save a student alone, in the layout of a ``DistillModule`` checkpoint that :func:`load_student` reads."""
+def save_student(
+    model: nn.Module,
+    path: str | Path,
+    input_shape: Sequence[int] | None = None,
+    data: tuple[str, dict[str, Any]] | None = None,
+) -> Path:
+    """Save a student alone, in the layout of a ``DistillModule`` checkpoint that :func:`load_student` reads.
+
+    ``data``: the record of the data it was trained on (:func:`recorded_data` of its training checkpoint), kept
+    for what reads it (a teacher's check against its data, the metadata of an export)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     model_spec(model)  # refuses a model that could not be rebuilt from the file
     state = {STUDENT_PREFIX + k: v.detach().cpu() for k, v in model.state_dict().items()}
     checkpoint = {"hyper_parameters": {}, "state_dict": state}
     record_student(checkpoint, model, input_shape)
+    if data is not None:
+        checkpoint[data[0]] = data[1]
     torch.save(checkpoint, path)
     return path
 

@@ -24,6 +24,7 @@ from distill.prune_distill import check_baselines, prune_distill
 from distill.recipes import fit_recipe, recipe_identity, relocate, teacher_cache, with_callbacks
 from distill.rundir import RunState, check_run_dir, hold_run_dir, release_run_dir
 from students import UNSCALED_LAYERS, load_student
+from students.checkpoint import recorded_data
 
 ROOT = Path(__file__).parents[1]
 TARGET = 3_000  # test_studentnet (base 2) has 5,774 parameters
@@ -76,6 +77,9 @@ def test_loop_stops_at_the_target_with_results_baseline_and_onnx(tmp_path: Path,
     x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
     onnx_out = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
     np.testing.assert_allclose(onnx_out, student(x).detach().numpy(), atol=1e-4, rtol=0)
+    said = {k: json.loads(v) for k, v in session.get_modelmeta().custom_metadata_map.items()}
+    assert said["input_size"] == [1, 28, 28] and said["label_names"][0] == "T-shirt/top"  # how to feed and read it
+    assert recorded_data(torch.load(run / "best_student.ckpt", weights_only=True))[1]["inputs"]["mean"] == [0.286]
     int8 = json.loads((run / "state.json").read_text())["int8"]  # quantized, measured in ONNX Runtime
     assert int8["int8_bytes"] == (run / "best_student.int8.onnx").stat().st_size < int8["float_bytes"]
     assert int8["float_latency_ms"] > 0 and int8["int8_latency_ms"] > 0

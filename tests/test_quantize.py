@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import signal
 import subprocess
@@ -53,6 +54,15 @@ def test_int8_export_keeps_accuracy_and_shrinks_the_file(tmp_path: Path, trained
     assert "int8: " in out.getvalue() and "validation accuracy in ONNX Runtime" in out.getvalue()
 
     session = ort.InferenceSession(str(tmp_path / "s.int8.onnx"), providers=["CPUExecutionProvider"])
+    shipped = {
+        "input_size": [1, 28, 28],
+        "mean": [0.286],
+        "std": [0.353],
+        "label_names": list(FashionMNISTDataModule.classes),
+    }
+    for path in ("s.onnx", "s.int8.onnx"):  # what the files need to be fed and read, for whoever deploys them
+        said = ort.InferenceSession(str(tmp_path / path), providers=["CPUExecutionProvider"]).get_modelmeta()
+        assert {key: json.loads(said.custom_metadata_map[key]) for key in shipped} == shipped, path
     assert any(
         node.op_type == "QuantizeLinear" for node in __import__("onnx").load(tmp_path / "s.int8.onnx").graph.node
     )
