@@ -8,15 +8,12 @@ into options and ``--help``.
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import os
 import re
-import signal
 import sys
-import threading
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -24,7 +21,7 @@ from jsonargparse import CLI
 from pytorch_lightning.utilities.exceptions import MisconfigurationException, SIGTERMException
 
 from distill.export import export
-from distill.lightning_cli import DistillCLI, JobParser, stop_if_terminated
+from distill.lightning_cli import DistillCLI, JobParser, stop_if_terminated, stop_on_sigterm
 from distill.prune_distill import prune_distill
 from distill.quantize import MissingExtra
 from distill.quickstart import quickstart
@@ -63,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")  # `distill --help`
     try:
-        with _stop_on_sigterm():
+        with stop_on_sigterm():
             _run(args, argv)
     except SIGTERMException:  # Lightning stopped the run cleanly (checkpoints, logs) and exits with 0
         _stopped()
@@ -107,31 +104,6 @@ def _run(args: list[str], argv: Sequence[str] | None) -> None:
     else:
         cli = DistillCLI(args=None if argv is None else args)  # None: LightningCLI reads sys.argv itself
         stop_if_terminated(cli.trainer)
-
-
-@contextlib.contextmanager
-def _stop_on_sigterm() -> Iterator[None]:
-    """Stop with ``SIGTERMException`` on a SIGTERM that comes outside a Trainer run (a job's surgery, timing,
-    export or report; a fit's setup), as Lightning stops a Trainer run at its next check: a job writes its records
-    atomically, so its rerun resumes, and the user is told how. While a Trainer runs, Lightning's handler calls this
-    one after its own, and this one leaves the stop to it."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    pid = os.getpid()
-
-    def stop(_signum: int, _frame: Any) -> None:
-        if os.getpid() != pid:  # a forked DataLoader worker: it ends as the default action would end it
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            os.kill(os.getpid(), signal.SIGTERM)
-        elif signal.getsignal(signal.SIGTERM) is stop:  # not called by Lightning's handler: no Trainer runs
-            raise SIGTERMException
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def one_line(err: BaseException) -> str:

@@ -9,10 +9,13 @@ errors are one line.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -32,7 +35,7 @@ from distill.rundir import atomic_path, check_run_dir, rerooted
 from students.checkpoint import is_training_checkpoint, read_checkpoint, recorded_data
 from teachers import teacher_checkpoints
 
-__all__ = ["DistillCLI", "JobParser", "default_precision", "keep_logged_rows"]
+__all__ = ["DistillCLI", "JobParser", "default_precision", "keep_logged_rows", "stop_if_terminated", "stop_on_sigterm"]
 
 # Values typed Any (a job's overrides and variants, a checkpoint's recorded specs) stay data: a ``class_path`` in
 # them is never built into an object (jsonargparse 5's default) by the parser, from a config or a checkpoint.
@@ -195,6 +198,7 @@ class DistillCLI(LightningCLI):
             self.save_config_callback = None
         trainer = super().instantiate_trainer(**kwargs)
         self._check_weights(trainer)
+        self._check_evaluated_data(trainer)
         self._check_log_folder(trainer)
         self._check_resumed(trainer)
         return trainer
@@ -358,7 +362,6 @@ class DistillCLI(LightningCLI):
                 self.datamodule.prepare_data()
                 self.datamodule.setup(self.subcommand or "fit")
             self.model.check_data(self.datamodule, fitting=self.subcommand in (None, "fit"))
-            self._check_evaluated_data()
             if self.datamodule is not None and hasattr(self.datamodule, "input_size"):
                 x = torch.zeros(1, self.datamodule.in_chans, *self.datamodule.input_size)
                 trainer_config = self._get(self.config_init, "trainer", default={}) or {}
@@ -366,14 +369,21 @@ class DistillCLI(LightningCLI):
                     if callable(getattr(callback, "check", None)):  # e.g. ChannelPruning: layers, target
                         callback.check(self.model.student, x)
 
-    def _check_evaluated_data(self) -> None:
-        """Refuse to evaluate a checkpoint on data of other classes or another normalisation than it was trained on
-        (its scores and predictions would mean nothing); warn at another input size."""
-        record = recorded_data(self._checkpoint[1]) if self._checkpoint else None
-        if self.subcommand not in _EVALUATE or record is None or self.datamodule is None:
+    def _check_evaluated_data(self, trainer: Trainer) -> None:
+        """Refuse to evaluate a checkpoint (a file, or ``last``) on data of other classes or another normalisation
+        than it was trained on (its scores and predictions would mean nothing); warn at another input size."""
+        if self.subcommand not in _EVALUATE or self.datamodule is None:
+            return
+        evaluated = self._checkpoint
+        if evaluated is None and self.config[self.subcommand].get("ckpt_path") == "last":
+            found = _last_checkpoints(trainer)
+            path = max(found, key=os.path.getmtime) if found else None  # the one Lightning evaluates
+            evaluated = (f"--ckpt_path last ({path})", read_checkpoint(path)) if path else None
+        record = recorded_data(evaluated[1]) if evaluated else None
+        if record is None:
             return
         wrong, worse = model_data_mismatch(record[1], self.datamodule)
-        source = self._checkpoint[0]
+        source = evaluated[0]
         if wrong:
             raise ValueError(
                 f"{source} was trained on {record[0]} data, and {wrong}: its {self.subcommand} results would mean "
@@ -440,13 +450,55 @@ class DistillCLI(LightningCLI):
 
 
 def stop_if_terminated(trainer: Any) -> None:
-    """Raise Lightning's ``SIGTERMException`` if ``trainer`` received a SIGTERM it did not act on.
+    """Raise Lightning's ``SIGTERMException`` if ``trainer`` received a SIGTERM it did not act on, or one came
+    outside a Trainer run and was swallowed (:func:`stop_on_sigterm`).
 
     Lightning stops at the next check of its loops, but none follows the last epoch, the last evaluation batch
     or any prediction batch: a SIGTERM there is forgotten, and the next Trainer of a job clears it.
     """
-    if getattr(trainer, "received_sigterm", False):
+    if getattr(trainer, "received_sigterm", False) or _terminated.is_set():
         raise SIGTERMException
+
+
+_terminated = threading.Event()  # set by stop_on_sigterm's handler
+
+
+@contextlib.contextmanager
+def stop_on_sigterm() -> Iterator[None]:
+    """Stop with ``SIGTERMException`` on a SIGTERM that comes outside a Trainer run (a job's surgery, timing,
+    export or report; a fit's setup), as Lightning stops a Trainer run at its next check: a job writes its records
+    atomically, so its rerun resumes, and the user is told how.
+
+    - While a Trainer runs, Lightning's handler calls this one after its own, and this one leaves the stop to it.
+    - Code that swallows every exception (torch-pruning's tracing has a bare ``except``) cannot lose the stop: it is
+      kept, and :func:`stop_if_terminated` raises it again after the next Trainer run; a second SIGTERM ends the
+      process as the default action does.
+    - A process forked outside a Trainer run (a DataLoader worker) ends as the default action ends it.
+    - A SIGTERM the caller ignores (``SIG_IGN``) stays ignored.
+    """
+    previous = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is not threading.main_thread() or previous in (None, signal.SIG_IGN):
+        yield
+        return
+    pid = os.getpid()
+
+    def stop(_signum: int, _frame: Any) -> None:
+        if signal.getsignal(signal.SIGTERM) is not stop:  # called by Lightning's handler: a Trainer runs
+            return
+        if os.getpid() != pid or _terminated.is_set():  # a forked child, or a second SIGTERM: end now
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        _terminated.set()
+        raise SIGTERMException
+
+    _terminated.clear()
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _terminated.clear()
 
 
 #: Data attributes linked into the student's arguments.

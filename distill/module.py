@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import inspect
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from functools import partial
 from typing import Any, Literal, get_args
 
@@ -286,8 +286,7 @@ class DistillModule(LightningModule):
         """Refuse a teacher trained on other classes or another normalisation than ``datamodule``'s (where its
         checkpoint records its data, as ``distill fit`` writes it): its soft labels would teach wrong answers at
         full confidence. Another input size only warns: a teacher scored at another resolution is a choice."""
-        teacher = self.teacher
-        for member in teacher.teachers if isinstance(teacher, TeacherEnsemble) else [teacher]:
+        for member in _members(self.teacher):
             if getattr(member, "data", None) is None:
                 continue
             name, record = member.data
@@ -514,6 +513,15 @@ def _recorded_loss(spec: Mapping[str, Any]) -> nn.Module:
 def _device_of(model: nn.Module) -> torch.device:
     """Where the model's parameters are (in ``setup`` they may not have moved to ``self.device`` yet)."""
     return next(model.parameters(), torch.empty(0)).device
+
+
+def _members(teacher: nn.Module | None) -> Iterator[nn.Module]:
+    """The teachers an ensemble holds, at any depth (an ensemble of ensembles); a single teacher itself."""
+    if isinstance(teacher, TeacherEnsemble):
+        for member in teacher.teachers:
+            yield from _members(member)
+    elif teacher is not None:
+        yield teacher
 
 
 def _mixer(options: dict[str, Any] | None, num_classes: int | None) -> Any:

@@ -13,7 +13,10 @@ from typing import Any
 
 import torch
 from pytorch_lightning.callbacks import BasePredictionWriter
+from torch.utils.data import Subset
+from torchvision.datasets import DatasetFolder
 
+from distill.data.base import class_names
 from distill.data.batch import as_batch
 from distill.rundir import atomic_path, check_output
 
@@ -72,18 +75,22 @@ class PredictionWriter(BasePredictionWriter):
         rows = torch.cat(self._rows).tolist() if self._rows else []
         size = len(getattr(trainer.predict_dataloaders, "dataset", ())) or math.inf
         rows = sorted(r for r in rows if r[0] < size)  # split evenly across processes, the last images came twice
-        names = getattr(trainer.datamodule, "classes", None)
-        files = getattr(getattr(trainer.predict_dataloaders, "dataset", None), "samples", None)  # ImageFolder's
+        names = class_names(getattr(trainer, "datamodule", None))
+        files = _files(getattr(trainer.predict_dataloaders, "dataset", None))
         header = ["index", "label", "predicted", "probability"]
         header += ["label_name", "predicted_name"] if names else []
         header += ["file"] if files else []
+
+        def name(k: int) -> str:  # a label outside the classes (-1: unlabelled) has no name
+            return names[k] if 0 <= k < len(names) else ""
+
         with atomic_path(path) as partial, open(partial, "w", newline="") as f:
             table = csv.writer(f)
             table.writerow(header)
             for i, label, predicted, p in rows:
                 i, label, predicted = int(i), int(label), int(predicted)
-                named = [names[label], names[predicted]] if names else []
-                table.writerow([i, label, predicted, f"{p:.6f}", *named, *([files[i][0]] if files else [])])
+                named = [name(label), name(predicted)] if names else []
+                table.writerow([i, label, predicted, f"{p:.6f}", *named, *([files[i]] if files else [])])
         print(f"\nWritten: {path} ({len(rows):,} predictions)")
         self._rows = []
 
@@ -91,3 +98,11 @@ class PredictionWriter(BasePredictionWriter):
         """The CSV file this writer writes for ``trainer`` (one per process when several share the work)."""
         path = Path(self.path) if self.path else Path(trainer.log_dir or trainer.default_root_dir) / "predictions.csv"
         return path.with_suffix(f".rank{trainer.global_rank}.csv") if trainer.world_size > 1 else path
+
+
+def _files(dataset: Any) -> list[str] | None:
+    """The image file of each index of a split read from files (torchvision's ``ImageFolder``, or a ``Subset`` of
+    one); ``None`` for any other dataset."""
+    if isinstance(dataset, Subset) and isinstance(dataset.dataset, DatasetFolder):
+        return [dataset.dataset.samples[i][0] for i in dataset.indices]
+    return [path for path, _ in dataset.samples] if isinstance(dataset, DatasetFolder) else None

@@ -226,16 +226,16 @@ def work(
         return any(_key(p, space) not in taken for p in _points(space))
 
     def objective(trial: Any) -> float:
-        params = {name: trial.suggest_categorical(name, values) for name, values in space.items()}
-        for other in study.get_trials(deepcopy=False):
-            if other.number == trial.number or point_of(other) != _key(params, space):
-                continue
-            if other.state == TrialState.COMPLETE or (
-                other.state == TrialState.RUNNING and other.number < trial.number
-            ):
-                trial.set_user_attr("duplicate_of", other.number)
-                raise optuna.TrialPruned(f"grid point {params} is taken by trial {other.number}")
-        try:
+        try:  # a SIGTERM may come while the trial runs or while it looks at the others (distill.cli stops there too)
+            params = {name: trial.suggest_categorical(name, values) for name, values in space.items()}
+            for other in study.get_trials(deepcopy=False):
+                if other.number == trial.number or point_of(other) != _key(params, space):
+                    continue
+                if other.state == TrialState.COMPLETE or (
+                    other.state == TrialState.RUNNING and other.number < trial.number
+                ):
+                    trial.set_user_attr("duplicate_of", other.number)
+                    raise optuna.TrialPruned(f"grid point {params} is taken by trial {other.number}")
             result = run(params)
         except SIGTERMException:  # optuna leaves it RUNNING until its heartbeat is stale: a rerun would wait for it
             study.tell(trial, state=TrialState.FAIL)  # queued again by the next worker, at once

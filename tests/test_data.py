@@ -33,6 +33,7 @@ from distill.data import (
     random_crop,
     random_erase,
 )
+from distill.data.base import model_data_mismatch
 from distill.data.fashion_mnist import FASHION_MNIST_FILES
 from distill.data.folder import read_image
 from distill.recipes import build_datamodule, recipe_identity
@@ -509,16 +510,16 @@ def test_a_teacher_or_an_evaluated_checkpoint_is_held_to_the_classes_and_normali
     data = {"root": str(_image_folder(tmp_path / "data")), "test_dir": None, "image_size": 16, "batch_size": 4,
             "val_size": 2, "num_workers": 0}  # fmt: skip
     run = tmp_path / "run"
+    kept = {"class_path": "ModelCheckpoint", "init_args": {"dirpath": str(run), "save_last": True}}
     cfg = {
         "trainer": {"max_epochs": 1, "accelerator": "cpu", "enable_progress_bar": False, "logger": False,
-                    "enable_model_summary": False, "callbacks": [{"class_path": "ModelCheckpoint",
-                                                                  "init_args": {"dirpath": str(run)}}]},
+                    "enable_model_summary": False, "callbacks": [kept]},
         "model": {"student": {"class_path": "students.StudentNet", "init_args": {"base": 2, "num_pools": 2}}},
         "data": {"class_path": "distill.data.ImageFolderDataModule", "init_args": data},
     }  # fmt: skip
     (tmp_path / "fit.yaml").write_text(yaml.safe_dump(cfg))
     main(["fit", "--config", str(tmp_path / "fit.yaml")])
-    checkpoint = next(run.glob("*.ckpt"))
+    checkpoint = next(run.glob("epoch=*.ckpt"))
     recorded = torch.load(checkpoint, weights_only=False)["ImageFolderDataModule"]
     assert recorded["classes"] == ["apple", "bread"] and recorded["inputs"]["size"] == [16, 16]
     cherry = str(_image_folder(tmp_path / "other", classes=("apple", "cherry")))
@@ -535,7 +536,9 @@ def test_a_teacher_or_an_evaluated_checkpoint_is_held_to_the_classes_and_normali
                                                   f"and its classes differ from this data's ({classes})"),
         ([*fit, "--data.init_args.mean", "[0.5, 0.5, 0.5]"], normalisation),
         ([*validate, "--data.init_args.root", cherry], f"{classes}): its validate results would mean nothing"),
-        ([*validate, "--data.init_args.mean", "[0.5, 0.5, 0.5]"], normalisation),
+        ([*validate, "--data.init_args.mean", "[0.5, 0.5, 0.5]"], f"{normalisation}): its validate results would"),
+        ([*validate[:3], "--ckpt_path", "last", "--data.init_args.root", cherry],
+         f"--ckpt_path last ({run / 'last.ckpt'}) was trained on Image"),
     ):  # fmt: skip
         with pytest.raises(SystemExit) as stop, contextlib.redirect_stderr(io.StringIO()) as err:
             main(args)
@@ -551,6 +554,10 @@ def test_a_teacher_or_an_evaluated_checkpoint_is_held_to_the_classes_and_normali
     assert [(r["label_name"], Path(r["file"]).relative_to(data["root"]).parts[:2]) for r in rows] == [
         (cls, ("test", cls)) for cls in ("apple", "bread") for _ in range(4)
     ] and all(r["predicted_name"] == ("apple", "bread")[int(r["predicted"])] for r in rows)
+
+    close = ImageFolderDataModule(data["root"], test_dir=None, image_size=16, mean=[0.4850001, 0.456, 0.406])
+    close.classes = np.array(["apple", "bread"])  # numpy's strings, a float32 copy of a mean: the same data
+    assert model_data_mismatch(recorded, close) == (None, None)
 
     from distill import DistillModule  # another input size costs accuracy: a warning, and the run goes on
     from students import StudentNet

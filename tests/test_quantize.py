@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -220,6 +221,25 @@ def test_a_sigterm_outside_a_trainer_run_stops_with_the_resume_line_and_leaves_t
         "distill: stopped by SIGTERM. To resume, run a job's command again"
     )
     assert sorted(p.name for p in out.iterdir()) == ["s.onnx"] and (out / "s.onnx").read_text() == "an earlier export\n"
+
+
+def test_a_sigterm_swallowed_by_code_that_catches_everything_still_stops_the_job():
+    """torch-pruning's tracing catches every exception: the stop is kept, and raised again at the next check."""
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
+
+    from distill.lightning_cli import stop_if_terminated, stop_on_sigterm
+
+    before = signal.getsignal(signal.SIGTERM)
+    with stop_on_sigterm():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)  # the handler runs here
+        except BaseException:  # noqa: BLE001 - as torch_pruning.dependency.graph does
+            pass
+        with pytest.raises(SIGTERMException):
+            stop_if_terminated(None)  # after the job's next Trainer run
+    assert signal.getsignal(signal.SIGTERM) is before
+    stop_if_terminated(None)  # the next command starts afresh
 
 
 def test_the_int8_line_says_what_it_lost_and_warns_past_the_threshold(tmp_path: Path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -12,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset
 from distill.data.batch import Batch
 from distill.data.split import check_val_size, split_indices
 
-__all__ = ["SplitDataModule", "model_data_mismatch"]
+__all__ = ["SplitDataModule", "class_names", "model_data_mismatch"]
 
 
 class SplitDataModule(LightningDataModule):
@@ -61,7 +62,7 @@ class SplitDataModule(LightningDataModule):
             "batches": self.batch_settings(),
             "images": self.image_identity(),
             "inputs": self.model_inputs(),
-            "classes": None if self.classes is None else list(self.classes),
+            "classes": class_names(self),
         }
 
     def batch_settings(self) -> dict[str, Any]:
@@ -76,9 +77,16 @@ class SplitDataModule(LightningDataModule):
     def model_inputs(self) -> dict[str, Any]:
         """What the model sees of an image: its ``size`` (H, W) and the per-channel ``mean`` and ``std`` it is
         normalised with (those this datamodule has)."""
-        named = {"size": getattr(self, "input_size", None), "mean": getattr(self, "mean", None),
-                 "std": getattr(self, "std", None)}  # fmt: skip
-        return {key: [float(v) if key != "size" else v for v in value] for key, value in named.items() if value}
+        named = {"size": (getattr(self, "input_size", None), int), "mean": (getattr(self, "mean", None), float),
+                 "std": (getattr(self, "std", None), float)}  # fmt: skip
+        inputs = {}
+        for key, (value, kind) in named.items():  # plain numbers: a checkpoint is read back with weights_only
+            try:
+                dtype = torch.float64 if kind is float else torch.int64
+                inputs[key] = [kind(v) for v in torch.as_tensor(value, dtype=dtype).flatten().tolist()]
+            except (TypeError, ValueError, RuntimeError):  # absent (None), or not numbers: not recorded
+                continue
+        return inputs
 
     @classmethod
     def recorded(cls, checkpoint: dict[str, Any], key: str) -> dict[str, Any] | None:
@@ -129,8 +137,7 @@ def model_data_mismatch(recorded: Mapping[str, Any], datamodule: Any) -> tuple[s
     other class names, or another normalisation, give a classifier's outputs another meaning; another input size
     only costs it accuracy. ``None`` where they agree, or where either side does not say (a checkpoint written
     before these were recorded)."""
-    said = (getattr(datamodule, "classes", None), recorded.get("classes"))
-    now, was = (None if c is None else [str(name) for name in c] for c in said)
+    now, was = class_names(datamodule), recorded.get("classes")
     inputs_now = datamodule.model_inputs() if isinstance(datamodule, SplitDataModule) else {}
     inputs_was = recorded.get("inputs") or {}
     wrong = worse = None
@@ -143,7 +150,8 @@ def model_data_mismatch(recorded: Mapping[str, Any], datamodule: Any) -> tuple[s
             f"its classes differ from this data's (class {at} is {there} there, {here} here; {len(was)} classes there)"
         )
     else:
-        changed = [k for k in ("mean", "std") if k in inputs_now and k in inputs_was and inputs_now[k] != inputs_was[k]]
+        changed = [k for k in ("mean", "std") if k in inputs_now and k in inputs_was
+                   and not _close(inputs_now[k], inputs_was[k])]  # fmt: skip
         if changed:
             differ = ", ".join(f"{k} {inputs_was[k]} there, {inputs_now[k]} here" for k in changed)
             wrong = f"its normalisation differs from this data's ({differ})"
@@ -151,3 +159,17 @@ def model_data_mismatch(recorded: Mapping[str, Any], datamodule: Any) -> tuple[s
     if size_now and size_was and size_now != size_was:
         worse = f"its images were {'x'.join(map(str, size_was))}, and this data's are {'x'.join(map(str, size_now))}"
     return wrong, worse
+
+
+def class_names(datamodule: Any) -> list[str] | None:
+    """``datamodule``'s ``classes`` as a list of plain strings (any sequence of names: a tuple, numpy's strings);
+    ``None`` where it has none, or something else."""
+    classes = getattr(datamodule, "classes", None)
+    if isinstance(classes, (str, bytes, Mapping)) or not isinstance(classes, Iterable):
+        return None
+    return [str(name) for name in classes]
+
+
+def _close(a: Sequence[float], b: Sequence[float]) -> bool:
+    """The same normalisation: as many channels, each within 0.001 (a float32 copy, a value given to more digits)."""
+    return len(a) == len(b) and all(math.isclose(x, y, rel_tol=0, abs_tol=1e-3) for x, y in zip(a, b, strict=True))
