@@ -62,8 +62,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         with stop_on_sigterm():
             _run(args, argv)
+            stop_if_terminated(None)  # a SIGTERM raised where Python ignores it (a __del__) stops the job here
     except SIGTERMException:  # Lightning stopped the run cleanly (checkpoints, logs) and exits with 0
-        _stopped()
+        _stopped(args[0] if args else "")
     except (ValueError, OSError, IncompleteRun, MisconfigurationException, MissingExtra, ModuleNotFoundError) as err:
         if os.environ.get("DISTILL_DEBUG"):
             raise
@@ -76,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if os.environ.get("DISTILL_DEBUG"):
             raise
         if "is killed by signal: Terminated" in str(err):  # a SIGTERM to the process group stops DataLoader workers
-            _stopped()
+            _stopped(args[0] if args else "")
         memory = ("can't allocate memory", "Storage size calculation overflowed")
         if not isinstance(err, torch.OutOfMemoryError) and not any(m in str(err) for m in memory):
             raise
@@ -136,9 +137,16 @@ def _allocation(err: RuntimeError) -> str:
     return f"{amount} bytes asked for"
 
 
-def _stopped() -> None:
-    print("distill: stopped by SIGTERM. To resume, run a job's command again, or a fit's with --ckpt_path "
-          "<its folder>/last.ckpt", file=sys.stderr)  # fmt: skip
+def _stopped(command: str) -> None:
+    """Say that ``distill <command>`` was stopped by SIGTERM and how to go on; exit with 143, as the signal would."""
+    if command in JOBS and command != "export":
+        how = "run the same command again: it resumes, and the stages it finished are kept"
+    elif command == "fit":
+        how = ("run the same command again with --ckpt_path last (where its ModelCheckpoint saves last.ckpt) or "
+               "--ckpt_path <a checkpoint of the run>")  # fmt: skip
+    else:
+        how = "run the same command again (what it had not finished was not written)"
+    print(f"distill: stopped by SIGTERM. To resume, {how}", file=sys.stderr)
     raise SystemExit(143) from None
 
 

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from distill.data.base import model_data_mismatch
 from distill.profile import eval_mode
 from distill.quantize import QuantOptions, quantize_checked, require_onnxruntime
 from distill.recipes import build_datamodule, load_recipe
@@ -217,6 +218,13 @@ def export(
         where = str(recipe_path) if recipe else f"{recipe_path} (give --recipe to calibrate on data elsewhere)"
         datamodule = build_datamodule(load_recipe(recipe_path), where)
     checkpoint_data = read_checkpoint(checkpoint)
+    record = recorded_data(checkpoint_data)
+    wrong = model_data_mismatch(record[1], datamodule)[0] if record and datamodule is not None else None
+    if wrong:
+        raise ValueError(
+            f"{checkpoint} was trained on {record[0]} data, and {wrong}: int8 would be calibrated and scored on the "
+            f"wrong images. Give --recipe a config of the data it was trained on."
+        )
     model = load_student(checkpoint)
     if input_size is not None:
         in_chans = model.model_spec["kwargs"].get("in_chans", 3) if hasattr(model, "model_spec") else 3

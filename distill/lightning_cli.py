@@ -28,7 +28,7 @@ from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.utilities import rank_zero_warn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from distill.data.base import SplitDataModule, model_data_mismatch
+from distill.data.base import SplitDataModule, model_data_mismatch, same_setting
 from distill.module import TEACHER_DIGEST_KEY, DistillModule, check_resume_settings
 from distill.predictions import PredictionWriter
 from distill.rundir import atomic_path, check_run_dir, rerooted
@@ -287,7 +287,7 @@ class DistillCLI(LightningCLI):
         state = self.datamodule.state_dict()
         for key, consequence in harm.items():
             recorded, current = type(self.datamodule).recorded(checkpoint, key), state.get(key) or {}
-            changed = [k for k in current if recorded is not None and recorded.get(k) != current[k]]
+            changed = [k for k in current if recorded is not None and not same_setting(recorded.get(k), current[k])]
             if changed:
                 was, now = (", ".join(f"{k}={of.get(k)!r}" for k in changed) for of in (recorded, current))
                 raise ValueError(
@@ -370,20 +370,23 @@ class DistillCLI(LightningCLI):
                         callback.check(self.model.student, x)
 
     def _check_evaluated_data(self, trainer: Trainer) -> None:
-        """Refuse to evaluate a checkpoint (a file, or ``last``) on data of other classes or another normalisation
-        than it was trained on (its scores and predictions would mean nothing); warn at another input size."""
+        """Refuse to evaluate a checkpoint (a file, ``last``, or the student ``students.load_student`` loads without
+        ``--ckpt_path``) on data of other classes or another normalisation than it was trained on (its scores and
+        predictions would mean nothing); warn at another input size."""
         if self.subcommand not in _EVALUATE or self.datamodule is None:
             return
-        evaluated = self._checkpoint
-        if evaluated is None and self.config[self.subcommand].get("ckpt_path") == "last":
+        ckpt_path = self.config[self.subcommand].get("ckpt_path")
+        source, record = self._checkpoint or (None, None)
+        if ckpt_path == "last":
             found = _last_checkpoints(trainer)
             path = max(found, key=os.path.getmtime) if found else None  # the one Lightning evaluates
-            evaluated = (f"--ckpt_path last ({path})", read_checkpoint(path)) if path else None
-        record = recorded_data(evaluated[1]) if evaluated else None
+            source, record = (f"--ckpt_path last ({path})", read_checkpoint(path)) if path else (None, None)
+        record = recorded_data(record) if record is not None else None
+        if ckpt_path is None and getattr(self.model.student, "trained_on", None) is not None:
+            source, record = "The student (students.load_student)", self.model.student.trained_on
         if record is None:
             return
         wrong, worse = model_data_mismatch(record[1], self.datamodule)
-        source = evaluated[0]
         if wrong:
             raise ValueError(
                 f"{source} was trained on {record[0]} data, and {wrong}: its {self.subcommand} results would mean "

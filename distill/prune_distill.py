@@ -40,6 +40,7 @@ import yaml
 from distill.export import deployment_metadata
 from distill.export import export_onnx as to_onnx
 from distill.latency import LatencyMeter, check_runtime, compare_latency, relative_to
+from distill.lightning_cli import stop_if_terminated
 from distill.module import DistillModule
 from distill.profile import count_macs, count_params
 from distill.pruning import (
@@ -266,6 +267,7 @@ def prune_distill(
     # ------------------------------------------------------------------ best and baselines
     under = [r for r in phases.rows if r["phase"] in ("round", "final", "scratch") and target.met(r, last_round)]
     best = max(under, key=lambda r: (r["val_acc"], r["round"]))
+    stop_if_terminated(None)  # a SIGTERM swallowed since the last Trainer run: stop before export and report
     onnx_diff = phases.save_best(best["checkpoint"], export_onnx)
     deployed = phases.save_int8(recipe) if export_onnx and int8 else None
     if baseline:

@@ -319,6 +319,7 @@ def fit_recipe(cfg: dict[str, Any], config_path: Path | None = None, root: Path 
     ``root``: the run directory of the job that runs the recipe; the record counts paths from it, so that the job's
     folder moved elsewhere reuses its runs (the fingerprint holds no path: see :func:`recipe_identity`).
     """
+    stop_if_terminated(None)  # a SIGTERM swallowed since the last Trainer run (torch-pruning's tracing catches all)
     trainer = cfg.get("trainer", {})
     checkpoints = [
         c for c in trainer.get("callbacks") or []

@@ -526,10 +526,14 @@ def test_a_teacher_or_an_evaluated_checkpoint_is_held_to_the_classes_and_normali
     kd = dict(cfg, model={**cfg["model"], "teacher_checkpoint": str(checkpoint)})
     kd["trainer"] = {**cfg["trainer"], "callbacks": [], "default_root_dir": str(tmp_path / "kd")}
     (tmp_path / "kd.yaml").write_text(yaml.safe_dump(kd))
+    loaded = {"class_path": "students.load_student", "init_args": {"path": str(checkpoint)}}  # no --ckpt_path needed
+    (tmp_path / "loaded.yaml").write_text(yaml.safe_dump(dict(cfg, model={"student": loaded})))
     fit, validate = (["fit", "--config", str(tmp_path / "kd.yaml")],
                      ["validate", "--config", str(tmp_path / "fit.yaml"), "--ckpt_path", str(checkpoint)])  # fmt: skip
     classes = "class 1 is 'bread' there, 'cherry' here; 2 classes there"
     normalisation = "its normalisation differs from this data's (mean [0.485, 0.456, 0.406] there, [0.5, 0.5, 0.5] here"
+    (tmp_path / "kd.yaml").write_text(yaml.safe_dump(kd).replace(data["root"], cherry))  # --recipe of export
+    fit = [*fit, "--data.init_args.root", data["root"]]
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     for args, words in (
         ([*fit, "--data.init_args.root", cherry], f"teacher {checkpoint} was trained on ImageFolderDataModule data, "
@@ -539,6 +543,10 @@ def test_a_teacher_or_an_evaluated_checkpoint_is_held_to_the_classes_and_normali
         ([*validate, "--data.init_args.mean", "[0.5, 0.5, 0.5]"], f"{normalisation}): its validate results would"),
         ([*validate[:3], "--ckpt_path", "last", "--data.init_args.root", cherry],
          f"--ckpt_path last ({run / 'last.ckpt'}) was trained on Image"),
+        (["predict", "--config", str(tmp_path / "loaded.yaml"), "--data.init_args.root", cherry],
+         "The student (students.load_student) was trained on ImageFolderDataModule data, and its classes differ"),
+        (["export", str(checkpoint), "--int8", str(tmp_path / "s.int8.onnx"), "--recipe", str(tmp_path / "kd.yaml")],
+         "int8 would be calibrated and scored on the wrong images"),  # kd.yaml, with cherry as its root below
     ):  # fmt: skip
         with pytest.raises(SystemExit) as stop, contextlib.redirect_stderr(io.StringIO()) as err:
             main(args)
@@ -558,6 +566,8 @@ def test_a_teacher_or_an_evaluated_checkpoint_is_held_to_the_classes_and_normali
     close = ImageFolderDataModule(data["root"], test_dir=None, image_size=16, mean=[0.4850001, 0.456, 0.406])
     close.classes = np.array(["apple", "bread"])  # numpy's strings, a float32 copy of a mean: the same data
     assert model_data_mismatch(recorded, close) == (None, None)
+    close.classes = ["apple", "br\u00e9ad"]  # the same name, composed here and decomposed there (macOS, zip tools)
+    assert model_data_mismatch(dict(recorded, classes=["apple", "bre\u0301ad"]), close) == (None, None)
 
     from distill import DistillModule  # another input size costs accuracy: a warning, and the run goes on
     from students import StudentNet

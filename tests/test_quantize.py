@@ -218,7 +218,7 @@ def test_a_sigterm_outside_a_trainer_run_stops_with_the_resume_line_and_leaves_t
     finally:
         signal.signal(signal.SIGTERM, before)
     assert stop.value.code == 143 and err.getvalue().splitlines()[-1].startswith(
-        "distill: stopped by SIGTERM. To resume, run a job's command again"
+        "distill: stopped by SIGTERM. To resume, run the same command again (what it had not finished was not"
     )
     assert sorted(p.name for p in out.iterdir()) == ["s.onnx"] and (out / "s.onnx").read_text() == "an earlier export\n"
 

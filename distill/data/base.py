@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import unicodedata
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -13,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 from distill.data.batch import Batch
 from distill.data.split import check_val_size, split_indices
 
-__all__ = ["SplitDataModule", "class_names", "model_data_mismatch"]
+__all__ = ["SplitDataModule", "class_names", "model_data_mismatch", "same_setting"]
 
 
 class SplitDataModule(LightningDataModule):
@@ -138,6 +139,7 @@ def model_data_mismatch(recorded: Mapping[str, Any], datamodule: Any) -> tuple[s
     only costs it accuracy. ``None`` where they agree, or where either side does not say (a checkpoint written
     before these were recorded)."""
     now, was = class_names(datamodule), recorded.get("classes")
+    was = None if was is None else [unicodedata.normalize("NFC", str(name)) for name in was]
     inputs_now = datamodule.model_inputs() if isinstance(datamodule, SplitDataModule) else {}
     inputs_was = recorded.get("inputs") or {}
     wrong = worse = None
@@ -151,7 +153,7 @@ def model_data_mismatch(recorded: Mapping[str, Any], datamodule: Any) -> tuple[s
         )
     else:
         changed = [k for k in ("mean", "std") if k in inputs_now and k in inputs_was
-                   and not _close(inputs_now[k], inputs_was[k])]  # fmt: skip
+                   and not same_setting(inputs_now[k], inputs_was[k])]  # fmt: skip
         if changed:
             differ = ", ".join(f"{k} {inputs_was[k]} there, {inputs_now[k]} here" for k in changed)
             wrong = f"its normalisation differs from this data's ({differ})"
@@ -162,14 +164,19 @@ def model_data_mismatch(recorded: Mapping[str, Any], datamodule: Any) -> tuple[s
 
 
 def class_names(datamodule: Any) -> list[str] | None:
-    """``datamodule``'s ``classes`` as a list of plain strings (any sequence of names: a tuple, numpy's strings);
-    ``None`` where it has none, or something else."""
+    """``datamodule``'s ``classes`` as a list of plain strings (any sequence of names: a tuple, numpy's strings), in
+    Unicode's composed form (NFC: a folder name copied by macOS or a zip tool may come decomposed); ``None`` where it
+    has none, or something else."""
     classes = getattr(datamodule, "classes", None)
     if isinstance(classes, (str, bytes, Mapping)) or not isinstance(classes, Iterable):
         return None
-    return [str(name) for name in classes]
+    return [unicodedata.normalize("NFC", str(name)) for name in classes]
 
 
-def _close(a: Sequence[float], b: Sequence[float]) -> bool:
-    """The same normalisation: as many channels, each within 0.001 (a float32 copy, a value given to more digits)."""
-    return len(a) == len(b) and all(math.isclose(x, y, rel_tol=0, abs_tol=1e-3) for x, y in zip(a, b, strict=True))
+def same_setting(a: Any, b: Any) -> bool:
+    """Whether two recorded settings are the same: equal, or lists of as many numbers each within 0.001 (a mean
+    or std: a float32 copy, or a value given to more digits, is the same normalisation)."""
+    numbers = all(isinstance(v, (list, tuple)) and all(isinstance(x, (int, float)) for x in v) for v in (a, b))
+    if not numbers or len(a) != len(b):
+        return a == b
+    return all(math.isclose(x, y, rel_tol=0, abs_tol=1e-3) for x, y in zip(a, b, strict=True))
