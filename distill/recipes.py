@@ -132,7 +132,11 @@ def check_teacher(cfg: dict[str, Any], recipe: str) -> None:
     check_sections(cfg, recipe)
     teacher = cfg["model"].get("teacher")
     if not teacher:
-        raise ValueError(f"The job distills from a teacher, but {recipe} sets no model.teacher.")
+        given = cfg["model"].get("teacher_checkpoint")
+        how = (f"; its model.teacher_checkpoint {given!r} is distill fit's shorthand, which jobs do not read: give it "
+               f"as model.teacher: {{class_path: teachers.load_teacher, init_args: {{checkpoint: ...}}}}"
+               if given else "")  # fmt: skip
+        raise ValueError(f"The job distills from a teacher, but {recipe} sets no model.teacher{how}.")
     missing = [path for path in _inputs(teacher) if not Path(path).is_file()]
     if missing:
         raise FileNotFoundError(

@@ -248,6 +248,11 @@ FAULTS = [
     ),
     Fault("prune-distill without its state.json", (*PRUNE[:-1], "{inputs}/stateless_prune"), "without its state.json"),
     Fault("prune-distill state.json a list", (*PRUNE[:-1], "{inputs}/corrupt_prune"), "is not the state of a prune"),
+    Fault(
+        "sweep of a recipe with distill fit's teacher shorthand",
+        (*NEW_SWEEP, "--overrides", "{{model: {{teacher: null, teacher_checkpoint: t.ckpt}}}}"),
+        "sets no model.teacher; its model.teacher_checkpoint 't.ckpt' is distill fit's shorthand, which jobs do not",
+    ),
     Fault("sweep of 0 epochs", (*NEW_SWEEP, "--overrides", "{{trainer: {{max_epochs: 0}}}}"), "max_epochs=0"),
     Fault("sweep of a fit recipe as --config", ("sweep", "--config", "{recipe}", *NEW), "to this command as --recipe"),
     Fault("sweep seed -1", (*SWEEP_T2, "--seeds", "[-1]"), "Seeds must be integers in [0, 2**32), got [-1]"),
