@@ -46,6 +46,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (the median is reported)")
     parser.add_argument("--repeats", type=int, default=10, help="calls per file and round")
     args = parser.parse_args()
+    if min(args.batch_size, args.rounds, args.repeats) < 1:
+        parser.error(f"need --batch-size, --rounds and --repeats >= 1, got {args.batch_size}, {args.rounds}, "
+                     f"{args.repeats}")  # fmt: skip
     x = torch.zeros(1, 1, 28, 28)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
