@@ -56,6 +56,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     status 0); set ``DISTILL_DEBUG=1`` to see the traceback instead.
     """
     args = list(sys.argv[1:] if argv is None else argv)
+    command = args[0] if args else ""
     # Lightning 2.6 on torch 2.14 warns about its own use of torch's pytree API at every run.
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")  # `distill --help`
@@ -64,7 +65,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             _run(args, argv)
             stop_if_terminated(None)  # a SIGTERM raised where Python ignores it (a __del__) stops the job here
     except SIGTERMException:  # Lightning stopped the run cleanly (checkpoints, logs) and exits with 0
-        _stopped(args[0] if args else "")
+        _stopped(command)
     except (ValueError, OSError, IncompleteRun, MisconfigurationException, MissingExtra, ModuleNotFoundError) as err:
         if os.environ.get("DISTILL_DEBUG"):
             raise
@@ -77,7 +78,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if os.environ.get("DISTILL_DEBUG"):
             raise
         if "is killed by signal: Terminated" in str(err):  # a SIGTERM to the process group stops DataLoader workers
-            _stopped(args[0] if args else "")
+            _stopped(command)
         memory = ("can't allocate memory", "Storage size calculation overflowed")
         if not isinstance(err, torch.OutOfMemoryError) and not any(m in str(err) for m in memory):
             raise

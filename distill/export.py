@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from distill.data.base import model_data_mismatch
+from distill.data.base import check_trained_data
 from distill.profile import eval_mode
 from distill.quantize import QuantOptions, quantize_checked, require_onnxruntime
 from distill.recipes import build_datamodule, load_recipe
@@ -38,12 +38,12 @@ from students.checkpoint import INPUT_SHAPE_KEY, load_student, read_checkpoint, 
 __all__ = ["deployment_metadata", "export", "export_onnx", "export_pt2", "export_torchscript"]
 
 
-def deployment_metadata(checkpoint: Mapping[str, Any], input_shape: Sequence[int]) -> dict[str, str]:
-    """What a shipped file must say to be fed and read, as its checkpoint records it: the ``input_size``
-    ``[channels, height, width]``, the ``mean`` and ``std`` each channel is normalised with and the class names in
-    the order of the outputs (``label_names``, as timm's ``pretrained_cfg`` calls them), each as JSON (ONNX model
-    metadata is strings). The last three only where the checkpoint records its data (``distill fit`` does)."""
-    _, record = recorded_data(checkpoint) or (None, {})
+def deployment_metadata(trained_on: tuple[str, Mapping[str, Any]] | None, input_shape: Sequence[int]) -> dict[str, str]:
+    """What a shipped file must say to be fed and read: the ``input_size`` ``[channels, height, width]``, and, as
+    the record of the data it was trained on says (:func:`students.checkpoint.recorded_data`; ``None``: not known),
+    the ``mean`` and ``std`` each channel is normalised with and the class names in the order of the outputs
+    (``label_names``, as timm's ``pretrained_cfg`` calls them); each as JSON (ONNX model metadata is strings)."""
+    _, record = trained_on or (None, {})
     inputs = record.get("inputs") or {}
     said = {"input_size": list(input_shape), "mean": inputs.get("mean"), "std": inputs.get("std"),
             "label_names": record.get("classes")}  # fmt: skip
@@ -218,13 +218,10 @@ def export(
         where = str(recipe_path) if recipe else f"{recipe_path} (give --recipe to calibrate on data elsewhere)"
         datamodule = build_datamodule(load_recipe(recipe_path), where)
     checkpoint_data = read_checkpoint(checkpoint)
-    record = recorded_data(checkpoint_data)
-    wrong = model_data_mismatch(record[1], datamodule)[0] if record and datamodule is not None else None
-    if wrong:
-        raise ValueError(
-            f"{checkpoint} was trained on {record[0]} data, and {wrong}: int8 would be calibrated and scored on the "
-            f"wrong images. Give --recipe a config of the data it was trained on."
-        )
+    trained_on = recorded_data(checkpoint_data)
+    if trained_on is not None and datamodule is not None:
+        check_trained_data(str(checkpoint), trained_on, datamodule, "int8 would be calibrated and scored on the "
+                           "wrong images. Give --recipe a config of the data it was trained on.")  # fmt: skip
     model = load_student(checkpoint)
     if input_size is not None:
         in_chans = model.model_spec["kwargs"].get("in_chans", 3) if hasattr(model, "model_spec") else 3
@@ -256,7 +253,7 @@ def export(
         with tempfile.TemporaryDirectory() as tmp:
             float_onnx = staged.get("onnx", Path(tmp) / "student.onnx")
             if "onnx" in outputs or "int8" in outputs:
-                metadata = deployment_metadata(checkpoint_data, shape)
+                metadata = deployment_metadata(trained_on, shape)
                 results["onnx"] = export_onnx(model, example, float_onnx, atol, metadata)
             if "int8" in outputs:
                 results["int8"] = quantize_checked(float_onnx, staged["int8"], datamodule, options)

@@ -25,10 +25,9 @@ from pytorch_lightning import Callback, LightningDataModule, Trainer
 from pytorch_lightning.callbacks import BasePredictionWriter, ModelCheckpoint, WeightAveraging
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import CSVLogger
-from pytorch_lightning.utilities import rank_zero_warn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from distill.data.base import SplitDataModule, model_data_mismatch, same_setting
+from distill.data.base import SplitDataModule, check_trained_data, same_setting
 from distill.module import TEACHER_DIGEST_KEY, DistillModule, check_resume_settings
 from distill.predictions import PredictionWriter
 from distill.rundir import atomic_path, check_run_dir, rerooted
@@ -242,10 +241,9 @@ class DistillCLI(LightningCLI):
         if self._checkpoint is not None:
             source, checkpoint = self._checkpoint
         elif config.get("ckpt_path") == "last":
-            found = _last_checkpoints(trainer)
-            if not found:
+            path = _last_checkpoint(trainer)
+            if path is None:
                 return
-            path = max(found, key=os.path.getmtime)  # the one Lightning resumes from
             source, checkpoint = f"--ckpt_path last ({path})", read_checkpoint(path)
         else:
             return
@@ -376,25 +374,19 @@ class DistillCLI(LightningCLI):
         if self.subcommand not in _EVALUATE or self.datamodule is None:
             return
         ckpt_path = self.config[self.subcommand].get("ckpt_path")
-        source, record = self._checkpoint or (None, None)
-        if ckpt_path == "last":
-            found = _last_checkpoints(trainer)
-            path = max(found, key=os.path.getmtime) if found else None  # the one Lightning evaluates
-            source, record = (f"--ckpt_path last ({path})", read_checkpoint(path)) if path else (None, None)
-        record = recorded_data(record) if record is not None else None
+        source, checkpoint = self._checkpoint or (None, None)
+        if ckpt_path == "last" and (path := _last_checkpoint(trainer)):
+            source, checkpoint = f"--ckpt_path last ({path})", read_checkpoint(path)
+        trained_on = recorded_data(checkpoint) if checkpoint is not None else None
         if ckpt_path is None and getattr(self.model.student, "trained_on", None) is not None:
-            source, record = "The student (students.load_student)", self.model.student.trained_on
-        if record is None:
-            return
-        wrong, worse = model_data_mismatch(record[1], self.datamodule)
-        if wrong:
-            raise ValueError(
-                f"{source} was trained on {record[0]} data, and {wrong}: its {self.subcommand} results would mean "
-                f"nothing. Evaluate it on data with the classes and normalisation it was trained with."
-            )
-        if worse:
-            rank_zero_warn(f"{source} was trained on {record[0]} data, and {worse}: its scores here are not those at "
-                           f"its own size")  # fmt: skip
+            source, trained_on = "The student (students.load_student)", self.model.student.trained_on
+        if trained_on is not None:
+            check_trained_data(
+                source, trained_on, self.datamodule,
+                f"its {self.subcommand} results would mean nothing. Evaluate it on data with the classes and "
+                f"normalisation it was trained with.",
+                "its scores here are not those at its own size",
+            )  # fmt: skip
 
     def _output_folders(self) -> set[Path]:
         """The folders the Trainer would write into: its ``default_root_dir``, its ModelCheckpoints' and loggers'."""
@@ -521,6 +513,11 @@ def _last_checkpoints(trainer: Trainer) -> list[str]:
     """The last checkpoints the Trainer's ModelCheckpoints find (what ``--ckpt_path last`` resumes from)."""
     return [p for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)
             for p in c._find_last_checkpoints(trainer)]  # fmt: skip
+
+
+def _last_checkpoint(trainer: Trainer) -> str | None:
+    """The checkpoint ``--ckpt_path last`` loads: the newest of :func:`_last_checkpoints` (``None``: there is none)."""
+    return max(_last_checkpoints(trainer), key=os.path.getmtime, default=None)
 
 
 def _first_local_rank() -> bool:

@@ -22,7 +22,7 @@ from torchmetrics import MeanMetric, MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from distill import losses
-from distill.data.base import model_data_mismatch
+from distill.data.base import check_trained_data
 from distill.data.batch import Batch, as_batch
 from distill.losses import KDLoss
 from distill.optim import OPTIMIZERS, SCHEDULES, build_optimizer, check_resume_settings, lr_factor, param_groups
@@ -287,19 +287,14 @@ class DistillModule(LightningModule):
         checkpoint records its data, as ``distill fit`` writes it): its soft labels would teach wrong answers at
         full confidence. Another input size only warns: a teacher scored at another resolution is a choice."""
         for member in _members(self.teacher):
-            if getattr(member, "data", None) is None:
-                continue
-            name, record = member.data
-            wrong, worse = model_data_mismatch(record, datamodule)
-            which = f"The teacher {member.checkpoint}" if member.checkpoint else "The teacher"
-            if wrong:
-                raise ValueError(
-                    f"{which} was trained on {name} data, and {wrong}: its soft labels on this data would be wrong. "
-                    f"Use a teacher trained on this data, or give the data the teacher's classes and normalisation."
-                )
-            if worse:
-                rank_zero_warn(f"{which} was trained on {name} data, and {worse}: a teacher usually scores lower at "
-                               f"another size than its own (val/teacher_acc shows how much)")  # fmt: skip
+            if getattr(member, "trained_on", None) is not None:
+                which = f"The teacher {member.checkpoint}" if member.checkpoint else "The teacher"
+                check_trained_data(
+                    which, member.trained_on, datamodule,
+                    "its soft labels on this data would be wrong. Use a teacher trained on this data, or give the data "
+                    "the teacher's classes and normalisation.",
+                    "a teacher usually scores lower at another size than its own (val/teacher_acc shows how much)",
+                )  # fmt: skip
 
     # --------------------------------------------------------------- training
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -73,10 +73,11 @@ class PredictionWriter(BasePredictionWriter):
     def on_predict_epoch_end(self, trainer: Any, pl_module: Any) -> None:
         path = self.output(trainer)
         rows = torch.cat(self._rows).tolist() if self._rows else []
-        size = len(getattr(trainer.predict_dataloaders, "dataset", ())) or math.inf
+        dataset = getattr(trainer.predict_dataloaders, "dataset", None)
+        size = (len(dataset) if dataset is not None else 0) or math.inf
         rows = sorted(r for r in rows if r[0] < size)  # split evenly across processes, the last images came twice
         names = class_names(getattr(trainer, "datamodule", None))
-        files = _files(getattr(trainer.predict_dataloaders, "dataset", None))
+        files = _files(dataset)
         header = ["index", "label", "predicted", "probability"]
         header += ["label_name", "predicted_name"] if names else []
         header += ["file"] if files else []

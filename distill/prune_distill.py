@@ -71,7 +71,6 @@ from distill.recipes import (
 from distill.report import phase_label, prune_distill_report
 from distill.rundir import RunState, check_run_dir, release_run_dir
 from students import StudentNet, load_student, read_checkpoint, save_student, width_for_params
-from students.checkpoint import recorded_data
 from students.timm_models import check_timm_name
 
 __all__ = ["check_latency_options", "check_options", "check_reachable", "has_timed_start", "prune_distill"]
@@ -587,10 +586,10 @@ class _Phases:
         state = self.run_state.state
         path, onnx = self.out / "best_student.ckpt", self.out / "best_student.onnx"
         if not (state.get("best") == checkpoint and path.is_file() and (onnx.is_file() or not export_onnx)):
-            model, trained = load_student(checkpoint), read_checkpoint(checkpoint)
-            save_student(model, path, input_shape=list(self.x.shape[1:]), data=recorded_data(trained))
+            model = load_student(checkpoint)
+            save_student(model, path, input_shape=list(self.x.shape[1:]), data=model.trained_on)
             if export_onnx:
-                metadata = deployment_metadata(trained, list(self.x.shape[1:]))
+                metadata = deployment_metadata(model.trained_on, list(self.x.shape[1:]))
                 state["onnx_max_abs_diff"] = to_onnx(model, self.x, onnx, metadata=metadata)
             state["best"] = checkpoint
             self.run_state.save()

@@ -475,12 +475,17 @@ def save_student(
 
 
 def load_recorded_student(checkpoint: Mapping[str, Any], path: str | Path) -> nn.Module | None:
-    """The student ``checkpoint`` (read from ``path``) records, built and with its weights; ``None`` without a spec."""
+    """The student ``checkpoint`` (read from ``path``) records, built and with its weights; ``None`` without a spec.
+
+    Its ``trained_on`` holds the record of the data it was trained on (:func:`recorded_data`; ``None`` where the
+    file has none)."""
     spec = recorded_spec(checkpoint, f"Checkpoint {str(path)!r}")
     if spec is None:
         return None
     state_dict = extract_state_dict(checkpoint)
-    return load_weights(build_student(spec, state_dict), state_dict, repr(str(path)), describe_spec(spec))
+    model = load_weights(build_student(spec, state_dict), state_dict, repr(str(path)), describe_spec(spec))
+    model.trained_on = recorded_data(checkpoint)  # for checks of the data it is scored on, or teaches on
+    return model
 
 
 def load_student(path: str | Path, train: bool = False, from_scratch: bool = False) -> nn.Module:
@@ -489,8 +494,7 @@ def load_student(path: str | Path, train: bool = False, from_scratch: bool = Fal
     The architecture (including a pruned channel layout) comes from the checkpoint's ``student_spec``;
     no callback, teacher or config is needed. The model comes back on the CPU, in eval mode, or in
     train mode with ``train=True`` (to train it further, e.g. as ``model.student`` in a recipe). Its
-    ``trained_on`` holds the record of the data it was trained on (:func:`recorded_data`; ``None`` where the
-    file has none), which ``distill validate|test|predict`` check the data against.
+    ``trained_on`` (:func:`load_recorded_student`) is what ``distill validate|test|predict`` check the data against.
 
     With ``from_scratch=True`` only the architecture is taken, with freshly initialised weights (to retrain a
     layout found by pruning, Liu et al. 2019): a StudentNet or an unpruned timm model is built new, as its
@@ -505,15 +509,13 @@ def load_student(path: str | Path, train: bool = False, from_scratch: bool = Fal
                 if spec.get("pruned") and hasattr(module, "reset_parameters"):
                     module.reset_parameters()
             return model.train(train)
-    checkpoint = read_checkpoint(path)
-    model = load_recorded_student(checkpoint, path)
+    model = load_recorded_student(read_checkpoint(path), path)
     if model is None:
         raise ValueError(
             f"Checkpoint {str(path)!r} records no student_spec, so the architecture is unknown. It was not "
             f"written by distill's DistillModule; for another tool's file use "
             f"teachers.load_teacher(name, checkpoint=...).model, which reads its formats."
         )
-    model.trained_on = recorded_data(checkpoint)  # what it was trained on, for checks of the data it is scored on
     return model.train(train)
 
 

@@ -34,27 +34,26 @@ class FrozenTeacher(FrozenModule):
         checkpoint: the file its weights came from, recorded for reproducibility.
         load_args: :func:`teachers.load_teacher`'s arguments that load it again, where the file alone does not
             (it does not name its architecture, or EMA weights or a prefix were chosen).
-        data: the class name and record of the datamodule it was trained on, where its checkpoint holds them (one
-            written by ``distill fit``): the data it teaches on is checked against them.
     """
 
     def __init__(
-        self,
-        model: nn.Module,
-        checkpoint: str | None = None,
-        load_args: dict[str, Any] | None = None,
-        data: tuple[str, dict[str, Any]] | None = None,
+        self, model: nn.Module, checkpoint: str | None = None, load_args: dict[str, Any] | None = None
     ) -> None:
         super().__init__()
         self.model = model
         self.checkpoint = checkpoint
         self.load_args = load_args
-        self.data = data
         self.freeze()
 
     @property
     def num_classes(self) -> int | None:
         return getattr(self.model, "num_classes", None)
+
+    @property
+    def trained_on(self) -> tuple[str, dict[str, Any]] | None:
+        """The datamodule class name and record it was trained on, where its file holds them (a checkpoint of
+        ``distill fit``: ``students.load_recorded_student``): the data it teaches on is checked against them."""
+        return getattr(self.model, "trained_on", None)
 
     @property
     def source(self) -> str | dict[str, Any] | None:

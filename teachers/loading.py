@@ -22,7 +22,6 @@ from students.checkpoint import (
     load_recorded_student,
     load_weights,
     read_checkpoint,
-    recorded_data,
     recorded_spec,
 )
 from teachers.ensemble import TeacherEnsemble
@@ -86,8 +85,7 @@ def load_teacher(
             _check_against_spec(spec, checkpoint, name=name, num_classes=num_classes, in_chans=in_chans)
             if use_ema or prefix is not None:
                 raise ValueError(f"{source} was written by distill and holds one student: drop use_ema and prefix")
-            student = load_recorded_student(state, checkpoint)
-            return FrozenTeacher(student, checkpoint=str(checkpoint), data=recorded_data(state))
+            return FrozenTeacher(load_recorded_student(state, checkpoint), checkpoint=str(checkpoint))
         found = teacher_file(state, use_ema, source)
     named = found.arch
     if named is not None and not named.startswith("hf-hub:") and not timm.is_model(_architecture(named)):

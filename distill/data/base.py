@@ -9,12 +9,13 @@ from typing import Any
 
 import torch
 from pytorch_lightning import LightningDataModule
+from pytorch_lightning.utilities import rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 
 from distill.data.batch import Batch
 from distill.data.split import check_val_size, split_indices
 
-__all__ = ["SplitDataModule", "class_names", "model_data_mismatch", "same_setting"]
+__all__ = ["SplitDataModule", "check_trained_data", "class_names", "model_data_mismatch", "same_setting"]
 
 
 class SplitDataModule(LightningDataModule):
@@ -138,8 +139,7 @@ def model_data_mismatch(recorded: Mapping[str, Any], datamodule: Any) -> tuple[s
     other class names, or another normalisation, give a classifier's outputs another meaning; another input size
     only costs it accuracy. ``None`` where they agree, or where either side does not say (a checkpoint written
     before these were recorded)."""
-    now, was = class_names(datamodule), recorded.get("classes")
-    was = None if was is None else [unicodedata.normalize("NFC", str(name)) for name in was]
+    now, was = class_names(datamodule), _composed(recorded.get("classes"))
     inputs_now = datamodule.model_inputs() if isinstance(datamodule, SplitDataModule) else {}
     inputs_was = recorded.get("inputs") or {}
     wrong = worse = None
@@ -163,11 +163,28 @@ def model_data_mismatch(recorded: Mapping[str, Any], datamodule: Any) -> tuple[s
     return wrong, worse
 
 
+def check_trained_data(
+    source: str, trained_on: tuple[str, Mapping[str, Any]], datamodule: Any, harm: str, cost: str | None = None
+) -> None:
+    """Refuse ``datamodule`` where it gives the outputs of a model trained on ``trained_on`` (a datamodule class
+    name and record: :func:`students.checkpoint.recorded_data`) another meaning (:func:`model_data_mismatch`),
+    saying ``harm`` and the fix; warn with ``cost`` where it only costs accuracy (another input size)."""
+    name, record = trained_on
+    wrong, worse = model_data_mismatch(record, datamodule)
+    if wrong:
+        raise ValueError(f"{source} was trained on {name} data, and {wrong}: {harm}")
+    if worse and cost:
+        rank_zero_warn(f"{source} was trained on {name} data, and {worse}: {cost}")
+
+
 def class_names(datamodule: Any) -> list[str] | None:
     """``datamodule``'s ``classes`` as a list of plain strings (any sequence of names: a tuple, numpy's strings), in
     Unicode's composed form (NFC: a folder name copied by macOS or a zip tool may come decomposed); ``None`` where it
     has none, or something else."""
-    classes = getattr(datamodule, "classes", None)
+    return _composed(getattr(datamodule, "classes", None))
+
+
+def _composed(classes: Any) -> list[str] | None:
     if isinstance(classes, (str, bytes, Mapping)) or not isinstance(classes, Iterable):
         return None
     return [unicodedata.normalize("NFC", str(name)) for name in classes]
