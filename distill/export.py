@@ -41,11 +41,13 @@ __all__ = ["deployment_metadata", "export", "export_onnx", "export_pt2", "export
 def deployment_metadata(trained_on: tuple[str, Mapping[str, Any]] | None, input_shape: Sequence[int]) -> dict[str, str]:
     """What a shipped file must say to be fed and read: the ``input_size`` ``[channels, height, width]``, and, as
     the record of the data it was trained on says (:func:`students.checkpoint.recorded_data`; ``None``: not known),
-    the ``mean`` and ``std`` each channel is normalised with and the class names in the order of the outputs
-    (``label_names``, as timm's ``pretrained_cfg`` calls them); each as JSON (ONNX model metadata is strings)."""
+    how an image was made that size (``interpolation``, ``crop_pct``: see
+    :meth:`~distill.data.base.SplitDataModule.model_inputs`), the ``mean`` and ``std`` each channel is normalised
+    with and the class names in the order of the outputs (``label_names``); named as in timm's ``pretrained_cfg``,
+    each as JSON (ONNX model metadata is strings)."""
     _, record = trained_on or (None, {})
     inputs = record.get("inputs") or {}
-    said = {"input_size": list(input_shape), "mean": inputs.get("mean"), "std": inputs.get("std"),
+    said = {"input_size": list(input_shape), **{k: inputs.get(k) for k in ("interpolation", "crop_pct", "mean", "std")},
             "label_names": record.get("classes")}  # fmt: skip
     return {key: json.dumps(value) for key, value in said.items() if value is not None}
 

@@ -582,16 +582,19 @@ class _Phases:
 
     def save_best(self, checkpoint: str, export_onnx: bool) -> float | None:
         """Save the best student as ``best_student.ckpt`` (and ``.onnx``, then ONNX Runtime's largest difference
-        from PyTorch is returned), once: a rerun finds it recorded."""
+        from PyTorch is returned), once: a rerun finds them recorded, unless a run before this version wrote them
+        without what they must say of their data (:func:`~distill.export.deployment_metadata`)."""
         state = self.run_state.state
         path, onnx = self.out / "best_student.ckpt", self.out / "best_student.onnx"
-        if not (state.get("best") == checkpoint and path.is_file() and (onnx.is_file() or not export_onnx)):
-            model = load_student(checkpoint)
+        model = load_student(checkpoint)
+        metadata = deployment_metadata(model.trained_on, list(self.x.shape[1:]))
+        saved = state.get("best") == checkpoint and state.get("best_metadata") == metadata and path.is_file()
+        if not (saved and (onnx.is_file() or not export_onnx)):
             save_student(model, path, input_shape=list(self.x.shape[1:]), data=model.trained_on)
             if export_onnx:
-                metadata = deployment_metadata(model.trained_on, list(self.x.shape[1:]))
                 state["onnx_max_abs_diff"] = to_onnx(model, self.x, onnx, metadata=metadata)
-            state["best"] = checkpoint
+                state.pop("int8", None)  # quantized from the file it replaces
+            state["best"], state["best_metadata"] = checkpoint, metadata
             self.run_state.save()
         return state.get("onnx_max_abs_diff") if export_onnx else None
 

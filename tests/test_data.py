@@ -7,6 +7,7 @@ import csv
 import gzip
 import hashlib
 import io
+import json
 import pickle
 import shutil
 from pathlib import Path
@@ -36,6 +37,7 @@ from distill.data import (
 from distill.data.base import model_data_mismatch
 from distill.data.fashion_mnist import FASHION_MNIST_FILES
 from distill.data.folder import read_image
+from distill.export import deployment_metadata
 from distill.recipes import build_datamodule, recipe_identity
 
 
@@ -522,6 +524,8 @@ def test_a_teacher_or_an_evaluated_checkpoint_is_held_to_the_classes_and_normali
     checkpoint = next(run.glob("epoch=*.ckpt"))
     recorded = torch.load(checkpoint, weights_only=False)["ImageFolderDataModule"]
     assert recorded["classes"] == ["apple", "bread"] and recorded["inputs"]["size"] == [16, 16]
+    shipped = deployment_metadata(("", recorded), [3, 16, 16])  # what an exported file says: resized as timm does
+    assert [json.loads(shipped[k]) for k in ("crop_pct", "interpolation")] == [0.875, "bilinear"]
     cherry = str(_image_folder(tmp_path / "other", classes=("apple", "cherry")))
     kd = dict(cfg, model={**cfg["model"], "teacher_checkpoint": str(checkpoint)})
     kd["trainer"] = {**cfg["trainer"], "callbacks": [], "default_root_dir": str(tmp_path / "kd")}

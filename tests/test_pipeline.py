@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -89,8 +90,17 @@ def test_loop_stops_at_the_target_with_results_baseline_and_onnx(tmp_path: Path,
 
     assert hashlib.sha256(small_teacher_checkpoint.read_bytes()).hexdigest() == teacher_bytes  # teacher untouched
     state = json.loads((run / "state.json").read_text())
+    assert state["best_metadata"] == session.get_modelmeta().custom_metadata_map
+
+    older = onnx.load(run / "best_student.onnx")  # as a run before the files said how to use them left them
+    del older.metadata_props[:]
+    onnx.save(older, run / "best_student.onnx")
+    (run / "state.json").write_text(json.dumps({k: v for k, v in state.items() if k != "best_metadata"}))
     again = prune_distill(**options(tmp_path, small_teacher_checkpoint, latency_runtime="onnxruntime"))  # all done
     assert again == rows and json.loads((run / "state.json").read_text())["phases"] == state["phases"]
+    for name in ("best_student.onnx", "best_student.int8.onnx"):  # written again, saying it
+        meta = ort.InferenceSession(str(run / name), providers=["CPUExecutionProvider"]).get_modelmeta()
+        assert state["best_metadata"].items() <= meta.custom_metadata_map.items(), name  # int8: and quantization's
 
 
 @pytest.mark.slow

@@ -57,6 +57,8 @@ def test_int8_export_keeps_accuracy_and_shrinks_the_file(tmp_path: Path, trained
     session = ort.InferenceSession(str(tmp_path / "s.int8.onnx"), providers=["CPUExecutionProvider"])
     shipped = {
         "input_size": [1, 28, 28],
+        "crop_pct": 1.0,  # the whole image
+        "interpolation": "bilinear",
         "mean": [0.286],
         "std": [0.353],
         "label_names": list(FashionMNISTDataModule.classes),

@@ -34,6 +34,9 @@ class SplitDataModule(LightningDataModule):
 
     #: The class names, in the order of the labels (``None`` where unknown, e.g. CIFAR before it is read).
     classes: Sequence[str] | None = None
+    #: How evaluation makes an image the model's size (see :meth:`model_inputs`): whole, by default.
+    crop_pct: float = 1.0
+    interpolation: str = "bilinear"
 
     def __init__(
         self, batch_size: int, eval_batch_size: int | None, val_size: int | float, num_workers: int, split_seed: int
@@ -78,7 +81,9 @@ class SplitDataModule(LightningDataModule):
 
     def model_inputs(self) -> dict[str, Any]:
         """What the model sees of an image: its ``size`` (H, W) and the per-channel ``mean`` and ``std`` it is
-        normalised with (those this datamodule has)."""
+        normalised with (those this datamodule has); and, in timm's ``pretrained_cfg`` terms, how an image is made
+        that size for evaluation: resized (``interpolation``) so its shorter side is ``floor(size / crop_pct)``,
+        then center-cropped to ``size``."""
         named = {"size": (getattr(self, "input_size", None), int), "mean": (getattr(self, "mean", None), float),
                  "std": (getattr(self, "std", None), float)}  # fmt: skip
         inputs = {}
@@ -88,7 +93,7 @@ class SplitDataModule(LightningDataModule):
                 inputs[key] = [kind(v) for v in torch.as_tensor(value, dtype=dtype).flatten().tolist()]
             except (TypeError, ValueError, RuntimeError):  # absent (None), or not numbers: not recorded
                 continue
-        return inputs
+        return inputs | {"crop_pct": float(self.crop_pct), "interpolation": str(self.interpolation)}
 
     @classmethod
     def recorded(cls, checkpoint: dict[str, Any], key: str) -> dict[str, Any] | None:

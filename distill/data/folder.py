@@ -39,7 +39,8 @@ class ImageFolderDataModule(SplitDataModule):
         batch_size: training batch size.
         eval_batch_size: validation/test batch size (default: ``batch_size``).
         val_size: with ``val_dir=None``: validation images out of the training split (count or fraction).
-        augment: random-resized crop and horizontal flip on the training split (else resize + center crop).
+        augment: random-resized crop and horizontal flip on the training split (else as evaluated: the shorter
+            side resized to ``floor(image_size / 0.875)``, then a center crop, as timm evaluates).
         mean: per-channel normalisation mean.
         std: per-channel normalisation standard deviation.
         num_workers: DataLoader worker processes (image decoding is the bottleneck here).
@@ -47,6 +48,7 @@ class ImageFolderDataModule(SplitDataModule):
     """
 
     in_chans = 3
+    crop_pct = 0.875
 
     def __init__(
         self,
@@ -124,7 +126,7 @@ class ImageFolderDataModule(SplitDataModule):
         steps = (
             [T.RandomResizedCrop(size, scale=(0.35, 1.0)), T.RandomHorizontalFlip()]
             if train and self.augment
-            else [T.Resize(round(size / 0.875)), T.CenterCrop(size)]
+            else [T.Resize(math.floor(size / self.crop_pct)), T.CenterCrop(size)]  # as timm evaluates
         )
         return T.Compose([*steps, T.ToTensor(), T.Normalize(self.mean, self.std)])
 
