@@ -232,6 +232,8 @@ def export(
         shape = recorded_input_shape(checkpoint_data, str(checkpoint))
     if shape is None:
         raise ValueError(f"{checkpoint} records no input size: pass input_size (e.g. 28 for Fashion-MNIST)")
+    if datamodule is not None:
+        _check_calibration_shape(datamodule, shape, str(recipe_path))
     example = torch.zeros(1, *shape)
     try:
         with torch.no_grad(), eval_mode(model):
@@ -249,6 +251,7 @@ def export(
     # Every file is written and checked under a staged name beside its target, and all are renamed into place
     # only once every one passed: a failure leaves the earlier files (and folders) as they were.
     staged = {fmt: path.with_name(f".{path.name}.staged") for fmt, path in outputs.items()}
+    float_onnx = None
     try:
         for path in outputs.values():
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -275,6 +278,8 @@ def export(
             message = str(err)
             for fmt, path in staged.items():
                 message = message.replace(str(path), str(outputs[fmt]))
+            if float_onnx is not None and "onnx" not in outputs:  # int8 only: its float32 file is a temporary one
+                message = message.replace(str(float_onnx), f"the float32 ONNX export of {checkpoint}")
             raise ValueError(message) from None
         raise
     if "onnx" not in outputs:
@@ -285,6 +290,19 @@ def export(
         else:
             print(f"{fmt}: {outputs[fmt]} (max |difference| from PyTorch: {result:.2e})")
     return results
+
+
+def _check_calibration_shape(datamodule: Any, shape: list[int], where: str) -> None:
+    """Refuse int8 calibration images of another shape than the exported student's input (``shape``), in one line
+    naming the fix, before anything is exported (ONNX Runtime would fail on them, naming an index)."""
+    size = getattr(datamodule, "model_inputs", dict)().get("size")
+    images = [getattr(datamodule, "in_chans", None), *(size or [])]
+    if None not in images and len(images) == 3 and images != list(shape):
+        raise ValueError(
+            f"int8 calibration images would be {'x'.join(map(str, images))} ({where}), and the student is exported "
+            f"for {'x'.join(map(str, shape))} inputs: give --recipe a config of the data it was trained on, or "
+            f"--input_size {images[1]} to export it for that data's size"
+        )
 
 
 def int8_line(path: Path, result: dict[str, Any], max_drop: float) -> str:

@@ -549,6 +549,8 @@ def test_a_teacher_or_an_evaluated_checkpoint_is_held_to_the_classes_and_normali
          f"--ckpt_path last ({run / 'last.ckpt'}) was trained on Image"),
         (["predict", "--config", str(tmp_path / "loaded.yaml"), "--data.init_args.root", cherry],
          "The student (students.load_student) was trained on ImageFolderDataModule data, and its classes differ"),
+        (["predict", "--config", str(tmp_path / "loaded.yaml")],
+         "ImageFolderDataModule has no test split (test_dir is null): give data.init_args.test_dir, a folder of"),
         (["export", str(checkpoint), "--int8", str(tmp_path / "s.int8.onnx"), "--recipe", str(tmp_path / "kd.yaml")],
          "int8 would be calibrated and scored on the wrong images"),  # kd.yaml, with cherry as its root below
     ):  # fmt: skip

@@ -109,12 +109,13 @@ class SplitDataModule(LightningDataModule):
         """Extra DataLoader arguments of this datamodule (at least its ``collate_fn``)."""
         raise NotImplementedError
 
-    def _loader(self, dataset: Dataset | None, train: bool) -> Iterable[Batch]:
-        if dataset is None:
-            raise ValueError(  # one line from `distill test|predict` on data without a test split
-                f"{type(self).__name__}: this split is not set up (no such split, e.g. no test_dir; or setup() was "
-                f"not called for its stage)"
-            )
+    def _loader(self, dataset: Dataset | None, train: bool, split: str) -> Iterable[Batch]:
+        if dataset is None:  # one line from `distill test|predict` on data without a test split
+            if split == "test" and getattr(self, "test_dir", "") is None:
+                raise ValueError(f"{type(self).__name__} has no test split (test_dir is null): give "
+                                 f"data.init_args.test_dir, a folder of test images under root")  # fmt: skip
+            raise ValueError(f"{type(self).__name__}: the {split} split is not set up (setup() was not called for "
+                             f"its stage)")  # fmt: skip
         return DataLoader(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
@@ -125,17 +126,17 @@ class SplitDataModule(LightningDataModule):
         )
 
     def train_dataloader(self) -> Iterable[Batch]:
-        return self._loader(self.train_set, train=True)
+        return self._loader(self.train_set, train=True, split="train")
 
     def val_dataloader(self) -> Iterable[Batch]:
-        return self._loader(self.val_set, train=False)
+        return self._loader(self.val_set, train=False, split="val")
 
     def test_dataloader(self) -> Iterable[Batch]:
-        return self._loader(self.test_set, train=False)
+        return self._loader(self.test_set, train=False, split="test")
 
     def predict_dataloader(self) -> Iterable[Batch]:
         """The test split: ``distill predict`` writes the student's prediction for each of its images."""
-        return self._loader(self.test_set, train=False)
+        return self._loader(self.test_set, train=False, split="test")
 
 
 def model_data_mismatch(recorded: Mapping[str, Any], datamodule: Any) -> tuple[str | None, str | None]:

@@ -327,9 +327,9 @@ class InMemoryDataModule(SplitDataModule):
     def loader_options(self) -> dict[str, Any]:
         return {"collate_fn": collate_batch}
 
-    def _loader(self, dataset: TensorImageDataset | None, train: bool) -> Iterable[Batch]:
+    def _loader(self, dataset: TensorImageDataset | None, train: bool, split: str) -> Iterable[Batch]:
         if dataset is None or not self.batches_on_device:
-            return super()._loader(dataset, train)
+            return super()._loader(dataset, train, split)
         trainer = self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         size = self.batch_size if train else self.eval_batch_size
