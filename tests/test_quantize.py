@@ -178,17 +178,28 @@ def test_latency_refuses_what_it_cannot_measure(tmp_path: Path):
             measure_latency(model, (1, 28, 28), runtime="torch-cuda")
 
 
-def test_a_failed_export_leaves_the_earlier_files_as_they_were(tmp_path: Path, small_teacher_checkpoint: Path):
+def test_a_failed_export_leaves_the_earlier_files_as_they_were(
+    tmp_path: Path, small_teacher_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+):
+    import distill.export
+
     recipe = tiny_kd_recipe(tmp_path, small_teacher_checkpoint)
     out = tmp_path / "out"
     out.mkdir()
     (out / "s.onnx").write_text("an earlier export\n")
-    # Exported for 32x32 inputs, calibrated on the recipe's 28x28 images: the ONNX file passes, quantization fails.
+    # Exported for 32x32 inputs, calibrated on the recipe's 28x28 images: the ONNX file passes, quantization fails
+    # (past the check that refuses them first, as data it cannot read the shape of would).
+    with pytest.raises(ValueError, match=r"would be 1x28x28 .* exported for 1x32x32 inputs"):
+        export(str(small_teacher_checkpoint), int8=str(out / "s.int8.onnx"), recipe=str(recipe), input_size=32)
+    monkeypatch.setattr(distill.export, "_check_calibration_shape", lambda *_: None)
     with pytest.raises(ValueError, match=r"ONNX Runtime cannot quantize .*the calibration images fit"):
         export(str(small_teacher_checkpoint), onnx=str(out / "s.onnx"), int8=str(out / "s.int8.onnx"),
                recipe=str(recipe), input_size=32)  # fmt: skip
     assert sorted(p.name for p in out.iterdir()) == ["s.onnx"]  # nothing staged is left
     assert (out / "s.onnx").read_text() == "an earlier export\n"  # the new ONNX file passed, yet was not moved in
+    with pytest.raises(ValueError, match=f"cannot quantize the float32 ONNX export of {small_teacher_checkpoint}:"):
+        export(str(small_teacher_checkpoint), int8=str(out / "s.int8.onnx"), recipe=str(recipe), input_size=32)
+    assert sorted(p.name for p in out.iterdir()) == ["s.onnx"]  # int8 alone: its float32 file was a temporary one
 
 
 def test_a_sigterm_outside_a_trainer_run_stops_with_the_resume_line_and_leaves_the_earlier_files(
