@@ -3,6 +3,7 @@
     distill quickstart                                   # runs/quickstart: the teacher and the KD recipe
     python benchmarks/latency_front.py --fraction 0.6    # 3 seeds, about 25 minutes on a 2-core CPU
     python benchmarks/latency_front.py --table runs/latency_front   # the table again, from the runs
+    python benchmarks/latency_front.py --fraction 0.6 --importance l1 taylor --out runs/latency_front_criteria
     python benchmarks/latency_front.py --student mobilenetv3_small_075 --target-model mobilenetv3_small_050 \
         --fraction 1.0 --baselines mobilenetv3_small_050 mobilenetv3_small_075 --seeds 0 --out runs/latency_front_mnv3
 
@@ -15,6 +16,10 @@ width_mult family (0.25, 0.375, 0.5, 0.75, 1.0), each distilled from scratch for
 the timm ``--baselines`` (its family of smaller variants). Then
 every final student of every seed is timed side by side in one call, and the table gives each student's
 latency and test accuracy (mean ± std over seeds) and the verdict at the pruned student's latency.
+
+With several ``--importance`` criteria, each seed is pruned once per criterion, each run distilling its own
+start with that seed, and the width family is trained once, in the first criterion's run (``seed<N>``; the
+others in ``seed<N>_<criterion>``). A criterion other than ``l1`` is named in the table.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import yaml
 
 from distill.latency import LatencyMeter
 from distill.prune_distill import prune_distill
+from distill.pruning import CRITERIA
 from distill.report import markdown_table
 from students import StudentNet, create_timm_model, load_student
 
@@ -48,8 +54,11 @@ def main() -> None:
     parser.add_argument("--student", help="a timm student instead of StudentNet 1.0")
     parser.add_argument("--target-model", help="the timm model whose ms times --fraction is the target")
     parser.add_argument("--baselines", nargs="+", default=WIDTHS, help="widths, or timm names with --student")
+    parser.add_argument("--importance", nargs="+", default=["l1"], choices=sorted(CRITERIA),
+                        help="pruning criteria, compared side by side")  # fmt: skip
     parser.add_argument("--table", type=Path, help="only print the table of an earlier run folder")
     args = parser.parse_args()
+    args.importance = list(dict.fromkeys(args.importance))
     out = args.table or args.out
     if args.table is None:
         run_all(args)
@@ -77,26 +86,30 @@ def run_all(args: argparse.Namespace) -> None:
         recipe = str(args.out / "recipe.yaml")
         Path(recipe).write_text(yaml.safe_dump(cfg, sort_keys=False))
     for seed in args.seeds:
-        prune_distill(recipe=recipe, target_latency_ms=target, initial_epochs=args.start_epochs, rounds=2,
-                      epochs_per_round=1, final_epochs=1, retrain_from_scratch=True, baselines=baselines,
-                      export_onnx=False, overrides=overrides, cache_teacher_logits=False, seed=seed,
-                      latency_runtime=args.runtime, latency_batch_size=args.batch_size,
-                      run_dir=str(args.out / f"seed{seed}"))  # fmt: skip
+        for k, importance in enumerate(args.importance):  # the family once per seed, in the first criterion's run
+            folder = args.out / (f"seed{seed}" if k == 0 else f"seed{seed}_{importance}")
+            prune_distill(recipe=recipe, target_latency_ms=target, initial_epochs=args.start_epochs, rounds=2,
+                          epochs_per_round=1, final_epochs=1, retrain_from_scratch=True, importance=importance,
+                          baseline=k == 0, baselines=baselines if k == 0 else None, export_onnx=False,
+                          overrides=overrides, cache_teacher_logits=False, seed=seed, latency_runtime=args.runtime,
+                          latency_batch_size=args.batch_size, run_dir=str(folder))  # fmt: skip
 
 
 def table(out: Path, meter: LatencyMeter) -> str:
     """Every seed's final students timed side by side, and their accuracies over seeds."""
     runs = sorted(out.glob("seed*/state.json"))
     states = [json.loads(p.read_text()) for p in runs]
+    criteria = {state["settings"].get("importance", "l1") for state in states}
     students: dict[str, list[dict]] = {}
     for state in states:
         rows = state["phases"]
         last = max(r["round"] for r in rows.values() if r["phase"] == "round")
+        by = f", {state['settings'].get('importance', 'l1')}" if criteria != {"l1"} else ""
         for r in rows.values():
             if r["phase"] == "final" or (r["phase"] == "round" and r["round"] == last):
-                students.setdefault(f"pruned ({r['phase']})", []).append(r)
+                students.setdefault(f"pruned ({r['phase']}){by}", []).append(r)
             elif r["phase"] in ("scratch", "baseline"):
-                name = "pruned, its layout from scratch" if r["phase"] == "scratch" else r["student"].split(",")[0]
+                name = f"pruned{by}, its layout from scratch" if r["phase"] == "scratch" else r["student"].split(",")[0]
                 students.setdefault(name, []).append(r)
     ms = meter({f"{name}/{i}": load_student(r["checkpoint"]) for name, rs in students.items() for i, r in
                 enumerate(rs)})  # fmt: skip
@@ -112,10 +125,19 @@ def table(out: Path, meter: LatencyMeter) -> str:
     header = ["student", "seeds", "params (seed 0)", "channels (seed 0)", "epochs", "ms (median)", "test acc"]
     text = markdown_table(header, "lrrlrrr", lines)
     target = json.loads((out / "target.json").read_text())
-    pruned_ms, pruned_acc = summary["pruned (final)"]
     family = {n: v for n, v in summary.items() if not n.startswith("pruned")}
-    verdict = [f"Target {target['target_ms']:.3f} ms ({target['measured on']}); all students timed side by side "
-               f"here, {torch.get_num_threads()} threads."]  # fmt: skip
+    paragraphs = [f"Target {target['target_ms']:.3f} ms ({target['measured on']}); all students timed side by "
+                  f"side here, {torch.get_num_threads()} threads."]  # fmt: skip
+    for criterion in sorted(criteria):
+        by = f", {criterion}" if criteria != {"l1"} else ""
+        said = " ".join(_verdict(*summary[f"pruned (final){by}"], family))
+        paragraphs.append(f"Pruned by {criterion}: {said}" if by else said)
+    return "\n\n".join([text, *paragraphs])
+
+
+def _verdict(pruned_ms: float, pruned_acc: float, family: dict[str, tuple[float, float]]) -> list[str]:
+    """The pruned student against the family: the best width as fast, the fastest as accurate."""
+    verdict = []
     no_slower = {n: v for n, v in family.items() if v[0] <= pruned_ms}
     if no_slower:
         name, (lat, acc) = max(no_slower.items(), key=lambda kv: kv[1][1])
@@ -130,7 +152,7 @@ def table(out: Path, meter: LatencyMeter) -> str:
                        f"{lat / pruned_ms:.2f}x its speed.")  # fmt: skip
     else:
         verdict.append(f"No baseline is as accurate as the pruned student ({pruned_acc:.4f}).")
-    return text + "\n\n" + " ".join(verdict)
+    return verdict
 
 
 if __name__ == "__main__":
