@@ -36,6 +36,7 @@ from distill.latency import LatencyMeter
 from distill.prune_distill import prune_distill
 from distill.pruning import CRITERIA
 from distill.report import markdown_table
+from distill.rundir import RunState
 from students import StudentNet, create_timm_model, load_student
 
 WIDTHS = [0.25, 0.375, 0.5, 0.75, 1.0]
@@ -102,7 +103,7 @@ def run_all(args: argparse.Namespace) -> None:
 def table(out: Path, meter: LatencyMeter) -> str:
     """Every seed's final students timed side by side, and their accuracies over seeds."""
     runs = sorted(out.glob("seed*/state.json"))
-    states = [json.loads(p.read_text()) for p in runs]
+    states = [RunState(p.parent, "prune-distill").state for p in runs]  # its paths, where the run folder is now
     criteria = {state["settings"].get("importance", "l1") for state in states}
     students: dict[str, list[dict]] = {}
     for state in states:
