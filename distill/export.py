@@ -298,10 +298,10 @@ def _check_calibration_shape(datamodule: Any, shape: list[int], where: str) -> N
     size = getattr(datamodule, "model_inputs", dict)().get("size")
     images = [getattr(datamodule, "in_chans", None), *(size or [])]
     if None not in images and len(images) == 3 and images != list(shape):
+        resized = f", or --input_size {images[1]} to export it for that data's size" if images[0] == shape[0] else ""
         raise ValueError(
             f"int8 calibration images would be {'x'.join(map(str, images))} ({where}), and the student is exported "
-            f"for {'x'.join(map(str, shape))} inputs: give --recipe a config of the data it was trained on, or "
-            f"--input_size {images[1]} to export it for that data's size"
+            f"for {'x'.join(map(str, shape))} inputs: give --recipe a config of the data it was trained on{resized}"
         )
 
 

@@ -364,6 +364,26 @@ def _image_folder(
     return root
 
 
+def test_an_image_folder_evaluates_as_timm_does_with_what_its_exported_files_say(tmp_path: Path):
+    """An exported file says ``crop_pct`` and ``interpolation`` as timm's ``pretrained_cfg`` does: whoever feeds it
+    with timm's evaluation transform must get the images the model was scored on (at 20 pixels timm resizes to
+    floor(20 / 0.875) = 22, where rounding gave 23)."""
+    from PIL import Image
+    from timm.data import transforms_imagenet_eval
+
+    root = _image_folder(tmp_path / "data")
+    (root / "test" / "apple").mkdir(parents=True)
+    pixels = np.random.default_rng(1).integers(0, 255, (30, 41, 3), dtype=np.uint8)  # not square
+    Image.fromarray(pixels).save(root / "test" / "apple" / "0.png")
+    dm = ImageFolderDataModule(str(root), image_size=20, val_size=2, num_workers=0)
+    dm.setup("test")
+    said = dm.model_inputs()
+    timm_eval = transforms_imagenet_eval(20, crop_pct=said["crop_pct"], interpolation=said["interpolation"],
+                                         mean=dm.mean, std=dm.std)  # fmt: skip
+    expected = timm_eval(read_image(str(root / "test" / "apple" / "0.png")))
+    assert torch.equal(dm.test_set[0][0], expected) and expected.shape == (3, 20, 20)
+
+
 def test_a_fit_resumes_on_its_image_folder_moved_but_not_on_other_images_or_another_datamodule(tmp_path: Path):
     run = tmp_path / "run"
     data = {

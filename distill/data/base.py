@@ -34,9 +34,9 @@ class SplitDataModule(LightningDataModule):
 
     #: The class names, in the order of the labels (``None`` where unknown, e.g. CIFAR before it is read).
     classes: Sequence[str] | None = None
-    #: How evaluation makes an image the model's size (see :meth:`model_inputs`): whole, by default.
-    crop_pct: float = 1.0
-    interpolation: str = "bilinear"
+    #: How evaluation makes an image the model's size (see :meth:`model_inputs`; ``None``: not said).
+    crop_pct: float | None = None
+    interpolation: str | None = None
 
     def __init__(
         self, batch_size: int, eval_batch_size: int | None, val_size: int | float, num_workers: int, split_seed: int
@@ -93,7 +93,8 @@ class SplitDataModule(LightningDataModule):
                 inputs[key] = [kind(v) for v in torch.as_tensor(value, dtype=dtype).flatten().tolist()]
             except (TypeError, ValueError, RuntimeError):  # absent (None), or not numbers: not recorded
                 continue
-        return inputs | {"crop_pct": float(self.crop_pct), "interpolation": str(self.interpolation)}
+        said = {"crop_pct": (self.crop_pct, float), "interpolation": (self.interpolation, str)}
+        return inputs | {key: kind(value) for key, (value, kind) in said.items() if value is not None}
 
     @classmethod
     def recorded(cls, checkpoint: dict[str, Any], key: str) -> dict[str, Any] | None:

@@ -49,6 +49,7 @@ class ImageFolderDataModule(SplitDataModule):
 
     in_chans = 3
     crop_pct = 0.875
+    interpolation = "bilinear"  # torchvision's Resize, with antialiasing
 
     def __init__(
         self,

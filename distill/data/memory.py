@@ -244,6 +244,8 @@ class InMemoryDataModule(SplitDataModule):
     std: tuple[float, ...]
     crop_padding: int = 4
     hflip: bool = True
+    crop_pct = 1.0  # evaluated whole, resized (bilinear) to ``resize``
+    interpolation = "bilinear"
 
     def __init__(
         self,
