@@ -369,10 +369,10 @@ def test_an_image_folder_evaluates_as_timm_does_with_what_its_exported_files_say
     with timm's evaluation transform must get the images the model was scored on (at 20 pixels timm resizes to
     floor(20 / 0.875) = 22, where rounding gave 23)."""
     from PIL import Image
-    from timm.data import transforms_imagenet_eval
+    from timm.data.transforms_factory import transforms_imagenet_eval
 
     root = _image_folder(tmp_path / "data")
-    (root / "test" / "apple").mkdir(parents=True)
+    shutil.copytree(root / "train", root / "test")
     pixels = np.random.default_rng(1).integers(0, 255, (30, 41, 3), dtype=np.uint8)  # not square
     Image.fromarray(pixels).save(root / "test" / "apple" / "0.png")
     dm = ImageFolderDataModule(str(root), image_size=20, val_size=2, num_workers=0)
