@@ -60,6 +60,8 @@ def main() -> None:
     parser.add_argument("--table", type=Path, help="only print the table of an earlier run folder")
     args = parser.parse_args()
     args.importance = list(dict.fromkeys(args.importance))
+    if args.table is not None and not (args.table / "target.json").is_file():
+        parser.error(f"{args.table} holds no latency_front run (no target.json): give the --out of one")
     out = args.table or args.out
     if args.table is None:
         run_all(args)

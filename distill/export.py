@@ -233,7 +233,7 @@ def export(
     if shape is None:
         raise ValueError(f"{checkpoint} records no input size: pass input_size (e.g. 28 for Fashion-MNIST)")
     if datamodule is not None:
-        _check_calibration_shape(datamodule, shape, str(recipe_path))
+        _check_calibration_shape(datamodule, shape, str(recipe_path), sized=input_size is not None)
     example = torch.zeros(1, *shape)
     try:
         with torch.no_grad(), eval_mode(model):
@@ -292,17 +292,24 @@ def export(
     return results
 
 
-def _check_calibration_shape(datamodule: Any, shape: list[int], where: str) -> None:
-    """Refuse int8 calibration images of another shape than the exported student's input (``shape``), in one line
-    naming the fix, before anything is exported (ONNX Runtime would fail on them, naming an index)."""
+def _check_calibration_shape(datamodule: Any, shape: list[int], where: str, sized: bool) -> None:
+    """Refuse int8 calibration images of another shape than the exported student's input (``shape``; ``sized``:
+    given as ``input_size``), in one line naming the fix, before anything is exported (ONNX Runtime would fail on
+    them, naming an index)."""
     size = getattr(datamodule, "model_inputs", dict)().get("size")
     images = [getattr(datamodule, "in_chans", None), *(size or [])]
-    if None not in images and len(images) == 3 and images != list(shape):
-        resized = f", or --input_size {images[1]} to export it for that data's size" if images[0] == shape[0] else ""
-        raise ValueError(
-            f"int8 calibration images would be {'x'.join(map(str, images))} ({where}), and the student is exported "
-            f"for {'x'.join(map(str, shape))} inputs: give --recipe a config of the data it was trained on{resized}"
-        )
+    if None in images or len(images) != 3 or images == list(shape):
+        return
+    data, export = "x".join(map(str, images)), "x".join(map(str, shape))
+    if images[0] != shape[0]:
+        fix = "give --recipe a config of the data it was trained on"
+    elif sized:  # the recipe's data may well be right: the size asked for is not theirs
+        fix = f"export it at that data's size (--input_size {images[1]}), or give --recipe a config of {export} images"
+    else:
+        fix = (f"give --recipe a config of the data it was trained on, or --input_size {images[1]} to export it for "
+               f"that data's size")  # fmt: skip
+    raise ValueError(f"int8 calibration images would be {data} ({where}), and the student is exported for {export} "
+                     f"inputs: {fix}")  # fmt: skip
 
 
 def int8_line(path: Path, result: dict[str, Any], max_drop: float) -> str:

@@ -383,6 +383,17 @@ def test_an_image_folder_evaluates_as_timm_does_with_what_its_exported_files_say
     expected = timm_eval(read_image(str(root / "test" / "apple" / "0.png")))
     assert torch.equal(dm.test_set[0][0], expected) and expected.shape == (3, 20, 20)
 
+    for size in (14, 56):  # Fashion-MNIST resized, smaller (antialiased, as PIL) and larger: whole images, bilinear
+        fashion = fmnist(resize=size, on_device=False)
+        fashion.setup("test")
+        said = fashion.model_inputs()
+        timm_eval = transforms_imagenet_eval(size, crop_pct=said["crop_pct"], interpolation=said["interpolation"],
+                                             mean=fashion.mean, std=fashion.std)  # fmt: skip
+        raw = fashion.test_set.images[:16]
+        expected = torch.stack([timm_eval(Image.fromarray(image[0].numpy())) for image in raw])
+        difference = (fashion.test_set.transform(raw) - expected).abs().max()
+        assert said["crop_pct"] == 1.0 and difference < 1.05 / 255 / fashion.std[0], size  # PIL's uint8 rounding
+
 
 def test_a_fit_resumes_on_its_image_folder_moved_but_not_on_other_images_or_another_datamodule(tmp_path: Path):
     run = tmp_path / "run"

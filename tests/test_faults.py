@@ -369,7 +369,11 @@ FAULTS = [
     Fault("export int8 options without int8", (*EXPORT, *TO_ONNX, "--recipe", "{recipe}"), "only apply to int8"),
     Fault("export int8, int4 activations", (*EXPORT, *INT8, "--activations", "int4"), "activations must be"),
     Fault("export int8, 0 calibration images", (*EXPORT, *INT8, "--calibration_images", "0"), "calibration_images"),
-    Fault("export int8 at another size", (*EXPORT, *INT8, "--input_size", "32"), "calibration images would be 1x28x28"),
+    Fault(
+        "export int8 at another size",
+        (*EXPORT, *INT8, "--input_size", "32"),
+        "inputs: export it at that data's size (--input_size 28)",
+    ),
     Fault("prune latency on a TPU", (*NEW_PRUNE, "--latency_runtime", "tpu"), "Unknown latency_runtime"),
     Fault("prune-distill over fit runs", (*PRUNE[:-1], "{runs}"), "holds fit runs that no prune-distill made (fit/"),
     Fault("prune with every layer ignored", (*NEW_PRUNE, "--ignored_layers", "[cnn]"), "no layer is left to prune"),

@@ -192,7 +192,7 @@ def test_a_failed_export_leaves_the_earlier_files_as_they_were(
     # (past the check that refuses them first, as data it cannot read the shape of would).
     with pytest.raises(ValueError, match=r"would be 1x28x28 .* exported for 1x32x32 inputs"):
         export(str(small_teacher_checkpoint), int8=str(out / "s.int8.onnx"), recipe=str(recipe), input_size=32)
-    monkeypatch.setattr(distill.export, "_check_calibration_shape", lambda *_: None)
+    monkeypatch.setattr(distill.export, "_check_calibration_shape", lambda *_, **__: None)
     with pytest.raises(ValueError, match=r"ONNX Runtime cannot quantize .*the calibration images fit"):
         export(str(small_teacher_checkpoint), onnx=str(out / "s.onnx"), int8=str(out / "s.int8.onnx"),
                recipe=str(recipe), input_size=32)  # fmt: skip

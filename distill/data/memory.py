@@ -83,7 +83,8 @@ class BatchTransform:
         augment: random crop with ``padding`` and (if ``flip``) a random horizontal flip.
         padding: zero padding of the random crop.
         flip: allow horizontal flips (off for data where left/right matters).
-        resize: resize to ``resize`` x ``resize`` (bilinear) after augmentation.
+        resize: resize to ``resize`` x ``resize`` (bilinear, antialiased when it shrinks, as PIL and timm's
+            evaluation transform resize) after augmentation.
         erasing: probability of :func:`random_erase` on each image, after normalising and resizing.
     """
 
@@ -121,7 +122,7 @@ class BatchTransform:
         x = images.float().div_(255.0)
         x = (x - self.mean) / self.std
         if self.resize is not None and x.shape[-2:] != (self.resize, self.resize):
-            x = F.interpolate(x, size=(self.resize, self.resize), mode="bilinear", align_corners=False)
+            x = F.interpolate(x, size=(self.resize, self.resize), mode="bilinear", align_corners=False, antialias=True)
         if self.erasing > 0:
             x = random_erase(x, self.erasing)
         return x
