@@ -37,7 +37,10 @@ _SPLITS = {"train": "train_set", "val": "val_set", "test": "test_set"}
 def split_fingerprint(dataset: TensorImageDataset) -> str:
     """SHA-256 of a split's images and of its (deterministic) transform."""
     t = dataset.transform
-    digest = hashlib.sha256(repr((t.mean.tolist(), t.std.tolist(), t.resize, tuple(dataset.images.shape))).encode())
+    settings = (t.mean.tolist(), t.std.tolist(), t.resize, tuple(dataset.images.shape))
+    if t.resize is not None and t.resize < max(dataset.images.shape[-2:]):  # shrunk with antialiasing since
+        settings += ("antialiased",)  # 2026-12-07: logits cached before are of other images
+    digest = hashlib.sha256(repr(settings).encode())
     digest.update(dataset.images.cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()
 
