@@ -300,15 +300,15 @@ def _check_calibration_shape(datamodule: Any, shape: list[int], where: str, size
     images = [getattr(datamodule, "in_chans", None), *(size or [])]
     if None in images or len(images) != 3 or images == list(shape):
         return
-    data, export = "x".join(map(str, images)), "x".join(map(str, shape))
+    data, exported = "x".join(map(str, images)), "x".join(map(str, shape))
     if images[0] != shape[0]:
         fix = "give --recipe a config of the data it was trained on"
     elif sized:  # the recipe's data may well be right: the size asked for is not theirs
-        fix = f"export it at that data's size (--input_size {images[1]}), or give --recipe a config of {export} images"
+        fix = f"export it at that data's size (--input_size {images[1]}), or give --recipe data of {exported} images"
     else:
         fix = (f"give --recipe a config of the data it was trained on, or --input_size {images[1]} to export it for "
                f"that data's size")  # fmt: skip
-    raise ValueError(f"int8 calibration images would be {data} ({where}), and the student is exported for {export} "
+    raise ValueError(f"int8 calibration images would be {data} ({where}), and the student is exported for {exported} "
                      f"inputs: {fix}")  # fmt: skip
 
 
