@@ -164,7 +164,8 @@ def quantize_onnx(
             message = (str(err).strip().splitlines() or [""])[0]
             raise ValueError(
                 f"ONNX Runtime cannot quantize {float_path}: {type(err).__name__}: {message}. Check that the "
-                f"calibration images fit the model's input (the recipe's data), or ship the float32 file"
+                f"calibration images fit the model's input (the recipe's data), or ship the float32 model (its ONNX "
+                f"file: distill export --onnx)"
             ) from None
     return int8_path
 
