@@ -112,9 +112,6 @@ class SplitDataModule(LightningDataModule):
 
     def _loader(self, dataset: Dataset | None, train: bool, split: str) -> Iterable[Batch]:
         if dataset is None:  # one line from `distill test|predict` on data without a test split
-            if split == "test" and getattr(self, "test_dir", "") is None:
-                raise ValueError(f"{type(self).__name__} has no test split (test_dir is null): give "
-                                 f"data.init_args.test_dir, a folder of test images under root")  # fmt: skip
             raise ValueError(f"{type(self).__name__}: the {split} split is not set up (setup() was not called for "
                              f"its stage)")  # fmt: skip
         return DataLoader(

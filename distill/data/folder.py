@@ -162,6 +162,12 @@ class ImageFolderDataModule(SplitDataModule):
     def loader_options(self) -> dict[str, Any]:
         return {"collate_fn": collate_samples, "pin_memory": torch.cuda.is_available()}
 
+    def _loader(self, dataset: Dataset | None, train: bool, split: str) -> Any:
+        if dataset is None and split == "test" and self.test_dir is None:  # `distill test|predict`
+            raise ValueError(f"{type(self).__name__} has no test split (test_dir is null): give "
+                             f"data.init_args.test_dir, a folder of test images under root")  # fmt: skip
+        return super()._loader(dataset, train, split)
+
 
 def is_image_file(path: str) -> bool:
     """An image by its extension, as torchvision's ImageFolder takes it, but no hidden file: macOS's ``._name.png``
