@@ -63,7 +63,7 @@ from distill.recipes import (
     fit_recipe,
     input_digests,
     job_recipe,
-    recipe_identity,
+    recipe_identities,
     relocate,
     teacher_cache,
     with_callbacks,
@@ -206,11 +206,10 @@ def prune_distill(
     run = RunState(out, "prune-distill")
     inputs = input_digests(base) | ({student_checkpoint: file_digest(student_checkpoint)} if student_checkpoint else {})
     legacy = json.dumps(base, sort_keys=True, default=str)  # as runs started before 2026-12-07 recorded it
-    identity, earlier = recipe_identity(base), run.state.get("inputs", {}).get("recipe")
-    if earlier not in (None, identity) and earlier in (legacy, recipe_identity(base, images=False)):
-        identity = earlier  # as a run started before recorded it: with paths, or without an image folder's listing
+    identities, earlier = recipe_identities(base), run.state.get("inputs", {}).get("recipe")
+    identity = earlier if earlier in (*identities[1:], legacy) else identities[0]  # a run started before: as it was
     recorded = {"recipe": identity, "inputs": inputs}  # the files it reads by content: moved with it, the same recipe
-    run.hold(settings, recorded, compared_as_contents=("run_dir", "recipe", "student_checkpoint"))
+    run.hold(settings, recorded, compared_as_contents=("run_dir", "recipe", "overrides", "student_checkpoint"))
     (out / "prune_distill.yaml").write_text(yaml.safe_dump(run.state["settings"], sort_keys=False))
     phases = _Phases(run, base, data, seed, out / "cache" if cache_teacher_logits else None, meter)
     if target_latency_ms is not None or target_latency is not None:  # the start's time, from the target's check

@@ -27,22 +27,26 @@ from distill.rundir import RunState, atomic_write, rerooted
 __all__ = [
     "FitResult",
     "build_datamodule",
+    "by_contents",
     "check_recipe",
     "check_sections",
     "check_teacher",
     "file_digest",
     "fingerprint",
+    "fingerprints",
     "fit_recipe",
     "image_identity",
     "input_digests",
     "job_recipe",
     "load_recipe",
     "merge",
+    "recipe_identities",
     "recipe_identity",
     "relocate",
     "sibling_config",
     "teacher_cache",
     "with_callbacks",
+    "without_root",
 ]
 
 
@@ -248,33 +252,53 @@ def input_digests(cfg: dict[str, Any]) -> dict[str, str]:
     return {path: file_digest(path) for path in sorted(set(_inputs(cfg))) if Path(path).exists()}
 
 
-def fingerprint(cfg: dict[str, Any], images: bool = True) -> str:
+def fingerprint(cfg: dict[str, Any]) -> str:
     """SHA-256 of :func:`recipe_identity`: two runs with one fingerprint are the same run."""
-    return hashlib.sha256(recipe_identity(cfg, images).encode()).hexdigest()
+    return fingerprints(cfg)[0]
 
 
-def _legacy_fingerprint(cfg: dict[str, Any]) -> str:
-    """The fingerprint ``result.json`` recorded before 2026-12-07 (with every path as spelt): those records count."""
-    text = json.dumps({"recipe": cfg, "inputs": input_digests(cfg)}, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()
+def fingerprints(cfg: dict[str, Any]) -> list[str]:
+    """:func:`fingerprint`, then those records written before held of the same recipe (:func:`recipe_identities`,
+    and before 2026-12-07, the recipe with every path as spelt)."""
+    digests = input_digests(cfg)
+    legacy = json.dumps({"recipe": cfg, "inputs": digests}, sort_keys=True, default=str)
+    return [hashlib.sha256(text.encode()).hexdigest() for text in (*recipe_identities(cfg, digests), legacy)]
 
 
-def recipe_identity(cfg: dict[str, Any], images: bool = True) -> str:
+def recipe_identity(cfg: dict[str, Any]) -> str:
     """What makes a recipe the same recipe wherever it and its files lie, as JSON: its settings and each file it
     reads by its contents (its digest), not by its path; not where it writes (its run folder, and the folder of a
-    teacher-logit cache, which gives the teacher's own logits). A job's folder moved elsewhere runs the same
-    recipes. ``images=False``: without an image folder's listing, as records written before 2026-12-07 (the
-    second session of that day) hold it."""
-    digests = input_digests(cfg)
-    recipe = relocate(_by_contents(cfg, digests), Path("<out>"))
+    teacher-logit cache, which gives the teacher's own logits). An image folder counts by its listing, not by its
+    ``root``. A job's folder, its teacher or its images moved elsewhere run the same recipes."""
+    return recipe_identities(cfg)[0]
+
+
+def recipe_identities(cfg: dict[str, Any], digests: dict[str, str] | None = None) -> list[str]:
+    """:func:`recipe_identity`, then the forms records written before 2026-12-07's third session hold: the data's
+    ``root`` by its path with the listing of the training and validation images (the second session), then without
+    a listing. ``digests``: :func:`input_digests` of ``cfg``, when known."""
+    digests = input_digests(cfg) if digests is None else digests
+    recipe = relocate(by_contents(cfg, digests), Path("<out>"))
     for callback in recipe["trainer"].get("callbacks") or []:
         if isinstance(callback, dict) and str(callback.get("class_path", "")).endswith("TeacherLogitCache"):
             callback.setdefault("init_args", {})["cache_dir"] = "<cache>"
-    identity = {"recipe": recipe, "inputs": sorted(digests.values())}
-    listing = image_identity(cfg) if images else {}
-    if listing:  # an image folder's images: other files in the same folder are another run
-        identity["images"] = listing
-    return json.dumps(identity, sort_keys=True, default=str)
+    unlisted = {"recipe": recipe, "inputs": sorted(digests.values())}
+    listing = image_identity(cfg)
+    forms = [unlisted]
+    if listing:  # an image folder's images: other files in the same folder are another run, the same ones elsewhere not
+        forms = [{**unlisted, "recipe": without_root(recipe), "images": listing},
+                 {**unlisted, "images": {"files": listing["files"]}}, unlisted]  # fmt: skip
+    return [json.dumps(form, sort_keys=True, default=str) for form in forms]
+
+
+def without_root(cfg: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``cfg`` whose data ``root`` is not a path: for a datamodule whose :func:`image_identity` tells its
+    images wherever they lie."""
+    cfg = copy.deepcopy(cfg)
+    init_args = (cfg.get("data") or {}).get("init_args")
+    if isinstance(init_args, dict) and "root" in init_args:
+        init_args["root"] = "<listed>"
+    return cfg
 
 
 def image_identity(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -288,12 +312,12 @@ def image_identity(cfg: dict[str, Any]) -> dict[str, Any]:
     return datamodule.image_identity() if isinstance(datamodule, SplitDataModule) else {}
 
 
-def _by_contents(node: Any, digests: dict[str, str]) -> Any:
+def by_contents(node: Any, digests: dict[str, str]) -> Any:
     """``node`` with every path of a file it reads (a key of ``digests``) given as that file's digest."""
     if isinstance(node, dict):
-        return {k: _by_contents(v, digests) for k, v in node.items()}
+        return {k: by_contents(v, digests) for k, v in node.items()}
     if isinstance(node, list):
-        return [_by_contents(v, digests) for v in node]
+        return [by_contents(v, digests) for v in node]
     return f"sha256:{digests[node]}" if isinstance(node, str) and node in digests else node
 
 
@@ -333,14 +357,13 @@ def fit_recipe(cfg: dict[str, Any], config_path: Path | None = None, root: Path 
     _check_best_is_chosen(monitored, trainer.get("limit_val_batches"))  # before it trains, not after it
     folder = trainer.get("default_root_dir")
     record = Path(folder) / "result.json" if folder else None
-    key = fingerprint(cfg)
+    keys = fingerprints(cfg)
     if record is not None and record.is_file():
         saved = json.loads(record.read_text())
         if root is not None:
             saved = rerooted(saved, RunState.HERE, str(root.resolve()))
         best = Path(saved.get("result", {}).get("checkpoint", ""))
-        recorded = saved.get("fingerprint")  # older records: without an image folder's listing, or with paths
-        same = recorded == key or recorded == fingerprint(cfg, images=False) or recorded == _legacy_fingerprint(cfg)
+        same = saved.get("fingerprint") in keys  # or as a record written before held it
         if same and best.is_file() and file_digest(best) == saved.get("checkpoint_digest"):
             print(f"{folder}: already trained with this recipe and these inputs; its result is reused")
             _write_config(cfg, config_path or sibling_config(Path(folder)))  # its paths, where the run now is
@@ -371,7 +394,7 @@ def fit_recipe(cfg: dict[str, Any], config_path: Path | None = None, root: Path 
         model_name=getattr(student, "model_spec", {}).get("name", type(student).__name__).removeprefix("timm/"),
     )
     if record is not None:  # replaces the record of an earlier recipe in the same folder
-        saved = {"fingerprint": key, "checkpoint_digest": file_digest(best), "result": asdict(result)}
+        saved = {"fingerprint": keys[0], "checkpoint_digest": file_digest(best), "result": asdict(result)}
         saved = saved if root is None else rerooted(saved, str(root.resolve()), RunState.HERE)  # Lightning's realpath
         atomic_write(record, lambda f: json.dump(saved, f, indent=1))
     return result

@@ -30,7 +30,7 @@ from typing import Any
 
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from distill.recipes import FitResult, image_identity, input_digests
+from distill.recipes import FitResult, by_contents, image_identity, input_digests, without_root
 from distill.rundir import file_lock
 
 __all__ = ["finished_rows", "missing_points", "open_storage", "open_study", "work"]
@@ -134,15 +134,22 @@ def open_study(rdb: Any, url: str, name: str, space: dict[str, list], cfg: dict[
         direction="maximize",
         load_if_exists=True,
     )
-    fingerprint = {
-        "grid": space,
-        "recipe": json.dumps(cfg, sort_keys=True, default=str),
-        "inputs": input_digests(cfg),  # the teacher checkpoint's bytes: a retrained teacher is another sweep
-    }
     one = "class_path" in (cfg.get("data") or {})  # one recipe, or its variants by name
-    images = {name: image_identity(recipe) for name, recipe in ({"recipe": cfg} if one else cfg).items()}
+    variants = {"recipe": cfg} if one else cfg
+    digests = input_digests(cfg)  # the teacher checkpoint's bytes: a retrained teacher is another sweep
+    images = {name: image_identity(recipe) for name, recipe in variants.items()}
+    # Each file by its digest and an image folder by its listing, not by their paths: workers that find them
+    # elsewhere (a copy on each cluster node) take up the same study.
+    recipes = {name: by_contents(without_root(r) if images[name] else r, digests) for name, r in variants.items()}
+    fingerprint = {  # in the order checked: a retrained teacher is named as such, not as another recipe
+        "grid": space,
+        "inputs": digests,
+        "recipe": json.dumps(recipes["recipe"] if one else recipes, sort_keys=True, default=str),
+    }
+    earlier = {"recipe": json.dumps(cfg, sort_keys=True, default=str)}  # as studies before 2026-12-07's third session
     if any(images.values()):  # image folders: other files in the same folder are another sweep
         fingerprint["images"] = images
+        earlier["images"] = {name: {"files": listing["files"]} if listing else {} for name, listing in images.items()}
     # A study where nothing finished or runs (every trial failed: bad input found late) takes the new settings.
     started = any(t.state in (TrialState.COMPLETE, TrialState.RUNNING) for t in study.get_trials(deepcopy=False))
     for key, value in fingerprint.items():
@@ -155,7 +162,7 @@ def open_study(rdb: Any, url: str, name: str, space: dict[str, list], cfg: dict[
                 f"{', '.join(sorted(stored))} (now {', '.join(sorted(value))}): its trials cannot be taken up. Use a "
                 f"new run_dir (or study_name); the old results stay in that folder's sweep.csv."
             )
-        elif stored != value:
+        elif stored != value and stored != earlier.get(key) and not _same_files(key, stored, value):
             changed = [k for k in value if stored.get(k) != value[k]] if key in ("inputs", "images") else []
             if key == "grid":
                 what = f"the grid {stored}"
@@ -164,13 +171,23 @@ def open_study(rdb: Any, url: str, name: str, space: dict[str, list], cfg: dict[
             elif key == "inputs":
                 what = f"other contents of {', '.join(changed) or 'its input files'}"
             else:  # an image folder's listing, by variant
-                what = "other images (" + "; ".join(f"{k}: {(stored.get(k) or {}).get('files')}" for k in changed) + ")"
+                what = "other images (" + "; ".join(f"{k}: {_listed(stored.get(k))}" for k in changed) + ")"
             raise ValueError(
                 f"The study {name!r} in {url} was created for {what}; this run asks for "
                 f"{value if key == 'grid' else 'a different one'}. Finished trials would not match. "
                 f"Use a new run_dir (or study_name) for the new sweep, or rerun with the original settings."
             )
     return study
+
+
+def _listed(listing: dict[str, str] | None) -> str:
+    """An image folder's listing, as a study recorded it, in words."""
+    return ", test split ".join((listing or {}).values()) or "no listing"
+
+
+def _same_files(key: str, stored: Any, value: Any) -> bool:
+    """Whether a study's recorded input files are the ones given: the same contents, wherever they lie."""
+    return key == "inputs" and sorted(stored.values()) == sorted(value.values())
 
 
 def _key(params: dict[str, Any], space: dict[str, list]) -> tuple:

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import optuna
 import pytest
 import torch
 import torchvision.datasets
@@ -38,7 +39,8 @@ from distill.data.base import model_data_mismatch
 from distill.data.fashion_mnist import FASHION_MNIST_FILES
 from distill.data.folder import read_image
 from distill.export import deployment_metadata
-from distill.recipes import build_datamodule, recipe_identity
+from distill.recipes import build_datamodule, merge, recipe_identity
+from distill.study import open_storage, open_study
 
 
 @pytest.fixture(scope="module")
@@ -528,6 +530,10 @@ def test_a_job_checks_the_test_split_before_it_trains_and_export_names_why_its_d
         main([*job, "--seeds", "[0]"])
     assert stop.value.code == 2 and "was created for other images (recipe: 8 images in 2 classes" in err.getvalue()
     assert {p: p.read_bytes() for p in (tmp_path / "sweep").rglob("*") if p.is_file()} == before
+    (root / "train" / "bread" / "added.png").unlink()
+    Image.fromarray(np.zeros((20, 20, 3), dtype=np.uint8)).save(root / "test" / "bread" / "1.png")
+    assert recipe_identity(cfg) != identity  # another test split: the runs' test accuracies are of other images
+    (root / "test" / "bread" / "1.png").unlink()
 
     root.rename(tmp_path / "moved")  # the data the run's config.yaml names is elsewhere now
     with pytest.raises(SystemExit) as stop, contextlib.redirect_stderr(io.StringIO()) as err:
@@ -535,6 +541,54 @@ def test_a_job_checks_the_test_split_before_it_trains_and_export_names_why_its_d
     assert stop.value.code == 2
     assert "(give --recipe to calibrate on data elsewhere): its data section does not build: ImageFolderDataModule: " \
            f"training folder {root / 'train'} does not exist" in err.getvalue()  # fmt: skip
+
+    # The same images elsewhere (a copy on a cluster node's scratch) are the same recipe: the sweep's trial is reused.
+    moved = {"data": {"init_args": {"root": str(tmp_path / "moved")}}}
+    assert recipe_identity(merge(cfg, moved)) == identity
+    trained = {p: p.stat().st_mtime_ns for p in (tmp_path / "sweep").rglob("*.ckpt")}
+    main([*job, "--seeds", "[0]", "--overrides", json.dumps(moved)])
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "sweep").rglob("*.ckpt")} == trained and trained
+
+
+def test_a_study_is_taken_up_on_its_images_elsewhere_and_as_a_study_made_before_recorded_it(tmp_path: Path):
+    root = _image_folder(tmp_path / "data")
+    shutil.copytree(root / "train", root / "test", ignore=shutil.ignore_patterns("[123].png"))  # 1 image a class
+    data = {"root": str(root), "image_size": 16, "val_size": 2}
+    (tmp_path / "teacher.ckpt").write_bytes(b"weights")  # read by its digest
+    teacher = {"class_path": "teachers.load_teacher", "init_args": {"checkpoint": str(tmp_path / "teacher.ckpt")}}
+    cfg = {
+        "model": {"teacher": teacher},
+        "data": {"class_path": "distill.data.ImageFolderDataModule", "init_args": data},
+    }
+    space, url = {"seed": [0]}, f"sqlite:///{tmp_path / 'sweep.db'}"
+    rdb = open_storage(url, heartbeat_interval=30)
+    old, new = (open_study(rdb, url, name, space, cfg) for name in ("old", "new"))
+    listing = new.user_attrs["images"]["recipe"]
+    assert listing["test_files"].startswith("2 images in 2 classes, listing ")
+    old.set_user_attr("recipe", json.dumps(cfg, sort_keys=True))  # as a study made before recorded it: the root's
+    old.set_user_attr("images", {"recipe": {"files": listing["files"]}})  # path, its training images' listing
+    for study in (old, new):  # a finished trial: the study is held to its recipe
+        study.add_trial(optuna.trial.create_trial(params={}, distributions={}, value=0.5))
+    open_study(rdb, url, "old", space, cfg)
+    shutil.copytree(root, tmp_path / "copy")
+    shutil.copy(tmp_path / "teacher.ckpt", tmp_path / "copy")
+    elsewhere = merge(
+        cfg,
+        {
+            "data": {"init_args": {"root": str(tmp_path / "copy")}},
+            "model": {"teacher": {"init_args": {"checkpoint": str(tmp_path / "copy" / "teacher.ckpt")}}},
+        },
+    )
+    open_study(rdb, url, "new", space, elsewhere)  # the same images and teacher on another worker's disk
+    was = f"other images \\(recipe: {listing['files']}, test split {listing['test_files']}\\)"
+    shutil.copy(root / "train" / "apple" / "1.png", tmp_path / "copy" / "test" / "apple")
+    for name, other, words in (
+        ("new", elsewhere, was),  # another test split: the trials' test accuracies would be of other images
+        ("old", elsewhere, "another recipe"),  # a study made before holds its images to their path
+        ("new", merge(elsewhere, {"data": {"init_args": {"image_size": 12}}}), "another recipe"),
+    ):
+        with pytest.raises(ValueError, match=f"The study '{name}' in .* was created for {words}"):
+            open_study(rdb, url, name, space, other)
 
 
 def test_a_teacher_or_an_evaluated_checkpoint_is_held_to_the_classes_and_normalisation_of_its_data(tmp_path: Path):

@@ -59,13 +59,14 @@ class SplitDataModule(LightningDataModule):
     def state_dict(self) -> dict[str, Any]:
         """What Lightning saves of the datamodule in each checkpoint, which a resumed fit must keep (``distill fit``
         checks them before it trains: see ``recorded``): the settings of the train/validation ``split``, the
-        ``batches`` training is made of (:meth:`batch_settings`), and which ``images`` (:meth:`image_identity`);
-        and what a model trained on it takes and predicts (:meth:`model_inputs`, ``classes``), which a teacher's
-        or an evaluated checkpoint's data is checked against (:func:`model_data_mismatch`)."""
+        ``batches`` training is made of (:meth:`batch_settings`), and which training and validation ``images``
+        (:meth:`image_identity`); and what a model trained on it takes and predicts (:meth:`model_inputs`,
+        ``classes``), which a teacher's or an evaluated checkpoint's data is checked against
+        (:func:`model_data_mismatch`)."""
         return {
             "split": {"val_size": self.val_size, "split_seed": self.split_seed},
             "batches": self.batch_settings(),
-            "images": self.image_identity(),
+            "images": self.image_identity(test=False),  # what a fit learns from and chooses on
             "inputs": self.model_inputs(),
             "classes": class_names(self),
         }
@@ -74,9 +75,10 @@ class SplitDataModule(LightningDataModule):
         """The settings that make the training batches: their size, and a subclass's augmentation and input size."""
         return {"batch_size": self.batch_size}
 
-    def image_identity(self) -> dict[str, Any]:
-        """What tells this datamodule's training and validation images from another's of its class, wherever
-        they lie (an image folder's listing); empty where the class names them (Fashion-MNIST, CIFAR)."""
+    def image_identity(self, test: bool = True) -> dict[str, Any]:
+        """What tells the images this datamodule reads (``test``: the test split's too) from another's of its class,
+        wherever they lie (an image folder's listing: a recipe's identity then leaves out its ``root``); empty where
+        the class names them (Fashion-MNIST, CIFAR)."""
         return {}
 
     def model_inputs(self) -> dict[str, Any]:

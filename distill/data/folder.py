@@ -104,23 +104,27 @@ class ImageFolderDataModule(SplitDataModule):
         return super().batch_settings() | {"augment": self.augment, "image_size": self.image_size,
                                            "mean": list(self.mean), "std": list(self.std)}  # fmt: skip
 
-    def image_identity(self) -> dict[str, Any]:
-        """The training (and validation) folders' listing: how many images, and a digest of their class folders and
-        file names (not of their contents, nor of where ``root`` lies or what the split folders are called: a moved
-        or renamed copy is the same data)."""
+    def image_identity(self, test: bool = True) -> dict[str, Any]:
+        """The listing of the images it reads: how many, and a digest of their class folders and file names (not of
+        their contents, nor of where ``root`` lies or what the split folders are called: a moved or renamed copy is
+        the same data). ``files``: the training and validation folders'; ``test_files``: the test folder's."""
         if self._identity is None:
-            listing, count, classes = hashlib.sha256(), 0, {name: i for i, name in enumerate(self.classes)}
-            for role, split in (("train", self.train_dir), ("val", self.val_dir)):
-                folder = self.root / split if split is not None else None
-                if folder is None or not folder.is_dir():
-                    continue
-                samples = make_dataset(str(folder), classes, is_valid_file=is_image_file, allow_empty=True)
-                for path, label in samples:
-                    listing.update(f"{role}/{Path(path).relative_to(folder).as_posix()}\0{label}\n".encode())
-                count += len(samples)
-            self._identity = {"files": f"{count:,} images in {len(self.classes)} classes, listing "
-                                       f"{listing.hexdigest()[:12]}"}  # fmt: skip
-        return self._identity
+            classes, self._identity = {name: i for i, name in enumerate(self.classes)}, {}
+            for key, roles in (("files", ("train", "val")), ("test_files", ("test",))):
+                listing, count = hashlib.sha256(), 0
+                for role in roles:
+                    split = getattr(self, f"{role}_dir")
+                    folder = self.root / split if split is not None else None
+                    if folder is None or not folder.is_dir():
+                        continue
+                    samples = make_dataset(str(folder), classes, is_valid_file=is_image_file, allow_empty=True)
+                    for path, label in samples:
+                        listing.update(f"{role}/{Path(path).relative_to(folder).as_posix()}\0{label}\n".encode())
+                    count += len(samples)
+                if key == "files" or count:
+                    self._identity[key] = (f"{count:,} images in {len(self.classes)} classes, listing "
+                                           f"{listing.hexdigest()[:12]}")  # fmt: skip
+        return self._identity if test else {k: v for k, v in self._identity.items() if k != "test_files"}
 
     def _transform(self, train: bool) -> T.Compose:
         size = self.image_size
