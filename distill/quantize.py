@@ -146,7 +146,13 @@ def quantize_onnx(
 
     with tempfile.TemporaryDirectory() as tmp, atomic_path(int8_path) as partial:
         try:
-            name = onnx.load(str(float_path), load_external_data=False).graph.input[0].name
+            graph_input = onnx.load(str(float_path), load_external_data=False).graph.input[0]
+            name, takes = graph_input.name, [d.dim_value or None for d in graph_input.type.tensor_type.shape.dim]
+            given = list(np.shape(first))
+            if len(given) != len(takes) or any(t not in (None, g) for t, g in zip(takes, given, strict=False)):
+                shown = ["x".join("N" if n is None else str(n) for n in dims) for dims in (given, takes)]
+                raise _WrongShape(f"calibration batches are {shown[0]}, but {float_path} takes {shown[1]} inputs: "
+                                  f"give images of its input size (the data it was trained on)")  # fmt: skip
             prepared = Path(tmp) / "prepared.onnx"
             quant_pre_process(str(float_path), str(prepared))
             with contextlib.redirect_stdout(io.StringIO()):  # the entropy and percentile calibrators print
@@ -160,6 +166,8 @@ def quantize_onnx(
                     weight_type=QuantType.QInt8,
                     calibrate_method=getattr(CalibrationMethod, CALIBRATION_METHODS[options.calibration_method]),
                 )
+        except _WrongShape as err:
+            raise ValueError(str(err)) from None
         except Exception as err:  # noqa: BLE001 - onnx and ONNX Runtime raise many kinds; all mean "cannot quantize"
             message = (str(err).strip().splitlines() or [""])[0]
             raise ValueError(
@@ -168,6 +176,10 @@ def quantize_onnx(
                 f"file: distill export --onnx)"
             ) from None
     return int8_path
+
+
+class _WrongShape(ValueError):
+    """Calibration batches that do not fit the model's input (found before ONNX Runtime names an index)."""
 
 
 def calibration_images(datamodule: Any, num_images: int) -> list[torch.Tensor]:

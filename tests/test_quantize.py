@@ -123,6 +123,13 @@ def test_a_model_onnx_runtime_cannot_quantize_gets_one_line_and_no_file(tmp_path
         quantize_onnx(tmp_path / "bad.onnx", tmp_path / "bad.int8.onnx", [torch.zeros(1, 1, 28, 28)])
     assert "\n" not in str(err.value)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx"]
+    student = StudentNet(base=2, num_pools=2, in_chans=1).eval()
+    export_onnx(student, torch.zeros(1, 1, 28, 28), tmp_path / "m.onnx")
+    for shape, given in (((4, 1, 32, 32), "4x1x32x32"), ((4, 3, 28, 28), "4x3x28x28"), ((28, 28), "28x28")):
+        words = rf"^calibration batches are {given}, but .*m.onnx takes Nx1x28x28 inputs: give images of its input"
+        with pytest.raises(ValueError, match=words + r" size \(the data it was trained on\)$"):
+            quantize_onnx(tmp_path / "m.onnx", tmp_path / "m.int8.onnx", [torch.zeros(shape)])
+    assert not (tmp_path / "m.int8.onnx").exists()
 
 
 def test_int8_without_its_extra_names_the_install(tmp_path: Path, small_teacher_checkpoint: Path):
