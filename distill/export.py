@@ -29,13 +29,16 @@ import torch
 from torch import nn
 
 from distill.data.base import check_trained_data
-from distill.profile import eval_mode
+from distill.profile import activation_floor, eval_mode
 from distill.quantize import QuantOptions, quantize_checked, require_onnxruntime
 from distill.recipes import build_datamodule, load_recipe
 from distill.rundir import atomic_path, check_output
 from students.checkpoint import INPUT_SHAPE_KEY, load_student, read_checkpoint, recorded_data, recorded_input_shape
 
-__all__ = ["deployment_metadata", "export", "export_onnx", "export_pt2", "export_torchscript"]
+__all__ = ["CHECK_IMAGES", "deployment_metadata", "export", "export_onnx", "export_pt2", "export_torchscript"]
+
+#: Each exported file is checked on a batch of so many random images against PyTorch.
+CHECK_IMAGES = 3
 
 
 def deployment_metadata(trained_on: tuple[str, Mapping[str, Any]] | None, input_shape: Sequence[int]) -> dict[str, str]:
@@ -67,7 +70,7 @@ def export_onnx(
 
     Returns:
         The largest absolute difference between ONNX Runtime's and PyTorch's logits, on a batch of
-        3 random inputs shaped like ``example_input``.
+        ``CHECK_IMAGES`` random inputs shaped like ``example_input``.
 
     Raises:
         ValueError: if that difference exceeds ``atol``.
@@ -96,7 +99,7 @@ def export_onnx(
             proto = onnx.load(str(partial))
             onnx.helper.set_model_props(proto, {**{p.key: p.value for p in proto.metadata_props}, **metadata})
             onnx.save(proto, str(partial))
-        check = torch.randn(3, *x.shape[1:], generator=torch.Generator().manual_seed(0))
+        check = torch.randn(CHECK_IMAGES, *x.shape[1:], generator=torch.Generator().manual_seed(0))
         expected = model(check).numpy()
         session = ort.InferenceSession(str(partial), providers=["CPUExecutionProvider"])
         got = session.run(None, {session.get_inputs()[0].name: check.numpy()})[0]
@@ -117,7 +120,7 @@ def export_torchscript(model: nn.Module, example_input: torch.Tensor, path: str 
         warnings.simplefilter("ignore", FutureWarning)
         traced = torch.jit.trace(model, x)
         traced.save(str(partial))
-        check = torch.randn(3, *x.shape[1:], generator=torch.Generator().manual_seed(0))
+        check = torch.randn(CHECK_IMAGES, *x.shape[1:], generator=torch.Generator().manual_seed(0))
         diff = float((torch.jit.load(str(partial))(check) - model(check)).abs().max())
         if diff > atol:
             raise ValueError(
@@ -142,7 +145,7 @@ def export_pt2(model: nn.Module, example_input: torch.Tensor, path: str | Path, 
         program = torch.export.export(model, (two,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
         file = Path(tmp) / "student.pt2"  # torch.export.load wants the .pt2 suffix
         torch.export.save(program, str(file))
-        check = torch.randn(3, *x.shape[1:], generator=torch.Generator().manual_seed(0))
+        check = torch.randn(CHECK_IMAGES, *x.shape[1:], generator=torch.Generator().manual_seed(0))
         diff = float((torch.export.load(str(file)).module()(check) - model(check)).abs().max())
         if diff > atol:
             raise ValueError(f"The exported program's outputs differ from PyTorch's by {diff:.2e} > {atol:g} ({path})")
@@ -234,6 +237,8 @@ def export(
         raise ValueError(f"{checkpoint} records no input size: pass input_size (e.g. 28 for Fashion-MNIST)")
     if datamodule is not None:
         _check_calibration_shape(datamodule, shape, str(recipe_path), sized=input_size is not None)
+    trained = checkpoint_data.get(INPUT_SHAPE_KEY, "an unrecorded size")
+    _check_memory(model, shape, trained)
     example = torch.zeros(1, *shape)
     try:
         with torch.no_grad(), eval_mode(model):
@@ -241,7 +246,7 @@ def export(
     except RuntimeError as err:
         raise ValueError(
             f"The student cannot run on {tuple(shape)} inputs ({str(err).splitlines()[0]}). Give an input_size it "
-            f"accepts (it was trained on {checkpoint_data.get(INPUT_SHAPE_KEY, 'an unrecorded size')})."
+            f"accepts (it was trained on {trained})."
         ) from None
     if torchscript is not None:
         print("warning: TorchScript is deprecated by PyTorch (torch.jit.trace); prefer pt2= (torch.export)",
@@ -290,6 +295,27 @@ def export(
         else:
             print(f"{fmt}: {outputs[fmt]} (max |difference| from PyTorch: {result:.2e})")
     return results
+
+
+def _check_memory(model: nn.Module, shape: list[int], trained: Any) -> None:
+    """Refuse, in one line, an input size at which checking the exported files cannot fit in this machine's memory
+    (the kernel would kill the process without a word), before anything runs at that size."""
+    need, free = activation_floor(model, (CHECK_IMAGES, *shape)), _available_memory()
+    if need is not None and free is not None and need > free:
+        raise ValueError(
+            f"At {'x'.join(map(str, shape[1:]))} pixels, checking the exported student on {CHECK_IMAGES} images "
+            f"holds at least {need / 2**30:.1f} GiB of activations, more than the {free / 2**30:.1f} GiB of memory "
+            f"available here: give a smaller input_size (it was trained on {trained})"
+        )
+
+
+def _available_memory() -> int | None:
+    """Bytes of memory available to a new process (``MemAvailable`` of ``/proc/meminfo``), where the system says."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return None
 
 
 def _check_calibration_shape(datamodule: Any, shape: list[int], where: str, sized: bool) -> None:

@@ -1,4 +1,4 @@
-"""What a student costs: parameters, MACs and size on disk (its latency: :mod:`distill.latency`).
+"""What a student costs: parameters, MACs, memory and size on disk (its latency: :mod:`distill.latency`).
 
 Pruning results are compared at equal cost in these units, not by a ratio of channels (seed 001).
 """
@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["count_macs", "count_params", "eval_mode", "size_on_disk"]
+__all__ = ["activation_floor", "count_macs", "count_params", "eval_mode", "size_on_disk"]
 
 
 @contextmanager
@@ -56,6 +56,34 @@ def count_macs(model: nn.Module, example_input: torch.Tensor) -> int:
     with eval_mode(model), FlopCounterMode(display=False) as counter:
         model(example_input)
     return counter.get_total_flops() // 2
+
+
+@torch.no_grad()
+def activation_floor(model: nn.Module, example_shape: tuple[int, ...]) -> int | None:
+    """At least how many bytes an eval-mode forward of a batch of ``example_shape`` holds at once: the largest
+    inputs plus outputs of one module without children (each tensor once; views and in-place outputs, which share
+    memory, not again), the input in the weights' dtype. Found on the meta device, so that nothing is allocated:
+    ``None`` where the model cannot run there (an operator without a meta kernel, a shape read as a number)."""
+    held: list[int] = []
+
+    def hook(_: nn.Module, args: tuple, out: object) -> None:
+        tensors = (t for t in (*args, *(out if isinstance(out, tuple | list) else (out,))) if torch.is_tensor(t))
+        unique = {id(t): t for t in tensors if not t._is_view()}.values()
+        held.append(sum(t.numel() * t.element_size() for t in unique))
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if next(m.children(), None) is None]
+    weights = {name: torch.empty_like(t, device="meta") for name, t in [*model.named_parameters(),
+                                                                          *model.named_buffers()]}  # fmt: skip
+    try:
+        with eval_mode(model):
+            dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.get_default_dtype())
+            torch.func.functional_call(model, weights, (torch.empty(example_shape, dtype=dtype, device="meta"),))
+    except Exception:  # noqa: BLE001 - any failure on the meta device only means: not known
+        return None
+    finally:
+        for handle in handles:
+            handle.remove()
+    return max(held, default=0)
 
 
 def size_on_disk(model: nn.Module) -> int:

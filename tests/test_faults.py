@@ -203,6 +203,11 @@ FAULTS = [
         ("predict", *RESUME, "{runs}/prune/initial/best.ckpt", "--trainer.logger", "false"),
         "predictions.csv would be replaced",
     ),
+    Fault(  # each allocation fits, but not all of them: the kernel killed the process without a word
+        "export at a size its checks cannot hold",
+        (*EXPORT, *TO_ONNX, "--input_size", "50000"),
+        "checking the exported student on 3 images holds at least ",
+    ),
     Fault(
         "export at an overflowing size", (*EXPORT, *TO_ONNX, "--input_size", "100000000000"), "larger than any memory"
     ),
