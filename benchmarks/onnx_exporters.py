@@ -2,6 +2,7 @@
 
     python benchmarks/onnx_exporters.py                  # the table in benchmarks/RESULTS.md (about a minute)
     python benchmarks/onnx_exporters.py --batch-size 1 --rounds 9
+    python benchmarks/onnx_exporters.py --models "StudentNet 1.0" test_resnet
 
 ``distill.export.export_onnx`` ships students with ``torch.onnx.export(dynamo=True)`` (the ``torch.export``-based
 exporter, with onnxscript's optimizer: about 2 s a StudentNet). Timings that never ship their file (the pruning
@@ -29,15 +30,14 @@ from students import StudentNet, create_timm_model
 EXPORTERS = {"dynamo (shipped)": export_onnx, "torchscript (timing)": export_for_timing}
 
 
-def models() -> dict[str, torch.nn.Module]:
-    student = {"in_chans": 1, "num_classes": 10, "num_pools": 3}
-    return {
-        "StudentNet 1.0": StudentNet(width_mult=1.0, **student),
-        "StudentNet 0.5": StudentNet(width_mult=0.5, **student),
-        "StudentNet pruned, odd widths": StudentNet(channels=[9, 18, 31, 72, 154, 150, 147, 140], **student),
-        "test_resnet": create_timm_model("test_resnet", num_classes=10, in_chans=1, small_input=True),
-        "resnet18, small-image stem": create_timm_model("resnet18", num_classes=10, in_chans=1, small_input=True),
-    }
+STUDENT = {"in_chans": 1, "num_classes": 10, "num_pools": 3}
+MODELS = {  # built when timed
+    "StudentNet 1.0": lambda: StudentNet(width_mult=1.0, **STUDENT),
+    "StudentNet 0.5": lambda: StudentNet(width_mult=0.5, **STUDENT),
+    "StudentNet pruned, odd widths": lambda: StudentNet(channels=[9, 18, 31, 72, 154, 150, 147, 140], **STUDENT),
+    "test_resnet": lambda: create_timm_model("test_resnet", num_classes=10, in_chans=1, small_input=True),
+    "resnet18, small-image stem": lambda: create_timm_model("resnet18", num_classes=10, in_chans=1, small_input=True),
+}
 
 
 def main() -> None:
@@ -45,6 +45,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=7, help="interleaved rounds (the median is reported)")
     parser.add_argument("--repeats", type=int, default=10, help="calls per file and round")
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS), metavar="MODEL",
+                        help=f"the models to time (default: all of {', '.join(MODELS)})")  # fmt: skip
     args = parser.parse_args()
     if min(args.batch_size, args.rounds, args.repeats) < 1:
         parser.error(f"need --batch-size, --rounds and --repeats >= 1, got {args.batch_size}, {args.rounds}, "
@@ -53,7 +55,8 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         files, export_s = {}, {}
-        for name, model in models().items():
+        for name in args.models:
+            model = MODELS[name]()
             for exporter, export in EXPORTERS.items():
                 key = (name, exporter)
                 files[key] = Path(tmp) / f"{len(files)}.onnx"

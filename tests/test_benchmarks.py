@@ -64,6 +64,24 @@ def test_timm_zoo_prints_its_table():
     assert row["train"].startswith("ok, loss") and rows[-1][3:9] == ["**1/1**"] * 6
 
 
+def test_onnx_exporters_benchmark_prints_both_files_of_each_model():
+    args = ["--models", "StudentNet 0.5", "--batch-size", "4", "--rounds", "1", "--repeats", "1"]
+    header, rows = markdown_rows(run_script("benchmarks/onnx_exporters.py", *args).stdout)
+    assert header == ["model", "exporter", "file KiB", "export s", "ms", "torchscript / dynamo"]
+    assert [row[:2] for row in rows] == [
+        ["StudentNet 0.5", "dynamo (shipped)"],
+        ["StudentNet 0.5", "torchscript (timing)"],
+    ]
+    (*_, shipped_ms, blank), (*_, timing_ms, ratio) = rows
+    assert blank == "" and math.isclose(
+        float(timing_ms) / float(shipped_ms), float(ratio), abs_tol=0.01 + 0.01 * float(ratio)
+    )
+    params_kib = count_params(StudentNet(width_mult=0.5, in_chans=1, num_classes=10, num_pools=3)) * 4 / 1024
+    assert all(params_kib <= float(row[2]) < 1.5 * params_kib for row in rows)  # float32 weights, and little else
+    refused = run_script("benchmarks/onnx_exporters.py", "--models", "StudentNet 2.0", check=False)
+    assert refused.returncode == 2 and "invalid choice: 'StudentNet 2.0'" in refused.stderr
+
+
 def test_layout_benchmark_prints_its_table():
     args = ["--teacher", "test_resnet", "--batch-size", "16", "--batches", "1", "--repeats", "1"]
     header, rows = markdown_rows(run_script("benchmarks/layout.py", *args).stdout)
