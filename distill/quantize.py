@@ -134,9 +134,9 @@ def quantize_onnx(
         raise ValueError("no calibration images: the calibration split is empty")
 
     class Reader(CalibrationDataReader):
-        def __init__(self, name: str) -> None:
+        def __init__(self, name: str, takes: list[int | None] | None) -> None:
             self.name = name
-            self.batches = (np.ascontiguousarray(np.asarray(b, dtype=np.float32)) for b in [first, *batches])
+            self.batches = (_fitting(b, takes, float_path) for b in [first, *batches])
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             batch = next(self.batches, None)
@@ -147,19 +147,17 @@ def quantize_onnx(
     with tempfile.TemporaryDirectory() as tmp, atomic_path(int8_path) as partial:
         try:
             graph_input = onnx.load(str(float_path), load_external_data=False).graph.input[0]
-            name, takes = graph_input.name, [d.dim_value or None for d in graph_input.type.tensor_type.shape.dim]
-            given = list(np.shape(first))
-            if len(given) != len(takes) or any(t not in (None, g) for t, g in zip(takes, given, strict=False)):
-                shown = ["x".join("N" if n is None else str(n) for n in dims) for dims in (given, takes)]
-                raise _WrongShape(f"calibration batches are {shown[0]}, but {float_path} takes {shown[1]} inputs: "
-                                  f"give images of its input size (the data it was trained on)")  # fmt: skip
+            tensor = graph_input.type.tensor_type  # its dims: a number, or None where any size goes (the batch)
+            takes = [d.dim_value or None for d in tensor.shape.dim] if tensor.HasField("shape") else None
+            reader = Reader(graph_input.name, takes)
+            _fitting(first, takes, float_path)  # before ONNX Runtime prepares anything
             prepared = Path(tmp) / "prepared.onnx"
             quant_pre_process(str(float_path), str(prepared))
             with contextlib.redirect_stdout(io.StringIO()):  # the entropy and percentile calibrators print
                 quantize_static(
                     str(prepared),
                     str(partial),
-                    Reader(name),
+                    reader,
                     quant_format=getattr(QuantFormat, QUANT_FORMATS[options.quant_format]),
                     per_channel=options.per_channel,
                     activation_type=QuantType.QUInt8 if options.activation_type == "uint8" else QuantType.QInt8,
@@ -180,6 +178,21 @@ def quantize_onnx(
 
 class _WrongShape(ValueError):
     """Calibration batches that do not fit the model's input (found before ONNX Runtime names an index)."""
+
+
+def _fitting(batch: torch.Tensor | np.ndarray, takes: list[int | None] | None, path: Path) -> np.ndarray:
+    """``batch`` as the contiguous float32 array ONNX Runtime reads, once checked to fit the input dims ``takes``
+    of the model at ``path`` (``None``: unknown)."""
+    array = np.ascontiguousarray(np.asarray(batch, dtype=np.float32))
+    given = list(array.shape)
+    if takes is None or (len(given) == len(takes) and all(t in (None, g) for t, g in zip(takes, given, strict=True))):
+        return array
+    shown = ["x".join("N" if n is None else str(n) for n in dims) or "a single number" for dims in (given, takes)]
+    if len(given) == len(takes) and given[1:] == takes[1:]:  # the images fit; a fixed batch size does not
+        fix = f"give batches of {takes[0]} images (or export it with a dynamic batch size, as distill export does)"
+    else:
+        fix = "give images of its input size (the data it was trained on)"
+    raise _WrongShape(f"calibration batches are {shown[0]}, but {path} takes {shown[1]} inputs: {fix}")
 
 
 def calibration_images(datamodule: Any, num_images: int) -> list[torch.Tensor]:

@@ -250,7 +250,10 @@ class RunState:
 
         changed = changed_settings(compared(self.state.get("settings", settings)), compared(settings))
         recorded = self.state.get("inputs", inputs)
-        moved = [f"the content of the {k}" for k in inputs if k != "inputs" and recorded.get(k) != inputs[k]]
+        named = {"recipe": "recipe (its settings, overrides included, or its image folder's files)"}
+        moved = [
+            f"the content of the {named.get(k, k)}" for k in inputs if k != "inputs" and recorded.get(k) != inputs[k]
+        ]
         if sorted(recorded.get("inputs", {}).values()) != sorted(inputs.get("inputs", {}).values()):
             moved.append(f"a file it reads ({', '.join(inputs['inputs'])})")
         trained = any(key != "start" for key in self.phases)  # "start" only copies an input into the run

@@ -182,7 +182,8 @@ def open_study(rdb: Any, url: str, name: str, space: dict[str, list], cfg: dict[
 
 def _listed(listing: dict[str, str] | None) -> str:
     """An image folder's listing, as a study recorded it, in words."""
-    return ", test split ".join((listing or {}).values()) or "no listing"
+    named = {"test_files": "test split "}
+    return ", ".join(f"{named.get(key, '')}{text}" for key, text in (listing or {}).items()) or "no listing"
 
 
 def _same_files(key: str, stored: Any, value: Any) -> bool:

@@ -551,6 +551,8 @@ def test_a_job_checks_the_test_split_before_it_trains_and_export_names_why_its_d
 
 
 def test_a_study_is_taken_up_on_its_images_elsewhere_and_as_a_study_made_before_recorded_it(tmp_path: Path):
+    from PIL import Image
+
     root = _image_folder(tmp_path / "data")
     shutil.copytree(root / "train", root / "test", ignore=shutil.ignore_patterns("[123].png"))  # 1 image a class
     data = {"root": str(root), "image_size": 16, "val_size": 2}
@@ -580,10 +582,14 @@ def test_a_study_is_taken_up_on_its_images_elsewhere_and_as_a_study_made_before_
         },
     )
     open_study(rdb, url, "new", space, elsewhere)  # the same images and teacher on another worker's disk
-    was = f"other images \\(recipe: {listing['files']}, test split {listing['test_files']}\\)"
+    was = f"other images \\(recipe: {listing['files']}, test split {listing['test_files']}, {listing['bytes']}\\)"
+    shutil.copytree(root, tmp_path / "resized")
+    for image in (tmp_path / "resized").rglob("*.png"):  # another export under the same names
+        Image.open(image).resize((10, 10)).save(image)
     shutil.copy(root / "train" / "apple" / "1.png", tmp_path / "copy" / "test" / "apple")
     for name, other, words in (
         ("new", elsewhere, was),  # another test split: the trials' test accuracies would be of other images
+        ("new", merge(elsewhere, {"data": {"init_args": {"root": str(tmp_path / "resized")}}}), "other images"),
         ("old", elsewhere, "another recipe"),  # a study made before holds its images to their path
         ("new", merge(elsewhere, {"data": {"init_args": {"image_size": 12}}}), "another recipe"),
     ):

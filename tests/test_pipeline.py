@@ -246,7 +246,9 @@ def test_a_run_holds_its_settings_once_it_trained_and_compares_contents_not_path
     assert prune_distill(**{**settings, **spelled}) == rows  # the same run, its paths written another way
     same = {"overrides": {"data": {"init_args": {"batch_size": 32}}}}  # the recipe's own: the same recipe
     assert prune_distill(**{**settings, **same}) == rows  # (data moved to a node's scratch: given as an override)
-    with pytest.raises(ValueError, match=r"other inputs \(the content of the recipe changed since it started\)"):
+    with pytest.raises(
+        ValueError, match=r"other inputs \(the content of the recipe \(its settings, overrides included"
+    ):
         prune_distill(**{**settings, "overrides": {"data": {"init_args": {"batch_size": 16}}}})
     moved = tmp_path / "moved"  # a run directory moved (or copied) elsewhere resumes on its own files
     shutil.move(run, moved)

@@ -130,7 +130,14 @@ def test_a_model_onnx_runtime_cannot_quantize_gets_one_line_and_no_file(tmp_path
         words = rf"^calibration batches are {given}, but .*m.onnx takes Nx1x28x28 inputs: give images of its input"
         with pytest.raises(ValueError, match=words + r" size \(the data it was trained on\)$"):
             quantize_onnx(tmp_path / "m.onnx", tmp_path / "m.int8.onnx", [torch.zeros(shape)])
-    assert not (tmp_path / "m.int8.onnx").exists()
+    fixed = tmp_path / "fixed.onnx"  # a batch of 4, as another tool may export it; the last calibration batch: 2
+    torch.onnx.export(student, (torch.zeros(4, 1, 28, 28),), str(fixed), input_names=["images"], dynamo=False)
+    words = r"^calibration batches are 2x1x28x28, but .*fixed.onnx takes 4x1x28x28 inputs: give batches of 4 images"
+    with pytest.raises(
+        ValueError, match=words + r" \(or export it with a dynamic batch size, as distill export does\)$"
+    ):
+        quantize_onnx(fixed, tmp_path / "m.int8.onnx", [torch.zeros(4, 1, 28, 28), torch.zeros(2, 1, 28, 28)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx", "fixed.onnx", "m.onnx"]
 
 
 def test_the_activation_floor_is_one_layers_input_and_output_found_without_allocating():

@@ -104,12 +104,20 @@ class ImageFolderDataModule(SplitDataModule):
         return super().batch_settings() | {"augment": self.augment, "image_size": self.image_size,
                                            "mean": list(self.mean), "std": list(self.std)}  # fmt: skip
 
+    #: How many files' bytes :meth:`image_identity` digests.
+    SAMPLED_FILES = 16
+
     def image_identity(self, test: bool = True) -> dict[str, Any]:
-        """The listing of the images it reads: how many, and a digest of their class folders and file names (not of
-        their contents, nor of where ``root`` lies or what the split folders are called: a moved or renamed copy is
-        the same data). ``files``: the training and validation folders'; ``test_files``: the test folder's."""
+        """What tells its images from another folder's, wherever ``root`` lies (a moved copy is the same data).
+
+        ``files``: the training and validation images, how many and a digest of their class folders and file names;
+        a fit's checkpoint records that much (``test=False``: there, renamed split folders are the same data too).
+        A job's records add (``test``) ``test_files``, the test folder's, and ``bytes``, a digest of the contents of
+        :attr:`SAMPLED_FILES` files spread over them all: another export under the same names (resized, re-encoded,
+        corrupted) is other data, at the cost of a few reads rather than a pass over the dataset.
+        """
         if self._identity is None:
-            classes, self._identity = {name: i for i, name in enumerate(self.classes)}, {}
+            classes, self._identity, files = {name: i for i, name in enumerate(self.classes)}, {}, []
             for key, roles in (("files", ("train", "val")), ("test_files", ("test",))):
                 listing, count = hashlib.sha256(), 0
                 for role in roles:
@@ -121,10 +129,21 @@ class ImageFolderDataModule(SplitDataModule):
                     for path, label in samples:
                         listing.update(f"{role}/{Path(path).relative_to(folder).as_posix()}\0{label}\n".encode())
                     count += len(samples)
+                    files += [path for path, _ in samples]
                 if key == "files" or count:
                     self._identity[key] = (f"{count:,} images in {len(self.classes)} classes, listing "
                                            f"{listing.hexdigest()[:12]}")  # fmt: skip
-        return self._identity if test else {k: v for k, v in self._identity.items() if k != "test_files"}
+            step = max(1, len(files) // self.SAMPLED_FILES)  # spread evenly over the splits and classes
+            sampled, contents = files[::step][: self.SAMPLED_FILES], hashlib.sha256()
+            for path in sampled:
+                try:
+                    contents.update(Path(path).read_bytes())
+                except OSError as err:
+                    raise ValueError(
+                        f"{path} cannot be read ({err.strerror or err}): fix its permissions, or remove it"
+                    ) from None
+            self._identity["bytes"] = f"{len(sampled)} files sampled, digest {contents.hexdigest()[:12]}"
+        return self._identity if test else {"files": self._identity["files"]}
 
     def _transform(self, train: bool) -> T.Compose:
         size = self.image_size
