@@ -94,7 +94,8 @@ class ImageFolderDataModule(SplitDataModule):
                 raise ValueError(f"ImageFolderDataModule: {name}={split!r} is the training folder: the model "
                                  f"would be scored on images it trained on; give a folder of other images, or "
                                  f"null")  # fmt: skip
-        self._identity: dict[str, Any] | None = None  # the listing, read once
+        self._identity: dict[str, str] = {}  # image_identity's, each part read once
+        self._listings: dict[str, list[tuple[str, int]]] = {}  # (file, label) by split role
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -116,34 +117,54 @@ class ImageFolderDataModule(SplitDataModule):
         :attr:`SAMPLED_FILES` files spread over them all: another export under the same names (resized, re-encoded,
         corrupted) is other data, at the cost of a few reads rather than a pass over the dataset.
         """
-        if self._identity is None:
-            classes, self._identity, files = {name: i for i, name in enumerate(self.classes)}, {}, []
-            for key, roles in (("files", ("train", "val")), ("test_files", ("test",))):
-                listing, count = hashlib.sha256(), 0
-                for role in roles:
-                    split = getattr(self, f"{role}_dir")
-                    folder = self.root / split if split is not None else None
-                    if folder is None or not folder.is_dir():
-                        continue
-                    samples = make_dataset(str(folder), classes, is_valid_file=is_image_file, allow_empty=True)
-                    for path, label in samples:
-                        listing.update(f"{role}/{Path(path).relative_to(folder).as_posix()}\0{label}\n".encode())
-                    count += len(samples)
-                    files += [path for path, _ in samples]
-                if key == "files" or count:
-                    self._identity[key] = (f"{count:,} images in {len(self.classes)} classes, listing "
-                                           f"{listing.hexdigest()[:12]}")  # fmt: skip
-            step = max(1, len(files) // self.SAMPLED_FILES)  # spread evenly over the splits and classes
-            sampled, contents = files[::step][: self.SAMPLED_FILES], hashlib.sha256()
-            for path in sampled:
-                try:
-                    contents.update(Path(path).read_bytes())
-                except OSError as err:
-                    raise ValueError(
-                        f"{path} cannot be read ({err.strerror or err}): fix its permissions, or remove it"
-                    ) from None
-            self._identity["bytes"] = f"{len(sampled)} files sampled, digest {contents.hexdigest()[:12]}"
-        return self._identity if test else {"files": self._identity["files"]}
+
+        known = self._identity
+        if "files" not in known:
+            known["files"] = self._summary("train", "val")
+        if not test:
+            return {"files": known["files"]}
+        if "bytes" not in known:
+            if self._listing("test"):
+                known["test_files"] = self._summary("test")
+            known["bytes"] = self._sampled_bytes()
+        return dict(known)
+
+    def _listing(self, role: str) -> list[tuple[str, int]]:
+        """The (file, label) pairs of the split folder of ``role`` (``train``, ``val``, ``test``); none where it has
+        no folder."""
+        if role not in self._listings:
+            split = getattr(self, f"{role}_dir")
+            folder = self.root / split if split is not None else None
+            classes = {name: i for i, name in enumerate(self.classes)}
+            self._listings[role] = (
+                make_dataset(str(folder), classes, is_valid_file=is_image_file, allow_empty=True)
+                if folder is not None and folder.is_dir()
+                else []
+            )
+        return self._listings[role]
+
+    def _summary(self, *roles: str) -> str:
+        """How many images the split folders of ``roles`` hold, and a digest of their names and labels."""
+        listing, count = hashlib.sha256(), 0
+        for role in roles:
+            folder = self.root / (getattr(self, f"{role}_dir") or "")  # none: no files either
+            for path, label in self._listing(role):
+                listing.update(f"{role}/{Path(path).relative_to(folder).as_posix()}\0{label}\n".encode())
+                count += 1
+        return f"{count:,} images in {len(self.classes)} classes, listing {listing.hexdigest()[:12]}"
+
+    def _sampled_bytes(self) -> str:
+        """A digest of the bytes of :attr:`SAMPLED_FILES` files, spread evenly over every split and class."""
+        files = [path for role in ("train", "val", "test") for path, _ in self._listing(role)]
+        sampled, contents = files[:: max(1, len(files) // self.SAMPLED_FILES)][: self.SAMPLED_FILES], hashlib.sha256()
+        for path in sampled:
+            try:
+                contents.update(Path(path).read_bytes())
+            except OSError as err:
+                raise ValueError(
+                    f"{path} cannot be read ({err.strerror or err}): fix its permissions, or remove it"
+                ) from None
+        return f"{len(sampled)} files sampled, digest {contents.hexdigest()[:12]}"
 
     def _transform(self, train: bool) -> T.Compose:
         size = self.image_size
