@@ -452,6 +452,12 @@ def test_image_folder_settings_that_would_mislead_are_refused_and_odd_files_are_
         ({"std": [0.2, 0.0, 0.2]}, "std > 0"),
         ({"val_dir": "train"}, "val_dir='train' is the training folder: the model would be scored on images it"),
         ({"test_dir": "./train/"}, "test_dir='./train/' is the training folder"),
+        ({"val_dir": "test/"}, "val_dir='test/' is the test folder: the best checkpoint .* would be chosen on the"),
+        (
+            {"mean": [123.675, 116.28, 103.53], "std": [58.395, 57.12, 57.375]},  # as other tools give them
+            r"are on the 0-255 scale, but pixels are read as 0-1: give them divided by 255 \(mean=\[0.485, 0.456, "
+            r"0.406\], std=\[0.229, 0.224, 0.225\]\)",
+        ),
     ):
         with pytest.raises(ValueError, match=words):
             ImageFolderDataModule(str(root), **settings)

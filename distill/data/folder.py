@@ -89,11 +89,24 @@ class ImageFolderDataModule(SplitDataModule):
         if (len(self.mean), len(self.std)) != (self.in_chans,) * 2 or not finite or min(self.std) <= 0:
             raise ValueError(f"ImageFolderDataModule: mean and std need {self.in_chans} finite numbers each (one per "
                              f"RGB channel), std > 0; got mean={list(self.mean)}, std={list(self.std)}")  # fmt: skip
+        if max(self.mean + self.std) > 1:  # e.g. [123.675, 116.28, 103.53]: every input would be nearly constant
+            scaled = [[round(v / 255, 3) for v in values] for values in (self.mean, self.std)]
+            raise ValueError(f"ImageFolderDataModule: mean={list(self.mean)} and std={list(self.std)} are on the 0-255 "
+                             f"scale, but pixels are read as 0-1: give them divided by 255 (mean={scaled[0]}, "
+                             f"std={scaled[1]})")  # fmt: skip
         for name, split in (("val_dir", val_dir), ("test_dir", test_dir)):
             if split is not None and (self.root / split).resolve() == train_path.resolve():
                 raise ValueError(f"ImageFolderDataModule: {name}={split!r} is the training folder: the model "
                                  f"would be scored on images it trained on; give a folder of other images, or "
                                  f"null")  # fmt: skip
+        if (
+            val_dir is not None
+            and test_dir is not None
+            and (self.root / val_dir).resolve() == (self.root / test_dir).resolve()
+        ):
+            raise ValueError(f"ImageFolderDataModule: val_dir={val_dir!r} is the test folder: the best checkpoint "
+                             f"(and a sweep's setting) would be chosen on the images that report it; give a folder of "
+                             f"other images, or null to take val_size images out of the training folder")  # fmt: skip
         self._identity: dict[str, str] = {}  # image_identity's, each part read once
         self._listings: dict[str, list[tuple[str, int]]] = {}  # (file, label) by split role
 
