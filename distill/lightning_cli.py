@@ -206,13 +206,19 @@ class DistillCLI(LightningCLI):
         """Refuse to evaluate another run's checkpoint into the log folder of the recipe's run (a ``CSVLogger`` of a
         fixed version): its ``metrics.csv`` would take rows of another model (and ``predict`` replace its
         ``predictions.csv``). A checkpoint is the run's if it lies in that folder or in a ``ModelCheckpoint``'s."""
-        if self.subcommand not in _EVALUATE or self._checkpoint is None:
+        if self.subcommand not in _EVALUATE:
+            return
+        config = self.config[self.subcommand]
+        if self._checkpoint is not None:
+            source, checkpoint = self._checkpoint[0], Path(config.ckpt_path).resolve()
+        elif config.get("ckpt_path") is None and (path := _student_file(config.model.student)) is not None:
+            source, checkpoint = f"The student students.load_student loads ({path})", Path(path).resolve()
+        else:
             return
         writers = [c for c in trainer.callbacks if isinstance(c, BasePredictionWriter)]
         default = not writers or any(isinstance(w, PredictionWriter) and not w.path for w in writers)
         if self.subcommand == "predict" and not default:
             return  # the predictions go to files of their own (or a writer of the user's), and predict logs no metrics
-        checkpoint = Path(self.config[self.subcommand].ckpt_path).resolve()
         own = [Path(c.dirpath).resolve() for c in trainer.checkpoint_callbacks if getattr(c, "dirpath", None)]
         if self.subcommand == "predict":  # where PredictionWriter writes predictions.csv, logger or not
             folders = [Path(trainer.log_dir or trainer.default_root_dir).resolve()]
@@ -229,7 +235,7 @@ class DistillCLI(LightningCLI):
                     else f"metrics.csv would take rows of another model: give this {self.subcommand} a log folder of "
                     f"its own (the logger's save_dir, e.g. --trainer.logger.init_args.save_dir {checkpoint.parent})"
                 )
-                raise ValueError(f"{self._checkpoint[0]} is not the run in {folder}, whose {fix}")
+                raise ValueError(f"{source} is not the run in {folder}, whose {fix}")
 
     def _check_resumed(self, trainer: Trainer) -> None:
         """Refuse to resume a fit on another train/validation split, or with another teacher, than its checkpoint's:
@@ -523,6 +529,15 @@ def _last_checkpoint(trainer: Trainer) -> str | None:
 def _first_local_rank() -> bool:
     """Whether this is the first process on its machine (the one that checks data and models before the Trainer)."""
     return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0))) == 0
+
+
+def _student_file(spec: Any) -> str | None:
+    """The checkpoint a ``model.student`` spec loads its trained weights from (``students.load_student``'s
+    ``path``, unless ``from_scratch``), or ``None``."""
+    spec = spec.as_dict() if isinstance(spec, Namespace) else spec
+    args = (spec.get("init_args") or {}) if isinstance(spec, dict) else {}
+    named = isinstance(spec, dict) and str(spec.get("class_path", "")).rsplit(".", 1)[-1] == "load_student"
+    return str(args["path"]) if named and args.get("path") and not args.get("from_scratch", False) else None
 
 
 def _loads_weights(spec: Any) -> bool:

@@ -217,6 +217,16 @@ FAULTS = [
         ("predict", *RESUME, "{runs}/prune/initial/best.ckpt"),
         "a file of their own",
     ),
+    Fault(
+        "test a student another run wrote",
+        ("test", *FIT[1:], "--model.student", "students.load_student", "--model.student.path", BEST),
+        "best_student.ckpt) is not the run in",
+    ),
+    Fault(
+        "predict a student another run wrote",
+        ("predict", *FIT[1:], "--model.student", "students.load_student", "--model.student.path", BEST),
+        "predictions.csv would be replaced by another model's",
+    ),
     Fault("test without a checkpoint", ("test", *FIT[1:]), "without --ckpt_path would test the recipe's student"),
     Fault(
         "test last of a run never fitted",
