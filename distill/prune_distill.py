@@ -70,7 +70,15 @@ from distill.recipes import (
 )
 from distill.report import phase_label, prune_distill_report
 from distill.rundir import RunState, check_run_dir, release_run_dir
-from students import StudentNet, load_student, read_checkpoint, save_student, width_for_params
+from students import (
+    StudentNet,
+    load_student,
+    read_checkpoint,
+    save_student,
+    studentnet_channels,
+    thin_channels,
+    width_for_params,
+)
 from students.timm_models import check_timm_name
 
 __all__ = ["check_latency_options", "check_options", "check_reachable", "has_timed_start", "prune_distill"]
@@ -156,7 +164,8 @@ def prune_distill(
         baseline: also distill baselines from scratch for the same total epochs (``baselines``).
         baselines: the students to compare with: numbers are StudentNet ``width_mult`` values (StudentNet
             recipes), names are timm models (timm recipes: the recipe's student with another ``name``). Default:
-            for a size target, the StudentNet whose ``width_mult`` gives the pruned student's parameter count;
+            for a size target, the widest StudentNet within the pruned student's parameter count whose layers
+            ``width_mult`` scales are multiples of ``round_to`` (:meth:`_Phases.thin`);
             for a latency target, the two StudentNets of ``width_mult`` 0.25, 0.375, ..., 1.0 whose latencies
             bracket the pruned student's.
         export_onnx: export the best student under the target to ONNX and check it in ONNX Runtime.
@@ -211,7 +220,7 @@ def prune_distill(
     recorded = {"recipe": identity, "inputs": inputs}  # the files it reads by content: moved with it, the same recipe
     run.hold(settings, recorded, compared_as_contents=("run_dir", "recipe", "overrides", "student_checkpoint"))
     (out / "prune_distill.yaml").write_text(yaml.safe_dump(run.state["settings"], sort_keys=False))
-    phases = _Phases(run, base, data, seed, out / "cache" if cache_teacher_logits else None, meter)
+    phases = _Phases(run, base, data, seed, out / "cache" if cache_teacher_logits else None, meter, round_to)
     if target_latency_ms is not None or target_latency is not None:  # the start's time, from the target's check
         start_ms = run.state.setdefault("start_latency_ms", checked_ms)  # a resumed run keeps its own
         target_latency_ms = target_latency_ms or round(target_latency * start_ms, 3)
@@ -492,9 +501,17 @@ class _Phases:
     """The phases of one run: each a ``distill fit`` of the recipe, recorded in the run's ``state.json``."""
 
     def __init__(
-        self, run: RunState, base: dict[str, Any], data: Any, seed: int, cache: Path | None, meter: LatencyMeter
+        self,
+        run: RunState,
+        base: dict[str, Any],
+        data: Any,
+        seed: int,
+        cache: Path | None,
+        meter: LatencyMeter,
+        round_to: int = 1,
     ) -> None:
         self.run_state = run
+        self.round_to = round_to
         self.meter = meter
         self.out = run.folder
         self.base = base
@@ -635,7 +652,7 @@ class _Phases:
             args = {k: v for k, v in init_args.items() if k != "channels"}
             width = width_for_params(best["params"], **args, num_classes=self.data.num_classes,
                                      in_chans=self.data.in_chans)  # fmt: skip
-            baselines = [] if width is None else [width]
+            return {} if width is None else self.thin(width, best["params"], args)
         elif baselines is None:
             baselines = self.bracket(best["checkpoint"], init_args)
         configs = {}
@@ -648,6 +665,22 @@ class _Phases:
                 config = {"class_path": "students.StudentNet", "init_args": args}
                 configs[f"baseline_w{b:g}"] = (f"StudentNet width_mult={b:g}, KD from scratch", config)
         return configs
+
+    def thin(self, width: float, params: int, args: dict[str, Any]) -> dict[str, tuple[str, dict[str, Any]]]:
+        """The thin StudentNet of ``params`` parameters whose scaled layers are multiples of ``round_to``, as the
+        pruned student's are (:func:`students.thin_channels`: odd channel counts would make the pruned student look
+        fast), named by the ``width_mult`` whose channels it has; of ``width`` (unrounded) where there is none, or
+        where a run started before trained that one."""
+        args = {k: v for k, v in args.items() if k != "width_mult"}
+        earlier = f"baseline_w{width:g}" in self.run_state.phases
+        data = {"num_classes": self.data.num_classes, "in_chans": self.data.in_chans}
+        channels = None if earlier else thin_channels(params, self.round_to, **args, **data)
+        if channels is None:
+            config = {"class_path": "students.StudentNet", "init_args": {**args, "width_mult": width}}
+            return {f"baseline_w{width:g}": (f"StudentNet width_mult={width:g}, KD from scratch", config)}
+        config = {"class_path": "students.StudentNet", "init_args": {**args, "channels": channels}}
+        rounded = channels[3] / studentnet_channels(args.get("base", 16))[3]  # the width_mult these channels are
+        return {f"baseline_w{rounded:g}": (f"StudentNet width_mult={rounded:g}, KD from scratch", config)}
 
     def bracket(self, checkpoint: str, init_args: dict[str, Any]) -> list[float]:
         """The two widths of 0.25, 0.375, ..., 1.0 whose StudentNets run just faster and just slower than the student

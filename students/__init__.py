@@ -15,7 +15,7 @@ from students.checkpoint import (
     shape_attributes,
 )
 from students.registry import create_student, list_students, model_spec, register_student
-from students.studentnet import UNSCALED_LAYERS, StudentNet, studentnet_channels, width_for_params
+from students.studentnet import UNSCALED_LAYERS, StudentNet, studentnet_channels, thin_channels, width_for_params
 from students.timm_models import adapt_resnet_to_small_input, create_timm_model
 
 __all__ = [
@@ -40,5 +40,6 @@ __all__ = [
     "save_student",
     "shape_attributes",
     "studentnet_channels",
+    "thin_channels",
     "width_for_params",
 ]

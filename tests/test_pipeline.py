@@ -51,7 +51,7 @@ def options(tmp_path: Path, teacher: Path, **kwargs) -> dict:
 
 def test_loop_stops_at_the_target_with_results_baseline_and_onnx(tmp_path: Path, small_teacher_checkpoint: Path):
     teacher_bytes = hashlib.sha256(small_teacher_checkpoint.read_bytes()).hexdigest()
-    rows = prune_distill(**options(tmp_path, small_teacher_checkpoint, latency_runtime="onnxruntime"))
+    rows = prune_distill(**options(tmp_path, small_teacher_checkpoint, latency_runtime="onnxruntime", round_to=4))
     run = tmp_path / "run"
 
     phases = [(r["phase"], r["round"]) for r in rows]
@@ -60,6 +60,11 @@ def test_loop_stops_at_the_target_with_results_baseline_and_onnx(tmp_path: Path,
     assert last_round["params"] <= TARGET < rows[0]["params"]
     thin = next(r for r in rows if r["phase"] == "baseline")
     assert thin["params"] <= last_round["params"] and thin["epochs"] == 1 + 2 + 1  # same total epochs
+    widths = load_student(thin["checkpoint"]).channels[3:7]  # those width_mult scales: in multiples of round_to,
+    assert (
+        [w % 4 for w in widths] == [0] * 4
+        and thin["student"] == f"StudentNet width_mult={widths[0] / 16:g}, KD from scratch"
+    )  # fmt: skip  (as the pruned student's are: odd counts would run slower in ONNX Runtime)
 
     with open(run / "rounds.csv") as f:
         table = list(csv.DictReader(f))
@@ -97,7 +102,7 @@ def test_loop_stops_at_the_target_with_results_baseline_and_onnx(tmp_path: Path,
         del older.metadata_props[:]
         onnx.save(older, run / name)
     (run / "state.json").write_text(json.dumps({k: v for k, v in state.items() if k != "best_metadata"}))
-    again = prune_distill(**options(tmp_path, small_teacher_checkpoint, latency_runtime="onnxruntime"))  # all done
+    again = prune_distill(**options(tmp_path, small_teacher_checkpoint, latency_runtime="onnxruntime", round_to=4))
     assert again == rows and json.loads((run / "state.json").read_text())["phases"] == state["phases"]
     for name in ("best_student.onnx", "best_student.int8.onnx"):  # written again, saying it
         meta = ort.InferenceSession(str(run / name), providers=["CPUExecutionProvider"]).get_modelmeta()

@@ -9,7 +9,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from students import UNSCALED_LAYERS, StudentNet, create_student, list_students, model_spec, studentnet_channels
+from students import (
+    UNSCALED_LAYERS,
+    StudentNet,
+    create_student,
+    list_students,
+    model_spec,
+    studentnet_channels,
+    thin_channels,
+    width_for_params,
+)
 
 ROOT = Path(__file__).parents[1]
 
@@ -115,3 +124,19 @@ def test_any_timm_model_is_a_student():
 def test_model_spec_of_a_foreign_module_is_a_clear_error():
     with pytest.raises(ValueError, match="no model_spec"):
         model_spec(torch.nn.Linear(2, 2))
+
+
+def test_the_thin_studentnet_of_a_budget_has_its_scaled_layers_in_multiples_of_the_runtime_s():
+    fmnist = {"num_classes": 10, "in_chans": 1, "num_pools": 3}
+
+    def params(channels: list[int]) -> int:
+        return sum(p.numel() for p in StudentNet(**fmnist, channels=channels).parameters())
+
+    odd = studentnet_channels(16, width_for_params(100_000, **fmnist))  # width 0.539: [.., 68, 137, 137, 137, ..]
+    channels = thin_channels(100_000, 8, **fmnist)
+    assert odd[3:7] == [68, 137, 137, 137] and odd[:3] + odd[7:] == channels[:3] + channels[7:]
+    assert channels[3:7] == [64, 128, 128, 128] and params(channels) <= 100_000  # width 0.5: 8 x 8, 1:2
+    assert params([*channels[:3], 72, 144, 144, 144, channels[7]]) > 100_000  # the next multiple is over budget
+    assert thin_channels(100_000, 8, **fmnist, width_mult=0.3, base=16) == channels  # width_mult is not a limit
+    assert thin_channels(5_000, 8, **fmnist) is None  # even 8 channels there are over budget
+    assert thin_channels(5_000, 1, base=2, **fmnist)[3:7] == [14, 28, 28, 28]
