@@ -8,12 +8,15 @@ into options and ``--help``.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import os
 import re
+import signal
 import sys
+import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -53,19 +56,27 @@ def main(argv: Sequence[str] | None = None) -> None:
     Bad input (a missing file, a wrong class count, an invalid option) ends with one clear message
     and exit status 2, a job that ended with work unfinished (a sweep whose other workers still run) with
     status 3, a run stopped by SIGTERM (``kill``, ``timeout``, a scheduler) with 143 (Lightning ends it with
-    status 0); set ``DISTILL_DEBUG=1`` to see the traceback instead.
+    status 0) and by Ctrl-C with 130 (Lightning: 1), each with a line saying how to resume; set ``DISTILL_DEBUG=1``
+    to see the traceback instead.
     """
     args = list(sys.argv[1:] if argv is None else argv)
     command = args[0] if args else ""
     # Lightning 2.6 on torch 2.14 warns about its own use of torch's pytree API at every run.
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")  # `distill --help`
+    pressed = threading.Event()
     try:
-        with stop_on_sigterm():
+        with stop_on_sigterm(), _noting_ctrl_c(pressed):
             _run(args, argv)
             stop_if_terminated(None)  # a SIGTERM raised where Python ignores it (a __del__) stops the job here
     except SIGTERMException:  # Lightning stopped the run cleanly (checkpoints, logs) and exits with 0
         _stopped(command)
+    except KeyboardInterrupt:  # Ctrl-C outside a Trainer run (an export, a timing, a job between its runs)
+        _stopped(command, "Ctrl-C (SIGINT)", 130)
+    except SystemExit as stop:  # Ctrl-C in a Trainer run: Lightning shuts it down and exits with 1
+        if stop.code == 1 and pressed.is_set():
+            _stopped(command, "Ctrl-C (SIGINT)", 130)
+        raise
     except (ValueError, OSError, IncompleteRun, MisconfigurationException, MissingExtra, ModuleNotFoundError) as err:
         if os.environ.get("DISTILL_DEBUG"):
             raise
@@ -86,6 +97,27 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"distill: error: out of memory ({_allocation(err)}): {fix} (DISTILL_DEBUG=1 shows the traceback)",
               file=sys.stderr)  # fmt: skip
         raise SystemExit(2) from None
+
+
+@contextlib.contextmanager
+def _noting_ctrl_c(pressed: threading.Event) -> Iterator[None]:
+    """Set ``pressed`` when Ctrl-C (SIGINT) comes, then raise KeyboardInterrupt as Python does: Lightning turns it
+    into ``sys.exit(1)``, and this is how the exit is known to be Ctrl-C's. A handler of the caller's is kept."""
+    if threading.current_thread() is not threading.main_thread() or (
+        signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+
+    def note(signum: int, frame: Any) -> None:
+        pressed.set()
+        signal.default_int_handler(signum, frame)
+
+    signal.signal(signal.SIGINT, note)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def _run(args: list[str], argv: Sequence[str] | None) -> None:
@@ -138,8 +170,9 @@ def _allocation(err: RuntimeError) -> str:
     return f"{amount} bytes asked for"
 
 
-def _stopped(command: str) -> None:
-    """Say that ``distill <command>`` was stopped by SIGTERM and how to go on; exit with 143, as the signal would."""
+def _stopped(command: str, by: str = "SIGTERM", status: int = 143) -> None:
+    """Say that ``distill <command>`` was stopped (``by`` SIGTERM, or Ctrl-C) and how to go on; exit with ``status``,
+    as the signal would (143, 130)."""
     if command in JOBS and command != "export":
         how = "run the same command again: it resumes, and the stages it finished are kept"
     elif command == "fit":
@@ -147,8 +180,8 @@ def _stopped(command: str) -> None:
                "--ckpt_path <a checkpoint of the run>")  # fmt: skip
     else:
         how = "run the same command again (what it had not finished was not written)"
-    print(f"distill: stopped by SIGTERM. To resume, {how}", file=sys.stderr)
-    raise SystemExit(143) from None
+    print(f"distill: stopped by {by}. To resume, {how}", file=sys.stderr)
+    raise SystemExit(status) from None
 
 
 if __name__ == "__main__":

@@ -9,13 +9,14 @@ import contextlib
 import io
 import os
 import runpy
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 import yaml
-from pytorch_lightning import Trainer
+from pytorch_lightning import Callback, Trainer
 
 from distill import FashionMNISTDataModule
 from students import StudentNet, register_student
@@ -123,3 +124,10 @@ class RunsCode:
 
     def __reduce__(self):
         return (open, (self.path, "w"))
+
+
+class PressCtrlC(Callback):
+    """Interrupts training after its first batch, as Ctrl-C in a terminal does: a SIGINT to the process."""
+
+    def on_train_batch_end(self, *_: object) -> None:
+        os.kill(os.getpid(), signal.SIGINT)

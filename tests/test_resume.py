@@ -104,6 +104,33 @@ def test_a_fit_killed_mid_epoch_resumes_to_the_same_weights_and_metrics(
     assert {r["epoch"] for r in whole} == {"", "0", "1", "2", "3"} and resumed == whole  # every row, none twice
 
 
+def test_ctrl_c_stops_a_fit_or_an_export_with_status_130_and_the_line_that_resumes_it(
+    tmp_path: Path, small_teacher_checkpoint, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+):
+    """Lightning turns Ctrl-C in a Trainer run into a graceful shutdown and ``sys.exit(1)``, a failure with no word
+    of what to do; outside one (an export) it is a KeyboardInterrupt and its traceback."""
+    import distill.export
+
+    config = recipe(tmp_path, small_teacher_checkpoint, "run", epochs=1)
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--config", str(config), "--trainer.callbacks+=helpers.PressCtrlC"])
+    assert stop.value.code == 130 and signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    words = "distill: stopped by Ctrl-C (SIGINT). To resume, run the same command again with --ckpt_path last"
+    assert capsys.readouterr().err.splitlines()[-1].startswith(words)
+
+    def ctrl_c(*_: object) -> None:
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(distill.export, "export_onnx", ctrl_c)
+    with pytest.raises(SystemExit) as stop:
+        main(["export", str(small_teacher_checkpoint), "--onnx", str(tmp_path / "student.onnx")])
+    assert stop.value.code == 130 and not (tmp_path / "student.onnx").exists()
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "distill: stopped by Ctrl-C (SIGINT). To resume, run the same command again (what it had not finished was not "
+        "written)"
+    )
+
+
 def test_evaluating_in_the_training_folder_keeps_its_metrics_and_config(tmp_path: Path, small_teacher_checkpoint):
     config = recipe(tmp_path, small_teacher_checkpoint, "run", epochs=1)
     main(["fit", "--config", str(config), "--trainer.limit_train_batches", "2"])
