@@ -248,7 +248,9 @@ def prune_distill(
         goals = latency_goals(schedule, rounds, ratio, start_ms, target.latency_ms)
         # a fraction of the start's time: every timing beside the start, so that a slow phase moves both alike
         search = meter if target_latency is None else relative_to(meter, start, start_ms)
-        while k < len(goals):
+        # A round whose search measured its layout at or under the target itself ends them: the next goals are met,
+        # and a round that prunes nothing would still train (seen: 40 epochs of it).
+        while k < len(goals) and not (k > 0 and phases.searched_ms(k) <= target.latency_ms):
             k += 1
             pruned = phases.prune(load_student(current), k, policy, floors,
                                   {"target_latency_ms": goals[k - 1], "latency": search})  # fmt: skip
@@ -543,6 +545,11 @@ class _Phases:
             epochs = int(read_checkpoint(path).get("epoch", -1)) + 1  # Lightning records the 0-based epoch
             self._record("start", 0, "start", epochs, str(copy_path), val_acc=math.nan, test_acc=math.nan)
         return self.run_state.phases["start"]["checkpoint"]
+
+    def searched_ms(self, k: int) -> float:
+        """The milliseconds the latency search measured round ``k``'s layout at (infinite where it did not)."""
+        searched = self.run_state.state.get("pruned", {}).get(str(k), {}).get("searched_ms")
+        return math.inf if searched is None else searched
 
     def prune(self, student: torch.nn.Module, k: int, policy: PruningPolicy, floors: dict, step: dict) -> str:
         """Prune ``student`` by round ``k``'s step, once; the pruned student's checkpoint.
