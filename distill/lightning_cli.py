@@ -199,8 +199,26 @@ class DistillCLI(LightningCLI):
         self._check_weights(trainer)
         self._check_evaluated_data(trainer)
         self._check_log_folder(trainer)
+        self._check_checkpoint_folder(trainer)
         self._check_resumed(trainer)
         return trainer
+
+    def _check_checkpoint_folder(self, trainer: Trainer) -> None:
+        """Refuse a new fit whose ``ModelCheckpoint`` writes into the folder of another run (its ``config.yaml``
+        there, and this run's elsewhere): that run's ``last.ckpt`` would be replaced, with its config and metrics
+        left describing it (a recipe copied, its log folder changed, its checkpoints' not)."""
+        ckpt_path = (self.config[self.subcommand] if self.subcommand else self.config).get("ckpt_path")
+        if self.subcommand not in (None, "fit") or ckpt_path is not None:  # a resumed run writes into its own
+            return
+        log_dir = Path(trainer.log_dir or trainer.default_root_dir).resolve()
+        for callback in trainer.checkpoint_callbacks:
+            folder = Path(callback.dirpath).resolve() if getattr(callback, "dirpath", None) else None
+            if folder is not None and folder != log_dir and (folder / "config.yaml").is_file():
+                raise ValueError(
+                    f"ModelCheckpoint would write into {folder}, the folder of another run (its config.yaml), whose "
+                    f"checkpoints would be replaced; this run logs into {log_dir}. Give the ModelCheckpoint that "
+                    f"folder (its init_args.dirpath in the config's trainer.callbacks), or log into {folder}"
+                )
 
     def _check_log_folder(self, trainer: Trainer) -> None:
         """Refuse to evaluate another run's checkpoint into the log folder of the recipe's run (a ``CSVLogger`` of a

@@ -227,6 +227,11 @@ FAULTS = [
         ("predict", *FIT[1:], "--model.student", "students.load_student", "--model.student.path", BEST),
         "predictions.csv would be replaced by another model's",
     ),
+    Fault(  # a recipe copied with its log folder changed, its ModelCheckpoint's not: the first run's last.ckpt went
+        "fit into another run's checkpoint folder",
+        (*FIT, "--trainer.default_root_dir", "{runs}/copy", "--trainer.logger.init_args.save_dir", "{runs}/copy"),
+        "ModelCheckpoint would write into",
+    ),
     Fault("test without a checkpoint", ("test", *FIT[1:]), "without --ckpt_path would test the recipe's student"),
     Fault(
         "test last of a run never fitted",
