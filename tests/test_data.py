@@ -463,13 +463,17 @@ def test_image_folder_settings_that_would_mislead_are_refused_and_odd_files_are_
             ImageFolderDataModule(str(root), **settings)
 
     (root / "train" / "apple" / "._0.png").write_bytes(b"\0\5\26\7 a macOS resource fork")  # left by its archives
+    for hidden in (root / "train" / ".ipynb_checkpoints", root / "train" / "apple" / ".thumbs"):  # Jupyter's, a cache
+        hidden.mkdir()
+        shutil.copy(root / "train" / "apple" / "0.png", hidden / "0.png")
     bits = {"apple": 10_000, "bread": 50_000}  # 16-bit grayscale: RGB conversion alone clips both to 255
     for cls, value in bits.items():
         Image.fromarray(np.full((20, 20), value, dtype=np.uint16)).save(root / "train" / cls / "deep.png")
     dm = ImageFolderDataModule(str(root), image_size=16, batch_size=4, val_size=2, test_dir=None, num_workers=0)
     dm.setup("fit")
     files = [Path(path).name for path, _ in dm.train_set.dataset.samples]
-    assert "._0.png" not in files and len(files) == 10
+    assert "._0.png" not in files and len(files) == 10 and dm.classes == ["apple", "bread"]  # nothing hidden
+    assert dm.image_identity(test=False)["files"].startswith("10 images in 2 classes")  # what the records list
     read = {cls: np.asarray(read_image(str(root / "train" / cls / "deep.png"))) for cls in bits}
     assert {cls: int(pixels.max()) for cls, pixels in read.items()} == {"apple": 39, "bread": 195}  # value / 257
     Image.fromarray(np.full((4, 4), 50_000, dtype=np.uint16)).save(tmp_path / "deep.pgm")  # PIL reads it as mode I
@@ -489,6 +493,12 @@ def test_image_folder_settings_that_would_mislead_are_refused_and_odd_files_are_
     Image.fromarray(np.zeros((20, 20, 3), dtype=np.uint8)).save(root / "test" / "apple" / "0.png")
     with pytest.raises(ValueError, match=r"test: Found no valid file for the classes bread: put image files \(.jpg"):
         ImageFolderDataModule(str(root), image_size=16).setup("test")
+    (root / "unlabelled").mkdir()  # images without class folders: nothing to score them against
+    shutil.copy(root / "train" / "apple" / "0.png", root / "unlabelled")
+    with pytest.raises(
+        ValueError, match=r"unlabelled holds no class folder: put each class's images in a folder of its"
+    ):
+        ImageFolderDataModule(str(root), image_size=16, test_dir="unlabelled").setup("test")
 
 
 def test_a_job_checks_the_test_split_before_it_trains_and_export_names_why_its_data_does_not_build(tmp_path: Path):

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +16,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Subset
 from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, has_file_allowed_extension, make_dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension, make_dataset
 
 from distill.data.base import SplitDataModule
 from distill.data.batch import collate_samples
@@ -75,7 +77,7 @@ class ImageFolderDataModule(SplitDataModule):
                 f"ImageFolderDataModule: training folder {train_path} does not exist. Expected "
                 f"<root>/<train_dir>/<class>/<image files>; set root and train_dir."
             )
-        self.classes, _ = find_classes(str(train_path))
+        self.classes = visible_classes(train_path)
         if len(self.classes) < 2:  # a classifier of one class is always right, and KD's soft term is 0
             raise ValueError(f"ImageFolderDataModule: {train_path} holds one class folder ({self.classes[0]}); a "
                              f"classifier needs at least two, one folder each")  # fmt: skip
@@ -148,12 +150,10 @@ class ImageFolderDataModule(SplitDataModule):
         if role not in self._listings:
             split = getattr(self, f"{role}_dir")
             folder = self.root / split if split is not None else None
-            classes = {name: i for i, name in enumerate(self.classes)}
-            self._listings[role] = (
-                make_dataset(str(folder), classes, is_valid_file=is_image_file, allow_empty=True)
-                if folder is not None and folder.is_dir()
-                else []
-            )
+            classes, visible = {name: i for i, name in enumerate(self.classes)}, partial(is_image_file, folder=folder)
+            found = folder is not None and folder.is_dir()
+            listing = make_dataset(str(folder), classes, is_valid_file=visible, allow_empty=True) if found else []
+            self._listings[role] = listing
         return self._listings[role]
 
     def _summary(self, *roles: str) -> str:
@@ -193,7 +193,7 @@ class ImageFolderDataModule(SplitDataModule):
         if not path.is_dir():
             raise FileNotFoundError(f"ImageFolderDataModule: split folder {path} does not exist.")
         try:
-            dataset = ImageFolder(str(path), self._transform(train), loader=read_image, is_valid_file=is_image_file)
+            dataset = _VisibleImages(str(path), self._transform(train))
         except FileNotFoundError as err:  # a class folder without images
             why, kinds = str(err).rstrip(" ."), " ".join(IMG_EXTENSIONS)
             raise ValueError(f"ImageFolderDataModule: {path}: {why}: put image files ({kinds}; not hidden ones) in "
@@ -226,10 +226,34 @@ class ImageFolderDataModule(SplitDataModule):
         return super()._loader(dataset, train, split)
 
 
-def is_image_file(path: str) -> bool:
-    """An image by its extension, as torchvision's ImageFolder takes it, but no hidden file: macOS's ``._name.png``
-    (resource forks, left by its archives) are not images."""
-    return has_file_allowed_extension(path, IMG_EXTENSIONS) and not Path(path).name.startswith(".")
+def is_image_file(path: str, folder: str | Path | None = None) -> bool:
+    """An image by its extension, as torchvision's ImageFolder takes it, but not hidden: macOS's ``._name.png``
+    (resource forks, left by its archives) are not images, nor is a file in a hidden folder under ``folder`` (a
+    ``.thumbs`` cache in a class folder)."""
+    parts = Path(path).relative_to(folder).parts if folder is not None else (Path(path).name,)
+    return has_file_allowed_extension(path, IMG_EXTENSIONS) and not any(part.startswith(".") for part in parts)
+
+
+def visible_classes(folder: str | Path) -> list[str]:
+    """The class folders of a split folder, sorted, as torchvision's ImageFolder finds them, but no hidden one
+    (Jupyter's ``.ipynb_checkpoints``)."""
+    classes = sorted(e.name for e in os.scandir(folder) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise ValueError(f"ImageFolderDataModule: {folder} holds no class folder: put each class's images in a "
+                         f"folder of its own, <split>/<class>/<image> (the folder names are the labels)")  # fmt: skip
+    return classes
+
+
+class _VisibleImages(ImageFolder):
+    """torchvision's ImageFolder of a split folder, read with :func:`read_image`, without hidden folders and files
+    (:func:`visible_classes`, :func:`is_image_file`)."""
+
+    def __init__(self, root: str, transform: Any) -> None:
+        super().__init__(root, transform, loader=read_image, is_valid_file=partial(is_image_file, folder=root))
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        classes = visible_classes(directory)
+        return classes, {name: i for i, name in enumerate(classes)}
 
 
 def read_image(path: str) -> Any:
