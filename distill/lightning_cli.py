@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
@@ -620,7 +621,9 @@ def keep_logged_rows(trainer: Any, keep: Callable[[dict[str, str]], bool]) -> No
                 reader = csv.DictReader(f)
                 rows = [row for row in reader if keep(row)]
                 header = list(reader.fieldnames or [])
-        writer = logger.experiment  # Lightning's writer: deletes metrics.csv when it is created
+        with warnings.catch_warnings():  # its "previous log files will be deleted": they are kept, here
+            warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
+            writer = logger.experiment  # Lightning's writer: deletes metrics.csv when it is created
         writer.metrics_keys = header if rows else []  # the columns its next rows are appended under
         if rows:
             with atomic_path(path) as partial, open(partial, "w", newline="") as f:

@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -136,8 +137,11 @@ def test_evaluating_in_the_training_folder_keeps_its_metrics_and_config(tmp_path
     main(["fit", "--config", str(config), "--trainer.limit_train_batches", "2"])
     run = tmp_path / "run"
     trained, saved = rows(run / "metrics.csv"), hashlib.sha256((run / "config.yaml").read_bytes()).hexdigest()
-    main(["test", "--config", str(config), "--ckpt_path", str(run / "best.ckpt")])
-    main(["validate", "--config", str(config), "--ckpt_path", str(run / "best.ckpt")])
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        main(["test", "--config", str(config), "--ckpt_path", str(run / "best.ckpt")])
+        main(["validate", "--config", str(config), "--ckpt_path", str(run / "best.ckpt")])
+    assert not [w for w in said if "will be deleted" in str(w.message)]  # Lightning's: the rows are kept, below
     after = rows(run / "metrics.csv")  # with the evaluations' columns added
     assert [{k: r[k] for k in trained[0]} for r in after[: len(trained)]] == trained  # the training's rows first
     assert "test/acc" in after[len(trained)] and after[-1].get("val/acc")
