@@ -231,6 +231,11 @@ def export(
     if input_size is not None:
         in_chans = model.model_spec["kwargs"].get("in_chans", 3) if hasattr(model, "model_spec") else 3
         shape = [in_chans, input_size, input_size]
+        recorded = checkpoint_data.get(INPUT_SHAPE_KEY)  # as it is: a record input_size stands in for may be odd
+        if isinstance(recorded, list) and len(recorded) == 3 and recorded[1:] != shape[1:]:  # a choice, at a cost
+            print(f"warning: {checkpoint} was trained on {'x'.join(map(str, recorded[1:]))} images; the files take "
+                  f"{input_size}x{input_size} (their metadata says so): scores at another size are not its own",
+                  file=sys.stderr)  # fmt: skip
     else:
         shape = recorded_input_shape(checkpoint_data, str(checkpoint))
     if shape is None:

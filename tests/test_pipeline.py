@@ -301,3 +301,15 @@ def test_export_command_checks_onnx_and_torchscript(tmp_path: Path, small_teache
     assert set(diffs) == {"onnx", "torchscript"} and max(diffs.values()) < 1e-4
     with pytest.raises(ValueError, match="Nothing to export"):
         export(str(small_teacher_checkpoint))
+
+
+def test_an_export_at_another_size_than_the_students_says_so(
+    tmp_path: Path, small_teacher_checkpoint: Path, capsys: pytest.CaptureFixture
+):
+    export(str(small_teacher_checkpoint), onnx=str(tmp_path / "t.onnx"))
+    assert "warning" not in capsys.readouterr().err
+    export(str(small_teacher_checkpoint), onnx=str(tmp_path / "t32.onnx"), input_size=32)  # a choice: allowed
+    assert capsys.readouterr().err.startswith(f"warning: {small_teacher_checkpoint} was trained on 28x28 images; the "
+                                              f"files take 32x32 (their metadata says so)")  # fmt: skip
+    said = ort.InferenceSession(str(tmp_path / "t32.onnx"), providers=["CPUExecutionProvider"]).get_modelmeta()
+    assert json.loads(said.custom_metadata_map["input_size"]) == [1, 32, 32]
