@@ -171,7 +171,11 @@ def open_study(rdb: Any, url: str, name: str, space: dict[str, list], cfg: dict[
             elif key == "inputs":
                 what = f"other contents of {', '.join(changed) or 'its input files'}"
             else:  # an image folder's listing, by variant
-                what = "other images (" + "; ".join(f"{k}: {_listed(stored.get(k))}" for k in changed) + ")"
+                what = (
+                    "other images ("
+                    + "; ".join(f"{k}: {_listed(stored.get(k))}; now {_listed(value.get(k))}" for k in changed)
+                    + ")"
+                )
             raise ValueError(
                 f"The study {name!r} in {url} was created for {what}; this run asks for "
                 f"{value if key == 'grid' else 'a different one'}. Finished trials would not match. "

@@ -598,7 +598,7 @@ def test_a_study_is_taken_up_on_its_images_elsewhere_and_as_a_study_made_before_
         },
     )
     open_study(rdb, url, "new", space, elsewhere)  # the same images and teacher on another worker's disk
-    was = f"other images \\(recipe: {listing['files']}, test split {listing['test_files']}, {listing['bytes']}\\)"
+    was = f"other images \\(recipe: {listing['files']}, test split {listing['test_files']}, {listing['bytes']}; now "
     shutil.copytree(root, tmp_path / "resized")
     for image in (tmp_path / "resized").rglob("*.png"):  # another export under the same names
         Image.open(image).resize((10, 10)).save(image)
