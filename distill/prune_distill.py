@@ -36,6 +36,7 @@ from typing import Any
 
 import torch
 import yaml
+from pytorch_lightning import Trainer
 
 from distill.export import deployment_metadata
 from distill.export import export_onnx as to_onnx
@@ -543,8 +544,23 @@ class _Phases:
         if "start" not in self.run_state.phases:
             copy_path = save_student(load_student(path), self.out / "start.ckpt", input_shape=list(self.x.shape[1:]))
             epochs = int(read_checkpoint(path).get("epoch", -1)) + 1  # Lightning records the 0-based epoch
-            self._record("start", 0, "start", epochs, str(copy_path), val_acc=math.nan, test_acc=math.nan)
+            val_acc, test_acc = self.evaluate(str(copy_path))  # what pruning starts from, as the phases are scored
+            self._record("start", 0, "start", epochs, str(copy_path), val_acc=val_acc, test_acc=test_acc)
         return self.run_state.phases["start"]["checkpoint"]
+
+    def evaluate(self, checkpoint: str) -> tuple[float, float]:
+        """A student's validation and test accuracy on the run's data, with the recipe's accelerator and precision,
+        over the batches its phases are scored on (its ``limit_val_batches`` and ``limit_test_batches``)."""
+        recipe = self.base["trainer"]
+        kept = ("accelerator", "precision", "limit_val_batches", "limit_test_batches")
+        trainer = Trainer(devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                          enable_model_summary=False, **{k: recipe[k] for k in kept if k in recipe})  # fmt: skip
+        module = DistillModule(load_student(checkpoint))
+        val = trainer.validate(module, datamodule=self.data, verbose=False)
+        stop_if_terminated(trainer)
+        test = trainer.test(module, datamodule=self.data, verbose=False)
+        stop_if_terminated(trainer)
+        return float(val[0]["val/acc"]), float(test[0]["test/acc"])
 
     def searched_ms(self, k: int) -> float:
         """The milliseconds the latency search measured round ``k``'s layout at (infinite where it did not)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import csv
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -18,7 +19,7 @@ import onnxruntime as ort
 import pytest
 import torch
 import yaml
-from helpers import start_distill, tiny_kd_recipe
+from helpers import fmnist, start_distill, tiny_kd_recipe
 
 from distill.export import export
 from distill.prune_distill import check_baselines, prune_distill
@@ -136,6 +137,22 @@ def test_a_killed_run_resumes_at_its_last_round_with_the_same_result(tmp_path: P
     a = load_student(tmp_path / "run" / "best_student.ckpt").state_dict()
     b = load_student(tmp_path / "reference" / "best_student.ckpt").state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_from_a_trained_student_scores_its_start_as_it_scores_the_rounds(
+    tmp_path: Path, small_teacher_checkpoint: Path
+):
+    settings = options(tmp_path, small_teacher_checkpoint, student_checkpoint=str(small_teacher_checkpoint),
+                       rounds=1, final_epochs=0, baseline=False, export_onnx=False)  # fmt: skip
+    rows = prune_distill(**settings)
+    start = rows[0]
+    assert start["phase"] == "start" and 0 < start["test_acc"] <= 1 and 0 < start["val_acc"] <= 1
+    student, data = load_student(start["checkpoint"]), fmnist()  # the recipe's data: batches of 32, 500 to validate
+    data.setup("test")
+    hits = [(student(b.x).argmax(1) == b.y).float() for b in itertools.islice(data.test_dataloader(), 2)]
+    assert start["test_acc"] == pytest.approx(torch.cat(hits).mean().item(), abs=1e-6)  # limit_test_batches: 2
+    with open(tmp_path / "run" / "rounds.csv") as f:
+        assert next(csv.DictReader(f))["test_acc"] == f"{start['test_acc']}"  # in the table, not "nan"
 
 
 def test_a_recipe_is_the_same_wherever_it_writes_and_its_files_lie_but_not_with_other_data(
