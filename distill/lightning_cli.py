@@ -205,11 +205,11 @@ class DistillCLI(LightningCLI):
         return trainer
 
     def _check_checkpoint_folder(self, trainer: Trainer) -> None:
-        """Refuse a new fit whose ``ModelCheckpoint`` writes into the folder of another run (its ``config.yaml``
-        there, and this run's elsewhere): that run's ``last.ckpt`` would be replaced, with its config and metrics
-        left describing it (a recipe copied, its log folder changed, its checkpoints' not)."""
-        ckpt_path = (self.config[self.subcommand] if self.subcommand else self.config).get("ckpt_path")
-        if self.subcommand not in (None, "fit") or ckpt_path is not None:  # a resumed run writes into its own
+        """Refuse a fit whose ``ModelCheckpoint`` writes into the folder of another run (its ``config.yaml`` there,
+        and this run's elsewhere): that run's ``last.ckpt`` would be replaced, with its config and metrics left
+        describing it (a recipe copied, its log folder changed, its checkpoints' not; or a run resumed to train on,
+        logging elsewhere)."""
+        if self.subcommand not in (None, "fit"):
             return
         log_dir = Path(trainer.log_dir or trainer.default_root_dir).resolve()
         for callback in trainer.checkpoint_callbacks:

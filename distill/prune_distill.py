@@ -694,10 +694,10 @@ class _Phases:
         pruned student's are (:func:`students.thin_channels`: odd channel counts would make the pruned student look
         fast), named by the ``width_mult`` whose channels it has; of ``width`` (unrounded) where there is none, or
         where a run started before trained that one."""
-        args = {k: v for k, v in args.items() if k != "width_mult"}
         earlier = f"baseline_w{width:g}" in self.run_state.phases
         data = {"num_classes": self.data.num_classes, "in_chans": self.data.in_chans}
-        channels = None if earlier else thin_channels(params, self.round_to, **args, **data)
+        channels = None if earlier else thin_channels(params, self.round_to, **args, **data)  # width_mult: the widest
+        args = {k: v for k, v in args.items() if k != "width_mult"}
         if channels is None:
             config = {"class_path": "students.StudentNet", "init_args": {**args, "width_mult": width}}
             return {f"baseline_w{width:g}": (f"StudentNet width_mult={width:g}, KD from scratch", config)}

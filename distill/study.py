@@ -259,9 +259,9 @@ def work(
                     trial.set_user_attr("duplicate_of", other.number)
                     raise optuna.TrialPruned(f"grid point {params} is taken by trial {other.number}")
             result = run(params)
-        except SIGTERMException:  # optuna leaves it RUNNING until its heartbeat is stale: a rerun would wait for it
-            study.tell(trial, state=TrialState.FAIL)  # queued again by the next worker, at once
-            raise
+        except (SIGTERMException, SystemExit):  # SIGTERM, and Ctrl-C in a Trainer run (Lightning exits with 1):
+            study.tell(trial, state=TrialState.FAIL)  # optuna would leave it RUNNING until its heartbeat is stale,
+            raise  # and a rerun would wait for it; now the next worker queues it again at once
         for key, value in asdict(result).items():
             trial.set_user_attr(key, value)
         return result.val_acc

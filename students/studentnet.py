@@ -167,15 +167,17 @@ def thin_channels(params: int, multiple: int, **kwargs: Any) -> list[int] | None
     """The channels of the widest StudentNet of at most ``params`` parameters whose layers ``width_mult`` scales
     (3..6, in its 1:2 ratio) are multiples of ``multiple``: a thin StudentNet that runs as fast as its width allows
     (odd channel counts run several times slower in ONNX Runtime). ``None`` when even ``multiple`` channels there
-    have more parameters. ``kwargs``: the other arguments of :class:`StudentNet` (``width_mult`` is ignored).
+    have more parameters. ``kwargs``: the other arguments of :class:`StudentNet`; their ``width_mult`` (default
+    1.0) is the widest considered, as for :func:`width_for_params`.
 
     Given as channels, not as a ``width_mult``: ``k * multiple / (8 * base)`` times ``8 * base`` may fall a hair
     short of ``k * multiple`` in floating point, and ``int`` would take one channel off.
     """
+    widest = float(kwargs.get("width_mult", 1.0))
     kwargs = {k: v for k, v in kwargs.items() if k not in ("width_mult", "channels")}
     full = studentnet_channels(kwargs.pop("base", 16))
     unit = full[_SCALED_LAYERS[0]]
-    for k in range(unit // multiple, 0, -1):
+    for k in range(int(unit * widest) // multiple, 0, -1):
         channels = [k * multiple * c // unit if i in _SCALED_LAYERS else c for i, c in enumerate(full)]
         if sum(p.numel() for p in StudentNet(**kwargs, channels=channels).parameters()) <= params:
             return channels

@@ -105,6 +105,7 @@ def start_distill(*args: str, log: Path | None = None, threads: int | None = Non
     """``distill <args>`` in a process group of its own (so a test can kill it like a user would), from the repo.
 
     Output goes to ``log`` (or nowhere); ``threads`` sets OMP_NUM_THREADS (default: this process's torch threads).
+    Ctrl-C (SIGINT) reaches it as in a terminal, though a shell's background job (CI's) ignores it.
     """
     return subprocess.Popen(
         [sys.executable, "-m", "distill.cli", *args],
@@ -112,6 +113,7 @@ def start_distill(*args: str, log: Path | None = None, threads: int | None = Non
         stdout=open(log, "w") if log is not None else subprocess.DEVNULL,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         env={**os.environ, "OMP_NUM_THREADS": str(threads or torch.get_num_threads())},
     )
 

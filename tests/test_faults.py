@@ -232,6 +232,21 @@ FAULTS = [
         (*FIT, "--trainer.default_root_dir", "{runs}/copy", "--trainer.logger.init_args.save_dir", "{runs}/copy"),
         "ModelCheckpoint would write into",
     ),
+    Fault(  # resumed to train on, logging elsewhere: its checkpoints, not its config and metrics, would move on
+        "resume into another folder, checkpoints left",
+        (
+            "fit",
+            *RESUME,
+            "last",
+            "--trainer.default_root_dir",
+            "{runs}/more",
+            "--trainer.logger.init_args.save_dir",
+            "{runs}/more",
+            "--trainer.max_epochs",
+            "2",
+        ),
+        "ModelCheckpoint would write into",
+    ),
     Fault("test without a checkpoint", ("test", *FIT[1:]), "without --ckpt_path would test the recipe's student"),
     Fault(
         "test last of a run never fitted",

@@ -137,6 +137,7 @@ def test_the_thin_studentnet_of_a_budget_has_its_scaled_layers_in_multiples_of_t
     assert odd[3:7] == [68, 137, 137, 137] and odd[:3] + odd[7:] == channels[:3] + channels[7:]
     assert channels[3:7] == [64, 128, 128, 128] and params(channels) <= 100_000  # width 0.5: 8 x 8, 1:2
     assert params([*channels[:3], 72, 144, 144, 144, channels[7]]) > 100_000  # the next multiple is over budget
-    assert thin_channels(100_000, 8, **fmnist, width_mult=0.3, base=16) == channels  # width_mult is not a limit
+    assert thin_channels(100_000, 8, **fmnist, width_mult=0.3)[3:7] == [32, 64, 64, 64]  # the widest: 0.3 -> 0.25
+    assert thin_channels(400_000, 8, **fmnist, width_mult=2.0)[3] > 128  # and past 1.0 where the recipe's is
     assert thin_channels(5_000, 8, **fmnist) is None  # even 8 channels there are over budget
     assert thin_channels(5_000, 1, base=2, **fmnist)[3:7] == [14, 28, 28, 28]

@@ -257,9 +257,15 @@ def test_a_killed_trial_runs_again(tmp_path: Path, small_teacher_checkpoint: Pat
     assert [t.state.name for t in trials(run_dir)] == ["FAIL"]
     (run_dir / "trials" / "recipe" / "KDLoss_T4_alpha0.9_seed0" / "metrics.csv").unlink()
 
+    # Ctrl-C: Lightning exits with 1 from inside the trial; status 130, and its trial failed at once too.
+    assert stop_while_training(signal.SIGINT, "interrupted.log") == 130
+    assert [t.state.name for t in trials(run_dir)] == ["FAIL", "FAIL"]
+    assert "distill: stopped by Ctrl-C (SIGINT). To resume" in (tmp_path / "interrupted.log").read_text()
+    (run_dir / "trials" / "recipe" / "KDLoss_T4_alpha0.9_seed0" / "metrics.csv").unlink()
+
     # Killed (SIGKILL: no word to optuna): its trial stays RUNNING until its heartbeat is stale.
     stop_while_training(signal.SIGKILL, "killed.log")
-    assert [t.state.name for t in trials(run_dir)] == ["FAIL", "RUNNING"]
+    assert [t.state.name for t in trials(run_dir)] == ["FAIL", "FAIL", "RUNNING"]
 
     # At once, within the heartbeat grace period: the grid is not done, and the report and exit status say so.
     with pytest.raises(SystemExit) as stopped:
@@ -267,7 +273,7 @@ def test_a_killed_trial_runs_again(tmp_path: Path, small_teacher_checkpoint: Pat
     assert stopped.value.code == 3
     assert "Incomplete: 1 grid point(s) not finished" in (run_dir / "sweep.md").read_text()
     assert (
-        "kd alpha=0.9, loss=KDLoss, seed=0, temperature=4, variant=recipe: running in trial 1"
+        "kd alpha=0.9, loss=KDLoss, seed=0, temperature=4, variant=recipe: running in trial 2"
         in (run_dir / "sweep.md").read_text()
     )
     with open(run_dir / "sweep.csv") as f:
@@ -276,7 +282,7 @@ def test_a_killed_trial_runs_again(tmp_path: Path, small_teacher_checkpoint: Pat
     # At once again, waiting (the default): the dead worker's trial goes stale and runs here.
     sweep(**settings)
     states = [t.state.name for t in trials(run_dir)]
-    assert states.count("FAIL") == 2 and states.count("COMPLETE") == 1
+    assert states.count("FAIL") == 3 and states.count("COMPLETE") == 1
     assert completed(run_dir) == [
         (("alpha", 0.9), ("loss", "KDLoss"), ("seed", 0), ("temperature", 4.0), ("variant", "recipe"))
     ]
