@@ -228,10 +228,10 @@ def export(
         check_trained_data(str(checkpoint), trained_on, datamodule, "int8 would be calibrated and scored on the "
                            "wrong images. Give --recipe a config of the data it was trained on.")  # fmt: skip
     model = load_student(checkpoint)
+    recorded = checkpoint_data.get(INPUT_SHAPE_KEY)  # as it is: a record input_size stands in for may be odd
     if input_size is not None:
         in_chans = model.model_spec["kwargs"].get("in_chans", 3) if hasattr(model, "model_spec") else 3
         shape = [in_chans, input_size, input_size]
-        recorded = checkpoint_data.get(INPUT_SHAPE_KEY)  # as it is: a record input_size stands in for may be odd
         if isinstance(recorded, list) and len(recorded) == 3 and recorded[1:] != shape[1:]:  # a choice, at a cost
             print(f"warning: {checkpoint} was trained on {'x'.join(map(str, recorded[1:]))} images; the files take "
                   f"{input_size}x{input_size} (their metadata says so): scores at another size are not its own",
@@ -242,7 +242,7 @@ def export(
         raise ValueError(f"{checkpoint} records no input size: pass input_size (e.g. 28 for Fashion-MNIST)")
     if datamodule is not None:
         _check_calibration_shape(datamodule, shape, str(recipe_path), sized=input_size is not None)
-    trained = checkpoint_data.get(INPUT_SHAPE_KEY, "an unrecorded size")
+    trained = "an unrecorded size" if recorded is None else recorded
     _check_memory(model, shape, trained)
     example = torch.zeros(1, *shape)
     try:

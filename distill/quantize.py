@@ -136,7 +136,7 @@ def quantize_onnx(
     class Reader(CalibrationDataReader):
         def __init__(self, name: str, takes: list[int | None] | None) -> None:
             self.name = name
-            self.batches = (_fitting(b, takes, float_path) for b in [first, *batches])
+            self.batches = (b if b is checked else _fitting(b, takes, float_path) for b in [checked, *batches])
 
         def get_next(self) -> dict[str, np.ndarray] | None:
             batch = next(self.batches, None)
@@ -149,8 +149,8 @@ def quantize_onnx(
             graph_input = onnx.load(str(float_path), load_external_data=False).graph.input[0]
             tensor = graph_input.type.tensor_type  # its dims: a number, or None where any size goes (the batch)
             takes = [d.dim_value or None for d in tensor.shape.dim] if tensor.HasField("shape") else None
+            checked = _fitting(first, takes, float_path)  # before ONNX Runtime prepares anything
             reader = Reader(graph_input.name, takes)
-            _fitting(first, takes, float_path)  # before ONNX Runtime prepares anything
             prepared = Path(tmp) / "prepared.onnx"
             quant_pre_process(str(float_path), str(prepared))
             with contextlib.redirect_stdout(io.StringIO()):  # the entropy and percentile calibrators print

@@ -132,7 +132,6 @@ class ImageFolderDataModule(SplitDataModule):
         :attr:`SAMPLED_FILES` files spread over them all: another export under the same names (resized, re-encoded,
         corrupted) is other data, at the cost of a few reads rather than a pass over the dataset.
         """
-
         known = self._identity
         if "files" not in known:
             known["files"] = self._summary("train", "val")
