@@ -206,19 +206,21 @@ class DistillCLI(LightningCLI):
 
     def _check_checkpoint_folder(self, trainer: Trainer) -> None:
         """Refuse a fit whose ``ModelCheckpoint`` writes into the folder of another run (its ``config.yaml`` there,
-        and this run's elsewhere): that run's ``last.ckpt`` would be replaced, with its config and metrics left
-        describing it (a recipe copied, its log folder changed, its checkpoints' not; or a run resumed to train on,
-        logging elsewhere)."""
+        or in the folder above, as in Lightning's ``<log_dir>/checkpoints``; this run's elsewhere): that run's
+        ``last.ckpt`` would be replaced, with its config and metrics left describing it (a recipe copied, its log
+        folder changed, its checkpoints' not; or a run resumed to train on, logging elsewhere)."""
         if self.subcommand not in (None, "fit"):
             return
         log_dir = Path(trainer.log_dir or trainer.default_root_dir).resolve()
         for callback in trainer.checkpoint_callbacks:
             folder = Path(callback.dirpath).resolve() if getattr(callback, "dirpath", None) else None
-            if folder is not None and folder != log_dir and (folder / "config.yaml").is_file():
+            run = next((f for f in (folder, folder.parent) if (f / "config.yaml").is_file()), None) if folder else None
+            if run is not None and log_dir not in (folder, run):
                 raise ValueError(
-                    f"ModelCheckpoint would write into {folder}, the folder of another run (its config.yaml), whose "
-                    f"checkpoints would be replaced; this run logs into {log_dir}. Give the ModelCheckpoint that "
-                    f"folder (its init_args.dirpath in the config's trainer.callbacks), or log into {folder}"
+                    f"ModelCheckpoint would write into {folder}, in the folder of another run (its config.yaml in "
+                    f"{run}), whose checkpoints would be replaced; this run logs into {log_dir}. Give the "
+                    f"ModelCheckpoint that folder (its init_args.dirpath in the config's trainer.callbacks), or log "
+                    f"into {run}"
                 )
 
     def _check_log_folder(self, trainer: Trainer) -> None:

@@ -232,6 +232,11 @@ FAULTS = [
         (*FIT, "--trainer.default_root_dir", "{runs}/copy", "--trainer.logger.init_args.save_dir", "{runs}/copy"),
         "ModelCheckpoint would write into",
     ),
+    Fault(  # the same, its checkpoints nested in the first run's folder as Lightning nests them (<log_dir>/checkpoints)
+        "fit into a checkpoint folder inside another run's",
+        ("fit", "--config", "{inputs}/nested.yaml"),
+        "ModelCheckpoint would write into",
+    ),
     Fault(  # resumed to train on, logging elsewhere: its checkpoints, not its config and metrics, would move on
         "resume into another folder, checkpoints left",
         (
@@ -544,6 +549,11 @@ def earlier_runs(root: Path) -> dict[str, str]:
     db[4096:8192] = bytes((b * 7 + 13) % 256 for b in db[4096:8192])  # a page scrambled: optuna failed mid-query
     (inputs / "damaged_sweep" / "sweep.db").write_bytes(bytes(db))
     (inputs / "never.yaml").write_text(yaml.safe_dump(relocate(yaml.safe_load(recipe.read_text()), runs / "never")))
+    nested = relocate(yaml.safe_load(recipe.read_text()), runs / "nested")
+    for callback in nested["trainer"]["callbacks"]:
+        if callback["class_path"].endswith("ModelCheckpoint"):
+            callback["init_args"]["dirpath"] = str(runs / "fit" / "checkpoints")
+    (inputs / "nested.yaml").write_text(yaml.safe_dump(nested))
     no_teacher = yaml.safe_load(recipe.read_text())
     del no_teacher["model"]["teacher"]
     (inputs / "no_teacher.yaml").write_text(yaml.safe_dump(no_teacher))
