@@ -41,7 +41,7 @@ JOBS: dict[str, tuple[Callable[..., Any], str]] = {
     ),
     "sweep": (sweep, "distill over a grid of losses, temperatures (alphas, seeds); resumable, many workers"),
     "prune-distill": (prune_distill, "prune and distill the student round by round down to a size or latency target"),
-    "export": (export, "export a (pruned) student to ONNX, int8 ONNX, torch.export .pt2; each checked against it"),
+    "export": (export, "export a (pruned) student to ONNX, int8 ONNX, .pt2, TorchScript; each checked against it"),
 }
 
 

@@ -169,7 +169,8 @@ def export(
     activations: str | None = None,
     max_accuracy_drop: float = 0.3,
 ) -> dict[str, Any]:
-    """Export the student of a ``distill`` checkpoint (pruned or not), each file checked against it.
+    """Export the student of a ``distill`` checkpoint (pruned or not), each file checked against it: give at
+    least one of ``onnx``, ``int8``, ``pt2`` and ``torchscript``.
 
     Args:
         checkpoint: a checkpoint written by ``distill fit`` / ``distill prune-distill``.
@@ -197,7 +198,7 @@ def export(
     """
     asked = {"onnx": onnx, "int8": int8, "pt2": pt2, "torchscript": torchscript}
     if all(p is None for p in asked.values()):
-        raise ValueError("Nothing to export: give onnx=, int8=, pt2= and/or torchscript= with a file name")
+        raise ValueError("Nothing to export: give a file name to onnx, int8, pt2 or torchscript (e.g. --onnx s.onnx)")
     if input_size is not None and input_size < 1:
         raise ValueError(f"input_size must be a positive number of pixels, got {input_size}")
     if not 0 <= atol < math.inf:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import os
+import re
 import signal
 import sys
 import threading
@@ -42,6 +43,30 @@ __all__ = ["DistillCLI", "JobParser", "default_precision", "keep_logged_rows", "
 set_parsing_settings(instantiate_subclass_spec_in_any=False)
 
 
+#: A Sphinx role in a docstring: ``:func:`distill.latency.relative_to```, ``:class:`~distill.EMA```.
+_ROLE = re.compile(r":[a-z]+:`(~?)([^`]+)`")
+
+
+def plain_help(text: str) -> str:
+    """Docstring markup as a terminal shows it: ````x```` and ``:func:`x``` become ```x``` (``~`` keeps the last
+    name, as Sphinx does)."""
+    text = _ROLE.sub(lambda m: f"`{m[2].rsplit('.', 1)[-1] if m[1] else m[2]}`", text)
+    return text.replace("``", "`")
+
+
+class _PlainHelp:
+    """An argument parser whose ``--help`` shows the docstrings it was built from without their reST markup."""
+
+    def format_help(self) -> str:
+        self.description = self.description and plain_help(self.description)
+        for group in self._action_groups:
+            group.title, group.description = (text and plain_help(text) for text in (group.title, group.description))
+        for action in self._actions:
+            if isinstance(action.help, str):
+                action.help = plain_help(action.help)
+        return super().format_help()
+
+
 class _OneLineErrors:
     """An argument parser whose errors are one ``distill: error: ...`` line instead of the full usage.
 
@@ -67,7 +92,7 @@ class _OneLineErrors:
         raise SystemExit(2)
 
 
-class _ArgumentParser(_OneLineErrors, LightningArgumentParser):
+class _ArgumentParser(_PlainHelp, _OneLineErrors, LightningArgumentParser):
     """Lets ``link_arguments`` target the parameters of a factory function used as ``class_path``.
 
     jsonargparse (4.53) passes its private ``linked_targets`` to ``add_function_arguments``, which does not
@@ -79,7 +104,7 @@ class _ArgumentParser(_OneLineErrors, LightningArgumentParser):
         return super().add_function_arguments(function, *args, **kwargs)
 
 
-class JobParser(_OneLineErrors, ArgumentParser):
+class JobParser(_PlainHelp, _OneLineErrors, ArgumentParser):
     """The parser of the jobs (``distill sweep``, ``prune-distill``, ...)."""
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:

@@ -132,9 +132,9 @@ def prune_distill(
             is then chosen by importance per millisecond saved (:mod:`distill.pruning.search`).
         target_latency: or once a batch runs in at most this fraction (0 to 1) of the starting student's time.
             The search times every candidate beside the starting student's layout and compares their ratio
-            with the fraction, so a slow phase of the machine moves both alike (:func:`distill.latency.
-            relative_to`); its milliseconds are the start's quietest of the three timings that check the
-            target (beside the smallest layout), kept in ``run_dir`` for a resumed run.
+            with the fraction, so a slow phase of the machine moves both alike
+            (:func:`distill.latency.relative_to`); its milliseconds are the start's quietest of the three
+            timings that check the target (beside the smallest layout), kept in ``run_dir`` for a resumed run.
         student_checkpoint: a trained student to start from (``distill fit`` checkpoint); without it the
             recipe's student is distilled first for ``initial_epochs``.
         initial_epochs: epochs of that first distillation (default: the recipe's ``max_epochs``).
@@ -149,8 +149,8 @@ def prune_distill(
         max_rounds: give up (with an error) after so many rounds.
         global_ranking: rank channels across layers instead of the same ratio in every layer (size targets; a
             latency target always ranks across layers, by importance per millisecond).
-        ignored_layers: student layers whose output channels are never pruned (e.g.
-            ``students.UNSCALED_LAYERS``, the StudentNet layers its ``width_mult`` leaves alone).
+        ignored_layers: student layers whose output channels are never pruned. Those StudentNet's ``width_mult``
+            leaves alone (``students.UNSCALED_LAYERS``): ``--ignored_layers '[cnn.0.0, cnn.1.3, cnn.2.3, cnn.7.3]'``.
         min_fraction: every layer keeps at least this fraction of its channels before pruning started.
         round_to: kept channel counts are rounded up to a multiple of this. The default, 8, is what the runtimes
             run fast: ONNX Runtime's CPU provider runs counts that are not multiples of 4 up to 3x slower.
@@ -166,7 +166,7 @@ def prune_distill(
         baselines: the students to compare with: numbers are StudentNet ``width_mult`` values (StudentNet
             recipes), names are timm models (timm recipes: the recipe's student with another ``name``). Default:
             for a size target, the widest StudentNet within the pruned student's parameter count whose layers
-            ``width_mult`` scales are multiples of ``round_to`` (:meth:`_Phases.thin`);
+            ``width_mult`` scales are multiples of ``round_to`` (:func:`students.thin_channels`);
             for a latency target, the two StudentNets of ``width_mult`` 0.25, 0.375, ..., 1.0 whose latencies
             bracket the pruned student's.
         export_onnx: export the best student under the target to ONNX and check it in ONNX Runtime.

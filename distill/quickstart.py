@@ -117,10 +117,10 @@ def quickstart(
         prune_rounds: rounds of the (geometric) pruning schedule.
         epochs_per_round: distillation epochs after each pruning step.
         final_epochs: distillation epochs after the last round.
-        importance: pruning criterion.
+        importance: pruning criterion (``l1``, ``l2``, ``bn_scale``, ``taylor``, ``hrank``, ``random``).
         lr_rewinding: train each round with the recipe's own schedule instead of fine-tuning at lr / 10.
-        ignored_layers: student layers never pruned (default: none; ``students.UNSCALED_LAYERS`` keeps those that
-            StudentNet's ``width_mult`` leaves alone).
+        ignored_layers: student layers never pruned (default: none). Those StudentNet's ``width_mult`` leaves
+            alone (``students.UNSCALED_LAYERS``): ``--ignored_layers '[cnn.0.0, cnn.1.3, cnn.2.3, cnn.7.3]'``.
         batch_size: batch size of every run.
         augment: random crop and flip (the full recipes use them; short runs do better without).
         limit_train_batches: fraction (a float) or number (an int: 1 is one batch) of training batches per

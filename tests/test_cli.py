@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import re
 import shutil
 import subprocess
 import sys
@@ -165,6 +166,17 @@ def test_help_lists_lightning_commands_and_jobs(capsys: pytest.CaptureFixture):
     assert done.value.code == 0
     for word in ("fit", "validate", "test", "quickstart", "sweep", "prune-distill", "export"):
         assert word in out
+
+
+@pytest.mark.parametrize("command", ["fit", "quickstart", "sweep", "prune-distill", "export"])
+def test_help_shows_docstrings_without_their_markup(command: str, capsys: pytest.CaptureFixture):
+    """The options' help comes from docstrings: ``x`` and :func:`x` show as `x` in a terminal."""
+    with pytest.raises(SystemExit) as done:
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    assert done.value.code == 0 and "``" not in out and not re.search(r":[a-z]+:`", out)
+    if command == "prune-distill":  # a role across two lines of the docstring; a private name
+        assert "(`distill.latency.relative_to`)" in out.replace("\n", " ") and "_Phases" not in out
 
 
 def test_bad_input_is_one_clear_line_from_the_console_script(tmp_path: Path):
