@@ -47,7 +47,8 @@ JOBS: dict[str, tuple[Callable[..., Any], str]] = {
 
 def run_job(name: str, argv: Sequence[str]) -> Any:
     """Run the job ``name`` with its command-line arguments (options from its signature, help from its docstring)."""
-    return CLI(JOBS[name][0], args=list(argv), prog=f"distill {name}", parser_class=JobParser)
+    own = "a YAML file of this command's own options, as --print_config writes them"
+    return CLI(JOBS[name][0], args=list(argv), prog=f"distill {name}", parser_class=JobParser, config_help=own)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
