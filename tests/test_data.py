@@ -645,6 +645,8 @@ def test_a_teacher_or_an_evaluated_checkpoint_is_held_to_the_classes_and_normali
     normalisation = "its normalisation differs from this data's (mean [0.485, 0.456, 0.406] there, [0.5, 0.5, 0.5] here"
     (tmp_path / "kd.yaml").write_text(yaml.safe_dump(kd).replace(data["root"], cherry))  # --recipe of export
     fit = [*fit, "--data.init_args.root", data["root"]]
+    (tmp_path / "empty" / "a").mkdir(parents=True)
+    (tmp_path / "empty" / "a" / ".hidden.png").write_bytes((Path(data["root"]) / "train/apple/0.png").read_bytes())
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     for args, words in (
         ([*fit, "--data.init_args.root", cherry], f"teacher {checkpoint} was trained on ImageFolderDataModule data, "
@@ -658,6 +660,10 @@ def test_a_teacher_or_an_evaluated_checkpoint_is_held_to_the_classes_and_normali
          "The student (students.load_student) was trained on ImageFolderDataModule data, and its classes differ"),
         (["predict", "--config", str(tmp_path / "loaded.yaml")],
          "ImageFolderDataModule has no test split (test_dir is null): give data.init_args.test_dir, a folder of"),
+        (["predict", *validate[1:], "--data.init_args.predict_dir", "new"],
+         f"ImageFolderDataModule: predict_dir {Path(data['root']) / 'new'} does not exist"),
+        (["predict", *validate[1:], "--data.init_args.predict_dir", str(tmp_path / "empty")],
+         f"ImageFolderDataModule: predict_dir {tmp_path / 'empty'} holds no image file"),
         (["export", str(checkpoint), "--int8", str(tmp_path / "s.int8.onnx"), "--recipe", str(tmp_path / "kd.yaml")],
          "int8 would be calibrated and scored on the wrong images"),  # kd.yaml, with cherry as its root below
     ):  # fmt: skip
@@ -675,6 +681,17 @@ def test_a_teacher_or_an_evaluated_checkpoint_is_held_to_the_classes_and_normali
     assert [(r["label_name"], Path(r["file"]).relative_to(data["root"]).parts[:2]) for r in rows] == [
         (cls, ("test", cls)) for cls in ("apple", "bread") for _ in range(4)
     ] and all(r["predicted_name"] == ("apple", "bread")[int(r["predicted"])] for r in rows)
+    new = tmp_path / "new"  # images to classify, unlabelled, at any depth; a hidden one is no image
+    for name in ("b.png", "a/c.png", "a/.d.png", ".cache/e.png"):
+        (new / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(Path(data["root"]) / "train" / "bread" / "1.png", new / name)
+    main(["predict", *validate[1:], "--data.init_args.predict_dir", str(new), *writer])
+    with open(tmp_path / "pred.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["index"], r["label"], r["label_name"], r["file"]) for r in rows] == [
+        ("0", "-1", "", str(new / "a" / "c.png")),
+        ("1", "-1", "", str(new / "b.png")),
+    ] and rows[0]["predicted_name"] == rows[1]["predicted_name"] == ("apple", "bread")[int(rows[0]["predicted"])]
 
     close = ImageFolderDataModule(data["root"], test_dir=None, image_size=16, mean=[0.4850001, 0.456, 0.406])
     close.classes = np.array(["apple", "bread"])  # numpy's strings, a float32 copy of a mean: the same data

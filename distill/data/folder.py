@@ -37,6 +37,8 @@ class ImageFolderDataModule(SplitDataModule):
         train_dir: training split folder under ``root``.
         val_dir: validation split folder; ``None`` takes ``val_size`` images out of the training split.
         test_dir: test split folder; ``None`` if there is none.
+        predict_dir: a folder of images to classify with ``distill predict``, found at any depth under it and
+            unlabelled (label -1 in ``predictions.csv``); relative to ``root``, or absolute. Default: the test split.
         image_size: side of the square crops the model sees.
         batch_size: training batch size.
         eval_batch_size: validation/test batch size (default: ``batch_size``).
@@ -59,6 +61,7 @@ class ImageFolderDataModule(SplitDataModule):
         train_dir: str = "train",
         val_dir: str | None = None,
         test_dir: str | None = "test",
+        predict_dir: str | None = None,
         image_size: int = 224,
         batch_size: int = 64,
         eval_batch_size: int | None = None,
@@ -82,7 +85,8 @@ class ImageFolderDataModule(SplitDataModule):
             raise ValueError(f"ImageFolderDataModule: {train_path} holds one class folder ({self.classes[0]}); a "
                              f"classifier needs at least two, one folder each")  # fmt: skip
         self.num_classes = len(self.classes)
-        self.train_dir, self.val_dir, self.test_dir = train_dir, val_dir, test_dir
+        self.train_dir, self.val_dir, self.test_dir, self.predict_dir = train_dir, val_dir, test_dir, predict_dir
+        self.predict_set: Dataset | None = None
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
             raise ValueError(f"ImageFolderDataModule: image_size must be a number of pixels >= 1, got {image_size!r}")
         self.image_size, self.augment = image_size, augment
@@ -212,8 +216,17 @@ class ImageFolderDataModule(SplitDataModule):
                 train_idx, val_idx = self.split_indices(len(train_view))
                 self.train_set = Subset(train_view, train_idx.tolist())
                 self.val_set = Subset(eval_view, val_idx.tolist())
-        if stage in (None, "test", "predict") and self.test_set is None and self.test_dir is not None:
+        if stage == "predict" and self.predict_dir is not None:
+            if self.predict_set is None:
+                self.predict_set = _UnlabelledImages(self.root / self.predict_dir, self._transform(train=False))
+        elif stage in (None, "test", "predict") and self.test_set is None and self.test_dir is not None:
             self.test_set = self._folder(self.test_dir, train=False)
+
+    def predict_dataloader(self) -> Any:
+        """The images of ``predict_dir``, or else the test split."""
+        if self.predict_dir is None:
+            return super().predict_dataloader()
+        return self._loader(self.predict_set, train=False, split="predict")
 
     def loader_options(self) -> dict[str, Any]:
         return {"collate_fn": collate_samples, "pin_memory": torch.cuda.is_available()}
@@ -253,6 +266,26 @@ class _VisibleImages(ImageFolder):
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
         classes = visible_classes(directory)
         return classes, {name: i for i, name in enumerate(classes)}
+
+
+class _UnlabelledImages(ImageFolder):
+    """The images at any depth under ``folder`` (hidden ones left out), sorted by path, each labelled -1."""
+
+    def __init__(self, folder: Path, transform: Any) -> None:
+        if not folder.is_dir():
+            raise FileNotFoundError(f"ImageFolderDataModule: predict_dir {folder} does not exist")
+        super().__init__(str(folder), transform, loader=read_image, allow_empty=True)
+        if not self.samples:
+            kinds = " ".join(IMG_EXTENSIONS)
+            raise ValueError(f"ImageFolderDataModule: predict_dir {folder} holds no image file ({kinds}; not "
+                             f"hidden ones)")  # fmt: skip
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        return [], {}
+
+    def make_dataset(self, directory: str, *_: Any, **__: Any) -> list[tuple[str, int]]:  # type: ignore[override]
+        files = (Path(top) / name for top, _, names in os.walk(directory, followlinks=True) for name in names)
+        return sorted((str(f), -1) for f in files if is_image_file(str(f), directory))
 
 
 def read_image(path: str) -> Any:
