@@ -622,7 +622,7 @@ def test_a_teacher_or_an_evaluated_checkpoint_is_held_to_the_classes_and_normali
     kept = {"class_path": "ModelCheckpoint", "init_args": {"dirpath": str(run), "save_last": True}}
     cfg = {
         "trainer": {"max_epochs": 1, "accelerator": "cpu", "enable_progress_bar": False, "logger": False,
-                    "enable_model_summary": False, "callbacks": [kept]},
+                    "enable_model_summary": False, "callbacks": [kept], "default_root_dir": str(run)},
         "model": {"student": {"class_path": "students.StudentNet", "init_args": {"base": 2, "num_pools": 2}}},
         "data": {"class_path": "distill.data.ImageFolderDataModule", "init_args": data},
     }  # fmt: skip
