@@ -131,7 +131,9 @@ def inferred_io(arch: str, weights: Mapping[str, torch.Tensor]) -> tuple[int | N
         name = module[0] if isinstance(module, (tuple, list)) and module else module
         if not isinstance(name, str):
             return None
-        found = [v for k, v in weights.items() if k == f"{name}.weight" or k.endswith(f".{name}.weight")]
+        keys = [k for k in weights if k == f"{name}.weight" or k.endswith(f".{name}.weight")]
+        depth = min((k.count(".") for k in keys), default=0)  # a ResNet's conv1, not its blocks' layer1.0.conv1
+        found = [weights[k] for k in keys if k.count(".") == depth]
         return found[0] if found and len({v.shape for v in found}) == 1 else None  # copies must agree
 
     head, stem = weight(cfg.classifier), weight(cfg.first_conv)

@@ -161,6 +161,10 @@ def test_safetensors_and_timm_hub_folders(tmp_path: Path):
     save_file(model.state_dict(), tmp_path / "weights.safetensors")
     teacher = load_teacher("test_resnet", checkpoint=tmp_path / "weights.safetensors")
     torch.testing.assert_close(teacher(X), logits(model), rtol=0, atol=0)
+    resnet = timm.create_model("resnet18", num_classes=10, in_chans=1).eval()  # its blocks hold conv1s too
+    save_file(resnet.state_dict(), tmp_path / "resnet.safetensors")
+    teacher = load_teacher("resnet18", checkpoint=tmp_path / "resnet.safetensors")  # 1 channel, read from its stem
+    torch.testing.assert_close(teacher(X), logits(resnet), rtol=0, atol=0)
     (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 12)
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         load_teacher("test_resnet", checkpoint=tmp_path / "bad.safetensors")
