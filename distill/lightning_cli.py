@@ -170,6 +170,14 @@ class _Trainer(Trainer):
 _MACHINE_SETTINGS = ("compile", "channels_last")
 
 
+def _is_run(folder: Path, checkpoints: bool) -> bool:
+    """Whether ``folder`` holds a ``distill fit`` run: the ``config.yaml`` it saves, and, where it is not the
+    ``checkpoints`` folder itself, the logs beside it (a user's own recipe named ``config.yaml`` beside the
+    ``checkpoints/`` it writes is no run)."""
+    logs = ("metrics.csv", "hparams.yaml", "events.out.tfevents.*")
+    return (folder / "config.yaml").is_file() and (checkpoints or any(any(folder.glob(name)) for name in logs))
+
+
 def default_precision() -> str:
     """``bf16-mixed`` where a GPU with bfloat16 is present, else ``32-true`` (CPUs stay float32)."""
     return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
@@ -249,8 +257,8 @@ class DistillCLI(LightningCLI):
         return trainer
 
     def _check_checkpoint_folder(self, trainer: Trainer) -> None:
-        """Refuse a fit whose ``ModelCheckpoint`` writes into the folder of another run (its ``config.yaml`` there,
-        or in the folder above, as in Lightning's ``<log_dir>/checkpoints``; this run's elsewhere): that run's
+        """Refuse a fit whose ``ModelCheckpoint`` writes into the folder of another run (:func:`_is_run`: there, or
+        the folder above, as in Lightning's ``<log_dir>/checkpoints``; this run's elsewhere): that run's
         ``last.ckpt`` would be replaced, with its config and metrics left describing it (a recipe copied, its log
         folder changed, its checkpoints' not; or a run resumed to train on, logging elsewhere)."""
         if self.subcommand not in (None, "fit"):
@@ -258,7 +266,7 @@ class DistillCLI(LightningCLI):
         log_dir = Path(trainer.log_dir or trainer.default_root_dir).resolve()
         for callback in trainer.checkpoint_callbacks:
             folder = Path(callback.dirpath).resolve() if getattr(callback, "dirpath", None) else None
-            run = next((f for f in (folder, folder.parent) if (f / "config.yaml").is_file()), None) if folder else None
+            run = next((f for f in (folder, folder.parent) if _is_run(f, f == folder)), None) if folder else None
             if run is not None and log_dir not in (folder, run):
                 raise ValueError(
                     f"ModelCheckpoint would write into {folder}, in the folder of another run (its config.yaml in "

@@ -45,6 +45,7 @@ __all__ = [
     "relocate",
     "sibling_config",
     "teacher_cache",
+    "what_trains",
     "with_callbacks",
     "without_root",
 ]
@@ -260,6 +261,7 @@ def fingerprint(cfg: dict[str, Any]) -> str:
 def fingerprints(cfg: dict[str, Any]) -> list[str]:
     """:func:`fingerprint`, then those records written before held of the same recipe (:func:`recipe_identities`,
     and before 2026-12-07, the recipe with every path as spelt)."""
+    cfg = what_trains(cfg)
     digests = input_digests(cfg)
     legacy = json.dumps({"recipe": cfg, "inputs": digests}, sort_keys=True, default=str)
     return [hashlib.sha256(text.encode()).hexdigest() for text in (*recipe_identities(cfg, digests), legacy)]
@@ -277,6 +279,7 @@ def recipe_identities(cfg: dict[str, Any], digests: dict[str, str] | None = None
     """:func:`recipe_identity`, then the forms records written before 2026-12-07's third session hold: the data's
     ``root`` by its path with the listing of the training and validation images (the second session), then without
     a listing. ``digests``: :func:`input_digests` of ``cfg``, when known."""
+    cfg = what_trains(cfg)
     digests = input_digests(cfg) if digests is None else digests
     recipe = relocate(by_contents(cfg, digests), Path("<out>"))
     for callback in recipe["trainer"].get("callbacks") or []:
@@ -289,6 +292,17 @@ def recipe_identities(cfg: dict[str, Any], digests: dict[str, str] | None = None
         forms = [{**unlisted, "recipe": without_root(recipe), "images": listing},
                  {**unlisted, "images": {"files": listing["files"]}}, unlisted]  # fmt: skip
     return [json.dumps(form, sort_keys=True, default=str) for form in forms]
+
+
+def what_trains(cfg: dict[str, Any]) -> dict[str, Any]:
+    """``cfg`` without what only ``distill predict`` reads (an image folder's ``predict_dir``): a recipe given one
+    to classify new images is still the recipe a job trained."""
+    init_args = (cfg.get("data") or {}).get("init_args")
+    if not (isinstance(init_args, dict) and "predict_dir" in init_args):
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    del cfg["data"]["init_args"]["predict_dir"]
+    return cfg
 
 
 def without_root(cfg: dict[str, Any]) -> dict[str, Any]:

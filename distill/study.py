@@ -30,7 +30,7 @@ from typing import Any
 
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from distill.recipes import FitResult, by_contents, image_identity, input_digests, without_root
+from distill.recipes import FitResult, by_contents, image_identity, input_digests, what_trains, without_root
 from distill.rundir import file_lock
 
 __all__ = ["finished_rows", "missing_points", "open_storage", "open_study", "work"]
@@ -135,6 +135,7 @@ def open_study(rdb: Any, url: str, name: str, space: dict[str, list], cfg: dict[
         load_if_exists=True,
     )
     one = "class_path" in (cfg.get("data") or {})  # one recipe, or its variants by name
+    cfg = what_trains(cfg) if one else {name: what_trains(recipe) for name, recipe in cfg.items()}
     variants = {"recipe": cfg} if one else cfg
     digests = input_digests(cfg)  # the teacher checkpoint's bytes: a retrained teacher is another sweep
     images = {name: image_identity(recipe) for name, recipe in variants.items()}

@@ -131,9 +131,11 @@ def inferred_io(arch: str, weights: Mapping[str, torch.Tensor]) -> tuple[int | N
         name = module[0] if isinstance(module, (tuple, list)) and module else module
         if not isinstance(name, str):
             return None
-        keys = [k for k in weights if k == f"{name}.weight" or k.endswith(f".{name}.weight")]
-        depth = min((k.count(".") for k in keys), default=0)  # a ResNet's conv1, not its blocks' layer1.0.conv1
-        found = [weights[k] for k in keys if k.count(".") == depth]
+        end = f"{name}.weight"
+        prefixes = [k[: -len(end)] for k in weights if k == end or k.endswith(f".{end}")]
+        # a ResNet's conv1 under a prefix, not its blocks' layer1.0.conv1 under the same prefix
+        outer = [p for p in prefixes if not any(p != q and p.startswith(q) for q in prefixes)]
+        found = [weights[p + end] for p in outer]
         return found[0] if found and len({v.shape for v in found}) == 1 else None  # copies must agree
 
     head, stem = weight(cfg.classifier), weight(cfg.first_conv)

@@ -561,6 +561,8 @@ def test_a_job_checks_the_test_split_before_it_trains_and_export_names_why_its_d
     # The same images elsewhere (a copy on a cluster node's scratch) are the same recipe: the sweep's trial is reused.
     moved = {"data": {"init_args": {"root": str(tmp_path / "moved")}}}
     assert recipe_identity(merge(cfg, moved)) == identity
+    predicting = {"data": {"init_args": {"predict_dir": str(tmp_path / "new")}}}  # read by `distill predict` only
+    assert recipe_identity(merge(merge(cfg, moved), predicting)) == identity
     trained = {p: p.stat().st_mtime_ns for p in (tmp_path / "sweep").rglob("*.ckpt")}
     main([*job, "--seeds", "[0]", "--overrides", json.dumps(moved)])
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "sweep").rglob("*.ckpt")} == trained and trained
@@ -598,6 +600,7 @@ def test_a_study_is_taken_up_on_its_images_elsewhere_and_as_a_study_made_before_
         },
     )
     open_study(rdb, url, "new", space, elsewhere)  # the same images and teacher on another worker's disk
+    open_study(rdb, url, "new", space, merge(elsewhere, {"data": {"init_args": {"predict_dir": "new"}}}))
     was = f"other images \\(recipe: {listing['files']}, test split {listing['test_files']}, {listing['bytes']}; now "
     shutil.copytree(root, tmp_path / "resized")
     for image in (tmp_path / "resized").rglob("*.png"):  # another export under the same names

@@ -105,6 +105,18 @@ def test_a_fit_killed_mid_epoch_resumes_to_the_same_weights_and_metrics(
     assert {r["epoch"] for r in whole} == {"", "0", "1", "2", "3"} and resumed == whole  # every row, none twice
 
 
+def test_a_recipe_named_config_yaml_beside_its_checkpoints_folder_trains(tmp_path: Path, small_teacher_checkpoint):
+    """A project's own ``config.yaml`` beside the ``checkpoints/`` its fit writes is no other run's folder (a run
+    holds its logs beside its config: tests/test_faults.py refuses a fit into such a folder's checkpoints)."""
+    (tmp_path / "project").mkdir()
+    cfg = yaml.safe_load(recipe(tmp_path, small_teacher_checkpoint, "project/logs", epochs=1).read_text())
+    cfg = relocate_checkpoints(cfg, tmp_path / "project" / "checkpoints")
+    config = tmp_path / "project" / "config.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    main(["fit", "--config", str(config), "--trainer.limit_train_batches", "2"])
+    assert (tmp_path / "project" / "checkpoints" / "last.ckpt").is_file() and yaml.safe_load(config.read_text()) == cfg
+
+
 def test_ctrl_c_stops_a_fit_or_an_export_with_status_130_and_the_line_that_resumes_it(
     tmp_path: Path, small_teacher_checkpoint, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ):

@@ -19,6 +19,7 @@ from distill import DistillModule
 from distill.recipes import file_digest
 from students import create_student
 from teachers import TeacherEnsemble, load_teacher, load_teachers, teacher_checkpoints
+from teachers.formats import inferred_io
 
 X = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
 
@@ -165,6 +166,10 @@ def test_safetensors_and_timm_hub_folders(tmp_path: Path):
     save_file(resnet.state_dict(), tmp_path / "resnet.safetensors")
     teacher = load_teacher("resnet18", checkpoint=tmp_path / "resnet.safetensors")  # 1 channel, read from its stem
     torch.testing.assert_close(teacher(X), logits(resnet), rtol=0, atol=0)
+    under = lambda prefix, model: {prefix + k: v for k, v in model.state_dict().items()}  # noqa: E731
+    other = timm.create_model("resnet18", num_classes=5, in_chans=3)
+    assert inferred_io("resnet18", under("model.", resnet) | under("model_ema.", resnet)) == (10, 1)  # copies agree
+    assert inferred_io("resnet18", under("student.", resnet) | under("teacher.model.", other)) == (None, None)
     (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 12)
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         load_teacher("test_resnet", checkpoint=tmp_path / "bad.safetensors")
