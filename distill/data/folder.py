@@ -273,7 +273,10 @@ class _UnlabelledImages(ImageFolder):
 
     def __init__(self, folder: Path, transform: Any) -> None:
         if not folder.is_dir():
-            raise FileNotFoundError(f"ImageFolderDataModule: predict_dir {folder} does not exist")
+            raise FileNotFoundError(
+                f"ImageFolderDataModule: predict_dir {folder} does not exist (a relative "
+                f"predict_dir lies under root; give an absolute path for images elsewhere)"
+            )
         super().__init__(str(folder), transform, loader=read_image, allow_empty=True)
         if not self.samples:
             kinds = " ".join(IMG_EXTENSIONS)
