@@ -139,7 +139,8 @@ def inferred_io(arch: str, weights: Mapping[str, torch.Tensor]) -> tuple[int | N
         return found[0] if found and len({v.shape for v in found}) == 1 else None  # copies must agree
 
     head, stem = weight(cfg.classifier), weight(cfg.first_conv)
-    classes = head.shape[0] if head is not None and head.dim() == 2 else None
+    linear = head is not None and (head.dim() == 2 or (head.dim() == 4 and head.shape[2:] == (1, 1)))  # DLA: 1x1
+    classes = head.shape[0] if linear else None
     channels = stem.shape[1] if stem is not None and stem.dim() == 4 else None
     return classes, channels
 

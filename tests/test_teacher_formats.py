@@ -170,6 +170,8 @@ def test_safetensors_and_timm_hub_folders(tmp_path: Path):
     other = timm.create_model("resnet18", num_classes=5, in_chans=3)
     assert inferred_io("resnet18", under("model.", resnet) | under("model_ema.", resnet)) == (10, 1)  # copies agree
     assert inferred_io("resnet18", under("student.", resnet) | under("teacher.model.", other)) == (None, None)
+    dla = timm.create_model("dla34", num_classes=7, in_chans=2)  # its classifier is a 1x1 convolution
+    assert inferred_io("dla34", dla.state_dict()) == (7, 2)
     (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 12)
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         load_teacher("test_resnet", checkpoint=tmp_path / "bad.safetensors")
