@@ -12,6 +12,18 @@ from distill import DistillModule
 from students import create_student
 
 
+@pytest.fixture(autouse=True)
+def _nothing_written_into_the_working_directory():
+    """A test writes under its tmp_path: a run left in the working directory (LightningCLI's config.yaml where a
+    recipe logs nowhere, lightning_logs/, runs/) would be read by the next test, and clutters a checkout."""
+    before = {p.name: p.stat().st_mtime_ns for p in Path.cwd().iterdir()}
+    yield
+    after = {p.name: p.stat().st_mtime_ns for p in Path.cwd().iterdir()}
+    written = sorted(name for name in after if name not in before or (name in ("runs", "config.yaml") and
+                                                                       after[name] != before[name]))  # fmt: skip
+    assert not written, f"the test wrote {written} into the working directory {Path.cwd()}"
+
+
 @pytest.fixture(scope="session")
 def teacher_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A timm test_resnet (small-image stem) trained for a few batches, saved by Lightning."""

@@ -324,7 +324,7 @@ def test_an_unreadable_image_found_by_a_worker_is_named_in_one_line(tmp_path: Pa
     data = {"root": str(tmp_path), "test_dir": None, "image_size": 16, "batch_size": 4, "val_size": 2, "num_workers": 1}
     cfg = {
         "trainer": {"max_epochs": 1, "accelerator": "cpu", "logger": False, "enable_checkpointing": False,
-                    "enable_progress_bar": False, "enable_model_summary": False},
+                    "enable_progress_bar": False, "enable_model_summary": False, "default_root_dir": str(tmp_path)},
         "model": {"student": {"class_path": "students.StudentNet", "init_args": {"base": 2, "num_pools": 2}}},
         "data": {"class_path": "distill.data.ImageFolderDataModule", "init_args": data},
     }  # fmt: skip
