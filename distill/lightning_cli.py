@@ -306,7 +306,8 @@ class DistillCLI(LightningCLI):
                     "(--trainer.callbacks+=distill.PredictionWriter --trainer.callbacks.path <file>)"
                     if self.subcommand == "predict"
                     else f"metrics.csv would take rows of another model: give this {self.subcommand} a log folder of "
-                    f"its own (the logger's save_dir, e.g. --trainer.logger.init_args.save_dir {checkpoint.parent})"
+                    f"its own (the logger's save_dir, e.g. --trainer.logger.init_args.save_dir "
+                    f"{checkpoint.parent / f'{checkpoint.stem}_{self.subcommand}'})"
                 )
                 raise ValueError(f"{source} is not the run in {folder}, whose {fix}")
 

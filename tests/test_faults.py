@@ -37,7 +37,8 @@ from students import StudentNet, create_student, save_student
 
 @dataclass(frozen=True)
 class Fault:
-    """A bad command: its arguments (``{name}`` stands for a path of :func:`earlier_runs`), and what it must say."""
+    """A bad command: its arguments and what it must say (in both, ``{name}`` stands for a path of
+    :func:`earlier_runs`)."""
 
     kind: str
     args: tuple[str, ...]
@@ -220,7 +221,8 @@ FAULTS = [
     Fault(
         "test a student another run wrote",
         ("test", *FIT[1:], "--model.student", "students.load_student", "--model.student.path", BEST),
-        "best_student.ckpt) is not the run in",
+        "metrics.csv would take rows of another model: give this test a log folder of its own (the logger's "
+        "save_dir, e.g. --trainer.logger.init_args.save_dir {runs}/prune/best_student_test)",
     ),
     Fault(
         "predict a student another run wrote",
@@ -388,7 +390,7 @@ FAULTS = [
     Fault("export input too small", (*EXPORT, *TO_ONNX, "--input_size", "2"), "cannot run on (1, 2, 2) inputs"),
     Fault("export a text file", ("export", "{inputs}/text.ckpt", *TO_ONNX), "readable"),
     Fault("export a plain state_dict", ("export", "{inputs}/state_dict.pt", *TO_ONNX), "records no student_spec"),
-    Fault("export a crafted spec", ("export", "{inputs}/spec_str.ckpt", *TO_ONNX), "not {name, kwargs}"),
+    Fault("export a crafted spec", ("export", "{inputs}/spec_str.ckpt", *TO_ONNX), "not {{name, kwargs}}"),
     Fault("export a spec with unknown arguments", ("export", "{inputs}/spec_kwargs.ckpt", *TO_ONNX), "cannot be built"),
     Fault("export a crafted pruned layout", ("export", "{inputs}/layout.ckpt", *TO_ONNX), "a layer 'nope' the arch"),
     Fault("export a crafted input shape", ("export", "{inputs}/shape.ckpt", *TO_ONNX), "not [channels, height, width]"),
@@ -606,7 +608,7 @@ def test_bad_input_gets_one_line_and_changes_nothing(fault: Fault, paths: dict[s
     assert status == 2, stderr
     lines = error_lines(stderr)
     assert len(lines) == 1 and "Traceback" not in stderr, stderr
-    assert fault.expect in lines[0], lines[0]
+    assert fault.expect.format(**paths) in lines[0], lines[0]
     assert snapshot(root) == before  # every file byte for byte, nothing new (no code ran, nothing was written)
 
 
