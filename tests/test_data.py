@@ -667,6 +667,10 @@ def test_a_teacher_or_an_evaluated_checkpoint_is_held_to_the_classes_and_normali
          f"ImageFolderDataModule: predict_dir {Path(data['root']) / 'new'} does not exist"),
         (["predict", *validate[1:], "--data.init_args.predict_dir", str(tmp_path / "empty")],
          f"ImageFolderDataModule: predict_dir {tmp_path / 'empty'} holds no image file"),
+        (["predict", *validate[1:], "--data.init_args.predict_dir", str(tmp_path / "empty" / "a" / ".hidden.png")],
+         f"predict_dir {tmp_path / 'empty' / 'a' / '.hidden.png'} is a file: give the folder that holds the images"),
+        (["predict", *validate[1:], "--data.init_args.predict_dir", ""],
+         "ImageFolderDataModule: predict_dir is empty"),  # root itself, the training images with the rest
         (["export", str(checkpoint), "--int8", str(tmp_path / "s.int8.onnx"), "--recipe", str(tmp_path / "kd.yaml")],
          "int8 would be calibrated and scored on the wrong images"),  # kd.yaml, with cherry as its root below
     ):  # fmt: skip

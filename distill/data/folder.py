@@ -85,6 +85,10 @@ class ImageFolderDataModule(SplitDataModule):
             raise ValueError(f"ImageFolderDataModule: {train_path} holds one class folder ({self.classes[0]}); a "
                              f"classifier needs at least two, one folder each")  # fmt: skip
         self.num_classes = len(self.classes)
+        if predict_dir is not None and not str(predict_dir).strip():  # "" would be root itself, the training images too
+            raise ValueError(
+                "ImageFolderDataModule: predict_dir is empty: give the folder of images to classify, or null"
+            )
         self.train_dir, self.val_dir, self.test_dir, self.predict_dir = train_dir, val_dir, test_dir, predict_dir
         self.predict_set: Dataset | None = None
         if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
@@ -273,10 +277,9 @@ class _UnlabelledImages(ImageFolder):
 
     def __init__(self, folder: Path, transform: Any) -> None:
         if not folder.is_dir():
-            raise FileNotFoundError(
-                f"ImageFolderDataModule: predict_dir {folder} does not exist (a relative "
-                f"predict_dir lies under root; give an absolute path for images elsewhere)"
-            )
+            why = ("is a file: give the folder that holds the images" if folder.exists() else "does not exist (a "
+                   "relative predict_dir lies under root; give an absolute path for images elsewhere)")  # fmt: skip
+            raise FileNotFoundError(f"ImageFolderDataModule: predict_dir {folder} {why}")
         super().__init__(str(folder), transform, loader=read_image, allow_empty=True)
         if not self.samples:
             kinds = " ".join(IMG_EXTENSIONS)
