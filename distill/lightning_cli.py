@@ -605,23 +605,26 @@ def _first_local_rank() -> bool:
     return int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0))) == 0
 
 
+def _named(spec: Any) -> tuple[str, dict[str, Any]]:
+    """A ``model.student`` spec's class or function name and its ``init_args`` (``""`` and none for an object)."""
+    spec = spec.as_dict() if isinstance(spec, Namespace) else spec
+    if not isinstance(spec, dict):
+        return "", {}
+    return str(spec.get("class_path", "")).rsplit(".", 1)[-1], spec.get("init_args") or {}
+
+
 def _student_file(spec: Any) -> str | None:
     """The checkpoint a ``model.student`` spec loads its trained weights from (``students.load_student``'s
     ``path``, unless ``from_scratch``), or ``None``."""
-    spec = spec.as_dict() if isinstance(spec, Namespace) else spec
-    args = (spec.get("init_args") or {}) if isinstance(spec, dict) else {}
-    named = isinstance(spec, dict) and str(spec.get("class_path", "")).rsplit(".", 1)[-1] == "load_student"
-    return str(args["path"]) if named and args.get("path") and not args.get("from_scratch", False) else None
+    name, args = _named(spec)
+    loads = name == "load_student" and args.get("path") and not args.get("from_scratch", False)
+    return str(args["path"]) if loads else None
 
 
 def _loads_weights(spec: Any) -> bool:
     """Whether a ``model.student`` spec builds a student with trained weights: a checkpoint loaded
     (``students.load_student``, not ``from_scratch``; a teacher's loader) or timm's pretrained ones."""
-    spec = spec.as_dict() if isinstance(spec, Namespace) else spec
-    if not isinstance(spec, dict):
-        return False
-    args = spec.get("init_args") or {}
-    name = str(spec.get("class_path", "")).rsplit(".", 1)[-1]
+    name, args = _named(spec)
     if name == "load_student":
         return not args.get("from_scratch", False)
     if name == "load_teachers" or (name == "load_teacher" and args.get("checkpoint")):
