@@ -17,6 +17,7 @@ from files never make timm read or download other files (:func:`file_model_kwarg
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 from collections import Counter
 from collections.abc import Mapping
@@ -141,8 +142,25 @@ def inferred_io(arch: str, weights: Mapping[str, torch.Tensor]) -> tuple[int | N
     head, stem = weight(cfg.classifier), weight(cfg.first_conv)
     linear = head is not None and (head.dim() == 2 or (head.dim() == 4 and head.shape[2:] == (1, 1)))  # DLA: 1x1
     classes = head.shape[0] if linear else None
-    channels = stem.shape[1] if stem is not None and stem.dim() == 4 else None
-    return classes, channels
+    if stem is None or stem.dim() != 4:
+        return classes, None
+    per_channel = _stem_inputs_per_channel(arch.removeprefix("timm/"), cfg.first_conv)
+    return classes, stem.shape[1] // per_channel if stem.shape[1] % per_channel == 0 else None
+
+
+@functools.lru_cache(maxsize=64)
+def _stem_inputs_per_channel(arch: str, first_conv: str | tuple[str, ...]) -> int:
+    """The input channels of ``arch``'s first conv per image channel: 16 where its stem moves 4x4 pixels into
+    channels first (TResNet's space-to-depth), else 1; read from the model built on the meta device (no memory,
+    no weights) with one input channel."""
+    name = first_conv[0] if isinstance(first_conv, (tuple, list)) else first_conv
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(arch, pretrained=False, in_chans=1, num_classes=1)
+    except Exception:  # noqa: BLE001 - a model that needs other arguments: its stem is read as it is
+        return 1
+    stem = model.state_dict().get(f"{name}.weight")
+    return stem.shape[1] if stem is not None and stem.dim() == 4 and stem.shape[1] > 0 else 1
 
 
 def fit_prefix(

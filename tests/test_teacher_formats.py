@@ -11,6 +11,7 @@ import pytorch_lightning as pl
 import timm
 import torch
 from safetensors.torch import save_file
+from timm.models.tresnet import TResNet
 from timm.utils import CheckpointSaver, ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -172,6 +173,8 @@ def test_safetensors_and_timm_hub_folders(tmp_path: Path):
     assert inferred_io("resnet18", under("student.", resnet) | under("teacher.model.", other)) == (None, None)
     dla = timm.create_model("dla34", num_classes=7, in_chans=2)  # its classifier is a 1x1 convolution
     assert inferred_io("dla34", dla.state_dict()) == (7, 2)
+    tresnet = TResNet(layers=[1, 1, 1, 1], in_chans=2, num_classes=7, width_factor=0.25)  # tresnet_m's keys, smaller
+    assert inferred_io("tresnet_m", tresnet.state_dict()) == (7, 2)  # its stem takes 4x4 pixels of each: 32 inputs
     (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 12)
     with pytest.raises(ValueError, match="not a readable safetensors file"):
         load_teacher("test_resnet", checkpoint=tmp_path / "bad.safetensors")
