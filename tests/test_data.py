@@ -499,6 +499,12 @@ def test_image_folder_settings_that_would_mislead_are_refused_and_odd_files_are_
         ValueError, match=r"unlabelled holds no class folder: put each class's images in a folder of its"
     ):
         ImageFolderDataModule(str(root), image_size=16, test_dir="unlabelled").setup("test")
+    link = root / "train" / "bread" / "up"
+    for target in ("..", "../../..", "."):  # a link loop: bread's images again, apple's listed as bread's, ...
+        link.symlink_to(target)
+        with pytest.raises(ValueError, match=r"bread/up links to .*, a folder it lies in, so its images would be read"):
+            ImageFolderDataModule(str(root), image_size=16, test_dir=None, val_size=2).setup("fit")
+        link.unlink()
 
 
 def test_a_job_checks_the_test_split_before_it_trains_and_export_names_why_its_data_does_not_build(tmp_path: Path):

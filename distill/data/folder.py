@@ -6,7 +6,6 @@ import hashlib
 import math
 import os
 from collections.abc import Sequence
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,7 @@ from PIL import Image
 from torch.utils.data import Dataset, Subset
 from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
-from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension, make_dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension
 
 from distill.data.base import SplitDataModule
 from distill.data.batch import collate_samples
@@ -157,10 +156,8 @@ class ImageFolderDataModule(SplitDataModule):
         if role not in self._listings:
             split = getattr(self, f"{role}_dir")
             folder = self.root / split if split is not None else None
-            classes, visible = {name: i for i, name in enumerate(self.classes)}, partial(is_image_file, folder=folder)
             found = folder is not None and folder.is_dir()
-            listing = make_dataset(str(folder), classes, is_valid_file=visible, allow_empty=True) if found else []
-            self._listings[role] = listing
+            self._listings[role] = labelled_images(folder, self.classes, allow_empty=True) if found else []
         return self._listings[role]
 
     def _summary(self, *roles: str) -> str:
@@ -260,16 +257,48 @@ def visible_classes(folder: str | Path) -> list[str]:
     return classes
 
 
+def image_files(top: str | Path, folder: str | Path) -> list[str]:
+    """The image files (:func:`is_image_file`) under ``top`` at any depth, in the order of torchvision's
+    ``make_dataset`` (by folder, then name), links to folders followed as it follows them, but a link to a folder
+    it lies in refused: a loop would list its images again and again, those of other classes under this one."""
+    chains, found = {str(top): (os.path.realpath(folder), os.path.realpath(top))}, []
+    for parent, folders, names in os.walk(top, followlinks=True):
+        chain = chains.pop(parent)  # the folders it lies in, its own included, as links resolve them
+        folders[:] = [name for name in folders if not name.startswith(".")]
+        for name in folders:
+            path = os.path.join(parent, name)
+            real = os.path.realpath(path)
+            if any(c == real or c.startswith(real.rstrip(os.sep) + os.sep) for c in chain):
+                raise ValueError(f"ImageFolderDataModule: {path} links to {real}, a folder it lies in, so its images "
+                                 f"would be read again and again: remove the link")  # fmt: skip
+            chains[path] = (*chain, real)
+        found += [(parent, name) for name in names if is_image_file(os.path.join(parent, name), folder)]
+    return [os.path.join(parent, name) for parent, name in sorted(found)]
+
+
+def labelled_images(folder: str | Path, classes: Sequence[str], allow_empty: bool = False) -> list[tuple[str, int]]:
+    """The (file, label) pairs of a split folder, ``<folder>/<class>/...``, as torchvision's ``make_dataset`` lists
+    them (:func:`image_files`), its error for a class without images included."""
+    listing = [(path, label) for label, name in enumerate(classes) for path in image_files(Path(folder, name), folder)]
+    empty = set(classes) - {classes[label] for _, label in listing}
+    if empty and not allow_empty:
+        raise FileNotFoundError(f"Found no valid file for the classes {', '.join(sorted(empty))}.")
+    return listing
+
+
 class _VisibleImages(ImageFolder):
     """torchvision's ImageFolder of a split folder, read with :func:`read_image`, without hidden folders and files
-    (:func:`visible_classes`, :func:`is_image_file`)."""
+    (:func:`visible_classes`, :func:`labelled_images`)."""
 
     def __init__(self, root: str, transform: Any) -> None:
-        super().__init__(root, transform, loader=read_image, is_valid_file=partial(is_image_file, folder=root))
+        super().__init__(root, transform, loader=read_image)
 
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
         classes = visible_classes(directory)
         return classes, {name: i for i, name in enumerate(classes)}
+
+    def make_dataset(self, directory: str, class_to_idx: dict[str, int], *_: Any, **__: Any) -> list[tuple[str, int]]:  # type: ignore[override]
+        return labelled_images(directory, sorted(class_to_idx, key=class_to_idx.__getitem__))
 
 
 class _UnlabelledImages(ImageFolder):
@@ -290,8 +319,7 @@ class _UnlabelledImages(ImageFolder):
         return [], {}
 
     def make_dataset(self, directory: str, *_: Any, **__: Any) -> list[tuple[str, int]]:  # type: ignore[override]
-        files = (Path(top) / name for top, _, names in os.walk(directory, followlinks=True) for name in names)
-        return sorted((str(f), -1) for f in files if is_image_file(str(f), directory))
+        return sorted((path, -1) for path in image_files(directory, directory))
 
 
 def read_image(path: str) -> Any:
