@@ -511,7 +511,7 @@ class _Phases:
         seed: int,
         cache: Path | None,
         meter: LatencyMeter,
-        round_to: int = 1,
+        round_to: int,
     ) -> None:
         self.run_state = run
         self.round_to = round_to
