@@ -29,6 +29,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class ImageFolderDataModule(SplitDataModule):
     """A dataset of image files in ``<root>/<split>/<class>/<image>`` (torchvision's ImageFolder layout).
 
+    Images are found at any depth under their class folder, hidden files and folders left out; links to folders
+    are followed, as torchvision follows them, but a link to a folder they lie in is refused (a loop).
+
     For Food-11 (seed 004) use ``train_dir: training``, ``val_dir: validation``, ``test_dir: evaluation``.
 
     Args:
