@@ -128,8 +128,10 @@ def inferred_io(arch: str, weights: Mapping[str, torch.Tensor]) -> tuple[int | N
     if cfg is None:
         return None, None
 
-    def weight(module: Any) -> torch.Tensor | None:
-        name = module[0] if isinstance(module, (tuple, list)) and module else module
+    def first(module: Any) -> Any:  # a config may name several (a distilled ViT's two heads): the first
+        return module[0] if isinstance(module, (tuple, list)) and module else module
+
+    def weight(name: Any) -> torch.Tensor | None:
         if not isinstance(name, str):
             return None
         end = f"{name}.weight"
@@ -139,27 +141,26 @@ def inferred_io(arch: str, weights: Mapping[str, torch.Tensor]) -> tuple[int | N
         found = [weights[p + end] for p in outer]
         return found[0] if found and len({v.shape for v in found}) == 1 else None  # copies must agree
 
-    head, stem = weight(cfg.classifier), weight(cfg.first_conv)
+    head, stem = weight(first(cfg.classifier)), weight(first(cfg.first_conv))
     linear = head is not None and (head.dim() == 2 or (head.dim() == 4 and head.shape[2:] == (1, 1)))  # DLA: 1x1
     classes = head.shape[0] if linear else None
     if stem is None or stem.dim() != 4:
         return classes, None
-    per_channel = _stem_inputs_per_channel(arch.removeprefix("timm/"), cfg.first_conv)
+    per_channel = _stem_inputs_per_channel(arch.removeprefix("timm/"), first(cfg.first_conv))
     return classes, stem.shape[1] // per_channel if stem.shape[1] % per_channel == 0 else None
 
 
 @functools.lru_cache(maxsize=64)
-def _stem_inputs_per_channel(arch: str, first_conv: str | tuple[str, ...]) -> int:
+def _stem_inputs_per_channel(arch: str, first_conv: str) -> int:
     """The input channels of ``arch``'s first conv per image channel: 16 where its stem moves 4x4 pixels into
     channels first (TResNet's space-to-depth), else 1; read from the model built on the meta device (no memory,
     no weights) with one input channel."""
-    name = first_conv[0] if isinstance(first_conv, (tuple, list)) else first_conv
     try:
         with torch.device("meta"):
             model = timm.create_model(arch, pretrained=False, in_chans=1, num_classes=1)
     except Exception:  # noqa: BLE001 - a model that needs other arguments: its stem is read as it is
         return 1
-    stem = model.state_dict().get(f"{name}.weight")
+    stem = model.state_dict().get(f"{first_conv}.weight")
     return stem.shape[1] if stem is not None and stem.dim() == 4 and stem.shape[1] > 0 else 1
 
 

@@ -37,7 +37,7 @@ from distill.data import (
 )
 from distill.data.base import model_data_mismatch
 from distill.data.fashion_mnist import FASHION_MNIST_FILES
-from distill.data.folder import read_image
+from distill.data.folder import is_image_file, labelled_images, read_image, visible_classes
 from distill.export import deployment_metadata
 from distill.recipes import build_datamodule, merge, recipe_identity
 from distill.study import open_storage, open_study
@@ -505,6 +505,27 @@ def test_image_folder_settings_that_would_mislead_are_refused_and_odd_files_are_
         with pytest.raises(ValueError, match=r"bread/up links to .*, a folder it lies in, so its images would be read"):
             ImageFolderDataModule(str(root), image_size=16, test_dir=None, val_size=2).setup("fit")
         link.unlink()
+
+
+def test_image_folders_list_their_images_as_torchvision_does(tmp_path: Path):
+    """The order and labels pick the validation images (by index) and make a run's listing digest: any change to
+    them would move every user's split without a word."""
+    root, outside = tmp_path / "split", tmp_path / "outside"
+    for folder in ("a", "a b", "a-b", "a.b", "B", "sub/x", "sub-x/y", ".hidden"):
+        for cls in ("cat", "cat-2", "dog"):
+            (root / cls / folder).mkdir(parents=True)
+            for name in ("1.png", "a b.jpg", "A.png", ".x.png", "notes.txt"):
+                (root / cls / folder / name).write_bytes(b"")
+    (outside / "q").mkdir(parents=True)
+    (outside / "q" / "1.png").write_bytes(b"")
+    (root / "dog" / "linked").symlink_to(outside)  # a folder elsewhere, followed
+    (root / "cat" / "sibling").symlink_to(root / "dog" / "a")  # another class's folder: listed as this one's too
+    (root / "cat" / "file.png").symlink_to(root / "dog" / "a" / "1.png")
+    (root / "cat" / "broken.png").symlink_to(tmp_path / "nowhere.png")
+    classes = visible_classes(root)
+    own = {name: i for i, name in enumerate(classes)}
+    expected = torchvision.datasets.folder.make_dataset(str(root), own, is_valid_file=lambda p: is_image_file(p, root))
+    assert labelled_images(root, classes) == expected and len(expected) == 3 * 7 * 3 + 1 + 3 + 2
 
 
 def test_a_job_checks_the_test_split_before_it_trains_and_export_names_why_its_data_does_not_build(tmp_path: Path):
