@@ -2,7 +2,7 @@
 
     python benchmarks/timm_zoo.py                          # the zoo below, about 30 minutes on 2 CPU cores
     python benchmarks/timm_zoo.py --models resnet18 vit_tiny_patch16_224
-    python benchmarks/timm_zoo.py --advice mixnet_s levit_128s   # follow each refusal's ignored_layers
+    python benchmarks/timm_zoo.py --advice mixnet_s levit_128s   # with ignore_unprunable
 
 Each model (random weights, ``in_chans=1``, 10 classes, 64x64 inputs) runs in its own process, step by step:
 
@@ -201,11 +201,9 @@ def train_two_steps(student, teacher) -> str:
     return f"ok, loss {loss:.2f}" if moved else "weights did not move"
 
 
-def follow_advice(name: str, tries: int = 4) -> list:
-    """Prune ``name`` (l1, 60% of the parameters) with the layers each refusal names added to ``ignored_layers``,
-    up to ``tries`` times: the row of the ``--advice`` table."""
-    import re
-
+def follow_advice(name: str) -> list:
+    """Prune ``name`` (l1, 60% of the parameters) with ``ignore_unprunable``, which keeps the layers each refusal
+    names and prunes the rest: the row of the ``--advice`` table."""
     import torch
 
     from distill.profile import count_params
@@ -213,30 +211,18 @@ def follow_advice(name: str, tries: int = 4) -> list:
     from students import load_student, save_student
 
     warnings.filterwarnings("ignore")
-    model, ignored, start = build(name), [], time.perf_counter()
+    model, start = build(name), time.perf_counter()
     params, x = count_params(model), torch.randn(1, 1, SIDE, SIDE)
-    for refusals in range(tries):
-        student = copy.deepcopy(model)
-        try:
-            report = prune_student(student, x, PruningPolicy(ignored_layers=ignored), target_params=int(0.6 * params))
-        except ValueError as err:
-            advised = re.search(r"ignored_layers=(\[.*?\])\)", str(err))
-            if advised is None:
-                return [
-                    name,
-                    refusals,
-                    len(ignored),
-                    f"refused: {str(err)[:100]}",
-                    f"{time.perf_counter() - start:.0f}",
-                ]
-            ignored += json.loads(advised[1].replace("'", '"'))
-            continue
-        with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
-            save_student(student, Path(tmp) / "student.pt", [1, SIDE, SIDE])
-            same = torch.equal(load_student(Path(tmp) / "student.pt")(x), student(x))
-        outcome = f"ok, {report.params_after / params:.0%}, reload {'bit-exact' if same else 'differs'}"
-        return [name, refusals, len(ignored), outcome, f"{time.perf_counter() - start:.0f}"]
-    return [name, tries, len(ignored), "still refused", f"{time.perf_counter() - start:.0f}"]
+    student = copy.deepcopy(model)
+    try:
+        report = prune_student(student, x, PruningPolicy(ignore_unprunable=True), target_params=int(0.6 * params))
+    except ValueError as err:
+        return [name, "-", f"refused: {str(err)[:100]}", f"{time.perf_counter() - start:.0f}"]
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+        save_student(student, Path(tmp) / "student.pt", [1, SIDE, SIDE])
+        same = torch.equal(load_student(Path(tmp) / "student.pt")(x), student(x))
+    outcome = f"ok, {report.params_after / params:.0%}, reload {'bit-exact' if same else 'differs'}"
+    return [name, len(report.kept_layers), outcome, f"{time.perf_counter() - start:.0f}"]
 
 
 def main() -> None:
@@ -249,7 +235,8 @@ def main() -> None:
         default=60,
         help="seconds torch-pruning may trace a graph (distill.pruning.surgery.GRAPH_TIMEOUT_S)",
     )
-    parser.add_argument("--advice", nargs="+", metavar="MODEL", help="follow each refusal's ignored_layers instead")
+    kept = "prune each with ignore_unprunable (the layers refusals name kept whole) instead"
+    parser.add_argument("--advice", nargs="+", metavar="MODEL", help=kept)
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -268,7 +255,7 @@ def main() -> None:
 
     if args.advice:
         rows = [follow_advice(name) for name in args.advice]
-        print(markdown_table(["model", "refusals", "layers kept", "then", "s"], "lrrll", rows))
+        print(markdown_table(["model", "layers kept", "then", "s"], "lrll", rows))
         return
     families = dict((n, f) for f, n in ZOO)
     rows, notes, counts = [], [], dict.fromkeys(STEPS, 0)

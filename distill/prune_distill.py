@@ -31,6 +31,7 @@ import json
 import math
 import os
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +86,11 @@ from students.timm_models import check_timm_name
 __all__ = ["check_latency_options", "check_options", "check_reachable", "has_timed_start", "prune_distill"]
 
 
+#: Options added after runs were recorded without them: a run holds them only where they differ from these values,
+#: so a run started before they existed resumes.
+_ADDED_OPTIONS = {"ignore_unprunable": False}
+
+
 def prune_distill(
     recipe: str = "configs/fmnist/kd.yaml",
     target_params: int | None = None,
@@ -102,6 +108,7 @@ def prune_distill(
     max_rounds: int = 50,
     global_ranking: bool = False,
     ignored_layers: list[str] | None = None,
+    ignore_unprunable: bool = False,
     min_fraction: float = 0.1,
     round_to: int = CHANNEL_MULTIPLE,
     epochs_per_round: int = 3,
@@ -151,6 +158,8 @@ def prune_distill(
             latency target always ranks across layers, by importance per millisecond).
         ignored_layers: student layers whose output channels are never pruned. Those StudentNet's ``width_mult``
             leaves alone (``students.UNSCALED_LAYERS``): ``--ignored_layers '[cnn.0.0, cnn.1.3, cnn.2.3, cnn.7.3]'``.
+        ignore_unprunable: keep the channels of the layers whose pruning breaks the student (channels split by sizes
+            fixed when it was built: timm's MixNet, LeViT) and prune the rest, instead of refusing the run.
         min_fraction: every layer keeps at least this fraction of its channels before pruning started.
         round_to: kept channel counts are rounded up to a multiple of this. The default, 8, is what the runtimes
             run fast: ONNX Runtime's CPU provider runs counts that are not multiples of 4 up to 3x slower.
@@ -187,6 +196,7 @@ def prune_distill(
         The rows of ``rounds.csv``.
     """
     settings = dict(locals())  # the arguments: a run directory resumes only with the same ones
+    settings = {k: v for k, v in settings.items() if _ADDED_OPTIONS.get(k, ...) != v}  # runs from before resume
     check_options(target_params, target_macs, importance, schedule, ratio, rounds, max_rounds, epochs_per_round,
                   final_epochs, initial_epochs, slimming_epochs, slimming_lambda, finetune_lr, min_fraction, round_to,
                   seed, target_latency_ms, target_latency)  # fmt: skip
@@ -207,7 +217,7 @@ def prune_distill(
     x = torch.zeros(1, data.in_chans, *data.input_size)
     meter = LatencyMeter(tuple(x.shape[1:]), latency_runtime, latency_batch_size, latency_threads)
     policy = PruningPolicy(importance, global_ranking, min_fraction=min_fraction, round_to=round_to,
-                           ignored_layers=ignored_layers or ())  # fmt: skip
+                           ignored_layers=ignored_layers or (), ignore_unprunable=ignore_unprunable)  # fmt: skip
     floors, checked_ms = check_reachable(start, x, policy, target_params, target_macs, schedule, ratio, max_rounds,
                                          target_latency_ms, meter, has_timed_start(Path(run_dir)),
                                          target_latency)  # fmt: skip
@@ -579,7 +589,12 @@ class _Phases:
             return str(path)
         torch.manual_seed(self.seed + k)
         batches = labelled_batches(self.data.train_dataloader(), policy.num_batches)  # for data-driven criteria
+        kept = self.run_state.state.setdefault("kept_layers", [])  # found in a round before (ignore_unprunable)
+        policy = replace(policy, ignored_layers=(*policy.ignored_layers, *kept))
         report = prune_student(student, self.x, policy, floors=floors, data=batches, **step)
+        if report.kept_layers:
+            kept += report.kept_layers
+            print(f"round {k}: kept whole, as pruning them broke the student: {', '.join(kept)}")
         save_student(student, path)
         pruned[str(k)] = {"digest": file_digest(str(path)), "searched_ms": report.latency_ms}
         self.run_state.save()

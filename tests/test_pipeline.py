@@ -251,8 +251,11 @@ def test_missing_teacher_and_changed_settings(tmp_path: Path, small_teacher_chec
     prune_distill(**settings)
     with pytest.raises(ValueError, match=r"other settings \(epochs_per_round changed\)"):
         prune_distill(**{**settings, "epochs_per_round": 2})
+    with pytest.raises(ValueError, match=r"other settings \(ignore_unprunable changed\)"):
+        prune_distill(**{**settings, "ignore_unprunable": True})
     state_file = tmp_path / "run" / "state.json"  # a run started before an option existed still resumes
     state = json.loads(state_file.read_text())
+    assert "ignore_unprunable" not in state["settings"]  # added later: held only where it is not the default
     del state["settings"]["ignored_layers"]
     state_file.write_text(json.dumps(state))
     assert prune_distill(**settings)[-1]["phase"] == "round"

@@ -427,3 +427,28 @@ with open({str(tmp_path)!r} + f"/rank{{trainer.global_rank}}.json", "w") as f:
     rank1 = json.loads((tmp_path / "rank1.json").read_text())
     assert rank0 == rank1
     assert rank0["channels"] != StudentNet(base=2).channels  # it did prune
+
+
+@pytest.mark.slow
+def test_a_refusal_under_ddp_stops_every_rank(tmp_path: Path):
+    """Rank 0 decides the channels: its refusal reaches the other ranks, which would otherwise wait for its plan."""
+    script = tmp_path / "ddp_refusal.py"
+    script.write_text(
+        f"""
+import sys
+sys.path.insert(0, {str(ROOT / "tests")!r})
+from helpers import fmnist, tiny_trainer
+from test_timm_pruning import HardCodedSplit
+from distill import DistillModule
+from distill.pruning import ChannelPruning, PruningSchedule
+pruner = ChannelPruning(schedule=PruningSchedule(steps=1, ratio=0.5), round_to=1)
+trainer = tiny_trainer({str(tmp_path)!r}, strategy="ddp", devices=2, callbacks=[pruner])
+try:
+    trainer.fit(DistillModule(HardCodedSplit()), datamodule=fmnist())
+except ValueError as err:
+    print(f"rank {{trainer.global_rank}}: {{err}}")
+"""
+    )
+    done = subprocess.run([sys.executable, str(script)], cwd=ROOT, timeout=120, capture_output=True, text=True)
+    refused = sorted(line.split(":")[0] for line in done.stdout.splitlines() if "pruning layer 'stem' breaks" in line)
+    assert refused == ["rank 0", "rank 1"], done.stdout + done.stderr

@@ -6,16 +6,21 @@ from __future__ import annotations
 import copy
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import fmnist, tiny_trainer
 from torch import nn
 
+from distill import DistillModule
 from distill.export import export_onnx
 from distill.pruning import (
+    ChannelPruning,
     PruningPolicy,
+    PruningSchedule,
     TaylorImportance,
     channel_counts,
     check_target,
@@ -126,7 +131,8 @@ def test_a_plan_that_breaks_the_student_is_refused_naming_the_layer_and_nothing_
     model = HardCodedSplit().eval()
     before, expected = state(model), model(X)
     refusal = (
-        r"pruning layer 'stem' breaks the student \(RuntimeError: split_with_sizes.*unchanged.*layers=\['stem'\]\)"
+        r"pruning layer 'stem' breaks the student \(RuntimeError: split_with_sizes.*unchanged.*layers=\['stem'\], "
+        r"or ignore_unprunable to keep every such layer\)"
     )
     with pytest.raises(ValueError, match=refusal):
         prune_student(model, X[:1], PruningPolicy(round_to=1), ratio=0.5)
@@ -138,7 +144,20 @@ def test_a_plan_that_breaks_the_student_is_refused_naming_the_layer_and_nothing_
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     assert torch.equal(model(X), expected)
     report = prune_student(model, X[:1], PruningPolicy(round_to=1, ignored_layers=["stem"]), ratio=0.5)  # as told
-    assert report.channels_after == {"a": 8, "b": 8} and model.stem.out_channels == 16
+    assert report.channels_after == {"a": 8, "b": 8} and model.stem.out_channels == 16 and report.kept_layers == ()
+
+
+def test_ignore_unprunable_keeps_the_layers_a_refusal_names_and_prunes_the_rest():
+    policy = PruningPolicy(round_to=1, ignore_unprunable=True)
+    assert check_target(HardCodedSplit(), X[:1], policy, target_params=1000).ignored_layers == ("stem",)
+    model = HardCodedSplit().eval()
+    report = prune_student(model, X[:1], policy, target_params=2000)
+    assert report.kept_layers == ("stem",) and model.stem.out_channels == 16 and report.params_after <= 2000
+    assert "kept whole (pruning them broke the student): stem" in str(report)
+    model = HardCodedSplit().eval()  # data-driven: each attempt's criterion reads the same batches
+    batches = iter([(X, torch.arange(3)), (X, torch.arange(3))])
+    report = prune_student(model, X[:1], replace(policy, importance="taylor", num_batches=2), ratio=0.5, data=batches)
+    assert report.kept_layers == ("stem",) and report.channels_after == {"a": 8, "b": 8}
 
 
 def test_a_graph_that_takes_too_long_is_refused(monkeypatch: pytest.MonkeyPatch):
@@ -184,3 +203,13 @@ def test_a_model_that_caches_in_eval_mode_gets_taylor_scores_and_is_pruned():
     assert torch.allclose(taylor.scores[model.conv], expected)
     report = prune_student(model, X[:1], PruningPolicy("taylor", round_to=1), ratio=0.5, data=batches)
     assert report.channels_after == {"conv": 4} and model(X).shape == (3, 10)  # traced in eval mode, then copied
+
+
+def test_channel_pruning_keeps_the_unprunable_layers_it_finds_while_training(tmp_path: Path):
+    torch.manual_seed(0)
+    pruner = ChannelPruning(schedule=PruningSchedule(steps=2, ratio=0.25), round_to=1, ignore_unprunable=True)
+    model = DistillModule(HardCodedSplit())
+    tiny_trainer(tmp_path, max_epochs=2, callbacks=[pruner]).fit(model, datamodule=fmnist())
+    assert [r.kept_layers for r in pruner.reports] == [("stem",), ("stem",)] and pruner.policy.ignored_layers == ()
+    assert pruner.state_dict()["kept_layers"] == ["stem"]  # a resumed fit keeps them without finding them again
+    assert model.student.stem.out_channels == 16 and model.student.a.out_channels == 9  # 16, 12, then 9

@@ -13,11 +13,13 @@ from distill.pruning.schedule import ROUND_SCHEDULES, PruningSchedule, PruningSt
 from distill.pruning.search import LatencyMeasure, latency_plan
 from distill.pruning.surgery import (
     PruneReport,
+    UnprunableLayers,
     channel_counts,
     channel_groups,
     check_latency_target,
     check_target,
     prune_student,
+    runnable_plan,
     select_channels,
 )
 
@@ -36,6 +38,7 @@ __all__ = [
     "PruningStep",
     "RandomImportance",
     "TaylorImportance",
+    "UnprunableLayers",
     "channel_counts",
     "channel_groups",
     "check_latency_target",
@@ -45,5 +48,6 @@ __all__ = [
     "prune_student",
     "resolve_importance",
     "round_schedule",
+    "runnable_plan",
     "select_channels",
 ]

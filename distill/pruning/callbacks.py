@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -25,7 +26,7 @@ from distill.profile import count_macs, count_params
 from distill.pruning.importance import Importance
 from distill.pruning.policy import CHANNEL_MULTIPLE, PruningPolicy, labelled_batches
 from distill.pruning.schedule import PruningSchedule, PruningStep, ScheduleFn
-from distill.pruning.surgery import PruneReport, channel_counts, check_target, prune_student, select_channels
+from distill.pruning.surgery import PruneReport, channel_counts, check_target, prune_student, runnable_plan
 
 __all__ = ["ChannelPruning", "GroupLasso", "NetworkSlimming"]
 
@@ -180,6 +181,8 @@ class ChannelPruning(Callback):
             the runtimes run fast; 1: any count).
         ignored_layers: student layer names whose output channels must not change.
         num_batches: training batches the data-driven criteria (``taylor``, ``hrank``) look at.
+        ignore_unprunable: keep the channels of layers whose pruning breaks the student (channels split by sizes
+            fixed when it was built: MixNet, LeViT) and prune the rest, instead of refusing; the report names them.
 
     The arguments other than ``schedule`` form the :class:`~distill.pruning.PruningPolicy` ``self.policy``.
     """
@@ -194,14 +197,16 @@ class ChannelPruning(Callback):
         round_to: int = CHANNEL_MULTIPLE,
         ignored_layers: Sequence[str] = (),
         num_batches: int = 4,
+        ignore_unprunable: bool = False,
     ) -> None:
         if schedule is None:
             raise ValueError("ChannelPruning needs a schedule, e.g. PruningSchedule(ratio=0.05, steps=10)")
         self.policy = PruningPolicy(importance, global_ranking, min_channels, min_fraction, round_to,
-                                    ignored_layers, num_batches)  # fmt: skip
+                                    ignored_layers, num_batches, ignore_unprunable)  # fmt: skip
         self.schedule = schedule
         self.initial: dict[str, Any] = {}
         self.reports: list[PruneReport] = []
+        self.kept_layers: tuple[str, ...] = ()  # found to break the student, kept whole since (ignore_unprunable)
 
     # -------------------------------------------------------------- helpers
     def check(self, student: nn.Module, example_input: torch.Tensor) -> None:
@@ -262,20 +267,30 @@ class ChannelPruning(Callback):
             return
         if step.target_macs is not None and count_macs(student, x) <= step.target_macs:
             return
-        plan = None
+        policy = dataclasses.replace(self.policy, ignored_layers=(*self.policy.ignored_layers, *self.kept_layers))
+        chosen: Any = None
         if trainer.is_global_zero:
-            plan = select_channels(
-                student,
-                x,
-                self.policy,
-                ratio=step.ratio,
-                target_params=step.target_params,
-                target_macs=step.target_macs,
-                floors=self.policy.floors(self.initial["channels"]),  # of the channels before the first step
-                data=labelled_batches(trainer.train_dataloader, self.policy.num_batches, x.device),
-            )
-        plan = trainer.strategy.broadcast(plan, src=0)
-        report = prune_student(student, x, self.policy, plan=plan)
+            try:
+                plan, policy = runnable_plan(
+                    student,
+                    x,
+                    policy,
+                    ratio=step.ratio,
+                    target_params=step.target_params,
+                    target_macs=step.target_macs,
+                    floors=self.policy.floors(self.initial["channels"]),  # of the channels before the first step
+                    data=labelled_batches(trainer.train_dataloader, self.policy.num_batches, x.device),
+                )
+                chosen = plan, policy.ignored_layers  # with the layers it had to keep (ignore_unprunable)
+            except Exception as err:  # noqa: BLE001 - every rank raises it: the others would wait at the broadcast
+                chosen = err
+        chosen = trainer.strategy.broadcast(chosen, src=0)
+        if isinstance(chosen, Exception):
+            raise chosen
+        plan, ignored = chosen
+        self.kept_layers = tuple(name for name in ignored if name not in self.policy.ignored_layers)
+        report = prune_student(student, x, dataclasses.replace(policy, ignored_layers=ignored), plan=plan)
+        report.kept_layers = self.kept_layers
         self.reports.append(report)
         if callable(getattr(pl_module, "prepare_models", None)):
             pl_module.prepare_models()  # new weight tensors: channels_last again
@@ -294,7 +309,8 @@ class ChannelPruning(Callback):
         strategy.setup_optimizers(trainer)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"initial": self.initial}
+        return {"initial": self.initial, "kept_layers": list(self.kept_layers)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.initial = state_dict.get("initial", {})
+        self.kept_layers = tuple(state_dict.get("kept_layers", ()))

@@ -42,6 +42,10 @@ class PruningPolicy:
             fast (:data:`CHANNEL_MULTIPLE`; 1: any count). A layer narrower than it is not pruned.
         ignored_layers: names of student layers whose output channels never change.
         num_batches: training batches the data-driven criteria (``taylor``, ``hrank``) look at.
+        ignore_unprunable: where pruning a layer breaks the student (its channels split by sizes fixed when it
+            was built: MixNet's ``MixedConv2d``, LeViT's attention), keep that layer's channels and prune the rest,
+            instead of refusing: the layers a refusal names are added to ``ignored_layers`` and the step runs
+            again (:attr:`~distill.pruning.PruneReport.kept_layers` lists them).
     """
 
     importance: str | Importance = "l1"
@@ -51,6 +55,7 @@ class PruningPolicy:
     round_to: int = CHANNEL_MULTIPLE
     ignored_layers: Sequence[str] = field(default=())
     num_batches: int = 4
+    ignore_unprunable: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.importance, str) and self.importance not in CRITERIA:

@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import math
 import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass, field, replace
+from typing import Any, TypeVar
 
 import torch
 import torch_pruning as tp
@@ -39,6 +40,7 @@ from students import build_student, describe_spec, load_weights, mark_pruned, sh
 __all__ = [
     "GRAPH_TIMEOUT_S",
     "PruneReport",
+    "UnprunableLayers",
     "apply_plan",
     "attention_heads",
     "channel_counts",
@@ -48,6 +50,7 @@ __all__ = [
     "check_target",
     "plan_pruning",
     "prune_student",
+    "runnable_plan",
     "select_channels",
 ]
 
@@ -73,12 +76,18 @@ class PruneReport:
     channels_after: dict[str, int] = field(default_factory=dict)
     #: with a latency target: the pruned student's milliseconds, as the search measured them
     latency_ms: float | None = None
+    #: layers whose channels were kept because pruning them broke the student (``PruningPolicy.ignore_unprunable``)
+    kept_layers: tuple[str, ...] = ()
 
     def __str__(self) -> str:
+        kept = (
+            f"; kept whole (pruning them broke the student): {', '.join(self.kept_layers)}" if self.kept_layers else ""
+        )
         lines = [
             f"params {self.params_before:,} -> {self.params_after:,} ({self.params_after / self.params_before:.1%}), "
             f"MACs {self.macs_before:,} -> {self.macs_after:,} ({self.macs_after / max(1, self.macs_before):.1%})"
-            + (f", {self.latency_ms:.3f} ms measured" if self.latency_ms is not None else ""),
+            + (f", {self.latency_ms:.3f} ms measured" if self.latency_ms is not None else "")
+            + kept,
             "| layer | channels before | after |",
             "|---|---:|---:|",
         ]
@@ -330,6 +339,15 @@ def _score(importance: Importance, groups: Mapping[str, Any]) -> dict[str, torch
     return scores
 
 
+class UnprunableLayers(ValueError):
+    """A refusal that names the layers whose pruning breaks the student (``layers``): kept whole, the rest may
+    prune (``PruningPolicy.ignore_unprunable`` does so)."""
+
+    def __init__(self, message: str, layers: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.layers = tuple(layers)
+
+
 def _refusal(found: Mapping[str, str], problem: str) -> ValueError:
     """One line: ``problem`` naming the layers of ``found`` (name: reason), the first reason, and what to try."""
     if "" in found:  # no single layer to blame
@@ -337,10 +355,29 @@ def _refusal(found: Mapping[str, str], problem: str) -> ValueError:
                           "architecture, or prune less")  # fmt: skip
     (first, reason), names = next(iter(found.items())), ", ".join(map(repr, found))
     which = f"layer {first!r}" if len(found) == 1 else f"{len(found)} layers ({first!r} first)"
-    return ValueError(
+    return UnprunableLayers(
         f"{problem.format(which)} ({reason}); the student was left unchanged. Keep their channels and prune the "
-        f"rest (ignored_layers=[{names}]), or prune another architecture"
+        f"rest (ignored_layers=[{names}], or ignore_unprunable to keep every such layer), or prune another "
+        f"architecture",
+        list(found),
     )
+
+
+_T = TypeVar("_T")
+
+
+def _keeping_unprunable(policy: PruningPolicy, attempt: Callable[[PruningPolicy], _T]) -> tuple[_T, PruningPolicy]:
+    """``attempt(policy)``, and the policy it ran with. With ``policy.ignore_unprunable``, a refusal naming layers
+    (:class:`UnprunableLayers`) adds them to ``ignored_layers`` and the attempt runs again until it is not refused
+    (each adds a layer: it ends, at the latest when no layer is left to prune)."""
+    while True:
+        try:
+            return attempt(policy), policy
+        except UnprunableLayers as refusal:
+            new = [name for name in refusal.layers if name not in policy.ignored_layers]
+            if not policy.ignore_unprunable or not new:
+                raise
+            policy = replace(policy, ignored_layers=(*policy.ignored_layers, *new))
 
 
 def channel_counts(model: nn.Module, example_input: torch.Tensor, ignored_layers: Sequence[str] = ()) -> dict[str, int]:
@@ -385,6 +422,31 @@ def select_channels(
     """Decide which channels to remove, without touching ``model`` (see :func:`prune_student`)."""
     return _select(model, example_input, policy, ratio=ratio, target_params=target_params, target_macs=target_macs,
                    target_latency_ms=target_latency_ms, latency=latency, floors=floors, data=data)[0]  # fmt: skip
+
+
+def runnable_plan(
+    model: nn.Module, example_input: torch.Tensor, policy: PruningPolicy | None = None, **amount: Any
+) -> tuple[Plan, PruningPolicy]:
+    """:func:`select_channels` (``amount`` as it takes), and the plan checked on a copy of ``model`` (it runs and
+    rebuilds from its checkpoint); with the policy it ran with, which ``ignore_unprunable`` may have made keep
+    more layers. Where one process decides for several (DDP's rank 0), they all apply it with that policy."""
+    (plan, _), policy = _runnable(model, example_input, policy or PruningPolicy(), amount)
+    return plan, policy
+
+
+def _runnable(
+    model: nn.Module, example_input: torch.Tensor, policy: PruningPolicy, amount: dict[str, Any]
+) -> tuple[tuple[Plan, float | None], PruningPolicy]:
+    """:func:`runnable_plan`, with the milliseconds a latency search measured the plan at."""
+    if policy.ignore_unprunable and amount.get("data") is not None:  # each attempt's criterion reads the same ones
+        amount = {**amount, "data": list(itertools.islice(amount["data"], policy.num_batches))}
+
+    def attempt(policy: PruningPolicy) -> tuple[Plan, float | None]:
+        plan, measured = _select(model, example_input, policy, **amount)
+        _check_plan(model, example_input, plan, policy.ignored_layers)
+        return plan, measured
+
+    return _keeping_unprunable(policy, attempt)
 
 
 def _select(
@@ -485,18 +547,22 @@ def check_target(
     target_params: int | None = None,
     target_macs: int | None = None,
     floors: Floors = None,
-) -> None:
-    """Refuse a size target that pruning ``model`` cannot reach without breaking a floor.
+) -> PruningPolicy:
+    """Refuse a size target that pruning ``model`` cannot reach without breaking a floor; the policy that reaches
+    it (with ``ignore_unprunable``, the layers whose pruning breaks the student added to its ``ignored_layers``).
 
     Cheap (one pruned copy, no data), so jobs check their final target before they start.
     """
-    policy = policy or PruningPolicy()
-    scores, floors, slices = _scored(model, example_input, resolve_importance("l1"), policy, floors)  # any: size
 
-    def make(r: float) -> Plan:
-        return plan_pruning(scores, r, floors, policy.global_ranking, policy.round_to, slices)
+    def attempt(policy: PruningPolicy) -> None:
+        scores, own, slices = _scored(model, example_input, resolve_importance("l1"), policy, floors)  # any: size
 
-    _check_smallest(model, example_input, make, policy.ignored_layers, target_params, target_macs)
+        def make(r: float) -> Plan:
+            return plan_pruning(scores, r, own, policy.global_ranking, policy.round_to, slices)
+
+        _check_smallest(model, example_input, make, policy.ignored_layers, target_params, target_macs)
+
+    return _keeping_unprunable(policy or PruningPolicy(), attempt)[1]
 
 
 def check_latency_target(
@@ -518,10 +584,13 @@ def check_latency_target(
     """
     if (target_latency_ms is None) == (fraction is None):
         raise ValueError(f"give target_latency_ms or fraction, got {target_latency_ms} and {fraction}")
-    policy = policy or PruningPolicy()
-    scores, floors, slices = _scored(model, example_input, resolve_importance("l1"), policy, floors)  # any: size
-    plan = plan_pruning(scores, 1.0 - 1e-9, floors, False, policy.round_to, slices)
-    smallest = _check_plan(model, example_input, plan, policy.ignored_layers)
+
+    def attempt(policy: PruningPolicy) -> nn.Module:
+        scores, own, slices = _scored(model, example_input, resolve_importance("l1"), policy, floors)  # any: size
+        plan = plan_pruning(scores, 1.0 - 1e-9, own, False, policy.round_to, slices)
+        return _check_plan(model, example_input, plan, policy.ignored_layers)
+
+    smallest = _keeping_unprunable(policy or PruningPolicy(), attempt)[0]
     ms = quietest(latency, {"student": model, "smallest": smallest}, calls=1 if fraction is None else 3)
     where = getattr(latency, "describe", lambda: "the runtime")()
     if fraction is not None:
@@ -590,8 +659,8 @@ def prune_student(
             forward of this batch.
         policy: how channels are chosen (criterion, ranking, floors, rounding, ignored layers);
             default ``PruningPolicy()``: ``l1``, per layer.
-        plan: channels to remove, as decided by :func:`select_channels` elsewhere (e.g. on rank 0
-            under DDP); the amount is then not needed.
+        plan: channels to remove, as decided by :func:`runnable_plan` elsewhere (e.g. on rank 0 under DDP, with
+            the policy it gives); the amount is then not needed.
         amount: what :func:`select_channels` takes besides the policy:
 
             - ``ratio``: fraction of channels to remove, in [0, 1): of each layer (per-layer ranking) or of
@@ -605,13 +674,14 @@ def prune_student(
               current channels;
             - ``data``: batches ``(x, y)`` for data-driven criteria (``taylor``, ``hrank``).
     """
-    policy = policy or PruningPolicy()
+    asked = policy = policy or PruningPolicy()
     measured = None
     if plan is None:
-        plan, measured = _select(model, example_input, policy, **amount)
+        (plan, measured), policy = _runnable(model, example_input, policy, amount)  # checked on a copy
+    else:
+        _check_plan(model, example_input, plan, policy.ignored_layers)  # a refusal leaves the model as it was
     before_channels = channel_counts(model, example_input, policy.ignored_layers)
     params_before, macs_before = count_params(model), count_macs(model, example_input)
-    _check_plan(model, example_input, plan, policy.ignored_layers)  # on a copy: a refusal leaves the model as it was
     _prune(model, example_input, plan, policy.ignored_layers)
     after = channel_counts(model, example_input, policy.ignored_layers)
     return PruneReport(
@@ -622,6 +692,7 @@ def prune_student(
         channels_before=before_channels,
         channels_after={name: after.get(name, _out_channels(model, name)) for name in before_channels},  # read from
         latency_ms=measured,  # the model: coupled groups may lose more than their plan says, or merge
+        kept_layers=tuple(name for name in policy.ignored_layers if name not in asked.ignored_layers),
     )
 
 
