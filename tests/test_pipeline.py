@@ -300,6 +300,26 @@ def test_ignored_layers_keep_their_channels(tmp_path: Path, small_teacher_checkp
     assert all(pruned[i] < start[i] for i in range(3, 7))
 
 
+def test_a_timm_student_with_unprunable_layers_keeps_them_through_the_rounds(
+    tmp_path: Path, small_teacher_checkpoint: Path, capsys: pytest.CaptureFixture
+):
+    """timm's MambaOut splits its fc1 outputs by sizes fixed when it is built: pruning fc1 breaks it."""
+    student = {"class_path": "students.create_timm_model", "init_args": {"name": "test_mambaout"}}
+    settings = options(tmp_path, small_teacher_checkpoint, target_params=100_000, final_epochs=0, baseline=False,
+                       export_onnx=False, overrides={"model": {"student": student}})  # fmt: skip
+    with pytest.raises(ValueError, match=r"pruning \d layers .* breaks the student .*or ignore_unprunable to keep"):
+        prune_distill(**settings)
+    rows = prune_distill(**settings, ignore_unprunable=True)
+    kept = json.loads((tmp_path / "run" / "state.json").read_text())["kept_layers"]
+    assert kept and all(name.endswith(".fc1") for name in kept)
+    assert [r["phase"] for r in rows] == ["initial", "round", "round"] and rows[-1]["params"] <= 100_000
+    found = [line for line in capsys.readouterr().out.splitlines() if "kept whole" in line]
+    assert len(found) == 1 and found[0].startswith("round 1: ")  # round 2 starts from what round 1 found
+    start, pruned = load_student(rows[0]["checkpoint"]), load_student(tmp_path / "run" / "best_student.ckpt")
+    assert all(pruned.get_submodule(n).out_features == start.get_submodule(n).out_features for n in kept)
+    assert rows[-1]["params"] < rows[0]["params"]
+
+
 def test_a_finished_run_is_reused_only_while_its_recipe_inputs_and_checkpoint_are_the_same(
     tmp_path: Path, small_teacher_checkpoint: Path
 ):
