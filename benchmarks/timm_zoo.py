@@ -2,7 +2,7 @@
 
     python benchmarks/timm_zoo.py                          # the zoo below, about 30 minutes on 2 CPU cores
     python benchmarks/timm_zoo.py --models resnet18 vit_tiny_patch16_224
-    python benchmarks/timm_zoo.py --advice mixnet_s levit_128s   # with ignore_unprunable
+    python benchmarks/timm_zoo.py --ignore-unprunable --models mixnet_s levit_128s   # keep what breaks, prune the rest
 
 Each model (random weights, ``in_chans=1``, 10 classes, 64x64 inputs) runs in its own process, step by step:
 
@@ -104,8 +104,9 @@ def tp_alone(model, x) -> str:
     return "ok"
 
 
-def one(name: str, out: Path) -> None:
-    """Run every step on ``name``, writing the outcomes to ``out`` (JSON) after each."""
+def one(name: str, out: Path, ignore_unprunable: bool = False) -> None:
+    """Run every step on ``name``, writing the outcomes to ``out`` (JSON) after each; ``ignore_unprunable``: prune
+    with ``PruningPolicy(ignore_unprunable=True)``, keeping the layers a refusal names."""
     import torch
 
     from distill.profile import count_params
@@ -135,9 +136,10 @@ def one(name: str, out: Path) -> None:
         before = {k: v.clone() for k, v in student.state_dict().items()}
         start = time.perf_counter()
         try:
-            report = prune_student(student, x, PruningPolicy(importance=criterion), target_params=int(0.6 * params),
-                                   data=data)  # fmt: skip
-            result[criterion] = f"ok, {report.params_after / params:.0%} ({time.perf_counter() - start:.0f} s)"
+            policy = PruningPolicy(importance=criterion, ignore_unprunable=ignore_unprunable)
+            report = prune_student(student, x, policy, target_params=int(0.6 * params), data=data)
+            kept = f", {len(report.kept_layers)} layers kept" if report.kept_layers else ""
+            result[criterion] = f"ok, {report.params_after / params:.0%}{kept} ({time.perf_counter() - start:.0f} s)"
             pruned = pruned or student
         except ValueError as err:
             after = student.state_dict()
@@ -201,30 +203,6 @@ def train_two_steps(student, teacher) -> str:
     return f"ok, loss {loss:.2f}" if moved else "weights did not move"
 
 
-def follow_advice(name: str) -> list:
-    """Prune ``name`` (l1, 60% of the parameters) with ``ignore_unprunable``, which keeps the layers each refusal
-    names and prunes the rest: the row of the ``--advice`` table."""
-    import torch
-
-    from distill.profile import count_params
-    from distill.pruning import PruningPolicy, prune_student
-    from students import load_student, save_student
-
-    warnings.filterwarnings("ignore")
-    model, start = build(name), time.perf_counter()
-    params, x = count_params(model), torch.randn(1, 1, SIDE, SIDE)
-    student = copy.deepcopy(model)
-    try:
-        report = prune_student(student, x, PruningPolicy(ignore_unprunable=True), target_params=int(0.6 * params))
-    except ValueError as err:
-        return [name, "-", f"refused: {str(err)[:100]}", f"{time.perf_counter() - start:.0f}"]
-    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
-        save_student(student, Path(tmp) / "student.pt", [1, SIDE, SIDE])
-        same = torch.equal(load_student(Path(tmp) / "student.pt")(x), student(x))
-    outcome = f"ok, {report.params_after / params:.0%}, reload {'bit-exact' if same else 'differs'}"
-    return [name, len(report.kept_layers), outcome, f"{time.perf_counter() - start:.0f}"]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", help="timm names (default: the zoo)")
@@ -235,28 +213,24 @@ def main() -> None:
         default=60,
         help="seconds torch-pruning may trace a graph (distill.pruning.surgery.GRAPH_TIMEOUT_S)",
     )
-    kept = "prune each with ignore_unprunable (the layers refusals name kept whole) instead"
-    parser.add_argument("--advice", nargs="+", metavar="MODEL", help=kept)
+    kept = "prune with PruningPolicy(ignore_unprunable=True): the layers a refusal names kept whole, the rest pruned"
+    parser.add_argument("--ignore-unprunable", action="store_true", help=kept)
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--json", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     import timm
 
-    unknown = [n for n in (args.models or []) + (args.advice or []) if not timm.is_model(n)]
+    unknown = [n for n in args.models or [] if not timm.is_model(n)]
     if unknown:
         parser.error(f"not timm models: {', '.join(unknown)} (see timm.list_models())")
     if args.one:
         from distill.pruning import surgery
 
         surgery.GRAPH_TIMEOUT_S = args.graph_timeout
-        one(args.one, args.json)
+        one(args.one, args.json, args.ignore_unprunable)
         return
     from distill.report import markdown_table
 
-    if args.advice:
-        rows = [follow_advice(name) for name in args.advice]
-        print(markdown_table(["model", "layers kept", "then", "s"], "lrll", rows))
-        return
     families = dict((n, f) for f, n in ZOO)
     rows, notes, counts = [], [], dict.fromkeys(STEPS, 0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -265,7 +239,8 @@ def main() -> None:
             start = time.perf_counter()
             try:
                 subprocess.run([sys.executable, __file__, "--one", name, "--json", str(out),
-                                "--graph-timeout", str(args.graph_timeout)], timeout=args.timeout,
+                                "--graph-timeout", str(args.graph_timeout)]
+                               + ["--ignore-unprunable"] * args.ignore_unprunable, timeout=args.timeout,
                                capture_output=True, check=False, cwd=ROOT)  # fmt: skip
                 timed_out = False
             except subprocess.TimeoutExpired:

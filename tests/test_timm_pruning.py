@@ -154,6 +154,8 @@ def test_ignore_unprunable_keeps_the_layers_a_refusal_names_and_prunes_the_rest(
     report = prune_student(model, X[:1], policy, target_params=2000)
     assert report.kept_layers == ("stem",) and model.stem.out_channels == 16 and report.params_after <= 2000
     assert "kept whole (pruning them broke the student): stem" in str(report)
+    with pytest.raises(ValueError, match=r"cannot be met .* \(ignore_unprunable kept these layers whole: stem\)$"):
+        prune_student(HardCodedSplit(), X[:1], policy, target_params=300)  # out of reach with the stem kept
     model = HardCodedSplit().eval()  # data-driven: each attempt's criterion reads the same batches
     batches = iter([(X, torch.arange(3)), (X, torch.arange(3))])
     report = prune_student(model, X[:1], replace(policy, importance="taylor", num_batches=2), ratio=0.5, data=batches)

@@ -370,6 +370,7 @@ def _keeping_unprunable(policy: PruningPolicy, attempt: Callable[[PruningPolicy]
     """``attempt(policy)``, and the policy it ran with. With ``policy.ignore_unprunable``, a refusal naming layers
     (:class:`UnprunableLayers`) adds them to ``ignored_layers`` and the attempt runs again until it is not refused
     (each adds a layer: it ends, at the latest when no layer is left to prune)."""
+    given = policy.ignored_layers
     while True:
         try:
             return attempt(policy), policy
@@ -378,6 +379,14 @@ def _keeping_unprunable(policy: PruningPolicy, attempt: Callable[[PruningPolicy]
             if not policy.ignore_unprunable or not new:
                 raise
             policy = replace(policy, ignored_layers=(*policy.ignored_layers, *new))
+        except ValueError as err:  # e.g. a target out of reach: say that layers were kept, which may be why
+            kept = [name for name in policy.ignored_layers if name not in given]
+            if not kept:
+                raise
+            more = f", ... ({len(kept)} in all)" if len(kept) > 3 else ""
+            raise ValueError(
+                f"{err} (ignore_unprunable kept these layers whole: {', '.join(kept[:3])}{more})"
+            ) from None
 
 
 def channel_counts(model: nn.Module, example_input: torch.Tensor, ignored_layers: Sequence[str] = ()) -> dict[str, int]:
