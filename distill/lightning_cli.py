@@ -260,10 +260,13 @@ class DistillCLI(LightningCLI):
         """Refuse a fit whose ``ModelCheckpoint`` writes into the folder of another run (:func:`_is_run`: there, or
         the folder above, as in Lightning's ``<log_dir>/checkpoints``; this run's elsewhere): that run's
         ``last.ckpt`` would be replaced, with its config and metrics left describing it (a recipe copied, its log
-        folder changed, its checkpoints' not; or a run resumed to train on, logging elsewhere)."""
+        folder changed, its checkpoints' not; or a run resumed to train on, logging elsewhere). Nor, without
+        Lightning's ``-v1`` names, a folder of checkpoints a new log folder does not hold (a logger that starts a
+        version per run, the checkpoints kept elsewhere): the run before's would be replaced."""
         if self.subcommand not in (None, "fit"):
             return
         log_dir = Path(trainer.log_dir or trainer.default_root_dir).resolve()
+        config = self.config[self.subcommand] if self.subcommand else self.config
         for callback in trainer.checkpoint_callbacks:
             folder = Path(callback.dirpath).resolve() if getattr(callback, "dirpath", None) else None
             run = next((f for f in (folder, folder.parent) if _is_run(f, f == folder)), None) if folder else None
@@ -273,6 +276,16 @@ class DistillCLI(LightningCLI):
                     f"{run}), whose checkpoints would be replaced; this run logs into {log_dir}. Give the "
                     f"ModelCheckpoint that folder (its init_args.dirpath in the config's trainer.callbacks), or log "
                     f"into {run}"
+                )
+            replaced = not getattr(callback, "_enable_version_counter", True)  # Lightning's -v1 names keep them
+            if (replaced and folder is not None and not log_dir.exists() and config.get("ckpt_path") is None
+                    and not folder.is_relative_to(log_dir) and any(folder.glob("*.ckpt"))):  # fmt: skip
+                raise ValueError(
+                    f"ModelCheckpoint would write into {folder}, which holds the checkpoints of an earlier run, and "
+                    f"replace them (enable_version_counter: false); this run logs into {log_dir}, a new folder (a "
+                    f"logger that starts a version per run). Give the ModelCheckpoint a folder of its own (its "
+                    f"init_args.dirpath in the config's trainer.callbacks), or give the logger a fixed version to "
+                    f"rerun that run"
                 )
 
     def _check_log_folder(self, trainer: Trainer) -> None:

@@ -17,7 +17,7 @@ import yaml
 from helpers import start_distill, tiny_kd_recipe
 
 from distill.cli import main
-from distill.recipes import merge, relocate
+from distill.recipes import file_digest, merge, relocate
 
 ROOT = Path(__file__).parents[1]
 
@@ -115,6 +115,28 @@ def test_a_recipe_named_config_yaml_beside_its_checkpoints_folder_trains(tmp_pat
     config.write_text(yaml.safe_dump(cfg))
     main(["fit", "--config", str(config), "--trainer.limit_train_batches", "2"])
     assert (tmp_path / "project" / "checkpoints" / "last.ckpt").is_file() and yaml.safe_load(config.read_text()) == cfg
+
+
+def test_a_versioned_logger_does_not_let_a_new_run_replace_the_checkpoints_of_the_one_before(
+    tmp_path: Path, small_teacher_checkpoint, capsys: pytest.CaptureFixture
+):
+    """A logger that starts a version per run, the checkpoints in a folder of their own under names without
+    Lightning's ``-v1`` (the recipes' ``enable_version_counter: false``): the second run would replace the first's."""
+    cfg = yaml.safe_load(recipe(tmp_path, small_teacher_checkpoint, "logs", epochs=1).read_text())
+    cfg = relocate_checkpoints(cfg, tmp_path / "checkpoints")
+    cfg["trainer"]["logger"]["init_args"]["version"] = None  # version_0, version_1, ...
+    config = tmp_path / "versioned.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    main(["fit", "--config", str(config), "--trainer.limit_train_batches", "2"])
+    before = {path.name: file_digest(str(path)) for path in (tmp_path / "checkpoints").iterdir()}
+    assert "last.ckpt" in before and (tmp_path / "logs" / "version_0" / "config.yaml").is_file()
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--config", str(config), "--trainer.limit_train_batches", "2"])
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert stop.value.code == 2 and "holds the checkpoints of an earlier run, and replace them" in line
+    assert {path.name: file_digest(str(path)) for path in (tmp_path / "checkpoints").iterdir()} == before
+    assert not (tmp_path / "logs" / "version_1").exists()
+    main(["fit", "--config", str(config), "--ckpt_path", "last", "--trainer.max_epochs", "2"])  # resumed: it may
 
 
 def test_ctrl_c_stops_a_fit_or_an_export_with_status_130_and_the_line_that_resumes_it(
