@@ -31,7 +31,6 @@ import json
 import math
 import os
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -590,7 +589,7 @@ class _Phases:
         torch.manual_seed(self.seed + k)
         batches = labelled_batches(self.data.train_dataloader(), policy.num_batches)  # for data-driven criteria
         kept = self.run_state.state.setdefault("kept_layers", [])  # found in a round before (ignore_unprunable)
-        policy = replace(policy, ignored_layers=(*policy.ignored_layers, *kept))
+        policy = policy.keeping(kept)
         report = prune_student(student, self.x, policy, floors=floors, data=batches, **step)
         if report.kept_layers:
             kept += report.kept_layers

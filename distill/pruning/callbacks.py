@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -267,7 +266,7 @@ class ChannelPruning(Callback):
             return
         if step.target_macs is not None and count_macs(student, x) <= step.target_macs:
             return
-        policy = dataclasses.replace(self.policy, ignored_layers=(*self.policy.ignored_layers, *self.kept_layers))
+        policy = self.policy.keeping(self.kept_layers)
         chosen: Any = None
         if trainer.is_global_zero:
             try:
@@ -289,7 +288,7 @@ class ChannelPruning(Callback):
             raise chosen
         plan, ignored = chosen
         self.kept_layers = tuple(name for name in ignored if name not in self.policy.ignored_layers)
-        report = prune_student(student, x, dataclasses.replace(policy, ignored_layers=ignored), plan=plan)
+        report = prune_student(student, x, self.policy.keeping(self.kept_layers), plan=plan)
         report.kept_layers = self.kept_layers
         self.reports.append(report)
         if callable(getattr(pl_module, "prepare_models", None)):

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -66,6 +66,10 @@ class PruningPolicy:
                 f"{self.min_channels}, {self.min_fraction}, {self.round_to}, {self.num_batches}"
             )
         object.__setattr__(self, "ignored_layers", tuple(self.ignored_layers))
+
+    def keeping(self, layers: Iterable[str]) -> PruningPolicy:
+        """This policy with ``layers`` added to its ``ignored_layers`` (those it holds already kept once)."""
+        return replace(self, ignored_layers=tuple(dict.fromkeys((*self.ignored_layers, *layers))))
 
     def criterion(self) -> Importance:
         """A fresh criterion (data-driven ones collect their statistics anew each step)."""

@@ -24,7 +24,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import torch
@@ -378,7 +378,7 @@ def _keeping_unprunable(policy: PruningPolicy, attempt: Callable[[PruningPolicy]
             new = [name for name in refusal.layers if name not in policy.ignored_layers]
             if not policy.ignore_unprunable or not new:
                 raise
-            policy = replace(policy, ignored_layers=(*policy.ignored_layers, *new))
+            policy = policy.keeping(new)
         except ValueError as err:  # e.g. a target out of reach: say that layers were kept, which may be why
             kept = [name for name in policy.ignored_layers if name not in given]
             if not kept:
