@@ -212,10 +212,10 @@ def test_channels_last_holds_through_pruning(tmp_path: Path, teacher_checkpoint:
 
 
 @pytest.mark.slow
-def test_compiled_student_and_teacher_train_like_eager(tmp_path: Path, teacher_checkpoint: Path):
+def test_compiled_student_and_teacher_train_like_eager(tmp_path: Path, small_teacher_checkpoint: Path):
     results = {}
     for compile in (False, "reduce-overhead"):  # a mode (CUDA graphs on a GPU, the default kernels on the CPU)
-        model = DistillModule(student(), load_teacher(checkpoint=teacher_checkpoint), lr=0.01, compile=compile)
+        model = DistillModule(student(), load_teacher(checkpoint=small_teacher_checkpoint), lr=0.01, compile=compile)
         torch.manual_seed(0)
         trainer = tiny_trainer(tmp_path / str(compile), limit_train_batches=2, limit_val_batches=1)
         trainer.fit(model, datamodule=fmnist())

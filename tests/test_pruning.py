@@ -233,10 +233,16 @@ def test_random_is_reproducible():
         ({"target_params": 20_000, "min_fraction": 0.5}, "cannot be met without emptying a layer"),
         ({"ratio": 0.5, "target_params": 1000}, "exactly one of"),
         ({"ratio": 0.5, "ignored_layers": ["cnn.99"]}, "ignored_layers names no layer"),
+        ({"ratio": 0.5, "ignored_layers": "cnn.0.0"}, r"ignored_layers is a list of layer names: give \['cnn.0.0'\]"),
+        ({"ratio": 0.5, "global_ranking": "false"}, "global_ranking must be True or False, got 'false'"),
+        ({"ratio": 0.5, "ignore_unprunable": 1}, "ignore_unprunable must be True or False, got 1"),
+        ({"ratio": 0.5, "round_to": 8.0}, "round_to must be a whole number, got 8.0"),
+        ({"ratio": 0.5, "min_channels": True}, "min_channels must be a whole number, got True"),
     ],
 )
 def test_bad_input(kwargs: dict, match: str):
-    policy_keys = ("importance", "min_fraction", "ignored_layers")
+    policy_keys = ("importance", "min_fraction", "ignored_layers", "global_ranking", "ignore_unprunable", "round_to",
+                   "min_channels")  # fmt: skip
     with pytest.raises(ValueError, match=match):
         policy = PruningPolicy(**{k: v for k, v in kwargs.items() if k in policy_keys})
         prune_student(build("studentnet"), X1, policy, **{k: v for k, v in kwargs.items() if k not in policy_keys})

@@ -58,6 +58,17 @@ class PruningPolicy:
     ignore_unprunable: bool = False
 
     def __post_init__(self) -> None:
+        flags = {"global_ranking": self.global_ranking, "ignore_unprunable": self.ignore_unprunable}
+        wrong = {name: value for name, value in flags.items() if not isinstance(value, bool)}
+        if wrong:  # "false" is a true string: it would silently turn the option on
+            raise ValueError(f"{', '.join(wrong)} must be True or False, got {', '.join(map(repr, wrong.values()))}")
+        counts = {"min_channels": self.min_channels, "round_to": self.round_to, "num_batches": self.num_batches}
+        wrong = {name: value for name, value in counts.items() if isinstance(value, bool) or not isinstance(value, int)}
+        if wrong:
+            what = "a whole number" if len(wrong) == 1 else "whole numbers"
+            raise ValueError(f"{', '.join(wrong)} must be {what}, got {', '.join(map(repr, wrong.values()))}")
+        if isinstance(self.ignored_layers, str):  # a name would be read as a list of its letters
+            raise ValueError(f"ignored_layers is a list of layer names: give [{self.ignored_layers!r}]")
         if isinstance(self.importance, str) and self.importance not in CRITERIA:
             raise ValueError(f"Unknown importance criterion {self.importance!r}; choose one of {', '.join(CRITERIA)}")
         if self.min_channels < 1 or not 0.0 <= self.min_fraction < 1.0 or self.round_to < 1 or self.num_batches < 1:
