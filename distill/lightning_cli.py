@@ -256,6 +256,11 @@ class DistillCLI(LightningCLI):
         self._check_resumed(trainer)
         return trainer
 
+    @property
+    def _command_config(self) -> Any:
+        """The parsed options of the subcommand that runs (all of them when run without one)."""
+        return self.config[self.subcommand] if self.subcommand else self.config
+
     def _check_checkpoint_folder(self, trainer: Trainer) -> None:
         """Refuse a fit whose ``ModelCheckpoint`` writes into the folder of another run (:func:`_is_run`: there, or
         the folder above, as in Lightning's ``<log_dir>/checkpoints``; this run's elsewhere): that run's
@@ -266,7 +271,7 @@ class DistillCLI(LightningCLI):
         if self.subcommand not in (None, "fit"):
             return
         log_dir = Path(trainer.log_dir or trainer.default_root_dir).resolve()
-        config = self.config[self.subcommand] if self.subcommand else self.config
+        config = self._command_config
         for callback in trainer.checkpoint_callbacks:
             folder = Path(callback.dirpath).resolve() if getattr(callback, "dirpath", None) else None
             run = next((f for f in (folder, folder.parent) if _is_run(f, f == folder)), None) if folder else None
@@ -328,7 +333,7 @@ class DistillCLI(LightningCLI):
         """Refuse to resume a fit on another train/validation split, or with another teacher, than its checkpoint's:
         images it trained on would be validated on and choose its best checkpoint, or the targets it learns would
         change half-way through, without a word."""
-        config = self.config[self.subcommand] if self.subcommand else self.config
+        config = self._command_config
         if self.subcommand not in (None, "fit"):
             return
         if self._checkpoint is not None:
@@ -416,7 +421,7 @@ class DistillCLI(LightningCLI):
         """Refuse to evaluate the random weights of a recipe's student: ``validate``/``test``/``predict`` with no
         ``--ckpt_path``, or with ``last`` where there is none (Lightning warns and goes on), unless the student
         spec loads trained weights itself."""
-        config = self.config[self.subcommand] if self.subcommand else self.config
+        config = self._command_config
         ckpt_path = config.get("ckpt_path")
         if self.subcommand not in _EVALUATE or ckpt_path not in (None, "last") or _loads_weights(config.model.student):
             return
