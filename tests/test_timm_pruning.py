@@ -162,6 +162,28 @@ def test_ignore_unprunable_keeps_the_layers_a_refusal_names_and_prunes_the_rest(
     assert report.kept_layers == ("stem",) and report.channels_after == {"a": 8, "b": 8}
 
 
+def test_a_latency_target_names_a_layer_whose_pruning_breaks_the_student_before_timing_anything():
+    """The search times copies down to every layer's floor; a broken one reached the exporter, whose many-line error
+    named no layer, and ignore_unprunable could not keep it."""
+    timed = []
+
+    def by_params(models: dict[str, nn.Module]) -> dict[str, float]:  # deterministic: a millisecond per 1,000
+        timed.append(sorted(models))
+        return {name: sum(p.numel() for p in m.parameters()) / 1000 for name, m in models.items()}
+
+    start = by_params({"student": HardCodedSplit()})["student"]
+    timed.clear()
+    model = HardCodedSplit().eval()
+    before = state(model)
+    with pytest.raises(ValueError, match=r"^pruning layer 'stem' breaks the student \(RuntimeError: split_with_sizes"):
+        prune_student(model, X[:1], PruningPolicy(round_to=1), target_latency_ms=0.7 * start, latency=by_params)
+    assert timed == [] and all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    policy = PruningPolicy(round_to=1, ignore_unprunable=True)
+    report = prune_student(model, X[:1], policy, target_latency_ms=0.7 * start, latency=by_params)
+    assert report.kept_layers == ("stem",) and model.stem.out_channels == 16 and report.latency_ms <= 0.7 * start
+    assert model.a.out_channels < 16 and model(X).shape == (3, 10)
+
+
 def test_a_graph_that_takes_too_long_is_refused(monkeypatch: pytest.MonkeyPatch):
     model = timm_student("test_vit", img_size=32)
     before = state(model)

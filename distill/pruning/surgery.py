@@ -503,6 +503,9 @@ def _select(
     if ratio is not None:
         return make(ratio), None
     if target_latency_ms is not None:
+        # The search times copies down to every layer's floor: a layer whose pruning breaks the student is named
+        # here, before anything is timed (ignore_unprunable keeps it), not by the runtime's exporter mid-search.
+        _check_plan(model, example_input, make(1.0 - 1e-9), policy.ignored_layers)
 
         def apply(trial: nn.Module, plan: Plan) -> None:
             apply_plan(trial, example_input, plan, policy.ignored_layers)
