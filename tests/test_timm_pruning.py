@@ -23,6 +23,7 @@ from distill.pruning import (
     PruningSchedule,
     TaylorImportance,
     channel_counts,
+    check_latency_target,
     check_target,
     prune_student,
     surgery,
@@ -182,6 +183,8 @@ def test_a_latency_target_names_a_layer_whose_pruning_breaks_the_student_before_
     report = prune_student(model, X[:1], policy, target_latency_ms=0.7 * start, latency=by_params)
     assert report.kept_layers == ("stem",) and model.stem.out_channels == 16 and report.latency_ms <= 0.7 * start
     assert model.a.out_channels < 16 and model(X).shape == (3, 10)
+    with pytest.raises(ValueError, match=r"cannot be met: .* \(ignore_unprunable kept these layers whole: stem\)$"):
+        check_latency_target(HardCodedSplit(), X[:1], policy, 0.05 * start, by_params)  # as jobs check it first
 
 
 def test_a_graph_that_takes_too_long_is_refused(monkeypatch: pytest.MonkeyPatch):

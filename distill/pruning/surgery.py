@@ -380,13 +380,17 @@ def _keeping_unprunable(policy: PruningPolicy, attempt: Callable[[PruningPolicy]
                 raise
             policy = policy.keeping(new)
         except ValueError as err:  # e.g. a target out of reach: say that layers were kept, which may be why
-            kept = [name for name in policy.ignored_layers if name not in given]
+            kept = _kept_note(given, policy)
             if not kept:
                 raise
-            more = f", ... ({len(kept)} in all)" if len(kept) > 3 else ""
-            raise ValueError(
-                f"{err} (ignore_unprunable kept these layers whole: {', '.join(kept[:3])}{more})"
-            ) from None
+            raise ValueError(f"{err}{kept}") from None
+
+
+def _kept_note(given: Sequence[str], policy: PruningPolicy) -> str:
+    """`` (ignore_unprunable kept these layers whole: ...)``: those ``policy`` ignores beyond ``given``; or ``""``."""
+    kept = [name for name in policy.ignored_layers if name not in given]
+    more = f", ... ({len(kept)} in all)" if len(kept) > 3 else ""
+    return f" (ignore_unprunable kept these layers whole: {', '.join(kept[:3])}{more})" if kept else ""
 
 
 def channel_counts(model: nn.Module, example_input: torch.Tensor, ignored_layers: Sequence[str] = ()) -> dict[str, int]:
@@ -602,7 +606,8 @@ def check_latency_target(
         plan = plan_pruning(scores, 1.0 - 1e-9, own, False, policy.round_to, slices)
         return _check_plan(model, example_input, plan, policy.ignored_layers)
 
-    smallest = _keeping_unprunable(policy or PruningPolicy(), attempt)[0]
+    policy = policy or PruningPolicy()
+    smallest, kept = _keeping_unprunable(policy, attempt)
     ms = quietest(latency, {"student": model, "smallest": smallest}, calls=1 if fraction is None else 3)
     where = getattr(latency, "describe", lambda: "the runtime")()
     if fraction is not None:
@@ -616,7 +621,7 @@ def check_latency_target(
         raise ValueError(
             f"target {target_latency_ms:.3f} ms cannot be met: with every prunable layer at its floor the student "
             f"still runs in {ms['smallest']:.3f} ms ({where}). Lower min_fraction, prune more layers (ignored_layers), "
-            f"or raise the target."
+            f"or raise the target.{_kept_note(policy.ignored_layers, kept)}"
         )
     return ms["student"], ms["smallest"]
 
