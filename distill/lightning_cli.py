@@ -178,6 +178,16 @@ def _is_run(folder: Path, checkpoints: bool) -> bool:
     return (folder / "config.yaml").is_file() and (checkpoints or any(any(folder.glob(name)) for name in logs))
 
 
+def _earlier_fixed_checkpoints(callback: Any) -> list[Path]:
+    """The files already at the names a ``ModelCheckpoint`` writes under fixed names (``best``, ``last``), if any."""
+    dirpath = getattr(callback, "dirpath", None)
+    names = [getattr(callback, "filename", None)]
+    if getattr(callback, "save_last", False):
+        names.append(callback.CHECKPOINT_NAME_LAST)
+    paths = [Path(dirpath, f"{n}{callback.FILE_EXTENSION}") for n in names if dirpath and n and "{" not in n]
+    return [path for path in paths if path.is_file()]
+
+
 def default_precision() -> str:
     """``bf16-mixed`` where a GPU with bfloat16 is present, else ``32-true`` (CPUs stay float32)."""
     return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
@@ -291,6 +301,16 @@ class DistillCLI(LightningCLI):
                     f"logger that starts a version per run). Give the ModelCheckpoint a folder of its own (its "
                     f"init_args.dirpath in the config's trainer.callbacks), or give the logger a fixed version to "
                     f"rerun that run"
+                )
+            earlier = _earlier_fixed_checkpoints(callback) if folder in (log_dir, log_dir / "checkpoints") else []
+            if earlier and not replaced and config.get("ckpt_path") is None:
+                name = earlier[0].name
+                raise ValueError(
+                    f"{earlier[0]} is an earlier run's checkpoint: this fit would replace the config.yaml and logs "
+                    f"of {log_dir} but write {earlier[0].stem}-v1.ckpt beside {name} (Lightning's version counter), "
+                    f"so {name} would load the earlier run's weights. Set enable_version_counter: false on the "
+                    f"ModelCheckpoint to replace that run (as configs/ do), resume it with --ckpt_path last, or log "
+                    f"into another folder"
                 )
 
     def _check_log_folder(self, trainer: Trainer) -> None:
