@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import json
 import os
 import re
 import signal
@@ -33,7 +34,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from distill.data.base import SplitDataModule, check_trained_data, same_setting
 from distill.module import TEACHER_DIGEST_KEY, DistillModule, check_resume_settings
 from distill.predictions import PredictionWriter
-from distill.rundir import atomic_path, check_run_dir, rerooted
+from distill.rundir import atomic_path, check_run_dir, file_digest, rerooted
 from students.checkpoint import is_training_checkpoint, read_checkpoint, recorded_data
 from teachers import teacher_checkpoints
 
@@ -178,6 +179,19 @@ def _is_run(folder: Path, checkpoints: bool) -> bool:
     return (folder / "config.yaml").is_file() and (checkpoints or any(any(folder.glob(name)) for name in logs))
 
 
+#: Written into the log folder of an evaluation of another run's checkpoint: which checkpoint (path and digest), so
+#: that evaluating it there again appends its rows (another checkpoint's are refused).
+EVALUATED = "evaluated.json"
+
+
+def _evaluated(folder: Path) -> str | None:
+    """The digest of the checkpoint whose evaluation ``folder`` logs (:data:`EVALUATED`), if it records one."""
+    try:
+        return json.loads((folder / EVALUATED).read_text()).get("digest")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def _earlier_fixed_checkpoints(callback: Any) -> list[Path]:
     """The files already at the names a ``ModelCheckpoint`` writes under fixed names (``best``, ``last``), if any."""
     dirpath = getattr(callback, "dirpath", None)
@@ -316,7 +330,9 @@ class DistillCLI(LightningCLI):
     def _check_log_folder(self, trainer: Trainer) -> None:
         """Refuse to evaluate another run's checkpoint into the log folder of the recipe's run (a ``CSVLogger`` of a
         fixed version): its ``metrics.csv`` would take rows of another model (and ``predict`` replace its
-        ``predictions.csv``). A checkpoint is the run's if it lies in that folder or in a ``ModelCheckpoint``'s."""
+        ``predictions.csv``). A checkpoint is the run's if it lies in that folder or in a ``ModelCheckpoint``'s; a
+        folder where this checkpoint was evaluated before (:data:`EVALUATED`) takes its rows again."""
+        self._evaluation_logs: list[tuple[Path, dict[str, str]]] = []
         if self.subcommand not in _EVALUATE:
             return
         config = self.config[self.subcommand]
@@ -335,10 +351,18 @@ class DistillCLI(LightningCLI):
             folders = [Path(trainer.log_dir or trainer.default_root_dir).resolve()]
         else:
             folders = [Path(logger.log_dir).resolve() for logger in trainer.loggers if isinstance(logger, CSVLogger)]
+        digest = None
         for folder in folders:
-            if any(checkpoint.is_relative_to(f) for f in (folder, *own)):
+            if checkpoint.is_relative_to(folder):
                 continue
-            if any((folder / name).is_file() for name in ("metrics.csv", "config.yaml", "predictions.csv")):
+            digest = digest or file_digest(checkpoint)
+            recorded = _evaluated(folder)  # an evaluation's own folder: of this checkpoint, its rows go on
+            if not (folder / "config.yaml").is_file():  # (a fit's run is no evaluation's)
+                self._evaluation_logs.append((folder, {"checkpoint": str(checkpoint), "digest": digest}))
+            if recorded == digest or (recorded is None and any(checkpoint.is_relative_to(f) for f in own)):
+                continue
+            if recorded is not None or any((folder / n).is_file() for n in ("metrics.csv", "config.yaml",
+                                                                               "predictions.csv")):  # fmt: skip
                 fix = (
                     "predictions.csv would be replaced by another model's: give them a file of their own "
                     "(--trainer.callbacks+=distill.PredictionWriter --trainer.callbacks.path <file>)"
@@ -347,7 +371,8 @@ class DistillCLI(LightningCLI):
                     f"its own (the logger's save_dir, e.g. --trainer.logger.init_args.save_dir "
                     f"{checkpoint.parent / f'{checkpoint.stem}_{self.subcommand}'})"
                 )
-                raise ValueError(f"{source} is not the run in {folder}, whose {fix}")
+                run = f"the run in {folder}" if recorded is None else f"the checkpoint evaluated in {folder}"
+                raise ValueError(f"{source} is not {run}, whose {fix}")
 
     def _check_resumed(self, trainer: Trainer) -> None:
         """Refuse to resume a fit on another train/validation split, or with another teacher, than its checkpoint's:
@@ -560,6 +585,15 @@ class DistillCLI(LightningCLI):
         self.before_validate()
         if not any(isinstance(c, BasePredictionWriter) for c in self.trainer.callbacks):
             self.trainer.callbacks.append(PredictionWriter())
+
+    def after_validate(self) -> None:
+        """Record, in a log folder of its own, which checkpoint an evaluation was of (:data:`EVALUATED`)."""
+        for folder, record in self._evaluation_logs:
+            if folder.is_dir():
+                with atomic_path(folder / EVALUATED) as tmp:
+                    Path(tmp).write_text(json.dumps(record) + "\n")
+
+    after_test = after_predict = after_validate
 
 
 def stop_if_terminated(trainer: Any) -> None:

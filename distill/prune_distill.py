@@ -60,7 +60,6 @@ from distill.quantize import quantize_checked, require_onnxruntime
 from distill.recipes import (
     build_datamodule,
     check_recipe,
-    file_digest,
     fit_recipe,
     input_digests,
     job_recipe,
@@ -70,7 +69,7 @@ from distill.recipes import (
     with_callbacks,
 )
 from distill.report import phase_label, prune_distill_report
-from distill.rundir import RunState, check_run_dir, release_run_dir
+from distill.rundir import RunState, check_run_dir, file_digest, release_run_dir
 from students import (
     StudentNet,
     load_student,

@@ -44,7 +44,6 @@ from distill.quantize import require_onnxruntime
 from distill.recipes import (
     check_recipe,
     check_sections,
-    file_digest,
     fit_recipe,
     load_recipe,
     relocate,
@@ -57,6 +56,7 @@ from distill.rundir import (
     atomic_write,
     changed_settings,
     check_run_dir,
+    file_digest,
     hold_run_dir,
     refuse_changes,
     release_run_dir,

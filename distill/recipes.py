@@ -22,7 +22,7 @@ from pytorch_lightning import LightningDataModule
 
 from distill.data import SplitDataModule
 from distill.lightning_cli import DistillCLI, stop_if_terminated
-from distill.rundir import RunState, atomic_write, rerooted
+from distill.rundir import RunState, atomic_write, file_digest, rerooted
 
 __all__ = [
     "FitResult",
@@ -31,7 +31,6 @@ __all__ = [
     "check_recipe",
     "check_sections",
     "check_teacher",
-    "file_digest",
     "fingerprint",
     "fingerprints",
     "fit_recipe",
@@ -233,19 +232,6 @@ def _inputs(node: Any) -> Iterable[str]:
     elif isinstance(node, list):
         for value in node:
             yield from _inputs(value)
-
-
-def file_digest(path: str | Path) -> str:
-    """SHA-256 of a file's bytes, or of a folder's files (their names and bytes: a teacher in timm's hub layout)."""
-    digest = hashlib.sha256()
-    files = sorted(f for f in Path(path).rglob("*") if f.is_file()) if Path(path).is_dir() else [Path(path)]
-    for file in files:
-        if file != Path(path):
-            digest.update(str(file.relative_to(path)).encode() + b"\0")
-        with open(file, "rb") as f:
-            for block in iter(lambda f=f: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 def input_digests(cfg: dict[str, Any]) -> dict[str, str]:

@@ -9,6 +9,7 @@ place, so a killed job or a reader in another worker never sees half a file.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import uuid
@@ -29,12 +30,26 @@ __all__ = [
     "changed_settings",
     "check_output",
     "check_run_dir",
+    "file_digest",
     "file_lock",
     "hold_run_dir",
     "refuse_changes",
     "release_run_dir",
     "rerooted",
 ]
+
+
+def file_digest(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, or of a folder's files (their names and bytes: a teacher in timm's hub layout)."""
+    digest = hashlib.sha256()
+    files = sorted(f for f in Path(path).rglob("*") if f.is_file()) if Path(path).is_dir() else [Path(path)]
+    for file in files:
+        if file != Path(path):
+            digest.update(str(file.relative_to(path)).encode() + b"\0")
+        with open(file, "rb") as f:
+            for block in iter(lambda f=f: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 @contextlib.contextmanager

@@ -17,7 +17,8 @@ import yaml
 from helpers import start_distill, tiny_kd_recipe
 
 from distill.cli import main
-from distill.recipes import file_digest, merge, relocate
+from distill.recipes import merge, relocate
+from distill.rundir import file_digest
 
 ROOT = Path(__file__).parents[1]
 
@@ -189,7 +190,9 @@ def test_ctrl_c_stops_a_fit_or_an_export_with_status_130_and_the_line_that_resum
     )
 
 
-def test_evaluating_in_the_training_folder_keeps_its_metrics_and_config(tmp_path: Path, small_teacher_checkpoint):
+def test_evaluating_in_the_training_folder_keeps_its_metrics_and_config(
+    tmp_path: Path, small_teacher_checkpoint, capsys: pytest.CaptureFixture
+):
     config = recipe(tmp_path, small_teacher_checkpoint, "run", epochs=1)
     main(["fit", "--config", str(config), "--trainer.limit_train_batches", "2"])
     run = tmp_path / "run"
@@ -215,6 +218,20 @@ def test_evaluating_in_the_training_folder_keeps_its_metrics_and_config(tmp_path
     predict += ["--trainer.limit_predict_batches", "2", "--trainer.callbacks+=distill.PredictionWriter"]
     main([*predict, "--trainer.callbacks.path", str(tmp_path / "p.csv")])
     assert (tmp_path / "p.csv").is_file() and rows(run / "metrics.csv") == after
+
+    # Or a log folder of its own, as the refusal advises: evaluated again there, its rows go on; another's do not.
+    own = ["--trainer.logger.init_args.save_dir", str(tmp_path / "other_test")]
+    for _ in range(2):
+        main(["test", "--config", str(config), "--ckpt_path", str(tmp_path / "other" / "checkpoints" / "best.ckpt"),
+              *own])  # fmt: skip
+    assert len(rows(tmp_path / "other_test" / "metrics.csv")) == 2
+    logged = {p.name: file_digest(str(p)) for p in (tmp_path / "other_test").iterdir()}
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as stop:
+        main(["test", "--config", str(config), "--ckpt_path", str(run / "best.ckpt"), *own])
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert stop.value.code == 2 and "is not the checkpoint evaluated in " in line and "metrics.csv would take" in line
+    assert {p.name: file_digest(str(p)) for p in (tmp_path / "other_test").iterdir()} == logged
 
 
 def test_a_resumed_fit_keeps_its_teacher_by_its_weights_wherever_its_file_lies(

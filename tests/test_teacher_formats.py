@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from distill import DistillModule
-from distill.recipes import file_digest
+from distill.rundir import file_digest
 from students import create_student
 from teachers import TeacherEnsemble, load_teacher, load_teachers, teacher_checkpoints
 from teachers.formats import inferred_io
