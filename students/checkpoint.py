@@ -15,6 +15,7 @@ also reads the weights of other layouts and plain state_dicts; all prefix handli
 from __future__ import annotations
 
 import argparse
+import errno
 import io
 import pickle
 import pickletools
@@ -171,7 +172,10 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
                 f"ran{': ' + reason if reason else ''}. Save it again with torch.save's default pickle protocol, or "
                 f"as .safetensors."
             ) from None
-    except (OSError, MemoryError):  # the file could not be read at all: say so, not "corrupt"
+    except OSError as err:  # the file could not be read at all: say so, not "corrupt"; but torch's zip reader
+        if err.errno != errno.EINVAL or err.filename is not None:  # seeks past the end of a truncated copy (EINVAL)
+            raise
+    except MemoryError:
         raise
     except Exception:  # noqa: BLE001 - torch.load fails on foreign files with any error (KeyError, IndexError, ...)
         pass

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from students import create_student, extract_state_dict
+from students import create_student, extract_state_dict, read_checkpoint
 from teachers import FrozenTeacher, TeacherEnsemble, load_teacher
 
 X = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
@@ -88,6 +88,12 @@ def test_unreadable_checkpoints_are_clear_errors(tmp_path: Path):
     (tmp_path / "text.ckpt").write_text("hello\n")  # torch.load raises KeyError on it
     with pytest.raises(ValueError, match="not a readable torch file"):
         load_teacher(checkpoint=tmp_path / "text.ckpt")
+    torch.save({"state_dict": {"w": torch.randn(64, 1024)}}, tmp_path / "whole.ckpt")
+    whole = (tmp_path / "whole.ckpt").read_bytes()
+    for cut in (100, 1000, 50_000, len(whole) // 2, len(whole) - 100):  # some end in OSError EINVAL, no file named
+        (tmp_path / "cut.ckpt").write_bytes(whole[:cut])
+        with pytest.raises(ValueError, match=r"'.*cut\.ckpt' is not a readable torch file \(truncated"):
+            read_checkpoint(tmp_path / "cut.ckpt")
 
 
 def test_small_input_stem_keeps_resolution():
