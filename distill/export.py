@@ -169,8 +169,9 @@ def export(
     activations: str | None = None,
     max_accuracy_drop: float = 0.3,
 ) -> dict[str, Any]:
-    """Export the student of a ``distill`` checkpoint (pruned or not), each file checked against it: give at
-    least one of ``onnx``, ``int8``, ``pt2`` and ``torchscript``.
+    """Export a checkpoint's student (pruned or not) to ONNX, int8 ONNX, .pt2 or TorchScript, each file checked.
+
+    Give at least one of ``onnx``, ``int8``, ``pt2`` and ``torchscript``; each file is checked against the student.
 
     Args:
         checkpoint: a checkpoint written by ``distill fit`` / ``distill prune-distill``.

@@ -17,6 +17,7 @@ import yaml
 from helpers import fmnist, run_script
 
 from distill import DistillModule
+from distill.cli import JOBS as COMMANDS
 from distill.cli import main
 from distill.lightning_cli import DistillCLI
 from distill.recipes import load_recipe, merge
@@ -181,6 +182,9 @@ def test_help_shows_docstrings_without_their_markup(command: str, capsys: pytest
         assert "pytorch_lightning.callbacks.LearningRateMonitor" in out.replace("\n", "").replace(" ", "")
     if command == "prune-distill":  # a role across two lines of the docstring; a private name
         assert "(`distill.latency.relative_to`)" in out.replace("\n", " ") and "_Phases" not in out
+    if command != "fit":  # a job's description is its docstring's first line: a sentence cut there read "give at"
+        first_line = COMMANDS[command][0].__doc__.splitlines()[0].replace("``", "`")
+        assert first_line.endswith(".") and out.split("\n\n")[1].replace("\n", " ") == first_line
 
 
 def test_bad_input_is_one_clear_line_from_the_console_script(tmp_path: Path):
