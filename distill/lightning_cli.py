@@ -581,10 +581,14 @@ class DistillCLI(LightningCLI):
     before_test = before_validate
 
     def before_predict(self) -> None:
-        """Predictions go to ``predictions.csv`` (:class:`PredictionWriter`) unless the config names a writer."""
+        """Predictions go to ``predictions.csv`` (:class:`PredictionWriter`) unless the config names a writer. Where
+        every writer names its file, nothing is logged: the recipe's log folder (``hparams.yaml``) is left alone."""
         self.before_validate()
-        if not any(isinstance(c, BasePredictionWriter) for c in self.trainer.callbacks):
+        writers = [c for c in self.trainer.callbacks if isinstance(c, BasePredictionWriter)]
+        if not writers:
             self.trainer.callbacks.append(PredictionWriter())
+        elif all(isinstance(w, PredictionWriter) and w.path for w in writers):
+            self.trainer.loggers = []
 
     def after_validate(self) -> None:
         """Record, in a log folder of its own, which checkpoint an evaluation was of (:data:`EVALUATED`)."""

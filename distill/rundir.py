@@ -67,11 +67,17 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         partial.unlink(missing_ok=True)
 
 
+#: Files of a run an output must never replace: its checkpoints and its records (a typo in an output path, e.g.
+#: ``--onnx run/last.ckpt`` or ``PredictionWriter(path="run/config.yaml")``, replaced them).
+RUN_RECORDS = ("config.yaml", "hparams.yaml", "metrics.csv", "state.json", "evaluated.json")
+CHECKPOINT_SUFFIXES = (".ckpt", ".safetensors")
+
+
 def check_output(path: str | Path, option: str, inputs: dict[str, str | Path | None], example: str) -> None:
     """Refuse an output ``path`` that the rename of :func:`atomic_path` would wrongly replace: a folder (``example``:
     a file name to suggest in it), a device, pipe or socket (as root, ``--onnx /dev/null`` replaced ``/dev/null``
-    with a file), or one of the command's ``inputs`` (by description: ``{"the checkpoint being exported": path}``),
-    which it reads and must not destroy."""
+    with a file), one of the command's ``inputs`` (by description: ``{"the checkpoint being exported": path}``),
+    which it reads and must not destroy, or a checkpoint or record of a run (:data:`RUN_RECORDS`)."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{option}={str(path)!r} is a folder: give a file name, e.g. {path / example}")
@@ -80,6 +86,10 @@ def check_output(path: str | Path, option: str, inputs: dict[str, str | Path | N
     for what, used in inputs.items():
         if used is not None and path.resolve() == Path(used).resolve():
             raise ValueError(f"{option}={str(path)!r} is {what}; it would be overwritten: give another file name")
+    if path.is_file() and (path.suffix in CHECKPOINT_SUFFIXES or path.name in RUN_RECORDS):
+        what = "a checkpoint" if path.suffix in CHECKPOINT_SUFFIXES else "a run's record"
+        raise ValueError(f"{option}={str(path)!r} is {what}; it would be overwritten: give another file name, e.g. "
+                         f"{path.with_name(example)}")  # fmt: skip
 
 
 @contextlib.contextmanager

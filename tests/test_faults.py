@@ -266,6 +266,11 @@ FAULTS = [
         "is the checkpoint predicted",
     ),
     Fault("predictions into a folder", ("predict", *PREDICT, "{runs}/fit"), "is a folder: give a file name, e.g. "),
+    Fault(  # a typo for predictions.csv beside it
+        "predictions onto the run's config",
+        ("predict", *PREDICT, "{runs}/fit/config.yaml"),
+        "config.yaml' is a run's record; it would be overwritten: give another file name, e.g. {runs}/fit/predictions",
+    ),
     Fault("validate with val_size 1.5", ("validate", *FIT[1:], "--data.init_args.val_size", "1.5"), "1.5"),
     # ---- distill sweep
     Fault("sweep temperature 0", (*SWEEP, "--temperatures", "[0]"), "Temperatures must be finite and > 0"),
@@ -375,6 +380,11 @@ FAULTS = [
     # ---- distill export
     Fault("export nothing", EXPORT, "Nothing to export"),
     Fault("export onto its checkpoint", (*EXPORT, "--onnx", BEST), "would be overwritten"),
+    Fault(
+        "export onto another checkpoint",
+        (*EXPORT, "--onnx", "{runs}/prune/initial/best.ckpt"),
+        "best.ckpt' is a checkpoint; it would be overwritten: give another file name, e.g. {runs}/prune/initial/",
+    ),
     Fault(
         "export TorchScript onto its checkpoint",
         (*EXPORT, "--torchscript", "{runs}/prune/./best_student.ckpt"),
