@@ -30,7 +30,7 @@ from torch import nn
 
 from distill.data.base import check_trained_data
 from distill.profile import activation_floor, eval_mode
-from distill.quantize import QuantOptions, quantize_checked, require_onnxruntime
+from distill.quantize import CALIBRATION_METHODS, QuantOptions, quantize_checked, require_onnxruntime
 from distill.recipes import build_datamodule, load_recipe
 from distill.rundir import atomic_path, check_output
 from students.checkpoint import INPUT_SHAPE_KEY, load_student, read_checkpoint, recorded_data, recorded_input_shape
@@ -298,7 +298,7 @@ def export(
         results.pop("onnx", None)
     for fmt, result in results.items():
         if fmt == "int8":
-            print(int8_line(outputs["int8"], result, options.max_accuracy_drop))
+            print(int8_line(outputs["int8"], result, options))
         else:
             print(f"{fmt}: {outputs[fmt]} (max |difference| from PyTorch: {result:.2e})")
     return results
@@ -345,16 +345,18 @@ def _check_calibration_shape(datamodule: Any, shape: list[int], where: str, size
                      f"inputs: {fix}")  # fmt: skip
 
 
-def int8_line(path: Path, result: dict[str, Any], max_drop: float) -> str:
+def int8_line(path: Path, result: dict[str, Any], options: QuantOptions) -> str:
     """One line on an int8 file: its size against float32's, and its validation accuracy against float32's.
 
-    A drop over ``max_drop`` points is also printed as a warning on stderr.
+    A drop over ``options.max_accuracy_drop`` points is also printed as a warning on stderr.
     """
     drop = 100 * (result["float_val_acc"] - result["int8_val_acc"])
-    if drop > max_drop:
+    if drop > options.max_accuracy_drop:
+        others = " or ".join(m for m in CALIBRATION_METHODS if m != options.calibration_method)
         print(
             f"warning: the int8 model loses {drop:.2f} points of validation accuracy (more than max_accuracy_drop="
-            f"{max_drop:g}): try calibration_method=entropy or percentile, more calibration_images, or ship float32",
+            f"{options.max_accuracy_drop:g}): try calibration_method={others}, more calibration_images, or ship "
+            f"float32",
             file=sys.stderr,
         )
     return (

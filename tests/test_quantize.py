@@ -24,7 +24,7 @@ from distill.cli import main
 from distill.export import export, export_onnx, int8_line
 from distill.latency import compare_latency, measure_latency
 from distill.profile import activation_floor
-from distill.quantize import calibration_images, quantize_checked, quantize_onnx
+from distill.quantize import QuantOptions, calibration_images, quantize_checked, quantize_onnx
 from students import StudentNet, create_student, load_student
 
 ROOT = Path(__file__).parents[1]
@@ -294,12 +294,15 @@ def test_the_int8_line_says_what_it_lost_and_warns_past_the_threshold(tmp_path: 
     result = {"float_val_acc": 0.9000, "int8_val_acc": 0.8850, "float_bytes": 4000, "int8_bytes": 1000}
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
-        line = int8_line(tmp_path / "s.int8.onnx", result, max_drop=1.0)
+        line = int8_line(tmp_path / "s.int8.onnx", result, QuantOptions(max_accuracy_drop=1.0))
     assert "4.0x smaller" in line and "float32 0.9000, int8 0.8850 (-1.50 points)" in line
     assert (
         err.getvalue().startswith("warning: the int8 model loses 1.50 points")
-        and "max_accuracy_drop=1" in err.getvalue()
+        and "max_accuracy_drop=1): try calibration_method=entropy or percentile," in err.getvalue()
     )
+    with contextlib.redirect_stderr(err := io.StringIO()):  # not the method it used
+        int8_line(tmp_path / "s.int8.onnx", result, QuantOptions(calibration_method="entropy", max_accuracy_drop=1.0))
+    assert "try calibration_method=minmax or percentile," in err.getvalue()
     with contextlib.redirect_stderr(err := io.StringIO()):
-        int8_line(tmp_path / "s.int8.onnx", result, max_drop=2.0)
+        int8_line(tmp_path / "s.int8.onnx", result, QuantOptions(max_accuracy_drop=2.0))
     assert err.getvalue() == ""
