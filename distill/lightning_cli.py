@@ -214,6 +214,7 @@ class DistillCLI(LightningCLI):
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self._replaced: _EarlierRun | None = None
         kwargs.setdefault("trainer_defaults", {"precision": default_precision(), "callbacks": [_ResumedRun()]})
         kwargs.setdefault("parser_class", _ArgumentParser)
         kwargs.setdefault("trainer_class", _Trainer)
@@ -278,7 +279,19 @@ class DistillCLI(LightningCLI):
         self._check_log_folder(trainer)
         self._check_checkpoint_folder(trainer)
         self._check_resumed(trainer)
+        new_fit = self.subcommand in (None, "fit") and self._command_config.get("ckpt_path") is None
+        self._replaced = _EarlierRun(trainer) if new_fit else None  # before before_fit rewrites metrics.csv
         return trainer
+
+    def fit(self, **kwargs: Any) -> None:
+        """``Trainer.fit``; a new fit that fails before it saves a checkpoint (an unreadable image found mid-epoch,
+        out of memory, a stop) puts back the records of the run it was replacing (:class:`_EarlierRun`)."""
+        try:
+            self.trainer.fit(**kwargs)
+        except BaseException:
+            if self._replaced is not None and self.trainer.is_global_zero:
+                self._replaced.put_back(self.trainer)
+            raise
 
     @property
     def _command_config(self) -> Any:
@@ -706,6 +719,43 @@ def _loads_weights(spec: Any) -> bool:
     if name == "load_teachers" or (name == "load_teacher" and args.get("checkpoint")):
         return True
     return bool(args.get("pretrained")) or "checkpoint_path" in (args.get("model_kwargs") or {})
+
+
+class _EarlierRun:
+    """The records of the run a new fit in the same folder replaces (``config.yaml``, ``hparams.yaml``,
+    ``metrics.csv``), read before the fit writes any. :meth:`put_back` restores them if the fit ends before it saved a
+    checkpoint: a failed fit then leaves the earlier run as it was, not its checkpoints beside this run's config."""
+
+    RECORDS = ("config.yaml", "hparams.yaml", "metrics.csv")
+
+    def __init__(self, trainer: Trainer) -> None:
+        folders = {Path(trainer.log_dir or trainer.default_root_dir)}
+        folders |= {Path(logger.log_dir) for logger in trainer.loggers if isinstance(logger, CSVLogger)}
+        self.records = {f / name: _read_bytes(f / name) for f in folders for name in self.RECORDS}
+        self.checkpoints = self._checkpoints(trainer)
+
+    @staticmethod
+    def _checkpoints(trainer: Trainer) -> dict[Path, tuple[int, int]]:
+        """The checkpoint files where this fit writes its, with their times and sizes."""
+        folders = {Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints"}
+        folders |= {Path(c.dirpath) for c in trainer.checkpoint_callbacks if getattr(c, "dirpath", None)}
+        found = (path for folder in folders if folder.is_dir() for path in folder.glob("*.ckpt"))
+        return {path: (path.stat().st_mtime_ns, path.stat().st_size) for path in found}
+
+    def put_back(self, trainer: Trainer) -> None:
+        """Restore the earlier run's records, unless there was none or this fit saved a checkpoint."""
+        if not any(self.records.values()) or self._checkpoints(trainer) != self.checkpoints:
+            return
+        for path, data in self.records.items():
+            if data is None:
+                path.unlink(missing_ok=True)
+            elif _read_bytes(path) != data:
+                with atomic_path(path) as partial:
+                    partial.write_bytes(data)
+
+
+def _read_bytes(path: Path) -> bytes | None:
+    return path.read_bytes() if path.is_file() else None
 
 
 class _ResumedRun(Callback):

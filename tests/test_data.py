@@ -309,31 +309,35 @@ def test_image_folder(tmp_path: Path):
     assert build_datamodule({"data": erasing}, "recipe").random_erasing == 0.0
 
 
-def test_an_unreadable_image_found_by_a_worker_is_named_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture):
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    for cls in ("apple", "bread"):
-        (tmp_path / "train" / cls).mkdir(parents=True)
-        for i in range(4):
-            Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(
-                tmp_path / "train" / cls / f"{i}.png"
-            )
-    broken = tmp_path / "train" / "bread" / "3.png"
-    broken.write_bytes(b"half a download")  # found only when a worker decodes it, mid-epoch
+def test_an_unreadable_image_found_by_a_worker_is_named_in_one_line_and_the_run_before_is_left_as_it_was(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+):
+    _image_folder(tmp_path)
+    run = tmp_path / "run"
+    checkpoint = {"dirpath": str(run), "filename": "best", "monitor": "val/acc", "mode": "max", "save_last": True,
+                  "enable_version_counter": False}  # fmt: skip
     data = {"root": str(tmp_path), "test_dir": None, "image_size": 16, "batch_size": 4, "val_size": 2, "num_workers": 1}
+    logger = {"class_path": "CSVLogger", "init_args": {"save_dir": str(run), "name": "", "version": ""}}
     cfg = {
-        "trainer": {"max_epochs": 1, "accelerator": "cpu", "logger": False, "enable_checkpointing": False,
-                    "enable_progress_bar": False, "enable_model_summary": False, "default_root_dir": str(tmp_path)},
+        "trainer": {"max_epochs": 1, "accelerator": "cpu", "enable_progress_bar": False, "enable_model_summary": False,
+                    "logger": logger, "callbacks": [{"class_path": "ModelCheckpoint", "init_args": checkpoint}]},
         "model": {"student": {"class_path": "students.StudentNet", "init_args": {"base": 2, "num_pools": 2}}},
         "data": {"class_path": "distill.data.ImageFolderDataModule", "init_args": data},
     }  # fmt: skip
     (tmp_path / "fit.yaml").write_text(yaml.safe_dump(cfg))
-    with pytest.raises(SystemExit) as stop:
-        main(["fit", "--config", str(tmp_path / "fit.yaml")])
+    main(["fit", "--config", str(tmp_path / "fit.yaml")])
+    before = {path.name: path.read_bytes() for path in run.iterdir()}
+    assert {"best.ckpt", "last.ckpt", "config.yaml", "hparams.yaml", "metrics.csv"} <= set(before)
+    broken = tmp_path / "train" / "bread" / "3.png"
+    broken.write_bytes(b"half a download")  # found only when a worker decodes it, mid-epoch
+    with pytest.raises(SystemExit) as stop:  # a new run in the same folder, with another learning rate
+        main(["fit", "--config", str(tmp_path / "fit.yaml"), "--model.lr", "0.05"])
     lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("distill: error:")]
     assert stop.value.code == 2 and len(lines) == 1
     assert f"{broken} is not a readable image (PIL cannot tell its format): remove or replace it" in lines[0]
+    # its config, hyperparameters and metrics were replaced before the image was read: they are put back, so the
+    # checkpoints are not left beside another run's records
+    assert {path.name: path.read_bytes() for path in run.iterdir()} == before
 
 
 @pytest.mark.parametrize("raised", [ValueError("bad label 7\nin row 3"), "PIL"], ids=["builtin", "qualified name"])
