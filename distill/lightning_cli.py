@@ -28,7 +28,7 @@ from jsonargparse import ArgumentParser, DefaultHelpFormatter, Namespace, set_pa
 from pytorch_lightning import Callback, LightningDataModule, Trainer
 from pytorch_lightning.callbacks import BasePredictionWriter, ModelCheckpoint, WeightAveraging
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
-from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from distill.data.base import SplitDataModule, check_trained_data, same_setting
@@ -192,13 +192,16 @@ def _evaluated(folder: Path) -> str | None:
         return None
 
 
-def _earlier_fixed_checkpoints(callback: Any) -> list[Path]:
-    """The files already at the names a ``ModelCheckpoint`` writes under fixed names (``best``, ``last``), if any."""
-    dirpath = getattr(callback, "dirpath", None)
-    names = [getattr(callback, "filename", None)]
-    if getattr(callback, "save_last", False):
-        names.append(callback.CHECKPOINT_NAME_LAST)
-    paths = [Path(dirpath, f"{n}{callback.FILE_EXTENSION}") for n in names if dirpath and n and "{" not in n]
+def _earlier_fixed_checkpoints(callback: Any, log_dir: Path) -> list[Path]:
+    """The files already at the fixed names (``best``, ``last``) a ``ModelCheckpoint`` with Lightning's version
+    counter writes into the run's folder ``log_dir`` (or its ``checkpoints``, where one without a dirpath writes)."""
+    if not isinstance(callback, ModelCheckpoint) or not callback._enable_version_counter:
+        return []
+    folder = Path(callback.dirpath).resolve() if callback.dirpath else log_dir / "checkpoints"
+    if folder not in (log_dir, log_dir / "checkpoints"):
+        return []
+    names = [callback.filename, callback.CHECKPOINT_NAME_LAST if callback.save_last else None]
+    paths = [folder / f"{name}{callback.FILE_EXTENSION}" for name in names if name and "{" not in name]
     return [path for path in paths if path.is_file()]
 
 
@@ -213,8 +216,9 @@ class DistillCLI(LightningCLI):
     ``trainer.precision`` defaults to :func:`default_precision` (a config or ``--trainer.precision`` wins).
     """
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, named_checkpoints: bool = True, **kwargs: Any) -> None:
         self._replaced: _EarlierRun | None = None
+        self._named_checkpoints = named_checkpoints  # users load best.ckpt by name; jobs read best_model_path
         kwargs.setdefault("trainer_defaults", {"precision": default_precision(), "callbacks": [_ResumedRun()]})
         kwargs.setdefault("parser_class", _ArgumentParser)
         kwargs.setdefault("trainer_class", _Trainer)
@@ -329,8 +333,8 @@ class DistillCLI(LightningCLI):
                     f"init_args.dirpath in the config's trainer.callbacks), or give the logger a fixed version to "
                     f"rerun that run"
                 )
-            earlier = _earlier_fixed_checkpoints(callback) if folder in (log_dir, log_dir / "checkpoints") else []
-            if earlier and not replaced and config.get("ckpt_path") is None:
+            earlier = _earlier_fixed_checkpoints(callback, log_dir) if self._named_checkpoints else []
+            if earlier and self.subcommand == "fit" and config.get("ckpt_path") is None:
                 name = earlier[0].name
                 raise ValueError(
                     f"{earlier[0]} is an earlier run's checkpoint: this fit would replace the config.yaml and logs "
@@ -369,8 +373,9 @@ class DistillCLI(LightningCLI):
             if checkpoint.is_relative_to(folder):
                 continue
             digest = digest or file_digest(checkpoint)
-            recorded = _evaluated(folder)  # an evaluation's own folder: of this checkpoint, its rows go on
-            if not (folder / "config.yaml").is_file():  # (a fit's run is no evaluation's)
+            fitted = (folder / "config.yaml").is_file()  # a fit's run is no evaluation's (a marker there is stale)
+            recorded = None if fitted else _evaluated(folder)  # an evaluation's folder: of this checkpoint, rows go on
+            if not fitted:
                 self._evaluation_logs.append((folder, {"checkpoint": str(checkpoint), "digest": digest}))
             if recorded == digest or (recorded is None and any(checkpoint.is_relative_to(f) for f in own)):
                 continue
@@ -600,8 +605,9 @@ class DistillCLI(LightningCLI):
         writers = [c for c in self.trainer.callbacks if isinstance(c, BasePredictionWriter)]
         if not writers:
             self.trainer.callbacks.append(PredictionWriter())
-        elif all(isinstance(w, PredictionWriter) and w.path for w in writers):
-            self.trainer.loggers = []
+        elif all(isinstance(w, PredictionWriter) and w.path for w in writers):  # a folder's hparams.yaml: not the
+            files = (CSVLogger, TensorBoardLogger)  # predicted checkpoint's; other loggers (W&B, MLflow) stay
+            self.trainer.loggers = [lg for lg in self.trainer.loggers if not isinstance(lg, files)]
 
     def after_validate(self) -> None:
         """Record, in a log folder of its own, which checkpoint an evaluation was of (:data:`EVALUATED`)."""
@@ -728,23 +734,25 @@ class _EarlierRun:
 
     RECORDS = ("config.yaml", "hparams.yaml", "metrics.csv")
 
-    def __init__(self, trainer: Trainer) -> None:
-        folders = {Path(trainer.log_dir or trainer.default_root_dir)}
-        folders |= {Path(logger.log_dir) for logger in trainer.loggers if isinstance(logger, CSVLogger)}
+    def __init__(self, trainer: Trainer) -> None:  # before the fit: no process group, no collective in log_dir
+        log_dir = Path(trainer.log_dir or trainer.default_root_dir)
+        folders = {log_dir} | {Path(logger.log_dir) for logger in trainer.loggers if isinstance(logger, CSVLogger)}
         self.records = {f / name: _read_bytes(f / name) for f in folders for name in self.RECORDS}
-        self.checkpoints = self._checkpoints(trainer)
+        self.folders = {log_dir / "checkpoints"}
+        self.folders |= {Path(c.dirpath) for c in trainer.checkpoint_callbacks if getattr(c, "dirpath", None)}
+        self.checkpoints = self._checkpoints()
 
-    @staticmethod
-    def _checkpoints(trainer: Trainer) -> dict[Path, tuple[int, int]]:
+    def _checkpoints(self) -> dict[Path, tuple[int, int]]:
         """The checkpoint files where this fit writes its, with their times and sizes."""
-        folders = {Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints"}
-        folders |= {Path(c.dirpath) for c in trainer.checkpoint_callbacks if getattr(c, "dirpath", None)}
-        found = (path for folder in folders if folder.is_dir() for path in folder.glob("*.ckpt"))
+        found = (path for folder in self.folders if folder.is_dir() for path in folder.glob("*.ckpt"))
         return {path: (path.stat().st_mtime_ns, path.stat().st_size) for path in found}
 
     def put_back(self, trainer: Trainer) -> None:
-        """Restore the earlier run's records, unless there was none or this fit saved a checkpoint."""
-        if not any(self.records.values()) or self._checkpoints(trainer) != self.checkpoints:
+        """Restore the earlier run's records where this fit failed in its first epoch having saved no checkpoint,
+        and the earlier run had some (a run that saves none keeps its records: its logs are all there is of it)."""
+        if trainer.current_epoch > 0 or not self.checkpoints or not any(self.records.values()):
+            return
+        if self._checkpoints() != self.checkpoints:
             return
         for path, data in self.records.items():
             if data is None:

@@ -23,7 +23,7 @@ from helpers import fmnist, start_distill, tiny_kd_recipe
 
 from distill.export import export
 from distill.prune_distill import check_baselines, prune_distill
-from distill.recipes import fit_recipe, recipe_identity, relocate, teacher_cache, with_callbacks
+from distill.recipes import check_recipe, fit_recipe, recipe_identity, relocate, teacher_cache, with_callbacks
 from distill.rundir import RunState, check_run_dir, hold_run_dir, release_run_dir
 from students import UNSCALED_LAYERS, load_student
 from students.checkpoint import recorded_data
@@ -318,6 +318,22 @@ def test_a_timm_student_with_unprunable_layers_keeps_them_through_the_rounds(
     start, pruned = load_student(rows[0]["checkpoint"]), load_student(tmp_path / "run" / "best_student.ckpt")
     assert all(pruned.get_submodule(n).out_features == start.get_submodule(n).out_features for n in kept)
     assert rows[-1]["params"] < rows[0]["params"]
+
+
+def test_a_job_is_not_refused_for_lightnings_version_counter_in_its_recipe(
+    tmp_path: Path, small_teacher_checkpoint: Path
+):
+    """A user's recipe without enable_version_counter: false, whose own rerun is refused (best.ckpt would be the run
+    before's): a job checking it beside that trained folder, or rerunning a phase killed after it saved best.ckpt and
+    before it recorded its result, reads the best checkpoint's path, and is not refused."""
+    cfg = relocate(yaml.safe_load(tiny_recipe(tmp_path, small_teacher_checkpoint).read_text()), tmp_path / "run")
+    for callback in cfg["trainer"]["callbacks"]:
+        callback.get("init_args", {}).pop("enable_version_counter", None)
+    first = fit_recipe(cfg, tmp_path / "run.yaml")
+    check_recipe(cfg)  # as prune-distill and sweep check their recipe before they start
+    (tmp_path / "run" / "result.json").unlink()
+    again = fit_recipe(cfg, tmp_path / "run.yaml")
+    assert again.checkpoint == str(tmp_path / "run" / "best-v1.ckpt") and first.checkpoint.endswith("best.ckpt")
 
 
 def test_a_finished_run_is_reused_only_while_its_recipe_inputs_and_checkpoint_are_the_same(

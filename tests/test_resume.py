@@ -145,21 +145,24 @@ def test_a_rerun_with_lightnings_version_counter_is_refused_as_it_would_leave_be
 ):
     """Fixed names with Lightning's default ``enable_version_counter: true``: a second fit replaced config.yaml and
     metrics.csv but wrote ``best-v1.ckpt``, so ``best.ckpt`` (which the next steps load) held the first run's."""
-    cfg = yaml.safe_load(recipe(tmp_path, small_teacher_checkpoint, "run", epochs=1).read_text())
-    for callback in cfg["trainer"]["callbacks"]:
-        if callback["class_path"].endswith("ModelCheckpoint"):
-            del callback["init_args"]["enable_version_counter"]
-    config = tmp_path / "counted.yaml"
-    config.write_text(yaml.safe_dump(cfg))
-    main(["fit", "--config", str(config), "--trainer.limit_train_batches", "2"])
-    before = {path.name: file_digest(str(path)) for path in (tmp_path / "run").rglob("*") if path.is_file()}
-    assert {"best.ckpt", "last.ckpt", "config.yaml", "metrics.csv"} <= set(before)
-    with pytest.raises(SystemExit) as stop:
-        main(["fit", "--config", str(config), "--trainer.limit_train_batches", "2", "--model.lr", "0.05"])
-    line = capsys.readouterr().err.strip().splitlines()[-1]
-    assert stop.value.code == 2 and "is an earlier run's checkpoint: this fit would replace the config.yaml" in line
-    assert "Set enable_version_counter: false on the ModelCheckpoint" in line
-    assert {path.name: file_digest(str(path)) for path in (tmp_path / "run").rglob("*") if path.is_file()} == before
+    for where in ("run", "default"):  # the ModelCheckpoints in the run's folder, or Lightning's <log_dir>/checkpoints
+        cfg = yaml.safe_load(recipe(tmp_path, small_teacher_checkpoint, where, epochs=1).read_text())
+        for callback in cfg["trainer"]["callbacks"]:
+            if callback["class_path"].endswith("ModelCheckpoint"):
+                del callback["init_args"]["enable_version_counter"]
+                if where == "default":
+                    del callback["init_args"]["dirpath"]
+        config = tmp_path / f"{where}_counted.yaml"
+        config.write_text(yaml.safe_dump(cfg))
+        main(["fit", "--config", str(config), "--trainer.limit_train_batches", "2"])
+        before = {path.name: file_digest(str(path)) for path in (tmp_path / where).rglob("*") if path.is_file()}
+        assert {"best.ckpt", "last.ckpt", "config.yaml", "metrics.csv"} <= set(before)
+        with pytest.raises(SystemExit) as stop:
+            main(["fit", "--config", str(config), "--trainer.limit_train_batches", "2", "--model.lr", "0.05"])
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert stop.value.code == 2 and "is an earlier run's checkpoint: this fit would replace the config.yaml" in line
+        assert "Set enable_version_counter: false on the ModelCheckpoint" in line
+        assert {path.name: file_digest(str(path)) for path in (tmp_path / where).rglob("*") if path.is_file()} == before
     main(["fit", "--config", str(config), "--ckpt_path", "last", "--trainer.max_epochs", "2"])  # resumed: it may
 
 

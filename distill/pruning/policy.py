@@ -12,7 +12,9 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from numbers import Integral
 
+import numpy as np
 import torch
 
 from distill.data.batch import as_batch
@@ -59,11 +61,11 @@ class PruningPolicy:
 
     def __post_init__(self) -> None:
         flags = {"global_ranking": self.global_ranking, "ignore_unprunable": self.ignore_unprunable}
-        wrong = {name: value for name, value in flags.items() if not isinstance(value, bool)}
+        wrong = {name: value for name, value in flags.items() if not isinstance(value, (bool, np.bool_))}
         if wrong:  # "false" is a true string: it would silently turn the option on
             raise ValueError(f"{', '.join(wrong)} must be True or False, got {', '.join(map(repr, wrong.values()))}")
         counts = {"min_channels": self.min_channels, "round_to": self.round_to, "num_batches": self.num_batches}
-        wrong = {name: value for name, value in counts.items() if isinstance(value, bool) or not isinstance(value, int)}
+        wrong = {n: v for n, v in counts.items() if isinstance(v, (bool, np.bool_)) or not isinstance(v, Integral)}
         if wrong:
             what = "a whole number" if len(wrong) == 1 else "whole numbers"
             raise ValueError(f"{', '.join(wrong)} must be {what}, got {', '.join(map(repr, wrong.values()))}")
