@@ -129,7 +129,11 @@ class RunsCode:
 
 
 class PressCtrlC(Callback):
-    """Interrupts training after its first batch, as Ctrl-C in a terminal does: a SIGINT to the process."""
+    """Interrupts training after the first batch of epoch ``epoch``, as Ctrl-C in a terminal does: a SIGINT."""
 
-    def on_train_batch_end(self, *_: object) -> None:
-        os.kill(os.getpid(), signal.SIGINT)
+    def __init__(self, epoch: int = 0) -> None:
+        self.epoch = epoch
+
+    def on_train_batch_end(self, trainer: Trainer, *_: object) -> None:
+        if trainer.current_epoch >= self.epoch:
+            os.kill(os.getpid(), signal.SIGINT)

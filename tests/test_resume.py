@@ -166,6 +166,30 @@ def test_a_rerun_with_lightnings_version_counter_is_refused_as_it_would_leave_be
     main(["fit", "--config", str(config), "--ckpt_path", "last", "--trainer.max_epochs", "2"])  # resumed: it may
 
 
+def test_a_new_fit_stopped_before_its_first_checkpoint_leaves_the_earlier_run_and_after_it_its_own(
+    tmp_path: Path, small_teacher_checkpoint
+):
+    """A new fit replaces the run in its folder once it saved a checkpoint; stopped before (here by Ctrl-C in its first
+    epoch), the earlier run's records are put back, so its checkpoints are not left beside this run's config."""
+    config = recipe(tmp_path, small_teacher_checkpoint, "run", epochs=1)
+    main(["fit", "--config", str(config), "--trainer.limit_train_batches", "2"])
+
+    def files() -> dict[str, str]:
+        return {path.name: file_digest(str(path)) for path in (tmp_path / "run").iterdir()}
+
+    earlier = files()
+    ctrl_c = ["--trainer.callbacks+=helpers.PressCtrlC", "--model.lr", "0.05", "--trainer.limit_train_batches", "2"]
+    with pytest.raises(SystemExit) as stop:  # in its first epoch: nothing of it is kept
+        main(["fit", "--config", str(config), *ctrl_c])
+    assert stop.value.code == 130 and files() == earlier
+    with pytest.raises(SystemExit) as stop:  # in its second: it saved its checkpoints, it is the run now
+        main(["fit", "--config", str(config), *ctrl_c, "--trainer.callbacks.epoch", "1", "--trainer.max_epochs", "2"])
+    assert stop.value.code == 130
+    now = files()
+    assert all(now[name] != earlier[name] for name in ("best.ckpt", "last.ckpt", "config.yaml", "hparams.yaml"))
+    assert "lr: 0.05" in (tmp_path / "run" / "config.yaml").read_text()
+
+
 def test_ctrl_c_stops_a_fit_or_an_export_with_status_130_and_the_line_that_resumes_it(
     tmp_path: Path, small_teacher_checkpoint, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ):
