@@ -216,9 +216,12 @@ class DistillCLI(LightningCLI):
     ``trainer.precision`` defaults to :func:`default_precision` (a config or ``--trainer.precision`` wins).
     """
 
-    def __init__(self, *args: Any, named_checkpoints: bool = True, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, job_phase: bool = False, **kwargs: Any) -> None:
+        """``job_phase``: a phase of a job (quickstart, sweep, prune-distill), which owns its folder, reads the best
+        checkpoint's path (not ``best.ckpt`` by name) and reruns a stopped attempt there: the guards of a user's
+        rerun into a run's folder (:func:`_earlier_fixed_checkpoints`, :class:`_EarlierRun`) are off."""
         self._replaced: _EarlierRun | None = None
-        self._named_checkpoints = named_checkpoints  # users load best.ckpt by name; jobs read best_model_path
+        self._job_phase = job_phase
         kwargs.setdefault("trainer_defaults", {"precision": default_precision(), "callbacks": [_ResumedRun()]})
         kwargs.setdefault("parser_class", _ArgumentParser)
         kwargs.setdefault("trainer_class", _Trainer)
@@ -283,7 +286,7 @@ class DistillCLI(LightningCLI):
         self._check_log_folder(trainer)
         self._check_checkpoint_folder(trainer)
         self._check_resumed(trainer)
-        new_fit = self.subcommand in (None, "fit") and self._command_config.get("ckpt_path") is None
+        new_fit = self.subcommand == "fit" and self._command_config.get("ckpt_path") is None and not self._job_phase
         self._replaced = _EarlierRun(trainer) if new_fit else None  # before before_fit rewrites metrics.csv
         return trainer
 
@@ -333,7 +336,7 @@ class DistillCLI(LightningCLI):
                     f"init_args.dirpath in the config's trainer.callbacks), or give the logger a fixed version to "
                     f"rerun that run"
                 )
-            earlier = _earlier_fixed_checkpoints(callback, log_dir) if self._named_checkpoints else []
+            earlier = [] if self._job_phase else _earlier_fixed_checkpoints(callback, log_dir)
             if earlier and self.subcommand == "fit" and config.get("ckpt_path") is None:
                 name = earlier[0].name
                 raise ValueError(

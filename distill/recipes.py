@@ -373,8 +373,7 @@ def fit_recipe(cfg: dict[str, Any], config_path: Path | None = None, root: Path 
         warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
         # The folder is the job's own, and the CLI has just saved config.yaml in it: not a stale run
         warnings.filterwarnings("ignore", message="Checkpoint directory .* exists and is not empty")
-        # the folder is the job's: it reads the best checkpoint's path, not its name, and reruns a killed phase there
-        cli = DistillCLI(args={"fit": copy.deepcopy(cfg)}, named_checkpoints=False)  # refused input writes nothing
+        cli = DistillCLI(args={"fit": copy.deepcopy(cfg)}, job_phase=True)  # refused input writes nothing
     stop_if_terminated(cli.trainer)
     wall = time.time() - start
     _write_config(cfg, config_path or sibling_config(Path(folder)))
