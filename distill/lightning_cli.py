@@ -616,8 +616,8 @@ class DistillCLI(LightningCLI):
         """Record, in a log folder of its own, which checkpoint an evaluation was of (:data:`EVALUATED`)."""
         for folder, record in self._evaluation_logs:
             if folder.is_dir():
-                with atomic_path(folder / EVALUATED) as tmp:
-                    Path(tmp).write_text(json.dumps(record) + "\n")
+                with atomic_path(folder / EVALUATED) as partial:
+                    partial.write_text(json.dumps(record) + "\n")
 
     after_test = after_predict = after_validate
 

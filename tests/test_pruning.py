@@ -404,15 +404,19 @@ def test_regularizer_arguments_are_checked():
         TaylorImportance(num_batches=0)
 
 
+def run_ddp_script(tmp_path: Path, body: str, timeout: int) -> subprocess.CompletedProcess:
+    """Run ``body`` as a script of its own (DDP starts its ranks from it), with the tests' helpers imported."""
+    script = tmp_path / "ddp.py"
+    prelude = f"import sys\nsys.path.insert(0, {str(ROOT / 'tests')!r})\nfrom helpers import fmnist, tiny_trainer\n"
+    script.write_text(prelude + body)
+    return subprocess.run([sys.executable, str(script)], cwd=ROOT, timeout=timeout, capture_output=True, text=True)
+
+
 @pytest.mark.slow
 def test_ddp_ranks_prune_the_same_channels(tmp_path: Path):
     """Two CPU processes (gloo) see different batches; taylor scores differ, the pruned layouts must not."""
-    script = tmp_path / "ddp_prune.py"
-    script.write_text(
-        f"""
-import json, sys, torch
-sys.path.insert(0, {str(ROOT / "tests")!r})
-from helpers import fmnist, tiny_trainer
+    body = f"""
+import json, torch
 from pytorch_lightning import seed_everything
 from distill import DistillModule
 from distill.pruning import ChannelPruning, PruningSchedule
@@ -425,8 +429,8 @@ trainer.fit(model, datamodule=fmnist())
 with open({str(tmp_path)!r} + f"/rank{{trainer.global_rank}}.json", "w") as f:
     json.dump({{"channels": model.student.channels, "step": trainer.global_step}}, f)
 """
-    )
-    subprocess.run([sys.executable, str(script)], check=True, cwd=ROOT, timeout=300)
+    done = run_ddp_script(tmp_path, body, timeout=300)
+    assert done.returncode == 0, done.stderr
     import json
 
     rank0 = json.loads((tmp_path / "rank0.json").read_text())
@@ -438,12 +442,7 @@ with open({str(tmp_path)!r} + f"/rank{{trainer.global_rank}}.json", "w") as f:
 @pytest.mark.slow
 def test_a_refusal_under_ddp_stops_every_rank(tmp_path: Path):
     """Rank 0 decides the channels: its refusal reaches the other ranks, which would otherwise wait for its plan."""
-    script = tmp_path / "ddp_refusal.py"
-    script.write_text(
-        f"""
-import sys
-sys.path.insert(0, {str(ROOT / "tests")!r})
-from helpers import fmnist, tiny_trainer
+    body = f"""
 from test_timm_pruning import HardCodedSplit
 from distill import DistillModule
 from distill.pruning import ChannelPruning, PruningSchedule
@@ -454,7 +453,6 @@ try:
 except ValueError as err:
     print(f"rank {{trainer.global_rank}}: {{err}}")
 """
-    )
-    done = subprocess.run([sys.executable, str(script)], cwd=ROOT, timeout=120, capture_output=True, text=True)
+    done = run_ddp_script(tmp_path, body, timeout=120)
     refused = sorted(line.split(":")[0] for line in done.stdout.splitlines() if "pruning layer 'stem' breaks" in line)
     assert refused == ["rank 0", "rank 1"], done.stdout + done.stderr
