@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import timm
@@ -38,14 +39,38 @@ def adapt_resnet_to_small_input(model: nn.Module) -> nn.Module:
 
 
 def check_timm_name(name: str) -> str:
-    """``name`` without its ``timm/`` prefix; refused in one line when timm has no such model."""
+    """``name`` without its ``timm/`` prefix; refused in one line when timm has no such model, or no such
+    pretrained tag (``resnet18.a1_in1k``: timm refuses an unknown tag even without ``pretrained``)."""
     timm_name = name[len(TIMM_PREFIX) :] if name.startswith(TIMM_PREFIX) else name
-    if not timm_name.startswith("hf-hub:") and not timm.is_model(timm_name.split(".")[0]):
+    if timm_name.startswith("hf-hub:"):
+        return timm_name
+    arch, _, tag = timm_name.partition(".")
+    if not timm.is_model(arch):
         raise ValueError(
             f"{timm_name!r} is not a timm model. List the available ones with "
             f"`python -c \"import timm; print(timm.list_models('*{timm_name[:6]}*'))\"`."
         )
+    tags = [known.partition(".")[2] for known in timm.list_pretrained(f"{arch}.*")]
+    if tag and tag not in tags:
+        raise ValueError(
+            f"timm has no pretrained tag {tag!r} for {arch}: "
+            f"{'its tags are ' + ', '.join(tags) if tags else 'it has none'} (or name {arch} without one)."
+        )
     return timm_name
+
+
+def _no_pretrained_weights(timm_name: str, err: OSError) -> str:
+    """The line that says why ``timm_name``'s pretrained weights could not be read, and the ways to give them."""
+    cause: BaseException = err
+    while cause.__cause__ is not None:  # the hub's own error says little ("An error happened ..."); its cause why
+        cause = cause.__cause__
+    why = " ".join(str(cause).split()) or type(cause).__name__
+    return (
+        f"timm's pretrained weights of {timm_name} could not be read ({why}): "
+        f"reach the Hugging Face Hub (or a mirror, HF_ENDPOINT); or download them once where it is reachable and "
+        f"set HF_HUB_OFFLINE=1 to read the cache (HF_HOME); or give the file, "
+        f"model_kwargs: {{pretrained_cfg_overlay: {{file: PATH}}}}; or set pretrained: false."
+    )
 
 
 def create_timm_model(
@@ -63,15 +88,25 @@ def create_timm_model(
             or ``hf-hub:<repo>`` for a Hugging Face Hub model.
         num_classes: outputs of the classifier.
         in_chans: input image channels.
-        pretrained: load timm's pretrained weights (needs access to the Hugging Face Hub). The classifier,
-            and the stem when ``small_input`` or ``in_chans`` differ, are adapted by timm.
+        pretrained: load timm's pretrained weights: from the Hugging Face Hub (or its cache), or from a file
+            given as ``model_kwargs={"pretrained_cfg_overlay": {"file": PATH}}``. The classifier, and the stem when
+            ``small_input`` or ``in_chans`` differ, are adapted by timm. Weights that cannot be read are one
+            ``OSError`` line naming these ways.
         small_input: for ResNets, use a 3x3 stride-1 stem without max-pool (small images such as 28x28).
         model_kwargs: further keyword arguments for ``timm.create_model`` (e.g. ``drop_rate``).
     """
     timm_name = check_timm_name(name)
-    model = timm.create_model(
-        timm_name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **(model_kwargs or {})
-    )
+    file = ((model_kwargs or {}).get("pretrained_cfg_overlay") or {}).get("file")
+    if pretrained and file and not Path(file).is_file():  # timm logs an error and raises an empty one
+        raise FileNotFoundError(f"The pretrained weights file {str(file)!r} (pretrained_cfg_overlay) does not exist")
+    try:
+        model = timm.create_model(
+            timm_name, pretrained=pretrained, num_classes=num_classes, in_chans=in_chans, **(model_kwargs or {})
+        )
+    except OSError as err:  # the hub unreachable (its errors are OSErrors), or a file that cannot be read
+        if not pretrained:
+            raise
+        raise OSError(_no_pretrained_weights(timm_name, err)) from None
     if small_input:
         adapt_resnet_to_small_input(model)
     model.model_spec = {

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -202,6 +203,22 @@ def test_bad_input_is_one_clear_line_from_the_console_script(tmp_path: Path):
     lines = [line for line in result.stderr.splitlines() if not line.startswith("Seed set to")]
     assert result.returncode == 2 and len(lines) == 1 and "is not a readable torch file" in lines[0], result.stderr
     assert not (tmp_path / "s").exists()
+
+
+def test_pretrained_weights_out_of_reach_are_one_line_naming_the_ways_to_give_them(tmp_path: Path):
+    """``pretrained: true`` where the Hugging Face Hub cannot be reached (HF_HUB_OFFLINE, an empty cache): the
+    console script ends with one line saying which weights and how to give them, before anything is written."""
+    work = tmp_path / "work"
+    work.mkdir()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    fit = [sys.executable, "-m", "distill.cli", "fit", "--config", str(ROOT / "configs/fmnist/teacher.yaml"),
+           "--model.student.init_args.name", "test_resnet", "--model.student.init_args.pretrained", "true"]  # fmt: skip
+    result = subprocess.run(fit, capture_output=True, text=True, cwd=work, env=env)
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("Seed set to")]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("distill: error: timm's pretrained weights of test_resnet could not be read (Cannot ")
+    assert "HF_HUB_OFFLINE=1" in lines[0] and "pretrained_cfg_overlay: {file: PATH}" in lines[0]
+    assert not any(work.iterdir())  # the recipe writes runs/fmnist/teacher here
 
 
 @pytest.fixture(scope="module")

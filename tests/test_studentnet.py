@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 
 from students import (
@@ -119,6 +120,29 @@ def test_any_timm_model_is_a_student():
     }
     with pytest.raises(ValueError, match="not a timm model"):
         create_student("timm/no_such_net")
+
+
+def test_pretrained_weights_come_from_a_file_adapted_by_timm_and_the_student_rebuilds_without_it(tmp_path: Path):
+    """timm's pretrained path without the hub: the file's weights, the stem's 3 input channels summed into 1 and a
+    new classifier for 10 classes (timm's adaptation); a checkpoint's spec rebuilds it where the file is gone."""
+    torch.manual_seed(0)
+    hub = timm.create_model("test_resnet")  # stands for the hub's weights: RGB, 1000 classes
+    path = tmp_path / "test_resnet.pth"
+    torch.save(hub.state_dict(), path)
+    overlay = {"pretrained_cfg_overlay": {"file": str(path)}}
+    student = create_student("timm/test_resnet", num_classes=10, in_chans=1, pretrained=True, model_kwargs=overlay)
+    got, sent = student.state_dict(), hub.state_dict()
+    assert torch.equal(got["layer1.0.conv1.weight"], sent["layer1.0.conv1.weight"])
+    torch.testing.assert_close(got["conv1.0.weight"], sent["conv1.0.weight"].sum(1, keepdim=True))
+    assert got["fc.weight"].shape == (10, *sent["fc.weight"].shape[1:])
+    path.unlink()
+    spec = model_spec(student)
+    assert create_student(spec["name"], **spec["kwargs"])(torch.randn(2, 1, 28, 28)).shape == (2, 10)
+    missing = {"pretrained_cfg_overlay": {"file": str(path)}}  # timm itself logs an error and raises an empty one
+    with pytest.raises(FileNotFoundError, match=r"weights file '.*test_resnet.pth' \(pretrained_cfg_overlay\) does"):
+        create_student("timm/test_resnet", pretrained=True, model_kwargs=missing)
+    with pytest.raises(ValueError, match="no pretrained tag 'r161' for test_resnet: its tags are r160_in1k "):
+        create_student("timm/test_resnet.r161")  # timm: a RuntimeError, even without pretrained
 
 
 def test_model_spec_of_a_foreign_module_is_a_clear_error():
