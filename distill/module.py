@@ -37,7 +37,7 @@ from students.checkpoint import (
     recorded_spec,
     restore_rng_states,
 )
-from teachers import TeacherEnsemble, load_teachers, teacher_checkpoints, weights_digest
+from teachers import FrozenModule, FrozenTeacher, TeacherEnsemble, load_teachers, teacher_checkpoints, weights_digest
 
 __all__ = ["TEACHER_DIGEST_KEY", "DistillModule", "check_resume_settings"]  # check_resume_settings: distill.optim
 
@@ -61,7 +61,8 @@ class DistillModule(LightningModule):
 
     Args:
         student: the network to train (e.g. ``students.StudentNet`` or ``students.create_timm_model``).
-        teacher: a frozen teacher (``teachers.load_teacher``, ``teachers.TeacherEnsemble``); ``None`` trains
+        teacher: a frozen teacher (``teachers.load_teacher``, ``teachers.TeacherEnsemble``; another module is
+            wrapped in ``teachers.FrozenTeacher``, which freezes it); ``None`` trains
             on labels only, or loads the teacher from ``teacher_checkpoint`` at setup.
         loss: the training loss; default ``KDLoss(temperature=4.0, alpha=0.9)`` (cross-entropy alone
             when there is no teacher). Checkpoints record the settings of :mod:`distill.losses`' classes
@@ -135,6 +136,8 @@ class DistillModule(LightningModule):
             student = build_student(student_spec)
         if teacher is not None:
             teacher_checkpoint = teacher_checkpoints(teacher) or teacher_checkpoint
+            if not isinstance(teacher, FrozenModule):  # a plain module: in train mode, its BatchNorm statistics moved
+                teacher = FrozenTeacher(teacher)
         if loss is None:
             loss = _recorded_loss(loss_spec) if loss_spec is not None else KDLoss()
         # Hyperparameters are plain values only, so checkpoints load with weights_only=True and

@@ -24,8 +24,12 @@ def student(**kwargs) -> torch.nn.Module:
     return create_student("test_studentnet", num_classes=10, in_chans=1, num_pools=3, **kwargs)
 
 
-def test_kd_trains_the_student_and_never_the_teacher(tmp_path: Path, teacher_checkpoint: Path):
+@pytest.mark.parametrize("frozen", [True, False], ids=["load_teacher", "a plain module"])
+def test_kd_trains_the_student_and_never_the_teacher(tmp_path: Path, teacher_checkpoint: Path, frozen: bool):
+    """A plain module given as the teacher is frozen too: in train mode, its BatchNorm statistics moved."""
     teacher = load_teacher(checkpoint=teacher_checkpoint)
+    if not frozen:
+        teacher = teacher.model.train().requires_grad_(True)
     teacher_before = {k: v.clone() for k, v in teacher.state_dict().items()}  # BN statistics included
     model = DistillModule(student(), teacher, loss=KDLoss(temperature=4.0, alpha=0.9), lr=0.01)
     student_before = {k: v.clone() for k, v in model.student.state_dict().items()}
