@@ -238,6 +238,10 @@ def test_random_is_reproducible():
         ({"ratio": 0.5, "ignore_unprunable": 1}, "ignore_unprunable must be True or False, got 1"),
         ({"ratio": 0.5, "round_to": 8.0}, "round_to must be a whole number, got 8.0"),
         ({"ratio": 0.5, "min_channels": True}, "min_channels must be a whole number, got True"),
+        (
+            {"ratio": 0.5, "importance": lambda _group: torch.ones(3)},  # pruned nothing: the floors were of 3 channels
+            r"importance <lambda> gave a tensor of shape \(3,\) for 'cnn\.\d\.\d', a group of \d+ channels: it must",
+        ),
     ],
 )
 def test_bad_input(kwargs: dict, match: str):

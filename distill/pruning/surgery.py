@@ -332,8 +332,15 @@ def _score(importance: Importance, groups: Mapping[str, Any]) -> dict[str, torch
         except IndexError as err:  # torch-pruning mapped the group's channels past a layer's end
             failed[name] = f"{type(err).__name__}: {_first_line(err)}"
             continue
-        if s is not None:
-            scores[name] = s.detach().float().cpu()
+        if s is None:
+            continue
+        channels = len(group[0][1])
+        if not isinstance(s, torch.Tensor) or s.shape != (channels,):
+            got = f"a tensor of shape {tuple(s.shape)}" if isinstance(s, torch.Tensor) else type(s).__name__
+            raise ValueError(f"The importance {getattr(importance, '__name__', type(importance).__name__)} gave {got} "
+                             f"for {name!r}, a group of {channels} channels: it must give one score per channel, "
+                             f"a tensor of shape ({channels},)")  # fmt: skip
+        scores[name] = s.detach().float().cpu()
     if failed:
         raise _refusal(failed, "torch-pruning maps the channels of {} inconsistently")
     return scores
