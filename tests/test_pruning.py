@@ -252,6 +252,19 @@ def test_bad_input(kwargs: dict, match: str):
         prune_student(build("studentnet"), X1, policy, **{k: v for k, v in kwargs.items() if k not in policy_keys})
 
 
+def test_a_module_holding_the_student_is_refused_and_left_unchanged():
+    """Pruned whole, a DistillModule's timm student kept the spec of its unpruned layout: training and saving
+    went on, and its checkpoints no longer loaded."""
+    module = DistillModule(build("timm/test_resnet"))
+    before = copy.deepcopy(module.state_dict())
+    with pytest.raises(ValueError, match=r"DistillModule holds the student to prune at 'student': prune that module"):
+        prune_student(module, X1, ratio=0.3)
+    assert (
+        all(torch.equal(v, before[k]) for k, v in module.state_dict().items())
+        and module.state_dict().keys() == before.keys()
+    )
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [

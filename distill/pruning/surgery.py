@@ -698,6 +698,7 @@ def prune_student(
               current channels;
             - ``data``: batches ``(x, y)`` for data-driven criteria (``taylor``, ``hrank``).
     """
+    _check_is_a_student(model)
     asked = policy = policy or PruningPolicy()
     measured = None
     if plan is None:
@@ -718,6 +719,17 @@ def prune_student(
         latency_ms=measured,  # the model: coupled groups may lose more than their plan says, or merge
         kept_layers=tuple(name for name in policy.ignored_layers if name not in asked.ignored_layers),
     )
+
+
+def _check_is_a_student(model: nn.Module) -> None:
+    """Refuse a module that holds a student (a ``DistillModule``) instead of being one: pruned whole, the student
+    inside it kept the spec of its unpruned layout, so its checkpoints no longer loaded."""
+    if getattr(model, "model_spec", None) is not None:
+        return
+    inner = next((name for name, m in model.named_modules() if name and hasattr(m, "model_spec")), None)
+    if inner is not None:
+        raise ValueError(f"{type(model).__name__} holds the student to prune at {inner!r}: prune that module "
+                         f"(e.g. prune_student(model.{inner}, ...)), not the one holding it")  # fmt: skip
 
 
 def _out_channels(model: nn.Module, name: str) -> int:
