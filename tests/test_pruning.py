@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import fmnist, tiny_trainer
+from pytorch_lightning import Callback
 from torch import nn
 
 from distill import DistillModule
@@ -343,6 +344,35 @@ def test_channel_pruning_during_training(tmp_path: Path, teacher_checkpoint: Pat
     outputs = torch.load(tmp_path / "y.pt")
     torch.testing.assert_close(outputs[0], expected, rtol=0, atol=0)
     torch.testing.assert_close(outputs[1], expected, rtol=0, atol=0)
+
+
+def test_pruning_callbacks_refuse_what_they_cannot_do_before_a_python_fit_trains(tmp_path: Path):
+    """From Python (no ``distill fit`` to check first), a target out of reach failed after an epoch of training, a
+    target above the student pruned nothing, a schedule past the fit's end stopped short of its target in silence,
+    and NetworkSlimming without BatchNorm trained an epoch, then failed."""
+
+    trained = []  # each fit's optimizer steps, refused or not
+
+    def fit(callback: Callback, student: nn.Module | None = None, max_epochs: int = 1) -> None:
+        trainer = tiny_trainer(tmp_path, max_epochs=max_epochs, limit_val_batches=0, callbacks=[callback])
+        try:
+            trainer.fit(DistillModule(student or build("test_studentnet"), lr=0.05), datamodule=fmnist())
+        finally:
+            trained.append(trainer.global_step)
+
+    for target, match in (
+        (10, "cannot be met"),
+        (10**7, "target_params=10,000,000 must be below the student.s current"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            fit(ChannelPruning(schedule=PruningSchedule(target_params=target)))
+    late = PruningSchedule(target_params=1500, steps=3, start_epoch=1)
+    with pytest.warns(UserWarning, match=r"at the end of epochs \[1, 2, 3\], but the fit ends after epoch 1 "
+                                         r"\(max_epochs=2\): 2 of its 3 steps will not run"):  # fmt: skip
+        fit(ChannelPruning(schedule=late), max_epochs=2)
+    with pytest.raises(ValueError, match=r"NetworkSlimming acts on BatchNorm scales, and the student \(EfficientNet\)"):
+        fit(NetworkSlimming(), build("timm/test_efficientnet_gn"))
+    assert trained == [0, 0, 6, 0]
 
 
 def test_resume_after_pruning_continues_the_pruned_run(tmp_path: Path, teacher_checkpoint: Path):

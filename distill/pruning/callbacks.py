@@ -17,7 +17,7 @@ import torch
 from pytorch_lightning import Callback
 from pytorch_lightning.callbacks import WeightAveraging
 from pytorch_lightning.strategies import DDPStrategy
-from pytorch_lightning.utilities import rank_zero_info
+from pytorch_lightning.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 
 from distill.data.batch import as_batch
@@ -85,6 +85,15 @@ class NetworkSlimming(_Penalty):
             if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.weight is not None
         ]
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        student = _student(pl_module)
+        if not self.gammas(student):  # else it trained an epoch for nothing, then failed on no scales to log
+            raise ValueError(
+                f"NetworkSlimming acts on BatchNorm scales, and the student ({type(student).__name__}) has no "
+                f"BatchNorm layer with a learnable scale: use GroupLasso, or ChannelPruning with another importance "
+                f"than bn_scale"
+            )
+
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         if not self.active(trainer.current_epoch):
             return
@@ -134,6 +143,13 @@ class GroupLasso(_Penalty):
     @staticmethod
     def convs(student: nn.Module) -> list[nn.Conv2d]:
         return [m for m in student.modules() if isinstance(m, nn.Conv2d)]
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        student = _student(pl_module)
+        if not self.convs(student):
+            raise ValueError(
+                f"GroupLasso acts on 2-d convolutions, and the student ({type(student).__name__}) has none"
+            )
 
     @torch.no_grad()
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
@@ -208,16 +224,23 @@ class ChannelPruning(Callback):
         self.kept_layers: tuple[str, ...] = ()  # found to break the student, kept whole since (ignore_unprunable)
 
     # -------------------------------------------------------------- helpers
-    def check(self, student: nn.Module, example_input: torch.Tensor) -> None:
+    def check(self, student: nn.Module, example_input: torch.Tensor, channels: dict[str, int] | None = None) -> None:
         """Refuse, before training, layer names the student lacks and a size target it cannot reach.
 
-        ``distill fit`` calls it before the Trainer exists; otherwise they would fail at fit start, or at the
-        first pruning step after an epoch of training.
+        ``distill fit`` calls it before the Trainer exists, and a fit calls it at its start (a fit from Python, not
+        resumed); otherwise a target out of reach failed at the first pruning step, after an epoch of training.
         """
-        channels = channel_counts(student, example_input, self.policy.ignored_layers)
+        channels = channels or channel_counts(student, example_input, self.policy.ignored_layers)
         target_params = getattr(self.schedule, "target_params", None)  # a schedule may be any function of the epoch
         target_macs = getattr(self.schedule, "target_macs", None)
         if target_params is not None or target_macs is not None:
+            name, target = (
+                ("target_params", target_params) if target_params is not None else ("target_macs", target_macs)
+            )
+            have = count_params(student) if target_params is not None else count_macs(student, example_input)
+            if target >= have:  # else every step found the student at its target and pruned nothing
+                raise ValueError(f"ChannelPruning's schedule: {name}={target:,} must be below the student's current "
+                                 f"{have:,}")  # fmt: skip
             check_target(student, example_input, self.policy, target_params=target_params, target_macs=target_macs,
                          floors=self.policy.floors(channels))  # fmt: skip
 
@@ -250,11 +273,23 @@ class ChannelPruning(Callback):
             return
         student = _student(pl_module)
         x = self._example_input(trainer, student)
-        self.initial = {
-            "params": count_params(student),
-            "macs": count_macs(student, x),
-            "channels": channel_counts(student, x, self.policy.ignored_layers),
-        }
+        channels = channel_counts(student, x, self.policy.ignored_layers)
+        self.check(student, x, channels)
+        self._warn_past_the_end(trainer.max_epochs)
+        self.initial = {"params": count_params(student), "macs": count_macs(student, x), "channels": channels}
+
+    def _warn_past_the_end(self, max_epochs: int | None) -> None:
+        """Warn where the schedule's steps run past the fit's last epoch: it would end short of its target."""
+        if not isinstance(self.schedule, PruningSchedule) or max_epochs is None or max_epochs < 0:
+            return
+        late = [epoch for epoch in self.schedule.epochs() if epoch >= max_epochs]
+        if late:
+            rank_zero_warn(
+                f"ChannelPruning's schedule prunes at the end of epochs {self.schedule.epochs()}, but the fit ends "
+                f"after epoch {max_epochs - 1} (max_epochs={max_epochs}): {len(late)} of its {self.schedule.steps} "
+                f"steps will not run, and the student ends short of the target. Raise max_epochs to at least "
+                f"{late[-1] + 1}, or give the schedule fewer steps or an earlier start_epoch"
+            )
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         step = self._step(trainer.current_epoch)
