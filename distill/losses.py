@@ -136,7 +136,10 @@ class DKDLoss(_DistillationLoss):
     [p_target, 1 - p_target]; NCKD the KL between their distributions over the non-target classes
     (softmax of z / T with the target left out). ``dkd = T^2 * (tckd_weight * TCKD + nckd_weight * NCKD)`` and
     ``loss = ce_weight * CE + min((epoch + 1) / warmup_epochs, 1) * dkd``, the ramp of the authors' code
-    (mdistiller; ``DistillModule`` tells the loss its epoch; used alone, the term is at full strength).
+    (mdistiller; ``DistillModule`` tells the loss its epoch; used alone, the term is at full strength). The ramp
+    is of training only: in eval mode (validation, test) the term is at full strength, so ``val/loss`` is the same
+    objective at every epoch and in every process (a checkpoint validated in a fresh process read 1.0 where the
+    fit's own validation had read its epoch's ramp).
     Terms ``loss``, ``dkd``, ``tckd``, ``nckd`` (both times T^2), ``ce``. With label probabilities as the
     target (mixup), the target class is the most probable one.
 
@@ -173,8 +176,8 @@ class DKDLoss(_DistillationLoss):
 
     @property
     def ramp(self) -> float:
-        """The DKD term's weight now: ``min((epoch + 1) / warmup_epochs, 1)``."""
-        if self.epoch is None or self.warmup_epochs == 0:
+        """The DKD term's weight now: ``min((epoch + 1) / warmup_epochs, 1)`` in training, else 1."""
+        if not self.training or self.epoch is None or self.warmup_epochs == 0:
             return 1.0
         return min((self.epoch + 1) / self.warmup_epochs, 1.0)
 

@@ -221,6 +221,8 @@ def test_the_defaults_are_the_papers_and_dkd_ramps_in_over_its_warmup_epochs():
     for epoch, weight in ((0, 1 / 20), (9, 10 / 20), (19, 1.0), (50, 1.0)):
         dkd.set_epoch(epoch)
         assert run(dkd)["loss"].item() == pytest.approx(mean_ce() + weight * full["dkd"].item(), rel=1e-6)
+    dkd.set_epoch(0)
+    assert run(dkd.eval())["loss"].item() == pytest.approx(full["loss"].item(), rel=1e-6)  # validation: the objective
 
 
 def test_label_smoothing_mixes_the_uniform_distribution_into_the_labels():
