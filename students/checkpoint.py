@@ -492,6 +492,29 @@ def load_recorded_student(checkpoint: Mapping[str, Any], path: str | Path) -> nn
     return model
 
 
+@torch.no_grad()
+def _take_leading_channels(model: nn.Module, source: Mapping[str, torch.Tensor]) -> None:
+    """Set each tensor of ``model`` to the leading slice of ``source``'s tensor of that name (a module whose
+    tensors do not all fit in ``source``'s is reset to PyTorch's defaults instead)."""
+    for module_name, module in model.named_modules():
+        prefix = f"{module_name}." if module_name else ""
+        own = {**dict(module.named_parameters(recurse=False)), **dict(module.named_buffers(recurse=False))}
+        sources = {name: source.get(prefix + name) for name in own}
+        if all(_fits(own[name], src) for name, src in sources.items()):
+            for name, tensor in own.items():
+                tensor.copy_(sources[name][tuple(slice(0, n) for n in tensor.shape)])
+        elif hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+
+
+def _fits(tensor: torch.Tensor, source: torch.Tensor | None) -> bool:
+    return (
+        source is not None
+        and source.dim() == tensor.dim()
+        and all(n <= m for n, m in zip(tensor.shape, source.shape, strict=True))
+    )
+
+
 def load_student(path: str | Path, train: bool = False, from_scratch: bool = False) -> nn.Module:
     """Rebuild a student from a checkpoint written by this project and load its weights.
 
@@ -502,16 +525,19 @@ def load_student(path: str | Path, train: bool = False, from_scratch: bool = Fal
 
     With ``from_scratch=True`` only the architecture is taken, with freshly initialised weights (to retrain a
     layout found by pruning, Liu et al. 2019): a StudentNet or an unpruned timm model is built new, as its
-    constructor initialises it; the layers a pruned timm model had resized get PyTorch's default initialisation.
+    constructor initialises it; a pruned timm model takes each tensor from a new unpruned one, as pruning it would
+    (its leading channels), so every layer keeps the architecture's own initialisation (timm's zeroed last
+    BatchNorm of a residual block included), not PyTorch's defaults.
     """
     if from_scratch:
         checkpoint = read_checkpoint(path)
         spec = recorded_spec(checkpoint, f"Checkpoint {str(path)!r}")
         if spec is not None:
-            model = build_student(spec, extract_state_dict(checkpoint))
-            for module in model.modules():  # resized layers hold torch.empty values
-                if spec.get("pruned") and hasattr(module, "reset_parameters"):
-                    module.reset_parameters()
+            if not spec.get("pruned"):
+                return build_student(spec).train(train)
+            unpruned = build_student({k: v for k, v in spec.items() if k not in ("pruned", LAYOUT_KEY)})
+            model = build_student(spec, extract_state_dict(checkpoint))  # resized layers hold torch.empty values
+            _take_leading_channels(model, unpruned.state_dict())
             return model.train(train)
     model = load_recorded_student(read_checkpoint(path), path)
     if model is None:

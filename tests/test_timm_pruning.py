@@ -30,7 +30,7 @@ from distill.pruning import (
 )
 from distill.pruning.policy import removal_order
 from distill.pruning.surgery import plan_pruning
-from students import create_student, save_student
+from students import create_student, load_student, save_student
 
 ROOT = Path(__file__).parents[1]
 X = torch.randn(3, 1, 32, 32, generator=torch.Generator().manual_seed(0))
@@ -240,3 +240,20 @@ def test_channel_pruning_keeps_the_unprunable_layers_it_finds_while_training(tmp
     assert [r.kept_layers for r in pruner.reports] == [("stem",), ("stem",)] and pruner.policy.ignored_layers == ()
     assert pruner.state_dict()["kept_layers"] == ["stem"]  # a resumed fit keeps them without finding them again
     assert model.student.stem.out_channels == 16 and model.student.a.out_channels == 9  # 16, 12, then 9
+
+
+def test_a_pruned_timm_layout_from_scratch_keeps_timms_initialisation(tmp_path: Path):
+    """Each tensor is the leading slice of a new unpruned model's, as pruning it would leave it: before, every layer
+    got PyTorch's defaults (the stem's std 0.19 against timm's 0.11, the zeroed last BatchNorm of a block at 1)."""
+    model = timm_student("test_resnet")
+    prune_student(model, X[:1], PruningPolicy("l1", round_to=1), ratio=0.5)
+    path = save_student(model, tmp_path / "pruned.ckpt")
+    torch.manual_seed(3)
+    fresh = load_student(path, from_scratch=True).state_dict()
+    torch.manual_seed(3)
+    unpruned = create_student("timm/test_resnet", num_classes=10, in_chans=1).state_dict()  # the spec, unpruned
+    resized = [k for k, v in fresh.items() if v.shape != unpruned[k].shape]
+    assert "layer1.0.bn2.weight" in resized and not unpruned["layer1.0.bn2.weight"].any()  # timm zeroes it
+    for key, tensor in fresh.items():
+        assert torch.equal(tensor, unpruned[key][tuple(slice(0, n) for n in tensor.shape)]), key
+    assert {k: v.shape for k, v in fresh.items()} == {k: v.shape for k, v in model.state_dict().items()}
