@@ -132,8 +132,19 @@ class DistillModule(LightningModule):
             raise ValueError(f"compile must be true, false or a torch.compile mode ({modes}); got {compile!r}")
         if student is None:
             if student_spec is None:
-                raise ValueError("DistillModule needs a student (a module) or a student_spec to build one from")
+                raise ValueError(
+                    "DistillModule needs a student (a module) or a student_spec to build one from. A checkpoint "
+                    "without one had a student built without a model_spec (e.g. timm.create_model): pass "
+                    "load_from_checkpoint(path, student=<the module, built as before>)"
+                )
             student = build_student(student_spec)
+        elif getattr(student, "model_spec", None) is None and student_spec is None:
+            rank_zero_warn(
+                f"The student ({type(student).__name__}) carries no model_spec: checkpoints hold its weights, but "
+                f"students.load_student, DistillModule.load_from_checkpoint and distill test/predict/export cannot "
+                f"rebuild it from them. Build it with students.create_timm_model(name, ...) or "
+                f"students.create_student(...) instead"
+            )
         if teacher is not None:
             teacher_checkpoint = teacher_checkpoints(teacher) or teacher_checkpoint
             if not isinstance(teacher, FrozenModule):  # a plain module: in train mode, its BatchNorm statistics moved

@@ -542,9 +542,10 @@ def load_student(path: str | Path, train: bool = False, from_scratch: bool = Fal
     model = load_recorded_student(read_checkpoint(path), path)
     if model is None:
         raise ValueError(
-            f"Checkpoint {str(path)!r} records no student_spec, so the architecture is unknown. It was not "
-            f"written by distill's DistillModule; for another tool's file use "
-            f"teachers.load_teacher(name, checkpoint=...).model, which reads its formats."
+            f"Checkpoint {str(path)!r} records no student_spec, so the architecture is unknown. Its student was "
+            f"built without a model_spec (e.g. by timm.create_model: build students with "
+            f"students.create_timm_model), or another tool wrote it: teachers.load_teacher(name, "
+            f"checkpoint=...).model reads such files."
         )
     return model.train(train)
 

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import timm
 import torch
 from helpers import fmnist, tiny_trainer
 
@@ -190,6 +191,25 @@ def test_load_student_needs_a_project_checkpoint(tmp_path: Path):
     torch.save(student().state_dict(), tmp_path / "plain.pt")
     with pytest.raises(ValueError, match="records no student_spec"):
         load_student(tmp_path / "plain.pt")
+
+
+def test_a_student_built_without_a_model_spec_is_warned_of_and_its_checkpoint_names_the_fix(tmp_path: Path):
+    """timm.create_model's student trained and saved, and nothing said that no checkpoint could rebuild it; then
+    load_student said the file was not written by a DistillModule, and load_from_checkpoint asked for a student."""
+    torch.manual_seed(0)
+    plain = timm.create_model("test_resnet", num_classes=10, in_chans=1)
+    with pytest.warns(UserWarning, match=r"student \(ResNet\) carries no model_spec: .* students.create_timm_model"):
+        model = DistillModule(plain)
+    trainer = tiny_trainer(tmp_path, limit_train_batches=1, limit_val_batches=0)
+    trainer.fit(model, datamodule=fmnist())
+    trainer.save_checkpoint(tmp_path / "plain.ckpt")
+    with pytest.raises(ValueError, match=r"built without a model_spec \(e.g. by timm.create_model: build students wi"):
+        load_student(tmp_path / "plain.ckpt")
+    with pytest.raises(ValueError, match=r"load_from_checkpoint\(path, student=<the module, built as before>\)"):
+        DistillModule.load_from_checkpoint(tmp_path / "plain.ckpt")
+    again = DistillModule.load_from_checkpoint(tmp_path / "plain.ckpt", student=timm.create_model("test_resnet",
+                                               num_classes=10, in_chans=1))  # fmt: skip
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values(), strict=True))
 
 
 def test_held_teacher_moves_and_casts_with_the_module(teacher_checkpoint: Path):
