@@ -253,6 +253,15 @@ def test_bad_input(kwargs: dict, match: str):
         prune_student(build("studentnet"), X1, policy, **{k: v for k, v in kwargs.items() if k not in policy_keys})
 
 
+def test_an_example_input_the_student_does_not_run_on_is_named_not_blamed_on_the_architecture():
+    for x, why in (
+        (torch.zeros(1, 3, 28, 28), r"RuntimeError: .* to have 1 channels"),
+        (torch.zeros(1, 28, 28), "ValueError: expected 4D"),
+    ):
+        with pytest.raises(ValueError, match=rf"StudentNet does not run on the example input of shape .*\({why}"):
+            prune_student(build("studentnet"), x, ratio=0.5)  # was: "torch-pruning cannot trace StudentNet"
+
+
 def test_a_module_holding_the_student_is_refused_and_left_unchanged():
     """Pruned whole, a DistillModule's timm student kept the spec of its unpruned layout: training and saving
     went on, and its checkpoints no longer loaded."""
