@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 from typing import Any
 
 import torch
@@ -81,6 +82,7 @@ class KDLoss(_DistillationLoss):
 
     def __init__(self, temperature: float = 4.0, alpha: float = 0.9, label_smoothing: float = 0.0) -> None:
         super().__init__()
+        _check_numbers(alpha=alpha, label_smoothing=label_smoothing)
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha must be in [0, 1], got {alpha}")
         if not 0.0 <= label_smoothing < 1.0:
@@ -105,8 +107,16 @@ class KDLoss(_DistillationLoss):
         return f"temperature={self.temperature}, alpha={self.alpha}, label_smoothing={self.label_smoothing}"
 
 
+def _check_numbers(**values: Any) -> None:
+    """Each value a real number (not a bool, a string or None): a comparison with a string raised a TypeError."""
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise ValueError(f"{name} must be a number, got {value!r}")
+
+
 def _check_temperature(temperature: float) -> float:
     """T > 0 whose square (the soft terms' factor) is a normal float32: past it the loss is NaN or 0."""
+    _check_numbers(temperature=temperature)
     f32 = torch.finfo(torch.float32)
     if not (0 < temperature < math.inf and f32.tiny <= temperature * temperature <= f32.max):
         raise ValueError(f"temperature must be a number > 0 whose square a float32 holds (about 1e-19 to 1e19), got "
@@ -116,6 +126,7 @@ def _check_temperature(temperature: float) -> float:
 
 def _check_weights(**weights: float) -> None:
     """Each weight finite and >= 0, and one of the terms' weights (all but ``warmup_epochs``) above 0."""
+    _check_numbers(**weights)
     bad = {k: v for k, v in weights.items() if not 0 <= v < math.inf}
     if bad:
         raise ValueError(f"loss weights must be finite and >= 0, got {bad}")

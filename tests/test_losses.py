@@ -86,6 +86,9 @@ def test_gradient_reaches_the_student_only():
         ({"alpha": 1.5}, r"alpha must be in \[0, 1\]"),
         ({"alpha": -0.1}, "alpha"),
         ({"alpha": float("nan")}, "alpha"),
+        ({"temperature": "4"}, "temperature must be a number, got '4'"),  # were a TypeError from a comparison
+        ({"alpha": None}, "alpha must be a number, got None"),
+        ({"label_smoothing": True}, "label_smoothing must be a number, got True"),
     ],
 )
 def test_bad_arguments(kwargs: dict, match: str):
@@ -198,6 +201,7 @@ def test_every_loss_trains_on_labels_alone_and_sends_no_gradient_to_the_teacher(
         (lambda: LogitStandardKDLoss(kd_weight=math.inf), "kd_weight"),
         (lambda: DISTLoss(inter_weight=0, intra_weight=0, ce_weight=0), "every term's weight is 0 .*train nothing"),
         (lambda: DISTLoss(intra_weight=math.nan), "intra_weight"),
+        (lambda: DKDLoss(warmup_epochs="20"), "warmup_epochs must be a number, got '20'"),
     ],
 )
 def test_new_losses_refuse_bad_settings(make, match):

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
 from typing import Any
 
@@ -257,7 +258,12 @@ class ChannelPruning(Callback):
         if isinstance(self.schedule, PruningSchedule):
             return self.schedule.step_at(epoch, self.initial["params"], self.initial["macs"])
         step = self.schedule(epoch)
-        return PruningStep(ratio=float(step)) if isinstance(step, (int, float)) and step > 0 else step or None
+        if step is None or isinstance(step, PruningStep):
+            return step
+        if isinstance(step, bool) or not isinstance(step, numbers.Real) or not 0 <= step < 1:
+            raise ValueError(f"ChannelPruning's schedule gave {step!r} for epoch {epoch}: give a ratio in [0, 1) (0: "
+                             f"no pruning), a PruningStep or None")  # fmt: skip
+        return PruningStep(ratio=float(step)) if step > 0 else None
 
     # ---------------------------------------------------------------- hooks
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
