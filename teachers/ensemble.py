@@ -67,7 +67,12 @@ class TeacherEnsemble(FrozenModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            logits = torch.stack([t(x) for t in self.teachers]).float()  # (K, N, C)
+            each = [t(x) for t in self.teachers]
+            if len({tuple(out.shape) for out in each}) > 1:  # torch.stack's error named no teacher
+                shapes = ", ".join(f"teacher {i}: {tuple(out.shape)}" for i, out in enumerate(each))
+                raise ValueError(f"The ensemble's teachers give logits of other shapes ({shapes}): each must give "
+                                 f"one logit per class of the same classes")  # fmt: skip
+            logits = torch.stack(each).float()  # (K, N, C)
             w = self.weights.view(-1, 1, 1)
             if self.reduction == "logits":
                 return (w * logits).sum(0)

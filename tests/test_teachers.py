@@ -155,3 +155,7 @@ def test_ensemble_members_must_agree_on_classes():
         TeacherEnsemble([create_student("test_studentnet", num_classes=10), create_student("test_studentnet")])
     with pytest.raises(ValueError, match="at least one teacher"):
         TeacherEnsemble([])
+    # modules that do not say their classes: the first forward compares their logits (torch.stack named no teacher)
+    plain = TeacherEnsemble([torch.nn.Flatten(), torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))])
+    with pytest.raises(ValueError, match=r"other shapes \(teacher 0: \(2, 4\), teacher 1: \(2, 3\)\): each must give"):
+        plain(torch.zeros(2, 1, 2, 2))
