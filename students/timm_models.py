@@ -40,7 +40,8 @@ def adapt_resnet_to_small_input(model: nn.Module) -> nn.Module:
 
 def check_timm_name(name: str) -> str:
     """``name`` without its ``timm/`` prefix; refused in one line when timm has no such model, or no such
-    pretrained tag (``resnet18.a1_in1k``: timm refuses an unknown tag even without ``pretrained``)."""
+    tag (``resnet18.a1_in1k``; ``coatnet_0_224.untrained`` has no weights: timm refuses an unknown tag even without
+    ``pretrained``)."""
     timm_name = name[len(TIMM_PREFIX) :] if name.startswith(TIMM_PREFIX) else name
     if timm_name.startswith("hf-hub:"):
         return timm_name
@@ -50,10 +51,10 @@ def check_timm_name(name: str) -> str:
             f"{timm_name!r} is not a timm model. List the available ones with "
             f"`python -c \"import timm; print(timm.list_models('*{timm_name[:6]}*'))\"`."
         )
-    tags = [known.partition(".")[2] for known in timm.list_pretrained(f"{arch}.*")]
+    tags = [known.partition(".")[2] for known in timm.list_models(f"{arch}.*", include_tags=True)]  # `untrained` too
     if tag and tag not in tags:
         raise ValueError(
-            f"timm has no pretrained tag {tag!r} for {arch}: "
+            f"timm has no tag {tag!r} for {arch}: "
             f"{'its tags are ' + ', '.join(tags) if tags else 'it has none'} (or name {arch} without one)."
         )
     return timm_name

@@ -20,6 +20,7 @@ from students import (
     thin_channels,
     width_for_params,
 )
+from students.timm_models import check_timm_name
 
 ROOT = Path(__file__).parents[1]
 
@@ -141,8 +142,9 @@ def test_pretrained_weights_come_from_a_file_adapted_by_timm_and_the_student_reb
     missing = {"pretrained_cfg_overlay": {"file": str(path)}}  # timm itself logs an error and raises an empty one
     with pytest.raises(FileNotFoundError, match=r"weights file '.*test_resnet.pth' \(pretrained_cfg_overlay\) does"):
         create_student("timm/test_resnet", pretrained=True, model_kwargs=missing)
-    with pytest.raises(ValueError, match="no pretrained tag 'r161' for test_resnet: its tags are r160_in1k "):
+    with pytest.raises(ValueError, match="timm has no tag 'r161' for test_resnet: its tags are r160_in1k "):
         create_student("timm/test_resnet.r161")  # timm: a RuntimeError, even without pretrained
+    assert check_timm_name("coatnet_0_224.untrained") == "coatnet_0_224.untrained"  # a tag timm has, without weights
 
 
 def test_model_spec_of_a_foreign_module_is_a_clear_error():
