@@ -145,10 +145,9 @@ class DistillModule(LightningModule):
                 f"rebuild it from them. Build it with students.create_timm_model(name, ...) or "
                 f"students.create_student(...) instead"
             )
+        plain_teacher = teacher is not None and not isinstance(teacher, FrozenModule)
         if teacher is not None:
             teacher_checkpoint = teacher_checkpoints(teacher) or teacher_checkpoint
-            if not isinstance(teacher, FrozenModule):  # a plain module: in train mode, its BatchNorm statistics moved
-                teacher = FrozenTeacher(teacher)
         if loss is None:
             loss = _recorded_loss(loss_spec) if loss_spec is not None else KDLoss()
         # Hyperparameters are plain values only, so checkpoints load with weights_only=True and
@@ -172,7 +171,8 @@ class DistillModule(LightningModule):
         )
         self.student = student
         self._built_spec = copy.deepcopy(getattr(student, "model_spec", None))  # before any pruning
-        self._set_teacher(teacher)
+        # a plain module is frozen here (in train mode, its BatchNorm statistics moved); its digest stays its own
+        self._set_teacher(FrozenTeacher(teacher) if plain_teacher else teacher, digest_of=teacher)
         self.loss = loss
         self.mixer = _mixer(mixup, getattr(student, "num_classes", None))
         self.metrics = nn.ModuleDict()  # accuracies per model and stage, made at setup
@@ -186,8 +186,10 @@ class DistillModule(LightningModule):
         """The frozen teacher, or ``None``."""
         return self.__dict__.get("_teacher")
 
-    def _set_teacher(self, teacher: nn.Module | None) -> None:
+    def _set_teacher(self, teacher: nn.Module | None, digest_of: nn.Module | None = None) -> None:
+        """Hold ``teacher``; ``digest_of``: the module whose digest is the teacher's (a plain module it wraps)."""
         object.__setattr__(self, "_teacher", teacher)  # bypass nn.Module registration on purpose
+        object.__setattr__(self, "_digest_of", digest_of or teacher)
         object.__setattr__(self, "_teacher_digest", None)  # its weights_digest, taken before any cast or compile
 
     @property
@@ -195,7 +197,7 @@ class DistillModule(LightningModule):
         """:func:`teachers.weights_digest` of the teacher as loaded (``None`` without one); checkpoints record it, so
         that a fit resumed with another teacher is refused."""
         if self.teacher is not None and self._teacher_digest is None:
-            object.__setattr__(self, "_teacher_digest", weights_digest(self.teacher))
+            object.__setattr__(self, "_teacher_digest", weights_digest(self._digest_of))
         return self._teacher_digest
 
     def _apply(self, fn: Any, recurse: bool = True) -> DistillModule:

@@ -15,7 +15,7 @@ from helpers import fmnist, tiny_trainer
 from distill import DistillModule, DKDLoss, KDLoss
 from distill.optim import lr_factor
 from students import create_student, load_student
-from teachers import FrozenTeacher, TeacherEnsemble, load_teacher
+from teachers import FrozenTeacher, TeacherEnsemble, load_teacher, weights_digest
 
 X = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
 
@@ -39,6 +39,7 @@ def test_kd_trains_the_student_and_never_the_teacher(tmp_path: Path, teacher_che
 
     for k, v in teacher.state_dict().items():
         assert torch.equal(v, teacher_before[k]), f"teacher {k} changed"
+    assert model.teacher_digest == weights_digest(teacher)  # the module given: an earlier run's resumes with it
     assert not torch.equal(model.student.state_dict()["cnn.0.0.weight"], student_before["cnn.0.0.weight"])
     optimized = {id(p) for group in trainer.optimizers[0].param_groups for p in group["params"]}
     assert optimized == {id(p) for p in model.student.parameters()}
