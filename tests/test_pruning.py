@@ -267,12 +267,14 @@ def test_a_module_holding_the_student_is_refused_and_left_unchanged():
     went on, and its checkpoints no longer loaded."""
     module = DistillModule(build("timm/test_resnet"))
     before = copy.deepcopy(module.state_dict())
-    with pytest.raises(ValueError, match=r"DistillModule holds the student to prune at 'student': prune that module"):
+    with pytest.raises(ValueError, match=r"DistillModule holds the student to prune: prune that module, prune_studen"):
         prune_student(module, X1, ratio=0.3)
     assert (
         all(torch.equal(v, before[k]) for k, v in module.state_dict().items())
         and module.state_dict().keys() == before.keys()
     )
+    wrapper = nn.Sequential(nn.Identity(), build("timm/test_resnet"))  # a student of the user's own: pruned
+    assert prune_student(wrapper, X1, ratio=0.3).params_after < count_params(build("timm/test_resnet"))
 
 
 @pytest.mark.parametrize(

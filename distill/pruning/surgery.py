@@ -736,14 +736,11 @@ def prune_student(
 
 
 def _check_is_a_student(model: nn.Module) -> None:
-    """Refuse a module that holds a student (a ``DistillModule``) instead of being one: pruned whole, the student
-    inside it kept the spec of its unpruned layout, so its checkpoints no longer loaded."""
-    if getattr(model, "model_spec", None) is not None:
-        return
-    inner = next((name for name, m in model.named_modules() if name and hasattr(m, "model_spec")), None)
-    if inner is not None:
-        raise ValueError(f"{type(model).__name__} holds the student to prune at {inner!r}: prune that module "
-                         f"(e.g. prune_student(model.{inner}, ...)), not the one holding it")  # fmt: skip
+    """Refuse a module that holds the student (a ``DistillModule``) instead of being it: pruned whole, a timm student
+    inside kept the spec of its unpruned layout, so its checkpoints no longer loaded."""
+    if isinstance(getattr(model, "student", None), nn.Module):
+        raise ValueError(f"{type(model).__name__} holds the student to prune: prune that module, "
+                         f"prune_student(model.student, ...), not the one holding it")  # fmt: skip
 
 
 def _out_channels(model: nn.Module, name: str) -> int:
