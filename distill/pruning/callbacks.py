@@ -223,13 +223,14 @@ class ChannelPruning(Callback):
         self.initial: dict[str, Any] = {}
         self.reports: list[PruneReport] = []
         self.kept_layers: tuple[str, ...] = ()  # found to break the student, kept whole since (ignore_unprunable)
+        self._checked: int | None = None  # the id of the student :meth:`check` passed
 
     # -------------------------------------------------------------- helpers
     def check(self, student: nn.Module, example_input: torch.Tensor, channels: dict[str, int] | None = None) -> None:
         """Refuse, before training, layer names the student lacks and a size target it cannot reach.
 
-        ``distill fit`` calls it before the Trainer exists, and a fit calls it at its start (a fit from Python, not
-        resumed); otherwise a target out of reach failed at the first pruning step, after an epoch of training.
+        ``distill fit`` calls it before the Trainer exists; a new fit of a student not checked yet (from Python)
+        calls it at its start. Otherwise a target out of reach failed at the first pruning step, after an epoch.
         """
         channels = channels or channel_counts(student, example_input, self.policy.ignored_layers)
         target_params = getattr(self.schedule, "target_params", None)  # a schedule may be any function of the epoch
@@ -244,6 +245,7 @@ class ChannelPruning(Callback):
                                  f"{have:,}")  # fmt: skip
             check_target(student, example_input, self.policy, target_params=target_params, target_macs=target_macs,
                          floors=self.policy.floors(channels))  # fmt: skip
+        self._checked = id(student)
 
     @staticmethod
     def _example_input(trainer: pl.Trainer, student: nn.Module) -> torch.Tensor:
@@ -280,7 +282,8 @@ class ChannelPruning(Callback):
         student = _student(pl_module)
         x = self._example_input(trainer, student)
         channels = channel_counts(student, x, self.policy.ignored_layers)
-        self.check(student, x, channels)
+        if self._checked != id(student):  # distill fit checked it before the Trainer existed
+            self.check(student, x, channels)
         self._warn_past_the_end(trainer.max_epochs)
         self.initial = {"params": count_params(student), "macs": count_macs(student, x), "channels": channels}
 
