@@ -493,18 +493,24 @@ def load_recorded_student(checkpoint: Mapping[str, Any], path: str | Path) -> nn
 
 
 @torch.no_grad()
-def _take_leading_channels(model: nn.Module, source: Mapping[str, torch.Tensor]) -> None:
-    """Set each tensor of ``model`` to the leading slice of ``source``'s tensor of that name (a module whose
-    tensors do not all fit in ``source``'s is reset to PyTorch's defaults instead)."""
+def _take_leading_channels(model: nn.Module, unpruned: nn.Module) -> None:
+    """Set each tensor of ``model`` to the leading slice of ``unpruned``'s tensor of that name (non-persistent
+    buffers included); a module with a tensor that does not fit is reset by its ``reset_parameters`` instead, and
+    refused where it has none (its resized tensors would keep ``torch.empty``'s values)."""
+    source = {**dict(unpruned.named_parameters()), **dict(unpruned.named_buffers())}
     for module_name, module in model.named_modules():
         prefix = f"{module_name}." if module_name else ""
         own = {**dict(module.named_parameters(recurse=False)), **dict(module.named_buffers(recurse=False))}
-        sources = {name: source.get(prefix + name) for name in own}
-        if all(_fits(own[name], src) for name, src in sources.items()):
+        if all(_fits(tensor, source.get(prefix + name)) for name, tensor in own.items()):
             for name, tensor in own.items():
-                tensor.copy_(sources[name][tuple(slice(0, n) for n in tensor.shape)])
+                tensor.copy_(source[prefix + name][tuple(slice(0, n) for n in tensor.shape)])
         elif hasattr(module, "reset_parameters"):
             module.reset_parameters()
+        else:
+            raise ValueError(
+                f"the layer {module_name!r} of the pruned student cannot be initialised afresh: its tensors are no "
+                f"slices of the unpruned model's, and it has no reset_parameters"
+            )
 
 
 def _fits(tensor: torch.Tensor, source: torch.Tensor | None) -> bool:
@@ -537,7 +543,7 @@ def load_student(path: str | Path, train: bool = False, from_scratch: bool = Fal
                 return build_student(spec).train(train)
             unpruned = build_student({k: v for k, v in spec.items() if k not in ("pruned", LAYOUT_KEY)})
             model = build_student(spec, extract_state_dict(checkpoint))  # resized layers hold torch.empty values
-            _take_leading_channels(model, unpruned.state_dict())
+            _take_leading_channels(model, unpruned)
             return model.train(train)
     model = load_recorded_student(read_checkpoint(path), path)
     if model is None:
