@@ -383,9 +383,13 @@ def test_pruning_callbacks_refuse_what_they_cannot_do_before_a_python_fit_trains
         fit(ChannelPruning(schedule=late), max_epochs=2)
     with pytest.raises(ValueError, match=r"NetworkSlimming acts on BatchNorm scales, and the student \(EfficientNet\)"):
         fit(NetworkSlimming(), build("timm/test_efficientnet_gn"))
+    with pytest.raises(
+        ValueError, match=r"GroupLasso acts on 2-d convolutions, and the student \(Sequential\) has none"
+    ):
+        fit(GroupLasso(), nn.Sequential(nn.Flatten(), nn.Linear(784, 10)))
     with pytest.raises(ValueError, match=r"schedule gave -0.2 for epoch 0: give a ratio in \[0, 1\)"):  # AttributeError
         fit(ChannelPruning(schedule=lambda _epoch: -0.2))
-    assert trained == [0, 0, 6, 0, 3]
+    assert trained == [0, 0, 6, 0, 0, 3]
 
 
 def test_resume_after_pruning_continues_the_pruned_run(tmp_path: Path, teacher_checkpoint: Path):
