@@ -29,6 +29,7 @@ from pytorch_lightning import Callback, LightningDataModule, Trainer
 from pytorch_lightning.callbacks import BasePredictionWriter, ModelCheckpoint, WeightAveraging
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI
 from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
+from pytorch_lightning.utilities import rank_zero_warn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from distill.data.base import SplitDataModule, check_trained_data, same_setting
@@ -203,6 +204,15 @@ def _earlier_fixed_checkpoints(callback: Any, log_dir: Path) -> list[Path]:
     names = [callback.filename, callback.CHECKPOINT_NAME_LAST if callback.save_last else None]
     paths = [folder / f"{name}{callback.FILE_EXTENSION}" for name in names if name and "{" not in name]
     return [path for path in paths if path.is_file()]
+
+
+def stale_last_checkpoints(callbacks: list[Any]) -> list[ModelCheckpoint]:
+    """The monitored ``ModelCheckpoint``s with ``save_last=True`` where no unmonitored one saves every epoch: their
+    ``last.ckpt`` is a copy of the last better checkpoint, not the end of the last epoch."""
+    checkpoints = [c for c in callbacks if isinstance(c, ModelCheckpoint)]
+    if any(c.monitor is None and c.save_top_k != 0 and c.every_n_epochs == 1 for c in checkpoints):
+        return []  # last.ckpt (or its own file) is written every epoch beside them
+    return [c for c in checkpoints if c.monitor is not None and c.save_last is True]
 
 
 def default_precision() -> str:
@@ -595,6 +605,13 @@ class DistillCLI(LightningCLI):
     def before_fit(self) -> None:
         """Keep the earlier rows of metrics.csv until the run is known: ``_ResumedRun`` trims them then."""
         keep_logged_rows(self.trainer, lambda _row: True)
+        for callback in stale_last_checkpoints(self.trainer.checkpoint_callbacks):
+            rank_zero_warn(
+                f"ModelCheckpoint(monitor={callback.monitor!r}, save_last=True) writes last.ckpt only when it saves a "
+                f"better checkpoint (Lightning's save_last), so --ckpt_path last would go back to that epoch and "
+                f"train the epochs after it again. Save last.ckpt every epoch with a ModelCheckpoint of its own "
+                f"(filename: last, no monitor), as configs/fmnist/teacher.yaml does"
+            )
 
     def before_validate(self) -> None:
         keep_logged_rows(self.trainer, lambda _row: True)  # evaluation rows go after the training's

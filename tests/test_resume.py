@@ -15,8 +15,10 @@ import pytest
 import torch
 import yaml
 from helpers import start_distill, tiny_kd_recipe
+from pytorch_lightning.callbacks import ModelCheckpoint
 
 from distill.cli import main
+from distill.lightning_cli import stale_last_checkpoints
 from distill.recipes import merge, relocate
 from distill.rundir import file_digest
 
@@ -138,6 +140,29 @@ def test_a_versioned_logger_does_not_let_a_new_run_replace_the_checkpoints_of_th
     assert {path.name: file_digest(str(path)) for path in (tmp_path / "checkpoints").iterdir()} == before
     assert not (tmp_path / "logs" / "version_1").exists()
     main(["fit", "--config", str(config), "--ckpt_path", "last", "--trainer.max_epochs", "2"])  # resumed: it may
+
+
+def test_a_monitored_checkpoints_save_last_alone_is_warned_of_as_its_last_ckpt_stays_at_the_best_epoch(
+    tmp_path: Path, small_teacher_checkpoint
+):
+    """README's image-folder recipe had it: Lightning writes such a last.ckpt only with a better checkpoint, so a
+    resume with --ckpt_path last went back to that epoch and trained the ones after it again, replacing their rows."""
+    cfg = yaml.safe_load(recipe(tmp_path, small_teacher_checkpoint, "run", epochs=1).read_text())
+    checkpoints = [c for c in cfg["trainer"]["callbacks"] if c["class_path"].endswith("ModelCheckpoint")]
+    best, last = sorted(checkpoints, key=lambda c: "monitor" not in c["init_args"])
+    assert (best["init_args"]["filename"], last["init_args"]["filename"]) == ("best", "last")
+    assert (
+        stale_last_checkpoints(
+            [ModelCheckpoint(**best["init_args"], save_last=True), ModelCheckpoint(**last["init_args"])]
+        )
+        == []
+    )  # fmt: skip  (the recipes' way)
+    cfg["trainer"]["callbacks"].remove(last)
+    best["init_args"]["save_last"] = True
+    config = tmp_path / "save_last.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    with pytest.warns(UserWarning, match=r"ModelCheckpoint\(monitor='val/acc', save_last=True\) writes last.ckpt only"):
+        main(["fit", "--config", str(config), "--trainer.limit_train_batches", "2"])
 
 
 def test_a_rerun_with_lightnings_version_counter_is_refused_as_it_would_leave_best_ckpt_to_the_run_before(
