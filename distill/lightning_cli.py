@@ -263,10 +263,15 @@ class DistillCLI(LightningCLI):
             source = f"--ckpt_path {str(ckpt_path)!r}"
             checkpoint = read_checkpoint(ckpt_path)
             if not is_training_checkpoint(checkpoint):
+                load = f"--model.student students.load_student --model.student.init_args.path {ckpt_path}"
+                use = (
+                    f"to {subcommand} it, {load} (without --ckpt_path)"
+                    if subcommand in _EVALUATE
+                    else f"to train from its weights, {load} --model.student.init_args.train true"
+                )
                 raise ValueError(
                     f"{source} holds a student's weights, not a checkpoint written by `distill fit` (no training "
-                    f"state): to train from its weights, set model.student to students.load_student with init_args "
-                    f"{{path: {ckpt_path}, train: true}}; to deploy it, use `distill export`"
+                    f"state): {use}; to deploy it, use `distill export`"
                 )
             self._checkpoint = (source, checkpoint)
             self._settings = config.model.as_dict() if subcommand == "fit" else None  # before its hparams merge in

@@ -192,7 +192,12 @@ FAULTS = [
     Fault("resume last without the teacher", ("fit", *NO_TEACHER, "last"), "but this run has no teacher"),
     Fault("validate another dataset's run", ("validate", *NO_TEACHER, "{inputs}/five.ckpt"), "holds the student"),
     Fault("resume from a student file", ("fit", *RESUME, BEST), "student's weights"),
-    Fault("test a student file", ("test", *RESUME, BEST), "not a checkpoint written by `distill fit`"),
+    Fault(
+        "test a student file",
+        ("test", *RESUME, BEST),
+        "to test it, --model.student students.load_student "
+        "--model.student.init_args.path " + BEST + " (without --ckpt_path)",
+    ),
     Fault("test another architecture", ("test", *RESUME, "{inputs}/resnet.ckpt"), "timm"),
     Fault(
         "export at a size beyond memory",
