@@ -286,7 +286,7 @@ def prune_distill_report(
             f"{scratch[0]['test_acc']:.4f} ({delta:+.2f} points against the best pruned phase)."
         )
     if baselines:
-        verdict += " " + against_baselines(best, baselines)
+        verdict += " " + against_baselines(best, baselines, target)
     shipped = ""
     if deployed is not None:
         shipped = "\n\n## The best student where it runs (ONNX Runtime, CPU)\n\n" + deployment_table(
@@ -303,9 +303,20 @@ def prune_distill_report(
     _written(out, text, verdict + shipped, "{rounds.csv,pareto.png,summary.md}")
 
 
-def against_baselines(best: dict[str, Any], baselines: list[dict[str, Any]]) -> str:
+def against_baselines(
+    best: dict[str, Any], baselines: list[dict[str, Any]], target: dict[str, Any] | None = None
+) -> str:
     """Which wins, and by how much: the pruned student against the most accurate baseline that runs no slower
-    (points of test accuracy), and against the fastest baseline at least as accurate (speed ratio)."""
+    (points of test accuracy), and against the fastest baseline at least as accurate (speed ratio). A baseline over
+    a size ``target`` (``{"value", "unit"}``, unit ``parameters`` or ``MACs``) is said to be."""
+
+    def size(b: dict[str, Any]) -> str:
+        key = {"parameters": "params", "MACs": "macs"}.get((target or {}).get("unit", ""))
+        over = key is not None and b.get(key, 0) > target["value"]
+        return f"{b['params']:,} parameters" + (
+            f", over the {target['value']:,} {target['unit']} target" if over else ""
+        )
+
     no_slower = [b for b in baselines if b["latency_ms"] <= best["latency_ms"]]
     as_accurate = [b for b in baselines if b["test_acc"] >= best["test_acc"]]
     parts = []
@@ -313,8 +324,8 @@ def against_baselines(best: dict[str, Any], baselines: list[dict[str, Any]]) -> 
         b = max(no_slower, key=lambda r: r["test_acc"])
         delta = 100 * (best["test_acc"] - b["test_acc"])
         parts.append(
-            f"At equal or lower latency the best baseline is {b['student']} ({b['latency_ms']:.3f} ms, test "
-            f"{b['test_acc']:.4f}): prune-distill is {delta:+.2f} points ({'wins' if delta > 0 else 'loses'})."
+            f"At equal or lower latency the best baseline is {b['student']} ({size(b)}, {b['latency_ms']:.3f} ms, "
+            f"test {b['test_acc']:.4f}): prune-distill is {delta:+.2f} points ({'wins' if delta > 0 else 'loses'})."
         )
     else:
         parts.append(f"No baseline runs as fast as the pruned student ({best['latency_ms']:.3f} ms).")
@@ -322,8 +333,8 @@ def against_baselines(best: dict[str, Any], baselines: list[dict[str, Any]]) -> 
         b = min(as_accurate, key=lambda r: r["latency_ms"])
         speed = b["latency_ms"] / best["latency_ms"]
         parts.append(
-            f"The fastest baseline at least as accurate, {b['student']} (test {b['test_acc']:.4f}), runs in "
-            f"{b['latency_ms']:.3f} ms: the pruned student is {speed:.2f}x {'faster' if speed > 1 else 'its speed'}."
+            f"The fastest baseline at least as accurate, {b['student']} ({size(b)}, test {b['test_acc']:.4f}), runs "
+            f"in {b['latency_ms']:.3f} ms: the pruned student is {speed:.2f}x {'faster' if speed > 1 else 'its speed'}."
         )
     else:
         parts.append("No baseline is as accurate as the pruned student.")

@@ -24,6 +24,7 @@ from helpers import fmnist, start_distill, tiny_kd_recipe
 from distill.export import export
 from distill.prune_distill import check_baselines, prune_distill
 from distill.recipes import check_recipe, fit_recipe, recipe_identity, relocate, teacher_cache, with_callbacks
+from distill.report import against_baselines
 from distill.rundir import RunState, check_run_dir, hold_run_dir, release_run_dir
 from students import UNSCALED_LAYERS, load_student
 from students.checkpoint import recorded_data
@@ -369,3 +370,15 @@ def test_an_export_at_another_size_than_the_students_says_so(
                                               f"files take 32x32 (their metadata says so)")  # fmt: skip
     said = ort.InferenceSession(str(tmp_path / "t32.onnx"), providers=["CPUExecutionProvider"]).get_modelmeta()
     assert json.loads(said.custom_metadata_map["input_size"]) == [1, 32, 32]
+
+
+def test_the_verdict_says_which_baseline_is_over_the_size_target():
+    """A user's baseline over the target was compared on speed with no word of its size (the journey's 99,967
+    parameters against a 70,000 target read as "the pruned student is 2.21x faster")."""
+    best = {"student": "round 2", "params": 60_000, "macs": 1, "latency_ms": 1.0, "test_acc": 0.9}
+    wide = {"student": "wide", "params": 99_967, "macs": 1, "latency_ms": 2.2, "test_acc": 0.95}
+    thin = {"student": "thin", "params": 50_000, "macs": 1, "latency_ms": 0.9, "test_acc": 0.85}
+    said = against_baselines(best, [wide, thin], {"value": 70_000, "unit": "parameters"})
+    assert "thin (50,000 parameters, 0.900 ms, test 0.8500): prune-distill is +5.00 points (wins)" in said
+    assert "wide (99,967 parameters, over the 70,000 parameters target, test 0.9500), runs in 2.200 ms" in said
+    assert "over the" not in against_baselines(best, [wide, thin], {"value": 1.5, "unit": "ms"})
