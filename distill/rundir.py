@@ -280,7 +280,9 @@ class RunState:
             f"the content of the {named.get(k, k)}" for k in inputs if k != "inputs" and recorded.get(k) != inputs[k]
         ]
         if sorted(recorded.get("inputs", {}).values()) != sorted(inputs.get("inputs", {}).values()):
-            moved.append(f"a file it reads ({', '.join(inputs['inputs'])})")
+            before = set(recorded.get("inputs", {}).values())  # by digest: the run may have moved
+            other = [path for path, digest in inputs.get("inputs", {}).items() if digest not in before]
+            moved.append(f"a file it reads ({', '.join(other or inputs.get('inputs', {}))})")
         trained = any(key != "start" for key in self.phases)  # "start" only copies an input into the run
         if trained:
             refuse_changes(self.folder, self.job, changed, "it then resumes")  # a new option reads as None there

@@ -382,3 +382,17 @@ def test_the_verdict_says_which_baseline_is_over_the_size_target():
     assert "thin (50,000 parameters, 0.900 ms, test 0.8500): prune-distill is +5.00 points (wins)" in said
     assert "wide (99,967 parameters, over the 70,000 parameters target, test 0.9500), runs in 2.200 ms" in said
     assert "over the" not in against_baselines(best, [wide, thin], {"value": 1.5, "unit": "ms"})
+
+
+def test_a_run_of_other_input_files_names_the_ones_that_changed(tmp_path: Path):
+    """Only the teacher was retrained, and the refusal named every file the run reads (the student's too)."""
+    run = RunState(tmp_path / "run", "prune-distill")
+    files = {"teacher.ckpt": "digest-1", "student.ckpt": "digest-2"}
+    try:
+        run.hold({"rounds": 1}, {"inputs": files}, ())
+        run.record("round1", {"phase": "round"})
+        retrained = {**files, "teacher.ckpt": "digest-3"}
+        with pytest.raises(ValueError, match=r"other inputs \(a file it reads \(teacher.ckpt\) changed since it"):
+            RunState(tmp_path / "run", "prune-distill").hold({"rounds": 1}, {"inputs": retrained}, ())
+    finally:
+        release_run_dir(tmp_path / "run")
