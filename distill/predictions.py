@@ -92,7 +92,7 @@ class PredictionWriter(BasePredictionWriter):
                 i, label, predicted = int(i), int(label), int(predicted)
                 named = [name(label), name(predicted)] if names else []
                 table.writerow([i, label, predicted, f"{p:.6f}", *named, *([files[i]] if files else [])])
-        print(f"\nWritten: {path} ({len(rows):,} predictions)")
+        print(f"\nWritten: {path} ({len(rows):,} prediction{'' if len(rows) == 1 else 's'})")
         self._rows = []
 
     def output(self, trainer: Any) -> Path:
