@@ -65,6 +65,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     # Lightning 2.6 on torch 2.14 warns about its own use of torch's pytree API at every run.
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")  # `distill --help`
+    # At every first fit (config.yaml is written there before): a fit into an earlier run's folder is checked here
+    # (Lightning's version counter refused, the earlier records put back if it fails before its first checkpoint).
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
     pressed = threading.Event()
     try:
         with stop_on_sigterm(), _noting_ctrl_c(pressed):
