@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import errno
 import io
+import os
 import pickle
 import pickletools
 import random
@@ -467,15 +468,34 @@ def save_student(
     ``data``: the record of the data it was trained on (:func:`recorded_data` of its training checkpoint), kept
     for what reads it (a teacher's check against its data, the metadata of an export)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     model_spec(model)  # refuses a model that could not be rebuilt from the file
+    if input_shape is not None:
+        input_shape = _checked_input_shape(input_shape)
+    if path.is_dir():
+        raise IsADirectoryError(f"{str(path)!r} is a folder: give save_student a file path (e.g. student.ckpt)")
     state = {STUDENT_PREFIX + k: v.detach().cpu() for k, v in model.state_dict().items()}
     checkpoint = {"hyper_parameters": {}, "state_dict": state}
     record_student(checkpoint, model, input_shape)
     if data is not None:
         checkpoint[data[0]] = data[1]
-    torch.save(checkpoint, path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")  # a failed save leaves the file there as it was
+    try:
+        torch.save(checkpoint, partial)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
     return path
+
+
+def _checked_input_shape(shape: Sequence[int]) -> list[int]:
+    """``[channels, height, width]`` as Python ints (numpy's would make the file unreadable with ``weights_only``)."""
+    values = list(shape) if isinstance(shape, (Sequence, np.ndarray, torch.Size)) and not isinstance(shape, str) else []
+    if len(values) != 3 or not all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n > 0
+                                   for n in values):  # fmt: skip
+        raise ValueError(f"input_shape must be [channels, height, width] of whole numbers > 0 (without the batch), "
+                         f"got {shape!r}")  # fmt: skip
+    return [int(n) for n in values]
 
 
 def load_recorded_student(checkpoint: Mapping[str, Any], path: str | Path) -> nn.Module | None:

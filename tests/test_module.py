@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import pickle
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
@@ -14,7 +16,7 @@ from helpers import fmnist, tiny_trainer
 
 from distill import DistillModule, DKDLoss, KDLoss
 from distill.optim import lr_factor
-from students import create_student, load_student
+from students import create_student, load_student, save_student
 from teachers import FrozenTeacher, TeacherEnsemble, load_teacher, weights_digest
 
 X = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
@@ -211,6 +213,20 @@ def test_a_student_built_without_a_model_spec_is_warned_of_and_its_checkpoint_na
     again = DistillModule.load_from_checkpoint(tmp_path / "plain.ckpt", student=timm.create_model("test_resnet",
                                                num_classes=10, in_chans=1))  # fmt: skip
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), model.state_dict().values(), strict=True))
+
+
+def test_a_failed_save_student_leaves_the_earlier_file_and_a_bad_input_shape_is_refused(tmp_path: Path):
+    """torch.save wrote straight onto the file: a record it could not pickle left 689 bytes of a 1 MB student. A
+    numpy input_shape made a file load_student refused as unsafe, and one with the batch a file export refused."""
+    path = save_student(student(), tmp_path / "student.ckpt", input_shape=(1, 28, 28))
+    before = path.read_bytes()
+    with pytest.raises((pickle.PicklingError, AttributeError)):  # a local function cannot be pickled
+        save_student(student(), path, data=("X", {"split": {}, "batches": {}, "hook": lambda: 0}))
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["student.ckpt"]
+    for shape in ((1, 1, 28, 28), "1x28x28", (1, 28.5, 28)):
+        with pytest.raises(ValueError, match=r"input_shape must be \[channels, height, width\] of whole numbers"):
+            save_student(student(), tmp_path / "other.ckpt", input_shape=shape)
+    assert load_student(save_student(student(), tmp_path / "np.ckpt", input_shape=np.array([1, 28, 28])))
 
 
 def test_held_teacher_moves_and_casts_with_the_module(teacher_checkpoint: Path):
