@@ -128,6 +128,9 @@ def quantize_onnx(
 
     options = options or QuantOptions()
     float_path, int8_path = Path(float_path), Path(int8_path)
+    if int8_path.resolve() == float_path.resolve():
+        raise ValueError(f"The int8 file would replace the float32 one ({float_path}): give it a name of its own, e.g. "
+                         f"{float_path.with_suffix('.int8.onnx')}")  # fmt: skip
     batches = iter(calibration)
     first = next(batches, None)
     if first is None:
@@ -185,6 +188,8 @@ def _fitting(batch: torch.Tensor | np.ndarray, takes: list[int | None] | None, p
     of the model at ``path`` (``None``: unknown)."""
     array = np.ascontiguousarray(np.asarray(batch, dtype=np.float32))
     given = list(array.shape)
+    if not array.size:  # calibrated on it, the model gave the same logits for every input
+        raise _WrongShape(f"a calibration batch holds no images (its shape is {tuple(given)}): give batches of images")
     if takes is None or (len(given) == len(takes) and all(t in (None, g) for t, g in zip(takes, given, strict=True))):
         return array
     shown = ["x".join("N" if n is None else str(n) for n in dims) or "a single number" for dims in (given, takes)]

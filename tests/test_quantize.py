@@ -137,6 +137,11 @@ def test_a_model_onnx_runtime_cannot_quantize_gets_one_line_and_no_file(tmp_path
         ValueError, match=words + r" \(or export it with a dynamic batch size, as distill export does\)$"
     ):
         quantize_onnx(fixed, tmp_path / "m.int8.onnx", [torch.zeros(4, 1, 28, 28), torch.zeros(2, 1, 28, 28)])
+    with pytest.raises(ValueError, match=r"a calibration batch holds no images \(its shape is \(0, 1, 28, 28\)\)"):
+        quantize_onnx(tmp_path / "m.onnx", tmp_path / "m.int8.onnx", [torch.zeros(0, 1, 28, 28)])  # was: a model
+        # of the same logits for every input
+    with pytest.raises(ValueError, match=r"The int8 file would replace the float32 one \(.*m.onnx\): give it a name"):
+        quantize_onnx(tmp_path / "m.onnx", tmp_path / "m.onnx", [torch.zeros(4, 1, 28, 28)])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx", "fixed.onnx", "m.onnx"]
 
 
