@@ -15,6 +15,8 @@ ONNX needs the ``onnx`` extra (``pip install "distill[onnx]"``: onnx, onnxruntim
 from __future__ import annotations
 
 import contextlib
+import copy
+import itertools
 import json
 import math
 import shutil
@@ -55,6 +57,13 @@ def deployment_metadata(trained_on: tuple[str, Mapping[str, Any]] | None, input_
     return {key: json.dumps(value) for key, value in said.items() if value is not None}
 
 
+def on_the_cpu(model: nn.Module) -> nn.Module:
+    """``model``, or a copy of it on the CPU: ``.cpu()`` moves a module in place, and an export left the caller's
+    model (a student training on the GPU) on the CPU."""
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    return model if all(t.device.type == "cpu" for t in tensors) else copy.deepcopy(model).cpu()
+
+
 @torch.no_grad()
 def export_onnx(
     model: nn.Module,
@@ -78,7 +87,7 @@ def export_onnx(
     ort = require_onnxruntime()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    model = model.cpu()
+    model = on_the_cpu(model)
     x = example_input.cpu()
     two = x[:1].expand(2, *x.shape[1:])  # a batch of 1 would be specialised (ConvNeXt, LeViT, EfficientViT)
     with eval_mode(model), atomic_path(path) as partial:  # written only once it passed the check
@@ -114,7 +123,7 @@ def export_torchscript(model: nn.Module, example_input: torch.Tensor, path: str 
     """Trace ``model`` to TorchScript at ``path``, reload it, and return its largest difference from PyTorch."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    model = model.cpu()
+    model = on_the_cpu(model)
     x = example_input.cpu()
     with eval_mode(model), atomic_path(path) as partial, warnings.catch_warnings():  # deprecation said once, above
         warnings.simplefilter("ignore", FutureWarning)
@@ -138,7 +147,7 @@ def export_pt2(model: nn.Module, example_input: torch.Tensor, path: str | Path, 
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    model = model.cpu()
+    model = on_the_cpu(model)
     x = example_input.cpu()
     with eval_mode(model), atomic_path(path) as partial, tempfile.TemporaryDirectory() as tmp:
         two = x[:1].expand(2, *x.shape[1:])  # a batch of 1 would be specialised to the constant 1
