@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from distill.data.base import check_trained_data
-from distill.profile import activation_floor, eval_mode
+from distill.profile import activation_floor, check_runs_on, eval_mode
 from distill.quantize import CALIBRATION_METHODS, QuantOptions, quantize_checked, require_onnxruntime
 from distill.recipes import build_datamodule, load_recipe
 from distill.rundir import atomic_path, check_output
@@ -86,9 +86,10 @@ def export_onnx(
     """
     ort = require_onnxruntime()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     model = on_the_cpu(model)
     x = example_input.cpu()
+    check_runs_on(model, x[:1])  # else an error deep in the exporter ("Failed to export the model"), blaming it
+    path.parent.mkdir(parents=True, exist_ok=True)
     two = x[:1].expand(2, *x.shape[1:])  # a batch of 1 would be specialised (ConvNeXt, LeViT, EfficientViT)
     with eval_mode(model), atomic_path(path) as partial:  # written only once it passed the check
         torch.onnx.export(
@@ -122,9 +123,10 @@ def export_onnx(
 def export_torchscript(model: nn.Module, example_input: torch.Tensor, path: str | Path, atol: float = 1e-4) -> float:
     """Trace ``model`` to TorchScript at ``path``, reload it, and return its largest difference from PyTorch."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     model = on_the_cpu(model)
     x = example_input.cpu()
+    check_runs_on(model, x[:1])  # else an error deep in the exporter ("Failed to export the model"), blaming it
+    path.parent.mkdir(parents=True, exist_ok=True)
     with eval_mode(model), atomic_path(path) as partial, warnings.catch_warnings():  # deprecation said once, above
         warnings.simplefilter("ignore", FutureWarning)
         traced = torch.jit.trace(model, x)
@@ -146,9 +148,10 @@ def export_pt2(model: nn.Module, example_input: torch.Tensor, path: str | Path, 
         The largest absolute difference between the reloaded program's logits and the module's.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     model = on_the_cpu(model)
     x = example_input.cpu()
+    check_runs_on(model, x[:1])  # else an error deep in the exporter ("Failed to export the model"), blaming it
+    path.parent.mkdir(parents=True, exist_ok=True)
     with eval_mode(model), atomic_path(path) as partial, tempfile.TemporaryDirectory() as tmp:
         two = x[:1].expand(2, *x.shape[1:])  # a batch of 1 would be specialised to the constant 1
         program = torch.export.export(model, (two,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))

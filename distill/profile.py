@@ -41,6 +41,20 @@ def forget_eval_caches(model: nn.Module) -> None:
         m.training = training
 
 
+def check_runs_on(model: nn.Module, example_input: torch.Tensor) -> None:
+    """Refuse, in one line, an example input ``model`` does not run on (other channels, no batch dimension, another
+    dtype or device): a trace or an export of it failed with an error deep in torch that blamed the model."""
+    try:
+        with torch.no_grad(), eval_mode(model):
+            model(example_input)
+    except Exception as err:  # noqa: BLE001 - the model fails with any error
+        why = (str(err).strip().splitlines() or [""])[0][:300]
+        raise ValueError(
+            f"{type(model).__name__} does not run on the example input of shape {tuple(example_input.shape)} "
+            f"({type(err).__name__}: {why}): give one shaped as its data, (1, channels, height, width)"
+        ) from None
+
+
 def count_params(model: nn.Module) -> int:
     """Number of parameters (trainable or not)."""
     return sum(p.numel() for p in model.parameters())

@@ -21,7 +21,7 @@ from helpers import fmnist, tiny_kd_recipe, tiny_trainer
 
 from distill import DistillModule, FashionMNISTDataModule
 from distill.cli import main
-from distill.export import export, export_onnx, int8_line
+from distill.export import export, export_onnx, export_pt2, int8_line
 from distill.latency import compare_latency, measure_latency
 from distill.profile import activation_floor
 from distill.quantize import QuantOptions, calibration_images, quantize_checked, quantize_onnx
@@ -311,3 +311,12 @@ def test_the_int8_line_says_what_it_lost_and_warns_past_the_threshold(tmp_path: 
     with contextlib.redirect_stderr(err := io.StringIO()):
         int8_line(tmp_path / "s.int8.onnx", result, QuantOptions(max_accuracy_drop=2.0))
     assert err.getvalue() == ""
+
+
+def test_an_example_input_the_model_does_not_run_on_is_one_line_before_any_export(tmp_path: Path):
+    """torch.export's error ("Failed to export the model ... step 1/3 ... Modify the model code") blamed the model."""
+    student = StudentNet(base=2, num_pools=2, in_chans=1)
+    for export_to in (export_onnx, export_pt2):
+        with pytest.raises(ValueError, match=r"StudentNet does not run on the example input of shape \(1, 3, 28, 28\)"):
+            export_to(student, torch.zeros(1, 3, 28, 28), tmp_path / "new" / "student.file")
+    assert not (tmp_path / "new").exists()

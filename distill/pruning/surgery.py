@@ -31,7 +31,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from distill.profile import count_macs, count_params, eval_mode, forget_eval_caches
+from distill.profile import check_runs_on, count_macs, count_params, eval_mode, forget_eval_caches
 from distill.pruning.importance import DataDrivenImportance, Importance, producer, resolve_importance
 from distill.pruning.policy import PruningPolicy, removal_order
 from distill.pruning.search import LatencyMeasure, latency_plan, quietest
@@ -169,7 +169,7 @@ def _dependency_graph(model: nn.Module, example_input: torch.Tensor, frozen: set
             f"architecture, or train this one at its size"
         ) from None
     except Exception as err:  # noqa: BLE001 - torch-pruning fails on foreign graphs with any error
-        _check_runs_on(model, example_input)
+        check_runs_on(model, example_input)  # the input, not the architecture, may be what fails
         raise ValueError(
             f"torch-pruning cannot trace {type(model).__name__}: {type(err).__name__}: {_first_line(err)}. "
             f"Prune another architecture, or train this one at its size"
@@ -177,19 +177,6 @@ def _dependency_graph(model: nn.Module, example_input: torch.Tensor, frozen: set
     finally:
         forget_eval_caches(model)
     return graph, groups
-
-
-def _check_runs_on(model: nn.Module, example_input: torch.Tensor) -> None:
-    """Refuse an example input the model itself does not run on (other channels, no batch dimension): the trace
-    failed for the input, not for the architecture."""
-    try:
-        with torch.no_grad(), eval_mode(model):
-            model(example_input)
-    except Exception as err:  # noqa: BLE001 - the model fails with any error
-        raise ValueError(
-            f"{type(model).__name__} does not run on the example input of shape {tuple(example_input.shape)} "
-            f"({type(err).__name__}: {_first_line(err)}): give one shaped as its data, (1, channels, height, width)"
-        ) from None
 
 
 def _first_line(err: BaseException) -> str:
