@@ -91,7 +91,8 @@ def compare_latency(
     Args:
         models: eager modules, or ONNX files for the ``onnxruntime`` runtimes. A module given to
             ``onnxruntime`` is exported first; to ``onnxruntime-int8``, exported and quantized with
-            random calibration inputs (speed does not depend on the weights or the scales).
+            random calibration inputs (speed does not depend on the weights or the scales). A file is timed as
+            it is under either: give the int8 file itself (``distill export --int8``) to time int8.
         input_shape: ``[channels, height, width]`` of one image.
         runtime: ``onnxruntime`` (float32 ONNX in ONNX Runtime's CPU provider), ``onnxruntime-int8``
             (the same model quantized, :mod:`distill.quantize`), ``torch-cpu`` (eager float32) or
