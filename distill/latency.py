@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import numbers
 import subprocess
 import sys
 import tempfile
@@ -17,6 +18,7 @@ import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,6 +41,30 @@ __all__ = [
 
 #: Where a student's latency is measured (``runtime`` of :func:`measure_latency`).
 RUNTIMES = ("onnxruntime", "onnxruntime-int8", "torch-cpu", "torch-cuda")
+
+
+def check_timing(
+    input_shape: Sequence[int], runtime: str, batch_size: int, threads: int | None, warmup: int, rounds: int,
+    repeats: int,
+) -> None:  # fmt: skip
+    """Refuse, in one line, settings :func:`compare_latency` cannot time with (whole numbers where it counts)."""
+    counts = {"batch_size": batch_size, "warmup": warmup, "rounds": rounds, "repeats": repeats,
+              **({} if threads is None else {"threads": threads})}  # fmt: skip
+    shape = list(input_shape) if isinstance(input_shape, Sequence) and not isinstance(input_shape, str) else []
+    if len(shape) != 3 or not all(_whole(n) and n > 0 for n in shape):
+        raise ValueError(f"input_shape must be [channels, height, width] of whole numbers > 0, got {input_shape!r}")
+    if not all(_whole(v) for v in counts.values()):
+        raise ValueError(f"{', '.join(counts)} must be whole numbers, got {counts}")
+    check_runtime(runtime, batch_size)
+    if warmup < 0 or rounds < 1 or repeats < 1 or (threads is not None and threads < 1):
+        raise ValueError(
+            f"need rounds, repeats (and threads, if given) >= 1 and warmup >= 0; got {rounds}, {repeats}, {threads}, "
+            f"{warmup}"
+        )
+
+
+def _whole(n: Any) -> bool:
+    return isinstance(n, numbers.Integral) and not isinstance(n, bool)
 
 
 def check_runtime(
@@ -106,12 +132,7 @@ def compare_latency(
         rounds: interleaved rounds.
         repeats: calls per model and round.
     """
-    check_runtime(runtime, batch_size)
-    if warmup < 0 or rounds < 1 or repeats < 1 or (threads is not None and threads < 1):
-        raise ValueError(
-            f"need rounds, repeats (and threads, if given) >= 1 and warmup >= 0; got {rounds}, {repeats}, {threads}, "
-            f"{warmup}"
-        )
+    check_timing(input_shape, runtime, batch_size, threads, warmup, rounds, repeats)
     threads = threads or torch.get_num_threads()
     x = torch.randn(batch_size, *input_shape, generator=torch.Generator().manual_seed(0))
     if runtime.startswith("onnxruntime"):
@@ -166,8 +187,10 @@ class LatencyMeter:
     repeats: int = 10
 
     def __post_init__(self) -> None:
+        check_timing(
+            self.input_shape, self.runtime, self.batch_size, self.threads, self.warmup, self.rounds, self.repeats
+        )  # fmt: skip  (else at its first timing, deep in a search)
         object.__setattr__(self, "input_shape", tuple(int(d) for d in self.input_shape))
-        check_runtime(self.runtime, self.batch_size)
 
     def __call__(self, models: Mapping[str, nn.Module | str | Path]) -> dict[str, float]:
         """Median milliseconds per batch of each model, measured side by side."""

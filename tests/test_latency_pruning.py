@@ -313,3 +313,20 @@ def test_prune_distill_to_a_latency_target_with_bracketing_widths_resumes_and_re
     trained = [(r["phase"], r["round"]) for r in ended if r["phase"] in ("round", "scratch")]
     assert trained == [("round", 1), ("scratch", 3)]
     assert load_student(ended[-1]["checkpoint"]).channels == load_student(rounds[0]["checkpoint"]).channels
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"input_shape": 28}, r"input_shape must be \[channels, height, width\] of whole numbers > 0, got 28"),
+        ({"input_shape": (1, 28.9, 28)}, r"got \(1, 28.9, 28\)"),  # was: 28, silently
+        (
+            {"batch_size": 2.5},
+            r"must be whole numbers, got \{'batch_size': 2.5",
+        ),  # was: a TypeError at the first timing
+        ({"threads": 0}, r"need rounds, repeats \(and threads, if given\) >= 1"),  # was: accepted until then
+    ],
+)
+def test_a_latency_meter_refuses_what_it_cannot_time_with_when_it_is_made(kwargs: dict, match: str):
+    with pytest.raises(ValueError, match=match):
+        LatencyMeter(**{"input_shape": (1, 28, 28), **kwargs})
