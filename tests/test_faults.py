@@ -534,7 +534,8 @@ def earlier_runs(root: Path) -> dict[str, str]:
     spec = {"name": "studentnet", "kwargs": {"bogus": 1}}
     torch.save({"hyper_parameters": {"student_spec": "x"}, "state_dict": {}}, inputs / "spec_str.ckpt")
     torch.save({"hyper_parameters": {"student_spec": spec}, "state_dict": {}}, inputs / "spec_kwargs.ckpt")
-    save_student(student, inputs / "shape.ckpt", input_shape=["1", 28, -28])
+    shaped = torch.load(save_student(student, inputs / "shape.ckpt", input_shape=[1, 28, 28]), weights_only=True)
+    torch.save({**shaped, "input_shape": ["1", 28, -28]}, inputs / "shape.ckpt")  # as another tool might record it
     crafted = create_student("timm/test_resnet", num_classes=10, in_chans=1, small_input=True)
     crafted.model_spec |= {"pruned": True, "layout": {"nope": {"out_channels": 3}}}
     save_student(crafted, inputs / "layout.ckpt", input_shape=[1, 28, 28])
