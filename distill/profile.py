@@ -6,6 +6,7 @@ Pruning results are compared at equal cost in these units, not by a ratio of cha
 from __future__ import annotations
 
 import io
+import itertools
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -51,8 +52,19 @@ def check_runs_on(model: nn.Module, example_input: torch.Tensor) -> None:
         why = (str(err).strip().splitlines() or [""])[0][:300]
         raise ValueError(
             f"{type(model).__name__} does not run on the example input of shape {tuple(example_input.shape)} "
-            f"({type(err).__name__}: {why}): give one shaped as its data, (1, channels, height, width)"
+            f"({type(err).__name__}: {why}): {_input_fix(model, example_input)}"
         ) from None
+
+
+def _input_fix(model: nn.Module, example_input: torch.Tensor) -> str:
+    """What to change in an input ``model`` fails on: its device or dtype where they differ from the weights'
+    (a uint8 image, a batch left on the CPU), else its shape."""
+    weights = [t for t in itertools.chain(model.parameters(), model.buffers()) if t.is_floating_point()]
+    if weights and example_input.device != weights[0].device:
+        return f"give it on {weights[0].device}, where the model is"
+    if weights and example_input.dtype != weights[0].dtype:
+        return f"give it as {weights[0].dtype}, as the model's weights are, normalised as its data"
+    return "give one shaped as its data, (1, channels, height, width)"
 
 
 def count_params(model: nn.Module) -> int:

@@ -254,11 +254,13 @@ def test_bad_input(kwargs: dict, match: str):
 
 
 def test_an_example_input_the_student_does_not_run_on_is_named_not_blamed_on_the_architecture():
-    for x, why in (
-        (torch.zeros(1, 3, 28, 28), r"RuntimeError: .* to have 1 channels"),
-        (torch.zeros(1, 28, 28), "ValueError: expected 4D"),
+    for x, why, fix in (
+        (torch.zeros(1, 3, 28, 28), r"RuntimeError: .* to have 1 channels", r"give one shaped as its data, \(1, "),
+        (torch.zeros(1, 28, 28), "ValueError: expected 4D", r"give one shaped as its data, \(1, "),
+        (torch.zeros(1, 1, 28, 28, dtype=torch.uint8), "RuntimeError: ", r"give it as torch\.float32, as the model"),
+        (torch.zeros(1, 1, 28, 28, device="meta"), "", r"give it on cpu, where the model is$"),
     ):
-        with pytest.raises(ValueError, match=rf"StudentNet does not run on the example input of shape .*\({why}"):
+        with pytest.raises(ValueError, match=rf"StudentNet does not run on the example input .*\({why}.*: {fix}"):
             prune_student(build("studentnet"), x, ratio=0.5)  # was: "torch-pruning cannot trace StudentNet"
 
 
