@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -455,6 +456,14 @@ def test_group_lasso_adds_the_filter_norm_gradient(tmp_path: Path):
         expected = -0.1 * 1e-2 * w / w.flatten(1).norm(dim=1).view(-1, 1, 1, 1)
         torch.testing.assert_close(cl.weight - cp.weight, expected, atol=1e-6, rtol=0)
     assert "group_lasso/filter_norm" in logged
+
+
+def test_a_checked_pruner_still_pickles_and_deep_copies():
+    """ddp_spawn pickles the callbacks; a pruner keeps the student it checked by a weak reference, which does not."""
+    pruner = ChannelPruning(schedule=PruningSchedule(target_params=1500))
+    pruner.check(build("test_studentnet"), X1)
+    for copied in (pickle.loads(pickle.dumps(pruner)), copy.deepcopy(pruner)):
+        assert copied.schedule == pruner.schedule and copied.policy == pruner.policy
 
 
 def test_regularizer_arguments_are_checked():

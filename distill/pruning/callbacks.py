@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -223,7 +224,10 @@ class ChannelPruning(Callback):
         self.initial: dict[str, Any] = {}
         self.reports: list[PruneReport] = []
         self.kept_layers: tuple[str, ...] = ()  # found to break the student, kept whole since (ignore_unprunable)
-        self._checked: int | None = None  # the id of the student :meth:`check` passed
+        self._checked: weakref.ref[nn.Module] | None = None  # the student :meth:`check` passed (an id may be reused)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_checked": None}  # a weak reference does not pickle (ddp_spawn sends callbacks)
 
     # -------------------------------------------------------------- helpers
     def check(self, student: nn.Module, example_input: torch.Tensor, channels: dict[str, int] | None = None) -> None:
@@ -245,7 +249,7 @@ class ChannelPruning(Callback):
                                  f"{have:,}")  # fmt: skip
             check_target(student, example_input, self.policy, target_params=target_params, target_macs=target_macs,
                          floors=self.policy.floors(channels))  # fmt: skip
-        self._checked = id(student)
+        self._checked = weakref.ref(student)
 
     @staticmethod
     def _example_input(trainer: pl.Trainer, student: nn.Module) -> torch.Tensor:
@@ -282,7 +286,7 @@ class ChannelPruning(Callback):
         student = _student(pl_module)
         x = self._example_input(trainer, student)
         channels = channel_counts(student, x, self.policy.ignored_layers)
-        if self._checked != id(student):  # distill fit checked it before the Trainer existed
+        if self._checked is None or self._checked() is not student:  # distill fit checked it before the Trainer
             self.check(student, x, channels)
         self._warn_past_the_end(trainer.max_epochs)
         self.initial = {"params": count_params(student), "macs": count_macs(student, x), "channels": channels}
