@@ -27,6 +27,7 @@ from distill.export import export_onnx
 from distill.ort_timer import interleaved
 from distill.profile import eval_mode
 from distill.quantize import quantize_onnx, require_onnxruntime
+from students.checkpoint import checked_input_shape
 
 __all__ = [
     "REFERENCE",
@@ -50,9 +51,7 @@ def check_timing(
     """Refuse, in one line, settings :func:`compare_latency` cannot time with (whole numbers where it counts)."""
     counts = {"batch_size": batch_size, "warmup": warmup, "rounds": rounds, "repeats": repeats,
               **({} if threads is None else {"threads": threads})}  # fmt: skip
-    shape = list(input_shape) if isinstance(input_shape, Sequence) and not isinstance(input_shape, str) else []
-    if len(shape) != 3 or not all(_whole(n) and n > 0 for n in shape):
-        raise ValueError(f"input_shape must be [channels, height, width] of whole numbers > 0, got {input_shape!r}")
+    checked_input_shape(input_shape)
     if not all(_whole(v) for v in counts.values()):
         raise ValueError(f"{', '.join(counts)} must be whole numbers, got {counts}")
     check_runtime(runtime, batch_size)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import errno
 import io
+import numbers
 import os
 import pickle
 import pickletools
@@ -42,6 +43,7 @@ __all__ = [
     "STUDENT_PREFIX",
     "apply_layout",
     "build_student",
+    "checked_input_shape",
     "describe_spec",
     "extract_state_dict",
     "is_pruned_from",
@@ -91,9 +93,11 @@ def recorded_input_shape(checkpoint: Mapping[str, Any], source: str = "The check
     shape = checkpoint.get(INPUT_SHAPE_KEY)
     if shape is None:
         return None
-    if not (isinstance(shape, list) and len(shape) == 3 and all(isinstance(n, int) and n > 0 for n in shape)):
-        raise ValueError(f"{source} records the input shape {shape!r}, not [channels, height, width]: pass input_size")
-    return shape
+    try:
+        return checked_input_shape(shape)
+    except ValueError:
+        why = f"{source} records the input shape {shape!r}, not [channels, height, width]: pass input_size"
+        raise ValueError(why) from None
 
 
 def recorded_data(checkpoint: Mapping[str, Any]) -> tuple[str, dict[str, Any]] | None:
@@ -470,7 +474,7 @@ def save_student(
     path = Path(path)
     model_spec(model)  # refuses a model that could not be rebuilt from the file
     if input_shape is not None:
-        input_shape = _checked_input_shape(input_shape)
+        input_shape = checked_input_shape(input_shape)
     if path.is_dir():
         raise IsADirectoryError(f"{str(path)!r} is a folder: give save_student a file path (e.g. student.ckpt)")
     state = {STUDENT_PREFIX + k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -488,10 +492,11 @@ def save_student(
     return path
 
 
-def _checked_input_shape(shape: Sequence[int]) -> list[int]:
-    """``[channels, height, width]`` as Python ints (numpy's would make the file unreadable with ``weights_only``)."""
-    values = list(shape) if isinstance(shape, (Sequence, np.ndarray, torch.Size)) and not isinstance(shape, str) else []
-    if len(values) != 3 or not all(isinstance(n, (int, np.integer)) and not isinstance(n, bool) and n > 0
+def checked_input_shape(shape: Any) -> list[int]:
+    """``shape`` as ``[channels, height, width]`` of Python ints > 0, else one line saying what it must be (numpy's
+    ints kept in a checkpoint would make it unreadable with ``weights_only``)."""
+    values = list(shape) if isinstance(shape, (Sequence, np.ndarray)) and not isinstance(shape, str) else []
+    if len(values) != 3 or not all(isinstance(n, numbers.Integral) and not isinstance(n, bool) and n > 0
                                    for n in values):  # fmt: skip
         raise ValueError(f"input_shape must be [channels, height, width] of whole numbers > 0 (without the batch), "
                          f"got {shape!r}")  # fmt: skip
