@@ -64,6 +64,18 @@ def on_the_cpu(model: nn.Module) -> nn.Module:
     return model if all(t.device.type == "cpu" for t in tensors) else copy.deepcopy(model).cpu()
 
 
+def _ready_to_export(
+    model: nn.Module, example_input: torch.Tensor, path: str | Path
+) -> tuple[nn.Module, torch.Tensor, Path]:
+    """``model`` and ``example_input`` on the CPU (:func:`on_the_cpu`), the input checked to run (else an error
+    deep in the exporter, "Failed to export the model", blamed the model), and the folder of ``path`` made."""
+    model = on_the_cpu(model)
+    x = example_input.cpu()
+    check_runs_on(model, x[:1])
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    return model, x, Path(path)
+
+
 @torch.no_grad()
 def export_onnx(
     model: nn.Module,
@@ -85,11 +97,7 @@ def export_onnx(
         ValueError: if that difference exceeds ``atol``.
     """
     ort = require_onnxruntime()
-    path = Path(path)
-    model = on_the_cpu(model)
-    x = example_input.cpu()
-    check_runs_on(model, x[:1])  # else an error deep in the exporter ("Failed to export the model"), blaming it
-    path.parent.mkdir(parents=True, exist_ok=True)
+    model, x, path = _ready_to_export(model, example_input, path)
     two = x[:1].expand(2, *x.shape[1:])  # a batch of 1 would be specialised (ConvNeXt, LeViT, EfficientViT)
     with eval_mode(model), atomic_path(path) as partial:  # written only once it passed the check
         torch.onnx.export(
@@ -122,11 +130,7 @@ def export_onnx(
 @torch.no_grad()
 def export_torchscript(model: nn.Module, example_input: torch.Tensor, path: str | Path, atol: float = 1e-4) -> float:
     """Trace ``model`` to TorchScript at ``path``, reload it, and return its largest difference from PyTorch."""
-    path = Path(path)
-    model = on_the_cpu(model)
-    x = example_input.cpu()
-    check_runs_on(model, x[:1])  # else an error deep in the exporter ("Failed to export the model"), blaming it
-    path.parent.mkdir(parents=True, exist_ok=True)
+    model, x, path = _ready_to_export(model, example_input, path)
     with eval_mode(model), atomic_path(path) as partial, warnings.catch_warnings():  # deprecation said once, above
         warnings.simplefilter("ignore", FutureWarning)
         traced = torch.jit.trace(model, x)
@@ -147,11 +151,7 @@ def export_pt2(model: nn.Module, example_input: torch.Tensor, path: str | Path, 
     Returns:
         The largest absolute difference between the reloaded program's logits and the module's.
     """
-    path = Path(path)
-    model = on_the_cpu(model)
-    x = example_input.cpu()
-    check_runs_on(model, x[:1])  # else an error deep in the exporter ("Failed to export the model"), blaming it
-    path.parent.mkdir(parents=True, exist_ok=True)
+    model, x, path = _ready_to_export(model, example_input, path)
     with eval_mode(model), atomic_path(path) as partial, tempfile.TemporaryDirectory() as tmp:
         two = x[:1].expand(2, *x.shape[1:])  # a batch of 1 would be specialised to the constant 1
         program = torch.export.export(model, (two,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
