@@ -65,15 +65,43 @@ def on_the_cpu(model: nn.Module) -> nn.Module:
 
 
 def _ready_to_export(
-    model: nn.Module, example_input: torch.Tensor, path: str | Path
+    model: nn.Module, example_input: torch.Tensor, path: str | Path, metadata: Mapping[str, str] | None = None
 ) -> tuple[nn.Module, torch.Tensor, Path]:
     """``model`` and ``example_input`` on the CPU (:func:`on_the_cpu`), the input checked to run (else an error
-    deep in the exporter, "Failed to export the model", blamed the model), and the folder of ``path`` made."""
+    deep in the exporter, "Failed to export the model", blamed the model) and the ``metadata`` to describe them,
+    then the folder of ``path`` made."""
     model = on_the_cpu(model)
     x = example_input.cpu()
     check_runs_on(model, x[:1])
+    if metadata:
+        _check_metadata(metadata, model, x)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     return model, x, Path(path)
+
+
+def _check_metadata(metadata: Mapping[str, str], model: nn.Module, x: torch.Tensor) -> None:
+    """Refuse metadata (:func:`deployment_metadata`) that does not describe ``model`` fed ``x``: a file whose
+    ``label_names`` are not one per output, or whose ``mean`` and ``std`` are not one per channel, is read wrongly
+    by whoever deploys it, without an error."""
+    said = {}
+    for key in ("input_size", "mean", "std", "label_names"):
+        if key in metadata:
+            try:
+                said[key] = json.loads(metadata[key])
+            except (TypeError, json.JSONDecodeError):
+                raise ValueError(f"metadata[{key!r}] must be a JSON string, as deployment_metadata makes it; got "
+                                 f"{metadata[key]!r}") from None  # fmt: skip
+    with torch.no_grad(), eval_mode(model):
+        outputs = model(x[:1]).shape[-1]
+    channels, wrong = x.shape[1], []
+    if "input_size" in said and said["input_size"] != list(x.shape[1:]):
+        wrong.append(f"input_size {said['input_size']} is not the example input's {list(x.shape[1:])}")
+    counts = {"mean": (channels, "channel"), "std": (channels, "channel"), "label_names": (outputs, "output")}
+    for key, (count, per) in counts.items():
+        if key in said and not (isinstance(said[key], list) and len(said[key]) == count):
+            wrong.append(f"{key} {said[key]} is not one per {per} ({count} {per}s)")
+    if wrong:
+        raise ValueError(f"The metadata does not describe the model: {'; '.join(wrong)}")
 
 
 @torch.no_grad()
@@ -97,7 +125,7 @@ def export_onnx(
         ValueError: if that difference exceeds ``atol``.
     """
     ort = require_onnxruntime()
-    model, x, path = _ready_to_export(model, example_input, path)
+    model, x, path = _ready_to_export(model, example_input, path, metadata)
     two = x[:1].expand(2, *x.shape[1:])  # a batch of 1 would be specialised (ConvNeXt, LeViT, EfficientViT)
     with eval_mode(model), atomic_path(path) as partial:  # written only once it passed the check
         torch.onnx.export(

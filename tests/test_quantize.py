@@ -320,3 +320,23 @@ def test_an_example_input_the_model_does_not_run_on_is_one_line_before_any_expor
         with pytest.raises(ValueError, match=r"StudentNet does not run on the example input of shape \(1, 3, 28, 28\)"):
             export_to(student, torch.zeros(1, 3, 28, 28), tmp_path / "new" / "student.file")
     assert not (tmp_path / "new").exists()
+
+
+def test_metadata_that_does_not_describe_the_model_is_refused_before_the_file_is_written(tmp_path: Path):
+    """A file whose label names are not one per output, or whose mean is not one per channel, is read wrongly by
+    whoever deploys it, without an error (metadata of another run's data, given from Python)."""
+    student = StudentNet(base=2, num_pools=2, in_chans=1, num_classes=5)
+    fits = {"input_size": "[1, 28, 28]", "mean": "[0.28]", "std": "[0.35]", "label_names": json.dumps(list("abcde"))}
+    for key, value, match in (
+        ("label_names", json.dumps([str(n) for n in range(10)]), r"label_names \['0', .*\] is not one per output \(5"),
+        ("mean", "[0.5, 0.5, 0.5]", r"mean \[0.5, 0.5, 0.5\] is not one per channel \(1 channels\)"),
+        ("std", "0.35", r"std 0.35 is not one per channel"),
+        ("input_size", "[1, 32, 32]", r"input_size \[1, 32, 32\] is not the example input's \[1, 28, 28\]"),
+        ("label_names", "a,b,c,d,e", r"metadata\['label_names'\] must be a JSON string"),
+    ):
+        with pytest.raises(ValueError, match=f"^The metadata does not describe the model: {match}|^{match}"):
+            export_onnx(student, torch.zeros(1, 1, 28, 28), tmp_path / "new" / "s.onnx", metadata={**fits, key: value})
+    assert not (tmp_path / "new").exists()
+    export_onnx(student, torch.zeros(1, 1, 28, 28), tmp_path / "s.onnx", metadata={**fits, "author": "not JSON"})
+    said = ort.InferenceSession(str(tmp_path / "s.onnx")).get_modelmeta().custom_metadata_map
+    assert said == {**fits, "author": "not JSON"}
