@@ -224,7 +224,7 @@ def _asked_subcommand(args: Any, subcommands: set[str]) -> str | None:
     """The subcommand ``args`` (a command line, or a config as a dict) asks for, where it is plain: the first
     word of a command line, or the one subcommand's key of a dict; ``None`` (all are parsed) otherwise."""
     if isinstance(args, (dict, Namespace)):
-        keys = [key for key in args if key in subcommands]
+        keys = [key for key in (vars(args) if isinstance(args, Namespace) else args) if key in subcommands]
         return keys[0] if len(keys) == 1 and args.get("subcommand", keys[0]) == keys[0] else None
     first = next(iter(args or []), None)
     return first if first in subcommands else None
@@ -242,8 +242,12 @@ class DistillCLI(LightningCLI):
         rerun into a run's folder (:func:`_earlier_fixed_checkpoints`, :class:`_EarlierRun`) are off."""
         self._replaced: _EarlierRun | None = None
         self._job_phase = job_phase
-        asked = kwargs.get("args")
-        self._asked = _asked_subcommand(sys.argv[1:] if asked is None else asked, set(LightningCLI.subcommands()))
+        every, given = type(self).subcommands(), kwargs.get("args")
+        asked = _asked_subcommand(sys.argv[1:] if given is None else given, set(every))
+        if asked and not any(key in every and key != asked for key in kwargs.get("parser_kwargs") or {}):
+            # Only its parser is built (each took 0.1 s, and every fit and phase of a job built all four); the class
+            # keeps Lightning's static subcommands()
+            self.subcommands = lambda: {asked: every[asked]}  # type: ignore[method-assign]
         kwargs.setdefault("trainer_defaults", {"precision": default_precision(), "callbacks": [_ResumedRun()]})
         kwargs.setdefault("parser_class", _ArgumentParser)
         kwargs.setdefault("trainer_class", _Trainer)
@@ -252,12 +256,6 @@ class DistillCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})  # re-running a recipe replaces its run
         kwargs.setdefault("parser_kwargs", {"prog": "distill"})  # also when run from Python (tests, jobs)
         super().__init__(DistillModule, LightningDataModule, *args, **kwargs)
-
-    def subcommands(self) -> dict[str, set[str]]:  # type: ignore[override]
-        """Lightning's subcommands, or only the one asked for: each one's parser took 0.1 s to build, and every
-        ``distill fit`` and each phase of a job built all four."""
-        every = LightningCLI.subcommands()
-        return {self._asked: every[self._asked]} if self._asked else every
 
     def add_arguments_to_parser(self, parser: Any) -> None:
         for attr in _LINKED:

@@ -16,11 +16,12 @@ import pytest
 import torch
 import yaml
 from helpers import fmnist, run_script
+from jsonargparse import Namespace
 
 from distill import DistillModule
 from distill.cli import JOBS as COMMANDS
 from distill.cli import main
-from distill.lightning_cli import DistillCLI
+from distill.lightning_cli import DistillCLI, _asked_subcommand
 from distill.recipes import load_recipe, merge
 from students import load_student, width_for_params
 from teachers import FrozenTeacher, TeacherEnsemble
@@ -159,6 +160,24 @@ def test_a_limit_of_one_batch_is_one_batch(tmp_path: Path):
     args = ["--config", str(ROOT / "configs" / "debug.yaml"), "--trainer.default_root_dir", str(tmp_path)]
     cli = DistillCLI(args=["fit", *args, "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1"])
     assert cli.trainer.global_step == 1 and cli.trainer.num_val_batches == [1]
+
+
+def test_a_command_builds_the_parser_of_its_own_subcommand_and_parses_alike(tmp_path: Path):
+    """Each subcommand's parser cost 0.1 s to build, and every fit and each phase of a job built all four."""
+    every = {"fit", "validate", "test", "predict"}
+    for args, asked in ((["fit", "--config", "x.yaml"], "fit"), (["--config", "x.yaml", "fit"], None), ([], None),
+                        ({"fit": {}}, "fit"), (Namespace(fit=Namespace(), subcommand="fit"), "fit"),
+                        ({"fit": {}, "test": {}}, None), ({"fit": {}, "subcommand": "test"}, None)):  # fmt: skip
+        assert _asked_subcommand(args, every) == asked, args
+    args = ["fit", "--config", str(ROOT / "configs" / "debug.yaml"), "--trainer.default_root_dir", str(tmp_path),
+            "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "1"]  # fmt: skip
+    one = DistillCLI(args=args)
+    assert (
+        list(one._subcommand_parsers) == ["fit"] and one.trainer.global_step == 1 and len(DistillCLI.subcommands()) == 4
+    )
+    each = DistillCLI(args=args, parser_kwargs={"fit": {"prog": "distill"}, "test": {"prog": "distill"}})
+    assert list(each._subcommand_parsers) == sorted(every, key=list(DistillCLI.subcommands()).index)  # Lightning's
+    assert each.config == one.config
 
 
 def test_help_lists_lightning_commands_and_jobs(capsys: pytest.CaptureFixture):
