@@ -92,16 +92,24 @@ def _check_metadata(metadata: Mapping[str, str], model: nn.Module, x: torch.Tens
                 raise ValueError(f"metadata[{key!r}] must be a JSON string, as deployment_metadata makes it; got "
                                  f"{metadata[key]!r}") from None  # fmt: skip
     with torch.no_grad(), eval_mode(model):
-        outputs = model(x[:1]).shape[-1]
+        logits = model(x[:1])
     channels, wrong = x.shape[1], []
     if "input_size" in said and said["input_size"] != list(x.shape[1:]):
         wrong.append(f"input_size {said['input_size']} is not the example input's {list(x.shape[1:])}")
-    counts = {"mean": (channels, "channel"), "std": (channels, "channel"), "label_names": (outputs, "output")}
-    for key, (count, per) in counts.items():
-        if key in said and not (isinstance(said[key], list) and len(said[key]) == count):
-            wrong.append(f"{key} {said[key]} is not one per {per} ({count} {per}s)")
+    for key in ("mean", "std"):  # one value for every channel broadcasts, as Normalize does
+        if key in said and not (isinstance(said[key], list) and len(said[key]) in (1, channels)):
+            wrong.append(f"{key} {said[key]} is not one value per input channel ({channels})")
+    if (
+        "label_names" in said
+        and logits.ndim == 2
+        and not (isinstance(said["label_names"], list) and len(said["label_names"]) == logits.shape[1])
+    ):
+        wrong.append(f"label_names {said['label_names']} is not one name per output ({logits.shape[1]})")
     if wrong:
-        raise ValueError(f"The metadata does not describe the model: {'; '.join(wrong)}")
+        raise ValueError(
+            f"The metadata does not describe the model: {'; '.join(wrong)}. Give the metadata of the data it was "
+            f"trained on: deployment_metadata(model.trained_on, input_shape)"
+        )
 
 
 @torch.no_grad()

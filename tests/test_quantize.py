@@ -328,9 +328,13 @@ def test_metadata_that_does_not_describe_the_model_is_refused_before_the_file_is
     student = StudentNet(base=2, num_pools=2, in_chans=1, num_classes=5)
     fits = {"input_size": "[1, 28, 28]", "mean": "[0.28]", "std": "[0.35]", "label_names": json.dumps(list("abcde"))}
     for key, value, match in (
-        ("label_names", json.dumps([str(n) for n in range(10)]), r"label_names \['0', .*\] is not one per output \(5"),
-        ("mean", "[0.5, 0.5, 0.5]", r"mean \[0.5, 0.5, 0.5\] is not one per channel \(1 channels\)"),
-        ("std", "0.35", r"std 0.35 is not one per channel"),
+        (
+            "label_names",
+            json.dumps([str(n) for n in range(10)]),
+            r"label_names \['0', .*\] is not one name per output \(5\)\. Give the",
+        ),
+        ("mean", "[0.5, 0.5, 0.5]", r"mean \[0.5, 0.5, 0.5\] is not one value per input channel \(1\)"),
+        ("std", "0.35", r"std 0.35 is not one value per input channel"),
         ("input_size", "[1, 32, 32]", r"input_size \[1, 32, 32\] is not the example input's \[1, 28, 28\]"),
         ("label_names", "a,b,c,d,e", r"metadata\['label_names'\] must be a JSON string"),
     ):
@@ -340,3 +344,5 @@ def test_metadata_that_does_not_describe_the_model_is_refused_before_the_file_is
     export_onnx(student, torch.zeros(1, 1, 28, 28), tmp_path / "s.onnx", metadata={**fits, "author": "not JSON"})
     said = ort.InferenceSession(str(tmp_path / "s.onnx")).get_modelmeta().custom_metadata_map
     assert said == {**fits, "author": "not JSON"}
+    rgb = StudentNet(base=2, num_pools=2, in_chans=3, num_classes=5)  # one mean for all channels broadcasts
+    export_onnx(rgb, torch.zeros(1, 3, 28, 28), tmp_path / "rgb.onnx", metadata={**fits, "input_size": "[3, 28, 28]"})
