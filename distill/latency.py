@@ -132,6 +132,7 @@ def compare_latency(
         repeats: calls per model and round.
     """
     check_timing(input_shape, runtime, batch_size, threads, warmup, rounds, repeats)
+    input_shape = checked_input_shape(input_shape)  # Python ints: numpy's do not go into the child's JSON
     threads = threads or torch.get_num_threads()
     x = torch.randn(batch_size, *input_shape, generator=torch.Generator().manual_seed(0))
     if runtime.startswith("onnxruntime"):

@@ -57,13 +57,17 @@ def check_runs_on(model: nn.Module, example_input: torch.Tensor) -> None:
 
 
 def _input_fix(model: nn.Module, example_input: torch.Tensor) -> str:
-    """What to change in an input ``model`` fails on: its device or dtype where they differ from the weights'
-    (a uint8 image, a batch left on the CPU), else its shape."""
-    weights = [t for t in itertools.chain(model.parameters(), model.buffers()) if t.is_floating_point()]
-    if weights and example_input.device != weights[0].device:
-        return f"give it on {weights[0].device}, where the model is"
-    if weights and example_input.dtype != weights[0].dtype:
-        return f"give it as {weights[0].dtype}, as the model's weights are, normalised as its data"
+    """What to change in an input ``model`` fails on: its device or dtype where the model runs on the input moved
+    to its weights' (a uint8 image, a batch left on the CPU), else its shape."""
+    weights = next((t for t in itertools.chain(model.parameters(), model.buffers()) if t.is_floating_point()), None)
+    if weights is not None and (example_input.device, example_input.dtype) != (weights.device, weights.dtype):
+        try:
+            with torch.no_grad(), eval_mode(model):
+                model(example_input.to(weights.device, weights.dtype))
+        except Exception:  # noqa: BLE001 - not (only) the device or dtype
+            pass
+        else:
+            return f"give it as {weights.dtype} on {weights.device}, as the model's weights are"
     return "give one shaped as its data, (1, channels, height, width)"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 import math
 import pickle
 import subprocess
@@ -17,7 +18,7 @@ from torch import nn
 
 from distill import DistillModule
 from distill.optim import lr_factor
-from distill.profile import count_params
+from distill.profile import check_runs_on, count_params
 from distill.pruning import (
     ChannelPruning,
     GroupLasso,
@@ -258,11 +259,13 @@ def test_an_example_input_the_student_does_not_run_on_is_named_not_blamed_on_the
     for x, why, fix in (
         (torch.zeros(1, 3, 28, 28), r"RuntimeError: .* to have 1 channels", r"give one shaped as its data, \(1, "),
         (torch.zeros(1, 28, 28), "ValueError: expected 4D", r"give one shaped as its data, \(1, "),
-        (torch.zeros(1, 1, 28, 28, dtype=torch.uint8), "RuntimeError: ", r"give it as torch\.float32, as the model"),
-        (torch.zeros(1, 1, 28, 28, device="meta"), "", r"give it on cpu, where the model is$"),
+        (torch.zeros(1, 1, 28, 28, dtype=torch.uint8), "RuntimeError: ", r"give it as torch\.float32 on cpu, as the"),
+        (torch.zeros(1, 3, 28, 28, dtype=torch.uint8), "RuntimeError: ", r"give one shaped as its data"),  # both
     ):
         with pytest.raises(ValueError, match=rf"StudentNet does not run on the example input .*\({why}.*: {fix}"):
             prune_student(build("studentnet"), x, ratio=0.5)  # was: "torch-pruning cannot trace StudentNet"
+    with pytest.raises(ValueError, match=r"\): give it as torch\.float32 on meta, as the model's weights are$"):
+        check_runs_on(build("studentnet").to("meta"), X1)  # another device (a GPU's, where there is one)
 
 
 def test_a_module_holding_the_student_is_refused_and_left_unchanged():
@@ -462,6 +465,8 @@ def test_a_checked_pruner_still_pickles_and_deep_copies():
     """ddp_spawn pickles the callbacks; a pruner keeps the student it checked by a weak reference, which does not."""
     pruner = ChannelPruning(schedule=PruningSchedule(target_params=1500))
     pruner.check(build("test_studentnet"), X1)
+    gc.collect()
+    assert pruner._checked() is None  # gone with its student: a new one at its address is checked (an id was not)
     for copied in (pickle.loads(pickle.dumps(pruner)), copy.deepcopy(pruner)):
         assert copied.schedule == pruner.schedule and copied.policy == pruner.policy
 
