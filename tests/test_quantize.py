@@ -25,7 +25,7 @@ from distill.export import export, export_onnx, export_pt2, int8_line
 from distill.latency import compare_latency, measure_latency
 from distill.profile import activation_floor
 from distill.quantize import QuantOptions, calibration_images, quantize_checked, quantize_onnx
-from students import StudentNet, create_student, load_student
+from students import StudentNet, create_student, load_student, save_student
 
 ROOT = Path(__file__).parents[1]
 
@@ -347,3 +347,20 @@ def test_metadata_that_does_not_describe_the_model_is_refused_before_the_file_is
     assert said == {**fits, "author": "not JSON"}
     rgb = StudentNet(base=2, num_pools=2, in_chans=3, num_classes=5)  # one mean for all channels broadcasts
     export_onnx(rgb, torch.zeros(1, 3, 28, 28), tmp_path / "rgb.onnx", metadata={**fits, "input_size": "[3, 28, 28]"})
+
+
+def test_an_export_of_a_student_saved_without_its_data_warns_that_the_file_cannot_say_how_to_feed_it(tmp_path: Path):
+    """README's classify.py reads mean, std and label_names from the file: without them it failed with a KeyError."""
+    student = StudentNet(base=2, num_pools=2, in_chans=1, num_classes=10)
+    save_student(student, tmp_path / "s.ckpt", input_shape=[1, 28, 28])
+    with contextlib.redirect_stderr(err := io.StringIO()):
+        export(str(tmp_path / "s.ckpt"), onnx=str(tmp_path / "s.onnx"))
+    assert err.getvalue().startswith(f"warning: {tmp_path / 's.ckpt'} records no data it was trained on, so the ONNX "
+                                     f"file does not say its mean, std, label_names, ")  # fmt: skip
+    data = fmnist()
+    save_student(
+        student, tmp_path / "s.ckpt", input_shape=[1, 28, 28], data=("FashionMNISTDataModule", data.state_dict())
+    )
+    with contextlib.redirect_stderr(err := io.StringIO()):
+        export(str(tmp_path / "s.ckpt"), onnx=str(tmp_path / "s.onnx"))
+    assert "warning" not in err.getvalue()
