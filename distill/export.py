@@ -306,10 +306,9 @@ def export(
     if torchscript is not None:
         print("warning: TorchScript is deprecated by PyTorch (torch.jit.trace); prefer pt2= (torch.export)",
               file=sys.stderr)  # fmt: skip
-    unsaid = [key for key in ("mean", "std", "label_names") if key not in deployment_metadata(trained_on, shape)]
-    if unsaid and ("onnx" in outputs or "int8" in outputs):
-        print(f"warning: {checkpoint} records no data it was trained on, so the ONNX file does not say its "
-              f"{', '.join(unsaid)}, which whoever deploys it must know (README's classify.py reads them): export "
+    if trained_on is None and ("onnx" in outputs or "int8" in outputs):
+        print(f"warning: {checkpoint} records no data it was trained on, so the ONNX file does not say its mean, "
+              f"std, label_names, which whoever deploys it must know (README's classify.py reads them): export "
               f"the checkpoint `distill fit` wrote, or save the student with data= (students.save_student)",
               file=sys.stderr)  # fmt: skip
     created = sorted({p for out in outputs.values() for p in out.resolve().parents if not p.exists()}, reverse=True)
