@@ -481,6 +481,7 @@ def save_student(
     checkpoint = {"hyper_parameters": {}, "state_dict": state}
     record_student(checkpoint, model, input_shape)
     if data is not None:
+        _check_classes(model, input_shape, data[1])
         checkpoint[data[0]] = data[1]
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")  # a failed save leaves the file there as it was
@@ -490,6 +491,25 @@ def save_student(
     finally:
         partial.unlink(missing_ok=True)
     return path
+
+
+def _check_classes(model: nn.Module, input_shape: list[int] | None, record: Mapping[str, Any]) -> None:
+    """Refuse the record of data with other classes than ``model`` has outputs (where ``input_shape`` lets it be
+    run): the metadata of the student's export would name the wrong classes."""
+    classes = record.get("classes")
+    if input_shape is None or not isinstance(classes, (list, tuple)):
+        return
+    modes = {m: m.training for m in model.modules()}  # each submodule's own mode back after (frozen parts stay)
+    weights = next(model.parameters(), None)
+    try:
+        with torch.no_grad():
+            logits = model.eval()(torch.zeros(1, *input_shape, device=None if weights is None else weights.device))
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    if logits.ndim == 2 and logits.shape[1] != len(classes):
+        raise ValueError(f"data= records {len(classes)} classes, and the student has {logits.shape[1]} outputs: "
+                         f"give the record of the data it was trained on (its checkpoint's recorded_data)")  # fmt: skip
 
 
 def checked_input_shape(shape: Any) -> list[int]:

@@ -357,10 +357,13 @@ def test_an_export_of_a_student_saved_without_its_data_warns_that_the_file_canno
         export(str(tmp_path / "s.ckpt"), onnx=str(tmp_path / "s.onnx"))
     assert err.getvalue().startswith(f"warning: {tmp_path / 's.ckpt'} records no data it was trained on, so the ONNX "
                                      f"file does not say its mean, std, label_names, ")  # fmt: skip
-    data = fmnist()
-    save_student(
-        student, tmp_path / "s.ckpt", input_shape=[1, 28, 28], data=("FashionMNISTDataModule", data.state_dict())
-    )
+    data = ("FashionMNISTDataModule", fmnist().state_dict())
+    before = (tmp_path / "s.ckpt").read_bytes()
+    eleven = StudentNet(base=2, num_pools=2, in_chans=1)  # its export named 10 classes for 11 outputs
+    with pytest.raises(ValueError, match=r"^data= records 10 classes, and the student has 11 outputs: give the rec"):
+        save_student(eleven, tmp_path / "s.ckpt", input_shape=[1, 28, 28], data=data)
+    assert (tmp_path / "s.ckpt").read_bytes() == before
+    save_student(student, tmp_path / "s.ckpt", input_shape=[1, 28, 28], data=data)
     with contextlib.redirect_stderr(err := io.StringIO()):
         export(str(tmp_path / "s.ckpt"), onnx=str(tmp_path / "s.onnx"))
     assert "warning" not in err.getvalue()
