@@ -72,17 +72,17 @@ def _ready_to_export(
     then the folder of ``path`` made."""
     model = on_the_cpu(model)
     x = example_input.cpu()
-    check_runs_on(model, x[:1])
+    logits = check_runs_on(model, x[:1])
     if metadata:
-        _check_metadata(metadata, model, x)
+        _check_metadata(metadata, logits, x)
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     return model, x, Path(path)
 
 
-def _check_metadata(metadata: Mapping[str, str], model: nn.Module, x: torch.Tensor) -> None:
-    """Refuse metadata (:func:`deployment_metadata`) that does not describe ``model`` fed ``x``: a file whose
-    ``label_names`` are not one per output, or whose ``mean`` and ``std`` are not one per channel, is read wrongly
-    by whoever deploys it, without an error."""
+def _check_metadata(metadata: Mapping[str, str], logits: torch.Tensor, x: torch.Tensor) -> None:
+    """Refuse metadata (:func:`deployment_metadata`) that does not describe the model that gave ``logits`` for ``x``
+    (its first image): a file whose ``label_names`` are not one per output, or whose ``mean`` and ``std`` are not one
+    per channel, is read wrongly by whoever deploys it, without an error."""
     said = {}
     for key in ("input_size", "mean", "std", "label_names"):
         if key in metadata:
@@ -91,8 +91,6 @@ def _check_metadata(metadata: Mapping[str, str], model: nn.Module, x: torch.Tens
             except (TypeError, json.JSONDecodeError):
                 raise ValueError(f"metadata[{key!r}] must be a JSON string, as deployment_metadata makes it; got "
                                  f"{metadata[key]!r}") from None  # fmt: skip
-    with torch.no_grad(), eval_mode(model):
-        logits = model(x[:1])
     channels, wrong = x.shape[1], []
     if "input_size" in said and said["input_size"] != list(x.shape[1:]):
         wrong.append(f"input_size {said['input_size']} is not the example input's {list(x.shape[1:])}")

@@ -9,6 +9,7 @@ import io
 import itertools
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
@@ -42,12 +43,13 @@ def forget_eval_caches(model: nn.Module) -> None:
         m.training = training
 
 
-def check_runs_on(model: nn.Module, example_input: torch.Tensor) -> None:
-    """Refuse, in one line, an example input ``model`` does not run on (other channels, no batch dimension, another
-    dtype or device): a trace or an export of it failed with an error deep in torch that blamed the model."""
+def check_runs_on(model: nn.Module, example_input: torch.Tensor) -> Any:
+    """``model``'s eval-mode output on ``example_input``; refuses, in one line, an input it does not run on (other
+    channels, no batch dimension, another dtype or device): a trace or an export of it failed with an error deep in
+    torch that blamed the model."""
     try:
         with torch.no_grad(), eval_mode(model):
-            model(example_input)
+            return model(example_input)
     except Exception as err:  # noqa: BLE001 - the model fails with any error
         why = (str(err).strip().splitlines() or [""])[0][:300]
         raise ValueError(
