@@ -65,6 +65,10 @@ from students import load_student
 
 __all__ = ["quickstart"]
 
+#: Options added after runs were recorded without them: a run holds them only where they differ from these values,
+#: so a run started before they existed resumes.
+_ADDED_OPTIONS = {"latency_rounds": 15}
+
 
 def quickstart(
     run_dir: str = "runs/quickstart",
@@ -90,6 +94,7 @@ def quickstart(
     data_root: str | None = None,
     latency_runtime: str = "onnxruntime",
     latency_batch_size: int = 64,
+    latency_rounds: int = LatencyMeter.rounds,
 ) -> dict[str, dict[str, Any]]:
     """Train a teacher, distill StudentNet from it, prune-distill it to a latency target, print a table.
 
@@ -131,6 +136,8 @@ def quickstart(
         latency_runtime: where the latency target is measured (``onnxruntime``, ``onnxruntime-int8``, ``torch-cpu``,
             ``torch-cuda``). The table always times the ONNX files in ONNX Runtime on the CPU.
         latency_batch_size: images per forward of those measurements.
+        latency_rounds: interleaved rounds of each timing of the latency target (prune-distill's
+            ``latency_rounds``): fewer time faster but hold the ratios less well.
 
     Returns:
         ``{"teacher", "student", "pruned", "pruned, int8", "width w", ...}``: model, params, val_acc, test_acc,
@@ -143,6 +150,7 @@ def quickstart(
     if target_latency is None and target_latency_ms is None:
         target_latency = 0.75
     settings = json.loads(json.dumps(dict(locals()), default=list))
+    settings = {k: v for k, v in settings.items() if _ADDED_OPTIONS.get(k, ...) != v}  # runs from before resume
     out = Path(run_dir)
     check_run_dir(out, "quickstart")
     if target_latency is not None and not 0 < target_latency < 1:
@@ -179,10 +187,10 @@ def quickstart(
     # before anything trains: the teacher, the student, the data, the target
     check_recipe(teacher_cfg, f"teacher_config {teacher_config}")
     model, data = check_recipe(student_cfg, f"kd_config {kd_config}")
-    check_latency_options(latency_runtime, latency_batch_size, needs_onnx=True)  # the table times ONNX files
+    check_latency_options(latency_runtime, latency_batch_size, True, rounds=latency_rounds)  # True: the table's ONNX
     policy = PruningPolicy(importance, min_fraction=0.1, round_to=CHANNEL_MULTIPLE, ignored_layers=ignored_layers)
     x = torch.zeros(1, data.in_chans, *data.input_size)
-    meter = LatencyMeter(tuple(x.shape[1:]), latency_runtime, latency_batch_size)
+    meter = LatencyMeter(tuple(x.shape[1:]), latency_runtime, latency_batch_size, rounds=latency_rounds)
     legacy = json.loads((out / "latency.json").read_text()) if (out / "latency.json").is_file() else {}
     if target_latency_ms is None and legacy.get("setup", {}).get("fraction") == target_latency:
         target_latency_ms = legacy["target_ms"]  # fixed there by an earlier quickstart: its run resumes on it
@@ -226,6 +234,7 @@ def quickstart(
         cache_teacher_logits=False,  # student.yaml already caches the teacher's logits when it can
         latency_runtime=latency_runtime,
         latency_batch_size=latency_batch_size,
+        latency_rounds=latency_rounds,
     )
     state = RunState(out / "prune_distill", "prune-distill").state
     pruned = next(r for r in rows if r["checkpoint"] == state["best"])

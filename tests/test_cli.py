@@ -261,6 +261,7 @@ def quickstart_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict
         limit_train_batches=3,
         limit_eval_batches=2,
         accelerator="cpu",
+        latency_rounds=5,  # of 15: the tests check what the run does with its timings, not their spread
     )
     return run_dir, settings, quickstart(**settings)
 
@@ -284,6 +285,7 @@ def test_quickstart_end_to_end(quickstart_run: tuple[Path, dict, dict]):
     assert [kept[i] for i in (0, 1, 2, 3, 7)] == [16, 32, 64, 128, 256]  # the layers it was told to leave alone
     pruning = json.loads((qs / "prune_distill" / "state.json").read_text())  # 0.6 of the student's ms as checked
     assert pruning["target_latency_ms"] == round(0.6 * pruning["start_latency_ms"], 3)
+    assert pruning["settings"]["latency_rounds"] == 5  # the quickstart's, passed on to prune-distill's timings
     assert pruning["pruned"]["1"]["searched_ms"] <= pruning["target_latency_ms"]  # met as the search measured it
     bracket = pruning["bracket"]  # the widths timed just faster and just slower than the pruned student
     assert sorted(bracket["widths"]) == sorted(float(w.removeprefix("width ")) for w in widths)

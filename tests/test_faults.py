@@ -444,12 +444,16 @@ FAULTS = [
     ),
     Fault("prune latency at batch 0", (*NEW_PRUNE, "--latency_batch_size", "0"), "latency_batch_size must be"),
     Fault(
+        "prune latency in 0 rounds", (*NEW_PRUNE, "--latency_rounds", "0"), "latency_rounds must be a whole number >= 1"
+    ),
+    Fault(
         "prune latency at a batch beyond memory",
         (*PRUNE[:3], "--target_latency", "0.8", *PRUNE[5:-2], *NEW, "--latency_batch_size", "1000000000000000"),
         "out of memory (2785.3 PiB asked for): lower the batch size",
     ),
     # ---- distill quickstart: refused before the teacher trains
     Fault("quickstart 0 rounds", (*QUICK, "--prune_rounds", "0"), "rounds >= 1"),
+    Fault("quickstart latency in 0 rounds", (*QUICK, "--latency_rounds", "0"), "latency_rounds must be a whole number"),
     Fault("quickstart unknown criterion", (*QUICK, "--importance", "weights"), "Unknown importance criterion"),
     Fault("quickstart unknown teacher", (*QUICK, "--teacher_model", "resnet9000"), "is not a timm model"),
     Fault(

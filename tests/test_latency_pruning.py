@@ -30,8 +30,10 @@ def net(**kwargs) -> StudentNet:
     return StudentNet(num_classes=10, in_chans=1, num_pools=3, **kwargs).eval()
 
 
-def meter() -> LatencyMeter:
-    return LatencyMeter((1, 28, 28))  # ONNX Runtime, batch 64, this machine's threads
+def meter(rounds: int = LatencyMeter.rounds) -> LatencyMeter:
+    """ONNX Runtime, batch 64, this machine's threads; 5 rounds where a test checks what is done with a timing,
+    the default 15 where it compares models."""
+    return LatencyMeter((1, 28, 28), rounds=rounds)
 
 
 def test_a_model_times_the_same_alone_and_beside_another_and_onnx_runtime_still_works_after(tmp_path: Path):
@@ -53,9 +55,9 @@ def test_a_latency_target_is_met_as_measured_and_the_student_runs_faster():
     torch.manual_seed(0)
     model = net()
     start = copy.deepcopy(model)
-    before = meter()({"start": start})["start"]  # the unit only: each timing is scaled by the start's beside it
+    before = meter(5)({"start": start})["start"]  # the unit only: each timing is scaled by the start's beside it
     middle = PruningPolicy("l1", min_fraction=0.1, ignored_layers=OUTER)
-    timed = relative_to(meter(), start, before)
+    timed = relative_to(meter(5), start, before)
     report = prune_student(model, X1, middle, target_latency_ms=0.75 * before, latency=timed)
     assert report.latency_ms is not None and report.latency_ms <= 0.75 * before  # as the search measured it
     assert report.params_after < report.params_before
@@ -192,14 +194,14 @@ def test_a_student_pruned_to_a_size_with_the_default_rounding_runs_faster_than_w
 
 def test_unreachable_latency_targets_are_refused_with_what_was_measured():
     with pytest.raises(ValueError, match=r"cannot be met: with every prunable layer at its floor .* ms \(onnx"):
-        check_latency_target(net(), X1, POLICY, 1e-6, meter())
+        check_latency_target(net(), X1, POLICY, 1e-6, meter(5))
     with pytest.raises(ValueError, match=r"is not below the student's .* ms .*: nothing to prune"):
-        check_latency_target(net(), X1, POLICY, 1e6, meter())
+        check_latency_target(net(), X1, POLICY, 1e6, meter(5))
     with pytest.raises(ValueError, match="needs a positive, finite target_latency_ms and latency="):
         prune_student(net(), X1, POLICY, target_latency_ms=1.0)
     with pytest.raises(ValueError, match="give target_latency_ms or fraction"):
-        check_latency_target(net(), X1, POLICY, None, meter())
-    start, smallest = check_latency_target(net(), X1, POLICY, None, meter(), fraction=0.9)  # of the same timing
+        check_latency_target(net(), X1, POLICY, None, meter(5))
+    start, smallest = check_latency_target(net(), X1, POLICY, None, meter(5), fraction=0.9)  # of the same timing
     assert smallest < 0.9 * start
 
 
@@ -252,9 +254,13 @@ def test_a_layout_retrained_from_scratch_has_the_layout_and_fresh_weights(tmp_pa
 def test_prune_distill_to_a_latency_target_with_bracketing_widths_resumes_and_refuses_other_targets(
     tmp_path: Path, small_teacher_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ):
-    timed = []  # the names of each timing's models (the timings themselves are real)
+    timed, timing_rounds = [], set()  # the names of each timing's models (the timings themselves are real), its rounds
     real = LatencyMeter.__call__
-    monkeypatch.setattr(LatencyMeter, "__call__", lambda self, models: timed.append(set(models)) or real(self, models))
+    monkeypatch.setattr(
+        LatencyMeter,
+        "__call__",
+        lambda self, models: timed.append(set(models)) or timing_rounds.add(self.rounds) or real(self, models),
+    )
     settings = {
         "recipe": str(tiny_kd_recipe(tmp_path, small_teacher_checkpoint)),
         "overrides": {"model": {"student": {"init_args": {"base": 16, "width_mult": 1.0}}}},  # the seed's 256k
@@ -267,9 +273,11 @@ def test_prune_distill_to_a_latency_target_with_bracketing_widths_resumes_and_re
         "retrain_from_scratch": True,
         "baseline": False,  # the widths bracketing the pruned student: test_quickstart_end_to_end
         "export_onnx": False,
+        "latency_rounds": 5,  # of the default 15: a test checks what the run does with its timings, not their spread
         "run_dir": str(tmp_path / "run"),
     }
     rows = prune_distill(**settings)
+    assert timing_rounds == {5}
     run = Path(settings["run_dir"])
     state = json.loads((run / "state.json").read_text())
     target_ms = state["target_latency_ms"]
