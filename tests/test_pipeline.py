@@ -47,6 +47,7 @@ def options(tmp_path: Path, teacher: Path, **kwargs) -> dict:
         "final_epochs": 1,
         "run_dir": str(tmp_path / "run"),
         "latency_runtime": "torch-cpu",  # no ONNX export per phase; the first test measures on the default
+        "latency_rounds": 5,  # of 15: the tests check what a run does with its timings, not their spread
     }
     return {**base, **kwargs}
 
@@ -249,6 +250,7 @@ def test_missing_teacher_and_changed_settings(tmp_path: Path, small_teacher_chec
     with pytest.raises(FileNotFoundError, match=r"Teacher checkpoint .* does not exist"):
         prune_distill(**options(tmp_path, tmp_path / "no_teacher.ckpt"))
     settings = options(tmp_path, small_teacher_checkpoint, rounds=1, final_epochs=0, baseline=False, export_onnx=False)
+    del settings["latency_rounds"]  # the default, as below
     prune_distill(**settings)
     with pytest.raises(ValueError, match=r"other settings \(epochs_per_round changed\)"):
         prune_distill(**{**settings, "epochs_per_round": 2})
