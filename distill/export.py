@@ -31,11 +31,12 @@ import torch
 from torch import nn
 
 from distill.data.base import check_trained_data
-from distill.profile import activation_floor, check_runs_on, eval_mode
+from distill.profile import activation_floor, check_runs_on
 from distill.quantize import CALIBRATION_METHODS, QuantOptions, quantize_checked, require_onnxruntime
 from distill.recipes import build_datamodule, load_recipe
 from distill.rundir import atomic_path, check_output
 from students.checkpoint import INPUT_SHAPE_KEY, load_student, read_checkpoint, recorded_data, recorded_input_shape
+from students.modes import eval_mode
 
 __all__ = ["CHECK_IMAGES", "deployment_metadata", "export", "export_onnx", "export_pt2", "export_torchscript"]
 

@@ -25,9 +25,9 @@ from torch import nn
 
 from distill.export import export_onnx
 from distill.ort_timer import interleaved
-from distill.profile import eval_mode
 from distill.quantize import quantize_onnx, require_onnxruntime
 from students.checkpoint import checked_input_shape
+from students.modes import eval_mode
 
 __all__ = [
     "REFERENCE",

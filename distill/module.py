@@ -26,7 +26,6 @@ from distill.data.base import check_trained_data
 from distill.data.batch import Batch, as_batch
 from distill.losses import KDLoss
 from distill.optim import OPTIMIZERS, SCHEDULES, build_optimizer, check_resume_settings, lr_factor, param_groups
-from distill.profile import eval_mode
 from students.checkpoint import (
     build_student,
     describe_spec,
@@ -37,6 +36,7 @@ from students.checkpoint import (
     recorded_spec,
     restore_rng_states,
 )
+from students.modes import eval_mode
 from teachers import FrozenModule, FrozenTeacher, TeacherEnsemble, load_teachers, teacher_checkpoints, weights_digest
 
 __all__ = ["TEACHER_DIGEST_KEY", "DistillModule", "check_resume_settings"]  # check_resume_settings: distill.optim

@@ -7,40 +7,15 @@ from __future__ import annotations
 
 import io
 import itertools
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["activation_floor", "count_macs", "count_params", "eval_mode", "size_on_disk"]
+from students.modes import eval_mode
 
-
-@contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode, then give every submodule back its own mode (frozen parts stay frozen)."""
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, training in modes.items():
-            m.training = training
-
-
-def forget_eval_caches(model: nn.Module) -> None:
-    """Put ``model`` through ``train()`` and give every submodule back its mode.
-
-    timm's LeViT and EfficientViT cache their attention biases at the first forward in eval mode and drop them
-    in ``train()``; cached under autograd (tracing, Taylor scores) they hold a graph, which ``copy.deepcopy``
-    of the model refuses.
-    """
-    modes = {m: m.training for m in model.modules()}
-    model.train()
-    for m, training in modes.items():
-        m.training = training
+__all__ = ["activation_floor", "check_runs_on", "count_macs", "count_params", "size_on_disk"]
 
 
 def check_runs_on(model: nn.Module, example_input: torch.Tensor) -> Any:

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from students.modes import eval_mode
 from students.registry import create_student, model_spec
 from students.studentnet import StudentNet
 
@@ -499,14 +500,9 @@ def _check_classes(model: nn.Module, input_shape: list[int] | None, record: Mapp
     classes = record.get("classes")
     if input_shape is None or not isinstance(classes, (list, tuple)):
         return
-    modes = {m: m.training for m in model.modules()}  # each submodule's own mode back after (frozen parts stay)
     weights = next(model.parameters(), None)
-    try:
-        with torch.no_grad():
-            logits = model.eval()(torch.zeros(1, *input_shape, device=None if weights is None else weights.device))
-    finally:
-        for m, training in modes.items():
-            m.training = training
+    with torch.no_grad(), eval_mode(model):
+        logits = model(torch.zeros(1, *input_shape, device=None if weights is None else weights.device))
     if logits.ndim == 2 and logits.shape[1] != len(classes):
         raise ValueError(f"data= records {len(classes)} classes, and the student has {logits.shape[1]} outputs: "
                          f"give the record of the data it was trained on (its checkpoint's recorded_data)")  # fmt: skip

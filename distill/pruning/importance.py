@@ -35,7 +35,7 @@ import torch.nn.functional as F
 import torch_pruning as tp
 from torch import nn
 
-from distill.profile import eval_mode, forget_eval_caches
+from students.modes import eval_mode, forget_eval_caches
 
 __all__ = [
     "CRITERIA",

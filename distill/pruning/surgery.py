@@ -31,11 +31,12 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from distill.profile import check_runs_on, count_macs, count_params, eval_mode, forget_eval_caches
+from distill.profile import check_runs_on, count_macs, count_params
 from distill.pruning.importance import DataDrivenImportance, Importance, producer, resolve_importance
 from distill.pruning.policy import PruningPolicy, removal_order
 from distill.pruning.search import LatencyMeasure, latency_plan, quietest
 from students import build_student, describe_spec, load_weights, mark_pruned, shape_attributes
+from students.modes import eval_mode, forget_eval_caches
 
 __all__ = [
     "GRAPH_TIMEOUT_S",
