@@ -259,7 +259,8 @@ def quickstart(
                 **r,
                 "model_name": r["student"],
             }
-    _measure_deployed(results, data.in_chans, data.input_size, latency_batch_size, out / "deployed.json")
+    shipped = {"pruned": out / "prune_distill" / "best_student.onnx"}  # the file a user ships, not another export
+    _measure_deployed(results, data.in_chans, data.input_size, latency_batch_size, out / "deployed.json", shipped)
     table = quickstart_table(results, latency_batch_size)
     widths = [r for role, r in results.items() if role.startswith("width ")]
     verdict = against_baselines(results["pruned"], widths) if widths else ""
@@ -287,11 +288,17 @@ def quickstart(
 
 
 def _measure_deployed(
-    results: dict[str, dict[str, Any]], in_chans: int, size: Sequence[int], batch: int, record: Path
+    results: dict[str, dict[str, Any]],
+    in_chans: int,
+    size: Sequence[int],
+    batch: int,
+    record: Path,
+    onnx_files: dict[str, Path],
 ) -> None:
-    """Add each model's ONNX file size and its latency in ONNX Runtime, all measured side by side.
+    """Add each model's ONNX file size and its latency in ONNX Runtime, all measured side by side: the file of
+    ``onnx_files`` where it names the role and the file exists, else the checkpoint exported.
 
-    The figures are kept in ``record`` with the digests of the files measured: a rerun on the same files
+    The figures are kept in ``record`` with the digests of the checkpoints measured: a rerun on the same files
     reports the same figures.
     """
     digests = {role: file_digest(r["checkpoint"]) for role, r in results.items()}
@@ -303,7 +310,8 @@ def _measure_deployed(
         with tempfile.TemporaryDirectory() as tmp:
             files = {}
             for role, r in results.items():
-                files[role] = Path(r["checkpoint"])
+                shipped = onnx_files.get(role)
+                files[role] = shipped if shipped is not None and shipped.is_file() else Path(r["checkpoint"])
                 if files[role].suffix != ".onnx":
                     files[role] = Path(tmp) / f"{len(files)}.onnx"
                     export_onnx(load_student(r["checkpoint"]), torch.zeros(1, in_chans, *size), files[role])

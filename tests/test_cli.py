@@ -281,6 +281,8 @@ def test_quickstart_end_to_end(quickstart_run: tuple[Path, dict, dict]):
     student_ckpt = torch.load(results["student"]["checkpoint"], weights_only=True)
     assert student_ckpt["hyper_parameters"]["teacher_checkpoint"] == results["teacher"]["checkpoint"]
     assert results["pruned"]["params"] < results["student"]["params"]
+    shipped = qs / "prune_distill" / "best_student.onnx"  # the table's pruned row: the file a user ships
+    assert results["pruned"]["onnx_kib"] == shipped.stat().st_size / 1024
     kept = load_student(qs / "prune_distill" / "best_student.ckpt").channels
     assert [kept[i] for i in (0, 1, 2, 3, 7)] == [16, 32, 64, 128, 256]  # the layers it was told to leave alone
     pruning = json.loads((qs / "prune_distill" / "state.json").read_text())  # 0.6 of the student's ms as checked
