@@ -85,7 +85,7 @@ __all__ = ["check_latency_options", "check_options", "check_reachable", "has_tim
 
 
 #: Options added after runs were recorded without them: a run holds them only where they differ from these values,
-#: so a run started before they existed resumes.
+#: so a run started before they existed resumes (the values those runs ran with, not today's defaults).
 _ADDED_OPTIONS = {"ignore_unprunable": False, "latency_rounds": 15}
 
 

@@ -66,7 +66,7 @@ from students import load_student
 __all__ = ["quickstart"]
 
 #: Options added after runs were recorded without them: a run holds them only where they differ from these values,
-#: so a run started before they existed resumes.
+#: so a run started before they existed resumes (the values those runs ran with, not today's defaults).
 _ADDED_OPTIONS = {"latency_rounds": 15}
 
 
@@ -298,10 +298,12 @@ def _measure_deployed(
     """Add each model's ONNX file size and its latency in ONNX Runtime, all measured side by side: the file of
     ``onnx_files`` where it names the role and the file exists, else the checkpoint exported.
 
-    The figures are kept in ``record`` with the digests of the checkpoints measured: a rerun on the same files
-    reports the same figures.
+    The figures are kept in ``record`` with the digests of the files measured (the ONNX file, or the checkpoint
+    exported): a rerun on the same files reports the same figures.
     """
-    digests = {role: file_digest(r["checkpoint"]) for role, r in results.items()}
+    sources = {role: Path(r["checkpoint"]) for role, r in results.items()}
+    sources |= {role: path for role, path in onnx_files.items() if role in results and path.is_file()}
+    digests = {role: file_digest(path) for role, path in sources.items()}
     digests["measured on"] = (
         f"batch {batch}, {torch.get_num_threads()} threads, onnxruntime {require_onnxruntime().__version__}"
     )
@@ -309,12 +311,11 @@ def _measure_deployed(
     if saved.get("files") != digests:
         with tempfile.TemporaryDirectory() as tmp:
             files = {}
-            for role, r in results.items():
-                shipped = onnx_files.get(role)
-                files[role] = shipped if shipped is not None and shipped.is_file() else Path(r["checkpoint"])
-                if files[role].suffix != ".onnx":
+            for role, source in sources.items():
+                files[role] = source
+                if source.suffix != ".onnx":
                     files[role] = Path(tmp) / f"{len(files)}.onnx"
-                    export_onnx(load_student(r["checkpoint"]), torch.zeros(1, in_chans, *size), files[role])
+                    export_onnx(load_student(source), torch.zeros(1, in_chans, *size), files[role])
             latency = compare_latency(files, [in_chans, *size], "onnxruntime", batch_size=batch)
             measured = {role: {"onnx_kib": files[role].stat().st_size / 1024, "latency_ms": latency[role]}
                         for role in results}  # fmt: skip

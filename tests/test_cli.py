@@ -23,7 +23,7 @@ from distill.cli import JOBS as COMMANDS
 from distill.cli import main
 from distill.lightning_cli import DistillCLI, _asked_subcommand
 from distill.recipes import load_recipe, merge
-from students import load_student, width_for_params
+from students import StudentNet, load_student, save_student, width_for_params
 from teachers import FrozenTeacher, TeacherEnsemble
 
 ROOT = Path(__file__).parents[1]
@@ -351,6 +351,33 @@ def test_prune_recovery_benchmark_runs_on_a_quickstart(quickstart_run: tuple[Pat
     assert settings["lr_rewinding"] is False and settings["rounds"] == 2  # the variant is what its name says
     kept = load_student(tmp_path / "recovery" / "oneshot_rewind_seed_layers" / "best_student.ckpt").channels
     assert [kept[i] for i in (0, 1, 2, 7)] == [16, 32, 64, 256] and kept[3] < 128  # the thin net's layout
+
+
+def test_the_quickstart_table_measures_the_shipped_file_and_measures_it_again_once_it_changed(tmp_path: Path):
+    """The pruned row is best_student.onnx as shipped; its figures are kept by the digest of that file, so a file
+    written again under the same checkpoint (or a record from before the row read it) is measured again."""
+    import onnx
+
+    from distill.export import export_onnx
+    from distill.quickstart import _measure_deployed
+
+    model = StudentNet(base=2, num_classes=10, in_chans=1, num_pools=3)
+    checkpoint = save_student(model, tmp_path / "best_student.ckpt", [1, 28, 28])
+    shipped = tmp_path / "best_student.onnx"
+    export_onnx(model, torch.zeros(1, 1, 28, 28), shipped)
+
+    def measured() -> dict:
+        results = {"pruned": {"checkpoint": str(checkpoint)}}
+        _measure_deployed(results, 1, (28, 28), 8, tmp_path / "deployed.json", {"pruned": shipped})
+        return results["pruned"]
+
+    first = measured()
+    assert first["onnx_kib"] == shipped.stat().st_size / 1024 and first["latency_ms"] > 0
+    assert measured() == first  # kept: the same file
+    graph = onnx.load(str(shipped))
+    onnx.helper.set_model_props(graph, {"label_names": json.dumps([str(c) for c in range(10)])})
+    onnx.save(graph, str(shipped))  # the shipped file written again, its checkpoint the same
+    assert measured()["onnx_kib"] == shipped.stat().st_size / 1024 > first["onnx_kib"]
 
 
 @pytest.mark.parametrize(
