@@ -66,11 +66,17 @@ def on_the_cpu(model: nn.Module) -> nn.Module:
 
 
 def _ready_to_export(
-    model: nn.Module, example_input: torch.Tensor, path: str | Path, metadata: Mapping[str, str] | None = None
+    model: nn.Module,
+    example_input: torch.Tensor,
+    path: str | Path,
+    example: str,
+    metadata: Mapping[str, str] | None = None,
 ) -> tuple[nn.Module, torch.Tensor, Path]:
-    """``model`` and ``example_input`` on the CPU (:func:`on_the_cpu`), the input checked to run (else an error
-    deep in the exporter, "Failed to export the model", blamed the model) and the ``metadata`` to describe them,
-    then the folder of ``path`` made."""
+    """``path`` checked to be one a file may replace (not a folder, a device, or a run's checkpoint or record:
+    :func:`~distill.rundir.check_output`, whose line suggests ``example``), ``model`` and ``example_input`` on the
+    CPU (:func:`on_the_cpu`), the input checked to run (else an error deep in the exporter, "Failed to export the
+    model", blamed the model) and the ``metadata`` to describe them, then the folder of ``path`` made."""
+    check_output(path, "path", {}, example)
     model = on_the_cpu(model)
     x = example_input.cpu()
     logits = check_runs_on(model, x[:1])
@@ -132,7 +138,7 @@ def export_onnx(
         ValueError: if that difference exceeds ``atol``.
     """
     ort = require_onnxruntime()
-    model, x, path = _ready_to_export(model, example_input, path, metadata)
+    model, x, path = _ready_to_export(model, example_input, path, "student.onnx", metadata)
     two = x[:1].expand(2, *x.shape[1:])  # a batch of 1 would be specialised (ConvNeXt, LeViT, EfficientViT)
     with eval_mode(model), atomic_path(path) as partial:  # written only once it passed the check
         torch.onnx.export(
@@ -165,7 +171,7 @@ def export_onnx(
 @torch.no_grad()
 def export_torchscript(model: nn.Module, example_input: torch.Tensor, path: str | Path, atol: float = 1e-4) -> float:
     """Trace ``model`` to TorchScript at ``path``, reload it, and return its largest difference from PyTorch."""
-    model, x, path = _ready_to_export(model, example_input, path)
+    model, x, path = _ready_to_export(model, example_input, path, "student.pt")
     with eval_mode(model), atomic_path(path) as partial, warnings.catch_warnings():  # deprecation said once, above
         warnings.simplefilter("ignore", FutureWarning)
         traced = torch.jit.trace(model, x)
@@ -186,7 +192,7 @@ def export_pt2(model: nn.Module, example_input: torch.Tensor, path: str | Path, 
     Returns:
         The largest absolute difference between the reloaded program's logits and the module's.
     """
-    model, x, path = _ready_to_export(model, example_input, path)
+    model, x, path = _ready_to_export(model, example_input, path, "student.pt2")
     with eval_mode(model), atomic_path(path) as partial, tempfile.TemporaryDirectory() as tmp:
         two = x[:1].expand(2, *x.shape[1:])  # a batch of 1 would be specialised to the constant 1
         program = torch.export.export(model, (two,), dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))

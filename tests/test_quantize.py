@@ -21,7 +21,7 @@ from helpers import fmnist, tiny_kd_recipe, tiny_trainer
 
 from distill import DistillModule, FashionMNISTDataModule
 from distill.cli import main
-from distill.export import export, export_onnx, export_pt2, int8_line
+from distill.export import export, export_onnx, export_pt2, export_torchscript, int8_line
 from distill.latency import compare_latency, measure_latency
 from distill.profile import activation_floor
 from distill.quantize import QuantOptions, calibration_images, quantize_checked, quantize_onnx
@@ -321,6 +321,21 @@ def test_an_example_input_the_model_does_not_run_on_is_one_line_before_any_expor
         with pytest.raises(ValueError, match=r"StudentNet does not run on the example input of shape \(1, 3, 28, 28\)"):
             export_to(student, torch.zeros(1, 3, 28, 28), tmp_path / "new" / "student.file")
     assert not (tmp_path / "new").exists()
+
+
+def test_an_export_onto_a_checkpoint_or_a_folder_is_refused_and_leaves_it_as_it_was(tmp_path: Path):
+    """export_onnx(model, x, "run/best.ckpt") replaced the run's checkpoint with an ONNX file (distill export refused
+    it, the Python functions did not)."""
+    student, x = StudentNet(base=2, num_pools=2, in_chans=1), torch.zeros(1, 1, 28, 28)
+    checkpoint = save_student(student, tmp_path / "run" / "best.ckpt", [1, 28, 28])
+    before = checkpoint.read_bytes()
+    for export_to, example in ((export_onnx, "student.onnx"), (export_pt2, "student.pt2"),
+                               (export_torchscript, "student.pt")):  # fmt: skip
+        with pytest.raises(ValueError, match=rf"is a checkpoint; it would be overwritten: .* e\.g\. .*run/{example}$"):
+            export_to(student, x, checkpoint)
+        with pytest.raises(ValueError, match=rf"is a folder: give a file name, e\.g\. .*run/{example}$"):
+            export_to(student, x, tmp_path / "run")
+    assert checkpoint.read_bytes() == before and sorted(p.name for p in (tmp_path / "run").iterdir()) == ["best.ckpt"]
 
 
 def test_metadata_that_does_not_describe_the_model_is_refused_before_the_file_is_written(tmp_path: Path):
