@@ -183,7 +183,7 @@ class LatencyMeter:
     batch_size: int = 64
     threads: int | None = None
     warmup: int = 5
-    rounds: int = 15  # ratios of StudentNets held within about 4% at 15 rounds, against 20% at 5 (RESULTS.md)
+    rounds: int = 15  # ratios of StudentNets spread alike at 5 and 15 on a noisy VM (RESULTS.md, "Timing rounds")
     repeats: int = 10
 
     def __post_init__(self) -> None:
