@@ -187,7 +187,7 @@ def prune_distill(
         latency_threads: CPU threads of that measurement (default: torch's, usually the machine's cores).
         latency_rounds: interleaved rounds of each timing on ``latency_runtime`` (the target's check, the search,
             the final comparison), whose median is the figure (:class:`distill.latency.LatencyMeter`). Fewer time
-            faster (a search: 7 s at 5 rounds, 18 s at 15, on a 2-core CPU) and are noisier.
+            faster (a search: 7 s at 5 rounds, 18 s at 15, on a 2-core CPU; its ratios were no noisier there).
         overrides: values merged into the recipe for every phase (e.g. ``{"data": {"init_args": {...}}}``; a key
             ending in ``+`` extends a list: ``{"trainer": {"callbacks+": [...]}}``).
         run_dir: folder for the phases, ``rounds.csv``, ``pareto.png``, ``summary.md`` and the best student.

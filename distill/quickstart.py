@@ -137,7 +137,7 @@ def quickstart(
             ``torch-cuda``). The table always times the ONNX files in ONNX Runtime on the CPU.
         latency_batch_size: images per forward of those measurements.
         latency_rounds: interleaved rounds of each timing of the latency target (prune-distill's
-            ``latency_rounds``): fewer time faster and are noisier.
+            ``latency_rounds``): fewer time faster (RESULTS.md, "Timing rounds of a search").
 
     Returns:
         ``{"teacher", "student", "pruned", "pruned, int8", "width w", ...}``: model, params, val_acc, test_acc,
