@@ -11,15 +11,21 @@ __all__ = ["eval_mode", "forget_eval_caches"]
 
 
 @contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode, then give every submodule back its own mode (frozen parts stay frozen)."""
+def _modes_kept(model: nn.Module) -> Iterator[nn.Module]:
+    """Give every submodule of ``model`` back, after the block, the mode it had before it."""
     modes = {m: m.training for m in model.modules()}
-    model.eval()
     try:
         yield model
     finally:
         for m, training in modes.items():
             m.training = training
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Put ``model`` in eval mode, then give every submodule back its own mode (frozen parts stay frozen)."""
+    with _modes_kept(model):
+        yield model.eval()
 
 
 def forget_eval_caches(model: nn.Module) -> None:
@@ -29,7 +35,5 @@ def forget_eval_caches(model: nn.Module) -> None:
     in ``train()``; cached under autograd (tracing, Taylor scores) they hold a graph, which ``copy.deepcopy``
     of the model refuses.
     """
-    modes = {m: m.training for m in model.modules()}
-    model.train()
-    for m, training in modes.items():
-        m.training = training
+    with _modes_kept(model):
+        model.train()
